@@ -1,0 +1,72 @@
+"""The ``lora-med`` command line. Each command builds its config dataclass and calls one function.
+
+User mistakes surface as ``LoraMedError``: printed as ``error: ...`` with exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .errors import LoraMedError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lora-med")
+def cli() -> None:
+    """Fine-tune small chat models with LoRA, export them to ONNX Runtime, and benchmark them."""
+
+
+@cli.group()
+def data() -> None:
+    """Inspect conversation files."""
+
+
+@data.command("check")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--tokenizer", "tokenizer_name", default=None,
+              help="Tokenizer (hub id or folder) for token-length stats; default: the shipped base.")
+@click.option("--max-length", "--max_length", "max_length", type=click.IntRange(min=8), default=256, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["auto", "dialogpt", "chat-template"]), default="auto",
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def data_check(file: str, tokenizer_name: str | None, max_length: int, fmt: str, as_json: bool) -> None:
+    """Validate FILE and print counts, turns, token lengths, duplicates and every problem found."""
+    from .data import check
+    from .models import DEFAULT_BASE, load_tokenizer, resolve_base
+
+    tok = load_tokenizer(resolve_base(tokenizer_name or DEFAULT_BASE))
+    report = check(file, tok, max_length=max_length, fmt=fmt)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, ensure_ascii=False))
+        return
+    t = report["tokens"]
+    click.echo(f"{report['file']}  (sha256 {report['sha256'][:12]})")
+    click.echo(f"  conversations     {report['conversations']}  ({report['single_exchange']} single exchange, "
+               f"{report['multi_turn']} multi-turn, {report['with_system']} with a system message)")
+    click.echo(f"  turns per conv    min {report['turns']['min']}  p50 {report['turns']['p50']}  max {report['turns']['max']}")
+    click.echo(f"  tokens ({t['format']})  p50 {t['p50']}  p95 {t['p95']}  max {t['max']}  total {t['total']}")
+    click.echo(f"  cut at max-length {report['max_length']}: {report['cut_by_max_length']} conversation(s)")
+    click.echo(f"  duplicates        {len(report['duplicates'])}")
+    if report["problems"]:
+        click.echo(f"  problems ({len(report['problems'])}):")
+        for p in report["problems"]:
+            click.echo(f"    - {p}")
+    else:
+        click.echo("  problems          none")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except LoraMedError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)

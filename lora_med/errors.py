@@ -1,0 +1,30 @@
+"""User-facing errors.
+
+Every mistake a user can make (a bad file, a bad flag, a missing model) is raised as a
+``LoraMedError``. The CLI prints its message and exits non-zero without a traceback; anything
+else that escapes is a bug in lora-med and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class LoraMedError(Exception):
+    """A problem the user can fix. ``problems`` holds one line per problem found."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        self.problems = list(problems or [])
+        if self.problems:
+            message = message + "\n" + "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(message)
+
+
+class DatasetError(LoraMedError):
+    """A conversation file is malformed. The message names the file, the row and the field."""
+
+
+class ConfigError(LoraMedError):
+    """One or more settings are invalid. All of them are reported together."""
+
+
+class GateError(LoraMedError):
+    """A check (parity, quality or latency gate) failed. The message carries the figures."""

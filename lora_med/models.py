@@ -1,0 +1,171 @@
+"""Base models and tokenizers: where they come from, how they load, what LoRA targets in them.
+
+Everything loads through transformers with ``use_safetensors=True`` (pickle ``.bin`` weights are
+refused) and without remote code unless the user asks for it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError, LoraMedError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_BASE = "models/gpt2-es-tiny"  # the shipped pretrained Spanish base (see models/gpt2-es-tiny/README.md)
+
+# LoRA targets per architecture. GPT-2 uses Conv1D: c_attn (fused q/k/v), c_proj (attention and MLP
+# output), c_fc (MLP input). lm_head and the embeddings are never targeted: they are tied.
+TARGET_MODULES = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_base(base: str) -> str:
+    """A local folder (absolute path returned) or a hub id (returned as is).
+
+    A relative path is looked up from the working directory, then from the lora-med checkout, so
+    the shipped ``models/gpt2-es-tiny`` is found from anywhere.
+    """
+    for candidate in (Path(base), REPO_ROOT / base):
+        if candidate.is_dir():
+            return str(candidate.resolve())
+    if base.startswith((".", "/", "~")) or base.count("/") > 1 or os.sep + os.sep in base:
+        raise ConfigError(f"--base {base}: no such directory; give a local model folder or a hub id "
+                          f"like microsoft/DialoGPT-medium")
+    return base
+
+
+def is_local(base: str) -> bool:
+    return Path(base).is_dir()
+
+
+def _offline_error(base: str, err: Exception) -> LoraMedError:
+    return LoraMedError(
+        f"cannot load '{base}': it is not a local folder and it could not be fetched from the model hub "
+        f"({type(err).__name__}: {str(err).splitlines()[0][:160]}).\n"
+        "Offline options:\n"
+        f"  - use the shipped Spanish base: --base {DEFAULT_BASE}\n"
+        "  - point --base at a local folder with config.json, model.safetensors and the tokenizer files\n"
+        f"  - on a machine with network: `huggingface-cli download {base} --local-dir DIR`, copy DIR here"
+    )
+
+
+def load_tokenizer(base: str, *, trust_remote_code: bool = False):
+    """Load a tokenizer; pad with EOS where it has no pad token (GPT-2 / DialoGPT)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _offline_error(base, e) from None
+    if tok.eos_token_id is None:
+        raise ConfigError(f"--base {base}: the tokenizer has no EOS token; conversations need one to end turns")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(base: str, *, dtype: torch.dtype = torch.float32, quantization_config=None,
+               device_map=None, trust_remote_code: bool = False):
+    """Load a causal LM from safetensors only, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            base, dtype=dtype, use_safetensors=True, quantization_config=quantization_config,
+            device_map=device_map, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        if is_local(base):
+            raise LoraMedError(f"cannot load the model in {base}: {str(e).splitlines()[0][:300]} "
+                               "(lora-med loads safetensors weights only; convert .bin files first)") from None
+        raise _offline_error(base, e) from None
+    return model.eval()
+
+
+def target_modules_for(model_type: str) -> list[str]:
+    if model_type in TARGET_MODULES:
+        return list(TARGET_MODULES[model_type])
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_map
+
+    if model_type in peft_map:
+        return list(peft_map[model_type])
+    raise ConfigError(f"no default LoRA targets for model type '{model_type}'; pass --target-modules")
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(total, trainable) parameter counts; tied weights are counted once."""
+    seen, total, trainable = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.numel()
+        if getattr(p, "quant_storage", None) is not None or p.__class__.__name__ == "Params4bit":
+            n *= 2  # 4-bit weights pack two values per byte
+        total += n
+        trainable += n if p.requires_grad else 0
+    return total, trainable
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA GPU is visible to torch; use --device cpu")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: use auto, cpu or cuda")
+    return device
+
+
+def device_info(device: str) -> dict:
+    """What the run ran on, for run cards and reports."""
+    info = {"device": device, "cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform()}
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, vram_gb=round(props.total_memory / 2**30, 2),
+                    cuda=torch.version.cuda, driver=_nvidia_driver())
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        import subprocess
+
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("lora-med", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes",
+                 "optimum", "optimum-onnx", "onnx", "onnxruntime-gpu", "onnxruntime"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out

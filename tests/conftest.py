@@ -1,0 +1,86 @@
+"""Shared fixtures: a tiny GPT-2 base (2 layers, 32 wide) with a BPE tokenizer trained here.
+
+Nothing is downloaded: the tokenizer is trained on a few Spanish sentences in a second, the model
+is randomly initialised with a fixed seed and saved as safetensors in a temporary folder, which
+is what `--base DIR` takes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parent.parent
+
+CONVERSATIONS = [
+    {"user": "Hola, necesito una cita", "assistant": "¡Claro! Con gusto te ayudo. ¿Para qué especialidad?"},
+    {"user": "¿Cuál es el horario?", "assistant": "Atendemos de lunes a viernes de 7:30 a 19:00."},
+    {"user": "Quiero cancelar mi cita", "assistant": "Entiendo. ¿Me das tu nombre completo y tu carnet?"},
+    {"user": "Me duele mucho el pecho", "assistant": "Llama ahora al 118 o ve a emergencias de inmediato."},
+    {"messages": [
+        {"role": "user", "content": "Buenos días, quiero una cita con pediatría"},
+        {"role": "assistant", "content": "¡Buenos días! ¿Prefieres a la Dra. Carmen Vaca?"},
+        {"role": "user", "content": "Sí, el lunes en la mañana"},
+        {"role": "assistant", "content": "Tengo lunes a las 9:00. ¿Me confirmas tu nombre y teléfono?"},
+    ]},
+    {"messages": [
+        {"role": "system", "content": "Eres el asistente de CAÑADA DEL CARMEN."},
+        {"role": "user", "content": "¿Cuánto cuesta la consulta?"},
+        {"role": "assistant", "content": "La consulta general cuesta Bs 150."},
+        {"role": "user", "content": "Gracias"},
+        {"role": "assistant", "content": "¡A ti! Que tengas un buen día."},
+    ]},
+    {"user": "ola kiero una sita", "assistant": "¡Hola! Con gusto. ¿Para qué especialidad la necesitas?"},
+    {"user": "¿Aceptan seguro?", "assistant": "Sí, trabajamos con Nacional Seguros, BISA y Alianza."},
+]
+
+
+@pytest.fixture(scope="session")
+def conversations_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "convs.json"
+    path.write_text(json.dumps(CONVERSATIONS, ensure_ascii=False, indent=1), encoding="utf-8")
+    return path
+
+
+def _corpus() -> list[str]:
+    lines = []
+    for row in CONVERSATIONS:
+        if "messages" in row:
+            lines += [m["content"] for m in row["messages"]]
+        else:
+            lines += [row["user"], row["assistant"]]
+    return lines * 4 + ["áéíóúñÁÉÍÓÚÑ¿¡ 0123456789"]
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A local base model folder: 2-layer GPT-2, 32 wide, ~400-token byte-level BPE vocabulary."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-base")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(_corpus(), vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"])
+    tok = GPT2TokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                            unk_token="<|endoftext|>", model_max_length=256)
+    config = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_base):
+    from lora_med.models import load_tokenizer
+
+    return load_tokenizer(str(tiny_base))
