@@ -5,12 +5,57 @@ User mistakes surface as ``LoraMedError``: printed as ``error: ...`` with exit c
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
+import re
 import sys
+from pathlib import Path
 
 import click
 
 from .errors import LoraMedError
+from .runcard import load_config
+
+
+def _field_help(cls) -> dict[str, str]:
+    """Help text of each config field: the comment after it in the dataclass (one place for docs)."""
+    found = re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M)
+    return dict(found)
+
+
+def config_options(cls, extra: dict[str, dict] | None = None, aliases: dict[str, list[str]] | None = None):
+    """Click options for every field of config dataclass ``cls``. Every option defaults to None
+    (unset), so only what the user typed overrides ``--config`` and the dataclass defaults."""
+    helps, extra, aliases = _field_help(cls), extra or {}, aliases or {}
+
+    def decorate(f):
+        for fld in reversed(dataclasses.fields(cls)):
+            dashed = "--" + fld.name.replace("_", "-")
+            names = [dashed, *aliases.get(fld.name, []), fld.name]
+            kind = str(fld.type)
+            default = fld.default if fld.default is not dataclasses.MISSING else None
+            kw = dict(default=None, help=f"{helps.get(fld.name, '')} [default: {default}]")
+            if kind == "bool":
+                names[0] = f"{dashed}/--no-{dashed[2:]}"
+                kw["default"] = None
+            elif kind.startswith("list"):
+                kw["callback"] = lambda ctx, p, v: [t.strip() for t in v.split(",") if t.strip()] if v else None
+                kw["metavar"] = "A,B,..."
+            elif kind.startswith("int"):
+                kw["type"] = int
+            elif kind.startswith("float"):
+                kw["type"] = float
+            kw.update(extra.get(fld.name, {}))
+            f = click.option(*names, **kw)(f)
+        return f
+
+    return decorate
+
+
+def _overrides(kwargs: dict, cls) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in kwargs.items() if k in names}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -56,6 +101,46 @@ def data_check(file: str, tokenizer_name: str | None, max_length: int, fmt: str,
             click.echo(f"    - {p}")
     else:
         click.echo("  problems          none")
+
+
+from .train import TrainConfig  # noqa: E402
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of settings; flags override it.")
+@click.option("--plan", "plan_only", is_flag=True, help="Print the memory estimate for the settings and exit.")
+@config_options(TrainConfig,
+                extra={"resume": dict(is_flag=False, flag_value="auto", metavar="[RUN_DIR]",
+                                      help="Continue an interrupted run: the --output folder, or RUN_DIR.")},
+                aliases={"epochs": [], "batch_size": ["--batch_size"], "learning_rate": ["--learning_rate"],
+                         "grad_accum": ["--grad_accum", "--gradient-accumulation"], "max_length": ["--max_length"],
+                         "eval_data": ["--eval_data"]})
+def train(config_file: str | None, plan_only: bool, **kwargs) -> None:
+    """Fine-tune a base model on conversations with LoRA, QLoRA or a full fine-tune."""
+    from .train import train as run_train
+
+    overrides = _overrides(kwargs, TrainConfig)
+    saved = {}
+    if overrides.get("resume"):
+        # Resume starts from the run's own settings; a flag given again must agree with them.
+        cfg = load_config(TrainConfig, config_file, overrides)
+        card = cfg.output_dir() / "run.json"
+        if card.is_file():
+            try:
+                saved = json.loads(card.read_text(encoding="utf-8")).get("config", {})
+            except ValueError:
+                saved = {}  # train() reports the unreadable card
+    cfg = load_config(TrainConfig, config_file, overrides, defaults=saved)
+    result = run_train(cfg, plan_only=plan_only)
+    if plan_only:
+        click.echo(json.dumps(result, indent=2))
+
+
+from .bench import bench_command  # noqa: E402
+from .export import merge_export_command  # noqa: E402
+
+cli.add_command(merge_export_command, "merge-export")
+cli.add_command(bench_command, "bench")
 
 
 def main() -> None:

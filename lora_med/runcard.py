@@ -53,14 +53,15 @@ def read_json(path: str | Path, what: str) -> dict:
     return data
 
 
-def load_config(cls, config_file: str | Path | None, overrides: dict[str, Any]):
-    """Build config dataclass ``cls`` from a YAML file, then flags on top (flags left as None are unset).
+def load_config(cls, config_file: str | Path | None, overrides: dict[str, Any], defaults: dict | None = None):
+    """Build config dataclass ``cls``: ``defaults`` (e.g. a resumed run's settings), then a YAML file,
+    then flags on top (flags left as None are unset).
 
     Raises:
         ConfigError: the YAML file is unreadable or names a key ``cls`` does not have.
     """
-    values: dict[str, Any] = {}
     names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {k: v for k, v in (defaults or {}).items() if k in names}
     if config_file:
         path = Path(config_file)
         try:
@@ -75,7 +76,7 @@ def load_config(cls, config_file: str | Path | None, overrides: dict[str, Any]):
         if unknown:
             raise ConfigError(f"--config {path}: unknown setting(s): {', '.join(map(str, unknown))}; "
                               f"known: {', '.join(sorted(names))}")
-        values = {k.replace("-", "_"): v for k, v in loaded.items()}
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
     values.update({k: v for k, v in overrides.items() if v is not None})
     return cls(**values)
 
