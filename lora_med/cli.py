@@ -5,57 +5,14 @@ User mistakes surface as ``LoraMedError``: printed as ``error: ...`` with exit c
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import json
-import re
 import sys
-from pathlib import Path
 
 import click
 
 from .errors import LoraMedError
+from .options import config_options, overrides_from
 from .runcard import load_config
-
-
-def _field_help(cls) -> dict[str, str]:
-    """Help text of each config field: the comment after it in the dataclass (one place for docs)."""
-    found = re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M)
-    return dict(found)
-
-
-def config_options(cls, extra: dict[str, dict] | None = None, aliases: dict[str, list[str]] | None = None):
-    """Click options for every field of config dataclass ``cls``. Every option defaults to None
-    (unset), so only what the user typed overrides ``--config`` and the dataclass defaults."""
-    helps, extra, aliases = _field_help(cls), extra or {}, aliases or {}
-
-    def decorate(f):
-        for fld in reversed(dataclasses.fields(cls)):
-            dashed = "--" + fld.name.replace("_", "-")
-            names = [dashed, *aliases.get(fld.name, []), fld.name]
-            kind = str(fld.type)
-            default = fld.default if fld.default is not dataclasses.MISSING else None
-            kw = dict(default=None, help=f"{helps.get(fld.name, '')} [default: {default}]")
-            if kind == "bool":
-                names[0] = f"{dashed}/--no-{dashed[2:]}"
-                kw["default"] = None
-            elif kind.startswith("list"):
-                kw["callback"] = lambda ctx, p, v: [t.strip() for t in v.split(",") if t.strip()] if v else None
-                kw["metavar"] = "A,B,..."
-            elif kind.startswith("int"):
-                kw["type"] = int
-            elif kind.startswith("float"):
-                kw["type"] = float
-            kw.update(extra.get(fld.name, {}))
-            f = click.option(*names, **kw)(f)
-        return f
-
-    return decorate
-
-
-def _overrides(kwargs: dict, cls) -> dict:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in kwargs.items() if k in names}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -119,7 +76,7 @@ def train(config_file: str | None, plan_only: bool, **kwargs) -> None:
     """Fine-tune a base model on conversations with LoRA, QLoRA or a full fine-tune."""
     from .train import train as run_train
 
-    overrides = _overrides(kwargs, TrainConfig)
+    overrides = overrides_from(kwargs, TrainConfig)
     saved = {}
     if overrides.get("resume"):
         # Resume starts from the run's own settings; a flag given again must agree with them.
