@@ -292,25 +292,32 @@ def train(cfg: TrainConfig, *, plan_only: bool = False) -> TrainResult | dict:
     out = cfg.output_dir()
     resume_problems, checkpoint = _check_resume(cfg, out) if not plan_only else ([], None)
     problems += resume_problems
+    # The model's shape from its config alone: LoRA targets are checked before any weights load.
+    shape = meta = model_config = targets = None
+    if base is not None:
+        from transformers import AutoConfig
+
+        try:
+            model_config = AutoConfig.from_pretrained(base, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as e:
+            if not problems:
+                raise models._offline_error(base, e) from None
+            problems.append(str(models._offline_error(base, e)))
+    if model_config is not None:
+        shape, meta = plan.shape_from_config(model_config)
+        if cfg.method in ("lora", "qlora"):
+            try:
+                targets = cfg.target_modules or models.target_modules_for(model_config.model_type)
+            except ConfigError as e:
+                problems.append(str(e))
+            names = {n.split(".")[-1] for n, _ in meta.named_modules()}
+            unknown = [t for t in targets or [] if t not in names]
+            if unknown:
+                layers = sorted(n for n in names if n and not n.isdigit())
+                problems.append(f"--target-modules: {', '.join(unknown)} not in this {model_config.model_type} "
+                                f"model (its layers: {', '.join(layers[:24])})")
     if problems:
         raise ConfigError(f"{len(problems)} problem(s) with the settings; nothing was loaded:", problems)
-
-    # The model's shape from its config alone: LoRA targets are checked before any weights load.
-    from transformers import AutoConfig
-
-    try:
-        model_config = AutoConfig.from_pretrained(base, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise models._offline_error(base, e) from None
-    shape, meta = plan.shape_from_config(model_config)
-    targets = None
-    if cfg.method != "full":
-        targets = cfg.target_modules or models.target_modules_for(model_config.model_type)
-        names = {n.split(".")[-1] for n, _ in meta.named_modules()}
-        unknown = [t for t in targets if t not in names]
-        if unknown:
-            raise ConfigError(f"--target-modules: {', '.join(unknown)} not in {model_config.model_type} "
-                              f"(its layers include: {', '.join(sorted(n for n in names if n and not n.isdigit())[:20])})")
     trainable_est = plan.lora_params(meta, targets, cfg.r) if targets else shape.params
 
     # Data (validated in full before weights load)

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny GPT-2 base (2 layers, 32 wide) with a BPE tokenizer trained here.
+"""Shared fixtures: a tiny GPT-2 base (2 layers, 64 wide) with a BPE tokenizer trained here.
 
 Nothing is downloaded: the tokenizer is trained on a few Spanish sentences in a second, the model
 is randomly initialised with a fixed seed and saved as safetensors in a temporary folder, which
@@ -62,7 +62,7 @@ def _corpus() -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
-    """A local base model folder: 2-layer GPT-2, 32 wide, ~400-token byte-level BPE vocabulary."""
+    """A local base model folder: 2-layer GPT-2, 64 wide, ~400-token byte-level BPE vocabulary."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
@@ -71,7 +71,7 @@ def tiny_base(tmp_path_factory) -> Path:
     bpe.train_from_iterator(_corpus(), vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"])
     tok = GPT2TokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                             unk_token="<|endoftext|>", model_max_length=256)
-    config = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+    config = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=64, n_layer=2, n_head=2,
                         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
     GPT2LMHeadModel(config).save_pretrained(out, safe_serialization=True)
