@@ -39,18 +39,28 @@ def data_check(file: str, tokenizer_name: str | None, max_length: int, fmt: str,
     from .data import check
     from .models import DEFAULT_BASE, load_tokenizer, resolve_base
 
-    tok = load_tokenizer(resolve_base(tokenizer_name or DEFAULT_BASE))
+    from pathlib import Path
+
+    from .models import REPO_ROOT
+
+    # Token statistics need a tokenizer: the one named, else the shipped base's when it is there.
+    shipped = REPO_ROOT / DEFAULT_BASE
+    name = tokenizer_name or (DEFAULT_BASE if (Path(DEFAULT_BASE).is_dir() or shipped.is_dir()) else None)
+    tok = load_tokenizer(resolve_base(name)) if name else None
     report = check(file, tok, max_length=max_length, fmt=fmt)
     if as_json:
         click.echo(json.dumps(report, indent=2, ensure_ascii=False))
         return
-    t = report["tokens"]
     click.echo(f"{report['file']}  (sha256 {report['sha256'][:12]})")
     click.echo(f"  conversations     {report['conversations']}  ({report['single_exchange']} single exchange, "
                f"{report['multi_turn']} multi-turn, {report['with_system']} with a system message)")
     click.echo(f"  turns per conv    min {report['turns']['min']}  p50 {report['turns']['p50']}  max {report['turns']['max']}")
-    click.echo(f"  tokens ({t['format']})  p50 {t['p50']}  p95 {t['p95']}  max {t['max']}  total {t['total']}")
-    click.echo(f"  cut at max-length {report['max_length']}: {report['cut_by_max_length']} conversation(s)")
+    if "tokens" in report:
+        t = report["tokens"]
+        click.echo(f"  tokens ({t['format']})  p50 {t['p50']}  p95 {t['p95']}  max {t['max']}  total {t['total']}")
+        click.echo(f"  cut at max-length {report['max_length']}: {report['cut_by_max_length']} conversation(s)")
+    else:
+        click.echo("  tokens            (no tokenizer: pass --tokenizer for token lengths)")
     click.echo(f"  duplicates        {len(report['duplicates'])}")
     if report["problems"]:
         click.echo(f"  problems ({len(report['problems'])}):")
