@@ -9,7 +9,6 @@ first non-finite loss, the run card, and the seed guide's base vs fine-tuned com
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -18,7 +17,7 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -455,7 +454,7 @@ def train(cfg: TrainConfig, *, plan_only: bool = False) -> TrainResult | dict:
 
 def _check_bitsandbytes(device: str) -> list[str]:
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes  # noqa: F401  (imported to check it loads)
     except Exception as e:  # a broken native library raises more than ImportError
         return [f"--method qlora needs bitsandbytes ({type(e).__name__}: {e}); pip install bitsandbytes"]
     return []
@@ -487,9 +486,7 @@ def _load_for_training(cfg: TrainConfig, base: str, device: str, precision: str,
                                   trust_remote_code=cfg.trust_remote_code)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     model.config.use_cache = False  # no KV cache while training (and required by gradient checkpointing)
-    if cfg.method == "qlora" or device == "cpu":
-        pass
-    else:
+    if cfg.method != "qlora":  # a quantised model is already placed by its device_map
         model = model.to(device)
     if targets:
         lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
