@@ -66,7 +66,10 @@ class BenchConfig:
     base: str | None = None  # base model for the base perplexity; None: the run card's base
     shape: str | None = None  # dialogpt-medium | tiny: random weights of that shape, latency only
     paired: bool = False  # train LoRA and full on the same split/seed/budget, merge-export both, then bench
-    # --paired training (the same for both methods, so the token budget is equal)
+    # --paired training: each method's own settings (lr, r, ...) from its train YAML; data, seed, epochs
+    # and batch from here, the same for both, so the token budget is equal
+    lora_config: str | None = None  # --paired: train YAML for the LoRA run (e.g. configs/default.yaml)
+    full_config: str | None = None  # --paired: train YAML for the full fine-tune (e.g. configs/full.yaml)
     data: str = "data/medical_conversations.json"  # --paired: training conversations
     eval_data: str | None = "data/medical_conversations_eval.json"  # --paired: held-out set; None: split data
     epochs: float = 3.0  # --paired: epochs for both runs
@@ -164,6 +167,13 @@ def _check(cfg: BenchConfig) -> tuple[list[str], dict]:
 
         if not hasattr(export, "merge_export"):
             p.append("--paired needs `lora-med merge-export`, which this installation does not have yet")
+        from .train import TrainConfig
+
+        for flag, path in (("--lora-config", cfg.lora_config), ("--full-config", cfg.full_config)):
+            try:
+                load_config(TrainConfig, path, {})
+            except ConfigError as e:
+                p.append(f"{flag}: {e}")
 
     from .train import load_run
 
@@ -359,18 +369,25 @@ def _scratch_quantize(fp32: dict, out: Path) -> dict:
 
 
 def _paired(cfg: BenchConfig, name: str, device: str) -> tuple[str, str, list[str], dict]:
-    """Train LoRA and full on the same split, seed and token budget; merge-export both. Returns their folders."""
+    """Train LoRA and full on the same split, seed and token budget; merge-export both. Returns their folders.
+
+    A quantised export that its own parity gate refuses is left out (and named in the report) rather than
+    ending the run: the refusal is merge-export doing its job, and the fp32 exports still get measured.
+    """
     from .export import ExportConfig, merge_export
     from .train import TrainConfig, train
 
     work = Path(cfg.paired_dir or Path("adapters") / f"paired-{name}")
-    common = dict(data=cfg.data, eval_data=cfg.eval_data, base=cfg.base or models.DEFAULT_BASE, epochs=cfg.epochs,
-                  max_steps=cfg.max_steps, batch_size=cfg.train_batch_size, seed=cfg.seed, device=device,
-                  compare=False, overwrite=True)
-    runs, exports, timings = {}, [], {}
-    for method in ("lora", "full"):
+    common = dict(data=cfg.data, eval_data=cfg.eval_data, epochs=cfg.epochs, max_steps=cfg.max_steps,
+                  batch_size=cfg.train_batch_size, grad_accum=1, seed=cfg.seed, device=device, compare=True,
+                  overwrite=True)
+    if cfg.base:
+        common["base"] = cfg.base
+    runs, exports, timings, refused = {}, [], {}, []
+    for method, config_file in (("lora", cfg.lora_config), ("full", cfg.full_config)):
+        tcfg = load_config(TrainConfig, config_file, {**common, "method": method, "output": str(work / method)})
         t0 = time.perf_counter()
-        runs[method] = str(train(TrainConfig(**common, method=method, output=str(work / method))).output)
+        runs[method] = str(train(tcfg).output)
         timings[f"train_{method}_s"] = round(time.perf_counter() - t0, 2)
         variants = [("cpu", "fp32", "none"), ("cpu", "fp32", "int8")]
         if device == "cuda":
@@ -378,11 +395,19 @@ def _paired(cfg: BenchConfig, name: str, device: str) -> tuple[str, str, list[st
         for dev, dtype, quant in variants:
             out = work / f"export-{method}-{dev}-{'int8' if quant == 'int8' else dtype}"
             t0 = time.perf_counter()
-            exports.append(str(merge_export(ExportConfig(run_dir=runs[method], output=str(out), device=dev,
-                                                         dtype=dtype, quantize=quant, min_top1=cfg.min_top1,
-                                                         overwrite=True)).output))
+            try:
+                exports.append(str(merge_export(ExportConfig(
+                    run_dir=runs[method], output=str(out), device=dev, dtype=dtype, quantize=quant,
+                    min_top1=cfg.min_top1, overwrite=True)).output))
+            except GateError as e:
+                if quant == "none" and dtype == "fp32":
+                    raise  # an fp32 export that fails parity is a real fault, not a precision trade-off
+                why = [ln.strip()[2:] for ln in str(e).splitlines() if ln.strip().startswith("- ")] or [str(e)]
+                refused.append(f"{out.name}: refused by its parity gate ({'; '.join(why)}); left out")
+                print(f"note: {refused[-1]}")
             timings[f"export_{out.name}_s"] = round(time.perf_counter() - t0, 2)
-    return runs["lora"], runs["full"], exports, {"dir": str(work), "timings": timings}
+    return runs["lora"], runs["full"], exports, {"dir": str(work), "timings": timings, "refused_exports": refused,
+                                                 "lora_config": cfg.lora_config, "full_config": cfg.full_config}
 
 
 # --------------------------------------------------------------------------- measuring
@@ -611,6 +636,7 @@ def bench(cfg: BenchConfig) -> BenchResult:
         problems, found = _check(dataclasses.replace(cfg, paired=False))
         if problems:
             raise LoraMedError("the paired runs cannot be benchmarked:", problems)
+        notes += [f"export {r}" for r in paired_info["refused_exports"]]
 
     with tempfile.TemporaryDirectory(prefix="lora-med-bench-") as scratch:
         shape_info, model_dir, shape_exports = None, None, []
@@ -695,6 +721,7 @@ def bench(cfg: BenchConfig) -> BenchResult:
                    "exports": found["exports"], "shape": shape_info, "paired": paired_info,
                    "prompts": prompt_source, "threads": _threads(cfg)},
         "perplexity": ppl, "latency": latency, "training": _training(found["cards"]),
+        "replies": _replies(found["cards"]),
         "gate": {"backend": gate_backend, "checks": checks, "passed": all(c["passed"] for c in checks)},
         "notes": notes, "total_s": round(time.perf_counter() - t_start, 2),
     }
@@ -746,6 +773,17 @@ def _training(cards: dict) -> dict | None:
             "trainable_params": c.get("parameters", {}).get("trainable"),
             "planned_peak_gb": (c.get("plan") or {}).get("total_gb"), "device": c.get("device", {}).get("device")}
     return out
+
+
+def _replies(cards: dict) -> list[dict] | None:
+    """The seed guide's base vs fine-tuned replies for the fixed Spanish prompts, from the run cards."""
+    by_method = {c["config"]["method"]: c.get("comparison") or [] for c in cards.values()}
+    rows = next((r for r in by_method.values() if r), None)
+    if not rows:
+        return None
+    return [{"prompt": row["prompt"], "base": row["base"],
+             **{m: (r[i]["fine_tuned"] if i < len(r) else None) for m, r in by_method.items()}}
+            for i, row in enumerate(rows)]
 
 
 # --------------------------------------------------------------------------- report files
@@ -807,6 +845,12 @@ def _markdown(r: dict) -> str:
             f = lambda x, d=1: "-" if x is None else (f"{x:,.{d}f}" if isinstance(x, float) else f"{x:,}")  # noqa: E731
             lines.append(f"| {k} | {f(v['steps'])} | {f(v['tokens_seen'])} | {f(v['tokens_per_s'])} | "
                          f"{f(v['peak_memory_gb'], 3)} | {f(v['train_s'])} | {f(v['trainable_params'])} |")
+    if r.get("replies"):
+        methods = [k for k in r["replies"][0] if k not in ("prompt", "base")]
+        lines += ["", "## Replies (greedy, the fixed Spanish prompts, from the run cards)", ""]
+        for row in r["replies"]:
+            lines += [f"**USUARIO:** {row['prompt']}", "", f"- base: {row['base']}"]
+            lines += [f"- {m}: {row[m]}" for m in methods] + [""]
     lines += ["", "## Gate", ""]
     lines += [f"- {_gate_line(c)}" for c in r["gate"]["checks"]] or ["- no gate applied"]
     if r["notes"]:

@@ -17,6 +17,7 @@ import resource
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,7 @@ class TrainConfig:
     dropout: float = 0.05
     target_modules: list[str] | None = None  # None: per architecture (GPT-2: c_attn, c_proj, c_fc)
     quant_bits: int = 4  # qlora: 4 (nf4, double quant) or 8
+    train_tokens: str = "none"  # none | data: also train the embedding rows (tied lm_head too) of the training data's tokens
     # optimisation
     epochs: float = 3.0
     batch_size: int = 4
@@ -120,6 +122,8 @@ def _check_values(cfg: TrainConfig) -> list[str]:
         p.append(f"--scheduler {cfg.scheduler}: use one of {', '.join(SCHEDULERS)}")
     if cfg.format not in data.FORMATS:
         p.append(f"--format {cfg.format}: use one of {', '.join(data.FORMATS)}")
+    if cfg.train_tokens not in ("none", "data"):
+        p.append(f"--train-tokens {cfg.train_tokens}: use none or data")
     if cfg.train_on not in ("assistant", "all"):
         p.append(f"--train-on {cfg.train_on}: use assistant or all")
     for name, low in (("r", 1), ("alpha", 1), ("batch_size", 1), ("grad_accum", 1), ("max_length", 8),
@@ -249,6 +253,8 @@ class _Reporter(TrainerCallback):
             steps_done = state.global_step - self.step0
             eta = elapsed / max(steps_done, 1) * (state.max_steps - state.global_step)
             logs["tokens_per_s"] = round(tps, 1)
+            # Cumulative, so that a benchmark can take the steady rate after the first (warm-up) steps.
+            logs["elapsed_s"], logs["tokens_seen"] = round(elapsed, 3), state.num_input_tokens_seen - self.tokens0
             print(f"step {state.global_step}/{state.max_steps} | epoch {state.epoch:.2f} | loss {logs['loss']:.4f} | "
                   f"lr {logs.get('learning_rate', 0):.2e} | {tps:,.0f} tok/s | ETA {eta:,.0f}s", flush=True)
         if "eval_loss" in logs:
@@ -361,7 +367,9 @@ def train(cfg: TrainConfig, *, plan_only: bool = False) -> TrainResult | dict:
           f"({'file ' + str(cfg.eval_data) if cfg.eval_data else f'seeded split, seed {cfg.seed}'}); "
           f"cut at max-length {cfg.max_length}: {train_cut} train, {eval_cut} eval; format {fmt}")
 
-    model = _load_for_training(cfg, base, device, precision, targets)
+    # PEFT's trainable tokens keep the embedding/lm_head tie (modules_to_save would untie and copy both).
+    token_ids = sorted({t for e in train_ex for t in e.input_ids}) if targets and cfg.train_tokens == "data" else None
+    model = _load_for_training(cfg, base, device, precision, targets, token_ids)
     total, trainable = models.count_parameters(model)
     print(f"Base: {base} ({model_config.model_type}) | parameters {total:,} | trainable {trainable:,} "
           f"({100 * trainable / total:.3f}%) | method {cfg.method}" + (f" r={cfg.r} alpha={cfg.alpha}" if targets else ""))
@@ -398,6 +406,8 @@ def train(cfg: TrainConfig, *, plan_only: bool = False) -> TrainResult | dict:
         write_json(out / "run.json", card)
         (out / "metrics.jsonl").unlink(missing_ok=True)
 
+    # The Trainer's own token counter copies a tensor the way torch warns about, once per step.
+    warnings.filterwarnings("ignore", message="To copy construct from a tensor", module="transformers.trainer")
     trainer = _make_trainer(cfg, model, tokenizer, train_ex, eval_ex, out, batch, accum, precision, device)
     if checkpoint:
         print(f"Resuming from {checkpoint}")
@@ -409,6 +419,7 @@ def train(cfg: TrainConfig, *, plan_only: bool = False) -> TrainResult | dict:
         raise LoraMedError(f"non-finite loss at step {e.step}; training stopped. The last good checkpoint is "
                            f"{last or '(none yet)'}. Lower --learning-rate, or use --precision fp32.") from None
     train_s = time.perf_counter() - t_train
+    peak = _peak_memory(device)  # before the final evals (a full run loads the base again for its figure)
     shutil.rmtree(out / "checkpoints" / ".partial", ignore_errors=True)
 
     # Final figures: token-weighted perplexity on the held-out set, fine-tuned and base.
@@ -430,7 +441,7 @@ def train(cfg: TrainConfig, *, plan_only: bool = False) -> TrainResult | dict:
         "eval_loss": ppl["assistant"]["nll"], "eval_ppl": ppl["assistant"]["ppl"], "eval_ppl_all": ppl["all"]["ppl"],
         "base_eval_ppl": base_ppl["assistant"]["ppl"], "base_eval_ppl_all": base_ppl["all"]["ppl"],
         "eval_tokens": ppl["assistant"]["tokens"], "tokens_seen": tokens_seen,
-        "tokens_per_s": tokens_seen / train_s if train_s else None, **_peak_memory(device),
+        "tokens_per_s": tokens_seen / train_s if train_s else None, **peak,
     }
     comparison = _compare(cfg, model, base_model, tokenizer, fmt, bool(targets)) if cfg.compare else []
 
@@ -466,7 +477,8 @@ def _set_seed(seed: int) -> None:
     set_seed(seed)
 
 
-def _load_for_training(cfg: TrainConfig, base: str, device: str, precision: str, targets: list[str] | None):
+def _load_for_training(cfg: TrainConfig, base: str, device: str, precision: str, targets: list[str] | None,
+                       token_ids: list[int] | None = None):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     half = models.DTYPES.get(precision, torch.float32)
@@ -490,7 +502,7 @@ def _load_for_training(cfg: TrainConfig, base: str, device: str, precision: str,
         model = model.to(device)
     if targets:
         lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                          bias="none", task_type="CAUSAL_LM",
+                          bias="none", task_type="CAUSAL_LM", trainable_token_indices=token_ids,
                           # GPT-2 stores Conv1D weights transposed; quantised layers are plain Linear.
                           fan_in_fan_out=model.config.model_type == "gpt2" and cfg.method == "lora")
         model = get_peft_model(model, lora)

@@ -153,17 +153,49 @@ def test_cli_exit_code_follows_the_gate(runs, tmp_path, monkeypatch, capsys):
 
 
 def test_paired_trains_exports_and_benches_both_methods(tiny_base, conversations_file, tmp_path):
+    # Each method keeps its own settings from its train YAML; data, seed, steps and batch are shared.
+    (tmp_path / "lora.yaml").write_text("learning_rate: 2.0e-2\nr: 4\ntrain_tokens: data\nbatch_size: 1\n")
+    (tmp_path / "full.yaml").write_text("learning_rate: 1.0e-3\nseed: 7\n")
     result = bench(BenchConfig(paired=True, data=str(conversations_file), eval_data=str(conversations_file),
                                base=str(tiny_base), max_steps=2, train_batch_size=4, paired_dir=str(tmp_path / "w"),
+                               lora_config=str(tmp_path / "lora.yaml"), full_config=str(tmp_path / "full.yaml"),
                                min_top1=0.9, out=str(tmp_path / "r"), max_latency_s=60.0, max_ppl_ratio=100.0,
                                min_ppl_gain=1e-3, backends=["torch-eager", "ort-cpu-int8"], **FAST))
     r = result.report
     assert set(r["training"]) == {"lora", "full"}
     assert r["training"]["lora"]["tokens_seen"] == r["training"]["full"]["tokens_seen"], "same token budget"
+    cards = {m: json.loads((tmp_path / "w" / m / "run.json").read_text()) for m in ("lora", "full")}
+    assert cards["lora"]["config"]["learning_rate"] == 2e-2 and cards["lora"]["config"]["train_tokens"] == "data"
+    assert cards["full"]["config"]["learning_rate"] == 1e-3
+    assert {c["config"]["seed"] for c in cards.values()} == {42} and cards["lora"]["resolved"]["batch_size"] == 4
     assert {k for k in r["perplexity"] if not k.startswith("onnx:")} == {"base", "lora", "full"}
     assert len([k for k in r["perplexity"] if k.startswith("onnx:")]) == 4  # fp32 + int8 of each run
     assert [x["backend"] for x in r["latency"]] == ["torch-eager", "ort-cpu-int8", "ort-cpu-int8:export-full-cpu-int8"]
     assert r["inputs"]["paired"]["dir"] == str(tmp_path / "w") and r["gate"]["passed"]
+    # The seed guide's side-by-side replies land in the report, one row per fixed prompt.
+    assert [x["prompt"] for x in r["replies"]] == [x["prompt"] for x in cards["lora"]["comparison"]]
+    assert r["replies"][0]["full"] == cards["full"]["comparison"][0]["fine_tuned"]
+    assert f"**USUARIO:** {r['replies'][0]['prompt']}" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_paired_leaves_out_a_refused_int8_export(tiny_base, conversations_file, tmp_path):
+    result = bench(BenchConfig(paired=True, data=str(conversations_file), eval_data=str(conversations_file),
+                               base=str(tiny_base), max_steps=1, paired_dir=str(tmp_path / "w"), min_top1=1.0,
+                               out=str(tmp_path / "r"), max_latency_s=60.0, backends=["ort-cpu-fp32"], **FAST))
+    r = result.report
+    assert sorted(Path(e["path"]).name for e in r["inputs"]["exports"]) == ["export-full-cpu-fp32",
+                                                                            "export-lora-cpu-fp32"]
+    refused = r["inputs"]["paired"]["refused_exports"]
+    assert len(refused) == 2 and all("refused by its parity gate" in x and "top-1" in x for x in refused)
+    assert not (tmp_path / "w" / "export-lora-cpu-int8").exists(), "a refused export leaves no folder"
+
+
+def test_paired_bad_train_config_is_named_before_training(tmp_path):
+    (tmp_path / "lora.yaml").write_text("learning_rat: 1\n")
+    with pytest.raises(ConfigError, match="--lora-config.*learning_rat"):
+        bench(BenchConfig(paired=True, lora_config=str(tmp_path / "lora.yaml"), paired_dir=str(tmp_path / "w"),
+                          out=str(tmp_path / "r")))
+    assert not (tmp_path / "w").exists()
 
 
 def test_shape_mode_measures_speed_only(tmp_path):

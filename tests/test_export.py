@@ -18,13 +18,13 @@ from lora_med.runcard import sha256_file
 
 
 
-def _train(tmp: Path, conversations_file, tiny_base, method: str, **kw) -> Path:
+def _train(tmp: Path, conversations_file, tiny_base, method: str, name: str | None = None, **kw) -> Path:
     from lora_med.train import TrainConfig, train
 
     # lr 1e-2: PEFT starts LoRA B at zero, so a few steps at the default lr leave the adapter ~0 and
     # "merged == adapter" would pass trivially. This makes the merged weights clearly differ from the base.
     cfg = TrainConfig(data=str(conversations_file), eval_data=str(conversations_file), base=str(tiny_base),
-                      output=str(tmp / method), method=method, max_steps=4, compare=False, log_every=1, r=4,
+                      output=str(tmp / (name or method)), method=method, max_steps=4, compare=False, log_every=1, r=4,
                       learning_rate=1e-2, **kw)
     return train(cfg).output
 
@@ -37,6 +37,7 @@ def runs(tmp_path_factory, conversations_file, tiny_base) -> dict[str, Path]:
         "full": _train(tmp, conversations_file, tiny_base, "full"),
         # 8-bit: bitsandbytes' 4-bit CPU kernels need layers at least 64 wide (this base is 32).
         "qlora": _train(tmp, conversations_file, tiny_base, "qlora", quant_bits=8),
+        "tokens": _train(tmp, conversations_file, tiny_base, "lora", "tokens", train_tokens="data"),
     }
 
 
@@ -144,6 +145,13 @@ def test_full_and_qlora_runs_export(runs, tmp_path, capsys):
     assert merge["max_abs_diff_vs_adapter"] <= 1e-4 and merge["max_weight_delta_vs_base"] > 1e-3
     assert q.manifest["parity"]["passed"]
     assert "reloaded in full precision" in capsys.readouterr().out
+
+
+def test_trainable_tokens_run_exports_with_the_tie_kept(runs, tmp_path):
+    res = merge_export(ExportConfig(run_dir=str(runs["tokens"]), output=str(tmp_path / "tokens"), n_parity=4))
+    merge = res.manifest["merge"]
+    assert merge["max_abs_diff_vs_adapter"] <= 1e-4 and merge["max_weight_delta_vs_base"] > 1e-3
+    assert merge["tied_embeddings"] and res.manifest["parity"]["passed"]
 
 
 def test_int8_export_passes_its_gate(runs, tmp_path):

@@ -97,6 +97,32 @@ print(json.dumps(perplexity(torch_logits_fn(model), ex, tok.pad_token_id)["assis
     assert float(r.stdout.strip().splitlines()[-1]) == pytest.approx(card["metrics"]["eval_ppl"], rel=1e-5)
 
 
+def test_train_tokens_trains_the_data_rows_and_keeps_the_tie(tiny_base, conversations_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lora_med import data, models
+
+    res = train(cfg_for(tiny_base, conversations_file, tmp_path / "tt", train_tokens="data", max_steps=4))
+    adapter = load_file(str(res.output / "adapter_model.safetensors"))
+    delta_key = "base_model.model.transformer.wte.token_adapter.trainable_tokens_delta"
+    assert set(adapter) - {k for k in adapter if "lora_" in k} == {delta_key}  # lm_head is tied, not a copy
+    seen = sorted({t for e in data.encode_all(data.load_conversations(conversations_file).conversations,
+                                              models.load_tokenizer(str(tiny_base)), max_length=256,
+                                              fmt="dialogpt")[0] for t in e.input_ids})
+    config = json.loads((res.output / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == seen and adapter[delta_key].shape[0] == len(seen)
+    assert adapter[delta_key].abs().sum() > 0
+    # Reloaded with stock PEFT and merged: the trained rows moved, the others did not, and the output
+    # layer still is the embedding (the tie holds, so an export has one matrix, not two).
+    original = AutoModelForCausalLM.from_pretrained(tiny_base).transformer.wte.weight
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), res.output).merge_and_unload()
+    wte = merged.transformer.wte.weight
+    assert merged.lm_head.weight.data_ptr() == wte.data_ptr()
+    unseen = sorted(set(range(wte.shape[0])) - set(seen))
+    assert torch.equal(wte[unseen], original[unseen]) and not torch.equal(wte[seen], original[seen])
+
+
 @pytest.mark.parametrize("method,lr,ratio", [("lora", 5e-2, 0.985), ("full", 1e-2, 0.2)])
 def test_loss_falls_when_overfitting(tiny_base, tmp_path, method, lr, ratio):
     # Two conversations, 30 steps. LoRA on a random 2-layer base has little to adapt (the shipped
