@@ -13,16 +13,17 @@ time to first token, tokens/s, peak memory and the speedup over PyTorch eager, p
 
 ``--shape dialogpt-medium`` measures speed with randomly initialised weights of DialoGPT-medium's
 exact config (nothing is downloaded); it refuses perplexity, which random weights cannot give.
+
+This module validates the settings, runs ``--paired``, scores perplexity, applies the gate and assembles
+the report; the timing lives in ``latency.py``, the random-weight shapes in ``shapes.py`` and the report
+files in ``report.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import math
 import os
-import resource
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,25 +35,18 @@ import torch
 
 from . import data, models
 from .errors import ConfigError, GateError, LoraMedError
+from .latency import (BACKENDS, SCALING_BACKENDS, SCALING_CONTEXTS, SCALING_NEW_TOKENS, SPEED_ONLY, available_backends,
+                      held_out_prompts, load_adapter, load_ort, thread_count, time_backend)
 from .options import config_options, overrides_from
+from .report import gate_line, markdown, plots, replies, training
 from .runcard import config_dict, load_config, read_json, write_json
+from .shapes import SHAPES, build_shape
 
-# Model shapes for --shape: GPT-2 configs built locally with random weights (speed only).
-SHAPES = {
-    # microsoft/DialoGPT-medium's public config (FACTS.md): 354,823,168 parameters, tied lm_head.
-    "dialogpt-medium": dict(n_layer=24, n_embd=1024, n_head=16, n_positions=1024, vocab_size=50257,
-                            bos_token_id=50256, eos_token_id=50256),
-    # A few-second stand-in for tests and smoke runs.
-    "tiny": dict(n_layer=2, n_embd=32, n_head=2, n_positions=256, vocab_size=400, bos_token_id=0, eos_token_id=0),
-}
-BACKENDS = ("torch-eager", "torch-merged", "ort-cpu-fp32", "ort-cpu-int8", "ort-cuda-fp32", "ort-cuda-fp16")
+# SHAPES, BACKENDS, SCALING_* and SPEED_ONLY live with the code that uses them (shapes.py, latency.py) and
+# stay importable from here, where the tests and benchmarks/train_memory read them.
 GATE_ORDER = ("ort-cuda-fp16", "ort-cpu-int8", "ort-cpu-fp32", "torch-merged", "torch-eager")  # "auto" picks the first present
-SCALING_NEW_TOKENS = (8, 16, 32, 64)
-SCALING_CONTEXTS = (32, 64, 128, 256, 512)
-SCALING_BACKENDS = ("torch-eager", "ort-cpu-fp32", "ort-cuda-fp16")
 DEFAULT_MAX_PPL_RATIO = 1.10
 DEFAULT_MIN_PPL_GAIN = 1.0
-SPEED_ONLY = "random weights, speed only"
 
 
 @dataclass
@@ -105,17 +99,6 @@ class BenchConfig:
 class BenchResult:
     report: dict  # report.json's content
     out_dir: Path
-
-
-@dataclass
-class _Backend:
-    """One way of serving a model: how to load it and what it is."""
-
-    name: str
-    device: str  # where the tokens are computed: cpu | cuda
-    precision: str  # fp32 | fp16 | int8
-    source: str  # what is loaded (for the report)
-    load: Callable[[], object]
 
 
 # --------------------------------------------------------------------------- validation
@@ -225,146 +208,6 @@ def _read_export(path: Path) -> dict:
             "device": opts.get("device", "cpu"), "source_run": manifest.get("source", {}).get("run_dir")}
 
 
-# --------------------------------------------------------------------------- loading
-
-
-def _threads(cfg: BenchConfig) -> int:
-    return cfg.threads or os.cpu_count() or 1
-
-
-def _load_ort(onnx_dir: str, device: str, threads: int):
-    import onnxruntime as ort
-
-    from .export import ort_model
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    cuda = device == "cuda"
-    # IO binding keeps inputs, outputs and the KV cache on the GPU between steps (without it ORT on
-    # CUDA copies them every token and can be slower than PyTorch: onnxruntime#13105).
-    return ort_model(onnx_dir, "CUDAExecutionProvider" if cuda else "CPUExecutionProvider", use_io_binding=cuda,
-                     session_options=so)
-
-
-def _load_adapter(base: str, run_dir: str, device: str):
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(models.load_model(base), run_dir).eval()
-    return model.to(device)
-
-
-def _load_merged(base: str, run_dir: str, device: str):
-    # merge_and_unload on a fresh copy, as merge-export does (safe_merge refuses NaN/inf).
-    return _load_adapter(base, run_dir, "cpu").merge_and_unload(safe_merge=True).eval().to(device)
-
-
-def _backends(cfg: BenchConfig, found: dict, device: str, model_dir: Path | None,
-              shape_exports: list[dict]) -> tuple[list[_Backend], list[str]]:
-    """Every backend this machine and these inputs allow, and a note for each one left out."""
-    out, notes = [], []
-    cards = found["cards"]
-    if model_dir is not None:  # --shape
-        out.append(_Backend("torch-eager", device, "fp32", f"{cfg.shape} shape ({SPEED_ONLY})",
-                            lambda: models.load_model(str(model_dir)).to(device)))
-    elif "--run" in cards and cards["--run"]["artifact"] == "adapter":
-        base, run = cards["--run"]["base"]["name_or_path"], cfg.run
-        out.append(_Backend("torch-eager", device, "fp32", f"{run} (adapter unmerged, PyTorch eager)",
-                            lambda: _load_adapter(base, run, device)))
-        out.append(_Backend("torch-merged", device, "fp32", f"{run} (merged in memory, PyTorch)",
-                            lambda: _load_merged(base, run, device)))
-    else:
-        run = cfg.run or cfg.full_run
-        if run:
-            out.append(_Backend("torch-eager", device, "fp32", f"{run} (PyTorch eager)",
-                                lambda: models.load_model(run).to(device)))
-            notes.append("torch-merged: the run is a full fine-tune (nothing to merge)")
-    threads = _threads(cfg)
-    for ex in [*shape_exports, *found["exports"]]:
-        targets = {"int8": ["cpu"], "fp16": ["cuda"], "fp32": ["cpu", "cuda"]}.get(ex["precision"], ["cpu"])
-        for dev in targets:
-            name = f"ort-{dev}-{ex['precision']}"
-            if dev == "cuda" and device != "cuda":
-                notes.append(f"{name} ({ex.get('label', ex['path'])}): no CUDA GPU")
-                continue
-            if any(b.name == name for b in out):
-                name = f"{name}:{Path(ex['path']).name}"
-            out.append(_Backend(name, dev, ex["precision"], ex.get("label", ex["path"]),
-                                lambda ex=ex, dev=dev: _load_ort(ex["onnx_dir"], dev, threads)))
-    if not any(b.name.startswith("ort-") for b in out):
-        notes.append("ONNX Runtime backends: no export given (add --export DIR from `lora-med merge-export`)")
-    if cfg.backends:
-        out = [b for b in out if b.name.split(":")[0] in cfg.backends]
-    return out, notes
-
-
-# --------------------------------------------------------------------------- --shape
-
-
-def _build_shape(cfg: BenchConfig, work: Path, device: str) -> tuple[Path, list[dict], dict]:
-    """A randomly initialised GPT-2 of the shape, saved, and exported to ONNX (fp32, int8; fp16 on CUDA)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    shape = SHAPES[cfg.shape]
-    model_dir = work / "model"
-    torch.manual_seed(cfg.seed)
-    t0 = time.perf_counter()
-    model = GPT2LMHeadModel(GPT2Config(**shape, tie_word_embeddings=True)).eval()
-    params = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(model_dir, safe_serialization=True)
-    del model
-    info = {"shape": cfg.shape, "config": shape, "parameters": params, "build_s": round(time.perf_counter() - t0, 2)}
-    wanted = set(cfg.backends or BACKENDS)
-    exports = []
-    if wanted & {"ort-cpu-fp32", "ort-cpu-int8", "ort-cuda-fp32"}:
-        t0 = time.perf_counter()
-        fp32 = _scratch_export(model_dir, work / "onnx-fp32", "cpu", "fp32")
-        info["export_fp32_s"] = round(time.perf_counter() - t0, 2)
-        if wanted & {"ort-cpu-fp32", "ort-cuda-fp32"}:
-            exports.append(fp32)
-        if "ort-cpu-int8" in wanted:
-            t0 = time.perf_counter()
-            exports.append(_scratch_quantize(fp32, work / "onnx-int8"))
-            info["quantize_int8_s"] = round(time.perf_counter() - t0, 2)
-    if device == "cuda" and "ort-cuda-fp16" in wanted:
-        exports.append(_scratch_export(model_dir, work / "onnx-fp16", "cuda", "fp16"))
-    return model_dir, exports, info
-
-
-def _scratch_export(model_dir: Path, out: Path, device: str, dtype: str) -> dict:
-    from optimum.exporters.onnx import main_export
-
-    main_export(str(model_dir), output=str(out), task="text-generation-with-past", device=device, dtype=dtype,
-                do_validation=False)  # random weights: speed only, no parity to prove
-    return {"path": str(out), "onnx_dir": str(out), "precision": dtype, "device": device,
-            "label": f"scratch Optimum export ({dtype}, {SPEED_ONLY})"}
-
-
-def int8_preset() -> str:
-    """Optimum's dynamic-int8 preset for this CPU's widest integer instructions."""
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    for preset, flag in (("avx512_vnni", "avx512_vnni"), ("avx512", "avx512f"), ("avx2", "avx2")):
-        if flag in flags:
-            return preset
-    return "arm64"
-
-
-def int8_config():
-    from optimum.onnxruntime.configuration import AutoQuantizationConfig
-
-    return getattr(AutoQuantizationConfig, int8_preset())(is_static=False, per_channel=False)
-
-
-def _scratch_quantize(fp32: dict, out: Path) -> dict:
-    from optimum.onnxruntime import ORTQuantizer
-
-    ORTQuantizer.from_pretrained(fp32["onnx_dir"], file_name="model.onnx").quantize(
-        save_dir=str(out), quantization_config=int8_config())
-    # The name ORTModelForCausalLM finds without help (no external data file below 2 GB, so a rename is safe).
-    os.replace(out / "model_quantized.onnx", out / "model.onnx")
-    return {"path": str(out), "onnx_dir": str(out), "precision": "int8", "device": "cpu",
-            "label": f"scratch dynamic int8 of the fp32 export (AutoQuantizationConfig.{int8_preset()}, {SPEED_ONLY})"}
-
-
 # --------------------------------------------------------------------------- --paired
 
 
@@ -410,128 +253,7 @@ def _paired(cfg: BenchConfig, name: str, device: str) -> tuple[str, str, list[st
                                                  "lora_config": cfg.lora_config, "full_config": cfg.full_config}
 
 
-# --------------------------------------------------------------------------- measuring
-
-
-def _release_memory() -> None:
-    """Free what the previous backend left: Python objects, then glibc's free lists (malloc_trim), so
-    that its pages do not stay resident and hide the next backend's own memory."""
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _peak_reset() -> str:
-    """Reset the process's peak-RSS mark (Linux /proc/self/clear_refs); returns what the peak will mean."""
-    _release_memory()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return ("peak RSS during load + timing minus RSS before load (VmHWM after a /proc/self/clear_refs reset; "
-                "the previous backend freed and malloc_trim'd first)")
-    except OSError:
-        return "growth of the process peak RSS (ru_maxrss) during load + timing; 0 when an earlier backend peaked higher"
-
-
-def _rss_kib(field: str) -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-class _Timer:
-    """Wall time of a call, synchronising the GPU before and after (kernels run asynchronously)."""
-
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-
-    def __call__(self, fn) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-
-def _generate(model, ids: list[int], n: int, eos: int, device: str) -> int:
-    """Greedy reply of exactly ``n`` new tokens (EOS cannot stop it). Returns how many were generated."""
-    x = torch.tensor([ids], device=device)
-    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                         do_sample=False, num_beams=1, use_cache=True, eos_token_id=eos, pad_token_id=eos)
-    return out.shape[1] - len(ids)
-
-
-def _stats(values: list[float]) -> dict:
-    s = sorted(values)
-    pick = lambda q: s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]  # noqa: E731  nearest rank
-    return {"p50": statistics.median(s), "p95": pick(95), "p99": pick(99), "mean": statistics.fmean(s),
-            "min": s[0], "max": s[-1], "n": len(s)}
-
-
-def _time_backend(b: _Backend, cfg: BenchConfig, prompts: list[list[int]], eos: int,
-                  scaling_prompts: dict | None) -> dict:
-    mem_kind = _peak_reset()
-    rss0 = _rss_kib("VmRSS")
-    cuda = b.device == "cuda"
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    model = b.load()
-    load_s = time.perf_counter() - t0
-    timer = _Timer(cuda)
-    gen = lambda ids, n: _generate(model, ids, n, eos, b.device)  # noqa: E731
-    with torch.inference_mode():
-        for i in range(cfg.warmup):
-            gen(prompts[i % len(prompts)], cfg.new_tokens)
-        replies, ttft = [], []
-        for ids in prompts:
-            for _ in range(cfg.repeats):
-                n = [0]
-                replies.append(timer(lambda: n.__setitem__(0, gen(ids, cfg.new_tokens))))
-                if n[0] != cfg.new_tokens:
-                    raise LoraMedError(f"{b.name} generated {n[0]} tokens instead of {cfg.new_tokens}")
-                # Time to first token: a 1-token reply (prompt prefill + the first greedy step).
-                ttft.append(timer(lambda: gen(ids, 1)))
-        scaling = _scaling(gen, timer, cfg, scaling_prompts) if scaling_prompts else None
-    if cuda:
-        peak = {"peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
-                "peak_memory_kind": "torch.cuda.max_memory_allocated (ORT's own CUDA arena is not counted)"}
-    else:
-        peak = {"peak_memory_gb": max(0, _rss_kib("VmHWM") - rss0) * 1024 / 1e9, "peak_memory_kind": mem_kind}
-    del model
-    _release_memory()
-    rep, first = _stats(replies), _stats(ttft)
-    decode = (rep["p50"] - first["p50"]) / max(cfg.new_tokens - 1, 1)
-    return {"backend": b.name, "device": b.device, "precision": b.precision, "source": b.source,
-            "load_s": round(load_s, 3), "reply_s": rep, "ttft_s": first,
-            "tokens_per_s": cfg.new_tokens / rep["p50"], "decode_ms_per_token": 1000 * decode, **peak,
-            "scaling": scaling}
-
-
-def _scaling(gen, timer, cfg: BenchConfig, sp: dict) -> dict:
-    med = lambda f: statistics.median(timer(f) for _ in range(cfg.scaling_repeats))  # noqa: E731
-    by_new = {n: med(lambda n=n: gen(sp["base"], n)) for n in SCALING_NEW_TOKENS}
-    by_ctx = {c: med(lambda ids=ids: gen(ids, cfg.new_tokens)) for c, ids in sp["contexts"].items()}
-    # Least-squares line through reply time vs new tokens: with a KV cache it is straight (R^2 near 1).
-    xs, ys = list(by_new), list(by_new.values())
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    ss_res = sum((y - (my + slope * (x - mx))) ** 2 for x, y in zip(xs, ys))
-    ss_tot = sum((y - my) ** 2 for y in ys) or 1e-30
-    return {"prompt_tokens": len(sp["base"]), "new_tokens_s": by_new, "context_new_tokens": cfg.new_tokens,
-            "context_s": by_ctx, "ms_per_new_token": 1000 * slope, "linear_r2": 1 - ss_res / ss_tot}
+# --------------------------------------------------------------------------- perplexity
 
 
 def _perplexities(cfg, found, tokenizer, examples, device) -> dict:
@@ -546,7 +268,7 @@ def _perplexities(cfg, found, tokenizer, examples, device) -> dict:
     todo: list[tuple[str, str, Callable[[], object]]] = [("base", base, lambda: models.load_model(base).to(device))]
     if "--run" in cards:
         if cards["--run"]["artifact"] == "adapter":
-            todo.append(("lora", cfg.run, lambda: _load_adapter(cards["--run"]["base"]["name_or_path"], cfg.run, device)))
+            todo.append(("lora", cfg.run, lambda: load_adapter(cards["--run"]["base"]["name_or_path"], cfg.run, device)))
         else:
             todo.append(("lora", cfg.run, lambda: models.load_model(cfg.run).to(device)))
     if "--full-run" in cards:
@@ -556,7 +278,7 @@ def _perplexities(cfg, found, tokenizer, examples, device) -> dict:
             continue
         dev = "cuda" if ex["precision"] == "fp16" else "cpu"
         todo.append((f"onnx:{Path(ex['path']).name}:{ex['precision']}", ex["path"],
-                     lambda ex=ex, dev=dev: _load_ort(ex["onnx_dir"], dev, _threads(cfg))))
+                     lambda ex=ex, dev=dev: load_ort(ex["onnx_dir"], dev, thread_count(cfg))))
     out = {}
     for label, source, load in todo:
         t0 = time.perf_counter()
@@ -598,14 +320,6 @@ def _gate(cfg: BenchConfig, latency: list[dict], ppl: dict | None, gate_backend:
     return checks
 
 
-def _gate_line(c: dict) -> str:
-    fmt = lambda x: f"{x:.4g}"  # noqa: E731
-    if c["passed"]:
-        return f"passed {c['gate']}: {c['what']} {fmt(c['value'])}{c['unit']} {c['op']} {fmt(c['limit'])}{c['unit']}"
-    return (f"FAILED {c['gate']}: {c['what']} {fmt(c['value'])}{c['unit']}, limit {c['op']} {fmt(c['limit'])}{c['unit']} "
-            f"(off by {fmt(abs(c['by']))}{c['unit']})")
-
-
 # --------------------------------------------------------------------------- the command
 
 
@@ -624,7 +338,7 @@ def bench(cfg: BenchConfig) -> BenchResult:
     if problems:
         raise ConfigError(f"{len(problems)} problem(s) with the bench settings; nothing was loaded:", problems)
     device = models.resolve_device(cfg.device)
-    torch.set_num_threads(_threads(cfg))
+    torch.set_num_threads(thread_count(cfg))
     name = cfg.name or (f"{cfg.shape}-shape-{device}" if cfg.shape else "paired" if cfg.paired
                         else Path(cfg.run or cfg.full_run or cfg.export[0]).name)
     out_dir = Path(cfg.out or models.REPO_ROOT / "benchmarks" / "results" / name)
@@ -642,7 +356,7 @@ def bench(cfg: BenchConfig) -> BenchResult:
         shape_info, model_dir, shape_exports = None, None, []
         if cfg.shape:
             print(f"Building a randomly initialised {cfg.shape} model and exporting it to ONNX ({SPEED_ONLY})")
-            model_dir, shape_exports, shape_info = _build_shape(cfg, Path(scratch), device)
+            model_dir, shape_exports, shape_info = build_shape(cfg, Path(scratch), device)
             eos = SHAPES[cfg.shape]["eos_token_id"]
             n_positions = SHAPES[cfg.shape]["n_positions"]
             gen = torch.Generator().manual_seed(cfg.seed)
@@ -665,7 +379,7 @@ def bench(cfg: BenchConfig) -> BenchResult:
             from transformers import AutoConfig
 
             n_positions = getattr(AutoConfig.from_pretrained(card["base"]["name_or_path"]), "n_positions", 1024)
-            prompts = _held_out_prompts(convs, tokenizer, fmt, cfg.prompts, n_positions - max(64, cfg.new_tokens))
+            prompts = held_out_prompts(convs, tokenizer, fmt, cfg.prompts, n_positions - max(64, cfg.new_tokens))
             stream = [t for e in examples for t in e.input_ids]
             while len(stream) < max(SCALING_CONTEXTS):
                 stream = stream + stream
@@ -680,7 +394,7 @@ def bench(cfg: BenchConfig) -> BenchResult:
             notes.append(f"scaling contexts {skipped} left out: they do not fit n_positions {n_positions} with "
                          f"{max(SCALING_NEW_TOKENS)} new tokens")
 
-        backends, more_notes = _backends(cfg, found, device, model_dir, shape_exports)
+        backends, more_notes = available_backends(cfg, found, device, model_dir, shape_exports)
         notes += more_notes
         names = [b.name for b in backends]
         gate_backend = None
@@ -698,10 +412,10 @@ def bench(cfg: BenchConfig) -> BenchResult:
 
         latency = []
         print(f"Latency: {len(prompts)} prompts x {cfg.repeats} repeats, {cfg.new_tokens} new tokens, "
-              f"warm-up {cfg.warmup}, {_threads(cfg)} threads")
+              f"warm-up {cfg.warmup}, {thread_count(cfg)} threads")
         for b in backends:
-            row = _time_backend(b, cfg, prompts, eos,
-                                scaling_prompts if cfg.scaling and b.name in SCALING_BACKENDS else None)
+            row = time_backend(b, cfg, prompts, eos,
+                               scaling_prompts if cfg.scaling and b.name in SCALING_BACKENDS else None)
             latency.append(row)
             print(f"  {b.name:<22} p50 {row['reply_s']['p50'] * 1000:9.1f} ms  p95 {row['reply_s']['p95'] * 1000:9.1f} ms"
                   f"  ttft {row['ttft_s']['p50'] * 1000:8.1f} ms  {row['tokens_per_s']:8.1f} tok/s")
@@ -719,22 +433,22 @@ def bench(cfg: BenchConfig) -> BenchResult:
         "versions": models.library_versions(),
         "inputs": {"runs": {k: v["config"]["method"] for k, v in found["cards"].items()},
                    "exports": found["exports"], "shape": shape_info, "paired": paired_info,
-                   "prompts": prompt_source, "threads": _threads(cfg)},
-        "perplexity": ppl, "latency": latency, "training": _training(found["cards"]),
-        "replies": _replies(found["cards"]),
+                   "prompts": prompt_source, "threads": thread_count(cfg)},
+        "perplexity": ppl, "latency": latency, "training": training(found["cards"]),
+        "replies": replies(found["cards"]),
         "gate": {"backend": gate_backend, "checks": checks, "passed": all(c["passed"] for c in checks)},
         "notes": notes, "total_s": round(time.perf_counter() - t_start, 2),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "report.json", report)
-    (out_dir / "report.md").write_text(_markdown(report), encoding="utf-8")
-    _plots(report, out_dir)
+    (out_dir / "report.md").write_text(markdown(report), encoding="utf-8")
+    plots(report, out_dir)
     print(f"Report: {out_dir}/report.md")
     failed = [c for c in checks if not c["passed"]]
     if failed:
-        raise GateError(f"{len(failed)} gate(s) failed (report in {out_dir}):", [_gate_line(c) for c in failed])
+        raise GateError(f"{len(failed)} gate(s) failed (report in {out_dir}):", [gate_line(c) for c in failed])
     for c in checks:
-        print(_gate_line(c))
+        print(gate_line(c))
     if not checks:
         print("no gate applied (all thresholds off or not applicable)")
     return BenchResult(report, out_dir)
@@ -746,174 +460,6 @@ def _loadavg() -> float | None:
         return round(os.getloadavg()[0], 2)
     except OSError:
         return None
-
-
-def _held_out_prompts(convs, tokenizer, fmt: str, n: int, max_tokens: int) -> list[list[int]]:
-    """The history before each conversation's last assistant turn, as the chat app would send it."""
-    from .chat import prompt_ids
-
-    out = []
-    for conv in convs[:n]:
-        last = max(i for i, m in enumerate(conv.messages) if m.role == "assistant")
-        out.append(prompt_ids(list(conv.messages[:last]), tokenizer, fmt)[-max_tokens:])
-    return out
-
-
-def _training(cards: dict) -> dict | None:
-    """Training cost of each run, from its card (paired runs: same data, seed and budget)."""
-    if not cards:
-        return None
-    out = {}
-    for flag, c in cards.items():
-        m = c.get("metrics", {})
-        out[c["config"]["method"]] = {
-            "run": flag, "steps": m.get("steps"), "tokens_seen": m.get("tokens_seen"),
-            "tokens_per_s": m.get("tokens_per_s"), "peak_memory_gb": m.get("peak_memory_gb"),
-            "peak_memory_kind": m.get("peak_memory_kind"), "train_s": c.get("timings", {}).get("train_s"),
-            "trainable_params": c.get("parameters", {}).get("trainable"),
-            "planned_peak_gb": (c.get("plan") or {}).get("total_gb"), "device": c.get("device", {}).get("device")}
-    return out
-
-
-def _replies(cards: dict) -> list[dict] | None:
-    """The seed guide's base vs fine-tuned replies for the fixed Spanish prompts, from the run cards."""
-    by_method = {c["config"]["method"]: c.get("comparison") or [] for c in cards.values()}
-    rows = next((r for r in by_method.values() if r), None)
-    if not rows:
-        return None
-    return [{"prompt": row["prompt"], "base": row["base"],
-             **{m: (r[i]["fine_tuned"] if i < len(r) else None) for m, r in by_method.items()}}
-            for i, row in enumerate(rows)]
-
-
-# --------------------------------------------------------------------------- report files
-
-
-def _markdown(r: dict) -> str:
-    label = f" ({r['label']})" if r["label"] else ""
-    m, s = r["machine"], r["settings"]
-    lines = [f"# lora-med bench: {r['name']}{label}", ""]
-    if r["label"]:
-        lines += [f"**{r['label'].capitalize()}**: randomly initialised weights of the model's exact shape; "
-                  "latency and memory are real, no quality figure is.", ""]
-    lines += [f"- Machine: {m['cpu']} ({m['cores']} cores, {r['inputs']['threads']} threads used)"
-              + (f"; GPU {m.get('gpu')} ({m.get('vram_gb')} GB), driver {m.get('driver')}, CUDA {m.get('cuda')}"
-                 if m.get("gpu") else "; no GPU"),
-              f"- Load average (1 min) at start / end: {m.get('load_average_1m_start')} / "
-              f"{m.get('load_average_1m_end')} on {m['cores']} cores",
-              f"- Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
-              f"- Prompts: {r['inputs']['prompts']}",
-              f"- Settings: {s['new_tokens']} new tokens (forced), {s['repeats']} repeats, warm-up {s['warmup']}, greedy",
-              ""]
-    if r["perplexity"]:
-        lines += ["## Held-out perplexity (paired: same conversations, format and max length)", "",
-                  "| model | assistant ppl | all-token ppl | assistant tokens |", "|---|---:|---:|---:|"]
-        for k, v in r["perplexity"].items():
-            lines.append(f"| {k} | {v['assistant_ppl']:.3f} | {v['all_ppl']:.3f} | {v['assistant_tokens']} |")
-        lines.append("")
-    lines += [f"## Reply latency{label}", "",
-              "| backend | device | precision | p50 ms | p95 ms | p99 ms | TTFT p50 ms | decode ms/token | tokens/s | "
-              "peak mem GB | speedup vs torch-eager |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for x in r["latency"]:
-        rs, sp = x["reply_s"], x["speedup_vs_torch_eager"]
-        lines.append(f"| {x['backend']} | {x['device']} | {x['precision']} | {rs['p50'] * 1e3:.1f} | {rs['p95'] * 1e3:.1f} | "
-                     f"{rs['p99'] * 1e3:.1f} | {x['ttft_s']['p50'] * 1e3:.1f} | {x['decode_ms_per_token']:.2f} | "
-                     f"{x['tokens_per_s']:.1f} | {x['peak_memory_gb']:.3f} | {f'{sp:.2f}x' if sp else '-'} |")
-    if r["latency"]:
-        lines += ["", f"Peak memory: {r['latency'][0]['peak_memory_kind']}."]
-    scaled = [x for x in r["latency"] if x["scaling"]]
-    if scaled:
-        sc0 = scaled[0]["scaling"]
-        lines += ["", f"## Scaling{label}", "",
-                  f"Reply time (ms, median) vs new tokens, {sc0['prompt_tokens']}-token prompt:", "",
-                  "| backend | " + " | ".join(str(n) for n in sc0["new_tokens_s"]) + " | ms/new token | linear R² |",
-                  "|---|" + "---:|" * (len(sc0["new_tokens_s"]) + 2)]
-        for x in scaled:
-            sc = x["scaling"]
-            lines.append(f"| {x['backend']} | " + " | ".join(f"{v * 1e3:.1f}" for v in sc["new_tokens_s"].values())
-                         + f" | {sc['ms_per_new_token']:.2f} | {sc['linear_r2']:.4f} |")
-        lines += ["", f"Reply time (ms, median) vs context tokens, {sc0['context_new_tokens']} new tokens:", "",
-                  "| backend | " + " | ".join(str(c) for c in sc0["context_s"]) + " |",
-                  "|---|" + "---:|" * len(sc0["context_s"])]
-        for x in scaled:
-            lines.append(f"| {x['backend']} | " + " | ".join(f"{v * 1e3:.1f}" for v in x["scaling"]["context_s"].values()) + " |")
-    if r["training"]:
-        lines += ["", "## Training (from the run cards)", "",
-                  "| method | steps | tokens seen | tokens/s | peak memory GB | train s | trainable params |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for k, v in r["training"].items():
-            f = lambda x, d=1: "-" if x is None else (f"{x:,.{d}f}" if isinstance(x, float) else f"{x:,}")  # noqa: E731
-            lines.append(f"| {k} | {f(v['steps'])} | {f(v['tokens_seen'])} | {f(v['tokens_per_s'])} | "
-                         f"{f(v['peak_memory_gb'], 3)} | {f(v['train_s'])} | {f(v['trainable_params'])} |")
-    if r.get("replies"):
-        methods = [k for k in r["replies"][0] if k not in ("prompt", "base")]
-        lines += ["", "## Replies (greedy, the fixed Spanish prompts, from the run cards)", ""]
-        for row in r["replies"]:
-            lines += [f"**USUARIO:** {row['prompt']}", "", f"- base: {row['base']}"]
-            lines += [f"- {m}: {row[m]}" for m in methods] + [""]
-    lines += ["", "## Gate", ""]
-    lines += [f"- {_gate_line(c)}" for c in r["gate"]["checks"]] or ["- no gate applied"]
-    if r["notes"]:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
-    return "\n".join(lines) + "\n"
-
-
-def _plots(r: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    suffix = f"\n({r['label']})" if r["label"] else ""
-    if r["latency"]:
-        fig, ax = plt.subplots(figsize=(7, 3.8))
-        names = [x["backend"] for x in r["latency"]]
-        p50 = [x["reply_s"]["p50"] * 1e3 for x in r["latency"]]
-        p95 = [x["reply_s"]["p95"] * 1e3 for x in r["latency"]]
-        ax.bar(names, p50, label="p50")
-        ax.errorbar(names, p50, yerr=[[0] * len(p50), [b - a for a, b in zip(p50, p95)]], fmt="none", ecolor="k",
-                    capsize=4, label="to p95")
-        ax.set_ylabel(f"reply time, ms ({r['settings']['new_tokens']} new tokens)")
-        ax.set_title(f"Reply latency per backend: {r['name']}{suffix}", fontsize=9)
-        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "latency.png", dpi=100)
-        plt.close(fig)
-    if r["perplexity"]:
-        fig, ax = plt.subplots(figsize=(7, 3.8))
-        labels = list(r["perplexity"])
-        xs = range(len(labels))
-        ax.bar([x - 0.2 for x in xs], [v["assistant_ppl"] for v in r["perplexity"].values()], 0.4, label="assistant tokens")
-        ax.bar([x + 0.2 for x in xs], [v["all_ppl"] for v in r["perplexity"].values()], 0.4, label="all tokens")
-        ax.set_xticks(list(xs), labels, rotation=20, fontsize=8)
-        ax.set_yscale("log")
-        ax.set_ylabel("held-out perplexity")
-        ax.set_title(f"Held-out perplexity: {r['name']}", fontsize=9)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "perplexity.png", dpi=100)
-        plt.close(fig)
-    scaled = [x for x in r["latency"] if x["scaling"]]
-    if scaled:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.8))
-        for x in scaled:
-            sc = x["scaling"]
-            a1.plot([int(k) for k in sc["new_tokens_s"]], [v * 1e3 for v in sc["new_tokens_s"].values()], "o-",
-                    label=x["backend"])
-            a2.plot([int(k) for k in sc["context_s"]], [v * 1e3 for v in sc["context_s"].values()], "o-",
-                    label=x["backend"])
-        a1.set_xlabel("new tokens")
-        a2.set_xlabel(f"context tokens ({scaled[0]['scaling']['context_new_tokens']} new)")
-        a2.set_xscale("log", base=2)
-        for a in (a1, a2):
-            a.set_ylabel("reply time, ms")
-            a.grid(alpha=0.3)
-            a.legend(fontsize=8)
-        fig.suptitle(f"Scaling: {r['name']}{suffix}", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(out / "scaling.png", dpi=100)
-        plt.close(fig)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -1,0 +1,179 @@
+"""The files of ``lora-med bench``: report.md and the plots, drawn from report.json's content.
+
+Also the report's sections taken from the run cards (training cost, the fixed-prompt replies) and the
+one-line wording of a gate check, which the Markdown and the command's output share.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# --------------------------------------------------------------------------- from the run cards
+
+
+def training(cards: dict) -> dict | None:
+    """Training cost of each run, from its card (paired runs: same data, seed and budget)."""
+    if not cards:
+        return None
+    out = {}
+    for flag, c in cards.items():
+        m = c.get("metrics", {})
+        out[c["config"]["method"]] = {
+            "run": flag, "steps": m.get("steps"), "tokens_seen": m.get("tokens_seen"),
+            "tokens_per_s": m.get("tokens_per_s"), "peak_memory_gb": m.get("peak_memory_gb"),
+            "peak_memory_kind": m.get("peak_memory_kind"), "train_s": c.get("timings", {}).get("train_s"),
+            "trainable_params": c.get("parameters", {}).get("trainable"),
+            "planned_peak_gb": (c.get("plan") or {}).get("total_gb"), "device": c.get("device", {}).get("device")}
+    return out
+
+
+def replies(cards: dict) -> list[dict] | None:
+    """The seed guide's base vs fine-tuned replies for the fixed Spanish prompts, from the run cards."""
+    by_method = {c["config"]["method"]: c.get("comparison") or [] for c in cards.values()}
+    rows = next((r for r in by_method.values() if r), None)
+    if not rows:
+        return None
+    return [{"prompt": row["prompt"], "base": row["base"],
+             **{m: (r[i]["fine_tuned"] if i < len(r) else None) for m, r in by_method.items()}}
+            for i, row in enumerate(rows)]
+
+
+def gate_line(c: dict) -> str:
+    """One gate check in words: passed, or FAILED and by how much (the report, the output and GateError)."""
+    fmt = lambda x: f"{x:.4g}"  # noqa: E731
+    if c["passed"]:
+        return f"passed {c['gate']}: {c['what']} {fmt(c['value'])}{c['unit']} {c['op']} {fmt(c['limit'])}{c['unit']}"
+    return (f"FAILED {c['gate']}: {c['what']} {fmt(c['value'])}{c['unit']}, limit {c['op']} {fmt(c['limit'])}{c['unit']} "
+            f"(off by {fmt(abs(c['by']))}{c['unit']})")
+
+
+# --------------------------------------------------------------------------- report files
+
+
+def markdown(r: dict) -> str:
+    """report.md: the tables of report.json, labelled speed-only where the weights are random."""
+    label = f" ({r['label']})" if r["label"] else ""
+    m, s = r["machine"], r["settings"]
+    lines = [f"# lora-med bench: {r['name']}{label}", ""]
+    if r["label"]:
+        lines += [f"**{r['label'].capitalize()}**: randomly initialised weights of the model's exact shape; "
+                  "latency and memory are real, no quality figure is.", ""]
+    lines += [f"- Machine: {m['cpu']} ({m['cores']} cores, {r['inputs']['threads']} threads used)"
+              + (f"; GPU {m.get('gpu')} ({m.get('vram_gb')} GB), driver {m.get('driver')}, CUDA {m.get('cuda')}"
+                 if m.get("gpu") else "; no GPU"),
+              f"- Load average (1 min) at start / end: {m.get('load_average_1m_start')} / "
+              f"{m.get('load_average_1m_end')} on {m['cores']} cores",
+              "- Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
+              f"- Prompts: {r['inputs']['prompts']}",
+              f"- Settings: {s['new_tokens']} new tokens (forced), {s['repeats']} repeats, warm-up {s['warmup']}, greedy",
+              ""]
+    if r["perplexity"]:
+        lines += ["## Held-out perplexity (paired: same conversations, format and max length)", "",
+                  "| model | assistant ppl | all-token ppl | assistant tokens |", "|---|---:|---:|---:|"]
+        for k, v in r["perplexity"].items():
+            lines.append(f"| {k} | {v['assistant_ppl']:.3f} | {v['all_ppl']:.3f} | {v['assistant_tokens']} |")
+        lines.append("")
+    lines += [f"## Reply latency{label}", "",
+              "| backend | device | precision | p50 ms | p95 ms | p99 ms | TTFT p50 ms | decode ms/token | tokens/s | "
+              "peak mem GB | speedup vs torch-eager |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for x in r["latency"]:
+        rs, sp = x["reply_s"], x["speedup_vs_torch_eager"]
+        lines.append(f"| {x['backend']} | {x['device']} | {x['precision']} | {rs['p50'] * 1e3:.1f} | {rs['p95'] * 1e3:.1f} | "
+                     f"{rs['p99'] * 1e3:.1f} | {x['ttft_s']['p50'] * 1e3:.1f} | {x['decode_ms_per_token']:.2f} | "
+                     f"{x['tokens_per_s']:.1f} | {x['peak_memory_gb']:.3f} | {f'{sp:.2f}x' if sp else '-'} |")
+    if r["latency"]:
+        lines += ["", f"Peak memory: {r['latency'][0]['peak_memory_kind']}."]
+    scaled = [x for x in r["latency"] if x["scaling"]]
+    if scaled:
+        sc0 = scaled[0]["scaling"]
+        lines += ["", f"## Scaling{label}", "",
+                  f"Reply time (ms, median) vs new tokens, {sc0['prompt_tokens']}-token prompt:", "",
+                  "| backend | " + " | ".join(str(n) for n in sc0["new_tokens_s"]) + " | ms/new token | linear R² |",
+                  "|---|" + "---:|" * (len(sc0["new_tokens_s"]) + 2)]
+        for x in scaled:
+            sc = x["scaling"]
+            lines.append(f"| {x['backend']} | " + " | ".join(f"{v * 1e3:.1f}" for v in sc["new_tokens_s"].values())
+                         + f" | {sc['ms_per_new_token']:.2f} | {sc['linear_r2']:.4f} |")
+        lines += ["", f"Reply time (ms, median) vs context tokens, {sc0['context_new_tokens']} new tokens:", "",
+                  "| backend | " + " | ".join(str(c) for c in sc0["context_s"]) + " |",
+                  "|---|" + "---:|" * len(sc0["context_s"])]
+        for x in scaled:
+            lines.append(f"| {x['backend']} | " + " | ".join(f"{v * 1e3:.1f}" for v in x["scaling"]["context_s"].values()) + " |")
+    if r["training"]:
+        lines += ["", "## Training (from the run cards)", "",
+                  "| method | steps | tokens seen | tokens/s | peak memory GB | train s | trainable params |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for k, v in r["training"].items():
+            f = lambda x, d=1: "-" if x is None else (f"{x:,.{d}f}" if isinstance(x, float) else f"{x:,}")  # noqa: E731
+            lines.append(f"| {k} | {f(v['steps'])} | {f(v['tokens_seen'])} | {f(v['tokens_per_s'])} | "
+                         f"{f(v['peak_memory_gb'], 3)} | {f(v['train_s'])} | {f(v['trainable_params'])} |")
+    if r.get("replies"):
+        methods = [k for k in r["replies"][0] if k not in ("prompt", "base")]
+        lines += ["", "## Replies (greedy, the fixed Spanish prompts, from the run cards)", ""]
+        for row in r["replies"]:
+            lines += [f"**USUARIO:** {row['prompt']}", "", f"- base: {row['base']}"]
+            lines += [f"- {m}: {row[m]}" for m in methods] + [""]
+    lines += ["", "## Gate", ""]
+    lines += [f"- {gate_line(c)}" for c in r["gate"]["checks"]] or ["- no gate applied"]
+    if r["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def plots(r: dict, out: Path) -> None:
+    """latency.png, perplexity.png and scaling.png in ``out`` (each only when its figures exist)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    suffix = f"\n({r['label']})" if r["label"] else ""
+    if r["latency"]:
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        names = [x["backend"] for x in r["latency"]]
+        p50 = [x["reply_s"]["p50"] * 1e3 for x in r["latency"]]
+        p95 = [x["reply_s"]["p95"] * 1e3 for x in r["latency"]]
+        ax.bar(names, p50, label="p50")
+        ax.errorbar(names, p50, yerr=[[0] * len(p50), [b - a for a, b in zip(p50, p95)]], fmt="none", ecolor="k",
+                    capsize=4, label="to p95")
+        ax.set_ylabel(f"reply time, ms ({r['settings']['new_tokens']} new tokens)")
+        ax.set_title(f"Reply latency per backend: {r['name']}{suffix}", fontsize=9)
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "latency.png", dpi=100)
+        plt.close(fig)
+    if r["perplexity"]:
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        labels = list(r["perplexity"])
+        xs = range(len(labels))
+        ax.bar([x - 0.2 for x in xs], [v["assistant_ppl"] for v in r["perplexity"].values()], 0.4, label="assistant tokens")
+        ax.bar([x + 0.2 for x in xs], [v["all_ppl"] for v in r["perplexity"].values()], 0.4, label="all tokens")
+        ax.set_xticks(list(xs), labels, rotation=20, fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("held-out perplexity")
+        ax.set_title(f"Held-out perplexity: {r['name']}", fontsize=9)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "perplexity.png", dpi=100)
+        plt.close(fig)
+    scaled = [x for x in r["latency"] if x["scaling"]]
+    if scaled:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.8))
+        for x in scaled:
+            sc = x["scaling"]
+            a1.plot([int(k) for k in sc["new_tokens_s"]], [v * 1e3 for v in sc["new_tokens_s"].values()], "o-",
+                    label=x["backend"])
+            a2.plot([int(k) for k in sc["context_s"]], [v * 1e3 for v in sc["context_s"].values()], "o-",
+                    label=x["backend"])
+        a1.set_xlabel("new tokens")
+        a2.set_xlabel(f"context tokens ({scaled[0]['scaling']['context_new_tokens']} new)")
+        a2.set_xscale("log", base=2)
+        for a in (a1, a2):
+            a.set_ylabel("reply time, ms")
+            a.grid(alpha=0.3)
+            a.legend(fontsize=8)
+        fig.suptitle(f"Scaling: {r['name']}{suffix}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "scaling.png", dpi=100)
+        plt.close(fig)
