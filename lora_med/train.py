@@ -324,6 +324,7 @@ def train(cfg: TrainConfig, *, plan_only: bool = False) -> TrainResult | dict:
     if problems:
         raise ConfigError(f"{len(problems)} problem(s) with the settings; nothing was loaded:", problems)
     trainable_est = plan.lora_params(meta, targets, cfg.r) if targets else shape.params
+    dropout_width = plan.lora_input_width(meta, targets, shape.n_layer) if targets and cfg.dropout > 0 else 0.0
 
     # Data (validated in full before weights load)
     tokenizer = models.load_tokenizer(base, trust_remote_code=cfg.trust_remote_code)
@@ -345,7 +346,7 @@ def train(cfg: TrainConfig, *, plan_only: bool = False) -> TrainResult | dict:
     def est(b: int) -> plan.Estimate:
         return plan.estimate(shape, method=cfg.method, batch_size=b, seq_len=seq, precision=precision, device=device,
                              trainable=trainable_est, gradient_checkpointing=cfg.gradient_checkpointing,
-                             quant_bits=cfg.quant_bits)
+                             quant_bits=cfg.quant_bits, lora_dropout_width=dropout_width)
     if cfg.vram_gb:
         chosen = plan.choose_batch(batch * accum, lambda b: est(b).total <= cfg.vram_gb * plan.GB)
         if chosen is None:
