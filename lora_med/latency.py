@@ -9,10 +9,8 @@ pass in bench.py loads its models through them.
 
 from __future__ import annotations
 
-import gc
 import math
 import os
-import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -126,40 +124,6 @@ def available_backends(cfg: BenchConfig, found: dict, device: str, model_dir: Pa
 # --------------------------------------------------------------------------- measuring
 
 
-def _release_memory() -> None:
-    """Free what the previous backend left: Python objects, then glibc's free lists (malloc_trim), so
-    that its pages do not stay resident and hide the next backend's own memory."""
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _peak_reset() -> str:
-    """Reset the process's peak-RSS mark (Linux /proc/self/clear_refs); returns what the peak will mean."""
-    _release_memory()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return ("peak RSS during load + timing minus RSS before load (VmHWM after a /proc/self/clear_refs reset; "
-                "the previous backend freed and malloc_trim'd first)")
-    except OSError:
-        return "growth of the process peak RSS (ru_maxrss) during load + timing; 0 when an earlier backend peaked higher"
-
-
-def _rss_kib(field: str) -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 class _Timer:
     """Wall time of a call, synchronising the GPU before and after (kernels run asynchronously)."""
 
@@ -194,8 +158,8 @@ def _stats(values: list[float]) -> dict:
 def time_backend(b: Backend, cfg: BenchConfig, prompts: list[list[int]], eos: int,
                  scaling_prompts: dict | None) -> dict:
     """Load one backend, warm it up, time its replies (and the scaling points), free it: one latency row."""
-    mem_kind = _peak_reset()
-    rss0 = _rss_kib("VmRSS")
+    mem_kind = models.reset_peak_rss()
+    rss0 = models.rss_kib("VmRSS")
     cuda = b.device == "cuda"
     if cuda:
         torch.cuda.empty_cache()
@@ -222,11 +186,11 @@ def time_backend(b: Backend, cfg: BenchConfig, prompts: list[list[int]], eos: in
         peak = {"peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
                 "peak_memory_kind": "torch.cuda.max_memory_allocated (ORT's own CUDA arena is not counted)"}
     else:
-        peak = {"peak_memory_gb": max(0, _rss_kib("VmHWM") - rss0) * 1024 / 1e9, "peak_memory_kind": mem_kind}
+        peak = {"peak_memory_gb": max(0, models.rss_kib("VmHWM") - rss0) * 1024 / 1e9, "peak_memory_kind": mem_kind}
     # Rebound rather than deleted: the `gen` closure above reads this name, and pyflakes takes a `del`
     # for a use before definition. Either way the last reference goes before the memory is released.
     model = None
-    _release_memory()
+    models.release_memory()
     rep, first = _stats(replies), _stats(ttft)
     decode = (rep["p50"] - first["p50"]) / max(cfg.new_tokens - 1, 1)
     return {"backend": b.name, "device": b.device, "precision": b.precision, "source": b.source,

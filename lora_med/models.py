@@ -6,7 +6,9 @@ refused) and without remote code unless the user asks for it.
 
 from __future__ import annotations
 
+import gc
 import os
+import resource
 import platform
 from pathlib import Path
 
@@ -169,3 +171,40 @@ def library_versions() -> dict:
         except PackageNotFoundError:
             pass
     return out
+
+
+# --------------------------------------------------------------------------- process memory (CPU)
+
+
+def release_memory() -> None:
+    """Free what the previous run or backend left: Python objects, then glibc's free lists (malloc_trim), so
+    that its pages do not stay resident and hide the next backend's own memory."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak_rss() -> str:
+    """Reset the process's peak-RSS mark (Linux /proc/self/clear_refs); returns what the peak will mean."""
+    release_memory()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return ("peak RSS during load + timing minus RSS before load (VmHWM after a /proc/self/clear_refs reset; "
+                "the previous backend freed and malloc_trim'd first)")
+    except OSError:
+        return "growth of the process peak RSS (ru_maxrss) during load + timing; 0 when an earlier backend peaked higher"
+
+
+def rss_kib(field: str) -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

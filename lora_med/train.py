@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import resource
 import shutil
 import sys
 import time
@@ -370,6 +369,7 @@ def train(cfg: TrainConfig, *, plan_only: bool = False) -> TrainResult | dict:
 
     # PEFT's trainable tokens keep the embedding/lm_head tie (modules_to_save would untie and copy both).
     token_ids = sorted({t for e in train_ex for t in e.input_ids}) if targets and cfg.train_tokens == "data" else None
+    _reset_peak_memory(device)
     model = _load_for_training(cfg, base, device, precision, targets, token_ids)
     total, trainable = models.count_parameters(model)
     print(f"Base: {base} ({model_config.model_type}) | parameters {total:,} | trainable {trainable:,} "
@@ -559,13 +559,21 @@ class _QuietProgress(ProgressCallback):
             self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.1e}")
 
 
+def _reset_peak_memory(device: str) -> None:
+    """Start this run's peak-memory mark, so that a second run in one process (bench --paired) reports
+    its own peak, not the first run's."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        models.reset_peak_rss()
+
+
 def _peak_memory(device: str) -> dict:
     if device == "cuda":
         return {"peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
                 "peak_memory_kind": "torch.cuda.max_memory_allocated"}
-    # ru_maxrss is in KiB on Linux: the whole process (Python, libraries, data), not only tensors.
-    return {"peak_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
-            "peak_memory_kind": "process peak RSS"}
+    # The whole process (Python, libraries, data), not only tensors; since _reset_peak_memory.
+    return {"peak_memory_gb": models.rss_kib("VmHWM") * 1024 / 1e9, "peak_memory_kind": "process peak RSS (VmHWM)"}
 
 
 def _compare(cfg, model, base_model, tokenizer, fmt: str, is_adapter: bool) -> list[dict]:
