@@ -139,6 +139,24 @@ def estimate(shape: Shape, *, method: str, batch_size: int, seq_len: int, precis
     }, batch_size, seq_len)
 
 
+def saved_activation_bytes(model, **inputs) -> int:
+    """Bytes autograd keeps for the backward pass in one forward of ``model(**inputs)``: the distinct
+    storages saved by any op, parameters left out. The measurement the activation term is checked against."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**inputs)
+    return sum(n for ptr, n in seen.items() if ptr not in params)
+
+
 def choose_batch(effective: int, fits) -> tuple[int, int] | None:
     """Largest micro-batch dividing ``effective`` for which ``fits(batch)`` holds, and the grad-accum
     that keeps the effective batch. None if not even batch 1 fits."""

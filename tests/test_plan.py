@@ -15,20 +15,6 @@ from lora_med import plan
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 
 
-def _saved_bytes(model, ids) -> int:
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids)
-    return sum(v for k, v in seen.items() if k not in params)
-
-
 def _model(n_layer: int, hidden: int, heads: int, method: str):
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -48,7 +34,8 @@ def _model(n_layer: int, hidden: int, heads: int, method: str):
 def test_planned_activations_match_what_autograd_saves(method, hidden, heads, seq):
     ids = torch.randint(0, 400, (4, seq), generator=torch.Generator().manual_seed(0))
     (two, config), (four, _) = _model(2, hidden, heads, method), _model(4, hidden, heads, method)
-    measured = (_saved_bytes(four, ids) - _saved_bytes(two, ids)) / 2
+    measured = (plan.saved_activation_bytes(four, input_ids=ids, labels=ids)
+                - plan.saved_activation_bytes(two, input_ids=ids, labels=ids)) / 2
     shape, meta = plan.shape_from_config(config)
     width = plan.lora_input_width(meta, TARGETS, shape.n_layer) if method == "lora" else 0.0
     est = plan.estimate(shape, method=method, batch_size=4, seq_len=seq, precision="fp32", device="cpu",

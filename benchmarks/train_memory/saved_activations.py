@@ -1,8 +1,8 @@
 """What the planner's activation term misses: bytes autograd actually saves per layer.
 
 Runs one training-mode forward of DialoGPT-medium-width GPT-2 blocks (random weights; 2 and 4 layers, so
-the per-layer figure is their difference) under ``torch.autograd.graph.saved_tensors_hooks`` and sums the
-distinct storages saved for backward, parameters excluded. That is the activation memory of this
+the per-layer figure is their difference) under saved-tensor hooks (``lora_med.plan.saved_activation_bytes``)
+and sums the distinct storages saved for backward, parameters excluded. That is the activation memory of this
 implementation (transformers' eager GPT-2, unfused GELU, PEFT LoRA with dropout) on this device, which the
 planner's Korthikanti et al. formula (34 bytes x s*b*h per layer in 16-bit, for fused kernels) undercounts.
 
@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from lora_med import plan  # noqa: E402
 
 
 def saved_bytes(method: str, n_layer: int, batch: int, seq: int) -> int:
@@ -31,19 +35,8 @@ def saved_bytes(method: str, n_layer: int, batch: int, seq: int) -> int:
     if method == "lora":
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, fan_in_fan_out=True,
                                                  target_modules=["c_attn", "c_proj", "c_fc"], task_type="CAUSAL_LM"))
-    model.train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
-        return t
-
     ids = torch.randint(0, 50000, (batch, seq))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids)
-    return sum(v for k, v in seen.items() if k not in params)
+    return plan.saved_activation_bytes(model.train(), input_ids=ids, labels=ids)
 
 
 def main() -> None:
