@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import gc
 import os
-import resource
 import platform
+import resource
 from pathlib import Path
 
 import torch

@@ -149,6 +149,9 @@ def _check_values(cfg: TrainConfig) -> list[str]:
         p.append(f"--vram-gb {cfg.vram_gb}: must be > 0")
     if cfg.method == "full" and cfg.target_modules:
         p.append("--target-modules applies to LoRA/QLoRA only; drop it for --method full")
+    if cfg.method == "full" and cfg.train_tokens != "none":
+        p.append(f"--train-tokens {cfg.train_tokens} applies to LoRA/QLoRA only (a full fine-tune trains every "
+                 "embedding row); drop it for --method full")
     for flag, path in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
         if path is not None and not Path(path).is_file():
             p.append(f"{flag} {path}: file not found")

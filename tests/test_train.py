@@ -232,6 +232,8 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_base, conversations_fil
     ({"quant_bits": 3, "method": "qlora"}, "--quant-bits 3: use 4 or 8"),
     ({"batch_size": 0}, "--batch-size 0: must be >= 1"),
     ({"learning_rate": -1.0}, "--learning-rate -1.0: must be > 0"),
+    ({"train_tokens": "all"}, "--train-tokens all: use none or data"),
+    ({"method": "full", "train_tokens": "data"}, "--train-tokens data applies to LoRA/QLoRA only"),
 ])
 def test_config_errors(tiny_base, conversations_file, tmp_path, overrides, message):
     if overrides.get("device") == "cuda" and torch.cuda.is_available():
