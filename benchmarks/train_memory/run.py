@@ -202,7 +202,12 @@ def main() -> None:
     a = ap.parse_args()
     if a.steps < 2:
         ap.error("--steps must be >= 2 (the first step is left out of the steady tokens/s)")
-    cases = [(c.split(":")[0], int(c.split(":")[1])) for c in a.cases.split(",")]
+    try:
+        cases = [(m, int(b)) for m, b in (c.split(":") for c in a.cases.split(","))]
+    except ValueError:
+        ap.error(f"--cases {a.cases}: use method:batch pairs, e.g. lora:4,full:16,lora+gc:16")
+    if unknown := [m for m, _ in cases if m not in ("lora", "full", "lora+gc", "full+gc")]:
+        ap.error(f"--cases: unknown method {', '.join(unknown)}; use lora, full, lora+gc or full+gc")
     out_dir = Path(a.out or REPO / "benchmarks" / "results" / f"train-memory-dialogpt-medium-shape-{a.device}")
     load_start = round(os.getloadavg()[0], 2)
     rows = []
