@@ -1,6 +1,9 @@
-"""The ``lora-med`` command line. Each command builds its config dataclass and calls one function.
+"""The ``lora-med`` command line: every command in one place. Each builds its config (``config.py``: YAML,
+then flags on top) and calls the one function Python users call too.
 
-User mistakes surface as ``LoraMedError``: printed as ``error: ...`` with exit code 2, no traceback.
+Heavy libraries (torch, transformers, PEFT) load only inside a command, so ``--help``, ``--version`` and
+``data check`` start fast. User mistakes surface as ``LoraMedError``: printed as ``error: ...`` with
+exit code 2, no traceback.
 """
 
 from __future__ import annotations
@@ -10,15 +13,28 @@ import sys
 
 import click
 
+from . import __version__, settings
+from .config import DEFAULT_BASE, BenchConfig, ExportConfig, TrainConfig
 from .errors import LoraMedError
-from .options import config_options, overrides_from
-from .runcard import load_config
+
+CONFIG = click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                      help="YAML file of settings (keys = the option names); flags override it.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="lora-med")
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="lora-med")
 def cli() -> None:
-    """Fine-tune small chat models with LoRA, export them to ONNX Runtime, and benchmark them."""
+    """Fine-tune small chat models with LoRA, export them to ONNX Runtime, benchmark and serve them.
+
+    \b
+    lora-med data check data/medical_conversations.json
+    lora-med train --config configs/default.yaml
+    lora-med merge-export adapters/clinic-lora
+    lora-med bench --run adapters/clinic-lora --export exports/clinic-lora-cpu-fp32
+    """
+
+
+# --------------------------------------------------------------------------- data check
 
 
 @cli.group()
@@ -29,32 +45,49 @@ def data() -> None:
 @data.command("check")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--tokenizer", "tokenizer_name", default=None,
-              help="Tokenizer (hub id or folder) for token-length stats; default: the shipped base.")
-@click.option("--max-length", "--max_length", "max_length", type=click.IntRange(min=8), default=256, show_default=True)
+              help="Tokenizer (hub id or folder) for token-length stats; default: the shipped base's.")
+@click.option("--max-length", "--max_length", "max_length", type=click.IntRange(min=8), default=256, show_default=True,
+              help="The training --max-length: conversations longer than this are cut; a last reply longer fails.")
 @click.option("--format", "fmt", type=click.Choice(["auto", "dialogpt", "chat-template"]), default="auto",
-              show_default=True)
+              show_default=True, help="How conversations are formatted (as in training).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def data_check(file: str, tokenizer_name: str | None, max_length: int, fmt: str, as_json: bool) -> None:
-    """Validate FILE and print counts, turns, token lengths, duplicates and every problem found."""
-    from .data import check
-    from .models import DEFAULT_BASE, load_tokenizer, resolve_base
+    """Validate FILE: counts, turns, token lengths, cuts, duplicates and every problem.
 
-    from pathlib import Path
+    Exits 2 when the file has problems that would make `lora-med train` fail (malformed rows, a last reply
+    longer than --max-length); duplicates are warnings.
 
-    from .models import REPO_ROOT
+    \b
+    lora-med data check data/medical_conversations.json
+    lora-med data check mine.jsonl --max-length 128 --json
+    lora-med data check mine.json --tokenizer microsoft/DialoGPT-medium
+    """
+    from . import data as data_mod
+    from . import models
+    from .config import shipped
 
-    # Token statistics need a tokenizer: the one named, else the shipped base's when it is there.
-    shipped = REPO_ROOT / DEFAULT_BASE
-    name = tokenizer_name or (DEFAULT_BASE if (Path(DEFAULT_BASE).is_dir() or shipped.is_dir()) else None)
-    tok = load_tokenizer(resolve_base(name)) if name else None
-    report = check(file, tok, max_length=max_length, fmt=fmt)
+    tok = None
+    name = tokenizer_name or (DEFAULT_BASE if shipped(DEFAULT_BASE).is_dir() else None)
+    if name:
+        try:
+            tok = models.load_tokenizer(models.resolve_base(name if tokenizer_name else str(shipped(name))))
+        except LoraMedError as e:
+            raise LoraMedError(f"--tokenizer {name}: {e}") from None
+    report = data_mod.check(file, tok, max_length=max_length, fmt=fmt)
     if as_json:
         click.echo(json.dumps(report, indent=2, ensure_ascii=False))
-        return
+    else:
+        _print_check(report)
+    if report["problems"]:
+        raise LoraMedError(f"{file}: {len(report['problems'])} problem(s) that would make training fail (listed above)")
+
+
+def _print_check(report: dict) -> None:
     click.echo(f"{report['file']}  (sha256 {report['sha256'][:12]})")
     click.echo(f"  conversations     {report['conversations']}  ({report['single_exchange']} single exchange, "
                f"{report['multi_turn']} multi-turn, {report['with_system']} with a system message)")
-    click.echo(f"  turns per conv    min {report['turns']['min']}  p50 {report['turns']['p50']}  max {report['turns']['max']}")
+    t = report["turns"]
+    click.echo(f"  turns per conv    min {t['min']}  p50 {t['p50']}  max {t['max']}")
     if "tokens" in report:
         t = report["tokens"]
         click.echo(f"  tokens ({t['format']})  p50 {t['p50']}  p95 {t['p95']}  max {t['max']}  total {t['total']}")
@@ -62,52 +95,91 @@ def data_check(file: str, tokenizer_name: str | None, max_length: int, fmt: str,
     else:
         click.echo("  tokens            (no tokenizer: pass --tokenizer for token lengths)")
     click.echo(f"  duplicates        {len(report['duplicates'])}")
-    if report["problems"]:
-        click.echo(f"  problems ({len(report['problems'])}):")
-        for p in report["problems"]:
-            click.echo(f"    - {p}")
-    else:
-        click.echo("  problems          none")
+    for title, rows in (("problems", report["problems"]), ("warnings", report["warnings"])):
+        if rows:
+            click.echo(f"  {title} ({len(rows)}):")
+            for row in rows:
+                click.echo(f"    - {row}")
+        else:
+            click.echo(f"  {title:<17} none")
 
 
-from .train import TrainConfig  # noqa: E402
+# --------------------------------------------------------------------------- train
 
 
 @cli.command()
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of settings; flags override it.")
-@click.option("--plan", "plan_only", is_flag=True, help="Print the memory estimate for the settings and exit.")
-@config_options(TrainConfig,
-                extra={"resume": dict(is_flag=False, flag_value="auto", metavar="[RUN_DIR]",
-                                      help="Continue an interrupted run: the --output folder, or RUN_DIR.")},
-                aliases={"epochs": [], "batch_size": ["--batch_size"], "learning_rate": ["--learning_rate"],
-                         "grad_accum": ["--grad_accum", "--gradient-accumulation"], "max_length": ["--max_length"],
-                         "eval_data": ["--eval_data"]})
-def train(config_file: str | None, plan_only: bool, **kwargs) -> None:
-    """Fine-tune a base model on conversations with LoRA, QLoRA or a full fine-tune."""
+@CONFIG
+@click.option("--plan", "plan_only", is_flag=True, help="Print the memory estimate for the settings and exit "
+              "(works for --device cuda on a machine without a GPU; the base may hold only config.json and a tokenizer).")
+@click.option("--json", "as_json", is_flag=True, help="With --plan: print the plan as JSON.")
+@settings.click_options(TrainConfig, seed_names=("batch_size", "learning_rate", "max_length", "grad_accum"))
+def train(config_file: str | None, plan_only: bool, as_json: bool, **kwargs) -> None:
+    """Fine-tune a base model on conversations with LoRA, QLoRA or a full fine-tune.
+
+    \b
+    lora-med train --config configs/default.yaml
+    lora-med train --method full --epochs 3 --batch_size 4 --learning_rate 5e-5
+    lora-med train --base microsoft/DialoGPT-medium --device cuda --vram-gb 8 --plan
+    lora-med train --resume adapters/clinic-lora
+    """
     from .train import train as run_train
 
-    overrides = overrides_from(kwargs, TrainConfig)
-    saved = {}
-    if overrides.get("resume"):
-        # Resume starts from the run's own settings; a flag given again must agree with them.
-        cfg = load_config(TrainConfig, config_file, overrides)
-        card = cfg.output_dir() / "run.json"
-        if card.is_file():
-            try:
-                saved = json.loads(card.read_text(encoding="utf-8")).get("config", {})
-            except ValueError:
-                saved = {}  # train() reports the unreadable card
-    cfg = load_config(TrainConfig, config_file, overrides, defaults=saved)
+    cfg = settings.load_config(TrainConfig, config_file, settings.flag_values(kwargs, TrainConfig))
     result = run_train(cfg, plan_only=plan_only)
     if plan_only:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps(result, indent=2) if as_json else _plan_text(result))
 
 
-from .bench import bench_command  # noqa: E402
-from .export import merge_export_command  # noqa: E402
+def _plan_text(p: dict) -> str:
+    parts = [k[:-3] for k in p if k.endswith("_gb") and k not in ("total_gb", "budget_gb")]
+    lines = [f"Memory plan: {p['method']} on {p['device']} ({p['precision']}), micro-batch {p['batch_size']} x "
+             f"grad-accum {p['grad_accum']} (effective {p['effective_batch']}), sequence {p['seq_len']} tokens",
+             f"  parameters {p['params']:,}, trainable {p['trainable']:,}"]
+    lines += [f"  {k:<14} {p[k + '_gb']:8.3f} GB" for k in parts]
+    lines.append(f"  {'total':<14} {p['total_gb']:8.3f} GB" + (f"  (budget {p['budget_gb']} GB)" if p["budget_gb"] else ""))
+    return "\n".join(lines)
 
-cli.add_command(merge_export_command, "merge-export")
-cli.add_command(bench_command, "bench")
+
+# --------------------------------------------------------------------------- merge-export
+
+
+@cli.command("merge-export")
+@click.argument("run_dir_arg", metavar="RUN_DIR", required=False)
+@CONFIG
+@settings.click_options(ExportConfig)
+def merge_export(run_dir_arg: str | None, config_file: str | None, **kwargs) -> None:
+    """Merge training run RUN_DIR and export it to ONNX Runtime with the KV cache, behind a parity gate.
+
+    \b
+    lora-med merge-export adapters/clinic-lora
+    lora-med merge-export adapters/clinic-lora --quantize int8
+    lora-med merge-export adapters/clinic-lora --device cuda --dtype fp16
+    """
+    from .export import merge_export as run_export
+
+    flags = settings.flag_values(kwargs, ExportConfig)
+    if run_dir_arg:
+        flags["run_dir"] = run_dir_arg
+    run_export(settings.load_config(ExportConfig, config_file, flags))
+
+
+# --------------------------------------------------------------------------- bench
+
+
+@cli.command()
+@CONFIG
+@settings.click_options(BenchConfig)
+def bench(config_file: str | None, **kwargs) -> None:
+    """Held-out perplexity and reply latency of every backend, in one report, behind a gate.
+
+    \b
+    lora-med bench --config configs/paired.yaml
+    lora-med bench --run adapters/clinic-lora --full-run adapters/clinic-full --export exports/clinic-lora-cpu-fp32
+    lora-med bench --shape dialogpt-medium --max-latency-s 0
+    """
+    from .bench import bench as run_bench
+
+    run_bench(settings.load_config(BenchConfig, config_file, settings.flag_values(kwargs, BenchConfig)))
 
 
 def main() -> None:
@@ -122,3 +194,6 @@ def main() -> None:
     except LoraMedError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("aborted", err=True)
+        sys.exit(130)

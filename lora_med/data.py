@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from .config import FORMATS
 from .errors import ConfigError, DatasetError
+from .fileio import read_regular
 
 ROLES = ("system", "user", "assistant")
-FORMATS = ("auto", "dialogpt", "chat-template")
 MAX_REPORTED = 40  # problems listed in one error; the rest are counted
 
 # UTF-8 text decoded as Latin-1/Windows-1252 turns "é" into "Ã©", "Ñ" into "Ã‘", "¿" into "Â¿" and
@@ -117,14 +118,8 @@ def find_duplicates(conversations: Iterable[Conversation]) -> list[str]:
 
 
 def _read_bytes(path: Path) -> bytes:
-    if not path.exists():
-        raise DatasetError(f"{path}: file not found; pass the path of a .json or .jsonl conversation file")
-    if path.is_dir():
-        raise DatasetError(f"{path}: is a directory; pass the path of a .json or .jsonl conversation file")
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise DatasetError(f"{path}: cannot be read ({e.strerror})") from None
+    # A regular file only, and bounded: a FIFO or /dev/zero given as data must not hang or fill memory.
+    return read_regular(path, "pass the path of a .json or .jsonl conversation file", error=DatasetError)
 
 
 def _decode(path: Path, raw: bytes) -> str:
@@ -148,7 +143,10 @@ def _parse_rows(path: Path, text: str) -> list[tuple[str, Any]]:
     jsonl = path.suffix.lower() == ".jsonl" or (path.suffix.lower() != ".json" and stripped[0] == "{")
     if jsonl:
         rows = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        # Lines end at \n only: str.splitlines() would also cut at U+2028, U+0085 and other characters
+        # that valid JSON strings may hold unescaped.
+        for lineno, line in enumerate(text.split("\n"), start=1):
+            line = line.removesuffix("\r")
             if not line.strip():
                 continue
             rows.append((f"{path}:{lineno}", _loads(path, line, lineno)))
@@ -276,14 +274,14 @@ class Example:
     tokens_cut: int  # tokens dropped in all
 
 
-def resolve_format(fmt: str, tokenizer) -> str:
+def resolve_format(fmt: str, tokenizer, flag: str = "--format") -> str:
     """``auto`` picks the tokenizer's chat template where it has one, else DialoGPT style."""
     if fmt not in FORMATS:
-        raise ConfigError(f"--format: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+        raise ConfigError(f"{flag}: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     if fmt == "auto":
         return "chat-template" if getattr(tokenizer, "chat_template", None) else "dialogpt"
     if fmt == "chat-template" and not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("--format chat-template: this tokenizer has no chat template; use --format dialogpt")
+        raise ConfigError(f"{flag} chat-template: this tokenizer has no chat template; use dialogpt")
     return fmt
 
 
@@ -389,7 +387,10 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def check(path: str | Path, tokenizer=None, *, max_length: int = 256, fmt: str = "auto") -> dict:
-    """Statistics and problems of a conversation file, for ``lora-med data check``.
+    """Statistics, problems and warnings of a conversation file, for ``lora-med data check``.
+
+    ``problems`` are what would make training fail with these settings (a last reply longer than
+    ``max_length``); ``warnings`` (duplicates) do not stop training.
 
     Raises:
         DatasetError: the file is malformed (every problem listed).
@@ -406,7 +407,8 @@ def check(path: str | Path, tokenizer=None, *, max_length: int = 256, fmt: str =
         "with_system": sum(c.messages[0].role == "system" for c in convs),
         "turns": {"min": min(turns), "p50": percentile(turns, 50), "max": max(turns)},
         "duplicates": ds.duplicates,
-        "problems": [],
+        "problems": [],  # what would make `lora-med train` fail with these settings
+        "warnings": [f"duplicate: {d}" for d in ds.duplicates],
     }
     if tokenizer is not None:
         fmt = resolve_format(fmt, tokenizer)
@@ -423,5 +425,4 @@ def check(path: str | Path, tokenizer=None, *, max_length: int = 256, fmt: str =
         report["max_length"] = max_length
         report["cut_by_max_length"] = cut
         report["problems"] = too_long
-    report["problems"] = report["problems"] + [f"duplicate: {d}" for d in ds.duplicates]
     return report

@@ -15,17 +15,13 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
 from . import models
 from .errors import LoraMedError
-
-if TYPE_CHECKING:  # for type hints only: bench.py imports this module
-    from .bench import BenchConfig
-
-BACKENDS = ("torch-eager", "torch-merged", "ort-cpu-fp32", "ort-cpu-int8", "ort-cuda-fp32", "ort-cuda-fp16")
+from .ort import load_ort
 # Scaling table: reply time against new tokens (32-token prompt) and against context length, for one backend
 # of each kind (PyTorch, ORT CPU, ORT CUDA).
 SCALING_NEW_TOKENS = (8, 16, 32, 64)
@@ -33,6 +29,17 @@ SCALING_CONTEXTS = (32, 64, 128, 256, 512)
 SCALING_BACKENDS = ("torch-eager", "ort-cpu-fp32", "ort-cuda-fp16")
 # The label on everything measured with --shape's random weights: latency and memory are real, quality is not.
 SPEED_ONLY = "random weights, speed only"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How each backend is timed (from ``lora-med bench``'s settings)."""
+
+    new_tokens: int = 32  # every reply is exactly this long
+    repeats: int = 3  # timed replies per prompt
+    warmup: int = 2  # untimed replies first
+    scaling_repeats: int = 3  # timed replies per scaling point (median reported)
+    threads: int = 1  # intra-op threads for PyTorch and ONNX Runtime
 
 
 @dataclass
@@ -49,24 +56,9 @@ class Backend:
 # --------------------------------------------------------------------------- loading
 
 
-def thread_count(cfg: BenchConfig) -> int:
+def thread_count(threads: int | None) -> int:
     """Intra-op threads for PyTorch and ORT: --threads, else one per core."""
-    return cfg.threads or os.cpu_count() or 1
-
-
-def load_ort(onnx_dir: str, device: str, threads: int):
-    """An ORTModelForCausalLM of an export, on the CPU or on CUDA with IO binding."""
-    import onnxruntime as ort
-
-    from .export import ort_model
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    cuda = device == "cuda"
-    # IO binding keeps inputs, outputs and the KV cache on the GPU between steps (without it ORT on
-    # CUDA copies them every token and can be slower than PyTorch: onnxruntime#13105).
-    return ort_model(onnx_dir, "CUDAExecutionProvider" if cuda else "CPUExecutionProvider", use_io_binding=cuda,
-                     session_options=so)
+    return threads or os.cpu_count() or 1
 
 
 def load_adapter(base: str, run_dir: str, device: str):
@@ -82,28 +74,34 @@ def _load_merged(base: str, run_dir: str, device: str):
     return load_adapter(base, run_dir, "cpu").merge_and_unload(safe_merge=True).eval().to(device)
 
 
-def available_backends(cfg: BenchConfig, found: dict, device: str, model_dir: Path | None,
-                       shape_exports: list[dict]) -> tuple[list[Backend], list[str]]:
-    """Every backend this machine and these inputs allow, and a note for each one left out."""
+def available_backends(runs: dict[str, tuple[str, dict]], exports: list[dict], device: str, *,
+                       threads: int, wanted: list[str] | None, model_dir: Path | None = None,
+                       shape: str | None = None) -> tuple[list[Backend], list[str]]:
+    """Every backend this machine and these inputs allow, and a note for each one left out.
+
+    Args:
+        runs: "--run" / "--full-run" -> (run folder, run card).
+        exports: merge-export folders as read by bench (path, onnx_dir, precision, label).
+        model_dir / shape: a random-weight model of a named shape (``--shape``) instead of runs.
+    """
     out, notes = [], []
-    cards = found["cards"]
     if model_dir is not None:  # --shape
-        out.append(Backend("torch-eager", device, "fp32", f"{cfg.shape} shape ({SPEED_ONLY})",
+        out.append(Backend("torch-eager", device, "fp32", f"{shape} shape ({SPEED_ONLY})",
                            lambda: models.load_model(str(model_dir)).to(device)))
-    elif "--run" in cards and cards["--run"]["artifact"] == "adapter":
-        base, run = cards["--run"]["base"]["name_or_path"], cfg.run
+    elif "--run" in runs and runs["--run"][1]["artifact"] == "adapter":
+        run, card = runs["--run"]
+        base = card["base"]["name_or_path"]
         out.append(Backend("torch-eager", device, "fp32", f"{run} (adapter unmerged, PyTorch eager)",
                            lambda: load_adapter(base, run, device)))
         out.append(Backend("torch-merged", device, "fp32", f"{run} (merged in memory, PyTorch)",
                            lambda: _load_merged(base, run, device)))
     else:
-        run = cfg.run or cfg.full_run
+        run = (runs.get("--run") or runs.get("--full-run") or (None,))[0]
         if run:
             out.append(Backend("torch-eager", device, "fp32", f"{run} (PyTorch eager)",
                                lambda: models.load_model(run).to(device)))
             notes.append("torch-merged: the run is a full fine-tune (nothing to merge)")
-    threads = thread_count(cfg)
-    for ex in [*shape_exports, *found["exports"]]:
+    for ex in exports:
         targets = {"int8": ["cpu"], "fp16": ["cuda"], "fp32": ["cpu", "cuda"]}.get(ex["precision"], ["cpu"])
         for dev in targets:
             name = f"ort-{dev}-{ex['precision']}"
@@ -116,8 +114,8 @@ def available_backends(cfg: BenchConfig, found: dict, device: str, model_dir: Pa
                                lambda ex=ex, dev=dev: load_ort(ex["onnx_dir"], dev, threads)))
     if not any(b.name.startswith("ort-") for b in out):
         notes.append("ONNX Runtime backends: no export given (add --export DIR from `lora-med merge-export`)")
-    if cfg.backends:
-        out = [b for b in out if b.name.split(":")[0] in cfg.backends]
+    if wanted:
+        out = [b for b in out if b.name.split(":")[0] in wanted]
     return out, notes
 
 
@@ -155,7 +153,7 @@ def _stats(values: list[float]) -> dict:
             "min": s[0], "max": s[-1], "n": len(s)}
 
 
-def time_backend(b: Backend, cfg: BenchConfig, prompts: list[list[int]], eos: int,
+def time_backend(b: Backend, cfg: Timing, prompts: list[list[int]], eos: int,
                  scaling_prompts: dict | None) -> dict:
     """Load one backend, warm it up, time its replies (and the scaling points), free it: one latency row."""
     mem_kind = models.reset_peak_rss()
@@ -199,7 +197,7 @@ def time_backend(b: Backend, cfg: BenchConfig, prompts: list[list[int]], eos: in
             "scaling": scaling}
 
 
-def _scaling(gen, timer, cfg: BenchConfig, sp: dict) -> dict:
+def _scaling(gen, timer, cfg: Timing, sp: dict) -> dict:
     med = lambda f: statistics.median(timer(f) for _ in range(cfg.scaling_repeats))  # noqa: E731
     by_new = {n: med(lambda n=n: gen(sp["base"], n)) for n in SCALING_NEW_TOKENS}
     by_ctx = {c: med(lambda ids=ids: gen(ids, cfg.new_tokens)) for c, ids in sp["contexts"].items()}

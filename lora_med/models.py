@@ -14,10 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .config import DEFAULT_BASE, REPO_ROOT
 from .errors import ConfigError, LoraMedError
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_BASE = "models/gpt2-es-tiny"  # the shipped pretrained Spanish base (see models/gpt2-es-tiny/README.md)
 
 # LoRA targets per architecture. GPT-2 uses Conv1D: c_attn (fused q/k/v), c_proj (attention and MLP
 # output), c_fc (MLP input). lm_head and the embeddings are never targeted: they are tied.
@@ -37,7 +35,7 @@ def resolve_base(base: str) -> str:
     A relative path is looked up from the working directory, then from the lora-med checkout, so
     the shipped ``models/gpt2-es-tiny`` is found from anywhere.
     """
-    for candidate in (Path(base), REPO_ROOT / base):
+    for candidate in (Path(base).expanduser(), REPO_ROOT / base):
         if candidate.is_dir():
             return str(candidate.resolve())
     if base.startswith((".", "/", "~")) or base.count("/") > 1 or os.sep + os.sep in base:
@@ -50,15 +48,39 @@ def is_local(base: str) -> bool:
     return Path(base).is_dir()
 
 
-def _offline_error(base: str, err: Exception) -> LoraMedError:
+def offline_error(base: str, err: Exception) -> LoraMedError:
     return LoraMedError(
         f"cannot load '{base}': it is not a local folder and it could not be fetched from the model hub "
         f"({type(err).__name__}: {str(err).splitlines()[0][:160]}).\n"
         "Offline options:\n"
         f"  - use the shipped Spanish base: --base {DEFAULT_BASE}\n"
         "  - point --base at a local folder with config.json, model.safetensors and the tokenizer files\n"
-        f"  - on a machine with network: `huggingface-cli download {base} --local-dir DIR`, copy DIR here"
+        f"  - on a machine with network: `hf download {base} --local-dir DIR`, then copy DIR here"
     )
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+
+# DialoGPT's format in one line: every turn's text, trimmed, then EOS; the reply follows the last EOS. Rendering a
+# conversation with it and tokenizing gives the same ids as training's data.segments (tests/test_models.py).
+DIALOGPT_CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] | trim }}{{ eos_token }}{% endfor %}"
+
+
+def tokenizer_problem(base: str, flag: str = "--base") -> str | None:
+    """A local model folder without tokenizer files, named; None otherwise (hub ids are checked on load)."""
+    p = Path(base)
+    if p.is_dir() and not any((p / f).is_file() for f in TOKENIZER_FILES):
+        return (f"{flag} {base}: no tokenizer there (none of {', '.join(TOKENIZER_FILES[:3])}); copy the tokenizer "
+                "files into the folder (`tokenizer.save_pretrained(DIR)`)")
+    return None
+
+
+def with_chat_template(tokenizer, fmt: str):
+    """Give a DialoGPT-format tokenizer a chat template that reproduces the training format, so
+    ``pipeline("text-generation")`` with chat messages works on what lora-med saves."""
+    if fmt == "dialogpt" and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DIALOGPT_CHAT_TEMPLATE
+    return tokenizer
 
 
 def load_tokenizer(base: str, *, trust_remote_code: bool = False):
@@ -68,7 +90,7 @@ def load_tokenizer(base: str, *, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise _offline_error(base, e) from None
+        raise offline_error(base, e) from None
     if tok.eos_token_id is None:
         raise ConfigError(f"--base {base}: the tokenizer has no EOS token; conversations need one to end turns")
     if tok.pad_token_id is None:
@@ -89,8 +111,27 @@ def load_model(base: str, *, dtype: torch.dtype = torch.float32, quantization_co
         if is_local(base):
             raise LoraMedError(f"cannot load the model in {base}: {str(e).splitlines()[0][:300]} "
                                "(lora-med loads safetensors weights only; convert .bin files first)") from None
-        raise _offline_error(base, e) from None
+        raise offline_error(base, e) from None
     return model.eval()
+
+
+def fingerprint(base: str, known: str | None = None) -> str:
+    """What a base model is, by content: SHA-256 over its config.json and weight files (a hub id stands for
+    itself). Two folders with the same name but other weights differ; a copy of the same base does not."""
+    import hashlib
+
+    from .fileio import sha256_file
+
+    if known:
+        return known
+    folder = Path(base)
+    if not folder.is_dir():
+        return base
+    h = hashlib.sha256()
+    for f in sorted([folder / "config.json", *folder.glob("*.safetensors")]):
+        if f.is_file():
+            h.update(f.name.encode() + b"\0" + sha256_file(f).encode())
+    return h.hexdigest()
 
 
 def target_modules_for(model_type: str) -> list[str]:
@@ -116,6 +157,23 @@ def count_parameters(model) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return total, trainable
+
+
+def bf16_supported() -> bool:
+    """Whether the GPU computes in bf16; planning for a GPU from a machine without one assumes it does (Ampere
+    and newer, the RTX 4060 Ti included)."""
+    return not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
+
+
+def max_positions(config) -> int | None:
+    """How many positions the model reads (GPT-2's n_positions, Llama's max_position_embeddings)."""
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def set_seed(seed: int) -> None:
+    from transformers import set_seed as hf_set_seed
+
+    hf_set_seed(seed)
 
 
 def resolve_device(device: str = "auto") -> str:

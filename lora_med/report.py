@@ -120,6 +120,25 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _short(path: str | None) -> str:
+    return Path(path).name if path else ""
+
+
+def _backend_label(x: dict) -> str:
+    """A backend and what it ran: "ort-cpu-fp32\n(export-lora-cpu-fp32)"."""
+    src = x.get("source", "")
+    run = _short(src.split(" (")[0]) if src and not src.startswith("scratch") else ""
+    return f"{x['backend']}\n({run})" if run and run != x["backend"] else x["backend"]
+
+
+def _model_label(key: str, v: dict) -> str:
+    """A perplexity row and the run or export it scored: "lora\n(clinic-lora)"."""
+    if key.startswith("onnx:"):
+        _, folder, precision = key.split(":")
+        return f"ONNX {precision}\n({folder})"
+    return f"{key}\n({_short(v.get('source'))})" if v.get("source") else key
+
+
 def plots(r: dict, out: Path) -> None:
     """latency.png, perplexity.png and scaling.png in ``out`` (each only when its figures exist)."""
     import matplotlib
@@ -129,30 +148,35 @@ def plots(r: dict, out: Path) -> None:
 
     suffix = f"\n({r['label']})" if r["label"] else ""
     if r["latency"]:
-        fig, ax = plt.subplots(figsize=(7, 3.8))
-        names = [x["backend"] for x in r["latency"]]
+        fig, ax = plt.subplots(figsize=(8, 4.2))
+        names = [_backend_label(x) for x in r["latency"]]
         p50 = [x["reply_s"]["p50"] * 1e3 for x in r["latency"]]
         p95 = [x["reply_s"]["p95"] * 1e3 for x in r["latency"]]
-        ax.bar(names, p50, label="p50")
+        bars = ax.bar(names, p50, label="p50")
+        ax.bar_label(bars, labels=[f"{v:.1f} ms" for v in p50], fontsize=8, padding=2)
         ax.errorbar(names, p50, yerr=[[0] * len(p50), [b - a for a, b in zip(p50, p95)]], fmt="none", ecolor="k",
                     capsize=4, label="to p95")
         ax.set_ylabel(f"reply time, ms ({r['settings']['new_tokens']} new tokens)")
         ax.set_title(f"Reply latency per backend: {r['name']}{suffix}", fontsize=9)
-        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.margins(y=0.15)
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "latency.png", dpi=100)
         plt.close(fig)
     if r["perplexity"]:
-        fig, ax = plt.subplots(figsize=(7, 3.8))
-        labels = list(r["perplexity"])
+        # A linear axis with the values on the bars: a log axis made 11.34 and 12.00 look the same.
+        fig, ax = plt.subplots(figsize=(8, 4.2))
+        labels = [_model_label(k, v) for k, v in r["perplexity"].items()]
         xs = range(len(labels))
-        ax.bar([x - 0.2 for x in xs], [v["assistant_ppl"] for v in r["perplexity"].values()], 0.4, label="assistant tokens")
-        ax.bar([x + 0.2 for x in xs], [v["all_ppl"] for v in r["perplexity"].values()], 0.4, label="all tokens")
-        ax.set_xticks(list(xs), labels, rotation=20, fontsize=8)
-        ax.set_yscale("log")
-        ax.set_ylabel("held-out perplexity")
+        for shift, key, what in ((-0.2, "assistant_ppl", "assistant tokens"), (0.2, "all_ppl", "all tokens")):
+            vals = [v[key] for v in r["perplexity"].values()]
+            bars = ax.bar([x + shift for x in xs], vals, 0.4, label=what)
+            ax.bar_label(bars, labels=[f"{v:.2f}" for v in vals], fontsize=7, padding=2, rotation=90)
+        ax.set_xticks(list(xs), labels, fontsize=7)
+        ax.set_ylabel("held-out perplexity (lower is better)")
         ax.set_title(f"Held-out perplexity: {r['name']}", fontsize=9)
+        ax.margins(y=0.2)
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "perplexity.png", dpi=100)

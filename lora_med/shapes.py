@@ -11,14 +11,10 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 
-from .latency import BACKENDS, SPEED_ONLY
-
-if TYPE_CHECKING:  # for type hints only: bench.py imports this module
-    from .bench import BenchConfig
+from .config import BACKENDS
+from .latency import SPEED_ONLY
 
 # Model shapes for --shape: GPT-2 configs built locally with random weights (speed only).
 SHAPES = {
@@ -30,20 +26,21 @@ SHAPES = {
 }
 
 
-def build_shape(cfg: BenchConfig, work: Path, device: str) -> tuple[Path, list[dict], dict]:
-    """A randomly initialised GPT-2 of the shape, saved, and exported to ONNX (fp32, int8; fp16 on CUDA)."""
+def build_shape(name: str, work: Path, device: str, *, seed: int, backends: list[str] | None
+                ) -> tuple[Path, list[dict], dict]:
+    """A randomly initialised GPT-2 of shape ``name``, saved, and exported to ONNX (fp32, int8; fp16 on CUDA)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    shape = SHAPES[cfg.shape]
+    shape = SHAPES[name]
     model_dir = work / "model"
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     t0 = time.perf_counter()
     model = GPT2LMHeadModel(GPT2Config(**shape, tie_word_embeddings=True)).eval()
     params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(model_dir, safe_serialization=True)
     del model
-    info = {"shape": cfg.shape, "config": shape, "parameters": params, "build_s": round(time.perf_counter() - t0, 2)}
-    wanted = set(cfg.backends or BACKENDS)
+    info = {"shape": name, "config": shape, "parameters": params, "build_s": round(time.perf_counter() - t0, 2)}
+    wanted = set(backends or BACKENDS)
     exports = []
     if wanted & {"ort-cpu-fp32", "ort-cpu-int8", "ort-cuda-fp32"}:
         t0 = time.perf_counter()

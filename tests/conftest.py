@@ -84,3 +84,46 @@ def tiny_tokenizer(tiny_base):
     from lora_med.models import load_tokenizer
 
     return load_tokenizer(str(tiny_base))
+
+
+# --------------------------------------------------------------------------- trained runs and exports, shared
+
+
+def train_tiny(tiny_base: Path, data: Path, out: Path, method: str, **kw) -> Path:
+    """A few steps of `lora-med train` on the tiny base. lr 1e-2: PEFT starts LoRA B at zero, so a few steps at
+    the default lr leave the adapter ~0 and "merged == adapter" would pass trivially."""
+    from lora_med.config import TrainConfig
+    from lora_med.train import train
+
+    settings = dict(data=str(data), eval_data=str(data), base=str(tiny_base), output=str(out), method=method,
+                    max_steps=4, log_every=1, compare=False, r=4, alpha=8, batch_size=4, seed=0,
+                    learning_rate=1e-2 if method != "full" else 1e-3)
+    return train(TrainConfig(**{**settings, **kw})).output
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_base, conversations_file, tmp_path_factory) -> dict[str, Path]:
+    """One of each kind of run, shared by the export and bench tests."""
+    root = tmp_path_factory.mktemp("trained")
+    return {
+        "lora": train_tiny(tiny_base, conversations_file, root / "lora", "lora"),
+        "full": train_tiny(tiny_base, conversations_file, root / "full", "full"),
+        # 8-bit: bitsandbytes' 4-bit CPU kernels need layers at least 64 wide (this base is 64, barely).
+        "qlora": train_tiny(tiny_base, conversations_file, root / "qlora", "qlora", quant_bits=8),
+        "tokens": train_tiny(tiny_base, conversations_file, root / "tokens", "lora", train_tokens="data"),
+    }
+
+
+@pytest.fixture(scope="session")
+def exported(trained, tmp_path_factory) -> dict[str, Path]:
+    """The LoRA run merge-exported in fp32 and int8. The tiny random model's logits are near-ties that int8
+    rounding flips (96-99% top-1 seen): its gate is looser than the default 99%, which is for real models."""
+    from lora_med.config import ExportConfig
+    from lora_med.export import merge_export
+
+    root = tmp_path_factory.mktemp("exported")
+    return {
+        "fp32": merge_export(ExportConfig(run_dir=str(trained["lora"]), output=str(root / "lora-cpu-fp32"))).output,
+        "int8": merge_export(ExportConfig(run_dir=str(trained["lora"]), output=str(root / "lora-cpu-int8"),
+                                          quantize="int8", n_parity=2, max_new_tokens=4, min_top1=0.9)).output,
+    }

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from lora_med import bench as bench_mod
-from lora_med.bench import BenchConfig, bench
+from lora_med.bench import bench
+from lora_med.config import BenchConfig
 from lora_med.errors import ConfigError, GateError, LoraMedError
-from lora_med.train import TrainConfig, train
 
 CPU_BACKENDS = {"torch-eager", "torch-merged", "ort-cpu-fp32", "ort-cpu-int8"}
 # Small and bounded: 1 thread (the CI CPU is shared; 2 spinning torch threads on a busy 2-core machine
@@ -21,28 +21,9 @@ CPU_BACKENDS = {"torch-eager", "torch-merged", "ort-cpu-fp32", "ort-cpu-int8"}
 FAST = dict(threads=1, prompts=2, repeats=2, warmup=1, new_tokens=8, scaling=False, scaling_repeats=1)
 
 
-def _train(tiny_base, conversations_file, out: Path, method: str):
-    return train(TrainConfig(data=str(conversations_file), eval_data=str(conversations_file), base=str(tiny_base),
-                             output=str(out), method=method, max_steps=4, log_every=1, compare=False, r=4, alpha=8,
-                             batch_size=4, learning_rate=1e-2 if method != "full" else 1e-3, seed=0)).output
-
-
-def _export(run_dir: Path, out: Path, quantize: str) -> Path:
-    from lora_med.export import ExportConfig, merge_export
-
-    # The tiny random model's logits are near-ties that int8 rounding flips (96-99% top-1 seen): a
-    # looser top-1 bound than the default 99%, which is for real models (as in test_export.py).
-    return merge_export(ExportConfig(run_dir=str(run_dir), output=str(out), quantize=quantize, n_parity=2,
-                                     max_new_tokens=4, min_top1=0.9)).output
-
-
 @pytest.fixture(scope="module")
-def runs(tiny_base, conversations_file, tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench")
-    lora = _train(tiny_base, conversations_file, root / "lora", "lora")
-    full = _train(tiny_base, conversations_file, root / "full", "full")
-    exports = [_export(lora, root / "export-fp32", "none"), _export(lora, root / "export-int8", "int8")]
-    return {"root": root, "lora": lora, "full": full, "exports": exports}
+def runs(trained, exported):
+    return {"lora": trained["lora"], "full": trained["full"], "exports": [exported["fp32"], exported["int8"]]}
 
 
 def _cfg(runs, out: Path, **kw) -> BenchConfig:
@@ -87,8 +68,8 @@ def test_perplexity_is_paired_and_onnx_matches_the_adapter(report):
 
 def test_report_files_are_written_and_parse(report):
     out = report.out_dir
-    assert sorted(p.name for p in out.iterdir()) == ["latency.png", "perplexity.png", "report.json", "report.md",
-                                                     "scaling.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".lora-med", "latency.png", "perplexity.png", "report.json",
+                                                     "report.md", "scaling.png"]
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report.report, default=str))
     md = (out / "report.md").read_text()
     for heading in ("## Held-out perplexity", "## Reply latency", "## Scaling", "## Training", "## Gate"):
@@ -192,7 +173,7 @@ def test_paired_leaves_out_a_refused_int8_export(tiny_base, conversations_file, 
 
 def test_paired_bad_train_config_is_named_before_training(tmp_path):
     (tmp_path / "lora.yaml").write_text("learning_rat: 1\n")
-    with pytest.raises(ConfigError, match="--lora-config.*learning_rat"):
+    with pytest.raises(ConfigError, match="BenchConfig.lora_config.*unknown setting.*learning_rat"):
         bench(BenchConfig(paired=True, lora_config=str(tmp_path / "lora.yaml"), paired_dir=str(tmp_path / "w"),
                           out=str(tmp_path / "r")))
     assert not (tmp_path / "w").exists()
@@ -205,7 +186,7 @@ def test_shape_mode_measures_speed_only(tmp_path):
     assert [x["backend"] for x in r["latency"]] == ["torch-eager", "ort-cpu-fp32", "ort-cpu-int8"]
     assert r["inputs"]["shape"]["parameters"] > 0
     assert "random weights, speed only" in (tmp_path / "report.md").read_text()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latency.png", "report.json", "report.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lora-med", "latency.png", "report.json", "report.md"]
 
 
 @pytest.mark.parametrize("extra", [dict(max_ppl_ratio=1.1), dict(min_ppl_gain=2.0), dict(run="adapters/x")])
@@ -232,8 +213,8 @@ def test_config_problems_are_reported_together(tmp_path):
     with pytest.raises(ConfigError) as e:
         bench(BenchConfig(out=str(tmp_path), backends=["ort-tpu"], new_tokens=0, gate_stat="p42"))
     msg = str(e.value)
-    assert "nothing to measure" in msg and "ort-tpu" in msg and "--new-tokens 0" in msg and "p42" in msg
-    with pytest.raises(ConfigError, match="--export alone gives no held-out set"):
+    assert "nothing to measure" in msg and "ort-tpu" in msg and "BenchConfig.new_tokens=0" in msg and "p42" in msg
+    with pytest.raises(ConfigError, match="BenchConfig.export alone gives no held-out set"):
         bench(BenchConfig(out=str(tmp_path), export=[str(tmp_path)]))
     assert not list(tmp_path.iterdir())
 
@@ -241,13 +222,13 @@ def test_config_problems_are_reported_together(tmp_path):
 def test_unfinished_export_is_refused(runs, tmp_path):
     bad = tmp_path / "export"
     (bad / "onnx").mkdir(parents=True)
-    (bad / "manifest.json").write_text(json.dumps({"status": "running"}))
+    (bad / "manifest.json").write_text(json.dumps({"kind": "lora-med.export", "status": "running"}))
     with pytest.raises(ConfigError, match="not complete"):
         bench(_cfg(runs, tmp_path / "out", export=[str(bad)]))
 
 
 def test_unknown_gate_backend_is_named(runs, tmp_path):
-    with pytest.raises(LoraMedError, match="--gate-backend ort-cuda-fp16: not among"):
+    with pytest.raises(LoraMedError, match="BenchConfig.gate_backend='ort-cuda-fp16': not among"):
         bench(_cfg(runs, tmp_path, backends=["ort-cpu-fp32"], gate_backend="ort-cuda-fp16", prompts=1))
 
 

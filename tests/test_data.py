@@ -243,10 +243,16 @@ def test_cli_data_check_bad_file_exits_nonzero_without_traceback(tmp_path, tiny_
 
 
 def test_cli_data_check_prints_stats(conversations_file, tiny_base):
-    r = run_cli("data", "check", str(conversations_file), "--tokenizer", str(tiny_base), "--json",
-                "--max-length", "16")
+    r = run_cli("data", "check", str(conversations_file), "--tokenizer", str(tiny_base), "--json")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
+    assert report["problems"] == [] and report["tokens"]["max"] < 256
+    # Replies longer than --max-length would make training fail: listed, and the exit code says so.
+    r = run_cli("data", "check", str(conversations_file), "--tokenizer", str(tiny_base), "--json",
+                "--max-length", "16")
+    assert r.returncode == 2 and "would make training fail" in r.stderr and "Traceback" not in r.stderr
+    report = json.loads(r.stdout)
+    assert report["problems"] and all("more than max_length 16" in p for p in report["problems"])
     assert report["conversations"] == 8 and report["multi_turn"] == 2 and report["with_system"] == 1
     assert report["tokens"]["format"] == "dialogpt" and report["tokens"]["max"] > 16
     assert report["cut_by_max_length"] >= 1

@@ -12,51 +12,35 @@ from pathlib import Path
 import pytest
 import torch
 
+from lora_med import runs as runs_mod
+from lora_med.config import ExportConfig
 from lora_med.errors import ConfigError, GateError, LoraMedError
-from lora_med.export import ExportConfig, load_export, merge_export, verify_export
-from lora_med.runcard import sha256_file
+from lora_med.export import merge_export
+from lora_med.fileio import sha256_file
+from lora_med.parity import verify_export
 
 
+def load_export(d):
+    return runs_mod.load_card(d, "export")
 
-def _train(tmp: Path, conversations_file, tiny_base, method: str, name: str | None = None, **kw) -> Path:
-    from lora_med.train import TrainConfig, train
-
-    # lr 1e-2: PEFT starts LoRA B at zero, so a few steps at the default lr leave the adapter ~0 and
-    # "merged == adapter" would pass trivially. This makes the merged weights clearly differ from the base.
-    cfg = TrainConfig(data=str(conversations_file), eval_data=str(conversations_file), base=str(tiny_base),
-                      output=str(tmp / (name or method)), method=method, max_steps=4, compare=False, log_every=1, r=4,
-                      learning_rate=1e-2, **kw)
-    return train(cfg).output
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, conversations_file, tiny_base) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("runs")
-    return {
-        "lora": _train(tmp, conversations_file, tiny_base, "lora"),
-        "full": _train(tmp, conversations_file, tiny_base, "full"),
-        # 8-bit: bitsandbytes' 4-bit CPU kernels need layers at least 64 wide (this base is 32).
-        "qlora": _train(tmp, conversations_file, tiny_base, "qlora", quant_bits=8),
-        "tokens": _train(tmp, conversations_file, tiny_base, "lora", "tokens", train_tokens="data"),
-    }
+def runs(trained) -> dict[str, Path]:
+    return trained
 
 
 @pytest.fixture(scope="module")
-def lora_export(runs, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("exports") / "lora-cpu-fp32"
-    result = merge_export(ExportConfig(run_dir=str(runs["lora"]), output=str(out)))
-    assert result.output == out
-    return out
+def lora_export(exported) -> Path:
+    return exported["fp32"]
 
 
 def _held_out_batch(run_dir: Path):
     from lora_med import data, models
     from lora_med.evaluate import batches
-    from lora_med.train import held_out, load_run
-
-    card = load_run(run_dir)
+    card = runs_mod.load_card(run_dir, "train")
     tok = models.load_tokenizer(str(run_dir))
-    ex, _ = data.encode_all(held_out(card), tok, max_length=card["data"]["max_length"], fmt=card["data"]["format"])
+    ex, _ = data.encode_all(runs_mod.held_out(card, run_dir), tok, max_length=card["data"]["max_length"], fmt=card["data"]["format"])
     ids, mask, _ = next(batches(ex, 8, tok.pad_token_id))
     return card, ids, mask
 
@@ -71,7 +55,7 @@ def test_lora_export_passes_gate_and_adapter_mattered(lora_export, runs, tiny_ba
     from lora_med import models
 
     m = load_export(lora_export)
-    assert sorted(p.name for p in lora_export.iterdir()) == ["manifest.json", "merged", "onnx"]
+    assert sorted(p.name for p in lora_export.iterdir()) == [".lora-med", "manifest.json", "merged", "onnx"]
     assert not list(lora_export.parent.glob("*.partial-*"))
     p = m["parity"]
     assert p["passed"] and p["precision"] == "fp32" and p["nonfinite"] == 0
@@ -103,7 +87,7 @@ def test_lora_export_passes_gate_and_adapter_mattered(lora_export, runs, tiny_ba
 def test_manifest_hashes_match_files(lora_export, runs):
     m = load_export(lora_export)
     on_disk = {f.relative_to(lora_export).as_posix() for f in lora_export.rglob("*") if f.is_file()}
-    assert set(m["files"]) == on_disk - {"manifest.json"}
+    assert set(m["files"]) == on_disk - {"manifest.json", ".lora-med"}
     for rel, meta in m["files"].items():
         f = lora_export / rel
         assert sha256_file(f) == meta["sha256"] and f.stat().st_size == meta["bytes"]
@@ -196,9 +180,9 @@ def test_tampered_onnx_fails_the_gate(lora_export, tmp_path):
 
 @pytest.mark.parametrize("opts, reason", [
     (dict(device="cuda", quantize="int8"), "do not run on the CUDA execution provider"),
-    (dict(dtype="fp16"), "--dtype fp16 on --device cpu"),
+    (dict(dtype="fp16"), "ExportConfig.dtype='fp16' on --device cpu"),
     (dict(optimize="O4"), "O4"),
-    (dict(quantize="int4"), "--quantize int4"),
+    (dict(quantize="int4"), "ExportConfig.quantize='int4': use one of none, int8"),
 ])
 def test_refused_settings(runs, tmp_path, opts, reason):
     out = tmp_path / "out"
@@ -277,7 +261,7 @@ def test_truncated_full_model_and_missing_folder(runs, tmp_path):
 
 
 def test_existing_output_refused_without_overwrite(lora_export, runs):
-    with pytest.raises(ConfigError, match="already exists"):
+    with pytest.raises(ConfigError, match="already holds an export; choose another --output or add --overwrite"):
         merge_export(ExportConfig(run_dir=str(runs["lora"]), output=str(lora_export)))
     load_export(lora_export)  # untouched
 

@@ -13,8 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lora_med.config import TrainConfig
 from lora_med.errors import ConfigError, LoraMedError
-from lora_med.train import TrainConfig, latest_checkpoint, train
+from lora_med.runs import latest_checkpoint as _latest
+from lora_med.train import train
+
+
+def latest_checkpoint(run_dir):
+    return _latest(run_dir)[0]
 
 from .conftest import REPO
 
@@ -37,9 +43,12 @@ def lora_run(tiny_base, conversations_file, tmp_path_factory):
 def test_output_folder_holds_exactly_the_documented_files(lora_run):
     out = lora_run.output
     assert sorted(p.name for p in out.iterdir()) == sorted([
-        "adapter_config.json", "adapter_model.safetensors", "checkpoints", "loss.png", "metrics.jsonl",
-        "merges.txt", "run.json", "special_tokens_map.json", "tensorboard", "tokenizer.json",
-        "tokenizer_config.json", "vocab.json"])
+        ".lora-med", "README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja",
+        "checkpoints", "loss.png", "metrics.jsonl", "merges.txt", "run.json", "special_tokens_map.json",
+        "tensorboard", "tokenizer.json", "tokenizer_config.json", "vocab.json"])
+    marker = json.loads((out / ".lora-med").read_text())
+    assert marker["kind"] == "lora-med.train" and set(marker["entries"]) == {
+        p.name for p in out.iterdir() if p.name != ".lora-med"}, "every entry is recorded as lora-med's"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-8"]
     ckpt = sorted(p.name for p in (out / "checkpoints/checkpoint-8").iterdir())
     assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
@@ -165,7 +174,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_base, convers
         train(cfg_for(tiny_base, conversations_file, out, method="full", learning_rate=1e30, max_steps=20,
                       save_every=1, warmup_ratio=0.0))
     assert not (out / "model.safetensors").exists()
-    assert json.loads((out / "run.json").read_text())["status"] == "running"
+    card = json.loads((out / "run.json").read_text())
+    assert card["status"] == "failed" and "non-finite loss at step" in card["failure"]["reason"]
     step = int(str(err.value).split("step ")[1].split(";")[0])
     last = latest_checkpoint(out)
     assert last is not None and last.name == f"checkpoint-{step - 1}"
@@ -220,20 +230,20 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_base, conversations_fil
 # --------------------------------------------------------------------------- config errors
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"r": 0}, "--r 0: must be >= 1"),
-    ({"method": "prefix"}, "--method prefix: use one of lora, qlora, full"),
-    ({"dropout": 1.5}, "--dropout 1.5: must be in [0, 1)"),
-    ({"target_modules": ["q_proj", "c_attn"]}, "--target-modules: q_proj not in this gpt2 model"),
-    ({"data": "nope.json"}, "--data nope.json: file not found"),
-    ({"base": "./no/such/model"}, "--base ./no/such/model: no such directory"),
-    ({"precision": "fp16"}, "--precision fp16 needs a CUDA GPU"),
+@pytest.mark.parametrize("overrides,message", [  # the Python API names Python fields
+    ({"r": 0}, "TrainConfig.r=0: must be >= 1"),
+    ({"method": "prefix"}, "TrainConfig.method='prefix': use one of lora, qlora, full"),
+    ({"dropout": 1.5}, "TrainConfig.dropout=1.5: must be in [0, 1)"),
+    ({"target_modules": ["q_proj", "c_attn"]}, "TrainConfig.target_modules: q_proj not in this gpt2 model"),
+    ({"data": "nope.json"}, "TrainConfig.data='nope.json': file not found"),
+    ({"base": "./no/such/model"}, "TrainConfig.base ./no/such/model: no such directory"),
+    ({"precision": "fp16"}, "TrainConfig.precision='fp16' needs a CUDA GPU"),
     ({"device": "cuda"}, "--device cuda: no CUDA GPU"),
-    ({"quant_bits": 3, "method": "qlora"}, "--quant-bits 3: use 4 or 8"),
-    ({"batch_size": 0}, "--batch-size 0: must be >= 1"),
-    ({"learning_rate": -1.0}, "--learning-rate -1.0: must be > 0"),
-    ({"train_tokens": "all"}, "--train-tokens all: use none or data"),
-    ({"method": "full", "train_tokens": "data"}, "--train-tokens data applies to LoRA/QLoRA only"),
+    ({"quant_bits": 3, "method": "qlora"}, "TrainConfig.quant_bits=3: use one of 4, 8"),
+    ({"batch_size": 0}, "TrainConfig.batch_size=0: must be >= 1"),
+    ({"learning_rate": -1.0}, "TrainConfig.learning_rate=-1.0: must be > 0"),
+    ({"train_tokens": "all"}, "TrainConfig.train_tokens='all': use one of none, data"),
+    ({"method": "full", "train_tokens": "data"}, "TrainConfig.train_tokens='data' applies to LoRA/QLoRA only"),
 ])
 def test_config_errors(tiny_base, conversations_file, tmp_path, overrides, message):
     if overrides.get("device") == "cuda" and torch.cuda.is_available():
@@ -246,19 +256,35 @@ def test_config_errors(tiny_base, conversations_file, tmp_path, overrides, messa
 
 def test_all_config_errors_are_reported_together(tiny_base, conversations_file, tmp_path):
     with pytest.raises(ConfigError) as err:
-        train(cfg_for(tiny_base, conversations_file, tmp_path / "x", r=0, dropout=2.0, target_modules=["nope"]))
+        train(cfg_for(tiny_base, conversations_file, tmp_path / "x", r=0, dropout=2.0, batch_size="many"))
     assert len(err.value.problems) == 3
+    with pytest.raises(ConfigError) as err:
+        train(cfg_for(tiny_base, conversations_file, tmp_path / "x", target_modules=["nope"], data="no.json"))
+    assert len(err.value.problems) == 2
 
 
 def test_qlora_without_bitsandbytes_is_a_config_error(tiny_base, conversations_file, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now fails as on a machine without it
-    with pytest.raises(ConfigError, match="--method qlora needs bitsandbytes"):
+    with pytest.raises(ConfigError, match="TrainConfig.method='qlora' needs bitsandbytes"):
         train(cfg_for(tiny_base, conversations_file, tmp_path / "x", method="qlora"))
 
 
-def test_resume_of_another_run_is_refused(lora_run, tiny_base, conversations_file):
+def test_resume_of_a_finished_run_is_refused(lora_run, tiny_base, conversations_file):
+    before = (lora_run.output / "run.json").read_bytes()
+    with pytest.raises(ConfigError, match=r"that run is finished; nothing to resume"):
+        train(TrainConfig(resume=str(lora_run.output)))
+    assert (lora_run.output / "run.json").read_bytes() == before
+
+
+def test_resume_of_another_run_is_refused(lora_run, tiny_base, conversations_file, tmp_path):
+    import shutil
+
+    copy = tmp_path / "unfinished"
+    shutil.copytree(lora_run.output, copy)
+    card = json.loads((copy / "run.json").read_text())
+    (copy / "run.json").write_text(json.dumps({**card, "status": "running"}))
     with pytest.raises(ConfigError, match=r"holds another run; these settings differ: r \(run: 4, now: 16\)"):
-        train(cfg_for(tiny_base, conversations_file, lora_run.output, r=16, resume=str(lora_run.output),
+        train(cfg_for(tiny_base, conversations_file, copy, r=16, resume=str(copy), output=None,
                       max_steps=8, compare=True, compare_max_new_tokens=4, save_every=4))
 
 
@@ -291,8 +317,10 @@ def test_plan_picks_the_largest_batch_that_fits(tiny_base, conversations_file, t
 def test_cli_plan_and_bad_flag(tiny_base, conversations_file):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     base = [sys.executable, "-m", "lora_med", "train", "--data", str(conversations_file), "--base", str(tiny_base)]
-    r = subprocess.run(base + ["--plan", "--batch_size", "16"], capture_output=True, text=True, env=env, cwd=REPO)
+    r = subprocess.run(base + ["--plan", "--json", "--batch_size", "16"], capture_output=True, text=True, env=env,
+                       cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout[r.stdout.index("{"):])["batch_size"] == 16
-    r = subprocess.run(base + ["--r", "0", "--dropout", "3"], capture_output=True, text=True, env=env, cwd=REPO)
-    assert r.returncode == 2 and "--r 0" in r.stderr and "--dropout 3.0" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(base + ["--r", "0", "--lora_dropout", "3"], capture_output=True, text=True, env=env, cwd=REPO)
+    assert r.returncode == 2 and "--r 0: must be >= 1" in r.stderr and "--lora_dropout 3: must be in [0, 1)" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -1,0 +1,217 @@
+"""The settings of every command, declared once (see ``settings.py`` for how they become flags, YAML
+keys and checks). Light on purpose: ``lora-med --help`` imports this module and nothing heavy.
+
+Defaults live here and only here. A field's help is its ``--help`` line; ``choices``/``min``/... are
+checked by ``settings.check`` for flags, YAML and Python alike; ``aliases`` are the Hugging Face
+argument names users already know (``--num_train_epochs``, ``--lora_r``, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .settings import setting
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_BASE = "models/gpt2-es-tiny"  # the shipped pretrained Spanish base (models/gpt2-es-tiny/README.md)
+DEFAULT_DATA = "data/medical_conversations.json"
+DEFAULT_EVAL = "data/medical_conversations_eval.json"
+DEFAULT_EVAL_FRACTION = 0.1
+
+METHODS = ("lora", "qlora", "full")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+FORMATS = ("auto", "dialogpt", "chat-template")
+DEVICES = ("auto", "cpu", "cuda")
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
+DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 5e-5}  # full: the seed guide's 5e-5
+
+
+def shipped(path: str) -> Path:
+    """A path as given, or, when it is one of the shipped defaults and not found from here, the checkout's copy:
+    so `lora-med train` works from any directory."""
+    p = Path(path).expanduser()
+    if not p.exists() and not p.is_absolute() and path in (DEFAULT_BASE, DEFAULT_DATA, DEFAULT_EVAL):
+        return REPO_ROOT / path
+    return p
+
+
+@dataclass
+class TrainConfig:
+    """Settings of ``lora-med train`` (also the keys of its ``--config`` YAML)."""
+
+    # data
+    data: str = setting(DEFAULT_DATA, "training conversations (.json array or .jsonl)")
+    eval_data: str | None = setting(
+        "auto", "held-out conversations: a file; auto: the shipped eval file with the shipped data, else a "
+        "seeded split of --data; split: always a seeded split (see --eval-fraction)", aliases=("--eval_data",))
+    eval_fraction: float | None = setting(
+        None, f"share of --data held out when there is no eval file [default: {DEFAULT_EVAL_FRACTION}]",
+        above=0, below=1)
+    max_length: int = setting(256, "tokens per conversation; longer ones lose their oldest turns", min=8)
+    format: str = setting("auto", "auto: the tokenizer's chat template if it has one, else DialoGPT's (each turn ends "
+                          "with EOS)", choices=FORMATS)
+    train_on: str = setting("assistant", "assistant: loss on the replies and the EOS ending each; all: every token",
+                            choices=("assistant", "all"))
+    # model
+    base: str = setting(DEFAULT_BASE, "base model: a local folder or a hub id (e.g. microsoft/DialoGPT-medium)",
+                        aliases=("--model_name_or_path",))
+    trust_remote_code: bool = setting(False, "run code shipped with the base model (only for bases you trust)")
+    # method
+    method: str = setting("lora", "lora, qlora (bitsandbytes 4/8-bit base) or full (the baseline)", choices=METHODS)
+    r: int = setting(8, "LoRA rank", min=1, aliases=("--lora_r",))
+    alpha: int = setting(16, "LoRA alpha (scale = alpha / r)", min=1, aliases=("--lora_alpha",))
+    dropout: float = setting(0.05, "LoRA dropout", min=0, below=1, aliases=("--lora_dropout",))
+    target_modules: list[str] | None = setting(
+        None, "layers LoRA adapts (comma-separated); default per architecture (GPT-2: c_attn,c_proj,c_fc); "
+        "lm_head and embeddings are never targets")
+    quant_bits: int = setting(4, "QLoRA: 4 (NF4, double quant) or 8", choices=(4, 8))
+    train_tokens: str = setting("none", "data: also train the embedding rows (tied lm_head too) of the tokens the "
+                                "training data uses", choices=("none", "data"))
+    # optimisation
+    epochs: float = setting(3.0, "passes over the training data", above=0, aliases=("--num_train_epochs",))
+    batch_size: int = setting(4, "conversations per step (per device)", min=1,
+                              aliases=("--per_device_train_batch_size",))
+    grad_accum: int = setting(1, "micro-batches per optimizer step", min=1,
+                              aliases=("--gradient_accumulation_steps", "--gradient-accumulation"))
+    learning_rate: float | None = setting(None, "peak learning rate [default: 2e-4 for LoRA/QLoRA, 5e-5 for full]",
+                                          above=0)
+    scheduler: str = setting("linear", "learning-rate schedule", choices=SCHEDULERS, aliases=("--lr_scheduler_type",))
+    warmup_ratio: float = setting(0.05, "share of the steps spent warming up", min=0, below=1)
+    weight_decay: float = setting(0.0, "AdamW weight decay", min=0)
+    max_grad_norm: float = setting(1.0, "gradient clipping norm", above=0)
+    max_steps: int = setting(-1, "> 0: stop after this many optimizer steps (overrides --epochs)", min=-1)
+    seed: int = setting(42, "seed of data order, split, dropout and initialisation", min=0)
+    precision: str = setting("auto", "auto: bf16 (or fp16) on CUDA, fp32 on the CPU", choices=PRECISIONS)
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory, ~1/3 "
+                                           "more compute)")
+    device: str = setting("auto", "where to train", choices=DEVICES)
+    # memory
+    vram_gb: float | None = setting(None, "plan the micro-batch for this memory budget (grad-accum keeps the "
+                                    "effective batch)", above=0)
+    # logging and checkpoints
+    log_every: int = setting(50, "steps between log lines (the seed's 50)", min=1, aliases=("--logging_steps",))
+    eval_every: int | None = setting(None, "steps between held-out evaluations [default: every epoch]", min=1,
+                                     aliases=("--eval_steps",))
+    save_every: int | None = setting(None, "steps between checkpoints [default: every epoch]", min=1,
+                                     aliases=("--save_steps",))
+    report_to: list[str] = setting(["tensorboard"], "where metrics go: tensorboard, wandb, mlflow or none "
+                                   "(installed ones)", choices=REPORT_TO)
+    output: str | None = setting(None, "run folder [default: adapters/<run name>]", aliases=("--output_dir",))
+    run_name: str | None = setting(None, "run name [default: <method>-<base name>]")
+    resume: str | None = setting(None, "continue an interrupted run: the --output folder, or RUN_DIR",
+                                 aliases=("--resume_from_checkpoint",), metavar="[RUN_DIR]",
+                                 click=dict(is_flag=False, flag_value="auto"))
+    overwrite: bool = setting(False, "replace a finished or interrupted run in --output (only a folder lora-med "
+                              "wrote)")
+    compare: bool = setting(True, "base vs fine-tuned replies for the fixed Spanish prompts, as the seed guide")
+    compare_max_new_tokens: int = setting(40, "new tokens per comparison reply", min=1)
+
+    def resolved_lr(self) -> float:
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LR.get(self.method, 2e-4)
+
+    def output_dir(self) -> Path:
+        if self.resume and self.resume != "auto":
+            return Path(self.resume)
+        if self.output:
+            return Path(self.output)
+        name = self.run_name or f"{self.method}-{Path(self.base.rstrip('/')).name}"
+        return Path("adapters") / name
+
+
+EXPORT_DEVICES = ("cpu", "cuda")
+
+
+@dataclass
+class ExportConfig:
+    """Settings of ``lora-med merge-export`` (also the keys of its ``--config`` YAML)."""
+
+    run_dir: str = setting("", "a `lora-med train` run folder (adapter or full model)", hidden=True)
+    output: str | None = setting(None, "export folder [default: exports/<run name>-<device>-<dtype>[-int8]]")
+    device: str = setting("cpu", "cpu, or cuda (CUDAExecutionProvider with IO binding)", choices=EXPORT_DEVICES)
+    dtype: str = setting("fp32", "fp32, or fp16 (needs --device cuda)", choices=("fp32", "fp16"))
+    optimize: str = setting("none", "ONNX Runtime graph optimisation of the Optimum graph (O4 = O3 + fp16, CUDA only)",
+                            choices=("none", "O1", "O2", "O3", "O4"))
+    quantize: str = setting("none", "int8: dynamic int8 for the CPU provider", choices=("none", "int8"))
+    atol: float = setting(1e-4, "fp32 gate: max abs difference of teacher-forced logits, ONNX vs PyTorch", above=0)
+    ppl_rtol: float = setting(0.005, "fp32 gate: relative difference of held-out perplexity", above=0)
+    min_top1: float = setting(0.99, "fp16/int8 gate: top-1 token agreement with PyTorch fp32", above=0, max=1)
+    lossy_rtol: float = setting(0.1, "fp16/int8 gate: max abs logits difference as a share of the logits' spread",
+                                above=0)
+    max_new_tokens: int = setting(32, "greedy reply length compared with PyTorch", min=1)
+    n_parity: int = setting(8, "held-out conversations used by the merge check and the gate", min=1)
+    batch_size: int = setting(8, "conversations per forward pass in the checks", min=1)
+    trust_remote_code: bool = setting(False, "run code shipped with the base model (only for bases you trust)")
+    overwrite: bool = setting(False, "replace an export at --output (only a folder lora-med wrote)")
+
+    def precision(self) -> str:
+        """What the ONNX graph computes in: fp32, fp16 or int8."""
+        if self.quantize == "int8":
+            return "int8"
+        return "fp16" if self.dtype == "fp16" or self.optimize == "O4" else "fp32"
+
+    def output_dir(self) -> Path:
+        if self.output:
+            return Path(self.output)
+        name = f"{Path(self.run_dir.rstrip('/')).name}-{self.device}-{self.dtype}"
+        return Path("exports") / (name + ("-int8" if self.quantize == "int8" else ""))
+
+
+BACKENDS = ("torch-eager", "torch-merged", "ort-cpu-fp32", "ort-cpu-int8", "ort-cuda-fp32", "ort-cuda-fp16")
+SHAPE_NAMES = ("dialogpt-medium", "tiny")
+
+
+@dataclass
+class BenchConfig:
+    """Settings of ``lora-med bench`` (also the keys of its ``--config`` YAML)."""
+
+    # what to measure
+    run: str | None = setting(None, "LoRA/QLoRA run folder (its held-out set is the eval data)")
+    full_run: str | None = setting(None, "full fine-tune run folder, compared with --run on the same held-out set",
+                                   aliases=("--full_run",))
+    export: list[str] | None = setting(None, "merge-export folders (comma-separated); each gives ONNX Runtime "
+                                       "backends", metavar="DIR,DIR,...")
+    base: str | None = setting(None, "base model for the base perplexity [default: the run card's base]")
+    shape: str | None = setting(None, "random weights of this model's shape: latency only", choices=SHAPE_NAMES)
+    paired: bool = setting(False, "train LoRA and full on the same split/seed/budget, merge-export both, then bench")
+    lora_config: str | None = setting(None, "--paired: train YAML for the LoRA run (e.g. configs/default.yaml)")
+    full_config: str | None = setting(None, "--paired: train YAML for the full fine-tune (e.g. configs/full.yaml)")
+    data: str = setting(DEFAULT_DATA, "--paired: training conversations")
+    eval_data: str | None = setting("auto", "--paired: held-out set (as `lora-med train --eval-data`)")
+    epochs: float = setting(3.0, "--paired: epochs for both runs", above=0)
+    max_steps: int = setting(-1, "--paired: > 0 overrides epochs", min=-1)
+    train_batch_size: int = setting(4, "--paired: batch size for both runs", min=1)
+    seed: int = setting(42, "--paired: seed for both runs; also seeds --shape weights and prompts", min=0)
+    paired_dir: str | None = setting(None, "--paired: where runs and exports go [default: adapters/paired-<name>]")
+    min_top1: float = setting(0.99, "--paired: int8/fp16 export gate, top-1 agreement (merge-export --min-top1)",
+                              above=0, max=1)
+    # latency
+    backends: list[str] | None = setting(None, "subset of the backends to time [default: all available]",
+                                         choices=BACKENDS)
+    device: str = setting("auto", "where the PyTorch backends run (CUDA ONNX backends need cuda)", choices=DEVICES)
+    new_tokens: int = setting(32, "tokens every backend generates per reply (EOS cannot stop it early)", min=1,
+                              aliases=("--new_tokens",))
+    prompts: int = setting(8, "held-out prompts timed per backend", min=1)
+    repeats: int = setting(3, "timed replies per prompt", min=1)
+    warmup: int = setting(2, "untimed replies before timing", min=0)
+    scaling: bool = setting(True, "reply time vs new tokens (8..64) and context (32..512)")
+    scaling_repeats: int = setting(3, "timed replies per scaling point (the median is reported)", min=1)
+    threads: int | None = setting(None, "intra-op threads for PyTorch and ONNX Runtime [default: one per core]",
+                                  min=1)
+    ppl_batch_size: int = setting(8, "perplexity batch (does not change the figure: token-weighted)", min=1)
+    # gate
+    gate_backend: str = setting("auto", "backend the latency gate reads; auto: the fastest kind present "
+                                "(ort-cuda-fp16, ort-cpu-int8, ort-cpu-fp32, torch-merged, torch-eager)",
+                                aliases=("--gate_backend",))
+    gate_stat: str = setting("p50", "reply-time statistic for the latency gate", choices=("p50", "p95", "p99"))
+    max_latency_s: float = setting(0.2, "reply-time limit in seconds on the gate backend; <= 0: no latency gate",
+                                   aliases=("--max_latency_s",))
+    max_ppl_ratio: float | None = setting(None, "LoRA ppl / full ppl must be <= this [default: 1.10 when both runs "
+                                          "are given]; <= 0: off", aliases=("--max_ppl_ratio",))
+    min_ppl_gain: float | None = setting(None, "base ppl / fine-tuned ppl must be >= this [default: 1.0 when a run "
+                                         "is given]; <= 0: off", aliases=("--min_ppl_gain",))
+    # output
+    name: str | None = setting(None, "report name [default: from the run, the shape or \"paired\"]")
+    out: str | None = setting(None, "report folder [default: reports/<name>]")
+    note: str | None = setting(None, "free text recorded in the report's notes (e.g. what else shared the machine)")

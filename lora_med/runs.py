@@ -1,0 +1,376 @@
+"""Run artefacts: the folders lora-med writes, their cards, their locks, and what the next stage reads back.
+
+* **Cards.** Every output folder holds a small JSON card (``run.json`` for train, ``manifest.json`` for
+  merge-export, ``report.json`` for bench): what produced it, with which settings, data and versions,
+  and what was measured. ``load_card`` is the one reader: it checks the kind, the shape and the status
+  and says what to do when one is off.
+* **Ownership.** Every folder lora-med creates holds a marker (``.lora-med``) naming its kind and the
+  entries lora-med wrote there. ``--overwrite`` removes exactly those entries and only from a folder of
+  the right kind; it refuses the working directory, an input (the data, the base, the run being exported),
+  a parent of an input and a folder holding anything else, naming what is in the way.
+* **Locks.** One process at a time per output (``.lock`` with the holder's pid and start time); a lock
+  left by a process that is gone (kill -9) is noticed and taken over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from . import data
+from .errors import ConfigError, LoraMedError
+from .fileio import read_json, write_json
+
+MARKER = ".lora-med"
+LOCK = ".lock"
+CARDS = {"train": "run.json", "export": "manifest.json", "bench": "report.json"}
+WORDS = {"train": "training run", "export": "export", "bench": "bench report"}
+MAKERS = {"train": "lora-med train", "export": "lora-med merge-export", "bench": "lora-med bench"}
+_TMP = re.compile(r"^\..+\.tmp$")  # write_json's temporary files
+
+
+def problems_error(what: str, problems: list[str], cls=ConfigError) -> LoraMedError:
+    """One error listing every problem: "N problem(s) <what>:" then one line each."""
+    return cls(f"{len(problems)} problem(s) {what}:", problems)
+
+
+# --------------------------------------------------------------------------- cards
+
+_SHAPE = {  # dotted path -> expected type, per card kind (what the next stages read)
+    "train": {"status": str, "config": dict, "config.method": str, "base.name_or_path": str, "artifact": str,
+              "data.format": str, "data.max_length": int, "data.eval": dict, "data.eval.path": str,
+              "data.eval.sha256": str, "data.eval.source": str},
+    "export": {"status": str, "options": dict, "source": dict, "source.run_dir": str, "source.format": str,
+               "source.max_length": int},
+    "bench": {},
+}
+
+
+def _get(card: dict, dotted: str) -> Any:
+    cur: Any = card
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def load_card(folder: str | Path, kind: str, *, complete: bool = True) -> dict:
+    """The card of a ``kind`` folder ("train", "export" or "bench"), checked.
+
+    Raises:
+        LoraMedError: the folder or card is missing, unreadable, of another kind, missing a field the next
+            stage needs, or (``complete``) the run/export did not finish; the message says what to do.
+    """
+    folder = Path(folder)
+    word, maker = WORDS[kind], MAKERS[kind]
+    if not folder.is_dir():
+        raise LoraMedError(f"{folder}: no such folder; give the output folder of `{maker}`")
+    path = folder / CARDS[kind]
+    if not path.exists():
+        other = [k for k, f in CARDS.items() if k != kind and (folder / f).is_file()]
+        hint = f" (it holds a lora-med {WORDS[other[0]]})" if other else ""
+        raise LoraMedError(f"{folder}: not a lora-med {word}{hint}: {CARDS[kind]} is missing; give the output folder "
+                           f"of `{maker}`")
+    card = read_json(path, f"the {word}'s card is damaged: restore it from where it came from, or run `{maker}` again")
+    if card.get("kind") != f"lora-med.{kind}":
+        raise LoraMedError(f"{path}: not a lora-med {word} card (kind {card.get('kind')!r}); give the output folder "
+                           f"of `{maker}`")
+    if complete and kind in ("train", "export") and card.get("status") != "complete" \
+            and isinstance(card.get("status"), str):
+        raise LoraMedError(_unfinished(folder, kind, card))
+    for dotted, tp in _SHAPE[kind].items():
+        v = _get(card, dotted)
+        if not isinstance(v, tp) or isinstance(v, bool):
+            raise LoraMedError(f"{path}: field {dotted!r} is {'missing' if v is None else 'of the wrong type'}; the "
+                               f"card is damaged: restore it, or run `{maker}` again")
+    return card
+
+
+def _unfinished(folder: Path, kind: str, card: dict) -> str:
+    status = card["status"]
+    if kind == "export":
+        return f"{folder}: the export is not complete (status {status!r}); run `lora-med merge-export` again"
+    holder = lock_holder(folder / LOCK)
+    if status == "running" and holder:  # noqa: SIM114
+        return f"{folder}: still training (in use by pid {holder}); wait for it to finish"
+    why = f"it failed: {card.get('failure', {}).get('reason', 'unknown reason')}" if status == "failed" else \
+        "it was interrupted before finishing"
+    return f"{folder}: the run did not finish ({why}); continue it with `lora-med train --resume {folder}`"
+
+
+# --------------------------------------------------------------------------- held-out data
+
+
+def data_record(path: str | Path, run_dir: Path) -> dict:
+    """Where a data file is, for a card: absolute, and relative to the run (so both moves are survivable)."""
+    p = Path(path).resolve()
+    return {"path": str(p), "relative_to_run": os.path.relpath(p, run_dir.resolve())}
+
+
+def locate(record: dict, run_dir: Path, what: str) -> Path:
+    """The data file a card names: its absolute path, else its path relative to the run folder.
+
+    Raises:
+        LoraMedError: neither exists; names both.
+    """
+    tried = []
+    for p in (record.get("path"), record.get("relative_to_run") and run_dir / record["relative_to_run"]):
+        if p:
+            tried.append(str(p))
+            if Path(p).is_file():
+                return Path(p)
+    raise LoraMedError(f"{run_dir / 'run.json'}: the {what} is gone (looked for {' and '.join(tried)}); restore the "
+                       "file, or retrain")
+
+
+def held_out(card: dict, run_dir: str | Path) -> list[data.Conversation]:
+    """The run's held-out conversations: its eval file, or its seeded split of the training file."""
+    ev = card["data"]["eval"]
+    path = locate(ev, Path(run_dir), "held-out data")
+    ds = data.load_conversations(path)
+    if ds.sha256 != ev["sha256"]:
+        raise LoraMedError(f"{path} changed since training (sha256 differs); held-out figures would not be "
+                           "comparable. Restore the file or retrain.")
+    if ev["source"] == "split":
+        return [ds.conversations[i] for i in ev["indices"]]
+    return ds.conversations
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """None if a Trainer checkpoint folder is whole, else which file is broken."""
+    from safetensors import SafetensorError, safe_open
+
+    state = ckpt / "trainer_state.json"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"{state}: missing or not valid JSON"
+    weights = [f for f in ("adapter_model.safetensors", "model.safetensors") if (ckpt / f).is_file()]
+    if not weights and not (ckpt / "model.safetensors.index.json").is_file():
+        return f"{ckpt}: no weights (adapter_model.safetensors / model.safetensors)"
+    for f in weights:
+        try:
+            with safe_open(str(ckpt / f), framework="pt") as st:
+                st.keys()
+        except (SafetensorError, OSError) as e:
+            return f"{ckpt / f}: truncated or corrupt ({str(e).splitlines()[0]})"
+    for f in ("optimizer.pt", "scheduler.pt"):
+        if (ckpt / f).exists():
+            try:  # torch.save writes a zip archive: a cut file has no central directory
+                zipfile.ZipFile(ckpt / f).close()
+            except (zipfile.BadZipFile, OSError):
+                return f"{ckpt / f}: truncated or corrupt"
+    return None
+
+
+def latest_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest whole checkpoint of a run, and one line per newer checkpoint skipped as broken.
+
+    Checkpoints are written under checkpoints/.partial and renamed into checkpoints/ once complete, so a
+    broken one comes from outside (a cut copy, a full disk): fall back to the previous whole one.
+    """
+    found = []
+    for d in (Path(run_dir) / "checkpoints").glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
+        if m and d.is_dir():
+            found.append((int(m.group(1)), d))
+    skipped = []
+    for _, d in sorted(found, reverse=True):
+        problem = checkpoint_problem(d)
+        if problem is None:
+            return d, skipped
+        skipped.append(problem)
+    return None, skipped
+
+
+# --------------------------------------------------------------------------- folders lora-med owns
+
+
+def marker(folder: Path) -> dict | None:
+    try:
+        m = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) and isinstance(m.get("entries"), list) else None
+
+
+def claim(folder: Path, kind: str, *entries: str) -> None:
+    """Create ``folder`` (if needed) as a lora-med ``kind`` folder that holds ``entries``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    old = marker(folder) or {}
+    names = sorted(set(old.get("entries", [])) | set(entries))
+    write_json(folder / MARKER, {"kind": f"lora-med.{kind}", "entries": names})
+
+
+def record(folder: Path, *entries: str) -> None:
+    """Add entries lora-med wrote into ``folder`` to its marker (they may be removed by --overwrite)."""
+    m = marker(folder)
+    if m is None:
+        raise LoraMedError(f"{folder}: the .lora-med marker is gone; lora-med will not write into a folder it "
+                           "does not own")
+    write_json(folder / MARKER, {**m, "entries": sorted(set(m["entries"]) | set(entries))})
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """Entries of an owned folder that lora-med did not write."""
+    m = marker(folder) or {"entries": []}
+    mine = set(m["entries"]) | {MARKER, LOCK}
+    return sorted(p.name for p in folder.iterdir() if p.name not in mine and not _TMP.match(p.name))
+
+
+def clear(folder: Path) -> None:
+    """Remove the entries lora-med wrote into ``folder`` (never anything else; the marker stays)."""
+    m = marker(folder)
+    if m is None:
+        raise LoraMedError(f"{folder}: no .lora-med marker; refusing to remove anything there")
+    for name in m["entries"]:
+        p = folder / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+    write_json(folder / MARKER, {**m, "entries": []})
+
+
+def _is_within(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def output_problems(out: Path, kind: str, *, flag: str, inputs: list[tuple[str, Path]],
+                    overwrite: bool) -> tuple[list[str], str]:
+    """What stops ``kind`` from writing to ``out``, and the folder's state ("absent" | "empty" | "owned").
+
+    An existing folder of this kind that lora-med wrote is "owned"; whether to replace it (``overwrite``) or
+    to say it is taken is the caller's choice. Everything else that is in the way is a problem here.
+    """
+    p, state = [], "absent"
+    target = out.expanduser().resolve()
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    if _is_within(cwd, target):
+        p.append(f"{flag} {out}: {'is' if target == cwd else 'contains'} the working directory; give a new folder "
+                 "for the output")
+    elif target in (home, Path(target.anchor)):
+        p.append(f"{flag} {out}: is {'your home folder' if target == home else 'the filesystem root'}; give a new "
+                 "folder for the output")
+    for label, path in inputs:
+        src = Path(path).expanduser().resolve()
+        if _is_within(src, target):
+            p.append(f"{flag} {out}: {'is' if src == target else 'contains'} the {label} {path}; an output may not "
+                     f"be an input: choose another {flag}")
+        elif src.is_dir() and _is_within(target, src):
+            p.append(f"{flag} {out}: is inside the {label} {path}; an output may not be written into an input: "
+                     f"choose another {flag}")
+    if p:
+        return p, state
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            return [f"{flag} {out}: exists and is not a folder; choose another {flag}"], state
+        try:
+            entries = list(out.iterdir())
+        except OSError as e:
+            return [f"{flag} {out}: cannot be read ({e.strerror}); fix its permissions or choose another {flag}"], state
+        if not entries:
+            state = "empty"
+        else:
+            m = marker(out)
+            if m is None:
+                verb = "lora-med only replaces folders it wrote" if overwrite else "it is not empty"
+                p.append(f"{flag} {out}: already exists and lora-med did not write it (no {MARKER} marker); {verb}: "
+                         f"choose another {flag}")
+            elif m.get("kind") != f"lora-med.{kind}":
+                p.append(f"{flag} {out}: holds a lora-med {WORDS.get(str(m.get('kind'))[9:], m.get('kind'))}, not a "
+                         f"{WORDS[kind]}; choose another {flag}")
+            else:
+                foreign = foreign_entries(out)
+                if foreign:
+                    shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+                    p.append(f"{flag} {out}: holds files lora-med did not write ({shown}); move them out or choose "
+                             f"another {flag}")
+                state = "owned"
+    anchor = target
+    while not anchor.exists():
+        anchor = anchor.parent
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        p.append(f"{flag} {out}: {anchor} is not writable (read-only or permission denied); choose another {flag}")
+    return p, state
+
+
+# --------------------------------------------------------------------------- locks
+
+
+def _start_time(pid: int) -> str | None:
+    """A process's start time (clock ticks since boot): with the pid, it tells a live holder from a reused pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    return _alive(pid, None)
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    now = _start_time(pid)
+    return started is None or now is None or now == started
+
+
+def lock_holder(path: Path) -> int | None:
+    """The pid holding lock ``path``, or None if it is free or its holder is gone."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        pid = int(info["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return pid if pid != os.getpid() and _alive(pid, info.get("started")) else None
+
+
+class Lock:
+    """One process at a time on ``path`` (``with Lock(folder / ".lock", "the run folder X"):``)."""
+
+    def __init__(self, path: Path, what: str):
+        self.path, self.what, self.note = Path(path), what, None
+
+    def __enter__(self) -> "Lock":
+        me = json.dumps({"pid": os.getpid(), "started": _start_time(os.getpid())})
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = lock_holder(self.path)
+                if holder is not None:
+                    raise LoraMedError(f"{self.what} is in use by pid {holder} (lock {self.path}); wait for it to "
+                                       "finish or stop that process") from None
+                try:
+                    old = json.loads(self.path.read_text(encoding="utf-8")).get("pid", "?")
+                except (OSError, ValueError, AttributeError):
+                    old = "?"
+                self.note = f"note: took over a stale lock of pid {old} (that process is gone)"
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(me)
+            return self
+        raise LoraMedError(f"{self.what}: could not take the lock {self.path}; another process keeps taking it")
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if json.loads(self.path.read_text(encoding="utf-8")).get("pid") == os.getpid():
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass

@@ -1,0 +1,346 @@
+"""Settings declared once, checked the same from flags, YAML and Python.
+
+Every command's settings are a dataclass (``lora_med/config.py``) whose fields carry their help,
+allowed values, bounds and aliases as field metadata (PEFT's style), built with ``setting()``.
+From that one declaration come the click options (``click_options``), the YAML keys
+(``load_config``) and the checks (``check``): a value is coerced and checked by the same code
+whether it came from ``--learning-rate 2e-4``, ``learning_rate: 2e-4`` in a YAML file (a string to
+PyYAML) or ``TrainConfig(learning_rate="2e-4")``.
+
+Problems name the setting the way the user gave it: ``--r 0`` for a flag, ``r: 0 (in run.yaml)`` for
+a YAML key, ``TrainConfig.r=0`` for Python. The origin of each value travels with the config object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+_ORIGINS = "_origins"  # attribute on a config object: field -> ("flag", "--x") | ("yaml", file) | ("default", "")
+
+
+def setting(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
+            max: float | None = None, above: float | None = None, below: float | None = None,
+            aliases: tuple[str, ...] = (), metavar: str | None = None, hidden: bool = False,
+            click: dict | None = None) -> Any:
+    """A config field with its documentation and checks.
+
+    Args:
+        default: the default value (lists are copied per instance).
+        help: one line for ``--help``.
+        choices: the allowed values.
+        min / max: inclusive bounds; above / below: exclusive bounds (for numbers).
+        aliases: extra flag spellings (``--num_train_epochs``); also accepted as YAML keys without dashes.
+        hidden: not offered as a flag (e.g. a positional argument).
+        click: extra keyword arguments for the click option (e.g. ``flag_value``).
+    """
+    meta = dict(help=help, choices=choices, min=min, max=max, above=above, below=below, aliases=aliases,
+                metavar=metavar, hidden=hidden, click=click or {})
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- types
+
+
+def _kind(tp) -> tuple[str, bool]:
+    """('int' | 'float' | 'bool' | 'str' | 'list', nullable) of a field's resolved type."""
+    args = typing.get_args(tp)
+    nullable = type(None) in args
+    if nullable:
+        tp = next(a for a in args if a is not type(None))
+    if typing.get_origin(tp) is list:
+        return "list", nullable
+    return {int: "int", float: "float", bool: "bool", str: "str"}[tp], nullable
+
+
+def fields(cls) -> list[tuple[dataclasses.Field, str, bool]]:
+    """(field, kind, nullable) for every setting of a config dataclass."""
+    hints = typing.get_type_hints(cls)
+    return [(f, *_kind(hints[f.name])) for f in dataclasses.fields(cls)]
+
+
+_TYPE_WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text",
+               "list": "a list of names (or one comma-separated string)"}
+
+
+def _type_name(v: Any) -> str:
+    return {bool: "a boolean", int: "a number", float: "a number", str: "text", list: "a list", dict: "a mapping",
+            type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def coerce(value: Any, kind: str, nullable: bool) -> tuple[Any, str | None]:
+    """``value`` converted to ``kind``, or the problem with it (the message's tail, after the setting's name).
+
+    Numbers may be given as text ("2e-4": PyYAML reads exponents without a dot as strings).
+    """
+    if value is None:
+        return (None, None) if nullable else (None, f"must be {_TYPE_WORDS[kind]}, not null")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value, None
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.strip().lower() in ("true", "yes", "1"), None
+        return None, f"must be true or false, got {_type_name(value)}"
+    if kind in ("int", "float"):
+        v = value
+        if isinstance(v, str):
+            text = v.strip().replace("_", "")
+            try:
+                v = int(text) if kind == "int" and re.fullmatch(r"[+-]?\d+", text) else float(text)
+            except ValueError:
+                return None, f"must be {_TYPE_WORDS[kind]}, got {value!r}"
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return None, f"must be {_TYPE_WORDS[kind]}, got {_type_name(value)}"
+        if not math.isfinite(v):
+            return None, "must be a finite number"
+        if kind == "int":
+            if v != int(v):
+                return None, f"must be a whole number, got {value!r}"
+            return int(v), None
+        return float(v), None
+    if kind == "str":
+        if isinstance(value, Path):
+            return str(value), None
+        if not isinstance(value, str):
+            return None, f"must be text, got {_type_name(value)} ({value!r}); quote it in YAML"
+        return value, None
+    # list of names: a list of strings, or one string split at commas ("c_attn" is one module)
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        return None, f"must be {_TYPE_WORDS['list']}, got {_type_name(value)}"
+    bad = [x for x in items if not isinstance(x, str)]
+    if bad:
+        return None, f"must be a list of names, got {_type_name(bad[0])} {bad[0]!r} in it"
+    names = [x.strip() for x in items if x.strip()]
+    if not names:
+        return (None, None) if nullable else (None, "must name at least one item")
+    return names, None
+
+
+def _bounds(value, meta: dict) -> str | None:
+    if meta["choices"] is not None:
+        values = value if isinstance(value, list) else [value]
+        wrong = [v for v in values if v not in meta["choices"]]
+        if wrong:
+            return f"use one of {', '.join(map(str, meta['choices']))}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        lo, hi, above, below = meta["min"], meta["max"], meta["above"], meta["below"]
+        if above is not None and below is not None and not above < value < below:
+            return f"must be in ({above:g}, {below:g})"
+        if lo is not None and below is not None and not lo <= value < below:
+            return f"must be in [{lo:g}, {below:g})"
+        if above is not None and hi is not None and not above < value <= hi:
+            return f"must be in ({above:g}, {hi:g}]"
+        if lo is not None and hi is not None and not lo <= value <= hi:
+            return f"must be in [{lo:g}, {hi:g}]"
+        if lo is not None and value < lo:
+            return f"must be >= {lo:g}"
+        if hi is not None and value > hi:
+            return f"must be <= {hi:g}"
+        if above is not None and value <= above:
+            return f"must be > {above:g}"
+        if below is not None and value >= below:
+            return f"must be < {below:g}"
+    return None
+
+
+# --------------------------------------------------------------------------- names as the user gave them
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def name(cfg, field: str) -> str:
+    """How the user named setting ``field``: its flag, its YAML key, or the Python field."""
+    how, where = getattr(cfg, _ORIGINS, {}).get(field, ("python", ""))
+    if how == "flag":
+        return where
+    if how == "yaml":
+        return field
+    return f"{type(cfg).__name__}.{field}"
+
+
+def describe(cfg, field: str, value: Any = dataclasses.MISSING) -> str:
+    """The setting and its value as the user gave them: ``--r 0``, ``r: 0 (in x.yaml)``, ``TrainConfig.r=0``."""
+    value = getattr(cfg, field) if value is dataclasses.MISSING else value
+    how, where = getattr(cfg, _ORIGINS, {}).get(field, ("python", ""))
+    shown = ",".join(map(str, value)) if isinstance(value, list) else value
+    if how == "flag":
+        return f"{where} {shown}"
+    if how == "yaml":
+        return f"{field}: {shown} (in {where})"
+    return f"{type(cfg).__name__}.{field}={value!r}"
+
+
+def check(cfg) -> list[str]:
+    """Coerce every setting of ``cfg`` in place to its declared type and check it against its declaration.
+
+    Returns one problem per bad setting (type, choice or bound), each naming the setting as the user gave it.
+    """
+    problems = []
+    for f, kind, nullable in fields(type(cfg)):
+        raw = getattr(cfg, f.name)
+        value, problem = coerce(raw, kind, nullable)
+        if problem is None and value is not None:
+            problem = _bounds(value, f.metadata)
+        if problem:
+            problems.append(f"{describe(cfg, f.name, raw)}: {problem}")
+        else:
+            setattr(cfg, f.name, value)
+    return problems
+
+
+def origins(cfg) -> dict:
+    return dict(getattr(cfg, _ORIGINS, {}))
+
+
+def replace(cfg, **changes):
+    """``dataclasses.replace`` that keeps where each value came from (changed values count as Python)."""
+    new = dataclasses.replace(cfg, **changes)
+    kept = {k: v for k, v in origins(cfg).items() if k not in changes}
+    object.__setattr__(new, _ORIGINS, kept)
+    return new
+
+
+def as_dict(cfg) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+# --------------------------------------------------------------------------- YAML and flags
+
+
+def _alias_keys(cls) -> dict[str, str]:
+    """Every spelling of every setting (YAML keys and flags without dashes) -> field name."""
+    out = {}
+    for f, _, _ in fields(cls):
+        for spelling in (f.name, f.name.replace("_", "-"), *(a.lstrip("-") for a in f.metadata["aliases"])):
+            out[spelling] = f.name
+    return out
+
+
+def load_config(cls, config_file: str | Path | None = None, flags: dict[str, Any] | None = None,
+                defaults: dict | None = None, argv: list[str] | None = None):
+    """Build config ``cls``: ``defaults`` (e.g. a resumed run's settings), then a YAML file, then flags.
+
+    Nothing is checked here but the keys: ``check`` (called by every command) checks the values, so
+    flags, YAML and Python get the same messages.
+
+    Args:
+        flags: values typed on the command line (None = not given).
+        argv: the command line, to name each flag as typed (an alias such as ``--lora_r`` included).
+    Raises:
+        ConfigError: the YAML file is unreadable or has keys ``cls`` does not know.
+    """
+    keys = _alias_keys(cls)
+    values: dict[str, Any] = {}
+    where: dict[str, tuple[str, str]] = {}
+    for k, v in (defaults or {}).items():
+        if k in {f.name for f in dataclasses.fields(cls)}:
+            values[k] = v
+            where[k] = ("run", "")
+    if config_file:
+        path = Path(config_file)
+        try:
+            loaded = yaml_load(path)
+        except OSError as e:
+            raise ConfigError(f"--config {path}: cannot be read ({e.strerror or e})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {path}: expected a mapping of settings (key: value), got {_type_name(loaded)}")
+        unknown = [str(k) for k in loaded if str(k) not in keys]
+        if unknown:
+            raise ConfigError(f"--config {path}: unknown setting(s): {', '.join(unknown)}; known: "
+                              f"{', '.join(sorted(f.name for f in dataclasses.fields(cls)))}")
+        seen: dict[str, str] = {}
+        for k, v in loaded.items():
+            field = keys[str(k)]
+            if field in seen:
+                raise ConfigError(f"--config {path}: {seen[field]} and {k} are the same setting; keep one")
+            seen[field] = str(k)
+            values[field] = v
+            where[field] = ("yaml", str(path))
+    typed = _typed_flags(cls, argv if argv is not None else sys.argv[1:])
+    for k, v in (flags or {}).items():
+        if v is not None:
+            values[k] = v
+            where[k] = ("flag", typed.get(k, flag_name(k)))
+    cfg = cls(**values)
+    object.__setattr__(cfg, _ORIGINS, where)
+    return cfg
+
+
+def yaml_load(path: Path):
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: invalid YAML: {e}") from None
+
+
+def _typed_flags(cls, argv: list[str]) -> dict[str, str]:
+    """field -> the flag spelling the user typed (the last one wins, as in click)."""
+    spelled = {}
+    for f, _, _ in fields(cls):
+        for s in (flag_name(f.name), "--" + f.name, *f.metadata["aliases"]):
+            spelled[s] = f.name
+        spelled["--no-" + f.name.replace("_", "-")] = f.name
+    out = {}
+    for tok in argv:
+        head = tok.split("=", 1)[0]
+        if head in spelled:
+            out[spelled[head]] = head
+    return out
+
+
+def click_options(cls, *, seed_names: tuple[str, ...] = ()):
+    """Click options for every visible setting of ``cls``, each defaulting to None (= not given), so only
+    what the user typed overrides ``--config`` and the defaults. Values reach ``check`` as typed (strings),
+    so a bad flag gets the same message as a bad YAML value.
+
+    ``seed_names``: settings that also take the underscore spelling (``--batch_size``, as the seed guide).
+    """
+    import click
+
+    def decorate(fn):
+        for f, kind, nullable in reversed(fields(cls)):
+            meta = f.metadata
+            if meta["hidden"]:
+                continue
+            dashed = flag_name(f.name)
+            names = [dashed, *(["--" + f.name] if f.name in seed_names and "_" in f.name else []), *meta["aliases"]]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            shown = ",".join(default) if isinstance(default, list) else default
+            extra = f" [default: {shown}]" if default not in (None, "", []) else ""
+            kw: dict[str, Any] = dict(default=None, help=meta["help"] + extra)
+            if kind == "bool":
+                names[0] = f"{dashed}/--no-{dashed[2:]}"
+            else:
+                kw["type"] = str
+                kw["metavar"] = meta["metavar"] or (
+                    "[" + "|".join(map(str, meta["choices"])) + "]" if meta["choices"] else
+                    {"int": "INT", "float": "FLOAT", "str": "TEXT", "list": "A,B,..."}[kind])
+            kw.update(meta["click"])
+            fn = click.option(*names, f.name, **kw)(fn)
+        return fn
+
+    return decorate
+
+
+def flag_values(kwargs: dict, cls) -> dict:
+    """The settings of ``cls`` among a click command's keyword arguments."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in kwargs.items() if k in names}
