@@ -21,7 +21,22 @@ CONFIG = click.option("--config", "config_file", type=click.Path(dir_okay=False)
                       help="YAML file of settings (keys = the option names); flags override it.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _Group(click.Group):
+    """Keeps the command line as typed, so that messages name each flag the way the user spelled it."""
+
+    raw_args: list[str] = []
+
+    def main(self, args=None, *a, **kw):
+        _Group.raw_args = list(args) if args is not None else sys.argv[1:]
+        return super().main(args, *a, **kw)
+
+
+def _load(cls, config_file, kwargs: dict, **extra):
+    flags = {**settings.flag_values(kwargs, cls), **extra}
+    return settings.load_config(cls, config_file, flags, argv=_Group.raw_args)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="lora-med")
 def cli() -> None:
     """Fine-tune small chat models with LoRA, export them to ONNX Runtime, benchmark and serve them.
@@ -124,8 +139,7 @@ def train(config_file: str | None, plan_only: bool, as_json: bool, **kwargs) -> 
     """
     from .train import train as run_train
 
-    cfg = settings.load_config(TrainConfig, config_file, settings.flag_values(kwargs, TrainConfig))
-    result = run_train(cfg, plan_only=plan_only)
+    result = run_train(_load(TrainConfig, config_file, kwargs), plan_only=plan_only)
     if plan_only:
         click.echo(json.dumps(result, indent=2) if as_json else _plan_text(result))
 
@@ -157,10 +171,7 @@ def merge_export(run_dir_arg: str | None, config_file: str | None, **kwargs) -> 
     """
     from .export import merge_export as run_export
 
-    flags = settings.flag_values(kwargs, ExportConfig)
-    if run_dir_arg:
-        flags["run_dir"] = run_dir_arg
-    run_export(settings.load_config(ExportConfig, config_file, flags))
+    run_export(_load(ExportConfig, config_file, kwargs, **({"run_dir": run_dir_arg} if run_dir_arg else {})))
 
 
 # --------------------------------------------------------------------------- bench
@@ -179,7 +190,7 @@ def bench(config_file: str | None, **kwargs) -> None:
     """
     from .bench import bench as run_bench
 
-    run_bench(settings.load_config(BenchConfig, config_file, settings.flag_values(kwargs, BenchConfig)))
+    run_bench(_load(BenchConfig, config_file, kwargs))
 
 
 def main() -> None:

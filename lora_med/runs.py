@@ -271,11 +271,14 @@ def output_problems(out: Path, kind: str, *, flag: str, inputs: list[tuple[str, 
                      f"choose another {flag}")
     if p:
         return p, state
+    holder = lock_holder(out / LOCK)
+    if holder:
+        return [f"{flag} {out}: in use by pid {holder}; wait for it to finish or choose another {flag}"], state
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             return [f"{flag} {out}: exists and is not a folder; choose another {flag}"], state
         try:
-            entries = list(out.iterdir())
+            entries = [e for e in out.iterdir() if e.name != LOCK]
         except OSError as e:
             return [f"{flag} {out}: cannot be read ({e.strerror}); fix its permissions or choose another {flag}"], state
         if not entries:
@@ -299,9 +302,23 @@ def output_problems(out: Path, kind: str, *, flag: str, inputs: list[tuple[str, 
     anchor = target
     while not anchor.exists():
         anchor = anchor.parent
-    if not os.access(anchor, os.W_OK | os.X_OK):
-        p.append(f"{flag} {out}: {anchor} is not writable (read-only or permission denied); choose another {flag}")
+    if problem := _unwritable(anchor):
+        p.append(f"{flag} {out}: {anchor} is not writable ({problem}); choose another {flag}")
     return p, state
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why nothing can be created in ``folder``, or None. A real probe (a file made and removed at once):
+    os.access says yes to root on a read-only filesystem."""
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".lora-med-probe-")
+    except OSError as e:
+        return e.strerror or str(e)
+    os.close(fd)
+    os.unlink(probe)
+    return None
 
 
 # --------------------------------------------------------------------------- locks

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import sys
 import typing
 from pathlib import Path
 from typing import Any
@@ -237,7 +236,8 @@ def load_config(cls, config_file: str | Path | None = None, flags: dict[str, Any
 
     Args:
         flags: values typed on the command line (None = not given).
-        argv: the command line, to name each flag as typed (an alias such as ``--lora_r`` included).
+        argv: the command line, to name each flag as typed (an alias such as ``--lora_r`` included); without
+            it flags are named by their main spelling.
     Raises:
         ConfigError: the YAML file is unreadable or has keys ``cls`` does not know.
     """
@@ -252,8 +252,8 @@ def load_config(cls, config_file: str | Path | None = None, flags: dict[str, Any
         path = Path(config_file)
         try:
             loaded = yaml_load(path)
-        except OSError as e:
-            raise ConfigError(f"--config {path}: cannot be read ({e.strerror or e})") from None
+        except ConfigError as e:
+            raise ConfigError(str(e) if str(e).startswith("--config") else f"--config {e}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -270,7 +270,7 @@ def load_config(cls, config_file: str | Path | None = None, flags: dict[str, Any
             seen[field] = str(k)
             values[field] = v
             where[field] = ("yaml", str(path))
-    typed = _typed_flags(cls, argv if argv is not None else sys.argv[1:])
+    typed = _typed_flags(cls, argv or [])
     for k, v in (flags or {}).items():
         if v is not None:
             values[k] = v
@@ -283,8 +283,11 @@ def load_config(cls, config_file: str | Path | None = None, flags: dict[str, Any
 def yaml_load(path: Path):
     import yaml
 
+    from .fileio import read_regular
+
+    raw = read_regular(path, "give a YAML file of settings", limit=16 << 20, error=ConfigError)
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ConfigError(f"--config {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:

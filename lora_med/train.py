@@ -29,7 +29,7 @@ from .errors import ConfigError, LoraMedError
 from .fileio import write_json
 from .settings import describe, name
 from .trainer import (NonFiniteLoss, is_main_process, load_checkpoint_weights, load_for_training, make_trainer,
-                      peak_memory, plot_loss, reset_peak_memory, run_loss, world_size)
+                      peak_memory, plot_loss, reset_peak_memory, world_size)
 
 # Settings that may differ between an interrupted run and its resume; all others must match.
 RESUME_FREE = {"output", "resume", "overwrite", "log_every", "compare", "compare_max_new_tokens", "vram_gb",
@@ -182,10 +182,12 @@ def resolve(cfg: TrainConfig, *, plan_only: bool = False) -> Setup:
             found, state = runs.output_problems(out, "train", flag=name(cfg, "output") if cfg.output else "--output",
                                                 inputs=inputs, overwrite=cfg.overwrite)
             p += found
-            if state == "owned" and not cfg.overwrite and not found:
-                card = (out / "run.json").is_file() and runs.load_card(out, "train", complete=False)
-                what = "a finished run" if card and card["status"] == "complete" else \
-                    "an unfinished run (add --resume to continue it)"
+            if state == "owned" and not cfg.overwrite and not found and (out / "run.json").exists():
+                try:
+                    done = runs.load_card(out, "train", complete=False)["status"] == "complete"
+                except LoraMedError:
+                    done = False
+                what = "a finished run" if done else "an unfinished run (add --resume to continue it)"
                 p.append(f"--output {out}: already holds {what}; choose another --output or add --overwrite")
 
     model_config = shape = meta = targets = None
@@ -232,6 +234,10 @@ def _check_bitsandbytes(cfg: TrainConfig) -> list[str]:
 def _check_resume(cfg: TrainConfig, out: Path, p: list[str]) -> tuple[Path | None, list[str]]:
     """Problems with the run to resume (added to ``p``); its newest whole checkpoint and notes."""
     flag = name(cfg, "resume")
+    holder = runs.lock_holder(out / runs.LOCK)
+    if holder:
+        p.append(f"{flag} {out}: in use by pid {holder}; wait for it to finish")
+        return None, []
     try:
         card = runs.load_card(out, "train", complete=False)
     except LoraMedError as e:
@@ -241,9 +247,6 @@ def _check_resume(cfg: TrainConfig, out: Path, p: list[str]) -> tuple[Path | Non
         p.append(f"{flag} {out}: that run is finished; nothing to resume (train a new run with another --output, "
                  "or replace it with --overwrite)")
         return None, []
-    holder = runs.lock_holder(out / runs.LOCK)
-    if holder:
-        p.append(f"{flag} {out}: in use by pid {holder}; wait for it to finish")
     saved, mine = card["config"], settings.as_dict(cfg)
     diff = [f"{k} (run: {saved.get(k)!r}, now: {mine[k]!r})" for k in mine
             if k not in RESUME_FREE and k in saved and saved[k] != mine[k]]
@@ -419,6 +422,8 @@ def _run(cfg: TrainConfig, setup: Setup, d: Data, mem: MemoryPlan, callbacks, t_
                            setup.precision, setup.device, callbacks)
     ckpt = setup.checkpoint
     done = ckpt is not None and _finished_checkpoint(ckpt)
+    if ckpt is not None:
+        trainer.continue_from(ckpt)
     t_train = time.perf_counter()
     try:
         if done:  # killed after its last checkpoint (e.g. during the final evaluation): only finish
@@ -474,7 +479,7 @@ def _finish(cfg, setup: Setup, d: Data, model, trainer, card: dict, ckpt, train_
         base_ppl = perplexity(torch_logits_fn(base_model), d.eval_ex, pad)
     state = trainer.state
     metrics = {
-        "train_loss": run_loss(trainer, ckpt), "steps": state.global_step,
+        "train_loss": trainer.run_loss, "steps": state.global_step,
         "eval_loss": ppl["assistant"]["nll"], "eval_ppl": ppl["assistant"]["ppl"], "eval_ppl_all": ppl["all"]["ppl"],
         "base_eval_ppl": base_ppl["assistant"]["ppl"], "base_eval_ppl_all": base_ppl["all"]["ppl"],
         "eval_tokens": ppl["assistant"]["tokens"], "tokens_seen": state.num_input_tokens_seen,

@@ -43,6 +43,18 @@ class LoraMedTrainer(Trainer):
 
     loss_sum = 0.0
 
+    def continue_from(self, ckpt: Path) -> None:
+        """Carry the loss sum of the steps before ``ckpt`` (each checkpoint stores it) into this session."""
+        state = ckpt / STATE_FILE
+        self.loss_sum = json.loads(state.read_text())["loss_sum"] if state.is_file() else 0.0
+
+    @property
+    def run_loss(self) -> float | None:
+        """Mean training loss per optimizer step over the whole run, resumes included (the Trainer's own figure
+        divides this session's losses by every step, so a resumed run looked better than it was)."""
+        steps = self.state.global_step
+        return self.loss_sum / steps if steps else None
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         value = float(loss)  # one sync per micro-step; the finiteness check needs it anyway
@@ -246,16 +258,6 @@ def load_checkpoint_weights(model, ckpt: Path) -> None:
             raise RuntimeError(f"{ckpt}: weights missing from the checkpoint: {sorted(result.missing_keys)[:5]}")
     if unexpected:
         raise RuntimeError(f"{ckpt}: the checkpoint holds weights this model does not have: {unexpected[:5]}")
-
-
-def run_loss(trainer: LoraMedTrainer, resumed_from: Path | None) -> float | None:
-    """Mean training loss per optimizer step over the whole run, resumes included (the Trainer's own
-    figure divides this session's losses by every step, so a resumed run looked better than it was)."""
-    before = 0.0
-    if resumed_from is not None and (resumed_from / STATE_FILE).is_file():
-        before = json.loads((resumed_from / STATE_FILE).read_text())["loss_sum"]
-    steps = trainer.state.global_step
-    return (before + trainer.loss_sum) / steps if steps else None
 
 
 def peak_memory(device: str) -> dict:

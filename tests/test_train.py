@@ -186,45 +186,109 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_base, convers
 # --------------------------------------------------------------------------- resume after kill -9
 
 
-def _train_cmd(tiny_base, data, out, *extra):
-    return [sys.executable, "-m", "lora_med", "train", "--data", str(data), "--eval-data", str(data),
-            "--base", str(tiny_base), "--output", str(out), "--max-steps", "40", "--save-every", "5",
-            "--log-every", "1", "--batch-size", "2", "--r", "4", "--learning-rate", "5e-3", "--no-compare", *extra]
+RESUME_FLAGS = dict(max_steps=20, save_every=5, log_every=1, batch_size=2, r=4, learning_rate=5e-3, compare=False)
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def test_resume_after_kill_equals_uninterrupted_run(tiny_base, conversations_file, tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    full = subprocess.run(_train_cmd(tiny_base, conversations_file, tmp_path / "a"), capture_output=True, text=True,
-                          env=env, cwd=REPO)
-    assert full.returncode == 0, full.stderr
+def _train_in_child(tiny_base, data, out: Path, kill: str | None = None) -> subprocess.CompletedProcess:
+    """`train()` in a fresh process; ``kill`` ("step:13" or "train_end") makes it SIGKILL itself there: a real
+    kill -9 at a deterministic point, however loaded the machine is."""
+    settings = dict(data=str(data), eval_data=str(data), base=str(tiny_base), output=str(out), **RESUME_FLAGS)
+    code = f"""
+import os, signal
+from transformers import TrainerCallback
+from lora_med.config import TrainConfig
+from lora_med.train import train
+kill = {kill!r}
+class Kill(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        if kill == f"step:{{state.global_step}}":
+            os.kill(os.getpid(), signal.SIGKILL)
+    def on_train_end(self, args, state, control, **kw):
+        if kill == "train_end":  # after the last checkpoint, before the final evaluation
+            os.kill(os.getpid(), signal.SIGKILL)
+train(TrainConfig(**{settings!r}), callbacks=[Kill()])
+"""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=REPO)
 
-    proc = subprocess.Popen(_train_cmd(tiny_base, conversations_file, tmp_path / "b"), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
-    for line in proc.stdout:
-        if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= 13:
-            os.kill(proc.pid, signal.SIGKILL)  # a real kill, mid-training
-            break
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_base, conversations_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("resume") / "a"
+    r = _train_in_child(tiny_base, conversations_file, out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def _resume(run: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lora_med", "train", "--resume", str(run)], capture_output=True,
+                          text=True, env=ENV, cwd=REPO)
+
+
+def _assert_same_adapter(a: Path, b: Path) -> None:
+    wa = load_file(str(a / "adapter_model.safetensors"))
+    wb = load_file(str(b / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0)
+
+
+def test_resume_after_kill_equals_uninterrupted_run(uninterrupted, tiny_base, conversations_file, tmp_path):
     b = tmp_path / "b"
+    killed = _train_in_child(tiny_base, conversations_file, b, kill="step:13")
+    assert killed.returncode == -signal.SIGKILL
     assert not (b / "adapter_model.safetensors").exists()
-    assert latest_checkpoint(b).name in ("checkpoint-10", "checkpoint-15")
+    assert latest_checkpoint(b).name == "checkpoint-10"
+    card = json.loads((b / "run.json").read_text())
+    assert card["status"] == "running"
+    with pytest.raises(LoraMedError, match="interrupted before finishing.*--resume"):
+        from lora_med.runs import load_card
+
+        load_card(b, "train")  # the stale lock tells a killed run from a live one
     # what a kill during a save leaves behind: never loaded
     junk = b / "checkpoints" / ".partial" / "checkpoint-20"
     junk.mkdir(parents=True, exist_ok=True)
     (junk / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
 
-    resumed = subprocess.run([sys.executable, "-m", "lora_med", "train", "--resume", str(b)],
-                             capture_output=True, text=True, env=env, cwd=REPO)
+    resumed = _resume(b)
     assert resumed.returncode == 0, resumed.stderr
-    assert "Resuming from" in resumed.stdout
-    wa = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
-    wb = load_file(str(b / "adapter_model.safetensors"))
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0)
-    card = json.loads((b / "run.json").read_text())
+    assert "Resuming from" in resumed.stdout and "took over a stale lock" in resumed.stdout
+    _assert_same_adapter(uninterrupted, b)
+    card, ref = (json.loads((d / "run.json").read_text()) for d in (b, uninterrupted))
     assert card["status"] == "complete" and card["resumed_from"]
+    # The whole run's mean loss, not the resumed part's sum over every step (issue: 4.02 for a ~6.0 run).
+    assert card["metrics"]["train_loss"] == pytest.approx(ref["metrics"]["train_loss"], rel=1e-4)
+    assert card["metrics"]["steps"] == ref["metrics"]["steps"] == 20
+
+
+def test_kill_during_the_final_evaluation_resumes_into_the_evaluation(uninterrupted, tiny_base, conversations_file,
+                                                                       tmp_path):
+    c = tmp_path / "c"
+    killed = _train_in_child(tiny_base, conversations_file, c, kill="train_end")
+    assert killed.returncode == -signal.SIGKILL and latest_checkpoint(c).name == "checkpoint-20"
+    resumed = _resume(c)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "training had finished; running the final evaluation" in resumed.stdout
+    assert "step 21" not in resumed.stdout and "step 20/20" not in resumed.stdout  # no phantom step
+    _assert_same_adapter(uninterrupted, c)
+    card, ref = (json.loads((d / "run.json").read_text()) for d in (c, uninterrupted))
+    assert card["metrics"]["steps"] == 20
+    assert card["metrics"]["train_loss"] == pytest.approx(ref["metrics"]["train_loss"], rel=1e-4)
+    assert card["metrics"]["eval_ppl"] == pytest.approx(ref["metrics"]["eval_ppl"], rel=1e-5)
+
+
+def test_resume_falls_back_past_a_truncated_checkpoint(uninterrupted, tmp_path):
+    import shutil
+
+    from lora_med.runs import latest_checkpoint as find
+
+    run = tmp_path / "copy"
+    shutil.copytree(uninterrupted, run)
+    newest = run / "checkpoints" / "checkpoint-20" / "adapter_model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # a cut copy
+    found, skipped = find(run)
+    assert found.name == "checkpoint-15" and len(skipped) == 1 and "checkpoint-20" in skipped[0]
+    assert "truncated or corrupt" in skipped[0]
 
 
 # --------------------------------------------------------------------------- config errors

@@ -1,0 +1,471 @@
+"""Nothing lost, no tracebacks: every class of careless use, with its exit code or error, its message, and the
+bytes on disk before and after.
+
+Classes (issue 12): destructive --overwrite; outputs that are inputs; YAML/flag/Python types; bounds that depend
+on the model; one run per folder (locks, stale locks); truncated checkpoints (test_train.py); corrupt or
+wrong-shaped cards; a read-only output; a FIFO or /dev/zero as data; a merge-export killed mid-way; bench inputs
+that do not belong together; data check's exit code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lora_med import runs, settings
+from lora_med.bench import bench
+from lora_med.config import BenchConfig, ExportConfig, TrainConfig
+from lora_med.errors import ConfigError, DatasetError, LoraMedError
+from lora_med.export import merge_export
+from lora_med.train import train
+
+from .conftest import REPO
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (itself included if a file) -> its SHA-256: the bytes on disk."""
+    root = Path(root)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root.parent)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def cli(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """`lora-med ARGS` in this process: (exit code, stdout + stderr)."""
+    from lora_med.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lora-med", *args])
+    with pytest.raises(SystemExit) as e:
+        main()
+        sys.exit(0)
+    out = capsys.readouterr()
+    return e.value.code, out.out + out.err
+
+
+def tcfg(tiny_base, data, out, **kw) -> TrainConfig:
+    return TrainConfig(**{**dict(data=str(data), eval_data=str(data), base=str(tiny_base), output=str(out),
+                                 max_steps=2, compare=False, log_every=1, r=4), **kw})
+
+
+# --------------------------------------------------------------------------- destructive overwrite
+
+
+def test_overwrite_never_empties_a_folder_lora_med_did_not_write(tiny_base, tmp_path, monkeypatch, capsys):
+    from .conftest import CONVERSATIONS
+
+    proj = tmp_path / "userproj"
+    proj.mkdir()
+    (proj / "data.json").write_text(json.dumps(CONVERSATIONS, ensure_ascii=False))
+    (proj / "notes.txt").write_text("mis notas")
+    before = snapshot(proj)
+    monkeypatch.chdir(tmp_path)
+    code, out = cli(monkeypatch, capsys, "train", "--data", "userproj/data.json", "--eval-data", "userproj/data.json",
+                    "--base", str(tiny_base), "--output", "userproj", "--overwrite", "--max-steps", "1")
+    assert code == 2 and "Traceback" not in out
+    assert "--output userproj: contains the training data userproj/data.json; an output may not be an input" in out
+    assert snapshot(proj) == before
+
+
+def test_overwrite_of_the_working_directory_is_refused(tiny_base, conversations_file, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "here"
+    work.mkdir()
+    (work / "keep.txt").write_text("x")
+    before = snapshot(work)
+    monkeypatch.chdir(work)
+    code, out = cli(monkeypatch, capsys, "train", "--data", str(conversations_file), "--base", str(tiny_base),
+                    "--output", ".", "--overwrite")
+    assert code == 2 and "--output .: is the working directory" in out and snapshot(work) == before
+
+
+def test_output_that_is_the_base_is_refused(tiny_base, conversations_file, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    before = snapshot(base)
+    with pytest.raises(ConfigError, match=r"TrainConfig.output \S+/base: is the base model .*an output may not be an input"):
+        train(tcfg(base, conversations_file, base, method="full"))
+    assert snapshot(base) == before
+
+
+def test_overwrite_names_foreign_files_in_a_run_folder(trained, tiny_base, conversations_file, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained["lora"], run)
+    (run / "my-notes.md").write_text("apuntes")
+    before = snapshot(run)
+    with pytest.raises(ConfigError, match=r"holds files lora-med did not write \(my-notes.md\)"):
+        train(tcfg(tiny_base, conversations_file, run, overwrite=True))
+    assert snapshot(run) == before
+
+
+def test_overwrite_of_a_run_lora_med_wrote_replaces_only_its_entries(tiny_base, conversations_file, tmp_path):
+    run = tmp_path / "run"
+    first = train(tcfg(tiny_base, conversations_file, run, max_steps=1))
+    second = train(tcfg(tiny_base, conversations_file, run, max_steps=2, overwrite=True))
+    assert second.run["metrics"]["steps"] == 2 and first.run["metrics"]["steps"] == 1
+    assert runs.foreign_entries(run) == []
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)] == [1, 2], "the old run's metrics are gone, not appended to"
+
+
+@pytest.mark.parametrize("where", ["parent", "run"])
+def test_export_over_its_own_run_or_its_parent_is_refused(trained, tmp_path, where):
+    parent = tmp_path / "proj"
+    run = parent / "lora"
+    shutil.copytree(trained["lora"], run)
+    before = snapshot(parent)
+    target = parent if where == "parent" else run
+    with pytest.raises(ConfigError) as e:
+        merge_export(ExportConfig(run_dir=str(run), output=str(target), overwrite=True))
+    assert f"ExportConfig.output {target}: {'contains' if where == 'parent' else 'is'} the training run" in str(e.value)
+    assert snapshot(parent) == before
+
+
+def test_export_over_a_foreign_folder_is_refused(trained, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x.bin").write_bytes(b"\0")
+    before = snapshot(out)
+    with pytest.raises(ConfigError, match="already exists and lora-med did not write it"):
+        merge_export(ExportConfig(run_dir=str(trained["lora"]), output=str(out), overwrite=True))
+    assert snapshot(out) == before
+
+
+def test_bench_report_folder_with_foreign_files_is_refused(trained, tmp_path):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "draft.md").write_text("x")
+    with pytest.raises(ConfigError, match=r"BenchConfig.out \S+/report: already exists and lora-med did not write it"):
+        bench(BenchConfig(run=str(trained["lora"]), out=str(out)))
+    assert sorted(p.name for p in out.iterdir()) == ["draft.md"]
+
+
+def test_resume_of_a_finished_run_changes_nothing(trained, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "done"
+    shutil.copytree(trained["lora"], run)
+    before = snapshot(run)
+    code, out = cli(monkeypatch, capsys, "train", "--resume", str(run))
+    assert code == 2 and "that run is finished; nothing to resume" in out and snapshot(run) == before
+
+
+# --------------------------------------------------------------------------- types: YAML, flags, Python
+
+
+@pytest.mark.parametrize("yaml_text,field,value", [
+    ("learning_rate: 2e-4\n", "learning_rate", 2e-4),  # a string to PyYAML
+    ("learning_rate: '3.0e-3'\n", "learning_rate", 3e-3),
+    ("target_modules: c_attn\n", "target_modules", ["c_attn"]),  # one module, not six characters
+    ("target_modules: c_attn, c_fc\n", "target_modules", ["c_attn", "c_fc"]),
+    ("target_modules: [c_attn, c_proj]\n", "target_modules", ["c_attn", "c_proj"]),
+    ("batch_size: '8'\n", "batch_size", 8),
+    ("epochs: 2\n", "epochs", 2.0),
+    ("max_length: 128.0\n", "max_length", 128),
+    ("num_train_epochs: 4\n", "epochs", 4.0),  # the Hugging Face name
+    ("lora_r: 4\n", "r", 4),
+    ("eval-fraction: 0.2\neval_data: split\n", "eval_fraction", 0.2),
+    ("report_to: none\n", "report_to", ["none"]),
+])
+def test_yaml_values_are_coerced_to_their_declared_type(tmp_path, yaml_text, field, value):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml_text)
+    cfg = settings.load_config(TrainConfig, f)
+    assert settings.check(cfg) == [] and getattr(cfg, field) == value
+
+
+@pytest.mark.parametrize("yaml_text,message", [
+    ("r: null\n", "r: None (in {f}): must be a whole number, not null"),
+    ("r: [1, 2]\n", "r: 1,2 (in {f}): must be a whole number, got a list"),
+    ("r: true\n", "r: True (in {f}): must be a whole number, got a boolean"),
+    ("r: 2.5\n", "r: 2.5 (in {f}): must be a whole number, got 2.5"),
+    ("learning_rate: fast\n", "learning_rate: fast (in {f}): must be a number, got 'fast'"),
+    ("learning_rate: .inf\n", "learning_rate: inf (in {f}): must be a finite number"),
+    ("learning_rate: .nan\n", "learning_rate: nan (in {f}): must be a finite number"),
+    ("seed: -1\n", "seed: -1 (in {f}): must be >= 0"),
+    ("weight_decay: -0.1\n", "weight_decay: -0.1 (in {f}): must be >= 0"),
+    ("dropout: 1\n", "dropout: 1 (in {f}): must be in [0, 1)"),
+    ("method: prefix\n", "method: prefix (in {f}): use one of lora, qlora, full"),
+    ("report_to: [tensorboard, neptune]\n", "use one of tensorboard, wandb, mlflow, none"),
+    ("compare: maybe\n", "compare: maybe (in {f}): must be true or false"),
+    ("base: 123\n", "base: 123 (in {f}): must be text, got a number"),
+    ("target_modules: [c_attn, 3]\n", "must be a list of names, got a number 3"),
+])
+def test_yaml_type_errors_name_the_key_and_file(tmp_path, yaml_text, message):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml_text)
+    problems = settings.check(settings.load_config(TrainConfig, f))
+    assert any(message.format(f=f) in p for p in problems), problems
+
+
+def test_yaml_problems_reach_the_user_as_errors_not_tracebacks(tiny_base, tmp_path, monkeypatch, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text("learning_rate: [1]\nr: null\nbatch_size: many\nlm: 1\n")
+    code, out = cli(monkeypatch, capsys, "train", "--config", str(f))
+    assert code == 2 and "unknown setting(s): lm" in out and "Traceback" not in out
+    f.write_text("learning_rate: [1]\nr: null\nbatch_size: many\n")
+    code, out = cli(monkeypatch, capsys, "train", "--config", str(f), "--base", str(tiny_base))
+    assert code == 2 and "3 problem(s)" in out and "Traceback" not in out
+    f.write_text("- just\n- a list\n")
+    code, out = cli(monkeypatch, capsys, "train", "--config", str(f))
+    assert code == 2 and "expected a mapping of settings" in out
+    f.write_text("r: [unclosed\n")
+    code, out = cli(monkeypatch, capsys, "train", "--config", str(f))
+    assert code == 2 and "invalid YAML" in out
+
+
+def test_flags_name_the_spelling_typed(tiny_base, conversations_file, monkeypatch, capsys):
+    code, out = cli(monkeypatch, capsys, "train", "--data", str(conversations_file), "--base", str(tiny_base),
+                    "--lora_r", "0", "--per_device_train_batch_size", "x", "--learning_rate", "nan", "--seed", "-3")
+    assert code == 2 and "Traceback" not in out
+    for m in ("--lora_r 0: must be >= 1", "--per_device_train_batch_size x: must be a whole number, got 'x'",
+              "--learning_rate nan: must be a finite number", "--seed -3: must be >= 0"):
+        assert m in out
+
+
+def test_python_api_gets_the_same_checks(tiny_base, conversations_file, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        train(tcfg(tiny_base, conversations_file, tmp_path / "x", learning_rate="2e-4x", target_modules="c_attn",
+                   max_grad_norm=float("inf")))
+    msg = str(e.value)
+    assert "TrainConfig.learning_rate='2e-4x': must be a number" in msg
+    assert "TrainConfig.max_grad_norm=inf: must be a finite number" in msg
+    assert "target_modules" not in msg, "one string is one module"
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(max_length=512), "TrainConfig.max_length=512: the base reads at most 256 positions"),
+    (dict(target_modules=["lm_head"]), "lm_head cannot be a LoRA target"),
+    (dict(eval_fraction=0.2), "TrainConfig.eval_fraction=0.2 and TrainConfig.eval_data="),
+    (dict(compare=True, compare_max_new_tokens=300), "compare_max_new_tokens=300: the base reads at most 256"),
+    (dict(report_to=["none", "tensorboard"]), "none cannot be combined"),
+])
+def test_bounds_that_depend_on_the_model_or_other_settings(tiny_base, conversations_file, tmp_path, kw, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        train(tcfg(tiny_base, conversations_file, tmp_path / "x", **kw))
+    assert not (tmp_path / "x").exists()
+
+
+def test_eval_fraction_is_honoured_without_an_eval_file(tiny_base, conversations_file, tmp_path):
+    res = train(tcfg(tiny_base, conversations_file, tmp_path / "x", eval_data="split", eval_fraction=0.25,
+                     max_steps=1))
+    ev = res.run["data"]["eval"]
+    assert ev["source"] == "split" and ev["conversations"] == 2 and len(ev["indices"]) == 2  # 25% of 8
+
+
+def test_plan_for_a_gpu_from_a_machine_without_one(tiny_base, conversations_file, tmp_path):
+    shape_only = tmp_path / "shape-only"
+    shape_only.mkdir()
+    for f in tiny_base.iterdir():
+        if f.name != "model.safetensors":  # config and tokenizer only: planning reads the shape
+            shutil.copy(f, shape_only / f.name)
+    plan = train(tcfg(shape_only, conversations_file, tmp_path / "p", device="cuda", precision="bf16", vram_gb=8),
+                 plan_only=True)
+    assert plan["device"] == "cuda" and plan["precision"] == "bf16" and plan["total_gb"] > 0
+    assert not (tmp_path / "p").exists()
+
+
+def test_vram_budget_too_small_is_named(tiny_base, conversations_file, tmp_path):
+    with pytest.raises(ConfigError, match=r"TrainConfig.vram_gb=1e-06: lora does not fit even at batch 1"):
+        train(tcfg(tiny_base, conversations_file, tmp_path / "x", vram_gb=1e-6), plan_only=True)
+
+
+def test_base_folder_without_a_tokenizer(tiny_base, conversations_file, tmp_path):
+    base = tmp_path / "no-tok"
+    base.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_base / f, base / f)
+    with pytest.raises(ConfigError, match="no tokenizer there"):
+        train(tcfg(base, conversations_file, tmp_path / "x"))
+
+
+# --------------------------------------------------------------------------- one run at a time
+
+
+def _holder() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+def test_a_second_train_on_the_same_folder_is_refused_while_the_first_runs(tiny_base, conversations_file, tmp_path):
+    out = tmp_path / "run"
+    runs.claim(out, "train", "run.json")  # what a run in progress holds: its marker, its card, its lock
+    (out / "run.json").write_text(json.dumps({"kind": "lora-med.train", "status": "running"}))
+    proc = _holder()
+    try:
+        (out / ".lock").write_text(json.dumps({"pid": proc.pid, "started": runs._start_time(proc.pid)}))
+        before = snapshot(out)
+        for kw in (dict(), dict(overwrite=True), dict(resume=str(out), output=None)):
+            with pytest.raises(LoraMedError, match=f"in use by pid {proc.pid}"):
+                train(tcfg(tiny_base, conversations_file, out, **kw))
+        assert snapshot(out) == before
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_stale_lock_is_taken_over(tiny_base, conversations_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    runs.claim(out, "train")  # a folder lora-med made, whose process was killed before it wrote more
+    proc = _holder()
+    proc.kill()
+    proc.wait()
+    (out / ".lock").write_text(json.dumps({"pid": proc.pid, "started": "1"}))
+    res = train(tcfg(tiny_base, conversations_file, out, max_steps=1))
+    assert res.run["status"] == "complete" and "took over a stale lock" in capsys.readouterr().out
+    assert not (out / ".lock").exists()
+
+
+def test_a_run_that_dies_is_marked_failed_with_the_reason(tiny_base, conversations_file, tmp_path):
+    from transformers import TrainerCallback
+
+    class Boom(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            raise RuntimeError("disk on fire")
+
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError):
+        train(tcfg(tiny_base, conversations_file, out), callbacks=[Boom()])
+    card = json.loads((out / "run.json").read_text())
+    assert card["status"] == "failed" and card["failure"]["reason"] == "RuntimeError: disk on fire"
+    with pytest.raises(LoraMedError, match="it failed: RuntimeError: disk on fire.*--resume"):
+        runs.load_card(out, "train")
+
+
+# --------------------------------------------------------------------------- corrupt cards
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda c: "{ not json", "run.json: not valid JSON"),
+    (lambda c: json.dumps([1, 2]), "run.json: expected a JSON object"),
+    (lambda c: json.dumps({**c, "kind": "something"}), "not a lora-med training run card"),
+    (lambda c: json.dumps({**c, "data": {**c["data"], "eval": {"path": 3}}}), "field 'data.eval.path' is of the wrong"),
+    (lambda c: json.dumps({k: v for k, v in c.items() if k != "base"}), "field 'base.name_or_path' is missing"),
+    (lambda c: "", "run.json: not valid JSON"),
+])
+def test_corrupt_run_card_is_named_by_merge_export(trained, tmp_path, damage, message):
+    run = tmp_path / "run"
+    shutil.copytree(trained["lora"], run)
+    card = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(damage(card))
+    with pytest.raises(ConfigError, match=message):
+        merge_export(ExportConfig(run_dir=str(run), output=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_and_data_moved_together_are_still_found(trained, conversations_file, tmp_path):
+    a = tmp_path / "a"
+    shutil.copytree(trained["lora"], a / "run")
+    shutil.copy(conversations_file, a / "convs.json")
+    card = json.loads((a / "run" / "run.json").read_text())
+    card["data"]["eval"].update(runs.data_record(a / "convs.json", a / "run"))
+    (a / "run" / "run.json").write_text(json.dumps(card))
+    b = tmp_path / "b"
+    a.rename(b)  # the absolute path is gone; the path relative to the run still holds
+    card = runs.load_card(b / "run", "train")
+    assert runs.locate(card["data"]["eval"], b / "run", "held-out data") == b / "run" / "../convs.json"
+    assert len(runs.held_out(card, b / "run")) == 8
+    (b / "convs.json").unlink()
+    with pytest.raises(LoraMedError, match=rf"the held-out data is gone \(looked for {a / 'convs.json'} and"):
+        runs.held_out(card, b / "run")
+
+
+def test_merge_export_and_bench_work_from_another_directory(trained, exported, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = bench(BenchConfig(run=str(trained["lora"]), export=[str(exported["fp32"])], backends=["ort-cpu-fp32"],
+                            prompts=1, repeats=1, warmup=0, new_tokens=2, scaling=False, threads=1,
+                            max_latency_s=60.0, min_ppl_gain=1e-6))
+    assert res.out_dir == Path("reports") / "lora" and (tmp_path / "reports" / "lora" / "report.json").is_file()
+
+
+# --------------------------------------------------------------------------- read-only output, special files
+
+
+def test_read_only_report_folder_is_refused_before_measuring(trained, capsys):
+    with pytest.raises(ConfigError, match=r"BenchConfig.out /sys/lora-med-report: /sys is not writable"):
+        bench(BenchConfig(run=str(trained["lora"]), out="/sys/lora-med-report"))
+    assert "Perplexity" not in capsys.readouterr().out, "refused before anything was measured"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "devzero"])
+def test_fifo_or_dev_zero_as_data_is_a_clear_error(tiny_base, tmp_path, kind, monkeypatch, capsys):
+    path = tmp_path / "pipe.json"
+    if kind == "fifo":
+        os.mkfifo(path)  # nobody writes: a plain read would block forever
+    else:
+        path = Path("/dev/zero")  # endless: a plain read would fill memory
+    with pytest.raises(DatasetError, match="not a regular file"):
+        from lora_med.data import load_conversations
+
+        load_conversations(path)
+    code, out = cli(monkeypatch, capsys, "data", "check", str(path), "--tokenizer", str(tiny_base))
+    assert code == 2 and "not a regular file" in out
+    with pytest.raises(ConfigError, match=r"TrainConfig.data=.*: not a regular file"):
+        train(tcfg(tiny_base, path, tmp_path / "x", eval_data="split"))
+    code, out = cli(monkeypatch, capsys, "train", "--config", str(path))
+    assert code == 2 and "not a regular file" in out and "Traceback" not in out
+
+
+def test_data_check_names_the_tokenizer_flag(conversations_file, tmp_path, monkeypatch, capsys):
+    code, out = cli(monkeypatch, capsys, "data", "check", str(conversations_file), "--tokenizer", str(tmp_path / "no"))
+    assert code == 2 and f"--tokenizer {tmp_path / 'no'}" in out and "Traceback" not in out
+
+
+def test_jsonl_with_line_separators_inside_strings_loads(tmp_path):
+    from lora_med.data import load_conversations
+
+    f = tmp_path / "odd.jsonl"
+    rows = [{"user": "hola\u2028mundo", "assistant": "sí\u0085claro"}, {"user": "a\u2029b", "assistant": "c"}]
+    f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    convs = load_conversations(f).conversations
+    assert [c.messages[0].content for c in convs] == ["hola\u2028mundo", "a\u2029b"]
+
+
+# --------------------------------------------------------------------------- merge-export killed mid-way
+
+
+def test_stale_partial_export_is_removed_by_the_next_run(trained, tmp_path, capsys):
+    out = tmp_path / "exp"
+    dead = tmp_path / "exp.partial-999999999"  # no such pid
+    runs.claim(dead, "export", "merged")
+    (dead / "merged").mkdir()
+    live = tmp_path / f"exp.partial-{os.getppid()}"  # a live process's work: kept
+    runs.claim(live, "export")
+    res = merge_export(ExportConfig(run_dir=str(trained["lora"]), output=str(out), n_parity=1, max_new_tokens=2))
+    assert res.output == out and not dead.exists() and live.exists()
+    assert "left by a merge-export (pid 999999999) that did not finish" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- bench inputs that do not belong
+
+
+def test_bench_refuses_an_export_of_another_run(trained, exported, tmp_path):
+    with pytest.raises(ConfigError, match="exported from the run .*which is neither --run nor --full-run"):
+        bench(BenchConfig(run=str(trained["tokens"]), export=[str(exported["fp32"])], out=str(tmp_path / "r")))
+
+
+def test_bench_refuses_the_onnx_folder_of_a_failed_export(trained, exported, tmp_path):
+    failed = tmp_path / "exp.failed"
+    shutil.copytree(exported["fp32"], failed)
+    m = json.loads((failed / "manifest.json").read_text())
+    (failed / "manifest.json").write_text(json.dumps({**m, "status": "failed"}))
+    with pytest.raises(ConfigError, match="the export is not complete \\(status 'failed'\\)"):
+        bench(BenchConfig(run=str(trained["lora"]), export=[str(failed / "onnx")], out=str(tmp_path / "r")))
+
+
+def test_bench_compares_bases_by_content_not_by_name(trained, tiny_base, conversations_file, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    other = tmp_path / "elsewhere" / tiny_base.name  # same folder name, other weights
+    shutil.copytree(tiny_base, other)
+    model = AutoModelForCausalLM.from_pretrained(other)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.add_(1.0)
+    model.save_pretrained(other, safe_serialization=True)
+    full = train(tcfg(other, conversations_file, tmp_path / "full", method="full", max_steps=1, seed=0,
+                      batch_size=4, alpha=8)).output
+    with pytest.raises(ConfigError, match="start from different bases .*config and weights differ"):
+        bench(BenchConfig(run=str(trained["lora"]), full_run=str(full), out=str(tmp_path / "r")))
