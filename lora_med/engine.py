@@ -71,7 +71,7 @@ class StepBackend(Protocol):
 
     def step(self, tokens: np.ndarray) -> np.ndarray: ...
 
-    def session(self) -> contextlib.AbstractContextManager: ...
+    def scope(self) -> contextlib.AbstractContextManager: ...
 
     def close(self) -> None: ...
 
@@ -113,7 +113,7 @@ class Engine:
         feed = np.empty(batch, dtype=np.int64)
         bans = _NGramBans(rows, s.no_repeat_ngram_size) if s.no_repeat_ngram_size > 0 else None
         chooser = _Sampler(s) if s.do_sample else None
-        with self._backend.session():
+        with self._backend.scope():
             logits = self._backend.prefill(rows, s.max_new_tokens)
             for t in range(s.max_new_tokens):
                 if t < s.min_new_tokens:
@@ -159,6 +159,22 @@ class Engine:
         if problems:
             raise LoraMedError(f"{self.name}: cannot generate", problems)
         return [[int(t) for t in p[-budget:]] for p in prompts]
+
+    def teacher_forced_logits(self, ids: list[int]) -> np.ndarray:
+        """float32 ``[len(ids) - 1, vocab]``: row i is the logits after ``ids[:i + 1]``, computed the way decoding
+        computes them (the first token as a prompt, then one cached step per token). For parity gates:
+        top-1 agreement and logit differences against PyTorch on held-out conversations."""
+        if not 2 <= len(ids) <= self.capacity:
+            raise LoraMedError(f"{self.name}: teacher forcing needs 2 to {self.capacity} (capacity) tokens, "
+                               f"got {len(ids)}")
+        out = np.empty((len(ids) - 1, self.vocab_size), np.float32)
+        with self._backend.scope():
+            out[0] = self._backend.prefill([[int(ids[0])]], len(ids) - 1)[0]
+            feed = np.empty(1, np.int64)
+            for i in range(1, len(ids) - 1):
+                feed[0] = ids[i]
+                out[i] = self._backend.step(feed)[0]
+        return out
 
     def close(self) -> None:
         """Free the backend (sessions, device buffers). The engine cannot generate afterwards."""
@@ -263,7 +279,7 @@ class _TorchBackend:
         self.cache = None
 
     @contextlib.contextmanager
-    def session(self) -> Iterator[None]:
+    def scope(self) -> Iterator[None]:
         # Replies are made in eval mode (dropout off) and without autograd; the caller's mode is restored,
         # so a comparison reply in the middle of training does not leave the model in eval mode.
         torch = self.torch

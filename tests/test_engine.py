@@ -15,6 +15,7 @@ from lora_med.engine import GenerationSettings, load_engine, torch_engine
 from lora_med.errors import LoraMedError
 
 PROMPT_LENGTHS = (1, 5, 17, 40)
+REPO_DATA = __import__("pathlib").Path(__file__).resolve().parent.parent / "data"
 
 
 def _prompts(vocab: int, lengths=PROMPT_LENGTHS, seed: int = 0) -> list[list[int]]:
@@ -139,3 +140,185 @@ def test_load_engine_on_a_hf_folder_runs_pytorch(tiny_base, tiny_model):
         tiny_model, p, 10, engine.eos_token_id)
     with pytest.raises(LoraMedError, match="neither a decode graph"):
         load_engine(tiny_base / "nothing-here")
+
+
+# --------------------------------------------------------------------------- the decode graph on ONNX Runtime
+
+
+@pytest.fixture(scope="module")
+def tiny_graph(tiny_base, tmp_path_factory):
+    from lora_med.decode_graph import build_decode_graph
+
+    out = tmp_path_factory.mktemp("decode-fp32")
+    info = build_decode_graph(tiny_base, out, capacity=64)  # small, so that the left cut is exercised
+    return out, info
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_graph):
+    engine = load_engine(tiny_graph[0], device="cpu", threads=1)
+    yield engine
+    engine.close()
+
+
+def test_decode_graph_is_small_and_described(tiny_graph, tiny_model):
+    import onnx
+
+    out, info = tiny_graph
+    model = onnx.load(str(out / "model.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    # Fused ops only: per layer 4 MatMul, 1 Add, 1 GQA, 2 SkipLayerNorm, 1 FastGelu (one shared SkipLN per boundary)
+    assert ops.count("GroupQueryAttention") == 2 and ops.count("FastGelu") == 2
+    assert len(ops) <= 2 * 9 + 7, ops
+    assert not {"Shape", "Concat", "Slice", "Unsqueeze", "Where", "Softmax"} & set(ops)
+    assert info["capacity"] == 64 and info["precision"] == "fp32" and info["model_type"] == "gpt2"
+    assert info["eos_token_id"] == tiny_model.config.eos_token_id
+    assert set(info["files"]) == {"model.onnx"} and (out / "engine.json").is_file()
+    logits = next(o for o in model.graph.output if o.name == "logits")
+    assert [d.dim_param or d.dim_value for d in logits.type.tensor_type.shape.dim] == ["batch", 400]
+
+
+def test_decode_graph_logits_match_pytorch(tiny_model, tiny_onnx):
+    prompts = _prompts(tiny_model.config.vocab_size, (3, 20, 9), seed=6)
+    got = tiny_onnx._backend.prefill(prompts, 4).copy()  # the last prompt position of each (right-padded) row
+    with torch.no_grad():
+        for row, p in zip(got, prompts):
+            ref = tiny_model(torch.tensor([p])).logits[0, -1].numpy()
+            np.testing.assert_allclose(row, ref, atol=1e-4, rtol=0)
+    ids = prompts[1] + prompts[2]
+    with torch.no_grad():
+        ref = tiny_model(torch.tensor([ids])).logits[0, :-1].numpy()
+    np.testing.assert_allclose(tiny_onnx.teacher_forced_logits(ids), ref, atol=1e-4, rtol=0)
+
+
+def test_onnx_engine_greedy_equals_generate(tiny_model, tiny_onnx, tiny_torch):
+    prompts = _prompts(tiny_model.config.vocab_size)
+    s = GenerationSettings(max_new_tokens=20)
+    keep = tiny_onnx.capacity - 20  # 44: the 17- and 40-token prompts fit, a 100-token one is cut
+    long = _prompts(tiny_model.config.vocab_size, (100,), seed=7)[0]
+    refs = [_hf_greedy(tiny_model, p[-keep:], 20, tiny_onnx.eos_token_id) for p in prompts + [long]]
+    assert [tiny_onnx.generate([p], s)[0] for p in prompts] == refs[:-1]
+    assert tiny_onnx.generate(prompts + [long], s) == refs  # batched: five lengths, one cut from the left
+    assert tiny_onnx.generate([long], s)[0] == refs[-1]
+    s3 = GenerationSettings(max_new_tokens=20, no_repeat_ngram_size=3)  # no cut: the 40-token prompt fits
+    assert tiny_onnx.generate(prompts, s3) == tiny_torch.generate(prompts, s3)
+    assert tiny_onnx.name == "engine-cpu-fp32" and tiny_onnx.precision == "fp32" and tiny_onnx.capacity == 64
+
+
+def test_onnx_engine_sampling_and_eos(tiny_model, tiny_onnx):
+    prompts = _prompts(tiny_model.config.vocab_size, (5, 11), seed=8)
+    s = GenerationSettings(max_new_tokens=16, do_sample=True, top_p=0.9, seed=3)
+    a = tiny_onnx.generate(prompts, s)
+    assert a == tiny_onnx.generate(prompts, s) and a != tiny_onnx.generate(prompts, GenerationSettings(
+        max_new_tokens=16, do_sample=True, top_p=0.9, seed=4))
+    free = tiny_onnx.generate(prompts, GenerationSettings(max_new_tokens=16, no_repeat_ngram_size=1))
+    saved = tiny_onnx.eos_token_id
+    tiny_onnx.eos_token_id = free[1][3]  # the 4th reply token of row 1 now ends that row
+    try:
+        got = tiny_onnx.generate(prompts, GenerationSettings(max_new_tokens=16, no_repeat_ngram_size=1))
+    finally:
+        tiny_onnx.eos_token_id = saved
+    eos = free[1][3]
+    assert got[1] == free[1][:3]
+    assert got[0] == (free[0][:free[0].index(eos)] if eos in free[0] else free[0])
+
+
+def test_tampered_decode_graph_gives_different_replies(tiny_graph, tiny_model, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    src, _ = tiny_graph
+    model = onnx.load(str(src / "model.onnx"))
+    w = next(t for t in model.graph.initializer if t.name == "h.1.mlp.c_fc.weight")
+    arr = numpy_helper.to_array(w).copy()
+    arr += np.random.default_rng(0).normal(0, 0.05, arr.shape).astype(arr.dtype)
+    w.CopyFrom(numpy_helper.from_array(arr, w.name))
+    onnx.save_model(model, str(tmp_path / "model.onnx"))
+    (tmp_path / "engine.json").write_text((src / "engine.json").read_text())
+    prompts = _prompts(tiny_model.config.vocab_size, (4, 12, 30), seed=9)
+    s = GenerationSettings(max_new_tokens=20)
+    with load_engine(src, device="cpu") as good, load_engine(tmp_path, device="cpu") as bad:
+        assert good.generate(prompts, s) != bad.generate(prompts, s)
+
+
+def test_non_gpt2_models_and_bad_options_are_refused(tmp_path, tiny_base):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_med.decode_graph import build_decode_graph
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "llama")
+    with pytest.raises(LoraMedError, match="built for GPT-2"):
+        build_decode_graph(tmp_path / "llama", tmp_path / "out")
+    with pytest.raises(LoraMedError, match="precision='bf16'"):
+        build_decode_graph(tiny_base, tmp_path / "out", precision="bf16")
+    with pytest.raises(LoraMedError, match="capacity=1000"):
+        build_decode_graph(tiny_base, tmp_path / "out", capacity=1000)
+
+
+def test_cuda_is_refused_for_cpu_precisions(tiny_graph):
+    with pytest.raises(LoraMedError, match="runs on the CPU"):
+        load_engine(tiny_graph[0], device="cuda")
+
+
+# --------------------------------------------------------------------------- int8 and fp16 on the shipped base
+
+
+SHIPPED = "models/gpt2-es-tiny"
+
+
+@pytest.fixture(scope="module")
+def shipped_sequences():
+    """Token ids of held-out clinic conversations, formatted as in training (each turn ends with EOS)."""
+    from lora_med.data import load_conversations, segments
+    from lora_med.models import load_tokenizer, resolve_base
+
+    base = resolve_base(SHIPPED)
+    tok = load_tokenizer(base)
+    convs = list(load_conversations(REPO_DATA / "medical_conversations_eval.json").conversations)[:12]
+    return base, [[t for ids, _ in segments(c, tok, "dialogpt") for t in ids][:96] for c in convs]
+
+
+def _top1(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a.argmax(1) == b.argmax(1)).mean())
+
+
+@pytest.fixture(scope="module")
+def shipped_fp32(shipped_sequences, tmp_path_factory):
+    from lora_med.decode_graph import build_decode_graph
+
+    base, seqs = shipped_sequences
+    out = tmp_path_factory.mktemp("shipped-fp32")
+    build_decode_graph(base, out, capacity=128)
+    with load_engine(out, device="cpu", threads=1) as engine:
+        return out, [engine.teacher_forced_logits(s) for s in seqs]
+
+
+def test_int8_decode_graph_agrees_with_fp32(shipped_sequences, shipped_fp32, tmp_path):
+    from lora_med.decode_graph import build_decode_graph
+
+    base, seqs = shipped_sequences
+    info = build_decode_graph(base, tmp_path, precision="int8", capacity=128)
+    q = info["recipe"]["quantization"]
+    assert q["per_channel"] and q["ops"] == ["MatMul"] and info["devices"] == ["cpu"]
+    with load_engine(tmp_path, device="cpu", threads=1) as engine:
+        assert engine.name == "engine-cpu-int8"
+        got = [engine.teacher_forced_logits(s) for s in seqs]
+    agree = _top1(np.concatenate(got), np.concatenate(shipped_fp32[1]))
+    assert agree >= 0.99, agree  # measured 99.5% over 64 held-out conversations
+    # Layer weights int8; the embedding (also the LM head) stays float: 8.4 of the 27.5 MB here.
+    assert (tmp_path / "model.onnx").stat().st_size < 0.55 * (shipped_fp32[0] / "model.onnx").stat().st_size
+
+
+def test_fp16_decode_graph_builds_types_and_agrees_on_the_cpu(shipped_sequences, shipped_fp32, tmp_path):
+    """fp16 is for CUDA; ONNX Runtime 1.31's CPU provider has fp16 kernels for every node of the graph, so
+    its types and its numerics are checked here too (slowly)."""
+    from lora_med.decode_graph import build_decode_graph
+
+    base, seqs = shipped_sequences
+    info = build_decode_graph(base, tmp_path, precision="fp16", capacity=128)
+    assert info["kv_dtype"] == "float16" and info["devices"] == ["cuda"]
+    with load_engine(tmp_path, device="cpu", threads=1) as engine:
+        got = [engine.teacher_forced_logits(s) for s in seqs[:4]]
+    assert got[0].dtype == np.float32  # logits leave the graph in fp32
+    assert _top1(np.concatenate(got), np.concatenate(shipped_fp32[1][:4])) >= 0.99
