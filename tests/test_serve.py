@@ -303,6 +303,27 @@ def test_queue_full_503_and_timeout_504(slow):
                                             ("user", "con pediatria")]
 
 
+def test_a_client_that_leaves_does_not_break_the_batch(slow):
+    with httpx.Client(base_url=slow.url, timeout=30) as client:
+        got: dict[str, object] = {}
+
+        def impatient() -> None:
+            try:
+                httpx.post(f"{slow.url}/chat/", json={"user_id": "+59174100001", "message": "quiero una cita"},
+                           timeout=0.3)  # gives up and closes its connection inside the 1 s batch window
+            except httpx.TimeoutException as e:
+                got["impatient"] = e
+
+        t = threading.Thread(target=impatient)
+        t.start()
+        time.sleep(0.05)
+        patient = client.post("/chat/", json={"user_id": "+59174100002", "message": "quiero una cita"})
+        t.join()
+    assert isinstance(got["impatient"], httpx.TimeoutException)
+    assert patient.status_code == 200 and patient.json()["response"]
+    assert httpx.get(f"{slow.url}/health", timeout=10).json()["in_flight"] == 0
+
+
 def test_kill_9_mid_request_loses_nothing_committed_and_history_survives_restart(servers, tiny_base, tiny_tokenizer):
     slow, user = servers["slow"], "+59175000001"
     first = slow.chat(user, "Hola, necesito una cita")
@@ -529,3 +550,56 @@ def test_mask():
     assert mask("CI 6543210 SC") == "CI *****10 SC"
     assert mask("+591 7012-3456") == "+*** ****-**56"
     assert mask("127.0.0.1 port 8000") == "127.0.0.1 port 8000"
+
+
+class BrokenEngine:
+    """Stands in for the engine only to make it fail; the app, uvicorn and the store are real."""
+
+    name, device, precision, capacity, eos_token_id = "broken", "cpu", "fp32", 256, 0
+
+    def generate(self, prompts, settings):
+        raise RuntimeError("the device fell over")
+
+    def close(self) -> None:
+        pass
+
+
+def test_engine_failure_is_an_explicit_500_and_the_server_carries_on(tmp_path, tiny_base):
+    import socket
+
+    import uvicorn
+
+    from lora_med.serve import ServeConfig, create_app
+
+    cfg = ServeConfig(model=str(tiny_base), db=str(tmp_path / "b.db"))
+    app = create_app(cfg, engine=BrokenEngine())
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    srv = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not srv.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = httpx.post(f"{url}/chat/", json={"user_id": "+59177000001", "message": "quiero una cita"}, timeout=30)
+        assert r.status_code == 500 and r.json()["detail"].startswith("generation failed (RuntimeError)")
+        assert r.headers["X-Request-Id"] in r.json()["detail"]
+        r = httpx.post(f"{url}/chat/", json={"user_id": "+59177000001", "message": "me quiero morir"}, timeout=30)
+        assert r.status_code == 200 and r.json()["action"] == "emergency"  # the guard never needs the model
+        assert 'lora_med_requests_total{status="500"} 1' in httpx.get(f"{url}/metrics", timeout=10).text
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+    assert [(t[2], t[3]) for t in turns(tmp_path / "b.db")][0] == ("user", "quiero una cita")  # kept, unanswered
+
+
+def test_example_settings_file_loads():
+    from lora_med.runcard import load_config
+    from lora_med.serve import ServeConfig
+
+    cfg = load_config(ServeConfig, REPO / "configs" / "serve.yaml", {"model": str(REPO / "models" / "gpt2-es-tiny")})
+    cfg.check()
+    assert cfg.max_batch == 8 and cfg.idle_minutes == 30.0 and cfg.rate_limit == 20

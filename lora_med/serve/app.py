@@ -4,7 +4,7 @@ A message goes: validation (422) -> emergency guard (answered at once, never the
 limited) -> per-user rate limit (429) -> a place in the queue (503) -> the user's conversation from the
 store (the message stored) -> ``action``/``params.status`` from the intent layer -> the prompt in the
 training format -> a batch through the engine -> the reply stored -> the response. A request that takes
-longer than ``request_timeout_s`` gets 504; its message stays stored, unanswered.
+longer than ``request_timeout_s`` gets 504 (a message already stored stays, unanswered).
 
 (No ``from __future__ import annotations`` here: FastAPI reads the route's body annotation at runtime, and
 the request model is built per app, with that app's message limit.)
@@ -71,12 +71,12 @@ def _request_model(max_chars: int) -> type[BaseModel]:
 class _Server:
     """Everything one running app holds (no module-level state)."""
 
-    def __init__(self, cfg: ServeConfig, replier: Replier, store: ConversationStore):
+    def __init__(self, cfg: ServeConfig, guard: Guard, intents: Intents, store: ConversationStore, replier: Replier):
         self.cfg = cfg
-        self.replier = replier
+        self.guard = guard
+        self.intents = intents
         self.store = store
-        self.guard = Guard(resolve_path(cfg.emergency))
-        self.intents = Intents(resolve_path(cfg.intents))
+        self.replier = replier
         self.limiter = RateLimiter(cfg.rate_limit, cfg.rate_window_s)
         self.locks = UserLocks()
         self.in_flight = 0
@@ -167,7 +167,7 @@ class _Server:
                 if future is not None:
                     future.cancel()  # still queued: skipped; already in the engine: its row is dropped
                 return self.finish(504, t0, {"detail": f"timeout: no reply within {cfg.request_timeout_s:g} s "
-                                                       "(request_timeout_s); the message was kept, send it again"},
+                                                       "(request_timeout_s); send the message again"},
                                    headers, error="timeout", **ids)
             await self.db(self.store.answer, opened.conversation_id, opened.turn_id, reply, action=action,
                           status=status, source=source, now=time.time())
@@ -185,6 +185,10 @@ class _Server:
         except EngineFailed as e:
             return self.finish(500, t0, {"detail": f"generation failed ({e}); request id {rid} in the server log"},
                                headers, error="engine", **ids)
+        except Exception as e:  # noqa: BLE001 - a bug or a broken store: still an explicit answer and a log line
+            log("chat_error", logging.ERROR, exc_info=e, request_id=rid, error=type(e).__name__)
+            return self.finish(500, t0, {"detail": f"internal error; request id {rid} in the server log"},
+                               headers, error="internal", **ids)
         finally:
             if ticket is not None:
                 ticket.release()
@@ -199,8 +203,15 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
         ConfigError: a setting, the model folder, the rule files or the database is unusable.
     """
     cfg.check()
-    replier = load_replier(cfg, engine)
-    server = _Server(cfg, replier, store if store is not None else SQLiteStore(cfg.db))
+    # Cheap things first, so their mistakes show before the model loads.
+    guard, intents = Guard(resolve_path(cfg.emergency)), Intents(resolve_path(cfg.intents))
+    store = store if store is not None else SQLiteStore(cfg.db)
+    try:
+        replier = load_replier(cfg, engine)
+    except BaseException:
+        store.close()
+        raise
+    server = _Server(cfg, guard, intents, store, replier)
     app = FastAPI(title="lora-med serve", version="1", lifespan=server.lifespan,
                   description="The seed guide's /chat/ app on a model fine-tuned and exported with lora-med.")
     app.state.server = server

@@ -50,9 +50,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps({"ts": ts, **_masked(out)}, ensure_ascii=False, default=str)
 
 
-def log(event: str, level: int = logging.INFO, **fields) -> None:
+def log(event: str, level: int = logging.INFO, exc_info: BaseException | None = None, **fields) -> None:
     """Log ``event`` with ``fields`` (never message text) through the server's logger."""
-    logging.getLogger(LOGGER).log(level, event, extra={"fields": fields})
+    logging.getLogger(LOGGER).log(level, event, exc_info=exc_info, extra={"fields": fields})
 
 
 def logging_config(log_file: str | None) -> dict:
