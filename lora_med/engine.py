@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -89,6 +90,8 @@ class Engine:
         self.eos_token_id = int(eos_token_id)
         self.vocab_size = int(vocab_size)
         self.info = dict(info or {})  # what the engine runs: graph recipe, provider, threads (for reports)
+        # A backend holds one KV cache: calls from several threads (a server) take turns; batch them instead.
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Engine({self.name!r}, capacity={self.capacity})"
@@ -113,7 +116,7 @@ class Engine:
         feed = np.empty(batch, dtype=np.int64)
         bans = _NGramBans(rows, s.no_repeat_ngram_size) if s.no_repeat_ngram_size > 0 else None
         chooser = _Sampler(s) if s.do_sample else None
-        with self._backend.scope():
+        with self._lock, self._backend.scope():
             logits = self._backend.prefill(rows, s.max_new_tokens)
             for t in range(s.max_new_tokens):
                 if t < s.min_new_tokens:
@@ -168,7 +171,7 @@ class Engine:
             raise LoraMedError(f"{self.name}: teacher forcing needs 2 to {self.capacity} (capacity) tokens, "
                                f"got {len(ids)}")
         out = np.empty((len(ids) - 1, self.vocab_size), np.float32)
-        with self._backend.scope():
+        with self._lock, self._backend.scope():
             out[0] = self._backend.prefill([[int(ids[0])]], len(ids) - 1)[0]
             feed = np.empty(1, np.int64)
             for i in range(1, len(ids) - 1):

@@ -124,6 +124,9 @@ class _OrtBackend:
         self.kv_dtype = KV_DTYPES[info["kv_dtype"]]
         self.io = info["io"]
         self.cuda_graph = bool(cuda_graph and device == "cuda")
+        # What CUDA graphs need of the loop, kept apart so that the CPU tests can exercise it too:
+        # power-of-two batch buckets (few captured graphs) and total_sequence_length pinned to the capacity.
+        self.bucket_batches = self.pin_total = self.cuda_graph
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
@@ -163,7 +166,7 @@ class _OrtBackend:
         return self.ort.OrtValue.ortvalue_from_numpy(host, "cuda", 0)
 
     def _slot_for(self, rows: int) -> _Slot:
-        batch = 1 << (rows - 1).bit_length() if self.cuda_graph else rows
+        batch = 1 << (rows - 1).bit_length() if self.bucket_batches else rows
         if batch not in self.slots:
             if not self.cuda_graph:
                 self.slots.clear()  # CPU: one batch size's buffers at a time (a KV cache can be large)
@@ -201,7 +204,7 @@ class _OrtBackend:
         slot.seqlens[:] = self.lens  # GQA: total length after this step - 1
         self.lens += 1
         # Pinned to the capacity under CUDA graphs (see the module docstring); exact otherwise.
-        slot.total[...] = self.capacity if self.cuda_graph else int(self.lens.max())
+        slot.total[...] = self.capacity if self.pin_total else int(self.lens.max())
         if self.device == "cuda":
             slot.ids_v.update_inplace(slot.ids)
             slot.pos_v.update_inplace(slot.pos)

@@ -49,6 +49,22 @@ def _head_nodes(model) -> list[str]:
     return out
 
 
+def _fold_weight_transposes(model) -> None:
+    """Replace ``Transpose(initializer)`` by a transposed initializer, so that a MatMul fed by it (the decode
+    graph's LM head on the tied embedding) has a constant weight the quantiser can see. The original
+    initializer stays for its other users (the embedding Gather)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in list(model.graph.node):
+        if node.op_type != "Transpose" or node.input[0] not in inits:
+            continue
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        arr = numpy_helper.to_array(inits[node.input[0]])
+        model.graph.initializer.append(numpy_helper.from_array(arr.transpose(perm).copy(), node.output[0]))
+        model.graph.node.remove(node)
+
+
 def quantize_int8(src_onnx, dst_onnx, *, per_channel: bool = True, keep_head_float: bool = True) -> dict:
     """Dynamic int8 of an fp32 ONNX graph for ONNX Runtime's CPU provider; returns the recipe (for manifests).
 
@@ -65,6 +81,8 @@ def quantize_int8(src_onnx, dst_onnx, *, per_channel: bool = True, keep_head_flo
     model = _load(src)
     if any(init.data_type == 10 for init in model.graph.initializer):  # TensorProto.FLOAT16
         raise LoraMedError(f"{src}: an fp16 graph; int8 quantisation starts from the fp32 graph")
+    if not keep_head_float:
+        _fold_weight_transposes(model)  # a float head keeps reading the tied embedding: no second copy
     exclude = _head_nodes(model) if keep_head_float else []
     size = sum(len(t.raw_data) for t in model.graph.initializer)
     quantize_dynamic(model, dst, op_types_to_quantize=["MatMul"], per_channel=per_channel, reduce_range=False,
