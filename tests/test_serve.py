@@ -304,6 +304,7 @@ def test_queue_full_503_and_timeout_504(slow):
 
 
 def test_a_client_that_leaves_does_not_break_the_batch(slow):
+    time.sleep(1.2)  # let a batch window still open from the test before close (it would answer at once)
     with httpx.Client(base_url=slow.url, timeout=30) as client:
         got: dict[str, object] = {}
 
@@ -470,6 +471,11 @@ def test_model_paths(tmp_path, tiny_base):
     (lora / "adapter_config.json").write_text("{}")
     with pytest.raises(ConfigError, match="merge-export"):
         resolve_model(str(lora))
+    from lora_med.serve import ServeConfig, create_app
+
+    with pytest.raises(ConfigError, match="merge-export"):
+        create_app(ServeConfig(model=str(lora), db=str(tmp_path / "never.db")))
+    assert not (tmp_path / "never.db").exists()  # refused before the database is created
     with pytest.raises(ConfigError, match="no such folder"):
         resolve_model(str(tmp_path / "missing"))
     half = tmp_path / "half-export"
@@ -477,6 +483,32 @@ def test_model_paths(tmp_path, tiny_base):
     (half / "manifest.json").write_text(json.dumps({"kind": "lora-med.export", "status": "running"}))
     with pytest.raises(LoraMedError, match="not complete"):
         resolve_model(str(half))
+
+
+def test_export_folder_serves_its_decode_graph_else_merged(tmp_path, tiny_base):
+    import shutil
+
+    from lora_med.decode_graph import build_decode_graph
+    from lora_med.serve import ServeConfig
+    from lora_med.serve.replier import load_replier
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_base, export / "merged")
+    # The manifest fields serve reads (merge-export writes these and more).
+    (export / "manifest.json").write_text(json.dumps({"kind": "lora-med.export", "status": "complete",
+                                                      "source": {"format": "dialogpt", "max_length": 128}}))
+    torch_side = load_replier(ServeConfig(model=str(export), threads=1))  # no engine/ yet: merged/ on PyTorch
+    assert torch_side.source.engine_path == export / "merged" and torch_side.engine.name.startswith("engine-torch")
+    build_decode_graph(export / "merged", export / "engine")
+    ort_side = load_replier(ServeConfig(model=str(export), threads=1))
+    assert ort_side.source.engine_path == export / "engine" and ort_side.engine.name == "engine-cpu-fp32"
+    assert ort_side.budget == torch_side.budget == 128 - 40  # the training run's max_length, not the capacity
+    history = [Message("user", "Hola, necesito una cita"), Message("assistant", "¿Para qué especialidad?"),
+               Message("user", "pediatria")]
+    prompts = [ort_side.prompt(history), ort_side.prompt(history[-1:])]
+    assert ort_side.generate(prompts) == torch_side.generate(prompts)  # one engine, two backends, same replies
+    ort_side.close()
+    torch_side.close()
 
 
 def test_prompt_cut_whole_oldest_turns_first(tiny_base, tiny_tokenizer):

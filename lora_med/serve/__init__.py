@@ -6,7 +6,16 @@ status), guard (emergencies), matcher (the rules both use), batcher (queue and d
 replier (model folder, prompts, engine calls), limits (rate limit, per-user order), metrics, logs.
 """
 
-from .app import create_app, serve
 from .config import ServeConfig
 
 __all__ = ["ServeConfig", "create_app", "serve"]
+
+
+def __getattr__(name: str):
+    # The app pulls in FastAPI, torch and the engine; `from lora_med.serve import ServeConfig` (the CLI,
+    # `lora-med serve --help`) should not wait for them.
+    if name in ("create_app", "serve"):
+        from . import app
+
+        return getattr(app, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

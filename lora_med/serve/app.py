@@ -33,7 +33,7 @@ from .intents import ACTIONS, EMERGENCY_STATUS, Intents
 from .limits import RateLimiter, UserLocks
 from .logs import log, logging_config
 from .metrics import CONTENT_TYPE, Metrics
-from .replier import Replier, load_replier
+from .replier import Replier, load_replier, resolve_model
 from .store import ConversationStore, SQLiteStore
 
 USER_ID_PATTERN = r"^\+?[1-9][0-9]{6,14}$"  # a phone number, E.164 digits with or without '+'
@@ -205,9 +205,10 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
     cfg.check()
     # Cheap things first, so their mistakes show before the model loads.
     guard, intents = Guard(resolve_path(cfg.emergency)), Intents(resolve_path(cfg.intents))
+    source = resolve_model(cfg.model)  # a LoRA run or a half export is refused before the database is touched
     store = store if store is not None else SQLiteStore(cfg.db)
     try:
-        replier = load_replier(cfg, engine)
+        replier = load_replier(cfg, engine, source)
     except BaseException:
         store.close()
         raise

@@ -12,7 +12,6 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from ..models import REPO_ROOT
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -129,6 +128,8 @@ def _check_types(cfg: ServeConfig) -> list[str]:
 
 def resolve_path(path: str | Path) -> Path:
     """``path`` from the working directory, else from the lora-med checkout (so configs/ is found anywhere)."""
+    from ..models import REPO_ROOT  # here, not at the top: models imports torch, and --help should not wait
+
     p = Path(path)
     return p if p.exists() or p.is_absolute() or not (REPO_ROOT / p).exists() else REPO_ROOT / p
 

@@ -139,13 +139,14 @@ def settings_from(cfg: ServeConfig) -> GenerationSettings:
                               no_repeat_ngram_size=cfg.no_repeat_ngram_size)
 
 
-def load_replier(cfg: ServeConfig, engine=None) -> Replier:
-    """The replier for ``cfg.model``; loads the engine unless one is given (tests, embedding apps).
+def load_replier(cfg: ServeConfig, engine=None, source: ModelSource | None = None) -> Replier:
+    """The replier for ``cfg.model`` (``source``: its resolution, if already done); loads the engine unless
+    one is given (tests, embedding apps).
 
     Raises:
         ConfigError / LoraMedError: the folder cannot be served (named, with the fix).
     """
-    source = resolve_model(cfg.model)
+    source = source or resolve_model(cfg.model)
     tokenizer = load_tokenizer(str(source.tokenizer_path))
     if engine is None:
         engine = load_engine(source.engine_path, device=cfg.device, threads=cfg.threads)
