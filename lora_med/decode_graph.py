@@ -3,7 +3,7 @@
 The graph is built from the merged model's weights with the ``onnx`` package, node by node, as
 onnxruntime-genai's model builder does, instead of tracing PyTorch: tracing gives thousands of small
 nodes (shape arithmetic, masks, transposes) whose launch and host overhead, not the weights, set the
-reply time (see ../shared/FACTS.md, "Measured on an NVIDIA H200"). Per layer it has 7 nodes:
+reply time (see ../shared/FACTS.md, "Measured on an NVIDIA H200"). Per layer it has 9 nodes (fp16 adds 4 Casts):
 
     MatMul(c_attn) -> Add(bias) -> GroupQueryAttention -> MatMul(c_proj)
     -> SkipLayerNormalization(ln_2; adds the residual and c_proj's bias) -> MatMul(c_fc)
@@ -23,8 +23,10 @@ reply time (see ../shared/FACTS.md, "Measured on an NVIDIA H200"). Per layer it 
   the largest weight (ORT folds the Transpose once at load), and the int8 recipe keeps the head in float.
 
 Precisions: ``fp32`` (CPU; the CUDA provider has no fp32 GroupQueryAttention kernel), ``fp16`` (CUDA:
-flash attention, LayerNorm and softmax accumulate in fp32 inside ORT's kernels), ``int8`` (CPU: the fp32
-graph through :func:`lora_med.engine_quant.quantize_int8`, the project's one int8 recipe).
+weights, matmuls, attention and GELU in fp16; the residual stream and LayerNorm in fp32, with a Cast at each
+boundary, because ORT's CUDA SkipLayerNormalization sums mean and variance in its input type; flash attention
+keeps its softmax in fp32), ``int8`` (CPU: the fp32 graph through
+:func:`lora_med.engine_quant.quantize_int8`, the project's one int8 recipe).
 """
 
 from __future__ import annotations
@@ -172,36 +174,51 @@ def _gpt2_weights(model_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
 def _graph(cfg: dict, w: dict[str, np.ndarray], capacity: int, dtype: str):
     from onnx import TensorProto, helper, numpy_helper
 
-    np_t = np.float16 if dtype == "fp16" else np.float32
-    onnx_t = TensorProto.FLOAT16 if dtype == "fp16" else TensorProto.FLOAT
+    half = dtype == "fp16"
+    np_t = np.float16 if half else np.float32
+    onnx_t = TensorProto.FLOAT16 if half else TensorProto.FLOAT
     nodes, inits = [], []
 
     def init(name: str, arr: np.ndarray, as_dtype=np_t) -> str:
         inits.append(numpy_helper.from_array(np.ascontiguousarray(arr.astype(as_dtype)), name))
         return name
 
+    def f32(name: str) -> str:  # LayerNorm parameters and the biases SkipLayerNormalization adds: always fp32
+        return init(name, w[name], np.float32)
+
     def node(op: str, inputs: list[str], outputs: list[str], name: str, domain: str = "", **attrs) -> None:
         nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
 
+    def cast(x: str, to: int) -> str:
+        """fp16 graphs only: x cast to ``to`` (the residual stream and LayerNorm stay fp32, see below)."""
+        if not half:
+            return x
+        out = f"{x}_{'f16' if to == TensorProto.FLOAT16 else 'f32'}"
+        node("Cast", [x], [out], out + "/Cast", to=to)
+        return out
+
+    # In fp16 the weights, matmuls, attention and GELU are fp16, while the residual stream and the LayerNorm
+    # statistics stay fp32: ORT's CUDA SkipLayerNormalization accumulates mean and variance in its input type,
+    # which in half precision would sum the squares of GPT-2's large residual activations. Flash attention
+    # accumulates its softmax in fp32 by itself.
     L, H, nh, hd, V = cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["head_dim"], cfg["vocab_size"]
     eps = cfg["eps"]
     gelu_op = "FastGelu" if cfg["activation"] in TANH_GELU else "BiasGelu"
     wte = init("wte.weight", w["wte.weight"])
-    wpe = init("wpe.weight", w["wpe.weight"][:capacity])
+    wpe = init("wpe.weight", w["wpe.weight"][:capacity], np.float32)
     node("Gather", [wte, IO["input_ids"]], ["/embed/tokens"], "/embed/tokens/Gather")
     node("Gather", [wpe, IO["position_ids"]], ["/embed/positions"], "/embed/positions/Gather")
     # The first SkipLayerNormalization adds token and position embeddings and applies h.0.ln_1.
-    x, skip, bias = "/embed/tokens", "/embed/positions", ""
+    x, skip, bias = cast("/embed/tokens", TensorProto.FLOAT), "/embed/positions", ""
     for i in range(L):
         p = f"h.{i}."
         ln1 = f"/h.{i}/ln_1"
-        node("SkipLayerNormalization", [x, skip, init(p + "ln_1.weight", w[p + "ln_1.weight"]),
-                                        init(p + "ln_1.bias", w[p + "ln_1.bias"]), bias],
+        node("SkipLayerNormalization", [x, skip, f32(p + "ln_1.weight"), f32(p + "ln_1.bias"), bias],
              [ln1, "", "", f"/h.{i}/residual_1"], ln1 + "/SkipLayerNorm", "com.microsoft", epsilon=eps)
         residual = f"/h.{i}/residual_1"
         qkv = f"/h.{i}/attn/qkv"
-        node("MatMul", [ln1, init(p + "attn.c_attn.weight", w[p + "attn.c_attn.weight"])], [qkv + "_mm"],
-             qkv + "/MatMul")
+        node("MatMul", [cast(ln1, TensorProto.FLOAT16), init(p + "attn.c_attn.weight", w[p + "attn.c_attn.weight"])],
+             [qkv + "_mm"], qkv + "/MatMul")
         node("Add", [qkv + "_mm", init(p + "attn.c_attn.bias", w[p + "attn.c_attn.bias"])], [qkv], qkv + "/Add")
         attn = f"/h.{i}/attn/out"
         node("GroupQueryAttention",
@@ -213,30 +230,30 @@ def _graph(cfg: dict, w: dict[str, np.ndarray], capacity: int, dtype: str):
         proj = f"/h.{i}/attn/proj"
         node("MatMul", [attn, init(p + "attn.c_proj.weight", w[p + "attn.c_proj.weight"])], [proj], proj + "/MatMul")
         ln2 = f"/h.{i}/ln_2"
-        node("SkipLayerNormalization", [proj, residual, init(p + "ln_2.weight", w[p + "ln_2.weight"]),
-                                        init(p + "ln_2.bias", w[p + "ln_2.bias"]),
-                                        init(p + "attn.c_proj.bias", w[p + "attn.c_proj.bias"])],
+        node("SkipLayerNormalization", [cast(proj, TensorProto.FLOAT), residual, f32(p + "ln_2.weight"),
+                                        f32(p + "ln_2.bias"), f32(p + "attn.c_proj.bias")],
              [ln2, "", "", f"/h.{i}/residual_2"], ln2 + "/SkipLayerNorm", "com.microsoft", epsilon=eps)
         fc = f"/h.{i}/mlp/fc"
-        node("MatMul", [ln2, init(p + "mlp.c_fc.weight", w[p + "mlp.c_fc.weight"])], [fc], fc + "/MatMul")
+        node("MatMul", [cast(ln2, TensorProto.FLOAT16), init(p + "mlp.c_fc.weight", w[p + "mlp.c_fc.weight"])],
+             [fc], fc + "/MatMul")
         act = f"/h.{i}/mlp/act"
         node(gelu_op, [fc, init(p + "mlp.c_fc.bias", w[p + "mlp.c_fc.bias"])], [act], act + "/" + gelu_op,
              "com.microsoft")
         mlp = f"/h.{i}/mlp/proj"
         node("MatMul", [act, init(p + "mlp.c_proj.weight", w[p + "mlp.c_proj.weight"])], [mlp], mlp + "/MatMul")
-        x, skip, bias = mlp, f"/h.{i}/residual_2", init(p + "mlp.c_proj.bias", w[p + "mlp.c_proj.bias"])
-    node("SkipLayerNormalization", [x, skip, init("ln_f.weight", w["ln_f.weight"]), init("ln_f.bias", w["ln_f.bias"]),
-                                    bias], ["/ln_f"], "/ln_f/SkipLayerNorm", "com.microsoft", epsilon=eps)
+        x, skip, bias = cast(mlp, TensorProto.FLOAT), f"/h.{i}/residual_2", f32(p + "mlp.c_proj.bias")
+    node("SkipLayerNormalization", [x, skip, f32("ln_f.weight"), f32("ln_f.bias"), bias], ["/ln_f"],
+         "/ln_f/SkipLayerNorm", "com.microsoft", epsilon=eps)
     node("GatherND", ["/ln_f", IO["last_index"]], ["/last"], "/last/GatherND", batch_dims=1)
     head = init("lm_head.weight", w["lm_head.weight"]) if cfg.get("untied_head") else wte
-    logits_t = IO["logits"] if dtype == "fp32" else "/lm_head/logits_fp16"
+    logits_t = "/lm_head/logits_f16" if half else IO["logits"]
     # Transpose of an initializer is folded once when the session loads (ORT constant folding), so the file
     # keeps one copy of the embedding. A Gemm(transB=1) on the shared matrix would avoid even that, but
     # onnxruntime's dynamic quantiser rewrites every Gemm into a MatMul by transposing its B initializer in
     # place, which would corrupt the embedding Gather that shares it.
     node("Transpose", [head], ["/lm_head/weight_t"], "/lm_head/Transpose", perm=[1, 0])
-    node("MatMul", ["/last", "/lm_head/weight_t"], [logits_t], "/lm_head/MatMul")
-    if dtype != "fp32":
+    node("MatMul", [cast("/last", TensorProto.FLOAT16), "/lm_head/weight_t"], [logits_t], "/lm_head/MatMul")
+    if half:
         node("Cast", [logits_t], [IO["logits"]], "/lm_head/Cast", to=TensorProto.FLOAT)
 
     kv_shape = ["batch", nh, capacity, hd]
@@ -251,8 +268,8 @@ def _graph(cfg: dict, w: dict[str, np.ndarray], capacity: int, dtype: str):
             inputs.append(helper.make_tensor_value_info(IO["past_" + kind].format(i), onnx_t, kv_shape))
             outputs.append(helper.make_tensor_value_info(IO["present_" + kind].format(i), onnx_t, kv_shape))
     graph = helper.make_graph(nodes, "lora_med_gpt2_decode", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
-                              producer_name="lora-med")
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="lora-med")
     model.ir_version = 9  # what onnxruntime >= 1.16 reads; newer IR adds nothing this graph uses
     return model
 

@@ -96,7 +96,8 @@ class Engine:
     def __repr__(self) -> str:
         return f"Engine({self.name!r}, capacity={self.capacity})"
 
-    def generate(self, prompts: list[list[int]], settings: GenerationSettings = GenerationSettings()) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]],
+                 settings: GenerationSettings = GenerationSettings()) -> list[list[int]]:
         """New token ids for each prompt (a batch: several prompts, any lengths).
 
         A row stops at EOS (not included in its ids) or after ``settings.max_new_tokens`` tokens. A prompt

@@ -80,7 +80,12 @@ class _Slot:
         self.batch = batch
         b = backend
         shape = (batch, b.n_head, b.capacity, b.head_dim)
-        self.kv = [b.device_value(np.zeros(shape, b.kv_dtype)) for _ in range(2 * b.n_layer)]
+        if b.device == "cpu":  # each OrtValue shares its own numpy array (zero pages until written)
+            self.kv = [b.device_value(np.zeros(shape, b.kv_dtype)) for _ in range(2 * b.n_layer)]
+        else:  # one host array of zeros copied into each device buffer (GQA never reads past seqlens_k,
+            zeros = np.zeros(shape, b.kv_dtype)  # but zeros keep a stray read finite)
+            self.kv = [b.device_value(zeros) for _ in range(2 * b.n_layer)]
+            del zeros
         self.logits_host = np.zeros((batch, b.vocab), np.float32)
         self.logits = b.device_value(self.logits_host)
         # Decode inputs: host arrays (shared by the OrtValue on the CPU, copied in on CUDA).

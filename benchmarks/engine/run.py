@@ -114,6 +114,36 @@ def main() -> None:
             assert out.shape[1] - len(p) == n
 
         backends["ort-cpu-fp32"] = ort_reply
+    if want("ort-cpu-int8"):
+        import shutil
+
+        from optimum.onnxruntime import ORTModelForCausalLM
+        import onnxruntime as ort
+
+        from lora_med.engine_quant import quantize_int8
+
+        t0 = time.perf_counter()
+        fp32_dir = _optimum_export(model_dir, work / f"{tag}-optimum-fp32")
+        int8_dir = work / f"{tag}-optimum-int8"
+        if not (int8_dir / "model.onnx").exists():
+            int8_dir.mkdir(parents=True, exist_ok=True)
+            quantize_int8(fp32_dir / "model.onnx", int8_dir / "model.onnx")  # the project's one int8 recipe
+            for f in fp32_dir.iterdir():
+                if f.suffix in (".json", ".txt"):
+                    shutil.copy(f, int8_dir / f.name)
+        build["ort-cpu-int8"] = round(time.perf_counter() - t0, 1)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = args.threads
+        m8 = ORTModelForCausalLM.from_pretrained(int8_dir, provider="CPUExecutionProvider", session_options=so,
+                                                 use_io_binding=False)
+
+        def ort8_reply(p, m=m8):
+            x = torch.tensor([p])
+            eos = m.config.eos_token_id
+            m.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, eos_token_id=eos, pad_token_id=eos)
+
+        backends["ort-cpu-int8"] = ort8_reply
     for precision in ("fp32", "int8"):
         name = f"engine-cpu-{precision}"
         if not want(name):
