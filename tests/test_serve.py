@@ -288,19 +288,31 @@ def test_queue_full_503_and_timeout_504(slow):
 
     # A user's second message waits for the first reply (~1 s), then for its own batch window (1 s more):
     # past request_timeout_s (1.5 s) it gets 504, and the message stays stored, unanswered.
+    # An emergency from the same user meanwhile does not wait for either.
     user = "+59174000005"
     with httpx.Client(base_url=slow.url, timeout=30) as client:
         first = threading.Thread(target=send, args=("a", user, "quiero una cita"))
         first.start()
         time.sleep(0.1)
-        late = client.post("/chat/", json={"user_id": user, "message": "con pediatria"})
+        late_thread = threading.Thread(target=send, args=("late", user, "con pediatria"))
+        late_thread.start()
+        time.sleep(0.1)
+        urgent = client.post("/chat/", json={"user_id": user, "message": "mi hijo se trago lavandina"})
+        first_done_before = "a" in results  # the first message still waits for its batch (1 s window)
         first.join()
+        late_thread.join()
+    late = results["late"]
+    assert urgent.status_code == 200 and urgent.json()["action"] == "emergency"
+    assert not first_done_before  # answered while the user's earlier message was still waiting
     assert results["a"].status_code == 200
     assert late.status_code == 504 and "request_timeout_s" in late.json()["detail"]
     conv = results["a"].json()["conversation_id"]
-    rows = [t for t in turns(slow.db) if t[1] == conv]
-    assert [(t[2], t[3]) for t in rows] == [("user", "quiero una cita"), ("assistant", results["a"].json()["response"]),
-                                            ("user", "con pediatria")]
+    assert urgent.json()["conversation_id"] == conv
+    rows = {t[0]: t for t in turns(slow.db) if t[1] == conv}
+    pairs = {rows[t[4]][3]: t[3] for t in rows.values() if t[2] == "assistant"}  # message -> its reply
+    assert pairs == {"quiero una cita": results["a"].json()["response"],
+                     "mi hijo se trago lavandina": urgent.json()["response"]}
+    assert "con pediatria" in [t[3] for t in rows.values() if t[2] == "user"]  # stored, unanswered
 
 
 def test_a_client_that_leaves_does_not_break_the_batch(slow):
@@ -554,7 +566,8 @@ def test_intents_with_and_without_accents_and_misspelled(message, action):
 
 
 def test_intent_status_follows_the_conversation():
-    from lora_med.serve.intents import Intents, Turn
+    from lora_med.serve.intents import Intents
+    from lora_med.serve.store import Turn
 
     it = Intents(REPO / "configs" / "intents.yaml")
     h = [Turn("user", "Quiero cancelar mi cita"),

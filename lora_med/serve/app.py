@@ -140,7 +140,8 @@ class _Server:
                                        {**headers, "Retry-After": "1"}, error="queue_full", **ids)
             try:
                 async with asyncio.timeout(cfg.request_timeout_s):
-                    async with self.locks.hold(user_id):
+                    # A user's messages are answered in order, but an emergency never waits behind one.
+                    async with self.locks.hold(user_id) if hit is None else contextlib.nullcontext():
                         restart = hit is None and self.intents.wants_restart(message)
                         opened = await self.db(self.store.begin, user_id, message, now=time.time(),
                                                idle_s=cfg.idle_minutes * 60, restart=restart, request_id=rid)

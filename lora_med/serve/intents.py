@@ -12,6 +12,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from .config import read_yaml
 from .matcher import RuleSet, normalize
+from .store import Turn
 
 ACTIONS = ("schedule_appointment", "reschedule_appointment", "cancel_appointment", "lab_results", "clinic_info",
            "emergency", "chat")
@@ -23,16 +24,6 @@ EMERGENCY_STATUS = "emergency_referred"
 _CI = re.compile(r"\b\d{5,8}\b")
 _MONTHS = "enero|febrero|marzo|abril|mayo|junio|julio|agosto|septiembre|setiembre|octubre|noviembre|diciembre"
 _DATE = re.compile(rf"\b\d{{1,2}} \d{{1,2}} (19|20)?\d{{2}}\b|\b\d{{1,2}} (de )?({_MONTHS})( de| del)? (19|20)\d{{2}}\b")
-
-
-@dataclass(frozen=True)
-class Turn:
-    """A stored turn as the intent layer sees it."""
-
-    role: str  # user | assistant
-    content: str
-    action: str | None = None  # assistant turns: the action sent with them
-    status: str | None = None
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import ConfigError
-from .intents import Turn
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -50,6 +49,16 @@ CREATE TABLE IF NOT EXISTS turns (
 CREATE INDEX IF NOT EXISTS turns_conversation ON turns (conversation_id, id);
 CREATE UNIQUE INDEX IF NOT EXISTS turns_reply ON turns (reply_to);
 """
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A stored turn, as the prompt and the intent layer read it."""
+
+    role: str  # user | assistant
+    content: str
+    action: str | None = None  # assistant turns: the action sent with them
+    status: str | None = None
 
 
 @dataclass(frozen=True)
