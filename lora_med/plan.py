@@ -268,16 +268,20 @@ def estimate(shape: Shape, *, method: str, batch_size: int, seq_len: int, precis
         trainable: trainable parameters (``lora_params`` or ``shape.params``).
         lora_dropout_width: ``lora_input_width`` when LoRA dropout is on (it keeps a copy), else 0.
         lora_width: ``lora_input_width`` whether or not dropout is on (CUDA: adapters without dropout
-            still keep lora_A's bf16 input); defaults to ``lora_dropout_width``.
+            still keep lora_A's bf16 input); defaults to ``lora_dropout_width``, or when that is 0 to every
+            linear layer adapted (an upper bound).
         attention: "sdpa" or "eager" (CUDA only; the CPU figure keeps the scores either way).
         chunked_ce: the "chunked_ce" lever (logits of at most ``CE_CHUNK_TOKENS`` tokens at once).
         optimizer: "adamw" (torch, foreach) or "adamw_8bit" (bitsandbytes).
     """
     if device.startswith("cuda") and precision in ("bf16", "fp16"):
+        if lora_width is None:
+            # Without dropout the callers pass no width (lora_dropout_width 0), yet lora_A still keeps its
+            # bf16 input: count every linear layer adapted (3h + f wide), the most it can be.
+            lora_width = lora_dropout_width or (3 + shape.mlp / shape.hidden)
         return _estimate_cuda(shape, method=method, b=batch_size, s=seq_len, trainable=trainable,
                               gc=gradient_checkpointing, quant_bits=quant_bits,
-                              lora_dropout=lora_dropout_width > 0,
-                              lora_width=lora_width if lora_width is not None else lora_dropout_width,
+                              lora_dropout=lora_dropout_width > 0, lora_width=lora_width,
                               attention=attention, chunked_ce=chunked_ce, optimizer=optimizer)
     half = precision in ("bf16", "fp16")
     if method == "full":

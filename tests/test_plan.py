@@ -105,6 +105,18 @@ def test_peak_moments_are_the_ones_the_replay_finds(medium):
     assert parts["autocast_copies"] == 0 and parts["optimizer_step"] == 0
 
 
+def test_adapters_without_dropout_are_not_undercounted(medium):
+    """train.py passes no width when dropout is off; lora_A's bf16 inputs are still kept (2 bytes per
+    element instead of dropout's 3), so the planner assumes every linear layer adapted."""
+    shape, meta, width, _ = medium
+    kw = dict(method="lora", batch_size=16, seq_len=128, precision="bf16", device="cuda",
+              trainable=plan.lora_params(meta, TARGETS, 16))
+    unknown = plan.estimate(shape, **kw, lora_dropout_width=0.0)
+    known = plan.estimate(shape, **kw, lora_dropout_width=0.0, lora_width=width)
+    with_dropout = plan.estimate(shape, **kw, lora_dropout_width=width)
+    assert unknown.total >= known.total and known.total < with_dropout.total
+
+
 def test_planner_agrees_with_the_committed_replay(medium):
     """Every setting replayed at DialoGPT-medium's shape (benchmarks/train_memory/replay-dialogpt-medium.json):
     the planner within -1% / +6% of the replayed max_memory_allocated, levers included."""
