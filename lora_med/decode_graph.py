@@ -19,8 +19,9 @@ reply time (see ../shared/FACTS.md, "Measured on an NVIDIA H200"). Per layer it 
 - Positions are an input (GPT-2's learned absolute positions, one per row and token).
 - Only the last real position of each row reaches the LM head (``last_index``, GatherND), so a prompt
   never materialises ``[seq, vocab]`` logits; logits are float32 ``[batch, vocab]`` in every precision.
-- The LM head multiplies by the transposed embedding matrix (GPT-2 ties them): the file holds one copy of
-  the largest weight (ORT folds the Transpose once at load), and the int8 recipe keeps the head in float.
+- The LM head multiplies by the transposed embedding matrix (GPT-2 ties them): the fp32/fp16 file holds one
+  copy of the largest weight (ORT folds the Transpose once at load); the int8 graph adds an int8 copy for
+  the head and keeps the float embedding for the Gather.
 
 Precisions: ``fp32`` (CPU; the CUDA provider has no fp32 GroupQueryAttention kernel), ``fp16`` (CUDA:
 weights, matmuls, attention and GELU in fp16; the residual stream and LayerNorm in fp32, with a Cast at each

@@ -307,9 +307,10 @@ def test_int8_decode_graph_agrees_with_fp32(shipped_sequences, shipped_fp32, tmp
         assert engine.name == "engine-cpu-int8"
         got = [engine.teacher_forced_logits(s) for s in seqs]
     agree = _top1(np.concatenate(got), np.concatenate(shipped_fp32[1]))
-    assert agree >= 0.99, agree  # measured 99.5% over 64 held-out conversations
-    # Layer weights int8; the embedding (also the LM head) stays float: 8.4 of the 27.5 MB here.
-    assert (tmp_path / "model.onnx").stat().st_size < 0.55 * (shipped_fp32[0] / "model.onnx").stat().st_size
+    # Measured over all 64 held-out conversations: 99.3% on this base, 99.56% on the fine-tuned LoRA model.
+    assert agree >= 0.99, agree
+    # Layer and head weights int8; the float embedding for the Gather is 8.4 of the 27.5 MB here.
+    assert (tmp_path / "model.onnx").stat().st_size < 0.6 * (shipped_fp32[0] / "model.onnx").stat().st_size
 
 
 def test_fp16_decode_graph_builds_types_and_agrees_on_the_cpu(shipped_sequences, shipped_fp32, tmp_path):
@@ -352,20 +353,27 @@ def _ort_model(src: Path, graph_dir: Path):
     return ORTModelForCausalLM.from_pretrained(graph_dir, provider="CPUExecutionProvider")
 
 
-def test_int8_recipe_on_the_optimum_export_keeps_the_head_float(tiny_optimum, tmp_path):
+def test_int8_recipe_on_the_optimum_export_quantises_matmuls_only(tiny_optimum, tmp_path):
+    """The one int8 recipe on Optimum's graph: every MatMul with a constant weight (the head included), never the
+    embedding Gather that Optimum's preset also quantises (what took the shipped model below 99% top-1)."""
     import onnx
 
     from lora_med.engine_quant import quantize_int8
 
-    info = quantize_int8(tiny_optimum / "model.onnx", tmp_path / "model.onnx")
-    assert info["float_nodes"] == ["/lm_head/MatMul"]
-    q = onnx.load(str(tmp_path / "model.onnx"))
-    ops = [n.op_type for n in q.graph.node]
-    assert ops.count("MatMulInteger") == 2 * 4 and ops.count("MatMul") == 1 + 2 * 2  # head + attention scores
     x = torch.tensor([_prompts(400, (9,), seed=11)[0]])
-    logits = {k: m(input_ids=x, attention_mask=torch.ones_like(x)).logits for k, m in
-              (("fp32", _ort_model(tiny_optimum, tiny_optimum)), ("int8", _ort_model(tiny_optimum, tmp_path)))}
-    assert (logits["fp32"] - logits["int8"]).abs().max() < 0.05
+    fp32 = _ort_model(tiny_optimum, tiny_optimum)(input_ids=x, attention_mask=torch.ones_like(x)).logits
+    for keep_head, int8_matmuls in ((False, 2 * 4 + 1), (True, 2 * 4)):
+        out = tmp_path / f"head-float-{keep_head}"
+        out.mkdir()
+        info = quantize_int8(tiny_optimum / "model.onnx", out / "model.onnx", keep_head_float=keep_head)
+        assert info["float_nodes"] == (["/lm_head/MatMul"] if keep_head else [])
+        q = onnx.load(str(out / "model.onnx"))
+        ops = [n.op_type for n in q.graph.node]
+        assert ops.count("MatMulInteger") == int8_matmuls and "DynamicQuantizeLinear" in ops
+        gathers = [n for n in q.graph.node if n.op_type == "Gather" and n.input[0] == "transformer.wte.weight"]
+        assert gathers  # the embedding is still read in float
+        int8 = _ort_model(tiny_optimum, out)(input_ids=x, attention_mask=torch.ones_like(x)).logits
+        assert (fp32 - int8).abs().max() < 0.05
 
 
 def test_fp16_from_fp32_gives_an_optimum_graph_that_type_checks_and_runs(tiny_optimum, tmp_path):
@@ -480,9 +488,9 @@ def test_cuda_graph_bookkeeping_runs_right_on_the_cpu_kernels(tiny_model, tiny_g
         assert set(engine._backend.slots) == {4}
 
 
-def test_int8_recipe_can_quantise_the_tied_head_too(tiny_graph, tiny_onnx, tiny_model, tmp_path):
-    """keep_head_float=False folds the head's Transpose of the tied embedding into a weight the quantiser sees
-    (measured: 18% less CPU per token at the DialoGPT-medium shape, 0.2 points less top-1 on the shipped base)."""
+def test_int8_recipe_quantises_the_tied_head_of_the_decode_graph(tiny_graph, tiny_onnx, tiny_model, tmp_path):
+    """The decode graph's head multiplies by Transpose(tied embedding): the recipe folds it into a constant the
+    quantiser sees (an int8 head copy), and keep_head_float=True leaves the head reading the float embedding."""
     import json
 
     import onnx
@@ -490,14 +498,17 @@ def test_int8_recipe_can_quantise_the_tied_head_too(tiny_graph, tiny_onnx, tiny_
     from lora_med.engine_quant import quantize_int8
 
     src, _ = tiny_graph
-    info = quantize_int8(src / "model.onnx", tmp_path / "model.onnx", keep_head_float=False)
-    assert info["float_nodes"] == []
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node]
-    assert "Transpose" not in ops and ops.count("MatMul") == 0
     meta = json.loads((src / "engine.json").read_text())
-    (tmp_path / "engine.json").write_text(json.dumps({**meta, "precision": "int8"}))
     prompts = _prompts(tiny_model.config.vocab_size, (6, 13), seed=13)
-    with load_engine(tmp_path, device="cpu") as engine:
-        got = engine._backend.prefill(prompts, 1).copy()
     want = tiny_onnx._backend.prefill(prompts, 1).copy()
-    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    for keep_head, matmuls in ((False, 0), (True, 1)):
+        out = tmp_path / f"head-float-{keep_head}"
+        out.mkdir()
+        info = quantize_int8(src / "model.onnx", out / "model.onnx", keep_head_float=keep_head)
+        ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
+        assert ops.count("MatMul") == matmuls and ops.count("Transpose") == matmuls
+        assert info["float_nodes"] == (["/lm_head/MatMul"] if keep_head else [])
+        (out / "engine.json").write_text(json.dumps({**meta, "precision": "int8"}))
+        with load_engine(out, device="cpu") as engine:
+            got = engine._backend.prefill(prompts, 1).copy()
+        assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
