@@ -193,6 +193,23 @@ def bench(config_file: str | None, **kwargs) -> None:
     run_bench(_load(BenchConfig, config_file, kwargs))
 
 
+from .serve.config import ServeConfig  # noqa: E402
+
+
+@cli.command("serve")
+@click.argument("export_dir", required=False)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of settings; flags override it.")
+@config_options(ServeConfig)
+def serve_command(export_dir: str | None, config_file: str | None, **kwargs) -> None:
+    """Serve the seed guide's POST /chat/ on EXPORT_DIR (a merge-export output or a model folder)."""
+    from .serve import serve
+
+    overrides = overrides_from(kwargs, ServeConfig)
+    if export_dir:
+        overrides["model"] = export_dir
+    serve(load_config(ServeConfig, config_file, overrides))
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)

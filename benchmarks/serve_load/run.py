@@ -1,0 +1,297 @@
+"""Load test for ``lora-med serve``: 1, 8 and 32 concurrent clients against a live server on 127.0.0.1.
+
+    .venv/bin/python benchmarks/serve_load/run.py --model exports/clinic-lora-cpu-fp32
+
+starts ``lora-med serve MODEL`` on a free loopback port (a fresh SQLite file, no rate limit), warms it
+up, then for each concurrency level runs that many clients, each a patient holding its own multi-turn
+conversation: it sends the next message as soon as the previous reply arrives. A level stops after
+``--requests`` requests or ``--duration-s`` seconds, whichever comes first. Messages are the user turns of
+the held-out conversations (data/medical_conversations_eval.json) that the emergency guard lets through,
+so every request reaches the model.
+
+Reported per level: p50/p95/p99/max latency, throughput (answered requests per second), errors by kind
+(HTTP status or transport error), the engine's mean batch size, the server process's CPU (cores busy)
+and peak/mean RSS. After the run the server's database is checked: one stored reply per 200 response
+("nothing lost"). The load generator runs on the same machine and takes CPU from the server: the
+report says how much. Results: ``--out`` (results.json + results.md).
+
+Targets (issue 11): 0 accepted requests lost or unanswered; throughput with 8 clients >= 3x one client's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from lora_med.data import load_conversations, percentile  # noqa: E402
+from lora_med.models import device_info, library_versions  # noqa: E402
+from lora_med.serve.guard import Guard  # noqa: E402
+
+DEFAULT_MODEL = "exports/clinic-lora-cpu-fp32"
+MAX_REQUESTS, MAX_DURATION_S, MAX_CLIENTS = 20_000, 900, 256  # hard bounds: this is a benchmark, not a flood
+
+
+def messages() -> list[str]:
+    """User turns of the held-out conversations that reach the model (the guard's catches left out)."""
+    guard = Guard(REPO / "configs" / "emergency.yaml")
+    convs = load_conversations(REPO / "data" / "medical_conversations_eval.json").conversations
+    out = [m.content for c in convs for m in c.messages if m.role == "user"]
+    return [m for m in dict.fromkeys(out) if guard.check(m) is None]
+
+
+class ServerProcess:
+    """``lora-med serve`` in a subprocess, on 127.0.0.1 and a free port (read from its "ready" log line)."""
+
+    def __init__(self, model: str, work: Path, settings: dict[str, str]):
+        self.db, self.log = work / "load.db", work / "server.log"
+        args = [sys.executable, "-m", "lora_med", "serve", model, "--host", "127.0.0.1", "--port", "0",
+                "--db", str(self.db), "--log-file", str(self.log), "--rate-limit", "0"]
+        for k, v in settings.items():
+            args += [f"--{k.replace('_', '-')}", v]
+        self.stderr = open(work / "server.stderr", "wb")
+        self.proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=self.stderr,
+                                     env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+        self.url = ""
+
+    def wait_ready(self, timeout: float = 300) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.log.exists():
+                for line in self.log.read_text(encoding="utf-8").splitlines():
+                    event = json.loads(line)
+                    if event.get("event") == "ready":
+                        self.url = f"http://127.0.0.1:{event['port']}"
+                        return self.url
+            if self.proc.poll() is not None:
+                sys.exit(f"error: the server exited ({self.proc.returncode}):\n"
+                         + Path(self.stderr.name).read_text(errors="replace")[-3000:])
+            time.sleep(0.2)
+        self.stop()
+        sys.exit("error: the server was not ready within 300 s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.stderr.close()
+
+
+class Sampler:
+    """CPU seconds and RSS of one process (the server), sampled every 0.2 s on a thread."""
+
+    def __init__(self, pid: int):
+        self.proc = psutil.Process(pid)
+        self.rss: list[int] = []
+        self._stop = threading.Event()
+
+    def __enter__(self) -> Sampler:
+        self.cpu0, self.t0 = sum(self.proc.cpu_times()[:2]), time.perf_counter()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.rss.append(self.proc.memory_info().rss)
+            except psutil.Error:
+                return
+            self._stop.wait(0.2)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.cpu_s = sum(self.proc.cpu_times()[:2]) - self.cpu0
+        self.wall_s = time.perf_counter() - self.t0
+
+
+async def level(url: str, clients: int, max_requests: int, max_s: float, texts: list[str], tag: str) -> dict:
+    """Run ``clients`` concurrent patients until ``max_requests`` are sent or ``max_s`` passes."""
+    results: list[dict] = []
+    sent = 0
+    deadline = time.perf_counter() + max_s
+
+    async def patient(i: int, client: httpx.AsyncClient) -> None:
+        nonlocal sent
+        user = f"+5919{tag}{i:05d}"
+        k = i  # each patient starts at a different message and walks the list
+        while sent < max_requests and time.perf_counter() < deadline:
+            sent += 1
+            body = {"user_id": user, "message": texts[k % len(texts)]}
+            k += 1
+            t = time.perf_counter()
+            try:
+                r = await client.post("/chat/", json=body)
+                results.append({"ms": 1000 * (time.perf_counter() - t), "kind": str(r.status_code),
+                                "batch": int(r.headers.get("X-Batch-Size", 0) or 0)})
+            except httpx.HTTPError as e:
+                results.append({"ms": 1000 * (time.perf_counter() - t), "kind": type(e).__name__, "batch": 0})
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    timeout = httpx.Timeout(120.0)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(patient(i, client) for i in range(clients)))
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if r["kind"] == "200"]
+    lat = [r["ms"] for r in ok]
+    return {
+        "clients": clients, "requests": len(results), "answered_200": len(ok), "duration_s": round(wall, 2),
+        "throughput_rps": round(len(ok) / wall, 2) if wall else 0.0,
+        "p50_ms": round(percentile(lat, 50), 1) if lat else None,
+        "p95_ms": round(percentile(lat, 95), 1) if lat else None,
+        "p99_ms": round(percentile(lat, 99), 1) if lat else None,
+        "max_ms": round(max(lat), 1) if lat else None,
+        "errors": dict(Counter(r["kind"] for r in results if r["kind"] != "200")),
+        "mean_batch": round(sum(r["batch"] for r in ok) / len(ok), 2) if ok else None,
+    }
+
+
+def check_store(db: Path) -> dict:
+    """Replies stored vs user turns stored (a 200 response is sent only after its reply is committed)."""
+    con = sqlite3.connect(db)
+    try:
+        users = con.execute("SELECT COUNT(*) FROM turns WHERE role = 'user'").fetchone()[0]
+        replies = con.execute("SELECT COUNT(*) FROM turns WHERE role = 'assistant'").fetchone()[0]
+        integrity = con.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        con.close()
+    return {"user_turns": users, "replies": replies, "integrity": integrity}
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"# lora-med serve load test: {report['model']}", "",
+             f"{report['health'].get('engine')} on {report['health'].get('device')}, {m.get('cpu')}, "
+             f"{m.get('cores')} cores; load generator on the same machine. {report['when']}.", "",
+             f"Server settings: {json.dumps(report['server_settings'])}; messages: {report['messages']} held-out "
+             "user turns that reach the model, each client one patient with a multi-turn conversation.", "",
+             "| clients | requests | answered | throughput (req/s) | p50 ms | p95 ms | p99 ms | max ms | mean batch "
+             "| server CPU (cores) | server RSS peak MB | errors |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in report["levels"]:
+        errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "none"
+        lines.append(f"| {r['clients']} | {r['requests']} | {r['answered_200']} | {r['throughput_rps']} | {r['p50_ms']} "
+                     f"| {r['p95_ms']} | {r['p99_ms']} | {r['max_ms']} | {r['mean_batch']} | {r['server_cpu_cores']} "
+                     f"| {r['server_rss_peak_mb']} | {errors} |")
+    t = report["targets"]
+    lines += ["", f"- Lost or unanswered: {t['lost']} (target 0); a stored reply for every 200: "
+              f"{t['replies_stored_for_every_200']}; store: {report['store']}.",
+              f"- Throughput with 8 clients / 1 client: {t['scaling_8_vs_1']}x (target >= 3x): "
+              f"{'met' if t['scaling_met'] else 'not met'}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=DEFAULT_MODEL, help=f"what to serve (default {DEFAULT_MODEL})")
+    ap.add_argument("--url", help="use a server already running on 127.0.0.1 instead of starting one")
+    ap.add_argument("--clients", default="1,8,32", help="concurrency levels, comma-separated")
+    ap.add_argument("--requests", type=int, default=300, help="requests per level at most")
+    ap.add_argument("--duration-s", type=float, default=120, help="seconds per level at most")
+    ap.add_argument("--warmup", type=int, default=8, help="requests before measuring")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a server setting (e.g. max_batch=16); repeatable")
+    ap.add_argument("--out", help="results folder (default benchmarks/results/serve-load-<model>-<device>)")
+    a = ap.parse_args(argv)
+
+    levels = [int(c) for c in a.clients.split(",") if c.strip()]
+    problems = []
+    if not levels or not all(1 <= c <= MAX_CLIENTS for c in levels):
+        problems.append(f"--clients {a.clients}: each level in 1..{MAX_CLIENTS}")
+    if not 1 <= a.requests <= MAX_REQUESTS:
+        problems.append(f"--requests {a.requests}: must be in 1..{MAX_REQUESTS}")
+    if not 0 < a.duration_s <= MAX_DURATION_S:
+        problems.append(f"--duration-s {a.duration_s}: must be in (0, {MAX_DURATION_S}]")
+    if a.url and urlparse(a.url).hostname not in ("127.0.0.1", "localhost"):
+        problems.append(f"--url {a.url}: this load generator only targets 127.0.0.1")
+    settings = dict(s.split("=", 1) for s in a.set if "=" in s)
+    if len(settings) != len(a.set):
+        problems.append("--set: use KEY=VALUE, e.g. --set max_batch=16")
+    if not a.url and not Path(a.model).is_dir() and not (REPO / a.model).is_dir():
+        problems.append(f"--model {a.model}: no such folder; make the shipped export with `lora-med train --config "
+                        "configs/default.yaml && lora-med merge-export adapters/clinic-lora`, or pass a model folder "
+                        "(e.g. models/gpt2-es-tiny)")
+    if problems:
+        print("error: " + "\n  - ".join(["invalid arguments", *problems]), file=sys.stderr)
+        return 2
+
+    texts = messages()
+    work = Path(tempfile.mkdtemp(prefix="serve-load-"))
+    server = None
+    if a.url:
+        url = a.url.rstrip("/")
+    else:
+        model = a.model if Path(a.model).is_dir() else str(REPO / a.model)
+        server = ServerProcess(model, work, settings)
+        url = server.wait_ready()
+    try:
+        health = httpx.get(f"{url}/health", timeout=30).json()
+        warm = asyncio.run(level(url, 1, a.warmup, 60, texts, "0"))  # first calls allocate and warm caches
+        results = []
+        for i, c in enumerate(levels):
+            if server:
+                with Sampler(server.proc.pid) as sampler:
+                    r = asyncio.run(level(url, c, a.requests, a.duration_s, texts, str(i + 1)))
+                rss = sampler.rss or [0]
+                r["server_cpu_cores"] = round(sampler.cpu_s / sampler.wall_s, 2)
+                r["server_rss_peak_mb"] = round(max(rss) / 2**20, 1)
+                r["server_rss_mean_mb"] = round(sum(rss) / len(rss) / 2**20, 1)
+            else:  # a server started elsewhere: its process is not ours to sample
+                r = asyncio.run(level(url, c, a.requests, a.duration_s, texts, str(i + 1)))
+                r["server_cpu_cores"] = r["server_rss_peak_mb"] = r["server_rss_mean_mb"] = None
+            print(f"{c:3d} clients: {r['answered_200']}/{r['requests']} answered, {r['throughput_rps']} req/s, "
+                  f"p50 {r['p50_ms']} ms, p95 {r['p95_ms']} ms, p99 {r['p99_ms']} ms, errors {r['errors'] or 'none'}",
+                  flush=True)
+            results.append(r)
+    finally:
+        if server:
+            server.stop()
+    store = check_store(server.db) if server else None
+    answered = sum(r["answered_200"] for r in results) + warm["answered_200"]
+    lost = sum(v for r in results for k, v in r["errors"].items() if not k.isdigit())  # no HTTP response at all
+    by = {r["clients"]: r["throughput_rps"] for r in results}
+    scaling = round(by[8] / by[1], 2) if by.get(1) and 8 in by else None
+    report = {
+        "model": a.model if not a.url else a.url, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "health": health, "server_settings": {"rate_limit": "0", **settings}, "messages": len(texts),
+        "limits": {"requests_per_level": a.requests, "duration_s_per_level": a.duration_s},
+        "levels": results, "store": store,
+        "targets": {"lost": lost, "scaling_8_vs_1": scaling, "scaling_met": bool(scaling and scaling >= 3),
+                    "replies_stored_for_every_200": (store["replies"] == answered) if store else None},
+        "machine": {**device_info("cpu"), "load_avg": os.getloadavg()}, "versions": library_versions(),
+    }
+    out = Path(a.out) if a.out else REPO / "benchmarks" / "results" / (
+        f"serve-load-{Path(a.model.rstrip('/')).name}-{health.get('device', 'cpu')}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "results.md").write_text(markdown(report), encoding="utf-8")
+    print(f"lost/unanswered: {lost}; 8 vs 1 client throughput: {scaling}x; store: {store}\nwrote {out}/results.json, "
+          f"{out}/results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""The engine's ONNX Runtime backend: the decode graph (lora_med.decode_graph) run with IO binding.
+
+Everything the graph reads or writes per token lives in buffers allocated once per batch size and bound
+once (``IOBinding``): the KV cache at full capacity (one OrtValue bound as both ``past_key_values.i`` and
+``present.i``, so ONNX Runtime writes each new key/value in place), the token/position/length inputs and
+the logits output. A decode step is then: write three tiny int arrays, ``run_with_iobinding``, read
+``[batch, vocab]`` float32 logits.
+
+- CPU: the bound inputs and the logits are numpy arrays that the OrtValues share (no copies at all).
+- CUDA: inputs and outputs are device OrtValues (``update_inplace`` copies a few bytes in; the logits are
+  read back once per step); ``total_sequence_length`` stays in host memory, where GroupQueryAttention's
+  CUDA kernel reads it. With ``cuda_graph=True`` (the default on CUDA) the session enables ONNX Runtime's
+  ``enable_cuda_graph``: the prompt runs without capture (``gpu_graph_id = -1``: its shape changes per
+  call), each decode batch size is captured once (ORT captures after its warm-up runs) and replayed per
+  token. Captured graphs bake in buffer addresses, so the CUDA buffers of a batch size are never freed
+  while the engine lives, batch sizes are rounded up to a power of two (padding rows) to bound their
+  number, and ``total_sequence_length`` is pinned to the capacity in decode steps (a host value the
+  replay cannot see change; the kernel takes each row's real length from ``seqlens_k`` on the device).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .engine import Engine
+from .errors import LoraMedError
+
+KV_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def cuda_available() -> bool:
+    """A CUDA GPU is visible (onnxruntime-gpu lists its CUDA provider even on machines without one)."""
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+
+
+def ort_engine(folder: Path, info: dict, *, device: str = "auto", threads: int | None = None,
+               cuda_graph: bool | None = None) -> Engine:
+    """An :class:`~lora_med.engine.Engine` over a decode-graph folder (see ``load_engine``)."""
+    precision = info.get("precision")
+    if info.get("format") != "lora-med-decode-graph" or precision not in ("fp32", "fp16", "int8"):
+        raise LoraMedError(f"{folder}/engine.json is not a lora-med decode graph description; rebuild the folder "
+                           f"with lora_med.decode_graph.build_decode_graph")
+    dev = _pick_device(folder, precision, device)
+    backend = _OrtBackend(folder, info, dev, threads, cuda_graph=(dev == "cuda") if cuda_graph is None else cuda_graph)
+    return Engine(backend, name=f"engine-{dev}-{precision}", device=dev, precision=precision,
+                  eos_token_id=int(info["eos_token_id"]), vocab_size=int(info["vocab_size"]),
+                  info={"backend": "onnxruntime", "provider": backend.provider, "threads": threads,
+                        "cuda_graph": backend.cuda_graph, "graph": str(folder), "recipe": info.get("recipe")})
+
+
+def _pick_device(folder: Path, precision: str, device: str) -> str:
+    if device not in ("auto", "cpu", "cuda"):
+        raise LoraMedError(f"device={device!r}: use auto, cpu or cuda")
+    if device == "auto":
+        device = "cuda" if precision == "fp16" else "cpu"
+    if device == "cuda":
+        if precision != "fp16":
+            raise LoraMedError(f"{folder}: a {precision} decode graph runs on the CPU (ONNX Runtime's CUDA "
+                               f"GroupQueryAttention is fp16/bf16 only, and dynamic int8 has no CUDA kernels); "
+                               f"build it with precision='fp16' for CUDA, or load it with device='cpu'")
+        if not cuda_available():
+            raise LoraMedError(f"{folder}: device cuda but no CUDA GPU is visible; load it with device='cpu' "
+                               f"(slow: fp16 on the CPU is for checks) or use an fp32/int8 graph")
+    return device
+
+
+class _Slot:
+    """The buffers and the decode binding for one batch size."""
+
+    def __init__(self, backend: _OrtBackend, batch: int):
+        self.batch = batch
+        b = backend
+        shape = (batch, b.n_head, b.capacity, b.head_dim)
+        if b.device == "cpu":  # each OrtValue shares its own numpy array (zero pages until written)
+            self.kv = [b.device_value(np.zeros(shape, b.kv_dtype)) for _ in range(2 * b.n_layer)]
+        else:  # one host array of zeros copied into each device buffer (GQA never reads past seqlens_k,
+            zeros = np.zeros(shape, b.kv_dtype)  # but zeros keep a stray read finite)
+            self.kv = [b.device_value(zeros) for _ in range(2 * b.n_layer)]
+            del zeros
+        self.logits_host = np.zeros((batch, b.vocab), np.float32)
+        self.logits = b.device_value(self.logits_host)
+        # Decode inputs: host arrays (shared by the OrtValue on the CPU, copied in on CUDA).
+        self.ids = np.zeros((batch, 1), np.int64)
+        self.pos = np.zeros((batch, 1), np.int64)
+        self.seqlens = np.zeros((batch,), np.int32)
+        self.total = np.zeros((), np.int32)
+        self.last = np.zeros((batch, 1), np.int64)
+        self.ids_v, self.pos_v, self.seqlens_v, self.last_v = (b.device_value(a) for a in
+                                                               (self.ids, self.pos, self.seqlens, self.last))
+        self.total_v = b.ort.OrtValue.ortvalue_from_numpy(self.total)  # host memory on every provider
+        self.io = b.io
+        self.run_options = b.ort.RunOptions()
+        if b.cuda_graph:
+            self.run_options.add_run_config_entry("gpu_graph_id", str(batch))  # one captured graph per batch size
+        self.decode = b.session.io_binding()
+        for name, v in (("input_ids", self.ids_v), ("position_ids", self.pos_v), ("seqlens_k", self.seqlens_v),
+                        ("total_sequence_length", self.total_v), ("last_index", self.last_v)):
+            self.decode.bind_ortvalue_input(b.io[name], v)
+        self.bind_cache_and_logits(self.decode)
+
+    def bind_cache_and_logits(self, binding) -> None:
+        io = self.io
+        for i in range(len(self.kv) // 2):
+            for j, kind in enumerate(("key", "value")):
+                v = self.kv[2 * i + j]
+                binding.bind_ortvalue_input(io["past_" + kind].format(i), v)
+                binding.bind_ortvalue_output(io["present_" + kind].format(i), v)
+        binding.bind_ortvalue_output(io["logits"], self.logits)
+
+
+class _OrtBackend:
+    def __init__(self, folder: Path, info: dict, device: str, threads: int | None, *, cuda_graph: bool):
+        import onnxruntime as ort
+
+        self.ort = ort
+        self.device = device
+        self.capacity = int(info["capacity"])
+        self.n_layer, self.n_head, self.head_dim = int(info["n_layer"]), int(info["n_head"]), int(info["head_dim"])
+        self.vocab = int(info["vocab_size"])
+        self.kv_dtype = KV_DTYPES[info["kv_dtype"]]
+        self.io = info["io"]
+        self.cuda_graph = bool(cuda_graph and device == "cuda")
+        # What CUDA graphs need of the loop, kept apart so that the CPU tests can exercise it too:
+        # power-of-two batch buckets (few captured graphs) and total_sequence_length pinned to the capacity.
+        self.bucket_batches = self.pin_total = self.cuda_graph
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = int(threads)
+            so.inter_op_num_threads = 1
+        if device == "cuda":
+            # Refuse to load rather than silently run a node on the CPU (with Memcpy nodes around it).
+            so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+            cuda_opts = {"device_id": "0", "enable_cuda_graph": "1" if self.cuda_graph else "0"}
+            providers = [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        model = Path(folder) / "model.onnx"
+        if not model.is_file():
+            raise LoraMedError(f"{folder}: engine.json without model.onnx; rebuild the decode graph")
+        try:
+            self.session = ort.InferenceSession(str(model), so, providers=providers)
+        except Exception as e:  # ORT raises its own exception types; name the file and the cause
+            raise LoraMedError(f"{model}: ONNX Runtime could not load the decode graph on {device}: "
+                               f"{str(e).splitlines()[0][:400]}") from None
+        self.provider = self.session.get_providers()[0]
+        self.prefill_options = ort.RunOptions()
+        if self.cuda_graph:
+            self.prefill_options.add_run_config_entry("gpu_graph_id", "-1")  # prompts: shapes vary, never captured
+        self.slots: dict[int, _Slot] = {}
+        self.slot: _Slot | None = None
+        self.rows = 0
+        self.lens = np.zeros(0, np.int64)
+
+    # -- buffers
+
+    def device_value(self, host: np.ndarray):
+        """An OrtValue for ``host``: the same memory on the CPU, a device copy on CUDA."""
+        if self.device == "cpu":
+            return self.ort.OrtValue.ortvalue_from_numpy(host)
+        return self.ort.OrtValue.ortvalue_from_numpy(host, "cuda", 0)
+
+    def _slot_for(self, rows: int) -> _Slot:
+        batch = 1 << (rows - 1).bit_length() if self.bucket_batches else rows
+        if batch not in self.slots:
+            if not self.cuda_graph:
+                self.slots.clear()  # CPU: one batch size's buffers at a time (a KV cache can be large)
+            self.slots[batch] = _Slot(self, batch)
+        return self.slots[batch]
+
+    # -- the backend protocol
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        yield  # nothing to set up or restore around a generate call
+
+    def prefill(self, rows: list[list[int]], max_new_tokens: int) -> np.ndarray:
+        slot = self._slot_for(len(rows))
+        batch, width = slot.batch, max(len(r) for r in rows)
+        lens = np.ones(batch, np.int64)  # padding rows (CUDA buckets) hold a single token 0
+        ids = np.zeros((batch, width), np.int64)
+        for b, r in enumerate(rows):
+            ids[b, :len(r)] = r  # right padding: every row's cache starts at position 0
+            lens[b] = len(r)
+        pos = np.broadcast_to(np.arange(width, dtype=np.int64), (batch, width)).copy()
+        binding = self.session.io_binding()
+        for name, a in (("input_ids", ids), ("position_ids", pos), ("seqlens_k", (lens - 1).astype(np.int32)),
+                        ("total_sequence_length", np.array(width, np.int32)), ("last_index", (lens - 1)[:, None])):
+            binding.bind_cpu_input(self.io[name], a)
+        slot.bind_cache_and_logits(binding)
+        self.session.run_with_iobinding(binding, self.prefill_options)
+        self.slot, self.rows, self.lens = slot, len(rows), lens
+        return self._logits(slot)
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        slot, n = self.slot, self.rows
+        slot.ids[:n, 0] = tokens
+        slot.pos[:, 0] = self.lens  # the new token's position = the row's length so far
+        slot.seqlens[:] = self.lens  # GQA: total length after this step - 1
+        self.lens += 1
+        # Pinned to the capacity under CUDA graphs (see the module docstring); exact otherwise.
+        slot.total[...] = self.capacity if self.pin_total else int(self.lens.max())
+        if self.device == "cuda":
+            slot.ids_v.update_inplace(slot.ids)
+            slot.pos_v.update_inplace(slot.pos)
+            slot.seqlens_v.update_inplace(slot.seqlens)
+        self.session.run_with_iobinding(slot.decode, slot.run_options)
+        return self._logits(slot)
+
+    def _logits(self, slot: _Slot) -> np.ndarray:
+        if self.device == "cpu":
+            return slot.logits_host[:self.rows]  # ORT wrote into this very array
+        return slot.logits.numpy()[:self.rows]
+
+    def close(self) -> None:
+        self.slots.clear()
+        self.slot = None
+        self.session = None

@@ -1,0 +1,112 @@
+"""``GET /metrics``: counters, gauges and histograms in the Prometheus text format (version 0.0.4).
+
+Small enough to write out rather than add a dependency: a handful of series, updated from the event loop.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from typing import Callable
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def _labels(pairs: tuple[tuple[str, str], ...]) -> str:
+    if not pairs:
+        return ""
+    esc = (v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for _, v in pairs)
+    return "{" + ",".join(f'{k}="{v}"' for (k, _), v in zip(pairs, esc)) + "}"
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+
+class _Series:
+    def __init__(self, name: str, help_: str, kind: str):
+        self.name, self.help, self.kind = name, help_, kind
+        self.lock = threading.Lock()
+
+    def header(self) -> list[str]:
+        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+
+
+class Counter(_Series):
+    def __init__(self, name: str, help_: str, label: str | None = None):
+        super().__init__(name, help_, "counter")
+        self.label = label
+        self.values: dict[tuple, float] = {} if label else {(): 0.0}
+
+    def inc(self, label_value: str | None = None, by: float = 1.0) -> None:
+        key = ((self.label, str(label_value)),) if self.label else ()
+        with self.lock:
+            self.values[key] = self.values.get(key, 0.0) + by
+
+    def get(self, label_value: str | None = None) -> float:
+        key = ((self.label, str(label_value)),) if self.label else ()
+        return self.values.get(key, 0.0)
+
+    def lines(self) -> list[str]:
+        with self.lock:
+            return [f"{self.name}{_labels(k)} {_num(v)}" for k, v in sorted(self.values.items())]
+
+
+class Gauge(_Series):
+    def __init__(self, name: str, help_: str, read: Callable[[], float]):
+        super().__init__(name, help_, "gauge")
+        self.read = read
+
+    def lines(self) -> list[str]:
+        return [f"{self.name} {_num(self.read())}"]
+
+
+class Histogram(_Series):
+    def __init__(self, name: str, help_: str, buckets: tuple[float, ...]):
+        super().__init__(name, help_, "histogram")
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        with self.lock:
+            self.counts[bisect.bisect_left(self.buckets, value)] += 1
+            self.sum += value
+
+    def lines(self) -> list[str]:
+        with self.lock:
+            out, running = [], 0
+            for le, n in zip((*map(_num, self.buckets), "+Inf"), self.counts):
+                running += n
+                out.append(f'{self.name}_bucket{{le="{le}"}} {running}')
+            return out + [f"{self.name}_sum {_num(self.sum)}", f"{self.name}_count {running}"]
+
+
+class Metrics:
+    """The server's series. ``queue_depth`` and ``in_flight`` are read when /metrics is scraped."""
+
+    def __init__(self, queue_depth: Callable[[], float], in_flight: Callable[[], float]):
+        self.requests = Counter("lora_med_requests_total", "POST /chat/ requests by HTTP status.", "status")
+        self.latency = Histogram("lora_med_request_seconds", "POST /chat/ time from arrival to reply, in seconds.",
+                                 LATENCY_BUCKETS)
+        self.queue_depth = Gauge("lora_med_queue_depth", "Requests waiting for the model.", queue_depth)
+        self.in_flight = Gauge("lora_med_in_flight", "POST /chat/ requests being handled.", in_flight)
+        self.batch_size = Histogram("lora_med_batch_size", "Prompts per engine call.", BATCH_BUCKETS)
+        self.generate_seconds = Histogram("lora_med_generate_seconds", "Engine time per batch, in seconds.",
+                                          LATENCY_BUCKETS)
+        self.engine_requests = Counter("lora_med_engine_requests_total", "Prompts sent to the model.")
+        self.guard_hits = Counter("lora_med_guard_hits_total", "Messages the emergency guard answered, by sign.",
+                                  "rule")
+        self.actions = Counter("lora_med_actions_total", "Replies by action.", "action")
+        self.empty_replies = Counter("lora_med_empty_replies_total",
+                                     "Model replies that were empty (the fallback reply was sent).")
+        self._all = (self.requests, self.latency, self.queue_depth, self.in_flight, self.batch_size,
+                     self.generate_seconds, self.engine_requests, self.guard_hits, self.actions, self.empty_replies)
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for series in self._all:
+            lines += series.header() + series.lines()
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,153 @@
+"""Replies: what ``lora-med serve PATH`` loads, the prompt in the training format, and the engine call.
+
+Every reply comes from the project's one generation engine (:mod:`lora_med.engine`); this module only
+decides which folder it loads, builds prompts exactly as training formatted conversations
+(:func:`lora_med.chat.prompt_ids`), cuts them to fit, and decodes the new tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..chat import prompt_ids
+from ..data import Message
+from ..engine import ENGINE_FILE, GenerationSettings, load_engine
+from ..errors import ConfigError
+from ..models import load_tokenizer
+from .config import ServeConfig
+
+MIN_PROMPT_TOKENS = 16  # below this the model cannot even see the patient's message
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What a serve PATH resolves to."""
+
+    engine_path: Path  # what load_engine gets: a decode-graph folder or an HF model folder
+    tokenizer_path: Path
+    fmt: str  # the training format: dialogpt | chat-template
+    max_length: int | None  # the training run's max_length (prompt + reply), when known
+    kind: str  # for /health and logs
+
+
+def resolve_model(path: str) -> ModelSource:
+    """Resolve ``lora-med serve PATH``.
+
+    A merge-export folder serves its ``engine/`` decode graph when it has one, else its ``merged/`` model on
+    PyTorch through the engine; the training format and length come from its ``manifest.json``. An HF model
+    folder (an export's ``merged/``, a full fine-tune run) is served on PyTorch; a ``run.json`` beside it gives
+    the format, else DialoGPT's.
+
+    Raises:
+        ConfigError: PATH is missing, is a LoRA run (merge-export it first), or holds no model.
+        LoraMedError: PATH is an export that did not complete.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        raise ConfigError(f"EXPORT_DIR {path}: no such folder; give a `lora-med merge-export` output "
+                          "(exports/...) or a Hugging Face model folder")
+    if (p / "manifest.json").is_file():
+        from ..export import load_export
+
+        source = load_export(p).get("source", {})
+        engine = p / "engine"
+        if (engine / ENGINE_FILE).is_file():
+            target, kind = engine, "export decode graph (ONNX Runtime)"
+        elif (p / "merged" / "config.json").is_file():
+            target, kind = p / "merged", "export merged model (PyTorch)"
+        else:
+            raise ConfigError(f"EXPORT_DIR {path}: the export has neither engine/ nor merged/; export it again")
+        tok = p / "merged" if (p / "merged" / "tokenizer_config.json").is_file() else p / "onnx"
+        return ModelSource(target, tok, source.get("format") or "dialogpt", source.get("max_length"), kind)
+    if (p / "adapter_config.json").is_file():
+        raise ConfigError(f"EXPORT_DIR {path}: is a LoRA training run (an adapter without its base); merge and "
+                          f"export it first with `lora-med merge-export {path}`, then serve the folder it writes "
+                          "(exports/...)")
+    if (p / "config.json").is_file():
+        fmt, max_length = "dialogpt", None
+        run = p / "run.json"  # a full fine-tune run folder records how it was trained
+        if run.is_file():
+            try:
+                card = json.loads(run.read_text(encoding="utf-8")).get("data", {})
+                fmt, max_length = card.get("format") or fmt, card.get("max_length")
+            except (ValueError, AttributeError):
+                raise ConfigError(f"EXPORT_DIR {path}: run.json is not valid JSON; restore it or serve the "
+                                  "model from a folder without it") from None
+        return ModelSource(p, p, fmt, max_length, "model folder (PyTorch)")
+    raise ConfigError(f"EXPORT_DIR {path}: neither a merge-export (manifest.json) nor a model folder (config.json)")
+
+
+class Replier:
+    """Prompts in, replies out, through one engine.
+
+    ``generate`` blocks (the engine is synchronous): the server calls it from its single engine thread.
+    Everything that touches the tokenizer runs on the caller's thread (the event loop).
+    """
+
+    def __init__(self, engine, tokenizer, source: ModelSource, settings: GenerationSettings):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.source = source
+        self.fmt = source.fmt
+        self.settings = settings
+        window = min(engine.capacity, source.max_length or engine.capacity)
+        self.budget = window - settings.max_new_tokens  # prompt tokens that fit beside a full reply
+        if self.budget < MIN_PROMPT_TOKENS:
+            raise ConfigError(f"--max-new-tokens {settings.max_new_tokens}: leaves {self.budget} prompt tokens in "
+                              f"the model's window of {window}; use at most {window - MIN_PROMPT_TOKENS}")
+
+    def prompt(self, history: list[Message]) -> list[int]:
+        """Token ids of the conversation (ending with the patient's message) in the training format, cut
+        from the left to the budget: whole oldest turns first, as ``data.encode`` cuts in training, and the
+        last message from its left only when it alone is too long."""
+        msgs = list(history)
+        if self.fmt == "dialogpt":
+            # Each turn is its own text + EOS, so per-turn ids concatenate to the whole prompt exactly.
+            parts: list[list[int]] = []
+            total = 0
+            for m in reversed(msgs):
+                ids = prompt_ids([m], self.tokenizer, self.fmt)
+                if parts and total + len(ids) > self.budget:
+                    break
+                parts.append(ids)
+                total += len(ids)
+            ids = [t for part in reversed(parts) for t in part]
+        else:
+            # A chat template renders the whole conversation; drop the oldest turn until it fits.
+            ids = prompt_ids(msgs, self.tokenizer, self.fmt)
+            while len(ids) > self.budget and len(msgs) > 1:
+                msgs = msgs[1:]
+                ids = prompt_ids(msgs, self.tokenizer, self.fmt)
+        return ids[-self.budget:]
+
+    def generate(self, prompts: list[list[int]]) -> list[list[int]]:
+        """New token ids for a batch of prompts (blocking)."""
+        return self.engine.generate(prompts, self.settings)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def settings_from(cfg: ServeConfig) -> GenerationSettings:
+    return GenerationSettings(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
+                              temperature=cfg.temperature, top_p=cfg.top_p,
+                              no_repeat_ngram_size=cfg.no_repeat_ngram_size)
+
+
+def load_replier(cfg: ServeConfig, engine=None, source: ModelSource | None = None) -> Replier:
+    """The replier for ``cfg.model`` (``source``: its resolution, if already done); loads the engine unless
+    one is given (tests, embedding apps).
+
+    Raises:
+        ConfigError / LoraMedError: the folder cannot be served (named, with the fix).
+    """
+    source = source or resolve_model(cfg.model)
+    tokenizer = load_tokenizer(str(source.tokenizer_path))
+    if engine is None:
+        engine = load_engine(source.engine_path, device=cfg.device, threads=cfg.threads)
+    return Replier(engine, tokenizer, source, settings_from(cfg))

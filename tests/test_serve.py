@@ -1,0 +1,650 @@
+"""lora-med serve: a real uvicorn on a free loopback port, a real SQLite file, the real engine on a tiny
+GPT-2 folder (conftest's ``tiny_base``), talked to with httpx.
+
+Two servers start in parallel once per module: ``server`` (ordinary settings, a low rate limit) and
+``slow`` (a 1 s batch window and a queue of 2, so queueing, 503, 504 and a kill -9 mid-request happen on
+cue). They run ``lora_med.serve.serve`` in a subprocess (what ``lora-med serve`` calls, without the
+CLI's import of the training stack); the server restarted after kill -9 runs through the CLI itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lora_med.chat import prompt_ids
+from lora_med.data import Message
+from lora_med.errors import ConfigError, LoraMedError
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+LAUNCH = "import json, sys; from lora_med.serve import ServeConfig, serve; serve(ServeConfig(**json.loads(sys.argv[1])))"
+SEED_BODY = b'{\n  "user_id": "+59170123456",\n  "message": "Hola, necesito una cita"\n}'  # the guide's Postman body
+SEED_USER = "+59170123456"
+
+
+class Server:
+    """A ``serve()`` subprocess; ``port`` is read from its JSON "ready" log line (it listens on port 0)."""
+
+    def __init__(self, model: Path, db: Path, log: Path, cli: bool = False, **settings):
+        self.db, self.log = db, log
+        cfg = {"model": str(model), "db": str(db), "port": 0, "log_file": str(log), "threads": 1, **settings}
+        if cli:  # `lora-med serve EXPORT_DIR --db ... --port 0 ...`
+            argv = ["-m", "lora_med", "serve", str(model)]
+            argv += [a for k, v in cfg.items() if k != "model" for a in (f"--{k.replace('_', '-')}", str(v))]
+        else:
+            argv = ["-c", LAUNCH, json.dumps(cfg)]
+        self.stderr = log.with_suffix(".stderr")
+        with open(self.stderr, "wb") as err:
+            self.proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                                         stderr=err)
+        self.url = ""
+
+    def wait_ready(self, timeout: float = 120) -> Server:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for event in self.events():
+                if event.get("event") == "ready":
+                    self.url = f"http://127.0.0.1:{event['port']}"
+                    return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}: {self.stderr.read_text()[-2000:]}")
+            time.sleep(0.1)
+        raise TimeoutError("server not ready")
+
+    def events(self) -> list[dict]:
+        if not self.log.exists():
+            return []
+        return [json.loads(line) for line in self.log.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def chat(self, user: str, message: str, **kw) -> httpx.Response:
+        return httpx.post(f"{self.url}/chat/", json={"user_id": user, "message": message}, timeout=30, **kw)
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)
+
+
+def turns(db: Path) -> list[tuple]:
+    con = sqlite3.connect(db)
+    try:
+        return con.execute("SELECT id, conversation_id, role, content, reply_to, action, status, source "
+                           "FROM turns ORDER BY id").fetchall()
+    finally:
+        con.close()
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_base, tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve")
+    main = Server(tiny_base, d / "main.db", d / "main.log", rate_limit=5, batch_wait_ms=20)
+    slow = Server(tiny_base, d / "slow.db", d / "slow.log", batch_wait_ms=1000, queue_size=2,
+                  request_timeout_s=1.5)
+    yield {"main": main.wait_ready(), "slow": slow.wait_ready(), "dir": d}
+    for s in (main, slow):
+        s.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def server(servers) -> Server:
+    return servers["main"]
+
+
+@pytest.fixture(scope="module")
+def slow(servers) -> Server:
+    return servers["slow"]
+
+
+def expected_prompt(tokenizer, *texts: str) -> int:
+    """Prompt length of a conversation in the training format (dialogpt: every turn + EOS)."""
+    roles = ["user", "assistant"] * len(texts)
+    return len(prompt_ids([Message(r, t) for r, t in zip(roles, texts)], tokenizer, "dialogpt"))
+
+
+# --------------------------------------------------------------------------- the seed's request
+
+
+def test_seed_postman_request_byte_for_byte(server):
+    r = httpx.post(f"{server.url}/chat/", content=SEED_BODY, headers={"Content-Type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert list(body) == ["response", "user_id", "conversation_id", "action", "params"]  # the guide's order
+    assert body["user_id"] == SEED_USER
+    assert body["conversation_id"].startswith(f"conv_{SEED_USER}_")
+    assert body["action"] == "schedule_appointment"
+    assert body["params"] == {"status": "collecting_info"}
+    assert isinstance(body["response"], str) and body["response"].strip()
+
+
+def test_multi_turn_memory_prompt_holds_the_first_exchange(server, tiny_tokenizer):
+    user = "+59171000001"
+    first, second = "Hola, necesito una cita", "con pediatria el lunes"
+    r1 = server.chat(user, first)
+    r2 = server.chat(user, second)
+    assert r1.status_code == r2.status_code == 200
+    assert r1.json()["conversation_id"] == r2.json()["conversation_id"]
+    assert int(r1.headers["X-Prompt-Tokens"]) == expected_prompt(tiny_tokenizer, first)
+    # The second prompt is the whole first exchange plus the new message, in the training format.
+    assert int(r2.headers["X-Prompt-Tokens"]) == expected_prompt(tiny_tokenizer, first, r1.json()["response"],
+                                                                 second)
+    assert r2.json()["action"] == "schedule_appointment"  # the booking flow continues
+    mine = [t for t in turns(server.db) if t[1] == r1.json()["conversation_id"]]
+    assert [(t[2], t[3]) for t in mine] == [("user", first), ("assistant", r1.json()["response"]),
+                                            ("user", second), ("assistant", r2.json()["response"])]
+    assert mine[1][4] == mine[0][0] and mine[3][4] == mine[2][0]  # each reply points at its message
+
+
+def test_start_over_opens_a_new_conversation(server):
+    user = "+59171000002"
+    a = server.chat(user, "quiero una cita").json()["conversation_id"]
+    b = server.chat(user, "empecemos de nuevo").json()["conversation_id"]
+    c = server.chat(user, "gracias").json()["conversation_id"]
+    assert a != b == c
+
+
+# --------------------------------------------------------------------------- limits and bad bodies
+
+
+@pytest.mark.parametrize("content, status, names", [
+    (json.dumps({"user_id": "+59171000003", "message": "x" * 1001}), 422, ["message", "1000"]),
+    (json.dumps({"user_id": "abc", "message": "hola"}), 422, ["user_id", "phone"]),
+    (json.dumps({"user_id": "+591", "message": "hola"}), 422, ["user_id"]),
+    (json.dumps({"message": "hola"}), 422, ["user_id", "missing"]),
+    (json.dumps({"user_id": "+59171000003"}), 422, ["message", "missing"]),
+    (json.dumps({"user_id": "+59171000003", "message": "   "}), 422, ["message", "blank"]),
+    (json.dumps({"user_id": "+59171000003", "message": 123}), 422, ["message"]),
+    (json.dumps({"user_id": 59171000003, "message": "hola"}), 422, ["user_id"]),
+    (json.dumps(["+59171000003", "hola"]), 422, ["body"]),
+    ("{'user_id': '+59171000003'", 422, ["JSON"]),
+    ("", 422, ["body", "empty"]),
+])
+def test_bad_bodies_name_the_field(server, content, status, names):
+    r = httpx.post(f"{server.url}/chat/", content=content, headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    for name in names:
+        assert name in error
+    assert "x" * 50 not in r.text  # the offending message is not echoed back
+
+
+def test_message_of_exactly_the_limit_is_answered(server):
+    r = server.chat("+59171000004", "hola " * 200)  # 1000 characters: far over the prompt budget, cut from the left
+    assert r.status_code == 200
+    assert int(r.headers["X-Prompt-Tokens"]) <= 256 - 40
+
+
+def test_rate_limit_429_with_retry_after_but_never_for_emergencies(server):
+    user = "+59171000005"
+    for _ in range(5):
+        assert server.chat(user, "cuanto cuesta la consulta").status_code == 200
+    r = server.chat(user, "cuanto cuesta la consulta")
+    assert r.status_code == 429
+    assert 1 <= int(r.headers["Retry-After"]) <= 60
+    assert "5 messages per 60 s" in r.json()["detail"]
+    r = server.chat(user, "me duele mucho el pecho")
+    assert r.status_code == 200 and r.json()["action"] == "emergency"
+
+
+def test_get_on_chat_is_405(server):
+    assert httpx.get(f"{server.url}/chat/", timeout=10).status_code == 405
+
+
+# --------------------------------------------------------------------------- the emergency guard
+
+
+@pytest.mark.parametrize("message, emergency", [
+    ("Me duele mucho el pecho y me cuesta respirar", True),
+    ("mi hijo esta convulsionando", True),
+    ("se desmallo y no despierta", True),
+    ("se trago lavandina", True),
+    ("ya no quiero vivir", True),
+    ("hola kiero una sita xq me duele muxo el pexo", True),
+    ("Hola, necesito una cita", False),
+    ("los resultados de sangre ya salieron?", False),
+    ("tengo presion alta, quiero control con cardiologia", False),
+    ("no puedo ir el lunes, me cambias para el miercoles?", False),
+])
+def test_guard_before_the_model(server, message, emergency):
+    before = server.metric("lora_med_engine_requests_total")
+    r = server.chat(f"+5917200{zlib.crc32(message.encode()) % 10**4:04d}", message)
+    assert r.status_code == 200
+    body = r.json()
+    after = server.metric("lora_med_engine_requests_total")
+    if emergency:
+        assert body["action"] == "emergency" and body["params"]["status"] == "emergency_referred"
+        assert "118" in body["response"] and "sala de emergencias" in body["response"]
+        assert "cita" not in body["response"].lower()  # never a booking question
+        assert r.headers["X-Prompt-Tokens"] == "0" and after == before  # the model was not called
+    else:
+        assert body["action"] != "emergency"
+        assert after == before + 1
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def test_twenty_concurrent_requests_all_answered_in_batches(server):
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            users = [f"+5917300{i:04d}" for i in range(20)] + ["+59173009999"] * 3  # one user sends three at once
+            return await asyncio.gather(*(client.post("/chat/", json={"user_id": u, "message": "quiero una cita"})
+                                          for u in users))
+
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * 23
+    assert max(int(r.headers["X-Batch-Size"]) for r in responses) > 1  # prompts went to the engine together
+    # The user who sent three at once got them answered one after the other, each prompt holding the last.
+    same = [r for r in responses[20:]]
+    assert len({r.json()["conversation_id"] for r in same}) == 1
+    assert sorted(int(r.headers["X-Prompt-Tokens"]) for r in same)[0] < max(int(r.headers["X-Prompt-Tokens"])
+                                                                           for r in same)
+    conv = same[0].json()["conversation_id"]
+    rows = [t for t in turns(server.db) if t[1] == conv]
+    assert [t[2] for t in rows] == ["user", "assistant"] * 3
+
+
+# --------------------------------------------------------------------------- queue, timeout, kill -9, restart
+
+
+def test_queue_full_503_and_timeout_504(slow):
+    with httpx.Client(base_url=slow.url, timeout=30) as client:
+        results: dict[str, httpx.Response] = {}
+
+        def send(key: str, user: str, message: str) -> None:
+            results[key] = client.post("/chat/", json={"user_id": user, "message": message})
+
+        # Two requests fill the queue (queue_size 2) while the batch window (1 s) is open.
+        threads = [threading.Thread(target=send, args=(k, f"+5917400000{k}", "quiero una cita")) for k in "12"]
+        for t in threads:
+            t.start()
+        time.sleep(0.4)
+        full = client.post("/chat/", json={"user_id": "+59174000003", "message": "quiero una cita"})
+        urgent = client.post("/chat/", json={"user_id": "+59174000004", "message": "no puede respirar"})
+        for t in threads:
+            t.join()
+    assert full.status_code == 503 and full.headers["Retry-After"] == "1"
+    assert "queue_size" in full.json()["detail"]
+    assert urgent.status_code == 200 and urgent.json()["action"] == "emergency"  # emergencies never queue
+    assert results["1"].status_code == results["2"].status_code == 200
+    assert int(results["1"].headers["X-Batch-Size"]) == 2
+
+    # A user's second message waits for the first reply (~1 s), then for its own batch window (1 s more):
+    # past request_timeout_s (1.5 s) it gets 504, and the message stays stored, unanswered.
+    # An emergency from the same user meanwhile does not wait for either.
+    user = "+59174000005"
+    with httpx.Client(base_url=slow.url, timeout=30) as client:
+        first = threading.Thread(target=send, args=("a", user, "quiero una cita"))
+        first.start()
+        time.sleep(0.1)
+        late_thread = threading.Thread(target=send, args=("late", user, "con pediatria"))
+        late_thread.start()
+        time.sleep(0.1)
+        urgent = client.post("/chat/", json={"user_id": user, "message": "mi hijo se trago lavandina"})
+        first_done_before = "a" in results  # the first message still waits for its batch (1 s window)
+        first.join()
+        late_thread.join()
+    late = results["late"]
+    assert urgent.status_code == 200 and urgent.json()["action"] == "emergency"
+    assert not first_done_before  # answered while the user's earlier message was still waiting
+    assert results["a"].status_code == 200
+    assert late.status_code == 504 and "request_timeout_s" in late.json()["detail"]
+    conv = results["a"].json()["conversation_id"]
+    assert urgent.json()["conversation_id"] == conv
+    rows = {t[0]: t for t in turns(slow.db) if t[1] == conv}
+    pairs = {rows[t[4]][3]: t[3] for t in rows.values() if t[2] == "assistant"}  # message -> its reply
+    assert pairs == {"quiero una cita": results["a"].json()["response"],
+                     "mi hijo se trago lavandina": urgent.json()["response"]}
+    assert "con pediatria" in [t[3] for t in rows.values() if t[2] == "user"]  # stored, unanswered
+
+
+def test_a_client_that_leaves_does_not_break_the_batch(slow):
+    time.sleep(1.2)  # let a batch window still open from the test before close (it would answer at once)
+    with httpx.Client(base_url=slow.url, timeout=30) as client:
+        got: dict[str, object] = {}
+
+        def impatient() -> None:
+            try:
+                httpx.post(f"{slow.url}/chat/", json={"user_id": "+59174100001", "message": "quiero una cita"},
+                           timeout=0.3)  # gives up and closes its connection inside the 1 s batch window
+            except httpx.TimeoutException as e:
+                got["impatient"] = e
+
+        t = threading.Thread(target=impatient)
+        t.start()
+        time.sleep(0.05)
+        patient = client.post("/chat/", json={"user_id": "+59174100002", "message": "quiero una cita"})
+        t.join()
+    assert isinstance(got["impatient"], httpx.TimeoutException)
+    assert patient.status_code == 200 and patient.json()["response"]
+    assert httpx.get(f"{slow.url}/health", timeout=10).json()["in_flight"] == 0
+
+
+def test_kill_9_mid_request_loses_nothing_committed_and_history_survives_restart(servers, tiny_base, tiny_tokenizer):
+    slow, user = servers["slow"], "+59175000001"
+    first = slow.chat(user, "Hola, necesito una cita")
+    assert first.status_code == 200
+    conv, reply = first.json()["conversation_id"], first.json()["response"]
+
+    # The second message is stored on arrival, then waits in the 1 s batch window: kill -9 right then.
+    outcome: list = []
+
+    def pending() -> None:
+        try:
+            outcome.append(slow.chat(user, "con pediatria"))
+        except httpx.TransportError as e:  # the server died under it: what a client sees
+            outcome.append(e)
+
+    t = threading.Thread(target=pending)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not any(r[1] == conv and r[3] == "con pediatria" for r in turns(slow.db)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert slow.stop(signal.SIGKILL) == -signal.SIGKILL
+    t.join()
+    assert isinstance(outcome[0], httpx.TransportError)  # killed mid-request, not answered first
+
+    con = sqlite3.connect(slow.db)
+    assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    con.close()
+    rows = [r for r in turns(slow.db) if r[1] == conv]
+    assert [(r[2], r[3], r[4]) for r in rows] == [("user", "Hola, necesito una cita", None),
+                                                 ("assistant", reply, rows[0][0]),
+                                                 ("user", "con pediatria", None)]
+
+    # Restarted on the same file, through the CLI: same conversation; the prompt holds the committed exchange,
+    # not the message whose reply never came (the model sees user/assistant alternating, as in training).
+    again = Server(tiny_base, slow.db, servers["dir"] / "restart.log", cli=True).wait_ready()
+    try:
+        r = again.chat(user, "el lunes en la mañana")
+        assert r.status_code == 200
+        assert r.json()["conversation_id"] == conv
+        assert int(r.headers["X-Prompt-Tokens"]) == expected_prompt(tiny_tokenizer, "Hola, necesito una cita",
+                                                                    reply, "el lunes en la mañana")
+        assert r.json()["action"] == "schedule_appointment"
+        assert again.stop() in (0, -signal.SIGTERM)  # graceful: requests finished, store closed
+        assert any(e.get("event") == "stopped" for e in again.events())
+    finally:
+        again.stop(signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- health, metrics, docs, logs, CLI
+
+
+def test_health_metrics_docs(server):
+    h = httpx.get(f"{server.url}/health", timeout=10).json()
+    assert h["status"] == "ok" and h["engine"].startswith("engine-") and h["device"] == "cpu"
+    assert h["format"] == "dialogpt" and h["prompt_budget"] == 256 - 40
+    assert {"uptime_s", "queue_depth", "in_flight", "model"} <= set(h)
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    for series in ('lora_med_requests_total{status="200"}', "lora_med_request_seconds_bucket",
+                   "lora_med_queue_depth", "lora_med_batch_size_bucket", "lora_med_guard_hits_total{rule=",
+                   'lora_med_requests_total{status="422"}', 'lora_med_requests_total{status="429"}'):
+        assert series in text
+    assert httpx.get(f"{server.url}/docs", timeout=10).status_code == 200
+    assert "/chat/" in httpx.get(f"{server.url}/openapi.json", timeout=10).json()["paths"]
+
+
+def test_logs_are_json_lines_without_message_text_or_numbers(server):
+    lines = server.log.read_text(encoding="utf-8").splitlines()
+    events = [json.loads(line) for line in lines]  # every line is JSON
+    chats = [e for e in events if e["event"] == "chat"]
+    assert len(chats) > 20 and {"status", "ms", "request_id"} <= set(chats[0])
+    text = "\n".join(lines)
+    for secret in ("necesito una cita", "pecho", "lavandina", SEED_USER, "71000001"):
+        assert secret not in text
+    assert '"user": "+*********56"' in text  # masked, last two digits kept
+
+
+def test_missing_model_is_a_named_error_before_anything_loads(tmp_path):
+    from lora_med.serve import ServeConfig, serve
+
+    with pytest.raises(ConfigError, match=r"EXPORT_DIR .*missing: no such folder"):
+        serve(ServeConfig(model=str(tmp_path / "missing"), db=str(tmp_path / "x.db")))
+    assert not (tmp_path / "x.db").exists()
+
+
+# --------------------------------------------------------------------------- in-process: store, settings, model
+
+
+def test_store_idle_restart_and_unanswered_turns(tmp_path):
+    from lora_med.serve.store import SQLiteStore
+
+    s = SQLiteStore(tmp_path / "c.db")
+    a = s.begin("+59176000001", "hola", now=1000.0, idle_s=1800, restart=False)
+    s.answer(a.conversation_id, a.turn_id, "¡Hola!", action="chat", status="answered", source="model", now=1001.0)
+    b = s.begin("+59176000001", "sin respuesta", now=1100.0, idle_s=1800, restart=False)  # never answered
+    c = s.begin("+59176000001", "sigo aqui", now=1200.0, idle_s=1800, restart=False)
+    assert a.new and not b.new and not c.new and a.conversation_id == c.conversation_id
+    assert [(t.role, t.content) for t in c.history] == [("user", "hola"), ("assistant", "¡Hola!")]
+    d = s.begin("+59176000001", "hola de nuevo", now=1200.0 + 1801, idle_s=1800, restart=False)
+    e = s.begin("+59176000001", "empecemos de nuevo", now=3100.0, idle_s=1800, restart=True)
+    assert d.new and e.new and len({a.conversation_id, d.conversation_id, e.conversation_id}) == 3
+    other = s.begin("+59176000002", "hola", now=3100.0, idle_s=1800, restart=False)
+    assert other.new and other.history == []
+    s.close()
+    con = sqlite3.connect(tmp_path / "c.db")
+    assert con.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert [r[0] for r in con.execute("SELECT closed_by FROM conversations ORDER BY started, rowid")][:3] == \
+        ["idle", "restart", None]
+
+
+def test_store_refuses_a_file_that_is_not_a_database(tmp_path):
+    from lora_med.serve.store import SQLiteStore
+
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a database " * 100)
+    with pytest.raises(ConfigError, match="--db"):
+        SQLiteStore(bad)
+
+
+def test_settings_every_problem_listed(tmp_path):
+    from lora_med.serve import ServeConfig
+
+    cfg = ServeConfig(model="", device="tpu", port=70000, max_batch=0, request_timeout_s=-1, top_p=2,
+                      db=str(tmp_path / "no" / "such" / "x.db"), intents="nope.yaml", max_new_tokens="forty")
+    with pytest.raises(ConfigError) as e:
+        cfg.check()
+    assert e.value.problems == ["--max-new-tokens 'forty': must be a whole number"]  # types first
+    cfg.max_new_tokens = "40"  # a numeric string from YAML is a number
+    with pytest.raises(ConfigError) as e:
+        cfg.check()
+    text = "\n".join(e.value.problems)
+    for flag in ("EXPORT_DIR", "--device tpu", "--port 70000", "--max-batch 0", "--request-timeout-s",
+                 "--top-p", "--db", "--intents nope.yaml"):
+        assert flag in text
+    assert cfg.max_new_tokens == 40
+
+
+def test_model_paths(tmp_path, tiny_base):
+    from lora_med.serve.replier import resolve_model
+
+    src = resolve_model(str(tiny_base))
+    assert src.engine_path == tiny_base and src.fmt == "dialogpt" and "PyTorch" in src.kind
+    lora = tmp_path / "run"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="merge-export"):
+        resolve_model(str(lora))
+    from lora_med.serve import ServeConfig, create_app
+
+    with pytest.raises(ConfigError, match="merge-export"):
+        create_app(ServeConfig(model=str(lora), db=str(tmp_path / "never.db")))
+    assert not (tmp_path / "never.db").exists()  # refused before the database is created
+    with pytest.raises(ConfigError, match="no such folder"):
+        resolve_model(str(tmp_path / "missing"))
+    half = tmp_path / "half-export"
+    half.mkdir()
+    (half / "manifest.json").write_text(json.dumps({"kind": "lora-med.export", "status": "running"}))
+    with pytest.raises(LoraMedError, match="not complete"):
+        resolve_model(str(half))
+
+
+def test_export_folder_serves_its_decode_graph_else_merged(tmp_path, tiny_base):
+    import shutil
+
+    from lora_med.decode_graph import build_decode_graph
+    from lora_med.serve import ServeConfig
+    from lora_med.serve.replier import load_replier
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_base, export / "merged")
+    # The manifest fields serve reads (merge-export writes these and more).
+    (export / "manifest.json").write_text(json.dumps({"kind": "lora-med.export", "status": "complete",
+                                                      "source": {"format": "dialogpt", "max_length": 128}}))
+    torch_side = load_replier(ServeConfig(model=str(export), threads=1))  # no engine/ yet: merged/ on PyTorch
+    assert torch_side.source.engine_path == export / "merged" and torch_side.engine.name.startswith("engine-torch")
+    build_decode_graph(export / "merged", export / "engine")
+    ort_side = load_replier(ServeConfig(model=str(export), threads=1))
+    assert ort_side.source.engine_path == export / "engine" and ort_side.engine.name == "engine-cpu-fp32"
+    assert ort_side.budget == torch_side.budget == 128 - 40  # the training run's max_length, not the capacity
+    history = [Message("user", "Hola, necesito una cita"), Message("assistant", "¿Para qué especialidad?"),
+               Message("user", "pediatria")]
+    prompts = [ort_side.prompt(history), ort_side.prompt(history[-1:])]
+    assert ort_side.generate(prompts) == torch_side.generate(prompts)  # one engine, two backends, same replies
+    ort_side.close()
+    torch_side.close()
+
+
+def test_prompt_cut_whole_oldest_turns_first(tiny_base, tiny_tokenizer):
+    from lora_med.engine import load_engine
+    from lora_med.serve import ServeConfig
+    from lora_med.serve.replier import load_replier
+
+    eng = load_engine(tiny_base, device="cpu")
+    rep = load_replier(ServeConfig(model=str(tiny_base), max_new_tokens=200), engine=eng)  # budget 56
+    assert rep.budget == 56
+    turns_ = [Message("user" if i % 2 == 0 else "assistant", f"mensaje numero {i} sobre la cita") for i in range(11)]
+    ids = rep.prompt(turns_)
+    kept = next(k for k in range(len(turns_)) if prompt_ids(turns_[k:], tiny_tokenizer, "dialogpt") == ids)
+    assert len(ids) <= 56 < len(prompt_ids(turns_[kept - 1:], tiny_tokenizer, "dialogpt"))
+    long = [Message("user", "hola " * 100)]
+    assert rep.prompt(long) == prompt_ids(long, tiny_tokenizer, "dialogpt")[-56:]
+    with pytest.raises(ConfigError, match="--max-new-tokens 250"):
+        load_replier(ServeConfig(model=str(tiny_base), max_new_tokens=250), engine=eng)
+    eng.close()
+
+
+@pytest.mark.parametrize("message, action", [
+    ("Hola, necesito una cita", "schedule_appointment"),
+    ("kiero una sita", "schedule_appointment"),
+    ("hola kiero sacar una ficha pa mi hijo", "schedule_appointment"),
+    ("Quiero cancelar mi cita", "cancel_appointment"),
+    ("cansela mi sita porfa", "cancel_appointment"),
+    ("no voy a poder ir mañana", "cancel_appointment"),
+    ("necesito reprogramar mi cita del jueves", "reschedule_appointment"),
+    ("puedo cambiar mi cita para el sábado?", "reschedule_appointment"),
+    ("¿Ya están mis resultados de laboratorio?", "lab_results"),
+    ("me pueden enviar mis resultados en pdf?", "lab_results"),
+    ("¿Cuál es el horario de atención?", "clinic_info"),
+    ("¿Cuánto cuesta una consulta con el cardiólogo?", "clinic_info"),
+    ("aceptan seguro BISA?", "clinic_info"),
+    ("donde keda la clinica", "clinic_info"),
+    ("Gracias, hasta luego", None),
+])
+def test_intents_with_and_without_accents_and_misspelled(message, action):
+    from lora_med.serve.intents import Intents
+
+    assert Intents(REPO / "configs" / "intents.yaml").intent(message) == action
+
+
+def test_intent_status_follows_the_conversation():
+    from lora_med.serve.intents import Intents
+    from lora_med.serve.store import Turn
+
+    it = Intents(REPO / "configs" / "intents.yaml")
+    h = [Turn("user", "Quiero cancelar mi cita"),
+         Turn("assistant", "Claro. ¿Me das tu nombre, CI y fecha de nacimiento?", "cancel_appointment",
+              "verifying_identity")]
+    assert it.decide("Quiero cancelar mi cita", []).status == "verifying_identity"
+    d = it.decide("Ana Rojas, CI 6543210 SC, 3 de mayo de 1985", h)
+    assert (d.action, d.status) == ("cancel_appointment", "collecting_info")
+    h += [Turn("user", "Ana Rojas, CI 6543210 SC, 3 de mayo de 1985"),
+          Turn("assistant", "Tu cita es el martes a las 9:00. ¿Confirmo la cancelación?", "cancel_appointment",
+               "collecting_info")]
+    assert it.decide("si, confirmo", h).status == "confirmed"
+    assert it.decide("¿a qué hora abren?", h).action == "clinic_info"  # a question inside the flow
+    h += [Turn("user", "si"), Turn("assistant", "Listo, cancelada.", "cancel_appointment", "confirmed")]
+    assert it.decide("ok gracias", h).action == "chat"  # the flow ended
+    assert it.decide("el martes a las 10", [Turn("user", "quiero una cita"),
+                                            Turn("assistant", "¿Qué día?", "schedule_appointment",
+                                                 "collecting_info")]).action == "schedule_appointment"
+
+
+def test_mask():
+    from lora_med.serve.logs import mask
+
+    assert mask("+59170123456") == "+*********56"
+    assert mask("CI 6543210 SC") == "CI *****10 SC"
+    assert mask("+591 7012-3456") == "+*** ****-**56"
+    assert mask("127.0.0.1 port 8000") == "127.0.0.1 port 8000"
+
+
+class BrokenEngine:
+    """Stands in for the engine only to make it fail; the app, uvicorn and the store are real."""
+
+    name, device, precision, capacity, eos_token_id = "broken", "cpu", "fp32", 256, 0
+
+    def generate(self, prompts, settings):
+        raise RuntimeError("the device fell over")
+
+    def close(self) -> None:
+        pass
+
+
+def test_engine_failure_is_an_explicit_500_and_the_server_carries_on(tmp_path, tiny_base):
+    import socket
+
+    import uvicorn
+
+    from lora_med.serve import ServeConfig, create_app
+
+    cfg = ServeConfig(model=str(tiny_base), db=str(tmp_path / "b.db"))
+    app = create_app(cfg, engine=BrokenEngine())
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    srv = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not srv.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = httpx.post(f"{url}/chat/", json={"user_id": "+59177000001", "message": "quiero una cita"}, timeout=30)
+        assert r.status_code == 500 and r.json()["detail"].startswith("generation failed (RuntimeError)")
+        assert r.headers["X-Request-Id"] in r.json()["detail"]
+        r = httpx.post(f"{url}/chat/", json={"user_id": "+59177000001", "message": "me quiero morir"}, timeout=30)
+        assert r.status_code == 200 and r.json()["action"] == "emergency"  # the guard never needs the model
+        assert 'lora_med_requests_total{status="500"} 1' in httpx.get(f"{url}/metrics", timeout=10).text
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+    assert [(t[2], t[3]) for t in turns(tmp_path / "b.db")][0] == ("user", "quiero una cita")  # kept, unanswered
+
+
+def test_example_settings_file_loads():
+    from lora_med.runcard import load_config
+    from lora_med.serve import ServeConfig
+
+    cfg = load_config(ServeConfig, REPO / "configs" / "serve.yaml", {"model": str(REPO / "models" / "gpt2-es-tiny")})
+    cfg.check()
+    assert cfg.max_batch == 8 and cfg.idle_minutes == 30.0 and cfg.rate_limit == 20
