@@ -14,7 +14,7 @@ import sys
 import click
 
 from . import __version__, settings
-from .config import DEFAULT_BASE, BenchConfig, ExportConfig, TrainConfig
+from .config import DEFAULT_BASE, BenchConfig, ExportConfig, ServeConfig, TrainConfig
 from .errors import LoraMedError
 
 CONFIG = click.option("--config", "config_file", type=click.Path(dir_okay=False),
@@ -193,21 +193,25 @@ def bench(config_file: str | None, **kwargs) -> None:
     run_bench(_load(BenchConfig, config_file, kwargs))
 
 
-from .serve.config import ServeConfig  # noqa: E402
+# --------------------------------------------------------------------------- serve
 
 
-@cli.command("serve")
+@cli.command()
 @click.argument("export_dir", required=False)
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of settings; flags override it.")
-@config_options(ServeConfig)
-def serve_command(export_dir: str | None, config_file: str | None, **kwargs) -> None:
-    """Serve the seed guide's POST /chat/ on EXPORT_DIR (a merge-export output or a model folder)."""
-    from .serve import serve
+@CONFIG
+@settings.click_options(ServeConfig)
+def serve(export_dir: str | None, config_file: str | None, **kwargs) -> None:
+    """Serve the seed guide's POST /chat/ on EXPORT_DIR (a merge-export output or a model folder).
 
-    overrides = overrides_from(kwargs, ServeConfig)
-    if export_dir:
-        overrides["model"] = export_dir
-    serve(load_config(ServeConfig, config_file, overrides))
+    \b
+    lora-med serve exports/clinic-lora-cpu-fp32
+    lora-med serve exports/clinic-lora-cpu-fp32 --port 8080 --db /var/lib/clinic/chat.db
+    curl -s -X POST http://127.0.0.1:8000/chat/ -H 'Content-Type: application/json' \\
+         -d '{"user_id": "+59170123456", "message": "Hola, necesito una cita"}'
+    """
+    from .serve import serve as run_serve
+
+    run_serve(_load(ServeConfig, config_file, kwargs, **({"model": export_dir} if export_dir else {})))
 
 
 def main() -> None:

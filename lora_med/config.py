@@ -18,6 +18,8 @@ DEFAULT_BASE = "models/gpt2-es-tiny"  # the shipped pretrained Spanish base (mod
 DEFAULT_DATA = "data/medical_conversations.json"
 DEFAULT_EVAL = "data/medical_conversations_eval.json"
 DEFAULT_EVAL_FRACTION = 0.1
+DEFAULT_INTENTS = "configs/intents.yaml"
+DEFAULT_EMERGENCY = "configs/emergency.yaml"
 
 METHODS = ("lora", "qlora", "full")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -32,7 +34,8 @@ def shipped(path: str) -> Path:
     """A path as given, or, when it is one of the shipped defaults and not found from here, the checkout's copy:
     so `lora-med train` works from any directory."""
     p = Path(path).expanduser()
-    if not p.exists() and not p.is_absolute() and path in (DEFAULT_BASE, DEFAULT_DATA, DEFAULT_EVAL):
+    if not p.exists() and not p.is_absolute() and path in (DEFAULT_BASE, DEFAULT_DATA, DEFAULT_EVAL, DEFAULT_INTENTS,
+                                                            DEFAULT_EMERGENCY):
         return REPO_ROOT / path
     return p
 
@@ -215,3 +218,38 @@ class BenchConfig:
     name: str | None = setting(None, "report name [default: from the run, the shape or \"paired\"]")
     out: str | None = setting(None, "report folder [default: reports/<name>]")
     note: str | None = setting(None, "free text recorded in the report's notes (e.g. what else shared the machine)")
+
+
+@dataclass
+class ServeConfig:
+    """Settings of ``lora-med serve`` (also the keys of its ``--config`` YAML)."""
+
+    # model
+    model: str = setting("", "a merge-export folder (its engine/ or merged/) or a Hugging Face model folder; the "
+                         "positional EXPORT_DIR", hidden=True)
+    device: str = setting("auto", "where replies are computed", choices=DEVICES)
+    threads: int | None = setting(None, "CPU threads for generation [default: the engine's]", min=1)
+    max_new_tokens: int = setting(40, "longest reply in tokens; a reply stops earlier at EOS", min=1)
+    no_repeat_ngram_size: int = setting(3, "never repeat an n-gram in a reply (0: off); small models loop without "
+                                        "it", min=0)
+    do_sample: bool = setting(False, "sample instead of greedy decoding")
+    temperature: float = setting(1.0, "sampling only", above=0)
+    top_p: float = setting(1.0, "sampling only", above=0, max=1)
+    # server
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 exposes it to the network)")
+    port: int = setting(8000, "TCP port; 0 picks a free one (logged in the \"ready\" line)", min=0, max=65535)
+    # conversations
+    db: str = setting("lora-med-serve.db", "SQLite file (WAL mode) holding every turn; history survives restarts")
+    idle_minutes: float = setting(30.0, "a message after this much silence starts a new conversation", above=0)
+    intents: str = setting(DEFAULT_INTENTS, "rules deriving `action` and `params.status`")
+    emergency: str = setting(DEFAULT_EMERGENCY, "the emergency guard's rules and reply")
+    # limits
+    max_message_chars: int = setting(1000, "longer messages get 422", min=1)
+    rate_limit: int = setting(20, "messages per user per --rate-window-s (0: no limit); emergencies are never "
+                              "limited", min=0)
+    rate_window_s: float = setting(60.0, "the rate limit's window in seconds", above=0)
+    max_batch: int = setting(8, "most prompts generated together", min=1)
+    batch_wait_ms: float = setting(5.0, "how long the first request of a batch waits for company", min=0, max=1000)
+    queue_size: int = setting(64, "requests waiting for the model beyond this get 503", min=1)
+    request_timeout_s: float = setting(30.0, "a reply not ready by then gets 504", above=0)
+    log_file: str | None = setting(None, "JSON-lines log file [default: stderr]")

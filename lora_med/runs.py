@@ -302,12 +302,12 @@ def output_problems(out: Path, kind: str, *, flag: str, inputs: list[tuple[str, 
     anchor = target
     while not anchor.exists():
         anchor = anchor.parent
-    if problem := _unwritable(anchor):
+    if problem := unwritable(anchor):
         p.append(f"{flag} {out}: {anchor} is not writable ({problem}); choose another {flag}")
     return p, state
 
 
-def _unwritable(folder: Path) -> str | None:
+def unwritable(folder: Path) -> str | None:
     """Why nothing can be created in ``folder``, or None. A real probe (a file made and removed at once):
     os.access says yes to root on a read-only filesystem."""
     import tempfile

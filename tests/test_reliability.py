@@ -26,7 +26,6 @@ from lora_med.errors import ConfigError, DatasetError, LoraMedError
 from lora_med.export import merge_export
 from lora_med.train import train
 
-from .conftest import REPO
 
 
 def snapshot(root: Path) -> dict[str, str]:

@@ -30,6 +30,8 @@ from lora_med.errors import ConfigError, LoraMedError
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+from lora_med.serve.config import check  # noqa: E402
+
 LAUNCH = "import json, sys; from lora_med.serve import ServeConfig, serve; serve(ServeConfig(**json.loads(sys.argv[1])))"
 SEED_BODY = b'{\n  "user_id": "+59170123456",\n  "message": "Hola, necesito una cita"\n}'  # the guide's Postman body
 SEED_USER = "+59170123456"
@@ -461,14 +463,20 @@ def test_settings_every_problem_listed(tmp_path):
     cfg = ServeConfig(model="", device="tpu", port=70000, max_batch=0, request_timeout_s=-1, top_p=2,
                       db=str(tmp_path / "no" / "such" / "x.db"), intents="nope.yaml", max_new_tokens="forty")
     with pytest.raises(ConfigError) as e:
-        cfg.check()
-    assert e.value.problems == ["--max-new-tokens 'forty': must be a whole number"]  # types first
+        check(cfg)
+    assert sorted(e.value.problems) == sorted([
+                                "ServeConfig.max_new_tokens='forty': must be a whole number, got 'forty'",
+                                "ServeConfig.device='tpu': use one of auto, cpu, cuda",
+                                "ServeConfig.port=70000: must be in [0, 65535]",
+                                "ServeConfig.max_batch=0: must be >= 1",
+                                "ServeConfig.request_timeout_s=-1: must be > 0",
+                                "ServeConfig.top_p=2: must be in (0, 1]"])  # types and bounds first
+    cfg.device, cfg.port, cfg.max_batch, cfg.request_timeout_s, cfg.top_p = "cpu", 8000, 1, 1.0, 1.0
     cfg.max_new_tokens = "40"  # a numeric string from YAML is a number
     with pytest.raises(ConfigError) as e:
-        cfg.check()
+        check(cfg)
     text = "\n".join(e.value.problems)
-    for flag in ("EXPORT_DIR", "--device tpu", "--port 70000", "--max-batch 0", "--request-timeout-s",
-                 "--top-p", "--db", "--intents nope.yaml"):
+    for flag in ("EXPORT_DIR", "ServeConfig.db=", "ServeConfig.intents='nope.yaml': file not found"):
         assert flag in text
     assert cfg.max_new_tokens == 40
 
@@ -507,8 +515,9 @@ def test_export_folder_serves_its_decode_graph_else_merged(tmp_path, tiny_base):
     export = tmp_path / "export"
     shutil.copytree(tiny_base, export / "merged")
     # The manifest fields serve reads (merge-export writes these and more).
-    (export / "manifest.json").write_text(json.dumps({"kind": "lora-med.export", "status": "complete",
-                                                      "source": {"format": "dialogpt", "max_length": 128}}))
+    (export / "manifest.json").write_text(json.dumps({"kind": "lora-med.export", "status": "complete", "options": {},
+                                                      "source": {"format": "dialogpt", "max_length": 128,
+                                                                 "run_dir": str(tmp_path / "run")}}))
     torch_side = load_replier(ServeConfig(model=str(export), threads=1))  # no engine/ yet: merged/ on PyTorch
     assert torch_side.source.engine_path == export / "merged" and torch_side.engine.name.startswith("engine-torch")
     build_decode_graph(export / "merged", export / "engine")
@@ -642,9 +651,9 @@ def test_engine_failure_is_an_explicit_500_and_the_server_carries_on(tmp_path, t
 
 
 def test_example_settings_file_loads():
-    from lora_med.runcard import load_config
     from lora_med.serve import ServeConfig
+    from lora_med.settings import load_config
 
     cfg = load_config(ServeConfig, REPO / "configs" / "serve.yaml", {"model": str(REPO / "models" / "gpt2-es-tiny")})
-    cfg.check()
+    check(cfg)
     assert cfg.max_batch == 8 and cfg.idle_minutes == 30.0 and cfg.rate_limit == 20

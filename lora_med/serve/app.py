@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..data import Message
 from ..errors import ConfigError
 from .batcher import Batcher, EngineFailed, QueueFull, ShuttingDown
-from .config import ServeConfig, resolve_path
+from .config import ServeConfig, check, resolve_path
 from .guard import Guard
 from .intents import ACTIONS, EMERGENCY_STATUS, Intents
 from .limits import RateLimiter, UserLocks
@@ -203,7 +203,7 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
     Raises:
         ConfigError: a setting, the model folder, the rule files or the database is unusable.
     """
-    cfg.check()
+    check(cfg)
     # Cheap things first, so their mistakes show before the model loads.
     guard, intents = Guard(resolve_path(cfg.emergency)), Intents(resolve_path(cfg.intents))
     source = resolve_model(cfg.model)  # a LoRA run or a half export is refused before the database is touched
@@ -296,7 +296,7 @@ def serve(cfg: ServeConfig) -> None:
 
     import uvicorn
 
-    cfg.check()
+    check(cfg)
     logging.config.dictConfig(logging_config(cfg.log_file))
     sock = _bind(cfg.host, cfg.port)
     try:

@@ -16,6 +16,7 @@ from ..data import Message
 from ..engine import ENGINE_FILE, GenerationSettings, load_engine
 from ..errors import ConfigError
 from ..models import load_tokenizer
+from .. import runs
 from .config import ServeConfig
 
 MIN_PROMPT_TOKENS = 16  # below this the model cannot even see the patient's message
@@ -49,9 +50,7 @@ def resolve_model(path: str) -> ModelSource:
         raise ConfigError(f"EXPORT_DIR {path}: no such folder; give a `lora-med merge-export` output "
                           "(exports/...) or a Hugging Face model folder")
     if (p / "manifest.json").is_file():
-        from ..export import load_export
-
-        source = load_export(p).get("source", {})
+        source = runs.load_card(p, "export").get("source", {})
         engine = p / "engine"
         if (engine / ENGINE_FILE).is_file():
             target, kind = engine, "export decode graph (ONNX Runtime)"
