@@ -512,3 +512,25 @@ def test_int8_recipe_quantises_the_tied_head_of_the_decode_graph(tiny_graph, tin
         with load_engine(out, device="cpu") as engine:
             got = engine._backend.prefill(prompts, 1).copy()
         assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+
+
+def test_torch_engine_runs_a_peft_model_with_its_adapter(tiny_base):
+    """The comparison replies during training come from the PEFT model itself, before any merge or export."""
+    from peft import LoraConfig, get_peft_model
+
+    from lora_med.models import load_model
+
+    model = get_peft_model(load_model(str(tiny_base)), LoraConfig(r=4, target_modules=["c_attn", "c_fc"],
+                                                                   fan_in_fan_out=True))
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # non-zero B, so the adapter changes the replies
+    model.eval()
+    prompts = _prompts(model.config.vocab_size, (4, 15), seed=14)
+    engine = torch_engine(model, eos_token_id=model.config.eos_token_id)
+    refs = [_hf_greedy(model, p, 16, engine.eos_token_id) for p in prompts]
+    assert engine.generate(prompts, GenerationSettings(max_new_tokens=16)) == refs
+    with model.disable_adapter():
+        base = [_hf_greedy(model, p, 16, engine.eos_token_id) for p in prompts]
+    assert base != refs
