@@ -481,6 +481,19 @@ def test_settings_every_problem_listed(tmp_path):
     assert cfg.max_new_tokens == 40
 
 
+def test_a_lora_training_run_is_served_with_its_adapter_merged(trained, exported):
+    from lora_med.serve import ServeConfig
+    from lora_med.serve.replier import load_replier
+
+    run = load_replier(ServeConfig(model=str(trained["lora"]), threads=1))
+    merged = load_replier(ServeConfig(model=str(exported["fp32"] / "merged"), threads=1))
+    assert "adapter merged in memory" in run.source.kind and run.engine.name.startswith("engine-torch")
+    history = [Message("user", "Hola, necesito una cita")]
+    assert run.generate([run.prompt(history)]) == merged.generate([merged.prompt(history)])
+    run.close()
+    merged.close()
+
+
 def test_model_paths(tmp_path, tiny_base):
     from lora_med.serve.replier import resolve_model
 
@@ -488,12 +501,12 @@ def test_model_paths(tmp_path, tiny_base):
     assert src.engine_path == tiny_base and src.fmt == "dialogpt" and "PyTorch" in src.kind
     lora = tmp_path / "run"
     lora.mkdir()
-    (lora / "adapter_config.json").write_text("{}")
-    with pytest.raises(ConfigError, match="merge-export"):
+    (lora / "adapter_config.json").write_text("{}")  # an adapter without its run card
+    with pytest.raises(LoraMedError, match="not a lora-med training run: run.json is missing"):
         resolve_model(str(lora))
     from lora_med.serve import ServeConfig, create_app
 
-    with pytest.raises(ConfigError, match="merge-export"):
+    with pytest.raises(LoraMedError, match="run.json is missing"):
         create_app(ServeConfig(model=str(lora), db=str(tmp_path / "never.db")))
     assert not (tmp_path / "never.db").exists()  # refused before the database is created
     with pytest.raises(ConfigError, match="no such folder"):

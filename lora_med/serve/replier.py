@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..chat import prompt_ids
 from ..data import Message
-from ..engine import ENGINE_FILE, GenerationSettings, load_engine
+from ..engine import ENGINE_FILE, GenerationSettings, load_engine, torch_engine
 from ..errors import ConfigError
 from ..models import load_tokenizer
 from .. import runs
@@ -31,6 +31,7 @@ class ModelSource:
     fmt: str  # the training format: dialogpt | chat-template
     max_length: int | None  # the training run's max_length (prompt + reply), when known
     kind: str  # for /health and logs
+    adapter_base: str | None = None  # a LoRA run: the base its adapter is merged onto in memory
 
 
 def resolve_model(path: str) -> ModelSource:
@@ -39,10 +40,11 @@ def resolve_model(path: str) -> ModelSource:
     A merge-export folder serves its ``engine/`` decode graph when it has one, else its ``merged/`` model on
     PyTorch through the engine; the training format and length come from its ``manifest.json``. An HF model
     folder (an export's ``merged/``, a full fine-tune run) is served on PyTorch; a ``run.json`` beside it gives
-    the format, else DialoGPT's.
+    the format, else DialoGPT's. A LoRA training run is served on PyTorch with its adapter merged onto its base
+    in memory.
 
     Raises:
-        ConfigError: PATH is missing, is a LoRA run (merge-export it first), or holds no model.
+        ConfigError: PATH is missing, is a LoRA run whose base is gone, or holds no model.
         LoraMedError: PATH is an export that did not complete.
     """
     p = Path(path)
@@ -61,9 +63,13 @@ def resolve_model(path: str) -> ModelSource:
         tok = p / "merged" if (p / "merged" / "tokenizer_config.json").is_file() else p / "onnx"
         return ModelSource(target, tok, source.get("format") or "dialogpt", source.get("max_length"), kind)
     if (p / "adapter_config.json").is_file():
-        raise ConfigError(f"EXPORT_DIR {path}: is a LoRA training run (an adapter without its base); merge and "
-                          f"export it first with `lora-med merge-export {path}`, then serve the folder it writes "
-                          "(exports/...)")
+        # A LoRA run: its adapter merged onto its base in memory, on PyTorch (merge-export it for the decode graph).
+        card = runs.load_card(p, "train")
+        base = card["base"]["name_or_path"]
+        if base.startswith(("/", ".")) and not Path(base).is_dir():
+            raise ConfigError(f"EXPORT_DIR {path}: its base {base} is gone; restore it, or serve a merge-export")
+        return ModelSource(p, p, card["data"]["format"], card["data"]["max_length"],
+                           "training run, adapter merged in memory (PyTorch)", adapter_base=base)
     if (p / "config.json").is_file():
         fmt, max_length = "dialogpt", None
         run = p / "run.json"  # a full fine-tune run folder records how it was trained
@@ -147,6 +153,23 @@ def load_replier(cfg: ServeConfig, engine=None, source: ModelSource | None = Non
     """
     source = source or resolve_model(cfg.model)
     tokenizer = load_tokenizer(str(source.tokenizer_path))
-    if engine is None:
+    if engine is None and source.adapter_base:
+        engine = _merged_run_engine(source, tokenizer, cfg)
+    elif engine is None:
         engine = load_engine(source.engine_path, device=cfg.device, threads=cfg.threads)
     return Replier(engine, tokenizer, source, settings_from(cfg))
+
+
+def _merged_run_engine(source: ModelSource, tokenizer, cfg: ServeConfig):
+    """The engine's PyTorch path over a LoRA run's adapter merged onto its base (PEFT's safe merge)."""
+    import torch
+    from peft import PeftModel
+
+    from ..models import load_model, resolve_device
+
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    base = load_model(source.adapter_base)
+    model = PeftModel.from_pretrained(base, str(source.engine_path)).merge_and_unload(safe_merge=True).eval()
+    return torch_engine(model.to(device), eos_token_id=tokenizer.eos_token_id)
