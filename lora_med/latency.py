@@ -187,6 +187,10 @@ def available_backends(runs: dict[str, tuple[str, dict]], exports: list[dict], d
     if exports and not engines:
         skipped.append({"backend": "engine-*", "reason": "the exports hold no decode graph (engine/): export them "
                         "again with this lora-med (non-GPT-2 bases get none; see their manifest.json)"})
+    first: dict[str, dict] = {}
+    for s in skipped:  # one line per backend name (several exports give the same reason)
+        first.setdefault(s["backend"], s)
+    skipped = list(first.values())
     if wanted:
         out = [b for b in out if b.name.split(":")[0] in wanted]
         skipped = [s for s in skipped if s["backend"] in wanted
