@@ -4,12 +4,17 @@ Perplexity is paired: the base, the LoRA run, the full fine-tune and each ONNX e
 held-out conversations, formatted and cut exactly as in training (``evaluate.perplexity``).
 
 Latency runs every backend available on the machine in one process, one after the other (each is
-loaded, warmed up, timed and freed before the next; ``latency.py``): PyTorch eager with the unmerged
-adapter, PyTorch merged, ONNX Runtime on the CPU (fp32, int8) and, with a GPU, ONNX Runtime CUDA (fp32,
-fp16) with IO binding. Every backend generates exactly ``new_tokens`` tokens greedily.
+loaded, warmed up, timed and freed before the next; ``latency.py``): lora-med's engine on each export's
+decode graph (``engine-cpu-fp32``, ``engine-cpu-int8``, with a GPU ``engine-cuda-fp16``: what ``serve``
+runs), and the peers through transformers' ``generate()``: PyTorch eager with the unmerged adapter, PyTorch
+merged, with a GPU PyTorch fp16 (plain and with a static cache + CUDA graphs), ONNX Runtime through Optimum
+on the CPU (fp32, int8) and CUDA (fp32, fp16, IO binding). Every backend generates exactly ``new_tokens``
+tokens greedily. The report sets each engine row beside its peer (``engine_vs_peers``: engine-cpu-fp32 /
+ort-cpu-fp32, ...), gives the engine's batch 1/4/16 throughput and, for GPU rows, the bandwidth floor.
 
 ``--shape dialogpt-medium`` measures speed with randomly initialised weights of DialoGPT-medium's exact
-config (``shapes.py``; nothing is downloaded); it refuses perplexity, which random weights cannot give.
+config (``shapes.py``; nothing is downloaded), with the graphs merge-export would ship (the same recipes);
+it refuses perplexity, which random weights cannot give.
 
 ``bench()`` runs in stages: ``validate`` (every input checked, the report folder writable, before anything
 loads), ``--paired`` training, ``_inputs`` (prompts and held-out examples, or the random-weight shape),
@@ -36,13 +41,15 @@ from .export import merge_export
 from .fileio import sha256_file, write_json, write_text
 from .latency import (SCALING_BACKENDS, SCALING_CONTEXTS, SCALING_NEW_TOKENS, SPEED_ONLY, Timing, available_backends,
                       held_out_prompts, load_adapter, thread_count, time_backend)
-from .ort import load_ort, ort_logits_fn
-from .report import gate_line, markdown, plots, replies, training
+from .engine_ort import load_ort, ort_logits_fn
+from .report import engine_vs_peers, gate_line, markdown, plots, replies, training
 from .settings import describe, name
 from .shapes import SHAPES, build_shape
 from .train import train
 
-GATE_ORDER = ("ort-cuda-fp16", "ort-cpu-int8", "ort-cpu-fp32", "torch-merged", "torch-eager")  # "auto": first present
+# "auto": the first present. The engine first: it is what serve runs.
+GATE_ORDER = ("engine-cuda-fp16", "engine-cpu-int8", "engine-cpu-fp32", "ort-cuda-fp16", "ort-cpu-int8", "ort-cpu-fp32",
+              "torch-merged", "torch-eager")
 DEFAULT_MAX_PPL_RATIO = 1.10
 DEFAULT_MIN_PPL_GAIN = 1.0
 REPORT_FILES = ("report.json", "report.md", "latency.png", "perplexity.png", "scaling.png")
@@ -172,9 +179,15 @@ def _read_export(path: Path, found: Found) -> dict:
         raise LoraMedError(f"{folder}: exported from the run {src['run_dir']}, which is neither --run nor --full-run; "
                            "its perplexity would not be comparable. Give that run, or export these runs")
     opts = manifest["options"]
-    precision = "int8" if opts.get("quantize") == "int8" else opts.get("dtype", "fp32")
-    return {"path": str(folder), "onnx_dir": str(onnx_dir), "precision": precision,
-            "device": opts.get("device", "cpu"), "source_run": src["run_dir"]}
+    precision = "int8" if opts.get("quantize") == "int8" else "fp16" if opts.get("optimize") == "O4" \
+        else opts.get("dtype", "fp32")
+    out = {"path": str(folder), "onnx_dir": str(onnx_dir), "precision": precision,
+           "device": opts.get("device", "cpu"), "source_run": src["run_dir"]}
+    section = manifest.get("engine") or {}
+    if section.get("status") == "built" and (folder / "engine" / "engine.json").is_file():
+        out["engine"] = {"dir": str(folder / "engine"), "path": str(folder), "precision": section["precision"],
+                         "label": f"{folder} (engine/, decode graph)"}
+    return out
 
 
 # --------------------------------------------------------------------------- --paired
@@ -208,7 +221,7 @@ def _paired(cfg: BenchConfig, name_: str, device: str) -> tuple[str, str, list[s
             try:
                 exports.append(str(merge_export(ExportConfig(
                     run_dir=trained[method], output=str(out), device=dev, dtype=dtype, quantize=quant,
-                    min_top1=cfg.min_top1, overwrite=out.exists())).output))
+                    min_top1=cfg.min_top1, min_same_replies=cfg.min_same_replies, overwrite=out.exists())).output))
             except GateError as e:
                 if quant == "none" and dtype == "fp32":
                     raise  # an fp32 export that fails parity is a real fault, not a precision trade-off
@@ -238,13 +251,15 @@ class Inputs:
     examples: list | None = None
     model_dir: Path | None = None  # --shape: the random-weight model
     shape_exports: list[dict] = dataclasses.field(default_factory=list)
+    shape_engines: list[dict] = dataclasses.field(default_factory=list)
     shape_info: dict | None = None
 
 
 def _inputs(cfg: BenchConfig, found: Found, device: str, scratch: Path) -> Inputs:
     if cfg.shape:
-        print(f"Building a randomly initialised {cfg.shape} model and exporting it to ONNX ({SPEED_ONLY})")
-        model_dir, shape_exports, info = build_shape(cfg.shape, scratch, device, seed=cfg.seed, backends=cfg.backends)
+        print(f"Building a randomly initialised {cfg.shape} model and the graphs merge-export ships ({SPEED_ONLY})")
+        model_dir, shape_exports, shape_engines, info = build_shape(cfg.shape, scratch, device, seed=cfg.seed,
+                                                                    backends=cfg.backends)
         shape = SHAPES[cfg.shape]
         gen = torch.Generator().manual_seed(cfg.seed)
         # Random token prompts of chat-like lengths (no tokenizer or data belongs to random weights).
@@ -253,7 +268,7 @@ def _inputs(cfg: BenchConfig, found: Found, device: str, scratch: Path) -> Input
         stream = torch.randint(0, shape["vocab_size"] - 1, (max(SCALING_CONTEXTS),), generator=gen).tolist()
         return Inputs(prompts, shape["eos_token_id"], shape["n_positions"], stream,
                       f"{cfg.prompts} random-token prompts, lengths {lengths}", model_dir=model_dir,
-                      shape_exports=shape_exports, shape_info=info)
+                      shape_exports=shape_exports, shape_engines=shape_engines, shape_info=info)
     run_dir, card = found.runs.get("--run") or found.runs["--full-run"]
     tokenizer = models.load_tokenizer(run_dir)
     convs = runs.held_out(card, run_dir)
@@ -316,7 +331,7 @@ def _perplexities(cfg: BenchConfig, found: Found, tokenizer, examples, device: s
 # --------------------------------------------------------------------------- latency
 
 
-def _latency(cfg: BenchConfig, backends, inp: Inputs, notes: list[str]) -> list[dict]:
+def _latency(cfg: BenchConfig, backends, inp: Inputs, notes: list[str], skipped: list[dict]) -> list[dict]:
     # Contexts that fit with the largest new-token count: n_positions bounds the cache.
     room = inp.n_positions - max(max(SCALING_NEW_TOKENS), cfg.new_tokens)
     scaling_prompts = {"base": inp.stream[:32], "contexts": {c: inp.stream[:c] for c in SCALING_CONTEXTS if c <= room}}
@@ -324,13 +339,23 @@ def _latency(cfg: BenchConfig, backends, inp: Inputs, notes: list[str]) -> list[
     if skipped:
         notes.append(f"scaling contexts {skipped} left out: they do not fit n_positions {inp.n_positions} with "
                      f"{max(SCALING_NEW_TOKENS)} new tokens")
-    timing = Timing(cfg.new_tokens, cfg.repeats, cfg.warmup, cfg.scaling_repeats, thread_count(cfg.threads))
+    timing = Timing(cfg.new_tokens, cfg.repeats, cfg.warmup, cfg.scaling_repeats, thread_count(cfg.threads),
+                    throughput=cfg.throughput)
     print(f"Latency: {len(inp.prompts)} prompts x {cfg.repeats} repeats, {cfg.new_tokens} new tokens, "
           f"warm-up {cfg.warmup}, {timing.threads} threads")
     rows = []
     for b in backends:
-        row = time_backend(b, timing, inp.prompts, inp.eos,
-                           scaling_prompts if cfg.scaling and b.name in SCALING_BACKENDS else None)
+        try:
+            row = time_backend(b, timing, inp.prompts, inp.eos,
+                               scaling_prompts if cfg.scaling and b.name in SCALING_BACKENDS else None)
+        except Exception as e:  # noqa: BLE001 - a peer that may not run here (torch.compile) is reported, not fatal
+            if not b.may_fail:
+                raise
+            reason = f"could not run here: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            skipped.append({"backend": b.name, "reason": reason})
+            print(f"  {b.name:<22} {reason}")
+            models.release_memory()
+            continue
         rows.append(row)
         print(f"  {b.name:<22} p50 {row['reply_s']['p50'] * 1000:9.1f} ms  p95 {row['reply_s']['p95'] * 1000:9.1f} ms"
               f"  ttft {row['ttft_s']['p50'] * 1000:8.1f} ms  {row['tokens_per_s']:8.1f} tok/s")
@@ -400,10 +425,10 @@ def bench(cfg: BenchConfig) -> BenchResult:
 
     with tempfile.TemporaryDirectory(prefix="lora-med-bench-") as scratch:
         inp = _inputs(cfg, found, device, Path(scratch))
-        backends, more_notes = available_backends(found.runs, [*inp.shape_exports, *found.exports], device,
-                                                  threads=thread_count(cfg.threads), wanted=cfg.backends,
-                                                  model_dir=inp.model_dir, shape=cfg.shape)
-        notes += more_notes
+        engines = [*inp.shape_engines, *(ex["engine"] for ex in found.exports if "engine" in ex)]
+        backends, skipped = available_backends(found.runs, [*inp.shape_exports, *found.exports], device,
+                                               threads=thread_count(cfg.threads), wanted=cfg.backends,
+                                               model_dir=inp.model_dir, shape=cfg.shape, engines=engines)
         names = [b.name for b in backends]
         gate_backend = None
         if cfg.max_latency_s > 0:
@@ -418,11 +443,11 @@ def bench(cfg: BenchConfig) -> BenchResult:
             print(f"Perplexity on {len(inp.examples)} held-out conversations "
                   f"({sum(e.tokens_cut > 0 for e in inp.examples)} cut at max length {card['data']['max_length']}):")
             ppl = _perplexities(cfg, found, inp.tokenizer, inp.examples, device)
-        latency = _latency(cfg, backends, inp, notes)
+        latency = _latency(cfg, backends, inp, notes, skipped)
 
     checks = _gate(cfg, latency, ppl, gate_backend)
     report = {
-        "kind": "lora-med.bench", "format_version": 2, "name": name_,
+        "kind": "lora-med.bench", "format_version": 3, "name": name_,
         "label": SPEED_ONLY if cfg.shape else None,
         "settings": settings.as_dict(cfg),
         "machine": {**models.device_info(device), "load_average_1m_start": load_start,
@@ -432,7 +457,8 @@ def bench(cfg: BenchConfig) -> BenchResult:
                    "run_dirs": {k: str(Path(f).resolve()) for k, (f, _) in found.runs.items()},
                    "exports": found.exports, "shape": inp.shape_info, "paired": paired_info,
                    "prompts": inp.prompt_source, "threads": thread_count(cfg.threads)},
-        "perplexity": ppl, "latency": latency, "training": training(found.cards),
+        "perplexity": ppl, "latency": latency, "engine_vs_peers": engine_vs_peers(latency),
+        "skipped_backends": skipped, "training": training(found.cards),
         "replies": replies(found.cards),
         "gate": {"backend": gate_backend, "checks": checks, "passed": all(c["passed"] for c in checks)},
         "notes": notes, "total_s": round(time.perf_counter() - t_start, 2),

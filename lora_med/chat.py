@@ -1,14 +1,19 @@
 """Replies: build a prompt from a conversation so far and generate the assistant's next turn.
 
 The prompt is formatted exactly as in training (``data.segments``), so the model sees at
-inference what it learned from.
+inference what it learned from. The reply comes from the project's one generation engine
+(``lora_med.engine``), whatever computes the logits: a model in memory (``engine_for``: the
+base vs fine-tuned comparison during training), an export's decode graph or its merged model
+(``engine.load_engine``: the server).
 """
 
 from __future__ import annotations
 
-import torch
-
 from .data import Conversation, Message, segments
+from .engine import Engine, GenerationSettings, torch_engine
+
+# Tiny models loop without repetition control; the seed guide's comparison used the same setting.
+NO_REPEAT_NGRAM_SIZE = 3
 
 # The seed guide's comparison: the same fixed prompts for the base and the fine-tuned model.
 COMPARISON_PROMPTS = [
@@ -34,15 +39,16 @@ def prompt_ids(history: list[Message], tokenizer, fmt: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, return_token_type_ids=False)["input_ids"]
 
 
-@torch.no_grad()
-def reply(model, tokenizer, user_text: str, *, fmt: str, max_new_tokens: int = 40,
+def engine_for(model, tokenizer) -> Engine:
+    """The engine over a Hugging Face model in memory (PyTorch, or PEFT with its adapter), ending replies at the
+    tokenizer's EOS. The model is put in eval mode for each reply and its mode restored afterwards."""
+    return torch_engine(model, eos_token_id=tokenizer.eos_token_id)
+
+
+def reply(engine: Engine, tokenizer, user_text: str, *, fmt: str, max_new_tokens: int = 40,
           history: list[Message] | None = None) -> str:
-    """Greedy reply to ``user_text`` (after ``history``), stopping at EOS."""
+    """Greedy reply to ``user_text`` (after ``history``) from ``engine``, stopping at EOS, no repeated 3-grams."""
     ids = prompt_ids([*(history or []), Message("user", user_text)], tokenizer, fmt)
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([ids], device=device)
-    out = model.generate(
-        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-        do_sample=False, num_beams=1, no_repeat_ngram_size=3,  # tiny models loop without it
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, no_repeat_ngram_size=NO_REPEAT_NGRAM_SIZE)
+    new = engine.generate([ids], settings)[0]
+    return tokenizer.decode(new, skip_special_tokens=True).strip()

@@ -162,7 +162,10 @@ def _plan_text(p: dict) -> str:
 @CONFIG
 @settings.click_options(ExportConfig)
 def merge_export(run_dir_arg: str | None, config_file: str | None, **kwargs) -> None:
-    """Merge training run RUN_DIR and export it to ONNX Runtime with the KV cache, behind a parity gate.
+    """Merge training run RUN_DIR and export it to ONNX Runtime, behind a parity gate.
+
+    Writes merged/ (transformers), onnx/ (Optimum's graph, for stock ORTModelForCausalLM) and engine/ (the
+    engine's decode graph: what `lora-med serve` and bench's engine-* rows run; GPT-2 models).
 
     \b
     lora-med merge-export adapters/clinic-lora
@@ -182,6 +185,9 @@ def merge_export(run_dir_arg: str | None, config_file: str | None, **kwargs) -> 
 @settings.click_options(BenchConfig)
 def bench(config_file: str | None, **kwargs) -> None:
     """Held-out perplexity and reply latency of every backend, in one report, behind a gate.
+
+    engine-* rows time lora-med's engine on each export's decode graph (what serve runs), beside the peers
+    measured with transformers' generate() (torch-*, ort-*).
 
     \b
     lora-med bench --config configs/paired.yaml

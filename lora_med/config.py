@@ -132,16 +132,21 @@ class ExportConfig:
 
     run_dir: str = setting("", "a `lora-med train` run folder (adapter or full model)", hidden=True)
     output: str | None = setting(None, "export folder [default: exports/<run name>-<device>-<dtype>[-int8]]")
-    device: str = setting("cpu", "cpu, or cuda (CUDAExecutionProvider with IO binding)", choices=EXPORT_DEVICES)
-    dtype: str = setting("fp32", "fp32, or fp16 (needs --device cuda)", choices=("fp32", "fp16"))
+    device: str = setting("cpu", "cpu, or cuda (CUDAExecutionProvider with IO binding; the engine's fp16 decode "
+                          "graph)", choices=EXPORT_DEVICES)
+    dtype: str = setting("fp32", "fp32, or fp16 (needs --device cuda): both graphs, fp16 converted from the fp32 "
+                         "export", choices=("fp32", "fp16"))
     optimize: str = setting("none", "ONNX Runtime graph optimisation of the Optimum graph (O4 = O3 + fp16, CUDA only)",
                             choices=("none", "O1", "O2", "O3", "O4"))
-    quantize: str = setting("none", "int8: dynamic int8 for the CPU provider", choices=("none", "int8"))
+    quantize: str = setting("none", "int8: dynamic int8 for the CPU provider (one recipe for both graphs: MatMul "
+                            "weights per channel, embeddings float)", choices=("none", "int8"))
     atol: float = setting(1e-4, "fp32 gate: max abs difference of teacher-forced logits, ONNX vs PyTorch", above=0)
     ppl_rtol: float = setting(0.005, "fp32 gate: relative difference of held-out perplexity", above=0)
     min_top1: float = setting(0.99, "fp16/int8 gate: top-1 token agreement with PyTorch fp32", above=0, max=1)
     lossy_rtol: float = setting(0.1, "fp16/int8 gate: max abs logits difference as a share of the logits' spread",
                                 above=0)
+    min_same_replies: float = setting(0.95, "fp16/int8 gate: share of the decode graph's greedy replies identical to "
+                                      "PyTorch fp32", min=0, max=1)
     max_new_tokens: int = setting(32, "greedy reply length compared with PyTorch", min=1)
     n_parity: int = setting(8, "held-out conversations used by the merge check and the gate", min=1)
     batch_size: int = setting(8, "conversations per forward pass in the checks", min=1)
@@ -161,7 +166,12 @@ class ExportConfig:
         return Path("exports") / (name + ("-int8" if self.quantize == "int8" else ""))
 
 
-BACKENDS = ("torch-eager", "torch-merged", "ort-cpu-fp32", "ort-cpu-int8", "ort-cuda-fp32", "ort-cuda-fp16")
+# What bench can time. engine-*: lora-med's engine on the export's decode graph (what serve runs); the rest are
+# peers measured on purpose with transformers' generate(): PyTorch (eager fp32, merged, fp16 on CUDA, fp16 with
+# a static cache and CUDA graphs) and ONNX Runtime through Optimum's ORTModelForCausalLM.
+BACKENDS = ("engine-cpu-fp32", "engine-cpu-int8", "engine-cuda-fp32", "engine-cuda-fp16", "torch-eager",
+            "torch-merged", "torch-eager-fp16", "torch-cudagraph-fp16", "ort-cpu-fp32", "ort-cpu-int8",
+            "ort-cuda-fp32", "ort-cuda-fp16")
 SHAPE_NAMES = ("dialogpt-medium", "tiny")
 
 
@@ -189,6 +199,8 @@ class BenchConfig:
     paired_dir: str | None = setting(None, "--paired: where runs and exports go [default: adapters/paired-<name>]")
     min_top1: float = setting(0.99, "--paired: int8/fp16 export gate, top-1 agreement (merge-export --min-top1)",
                               above=0, max=1)
+    min_same_replies: float = setting(0.95, "--paired: int8/fp16 export gate, share of identical greedy replies "
+                                      "(merge-export --min-same-replies)", min=0, max=1)
     # latency
     backends: list[str] | None = setting(None, "subset of the backends to time [default: all available]",
                                          choices=BACKENDS)
@@ -200,12 +212,14 @@ class BenchConfig:
     warmup: int = setting(2, "untimed replies before timing", min=0)
     scaling: bool = setting(True, "reply time vs new tokens (8..64) and context (32..512)")
     scaling_repeats: int = setting(3, "timed replies per scaling point (the median is reported)", min=1)
+    throughput: bool = setting(True, "engine backends: tokens/s with batches of 1, 4 and 16 prompts")
     threads: int | None = setting(None, "intra-op threads for PyTorch and ONNX Runtime [default: one per core]",
                                   min=1)
     ppl_batch_size: int = setting(8, "perplexity batch (does not change the figure: token-weighted)", min=1)
     # gate
-    gate_backend: str = setting("auto", "backend the latency gate reads; auto: the fastest kind present "
-                                "(ort-cuda-fp16, ort-cpu-int8, ort-cpu-fp32, torch-merged, torch-eager)",
+    gate_backend: str = setting("auto", "backend the latency gate reads; auto: the first present of engine-cuda-fp16, "
+                                "engine-cpu-int8, engine-cpu-fp32, ort-cuda-fp16, ort-cpu-int8, ort-cpu-fp32, "
+                                "torch-merged, torch-eager",
                                 aliases=("--gate_backend",))
     gate_stat: str = setting("p50", "reply-time statistic for the latency gate", choices=("p50", "p95", "p99"))
     max_latency_s: float = setting(0.2, "reply-time limit in seconds on the gate backend; <= 0: no latency gate",

@@ -9,9 +9,10 @@ batches of prompts of any lengths). What computes the logits is a step backend w
 - ``step(tokens)``: feed one new token per row, return the next logits.
 
 Two backends exist: the ONNX decode graph written by :mod:`lora_med.decode_graph`, run by ONNX Runtime
-on the CPU or CUDA provider (:mod:`lora_med.engine_ort`), and a PyTorch causal LM with its KV cache
-(``past_key_values``; a token loop, not transformers' ``generate()``), for models that have not been
-exported yet (the base vs fine-tuned comparison during training) and as the reference.
+on the CPU or CUDA provider (:mod:`lora_med.engine_ort`), and a Hugging Face causal LM with its KV cache
+(``past_key_values``; a token loop, not transformers' ``generate()``): a PyTorch model, for models that have
+not been exported yet (the base vs fine-tuned comparison during training), or an export's standard Optimum
+graph as ``ORTModelForCausalLM`` (the parity gate's greedy check of that graph).
 
 Host work per token is kept to a few numpy operations over ``[batch, vocab]``: logits arrive as one
 float32 array (a view of the backend's output, not a copy where the backend allows), and the only
@@ -268,7 +269,8 @@ class _Sampler:
 
 class _TorchBackend:
     """A Hugging Face causal LM with its KV cache: prompts left-padded with an attention mask and
-    per-row positions, then one token per row per step (``past_key_values``)."""
+    per-row positions, then one token per row per step (``past_key_values``). The model is a PyTorch
+    module, or an ``ORTModelForCausalLM`` (same call, tensors in and out; no parameters, no train mode)."""
 
     def __init__(self, model):
         import torch
@@ -277,9 +279,14 @@ class _TorchBackend:
         self.model = model
         cfg = model.config
         self.capacity = int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings"))
-        param = next(model.parameters())
-        self.device = param.device
-        self.dtype = param.dtype
+        self.is_module = isinstance(model, torch.nn.Module)
+        if self.is_module:
+            param = next(model.parameters())
+            self.device, self.dtype = param.device, param.dtype
+        else:
+            self.device, self.dtype = torch.device(model.device), None
+        # transformers' models compute the head for the last position only; Optimum's graph has no such input.
+        self.keep = {"logits_to_keep": 1} if self.is_module else {}
         self.cache = None
 
     @contextlib.contextmanager
@@ -287,8 +294,9 @@ class _TorchBackend:
         # Replies are made in eval mode (dropout off) and without autograd; the caller's mode is restored,
         # so a comparison reply in the middle of training does not leave the model in eval mode.
         torch = self.torch
-        was_training = self.model.training
-        self.model.eval()
+        was_training = self.is_module and self.model.training
+        if self.is_module:
+            self.model.eval()
         try:
             with torch.inference_mode():
                 yield
@@ -311,7 +319,7 @@ class _TorchBackend:
         self.pos = pos[:, -1:].clone()
         self.length = width
         out = self.model(input_ids=ids.to(self.device), attention_mask=self.mask[:, :width], position_ids=pos,
-                         use_cache=True, logits_to_keep=1)
+                         use_cache=True, **self.keep)
         self.cache = out.past_key_values
         return self._logits(out.logits)
 
@@ -356,10 +364,24 @@ def torch_engine(model, *, eos_token_id: int, name: str | None = None) -> Engine
                   info={"backend": "torch", "model_type": getattr(model.config, "model_type", None)})
 
 
+def optimum_engine(model, *, eos_token_id: int, name: str | None = None, precision: str = "fp32") -> Engine:
+    """The engine's loop over an export's standard Optimum graph (``ORTModelForCausalLM``, KV cache on).
+
+    The parity gate checks that graph's cached path with it: the same loop, token choice and stopping as
+    every other reply, with Optimum's graph computing the logits.
+    """
+    backend = _TorchBackend(model)
+    device = backend.device.type
+    return Engine(backend, name=name or f"engine-optimum-{device}-{precision}", device=device, precision=precision,
+                  eos_token_id=eos_token_id, vocab_size=int(model.config.vocab_size),
+                  info={"backend": "onnxruntime (Optimum ORTModelForCausalLM)",
+                        "provider": getattr(model, "provider", None)})
+
+
 # --------------------------------------------------------------------------- loading
 
 
-def load_engine(path, *, device: str = "auto", threads: int | None = None) -> Engine:
+def load_engine(path, *, device: str = "auto", threads: int | None = None, spin: bool = True) -> Engine:
     """An engine for a folder.
 
     Args:
@@ -368,6 +390,7 @@ def load_engine(path, *, device: str = "auto", threads: int | None = None) -> En
             causal-LM folder (``config.json`` + ``model.safetensors``), run by PyTorch through the same loop.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         threads: intra-op threads (ONNX Runtime session, or torch for a PyTorch folder); None: library default.
+        spin: ONNX Runtime only: False stops idle threads spinning (see ``engine_ort.session_options``).
 
     Raises:
         LoraMedError: the folder holds neither, or the device does not fit the graph's precision.
@@ -377,7 +400,7 @@ def load_engine(path, *, device: str = "auto", threads: int | None = None) -> En
         from .engine_ort import ort_engine
 
         info = json.loads((folder / ENGINE_FILE).read_text(encoding="utf-8"))
-        return ort_engine(folder, info, device=device, threads=threads)
+        return ort_engine(folder, info, device=device, threads=threads, spin=spin)
     if (folder / "config.json").is_file():
         from .models import load_model, resolve_device
 

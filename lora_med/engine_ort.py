@@ -1,6 +1,8 @@
-"""The engine's ONNX Runtime backend: the decode graph (lora_med.decode_graph) run with IO binding.
+"""ONNX Runtime in lora-med, in one place: the session options every session starts from, the engine's
+decode-graph backend, and the helpers for the Optimum graph an export keeps beside it (``ORTModelForCausalLM``:
+loadable by stock Optimum, used for perplexity and the parity gate, measured by bench as a peer).
 
-Everything the graph reads or writes per token lives in buffers allocated once per batch size and bound
+The decode graph (lora_med.decode_graph) runs with IO binding. Everything the graph reads or writes per token lives in buffers allocated once per batch size and bound
 once (``IOBinding``): the KV cache at full capacity (one OrtValue bound as both ``past_key_values.i`` and
 ``present.i``, so ONNX Runtime writes each new key/value in place), the token/position/length inputs and
 the logits output. A decode step is then: write three tiny int arrays, ``run_with_iobinding``, read
@@ -30,6 +32,28 @@ from .engine import Engine
 from .errors import LoraMedError
 
 KV_DTYPES = {"float32": np.float32, "float16": np.float16}
+ONNX_FILE = "model.onnx"  # the name ORTModelForCausalLM.from_pretrained(dir) finds without help
+
+
+def session_options(threads: int | None = None, *, spin: bool = True):
+    """The SessionOptions every lora-med session starts from (decode graph and Optimum graph alike).
+
+    Args:
+        threads: intra-op threads (inter-op 1: the graphs are sequential); None: ONNX Runtime's default.
+        spin: False keeps idle threads from spinning. The parity gate alternates ONNX Runtime and PyTorch calls,
+            and spinning ORT threads starve PyTorch's (10x slower on 2 cores); timings keep spinning on, as a
+            server would.
+    """
+    import onnxruntime
+
+    so = onnxruntime.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return so
 
 
 def cuda_available() -> bool:
@@ -43,14 +67,15 @@ def cuda_available() -> bool:
 
 
 def ort_engine(folder: Path, info: dict, *, device: str = "auto", threads: int | None = None,
-               cuda_graph: bool | None = None) -> Engine:
+               cuda_graph: bool | None = None, spin: bool = True) -> Engine:
     """An :class:`~lora_med.engine.Engine` over a decode-graph folder (see ``load_engine``)."""
     precision = info.get("precision")
     if info.get("format") != "lora-med-decode-graph" or precision not in ("fp32", "fp16", "int8"):
         raise LoraMedError(f"{folder}/engine.json is not a lora-med decode graph description; rebuild the folder "
                            f"with lora_med.decode_graph.build_decode_graph")
     dev = _pick_device(folder, precision, device)
-    backend = _OrtBackend(folder, info, dev, threads, cuda_graph=(dev == "cuda") if cuda_graph is None else cuda_graph)
+    backend = _OrtBackend(folder, info, dev, threads, cuda_graph=(dev == "cuda") if cuda_graph is None else cuda_graph,
+                          spin=spin)
     return Engine(backend, name=f"engine-{dev}-{precision}", device=dev, precision=precision,
                   eos_token_id=int(info["eos_token_id"]), vocab_size=int(info["vocab_size"]),
                   info={"backend": "onnxruntime", "provider": backend.provider, "threads": threads,
@@ -118,7 +143,8 @@ class _Slot:
 
 
 class _OrtBackend:
-    def __init__(self, folder: Path, info: dict, device: str, threads: int | None, *, cuda_graph: bool):
+    def __init__(self, folder: Path, info: dict, device: str, threads: int | None, *, cuda_graph: bool,
+                 spin: bool = True):
         import onnxruntime as ort
 
         self.ort = ort
@@ -132,12 +158,9 @@ class _OrtBackend:
         # What CUDA graphs need of the loop, kept apart so that the CPU tests can exercise it too:
         # power-of-two batch buckets (few captured graphs) and total_sequence_length pinned to the capacity.
         self.bucket_batches = self.pin_total = self.cuda_graph
-        so = ort.SessionOptions()
+        so = session_options(threads, spin=spin)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = int(threads)
-            so.inter_op_num_threads = 1
+        so.log_severity_level = 3  # errors only: the graph is ours, ORT's warnings about it are not the user's
         if device == "cuda":
             # Refuse to load rather than silently run a node on the CPU (with Memcpy nodes around it).
             so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
@@ -226,3 +249,62 @@ class _OrtBackend:
         self.slots.clear()
         self.slot = None
         self.session = None
+
+
+# --------------------------------------------------------------------------- the Optimum graph
+
+
+def onnx_dir_of(export_dir: str | Path) -> Path:
+    """An export's onnx/ folder (or the folder itself when it holds the graph)."""
+    d = Path(export_dir)
+    return d / "onnx" if (d / "onnx").is_dir() else d
+
+
+def ort_model(export_dir: str | Path, provider: str | None = None, use_io_binding: bool | None = None,
+              session_options=None):
+    """Open an export's Optimum graph as ``ORTModelForCausalLM`` (KV cache on).
+
+    Args:
+        export_dir: a merge-export output folder (its ``onnx/`` is used) or an ``onnx/`` folder itself.
+        provider: ONNX Runtime execution provider; None: CPUExecutionProvider.
+        use_io_binding: None lets Optimum decide (on for CUDA).
+        session_options: e.g. :func:`session_options`; None: Optimum's.
+    Raises:
+        LoraMedError: no graph there, or the provider is not available in this onnxruntime.
+    """
+    import onnxruntime
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    onnx_dir = onnx_dir_of(export_dir)
+    if not (onnx_dir / ONNX_FILE).is_file():
+        raise LoraMedError(f"{onnx_dir / ONNX_FILE}: missing; give a `lora-med merge-export` output folder")
+    provider = provider or "CPUExecutionProvider"
+    if provider not in onnxruntime.get_available_providers():
+        raise LoraMedError(f"provider {provider} is not available (have: "
+                           f"{', '.join(onnxruntime.get_available_providers())}); install onnxruntime-gpu for CUDA")
+    return ORTModelForCausalLM.from_pretrained(onnx_dir, provider=provider, use_io_binding=use_io_binding,
+                                               use_cache=True, session_options=session_options)
+
+
+def load_ort(onnx_dir: str | Path, device: str, threads: int | None, *, spin: bool = True):
+    """An export's Optimum graph as ORTModelForCausalLM, on the CPU or on CUDA with IO binding.
+
+    IO binding keeps inputs, outputs and the KV cache on the GPU between steps (without it ORT on CUDA copies
+    them every token and can be slower than PyTorch: onnxruntime#13105).
+    """
+    cuda = device == "cuda"
+    return ort_model(onnx_dir, "CUDAExecutionProvider" if cuda else "CPUExecutionProvider", use_io_binding=cuda,
+                     session_options=session_options(threads, spin=spin))
+
+
+def ort_logits_fn(model):
+    """(input_ids, attention_mask) -> float32 CPU logits of an ORTModelForCausalLM (never token_type_ids)."""
+    import torch
+
+    def fn(input_ids, attention_mask):
+        with torch.no_grad():
+            out = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                        use_cache=False)
+        return out.logits.float().cpu()
+
+    return fn

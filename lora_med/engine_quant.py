@@ -22,6 +22,7 @@ produce their int8 and fp16 graphs the same way.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from .errors import LoraMedError
@@ -91,12 +92,19 @@ def quantize_int8(src_onnx, dst_onnx, *, per_channel: bool = True, keep_head_flo
         _fold_weight_transposes(model)
     exclude = _head_nodes(model) if keep_head_float else []
     size = sum(len(t.raw_data) for t in model.graph.initializer)
-    quantize_dynamic(model, dst, op_types_to_quantize=["MatMul"], per_channel=per_channel, reduce_range=False,
-                     weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
-                     use_external_data_format=size > EXTERNAL_DATA_BYTES,
-                     # Contrib nodes (GroupQueryAttention, SkipLayerNormalization) stop ONNX's type inference;
-                     # every float tensor of an fp32 graph is FLOAT.
-                     extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+    # The quantiser logs a hint to run its pre-processing (shape inference and fusions meant for static
+    # quantisation) on every call; dynamic MatMul weights do not need it, and users cannot act on it.
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        quantize_dynamic(model, dst, op_types_to_quantize=["MatMul"], per_channel=per_channel, reduce_range=False,
+                         weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+                         use_external_data_format=size > EXTERNAL_DATA_BYTES,
+                         # Contrib nodes (GroupQueryAttention, SkipLayerNormalization) stop ONNX's type inference;
+                         # every float tensor of an fp32 graph is FLOAT.
+                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+    finally:
+        logging.disable(previous)
     return {"tool": "onnxruntime.quantization.quantize_dynamic", "mode": "dynamic", "weights": "int8 (QInt8)",
             "activations": "uint8, per call", "ops": ["MatMul"], "per_channel": per_channel,
             "reduce_range": False, "float_nodes": exclude, "embeddings": "float"}

@@ -1,13 +1,15 @@
-"""``lora-med merge-export``: a training run -> merged model + ONNX Runtime graph, behind a parity gate.
+"""``lora-med merge-export``: a training run -> merged model + two ONNX Runtime graphs, behind a parity gate.
 
 Steps (each printed with its timing):
 
 1. merge (``merge.py``): the adapter merged onto the base in fp32, merged logits equal to the adapter's;
 2. save: ``merged/`` (transformers format, safetensors, tokenizer with a chat template, model card);
-3. export: Optimum's ``text-generation-with-past`` export, one graph (``onnx/model.onnx``) that serves the
-   first step (empty past) and the cached steps;
-4. optimise / quantise: ``ORTOptimizer`` (O1..O4) and ``ORTQuantizer`` (dynamic int8, CPU only);
-5. parity (``parity.py``): ONNX vs the merged PyTorch model on the run's held-out conversations.
+3. export: Optimum's ``text-generation-with-past`` graph (``onnx/model.onnx``, what stock
+   ``ORTModelForCausalLM`` loads), traced in fp32;
+4. optimise / quantise: ``ORTOptimizer`` (O1..O4), the one int8 recipe or the fp16 conversion (``graphs.py``);
+5. engine: the engine's decode graph (``engine/``) built from the merged weights, in the same precision
+   (GPT-2 models; other bases ship ``onnx/`` only, with the reason in the manifest);
+6. parity (``parity.py``): both graphs vs the merged PyTorch model on the run's held-out conversations.
 
 Everything is built in ``<output>.partial-<pid>`` and renamed to the output name only once the gate has
 passed, so the output name never holds an unverified export; a partial folder left by a killed run is
@@ -26,17 +28,18 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import data, modelcard, models, runs, settings
+from . import data, graphs, modelcard, models, runs, settings
 from .config import ExportConfig
+from .engine import load_engine
+from .engine_ort import ort_model, session_options
 from .errors import ConfigError, GateError, LoraMedError
 from .fileio import sha256_file, write_json
 from .merge import merge
-from .ort import ONNX_FILE, ort_model, quiet_session_options
 from .parity import check_parity, print_parity
 from .settings import describe, name
 
-PROTOBUF_LIMIT = 2 * 1024**3 - 1  # larger graphs keep their weights in an external data file
 TOKENIZER_FILES = ("tokenizer_config.json",)
+SUBDIRS = ("merged", "onnx", "engine")
 
 
 @dataclass
@@ -179,64 +182,30 @@ def validate(cfg: ExportConfig) -> tuple[dict, str, Path]:
 
 
 def _export_onnx(merged_dir: Path, onnx_dir: Path, work: Path, cfg: ExportConfig, tokenizer, step) -> dict:
-    """Optimum export (+ optimisation / quantisation) of ``merged_dir`` into ``onnx_dir/model.onnx``."""
-    from optimum.exporters.onnx import main_export
-
-    raw = work / "raw"
-    with step("export", "Optimum text-generation-with-past (one graph: first step and cached steps)"):
-        main_export(model_name_or_path=str(merged_dir), output=raw, task="text-generation-with-past",
-                    device=cfg.device, dtype="fp16" if cfg.dtype == "fp16" else None, do_validation=False,
-                    trust_remote_code=cfg.trust_remote_code, library_name="transformers")
-    current = raw
-    info: dict = {"task": "text-generation-with-past", "file": ONNX_FILE, "export_dtype": cfg.dtype}
-    if cfg.optimize != "none" or cfg.quantize != "none":
-        what = " + ".join(x for x in (cfg.optimize if cfg.optimize != "none" else "",
-                                      "dynamic int8" if cfg.quantize == "int8" else "") if x)
-        with step("optimise/quantise", what):
-            if cfg.optimize != "none":
-                from optimum.onnxruntime import ORTOptimizer
-                from optimum.onnxruntime.configuration import AutoOptimizationConfig
-
-                ocfg = AutoOptimizationConfig.with_optimization_level(cfg.optimize, for_gpu=cfg.device == "cuda")
-                ORTOptimizer.from_pretrained(current).optimize(ocfg, save_dir=work / "optimized")
-                current = work / "optimized"
-                info["optimization"] = {"level": cfg.optimize, "for_gpu": cfg.device == "cuda"}
-            if cfg.quantize == "int8":
-                from optimum.onnxruntime import ORTQuantizer
-                from optimum.onnxruntime.configuration import AutoQuantizationConfig
-
-                # Dynamic: weights int8 ahead of time, activations quantised per batch at run time.
-                qcfg = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True)
-                (onnx_file,) = list(current.glob("*.onnx"))
-                ORTQuantizer.from_pretrained(current, file_name=onnx_file.name).quantize(qcfg, save_dir=work / "quantized")
-                current = work / "quantized"
-                info["quantization"] = {"mode": "dynamic", "weights": "int8", "per_channel": True,
-                                        "config": "AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True)"}
-    _place(current, onnx_dir)
+    """The Optimum graph (export + optimisation + int8 or fp16, ``graphs.optimum_graph``) in ``onnx_dir``."""
+    info = graphs.optimum_graph(merged_dir, onnx_dir, work, precision=cfg.precision(), optimize=cfg.optimize,
+                                for_gpu=cfg.device == "cuda", trust_remote_code=cfg.trust_remote_code, step=step)
     tokenizer.save_pretrained(onnx_dir)
     return info
 
 
-def _place(src: Path, onnx_dir: Path) -> None:
-    """Move the final graph to ``onnx_dir/model.onnx`` with its configs, so that
-    ``ORTModelForCausalLM.from_pretrained(onnx_dir)`` needs no file_name."""
-    onnx_dir.mkdir(parents=True)
-    (graph,) = list(src.glob("*.onnx"))
-    for f in src.iterdir():
-        if f.is_file() and f.suffix in (".json", ".txt", ".model"):
-            shutil.copy2(f, onnx_dir / f.name)
-    if graph.name == ONNX_FILE:
-        for f in src.iterdir():  # the graph and any external data file it names
-            if f.is_file() and f.suffix not in (".json", ".txt", ".model"):
-                shutil.copy2(f, onnx_dir / f.name)
-        return
-    import onnx
+def _build_engine(merged_dir: Path, engine_dir: Path, cfg: ExportConfig, step) -> dict:
+    """The decode graph in the export's precision (``graphs.engine_graph``): the manifest's ``engine`` section."""
+    precision = cfg.precision()
+    with step("engine", f"decode graph ({precision}, {graphs.engine_device(precision)}) from the merged weights"):
+        section = graphs.engine_graph(merged_dir, engine_dir, precision)
+    if section["status"] != "built":
+        print(f"note: engine/ not built: {section['reason']}")
+    elif cfg.device == "cuda" and precision == "fp32":
+        section["note"] = f"no CUDA fp32 decode graph: {graphs.NO_CUDA_FP32}; this fp32 graph runs on the CPU " \
+                          "(export with --dtype fp16 for the CUDA engine)"
+        print(f"note: {section['note']}")
+    return section
 
-    # Renaming by hand would break a reference to external weights; onnx re-saves it whole.
-    model = onnx.load(str(graph))
-    big = model.ByteSize() > PROTOBUF_LIMIT
-    onnx.save_model(model, str(onnx_dir / ONNX_FILE), save_as_external_data=big,
-                    location=ONNX_FILE + "_data" if big else None)
+
+def _present(root: Path) -> list[str]:
+    """The export's subfolders that exist (engine/ is absent where the decode graph was not built)."""
+    return [sub for sub in SUBDIRS if (root / sub).is_dir()]
 
 
 def _files(root: Path, *subdirs: str) -> dict:
@@ -284,7 +253,7 @@ def _merge_export(cfg: ExportConfig, card: dict, device: str, out: Path) -> Expo
     t0 = time.perf_counter()
     run_dir = Path(cfg.run_dir)
     timings: dict[str, float] = {}
-    n_steps = 5 if cfg.optimize != "none" or cfg.quantize != "none" else 4
+    n_steps = 6 if cfg.optimize != "none" or cfg.precision() != "fp32" else 5
     counter = iter(range(1, n_steps + 1))
 
     @contextlib.contextmanager
@@ -323,29 +292,38 @@ def _merge_export(cfg: ExportConfig, card: dict, device: str, out: Path) -> Expo
         shutil.rmtree(work / "tmp")
         provider = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
         export_info["provider"] = provider
+        engine_info = _build_engine(work / "merged", work / "engine", cfg, step)
         manifest = {
-            "kind": "lora-med.export", "format_version": 2, "status": "running",
+            "kind": "lora-med.export", "format_version": 3, "status": "running",
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "source": {"run_dir": str(run_dir.resolve()), "run_json_sha256": sha256_file(run_dir / "run.json"),
                        "method": card["config"]["method"], "artifact": card["artifact"],
                        "base": card["base"]["name_or_path"], "format": fmt, "max_length": max_length},
             "options": settings.as_dict(cfg), "output": str(out.resolve()), "device": models.device_info(device),
             "versions": models.library_versions(), "merge": merge_figures, "export": export_info,
+            "engine": engine_info,
         }
         failed = None
-        with step("parity", f"ONNX ({provider}) vs merged PyTorch on {len(convs)} held-out conversations"):
+        graphs_checked = "onnx/ and engine/" if engine_info["status"] == "built" else "onnx/"
+        with step("parity", f"{graphs_checked} ({provider}) vs merged PyTorch on {len(convs)} held-out conversations"):
             onnx_model = ort_model(work / "onnx", provider, use_io_binding=True if device == "cuda" else None,
-                                   session_options=quiet_session_options())
+                                   session_options=session_options(spin=False))
+            engine = load_engine(work / "engine", device=engine_info["device"], spin=False) \
+                if engine_info["status"] == "built" else None
             try:
-                parity = check_parity(onnx_model, model, tokenizer, convs, fmt=fmt, max_length=max_length, cfg=cfg)
+                parity = check_parity(onnx_model, model, tokenizer, convs, fmt=fmt, max_length=max_length, cfg=cfg,
+                                      engine=engine, engine_note=engine_info.get("reason"))
             except GateError as e:
                 parity, failed = getattr(e, "figures", {}), e
+            finally:
+                if engine is not None:
+                    engine.close()
         manifest["parity"] = parity
         print_parity(parity)
         if failed is not None:
             manifest["status"] = "failed"
             write_json(work / "manifest.json", manifest)
-            runs.record(work, "merged", "onnx", "manifest.json")
+            runs.record(work, *_present(work), "manifest.json")
             dead = out.parent / f"{out.name}.failed"
             if dead.exists() and not runs.marker(dead):  # not ours: never replaced
                 dead = out.parent / f"{out.name}.failed-{os.getpid()}"
@@ -357,14 +335,15 @@ def _merge_export(cfg: ExportConfig, card: dict, device: str, out: Path) -> Expo
                    "parity: top-1 agreement": parity.get("top1_agreement"), "ONNX precision": cfg.precision()}
         modelcard.write(work / "merged", "merged", card, extra=figures)
         modelcard.write(work / "onnx", "onnx", card, extra=figures)
-        manifest["files"] = _files(work, "merged", "onnx")
+        present = _present(work)
+        manifest["files"] = _files(work, *present)
         manifest["sizes"] = {sub: sum(v["bytes"] for k, v in manifest["files"].items() if k.startswith(sub + "/"))
-                             for sub in ("merged", "onnx")}
+                             for sub in present}
         timings["total_s"] = round(time.perf_counter() - t0, 3)
         manifest["timings"] = timings
         manifest["status"] = "complete"
         write_json(work / "manifest.json", manifest)
-        runs.record(work, "merged", "onnx", "manifest.json")
+        runs.record(work, *present, "manifest.json")
         # Only now does the output name appear (or change): a rename, so it is never half there.
         old = None
         if out.exists():
@@ -376,7 +355,7 @@ def _merge_export(cfg: ExportConfig, card: dict, device: str, out: Path) -> Expo
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    print(f"Saved to {out} (merged {manifest['sizes']['merged'] / 1e6:.1f} MB, onnx "
-          f"{manifest['sizes']['onnx'] / 1e6:.1f} MB) in {timings['total_s']:.1f}s\n"
-          f"Next: lora-med bench --run {run_dir} --export {out}")
+    sizes = ", ".join(f"{sub} {mb / 1e6:.1f} MB" for sub, mb in manifest["sizes"].items())
+    print(f"Saved to {out} ({sizes}) in {timings['total_s']:.1f}s\n"
+          f"Next: lora-med bench --run {run_dir} --export {out}   or   lora-med serve {out}")
     return ExportResult(out, manifest)

@@ -1,12 +1,21 @@
-"""The parity gate: an export's ONNX graph against the merged PyTorch model on held-out conversations.
+"""The parity gate: an export's two graphs against the merged PyTorch model on held-out conversations.
 
-Optimum itself only warns on a mismatch (FACTS.md), so lora-med gates on its own figures:
+Optimum itself only warns on a mismatch (FACTS.md), so lora-med gates on its own figures. The reference is
+the merged model in fp32: its teacher-forced logits, and its greedy replies from transformers' ``generate()``
+one prompt at a time (what a user of the plain model gets; the only ``generate()`` in the gate). Both
+exported graphs make their replies through the engine (:mod:`lora_med.engine`), the loop every reply in
+lora-med goes through:
 
-* fp32: teacher-forced logits within ``atol``, greedy replies identical with the KV cache and batched
-  with left padding, held-out perplexity within ``ppl_rtol``;
-* fp16 / int8: top-1 agreement >= ``min_top1`` and the logits' difference within ``lossy_rtol`` x
-  their spread; replies and perplexity recorded;
-* always: no NaN/inf.
+* ``onnx/`` (Optimum's graph): teacher-forced logits (one forward pass per batch), held-out perplexity, and
+  greedy replies through the engine's loop over ``ORTModelForCausalLM`` (the graph's cached path; batched
+  rows left-padded);
+* ``engine/`` (the decode graph): teacher-forced logits computed the way decoding computes them (the first
+  token as a prompt, then one cached step per token), greedy replies one prompt at a time and all together.
+
+fp32: logits within ``atol``, every greedy reply identical (single and batched), perplexity within
+``ppl_rtol``. fp16 / int8: top-1 agreement >= ``min_top1``, logits within ``lossy_rtol`` x their spread;
+the decode graph's replies identical on >= ``min_same_replies`` of the prompts (the Optimum graph's are
+recorded). Always: no NaN/inf.
 """
 
 from __future__ import annotations
@@ -17,9 +26,10 @@ import torch
 
 from . import chat, data, models, runs
 from .config import ExportConfig
+from .engine import Engine, GenerationSettings, load_engine, optimum_engine
+from .engine_ort import ort_logits_fn, ort_model, session_options
 from .errors import GateError
 from .evaluate import batches, perplexity, torch_logits_fn
-from .ort import ort_logits_fn, ort_model, quiet_session_options
 
 
 def _prompts(conversations: list[data.Conversation], tokenizer, fmt: str, limit: int) -> list[list[int]]:
@@ -32,67 +42,35 @@ def _prompts(conversations: list[data.Conversation], tokenizer, fmt: str, limit:
 
 
 @torch.no_grad()
-def _greedy(model, prompts: list[list[int]], tokenizer, max_new_tokens: int, device) -> tuple[list, list]:
-    """Greedy continuations: one prompt at a time (KV cache), then all together left-padded."""
-    from transformers.utils import logging as hf_logging
-
-    # Prompts end with EOS, which is also the pad token: generate() would warn of "right-padding".
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        return _greedy_runs(model, prompts, tokenizer, max_new_tokens, device)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-
-
-def _greedy_runs(model, prompts: list[list[int]], tokenizer, max_new_tokens: int, device) -> tuple[list, list]:
-    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    single = []
+def _reference_greedy(model, prompts: list[list[int]], tokenizer, max_new_tokens: int) -> list[list[int]]:
+    """The reference replies: transformers' ``generate()`` on each unpadded prompt, greedy, KV cache on. The EOS
+    that ends a reply is dropped, as the engine drops it."""
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    out = []
     for p in prompts:
         ids = torch.tensor([p], device=device)
-        single.append(model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)[0, len(p):].tolist())
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):  # left padding, as a batched chat server pads
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)[:, width:]
-    return single, out.tolist()
+        new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, num_beams=1, use_cache=True, eos_token_id=eos,
+                             pad_token_id=tokenizer.pad_token_id)[0, len(p):].tolist()
+        out.append(new[:new.index(eos)] if eos in new else new)
+    return out
 
 
-def check_parity(onnx_model, reference, tokenizer, conversations: list[data.Conversation], *, fmt: str,
-                 max_length: int, cfg: ExportConfig) -> dict:
-    """The parity gate: ONNX vs the merged PyTorch model (fp32) on held-out conversations.
+def _reference_logits(logits_fn, examples: list[data.Example], pad: int, batch_size: int) -> list[torch.Tensor]:
+    """float32 logits ``[len, vocab]`` of each example (right-padded batches, padding dropped)."""
+    out = []
+    for ids, mask, _ in batches(examples, batch_size, pad):
+        logits = logits_fn(ids, mask)
+        out += [logits[j, : int(mask[j].sum())] for j in range(len(ids))]
+    return out
 
-    fp32: teacher-forced logits max abs diff <= cfg.atol, greedy replies identical (cached and
-    batched with left padding), perplexity within cfg.ppl_rtol. fp16/int8: top-1 agreement >=
-    cfg.min_top1 and max diff <= cfg.lossy_rtol x the logits' spread; replies and perplexity recorded.
-    Always: no NaN/inf.
 
-    Args:
-        onnx_model: an ORTModelForCausalLM (e.g. from ``ort_model``), or an export / onnx folder.
-    Returns:
-        The figures (``passed`` True).
-    Raises:
-        GateError: a check failed; the message lists every failure with its figures.
-    """
-    if isinstance(onnx_model, (str, Path)):
-        onnx_model = ort_model(onnx_model, "CUDAExecutionProvider" if cfg.device == "cuda" else None,
-                               session_options=quiet_session_options())
-    reference.eval()
-    precision = cfg.precision()
-    lossy = precision != "fp32"
-    examples, _ = data.encode_all(conversations, tokenizer, max_length=max_length, fmt=fmt)
-    pad = tokenizer.pad_token_id
-    ref_fn, ort_fn = torch_logits_fn(reference), ort_logits_fn(onnx_model)
-
+def _logit_figures(pairs, lossy: bool, cfg: ExportConfig) -> dict:
+    """max / mean abs difference, NaN/inf count and top-1 agreement over (reference, exported) logit pairs."""
     max_diff, sum_diff, n_vals, nonfinite, agree, n_tok = 0.0, 0.0, 0, 0, 0, 0
     lo, hi = float("inf"), float("-inf")
-    for ids, mask, _ in batches(examples, cfg.batch_size, pad):
-        keep = mask.bool()
-        ref, got = ref_fn(ids, mask)[keep], ort_fn(ids, mask)[keep]
+    for ref, got in pairs:
         finite = torch.isfinite(got)
         nonfinite += int((~finite).sum())
         d = (got - ref).abs().where(finite, torch.tensor(float("inf")))
@@ -100,50 +78,103 @@ def check_parity(onnx_model, reference, tokenizer, conversations: list[data.Conv
         sum_diff += float(d[finite].sum())
         n_vals += int(finite.sum())
         agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
-        n_tok += int(keep.sum())
+        n_tok += ref.shape[0]
         lo, hi = min(lo, float(ref.min())), max(hi, float(ref.max()))
-    top1 = agree / max(n_tok, 1)
     spread = hi - lo
-    bound = cfg.lossy_rtol * spread if lossy else cfg.atol
+    return {"tokens": n_tok, "max_abs_diff": max_diff, "mean_abs_diff": sum_diff / max(n_vals, 1),
+            "bound": cfg.lossy_rtol * spread if lossy else cfg.atol,
+            "bound_kind": f"lossy_rtol {cfg.lossy_rtol} x logits spread" if lossy else "atol",
+            "logits_spread": spread, "nonfinite": nonfinite, "top1_agreement": agree / max(n_tok, 1)}
 
+
+def _greedy_figures(engine: Engine, prompts: list[list[int]], want: list[list[int]], max_new_tokens: int) -> dict:
+    s = GenerationSettings(max_new_tokens=max_new_tokens)
+    single = [engine.generate([p], s)[0] for p in prompts]
+    batched = engine.generate(prompts, s)
+    return {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "through": engine.name,
+            "identical_single": sum(a == b for a, b in zip(single, want)),
+            "identical_batched": sum(a == b for a, b in zip(batched, want))}
+
+
+def _failures(f: dict, what: str, lossy: bool, cfg: ExportConfig, *, gate_replies: bool) -> list[str]:
+    """What fails in one graph's figures, each line naming the graph."""
+    out, g, n = [], f["greedy"], f["greedy"]["prompts"]
+    if f["nonfinite"]:
+        out.append(f"{what}: {f['nonfinite']} NaN/inf logits")
+    if f["max_abs_diff"] > f["bound"]:
+        out.append(f"{what}: teacher-forced logits max abs diff {f['max_abs_diff']:.3g} > {f['bound']:.3g} "
+                   f"({f['bound_kind']})")
+    if lossy:
+        if f["top1_agreement"] < cfg.min_top1:
+            out.append(f"{what}: top-1 agreement {f['top1_agreement']:.2%} < {cfg.min_top1:.0%} ({f['tokens']} tokens)")
+        if gate_replies and g["identical_single"] < cfg.min_same_replies * n:
+            out.append(f"{what}: greedy replies identical to PyTorch fp32 on {g['identical_single']}/{n} prompts "
+                       f"< {cfg.min_same_replies:.0%}")
+    else:
+        for key, how in (("identical_single", "one prompt at a time"), ("identical_batched", "batched")):
+            if g[key] < n:
+                out.append(f"{what}: greedy replies {how}: {g[key]}/{n} identical to PyTorch")
+    return out
+
+
+def check_parity(onnx_model, reference, tokenizer, conversations: list[data.Conversation], *, fmt: str,
+                 max_length: int, cfg: ExportConfig, engine: Engine | None = None,
+                 engine_note: str | None = None) -> dict:
+    """The parity gate: the Optimum graph and the decode graph vs the merged PyTorch model (fp32).
+
+    Args:
+        onnx_model: an ORTModelForCausalLM (e.g. from ``engine_ort.ort_model``), or an export / onnx folder.
+        reference: the merged PyTorch model (fp32).
+        engine: the export's decode graph loaded with ``load_engine``; None when the export has none
+            (``engine_note`` says why, recorded in the figures).
+    Returns:
+        The figures (``passed`` True): the Optimum graph's at the top level, the decode graph's under ``engine``.
+    Raises:
+        GateError: a check failed; the message lists every failure with its figures (``.figures`` holds them).
+    """
+    if isinstance(onnx_model, (str, Path)):
+        onnx_model = ort_model(onnx_model, "CUDAExecutionProvider" if cfg.device == "cuda" else None,
+                               session_options=session_options(spin=False))
+    reference.eval()
+    precision = cfg.precision()
+    lossy = precision != "fp32"
+    examples, _ = data.encode_all(conversations, tokenizer, max_length=max_length, fmt=fmt)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    ref_fn, ort_fn = torch_logits_fn(reference), ort_logits_fn(onnx_model)
+    ref_logits = _reference_logits(ref_fn, examples, pad, cfg.batch_size)
+    n_positions = models.max_positions(reference.config) or max_length + cfg.max_new_tokens
+    prompts = _prompts(conversations, tokenizer, fmt, min(max_length, n_positions - cfg.max_new_tokens))
+    want = _reference_greedy(reference, prompts, tokenizer, cfg.max_new_tokens)
+
+    # onnx/: the Optimum graph
+    onnx_figures = _logit_figures(zip(ref_logits, _reference_logits(ort_fn, examples, pad, cfg.batch_size)), lossy, cfg)
     ppl_ref = perplexity(ref_fn, examples, pad, cfg.batch_size)["assistant"]["ppl"]
     ppl_ort = perplexity(ort_fn, examples, pad, cfg.batch_size)["assistant"]["ppl"]
-    ppl_rel = abs(ppl_ort - ppl_ref) / ppl_ref
+    onnx_figures["greedy"] = _greedy_figures(optimum_engine(onnx_model, eos_token_id=eos, precision=precision),
+                                             prompts, want, cfg.max_new_tokens)
+    onnx_figures["perplexity"] = {"pytorch": ppl_ref, "onnx": ppl_ort, "rel_diff": abs(ppl_ort - ppl_ref) / ppl_ref}
+    failures = _failures(onnx_figures, "onnx/ (Optimum graph)", lossy, cfg, gate_replies=False)
+    if not lossy and onnx_figures["perplexity"]["rel_diff"] > cfg.ppl_rtol:
+        failures.append(f"onnx/ (Optimum graph): held-out perplexity {ppl_ort:.4f} vs PyTorch {ppl_ref:.4f}: "
+                        f"{onnx_figures['perplexity']['rel_diff']:.3%} apart (allowed {cfg.ppl_rtol:.1%})")
 
-    prompts = _prompts(conversations, tokenizer, fmt, max_length)
-    ref_single, ref_batch = _greedy(reference, prompts, tokenizer, cfg.max_new_tokens,
-                                    next(reference.parameters()).device)
-    ort_single, ort_batch = _greedy(onnx_model, prompts, tokenizer, cfg.max_new_tokens, onnx_model.device)
-    same_single = sum(a == b for a, b in zip(ref_single, ort_single))
-    same_batch = sum(a == b for a, b in zip(ref_batch, ort_batch))
+    # engine/: the decode graph
+    if engine is not None:
+        cut = [e.input_ids[: engine.capacity] for e in examples]
+        pairs = ((ref[: len(ids) - 1], torch.from_numpy(engine.teacher_forced_logits(ids)))
+                 for ref, ids in zip(ref_logits, cut) if len(ids) >= 2)
+        engine_figures = {"status": "checked", "name": engine.name, "precision": engine.precision,
+                          **_logit_figures(pairs, lossy, cfg),
+                          "greedy": _greedy_figures(engine, prompts, want, cfg.max_new_tokens)}
+        failures += _failures(engine_figures, "engine/ (decode graph)", lossy, cfg, gate_replies=True)
+    else:
+        engine_figures = {"status": "not built", "reason": engine_note or "no decode graph in this export"}
 
-    figures = {
-        "precision": precision, "reference": "merged PyTorch model, fp32", "conversations": len(conversations),
-        "tokens": n_tok, "max_abs_diff": max_diff, "mean_abs_diff": sum_diff / max(n_vals, 1),
-        "bound": bound, "bound_kind": f"lossy_rtol {cfg.lossy_rtol} x logits spread" if lossy else "atol",
-        "logits_spread": spread, "nonfinite": nonfinite, "top1_agreement": top1,
-        "greedy": {"prompts": len(prompts), "max_new_tokens": cfg.max_new_tokens,
-                   "identical_cached": same_single, "identical_batched_left_padded": same_batch},
-        "perplexity": {"pytorch": ppl_ref, "onnx": ppl_ort, "rel_diff": ppl_rel},
-    }
-    failures = []
-    if nonfinite:
-        failures.append(f"{nonfinite} NaN/inf logits")
-    if max_diff > bound:
-        failures.append(f"teacher-forced logits max abs diff {max_diff:.3g} > {bound:.3g} ({figures['bound_kind']})")
-    if lossy and top1 < cfg.min_top1:
-        failures.append(f"top-1 agreement {top1:.2%} < {cfg.min_top1:.0%} ({n_tok} tokens)")
-    if not lossy:
-        if same_single < len(prompts):
-            failures.append(f"greedy replies with the KV cache: {same_single}/{len(prompts)} identical to PyTorch")
-        if same_batch < len(prompts):
-            failures.append(f"greedy replies batched with left padding: {same_batch}/{len(prompts)} identical")
-        if ppl_rel > cfg.ppl_rtol:
-            failures.append(f"held-out perplexity {ppl_ort:.4f} vs PyTorch {ppl_ref:.4f}: {ppl_rel:.3%} apart "
-                            f"(allowed {cfg.ppl_rtol:.1%})")
-    figures["passed"], figures["failures"] = not failures, failures
+    figures = {"precision": precision, "reference": "merged PyTorch model, fp32 (replies: transformers generate())",
+               "conversations": len(conversations), **onnx_figures, "engine": engine_figures,
+               "passed": not failures, "failures": failures}
     if failures:
-        err = GateError("parity gate failed (ONNX vs PyTorch, "
+        err = GateError("parity gate failed (exported graphs vs PyTorch, "
                         f"{len(conversations)} held-out conversations, {precision}):", failures)
         err.figures = figures  # travel with the error to the manifest of the failed export
         raise err
@@ -154,12 +185,21 @@ def print_parity(p: dict) -> None:
     if not p:
         return
     g, ppl = p["greedy"], p["perplexity"]
-    print(f"      logits: max abs diff {p['max_abs_diff']:.2e} (bound {p['bound']:.2e}) | top-1 "
-          f"{p['top1_agreement']:.2%} of {p['tokens']} tokens | NaN/inf {p['nonfinite']}")
-    print(f"      greedy {g['max_new_tokens']} tokens identical: cached {g['identical_cached']}/{g['prompts']}, "
-          f"batched left-padded {g['identical_batched_left_padded']}/{g['prompts']}")
-    print(f"      perplexity: ONNX {ppl['onnx']:.4f} vs PyTorch {ppl['pytorch']:.4f} ({ppl['rel_diff']:.4%})"
-          f" -> {'PASS' if p['passed'] else 'FAIL'}")
+    print(f"      onnx/   logits: max abs diff {p['max_abs_diff']:.2e} (bound {p['bound']:.2e}) | top-1 "
+          f"{p['top1_agreement']:.2%} of {p['tokens']} tokens | NaN/inf {p['nonfinite']} | perplexity "
+          f"{ppl['onnx']:.4f} vs PyTorch {ppl['pytorch']:.4f} ({ppl['rel_diff']:.4%})")
+    print(f"              greedy {g['max_new_tokens']} tokens identical: single {g['identical_single']}/{g['prompts']}, "
+          f"batched {g['identical_batched']}/{g['prompts']}")
+    e = p.get("engine") or {}
+    if e.get("status") == "checked":
+        g = e["greedy"]
+        print(f"      engine/ logits: max abs diff {e['max_abs_diff']:.2e} (bound {e['bound']:.2e}) | top-1 "
+              f"{e['top1_agreement']:.2%} of {e['tokens']} tokens | NaN/inf {e['nonfinite']}")
+        print(f"              greedy {g['max_new_tokens']} tokens identical: single {g['identical_single']}/"
+              f"{g['prompts']}, batched {g['identical_batched']}/{g['prompts']}")
+    else:
+        print(f"      engine/ not built: {e.get('reason')}")
+    print(f"      -> {'PASS' if p['passed'] else 'FAIL'}")
 
 
 def verify_export(export_dir: str | Path, provider: str | None = None) -> dict:
@@ -177,6 +217,13 @@ def verify_export(export_dir: str | Path, provider: str | None = None) -> dict:
     reference = models.load_model(str(d / "merged"), trust_remote_code=cfg.trust_remote_code).to(device)
     tokenizer = models.load_tokenizer(str(d / "merged"), trust_remote_code=cfg.trust_remote_code)
     onnx_model = ort_model(d, provider or ("CUDAExecutionProvider" if device == "cuda" else None),
-                           session_options=quiet_session_options())
-    return check_parity(onnx_model, reference, tokenizer, runs.held_out(card, run_dir)[: cfg.n_parity],
-                        fmt=card["data"]["format"], max_length=card["data"]["max_length"], cfg=cfg)
+                           session_options=session_options(spin=False))
+    section = manifest.get("engine") or {"status": "not built", "reason": "exported before lora-med wrote engine/"}
+    engine = load_engine(d / "engine", device=section["device"], spin=False) if section["status"] == "built" else None
+    try:
+        return check_parity(onnx_model, reference, tokenizer, runs.held_out(card, run_dir)[: cfg.n_parity],
+                            fmt=card["data"]["format"], max_length=card["data"]["max_length"], cfg=cfg, engine=engine,
+                            engine_note=section.get("reason"))
+    finally:
+        if engine is not None:
+            engine.close()

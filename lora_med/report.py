@@ -1,12 +1,27 @@
 """The files of ``lora-med bench``: report.md and the plots, drawn from report.json's content.
 
-Also the report's sections taken from the run cards (training cost, the fixed-prompt replies) and the
-one-line wording of a gate check, which the Markdown and the command's output share.
+Also the report's sections taken from the run cards (training cost, the fixed-prompt replies), the engine
+rows set beside their peers, and the one-line wording of a gate check, which the Markdown and the command's
+output share.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+# Each engine row beside the peer it replaces, with issue 10's target for the p50 ratio (None: shown, no target):
+# on the CPU the engine against ORTModel + generate() (shipped model) and int8 against PyTorch eager
+# (DialoGPT-medium shape); on a GPU against transformers' generate() in fp16, what the seed's app runs.
+ENGINE_PEERS = (("engine-cpu-fp32", "ort-cpu-fp32", 0.5), ("engine-cpu-int8", "ort-cpu-int8", None),
+                ("engine-cpu-int8", "torch-eager", 0.35), ("engine-cuda-fp16", "torch-eager-fp16", 0.3),
+                ("engine-cuda-fp16", "ort-cuda-fp16", None))
+
+
+def engine_vs_peers(latency: list[dict]) -> list[dict]:
+    """Each engine row beside its peers measured in the same run: the ratio of their p50 reply times."""
+    p50 = {r["backend"]: r["reply_s"]["p50"] for r in latency}
+    return [{"engine": e, "peer": peer, "engine_p50_s": p50[e], "peer_p50_s": p50[peer], "ratio": p50[e] / p50[peer],
+             "target": target} for e, peer, target in ENGINE_PEERS if e in p50 and peer in p50]
 
 # --------------------------------------------------------------------------- from the run cards
 
@@ -81,8 +96,46 @@ def markdown(r: dict) -> str:
         lines.append(f"| {x['backend']} | {x['device']} | {x['precision']} | {rs['p50'] * 1e3:.1f} | {rs['p95'] * 1e3:.1f} | "
                      f"{rs['p99'] * 1e3:.1f} | {x['ttft_s']['p50'] * 1e3:.1f} | {x['decode_ms_per_token']:.2f} | "
                      f"{x['tokens_per_s']:.1f} | {x['peak_memory_gb']:.3f} | {f'{sp:.2f}x' if sp else '-'} |")
+    for s_ in r.get("skipped_backends") or []:
+        lines.append(f"| {s_['backend']} | not measured: {s_['reason']} |" + " |" * 9)
     if r["latency"]:
-        lines += ["", f"Peak memory: {r['latency'][0]['peak_memory_kind']}."]
+        lines += ["", f"Peak memory: {r['latency'][0]['peak_memory_kind']}. engine-* rows: lora-med's engine on the "
+                  "decode graph (what `lora-med serve` runs); the others through transformers' generate()."]
+    if r.get("engine_vs_peers"):
+        lines += ["", "## The engine beside its peers (same run)", "",
+                  "Targets (issue 10): engine-cpu-fp32 <= 0.5x ort-cpu-fp32 (shipped model, 2 CPU cores); "
+                  "engine-cpu-int8 <= 0.35x torch-eager (DialoGPT-medium shape); engine-cuda-fp16 <= 0.3x "
+                  "torch-eager-fp16 (GPU).", "",
+                  "| engine | p50 ms | peer | p50 ms | ratio | target |", "|---|---:|---|---:|---:|---:|"]
+        for c in r["engine_vs_peers"]:
+            target = f"<= {c['target']}x" if c["target"] else "-"
+            lines.append(f"| {c['engine']} | {c['engine_p50_s'] * 1e3:.1f} | {c['peer']} | {c['peer_p50_s'] * 1e3:.1f} | "
+                         f"**{c['ratio']:.2f}x** | {target} |")
+    floors = [x for x in r["latency"] if x.get("bandwidth_floor")]
+    if floors:
+        lines += ["", "## GPU rows: ms/token and the bandwidth floor", "",
+                  "Floor: weight bytes / the card's memory bandwidth per token (each decoded token reads every weight "
+                  "once), times the new tokens.", "",
+                  "| backend | decode ms/token | weights GB | card | GB/s | floor ms/token | floor ms/reply | p50 / floor |",
+                  "|---|---:|---:|---|---:|---:|---:|---:|"]
+        for x in floors:
+            f = x["bandwidth_floor"]
+            if "ms_per_token" in f:
+                lines.append(f"| {x['backend']} | {x['decode_ms_per_token']:.2f} | {f['weight_gb']:.3f} | {f['card']} | "
+                             f"{f['bandwidth_gb_s']:.0f} | {f['ms_per_token']:.3f} | {f['reply_ms']:.1f} | "
+                             f"{f['x_floor']:.1f}x |")
+            else:
+                lines.append(f"| {x['backend']} | {x['decode_ms_per_token']:.2f} | - | {f['card']} | {f['note']} | | | |")
+    batched = [x for x in r["latency"] if x.get("throughput")]
+    if batched:
+        sizes = list(batched[0]["throughput"])
+        lines += ["", "## Engine throughput by batch (the same prompt, every row forced to the new tokens)", "",
+                  "| backend | " + " | ".join(f"batch {b} tok/s" for b in sizes) + " | "
+                  + " | ".join(f"batch {b} ms" for b in sizes) + " |", "|---|" + "---:|" * (2 * len(sizes))]
+        for x in batched:
+            t = x["throughput"]
+            lines.append(f"| {x['backend']} | " + " | ".join(f"{t[b]['tokens_per_s']:.1f}" for b in sizes) + " | "
+                         + " | ".join(f"{t[b]['reply_s'] * 1e3:.1f}" for b in sizes) + " |")
     scaled = [x for x in r["latency"] if x["scaling"]]
     if scaled:
         sc0 = scaled[0]["scaling"]

@@ -1,18 +1,21 @@
-"""``lora-med bench --shape``: a randomly initialised model of a real model's exact shape, exported to ONNX.
+"""``lora-med bench --shape``: a randomly initialised model of a real model's exact shape, with the graphs an
+export ships.
 
 Speed only: with random weights, latency and memory are real and no quality figure is. Nothing is
-downloaded: the GPT-2 config is written out here (SHAPES), the model is built locally and exported with
-Optimum (fp32; dynamic int8 for the CPU; fp16 with a GPU), without the parity check that random weights
-have no use for.
+downloaded: the GPT-2 config is written out here (SHAPES), the model is built locally, and its graphs are
+made by the same functions merge-export calls (``graphs.py``): Optimum's graph (fp32; int8 by the one
+int8 recipe; fp16 converted from fp32, with a GPU) and the engine's decode graph (fp32 and int8 for the CPU,
+fp16 with a GPU), without the parity check that random weights have no use for.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
+
 import torch
 
+from . import graphs
 from .config import BACKENDS
 from .latency import SPEED_ONLY
 
@@ -27,8 +30,12 @@ SHAPES = {
 
 
 def build_shape(name: str, work: Path, device: str, *, seed: int, backends: list[str] | None
-                ) -> tuple[Path, list[dict], dict]:
-    """A randomly initialised GPT-2 of shape ``name``, saved, and exported to ONNX (fp32, int8; fp16 on CUDA)."""
+                ) -> tuple[Path, list[dict], list[dict], dict]:
+    """A randomly initialised GPT-2 of shape ``name``, saved, with the graphs the wanted backends need.
+
+    Returns:
+        (model folder, Optimum graphs as bench reads exports, decode graphs as bench reads engines, info)
+    """
     from transformers import GPT2Config, GPT2LMHeadModel
 
     shape = SHAPES[name]
@@ -41,53 +48,40 @@ def build_shape(name: str, work: Path, device: str, *, seed: int, backends: list
     del model
     info = {"shape": name, "config": shape, "parameters": params, "build_s": round(time.perf_counter() - t0, 2)}
     wanted = set(backends or BACKENDS)
+    cuda = device == "cuda"
+
+    def timed(key: str, fn):
+        t = time.perf_counter()
+        out = fn()
+        info[f"{key}_s"] = round(time.perf_counter() - t, 2)
+        return out
+
     exports = []
-    if wanted & {"ort-cpu-fp32", "ort-cpu-int8", "ort-cuda-fp32"}:
-        t0 = time.perf_counter()
-        fp32 = _scratch_export(model_dir, work / "onnx-fp32", "cpu", "fp32")
-        info["export_fp32_s"] = round(time.perf_counter() - t0, 2)
-        if wanted & {"ort-cpu-fp32", "ort-cuda-fp32"}:
-            exports.append(fp32)
-        if "ort-cpu-int8" in wanted:
-            t0 = time.perf_counter()
-            exports.append(_scratch_quantize(fp32, work / "onnx-int8"))
-            info["quantize_int8_s"] = round(time.perf_counter() - t0, 2)
-    if device == "cuda" and "ort-cuda-fp16" in wanted:
-        exports.append(_scratch_export(model_dir, work / "onnx-fp16", "cuda", "fp16"))
-    return model_dir, exports, info
+    optimum = {"fp32": {"ort-cpu-fp32", "ort-cuda-fp32"}, "int8": {"ort-cpu-int8"},
+               "fp16": {"ort-cuda-fp16"} if cuda else set()}
+    if wanted & set().union(*optimum.values()):
+        fp32 = work / "onnx-fp32"
+        timed("export_fp32", lambda: graphs.export_fp32(model_dir, fp32))
+        if wanted & optimum["fp32"]:
+            exports.append(_optimum(fp32, "fp32", "Optimum export"))
+        if wanted & optimum["int8"]:
+            recipe = timed("quantize_int8", lambda: graphs.to_int8(fp32, work / "onnx-int8"))
+            exports.append(_optimum(work / "onnx-int8", "int8", f"the int8 recipe ({recipe['tool']})"))
+        if wanted & optimum["fp16"]:
+            timed("convert_fp16", lambda: graphs.to_fp16(fp32, work / "onnx-fp16"))
+            exports.append(_optimum(work / "onnx-fp16", "fp16", "fp16 converted from the fp32 export"))
+    engines = []
+    for precision, backend in (("fp32", "engine-cpu-fp32"), ("int8", "engine-cpu-int8"), ("fp16", "engine-cuda-fp16")):
+        if backend in wanted and (precision != "fp16" or cuda):
+            out = work / f"engine-{precision}"
+            section = timed(f"engine_{precision}", lambda out=out, p=precision: graphs.engine_graph(model_dir, out, p))
+            if section["status"] != "built":
+                raise RuntimeError(f"{name} shape: decode graph not built: {section['reason']}")  # a GPT-2: a bug
+            engines.append({"dir": str(out), "path": str(out), "precision": precision,
+                            "label": f"decode graph ({precision}, {SPEED_ONLY})", "recipe": section.get("recipe")})
+    return model_dir, exports, engines, info
 
 
-def _scratch_export(model_dir: Path, out: Path, device: str, dtype: str) -> dict:
-    from optimum.exporters.onnx import main_export
-
-    main_export(str(model_dir), output=str(out), task="text-generation-with-past", device=device, dtype=dtype,
-                do_validation=False)  # random weights: speed only, no parity to prove
-    return {"path": str(out), "onnx_dir": str(out), "precision": dtype, "device": device,
-            "label": f"scratch Optimum export ({dtype}, {SPEED_ONLY})"}
-
-
-def int8_preset() -> str:
-    """Optimum's dynamic-int8 preset for this CPU's widest integer instructions."""
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    for preset, flag in (("avx512_vnni", "avx512_vnni"), ("avx512", "avx512f"), ("avx2", "avx2")):
-        if flag in flags:
-            return preset
-    return "arm64"
-
-
-def int8_config():
-    """Optimum's dynamic int8 config (no calibration data, per-tensor) for this CPU's preset."""
-    from optimum.onnxruntime.configuration import AutoQuantizationConfig
-
-    return getattr(AutoQuantizationConfig, int8_preset())(is_static=False, per_channel=False)
-
-
-def _scratch_quantize(fp32: dict, out: Path) -> dict:
-    from optimum.onnxruntime import ORTQuantizer
-
-    ORTQuantizer.from_pretrained(fp32["onnx_dir"], file_name="model.onnx").quantize(
-        save_dir=str(out), quantization_config=int8_config())
-    # The name ORTModelForCausalLM finds without help (no external data file below 2 GB, so a rename is safe).
-    os.replace(out / "model_quantized.onnx", out / "model.onnx")
-    return {"path": str(out), "onnx_dir": str(out), "precision": "int8", "device": "cpu",
-            "label": f"scratch dynamic int8 of the fp32 export (AutoQuantizationConfig.{int8_preset()}, {SPEED_ONLY})"}
+def _optimum(folder: Path, precision: str, how: str) -> dict:
+    return {"path": str(folder), "onnx_dir": str(folder), "precision": precision,
+            "device": "cuda" if precision == "fp16" else "cpu", "label": f"scratch {how} ({precision}, {SPEED_ONLY})"}

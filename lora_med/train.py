@@ -508,14 +508,19 @@ def _finish(cfg, setup: Setup, d: Data, model, trainer, card: dict, ckpt, train_
 
 
 def _compare(cfg, model, base_model, tokenizer, fmt: str, is_adapter: bool) -> list[dict]:
+    """Base vs fine-tuned replies to the fixed prompts, through the engine (an adapter run: the same PEFT model
+    with its adapter on, then disabled)."""
+    tuned_engine = chat.engine_for(model, tokenizer)
+    base_engine = tuned_engine if is_adapter else chat.engine_for(base_model, tokenizer)
+    n = cfg.compare_max_new_tokens
     rows = []
     for prompt in chat.COMPARISON_PROMPTS:
-        tuned = chat.reply(model, tokenizer, prompt, fmt=fmt, max_new_tokens=cfg.compare_max_new_tokens)
+        tuned = chat.reply(tuned_engine, tokenizer, prompt, fmt=fmt, max_new_tokens=n)
         if is_adapter:
             with model.disable_adapter():
-                base = chat.reply(model, tokenizer, prompt, fmt=fmt, max_new_tokens=cfg.compare_max_new_tokens)
+                base = chat.reply(base_engine, tokenizer, prompt, fmt=fmt, max_new_tokens=n)
         else:
-            base = chat.reply(base_model, tokenizer, prompt, fmt=fmt, max_new_tokens=cfg.compare_max_new_tokens)
+            base = chat.reply(base_engine, tokenizer, prompt, fmt=fmt, max_new_tokens=n)
         rows.append({"prompt": prompt, "base": base, "fine_tuned": tuned})
     return rows
 

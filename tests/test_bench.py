@@ -1,5 +1,6 @@
-"""`lora-med bench` on tiny models: every CPU backend runs, perplexity is paired, the gate fails and
-passes (through the function and the CLI exit code), the shape mode refuses perplexity, files parse."""
+"""`lora-med bench` on tiny models: every CPU backend runs (the engine on each export's decode graph beside its
+peers, with its batch throughput), perplexity is paired, the gate fails and passes (through the function and
+the CLI exit code), the shape mode builds the graphs an export ships and refuses perplexity, files parse."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from lora_med.bench import bench
 from lora_med.config import BenchConfig
 from lora_med.errors import ConfigError, GateError, LoraMedError
 
-CPU_BACKENDS = {"torch-eager", "torch-merged", "ort-cpu-fp32", "ort-cpu-int8"}
+CPU_BACKENDS = {"torch-eager", "torch-merged", "ort-cpu-fp32", "ort-cpu-int8", "engine-cpu-fp32", "engine-cpu-int8"}
 # Small and bounded: 1 thread (the CI CPU is shared; 2 spinning torch threads on a busy 2-core machine
 # are 10x slower than 1), 2 prompts x 2 repeats, 8 new tokens.
 FAST = dict(threads=1, prompts=2, repeats=2, warmup=1, new_tokens=8, scaling=False, scaling_repeats=1)
@@ -51,6 +52,30 @@ def test_every_cpu_backend_runs_and_is_reported(report):
     eager = next(x for x in r["latency"] if x["backend"] == "torch-eager")
     assert eager["speedup_vs_torch_eager"] == 1.0 and "adapter unmerged" in eager["source"]
     assert r["machine"]["cores"] and r["versions"]["onnxruntime-gpu"] and r["settings"]["new_tokens"] == 8
+    # CUDA-only backends are named with the reason they were not measured.
+    skipped = {s["backend"]: s["reason"] for s in r["skipped_backends"]}
+    assert "fp16/bf16 kernels only" in skipped["engine-cuda-fp32"] and "no CUDA GPU" in skipped["ort-cuda-fp32"]
+    assert "CUDA only" in skipped["torch-eager-fp16"] and "CUDA only" in skipped["torch-cudagraph-fp16"]
+
+
+def test_engine_rows_beside_their_peers_with_batch_throughput(report):
+    r = report.report
+    rows = {x["backend"]: x for x in r["latency"]}
+    for name in ("engine-cpu-fp32", "engine-cpu-int8"):
+        x = rows[name]
+        assert x["kind"] == "engine" and x["weight_bytes"] > 0 and x["bandwidth_floor"] is None  # CPU row
+        t = x["throughput"]
+        assert list(t) == [1, 4, 16] and all(v["tokens_per_s"] == pytest.approx(b * 8 / v["reply_s"])
+                                             for b, v in t.items())
+    assert rows["ort-cpu-fp32"]["kind"] == "generate" and rows["ort-cpu-fp32"]["throughput"] is None
+    pairs = {(c["engine"], c["peer"]): c for c in r["engine_vs_peers"]}
+    c = pairs[("engine-cpu-fp32", "ort-cpu-fp32")]
+    assert c["target"] == 0.5 and c["ratio"] == pytest.approx(rows["engine-cpu-fp32"]["reply_s"]["p50"]
+                                                              / rows["ort-cpu-fp32"]["reply_s"]["p50"])
+    assert ("engine-cpu-int8", "ort-cpu-int8") in pairs and ("engine-cpu-int8", "torch-eager") in pairs
+    md = (report.out_dir / "report.md").read_text()
+    assert "## The engine beside its peers" in md and "| engine-cpu-fp32 |" in md and "| ort-cpu-fp32 |" in md
+    assert "## Engine throughput by batch" in md and "not measured: not built: ONNX Runtime's CUDA" in md
 
 
 def test_perplexity_is_paired_and_onnx_matches_the_adapter(report):
@@ -83,7 +108,7 @@ def test_report_files_are_written_and_parse(report):
 
 def test_scaling_reply_time_grows_with_new_tokens(report):
     scaled = [x for x in report.report["latency"] if x["scaling"]]
-    assert {x["backend"] for x in scaled} == {"torch-eager", "ort-cpu-fp32"}
+    assert {x["backend"] for x in scaled} == {"torch-eager", "ort-cpu-fp32", "engine-cpu-fp32"}
     for x in scaled:
         t = {int(k): v for k, v in x["scaling"]["new_tokens_s"].items()}
         assert t[8] < t[32] < t[64] and t[64] > 2 * t[8], (x["backend"], t)
@@ -93,7 +118,7 @@ def test_scaling_reply_time_grows_with_new_tokens(report):
 
 def test_gate_passes_when_met(report):
     gate = report.report["gate"]
-    assert gate["passed"] and gate["backend"] == "ort-cpu-int8"
+    assert gate["passed"] and gate["backend"] == "engine-cpu-int8"  # auto: the engine first
     assert {c["gate"] for c in gate["checks"]} == {"latency", "ppl-ratio", "ppl-gain"}
 
 
@@ -140,7 +165,8 @@ def test_paired_trains_exports_and_benches_both_methods(tiny_base, conversations
     result = bench(BenchConfig(paired=True, data=str(conversations_file), eval_data=str(conversations_file),
                                base=str(tiny_base), max_steps=2, train_batch_size=4, paired_dir=str(tmp_path / "w"),
                                lora_config=str(tmp_path / "lora.yaml"), full_config=str(tmp_path / "full.yaml"),
-                               min_top1=0.9, out=str(tmp_path / "r"), max_latency_s=60.0, max_ppl_ratio=100.0,
+                               min_top1=0.9, min_same_replies=0.5, out=str(tmp_path / "r"), max_latency_s=60.0,
+                               max_ppl_ratio=100.0,
                                min_ppl_gain=1e-3, backends=["torch-eager", "ort-cpu-int8"], **FAST))
     r = result.report
     assert set(r["training"]) == {"lora", "full"}
@@ -179,12 +205,16 @@ def test_paired_bad_train_config_is_named_before_training(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-def test_shape_mode_measures_speed_only(tmp_path):
-    result = bench(BenchConfig(shape="tiny", out=str(tmp_path), max_latency_s=60.0, **FAST))
+def test_shape_mode_measures_speed_only_with_the_graphs_an_export_ships(tmp_path):
+    result = bench(BenchConfig(shape="tiny", out=str(tmp_path), max_latency_s=60.0, **{**FAST, "throughput": False}))
     r = result.report
     assert r["label"] == "random weights, speed only" and r["perplexity"] is None
-    assert [x["backend"] for x in r["latency"]] == ["torch-eager", "ort-cpu-fp32", "ort-cpu-int8"]
-    assert r["inputs"]["shape"]["parameters"] > 0
+    assert [x["backend"] for x in r["latency"]] == ["torch-eager", "ort-cpu-fp32", "ort-cpu-int8", "engine-cpu-fp32",
+                                                    "engine-cpu-int8"]
+    shape = r["inputs"]["shape"]
+    assert shape["parameters"] > 0 and {"export_fp32_s", "quantize_int8_s", "engine_fp32_s", "engine_int8_s"} <= set(shape)
+    assert r["gate"]["backend"] == "engine-cpu-int8"
+    assert {c["peer"] for c in r["engine_vs_peers"]} == {"ort-cpu-fp32", "ort-cpu-int8", "torch-eager"}
     assert "random weights, speed only" in (tmp_path / "report.md").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lora-med", "latency.png", "report.json", "report.md"]
 
@@ -236,6 +266,13 @@ def test_unknown_gate_backend_is_named(runs, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_backends_with_io_binding(tmp_path):
     result = bench(BenchConfig(shape="tiny", device="cuda", out=str(tmp_path), max_latency_s=60.0, **FAST))
-    names = {x["backend"] for x in result.report["latency"]}
-    assert {"ort-cuda-fp32", "ort-cuda-fp16"} <= names and result.report["gate"]["backend"] == "ort-cuda-fp16"
-    assert result.report["machine"]["gpu"]
+    r = result.report
+    names = {x["backend"] for x in r["latency"]}
+    assert {"ort-cuda-fp32", "ort-cuda-fp16", "engine-cuda-fp16", "torch-eager-fp16"} <= names
+    assert r["gate"]["backend"] == "engine-cuda-fp16" and r["machine"]["gpu"]
+    skipped = {s["backend"] for s in r["skipped_backends"]}
+    assert "torch-cudagraph-fp16" in names | skipped  # measured, or named with why it could not run
+    for x in r["latency"]:
+        if x["device"] == "cuda":
+            assert x["bandwidth_floor"]["card"] and x["decode_ms_per_token"] > 0
+    assert ("engine-cuda-fp16", "torch-eager-fp16") in {(c["engine"], c["peer"]) for c in r["engine_vs_peers"]}

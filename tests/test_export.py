@@ -1,5 +1,7 @@
-"""merge-export on tiny runs: merge checks, ONNX export, the parity gate (and that it can fail),
-the manifest, fresh-process reload, and every bad-input case. CPU only; CUDA cases are marked gpu."""
+"""merge-export on tiny runs: merge checks, the two ONNX graphs (Optimum's and the engine's decode graph), the
+parity gate over both (and that it fails on either tampered graph), the manifest, fresh-process reload, the
+fp16 graph for CUDA type-checked on the CPU, a non-GPT-2 base, and every bad-input case. CPU only; CUDA cases
+are marked gpu."""
 
 from __future__ import annotations
 
@@ -55,15 +57,24 @@ def test_lora_export_passes_gate_and_adapter_mattered(lora_export, runs, tiny_ba
     from lora_med import models
 
     m = load_export(lora_export)
-    assert sorted(p.name for p in lora_export.iterdir()) == [".lora-med", "manifest.json", "merged", "onnx"]
+    assert sorted(p.name for p in lora_export.iterdir()) == [".lora-med", "engine", "manifest.json", "merged", "onnx"]
     assert not list(lora_export.parent.glob("*.partial-*"))
     p = m["parity"]
-    assert p["passed"] and p["precision"] == "fp32" and p["nonfinite"] == 0
+    assert p["passed"] and p["precision"] == "fp32" and p["nonfinite"] == 0 and not p["failures"]
     assert p["max_abs_diff"] <= 1e-4
-    assert p["greedy"]["identical_cached"] == p["greedy"]["identical_batched_left_padded"] == p["greedy"]["prompts"] > 0
+    g = p["greedy"]  # the Optimum graph's cached path, through the engine's loop
+    assert g["identical_single"] == g["identical_batched"] == g["prompts"] == 8 and g["through"].startswith("engine-")
     assert p["perplexity"]["rel_diff"] <= 0.005
+    # The decode graph: teacher-forced logits as decoding computes them, replies single and batched == PyTorch.
+    e = m["engine"]
+    assert e["status"] == "built" and e["precision"] == "fp32" and e["device"] == "cpu" and e["capacity"] == 256
+    pe = p["engine"]
+    assert pe["status"] == "checked" and pe["name"] == "engine-cpu-fp32" and pe["max_abs_diff"] <= 1e-4
+    assert pe["top1_agreement"] == 1.0 and pe["tokens"] > 100 and pe["nonfinite"] == 0
+    assert pe["greedy"]["identical_single"] == pe["greedy"]["identical_batched"] == 8
     assert m["merge"]["max_abs_diff_vs_adapter"] <= 1e-4 and m["merge"]["tied_embeddings"]
-    assert set(m["timings"]) >= {"merge_s", "save_s", "export_s", "parity_s", "total_s"}
+    assert set(m["timings"]) >= {"merge_s", "save_s", "export_s", "engine_s", "parity_s", "total_s"}
+    assert m["format_version"] == 3 and set(m["sizes"]) == {"merged", "onnx", "engine"}
 
     # The adapter mattered: merged weights differ from the base where LoRA was applied, and only there.
     base = load_file(tiny_base / "model.safetensors")
@@ -91,7 +102,8 @@ def test_manifest_hashes_match_files(lora_export, runs):
     for rel, meta in m["files"].items():
         f = lora_export / rel
         assert sha256_file(f) == meta["sha256"] and f.stat().st_size == meta["bytes"]
-    assert {"merged/model.safetensors", "onnx/model.onnx", "onnx/tokenizer.json"} <= set(m["files"])
+    assert {"merged/model.safetensors", "onnx/model.onnx", "onnx/tokenizer.json", "engine/model.onnx",
+            "engine/engine.json"} <= set(m["files"])
     assert m["source"]["run_json_sha256"] == sha256_file(runs["lora"] / "run.json")
     assert m["status"] == "complete" and "optimum-onnx" in m["versions"] and m["options"]["atol"] == 1e-4
 
@@ -138,17 +150,25 @@ def test_trainable_tokens_run_exports_with_the_tie_kept(runs, tmp_path):
     assert merge["tied_embeddings"] and res.manifest["parity"]["passed"]
 
 
-def test_int8_export_passes_its_gate(runs, tmp_path):
+def test_int8_export_passes_its_gate_with_one_recipe_for_both_graphs(exported):
     # The tiny random model is nearly uniform (perplexity ~350 over a 400-token vocabulary), so many
-    # positions are near-ties that int8 rounding flips: 98.6-99.4% top-1 seen. Gate at 97% here; the
-    # default (99%) is for real models.
-    res = merge_export(ExportConfig(run_dir=str(runs["lora"]), quantize="int8", output=str(tmp_path / "q"),
-                                    min_top1=0.97, max_new_tokens=8))
-    p = res.manifest["parity"]
-    assert p["precision"] == "int8" and p["passed"] and p["top1_agreement"] >= 0.97
+    # positions are near-ties that int8 rounding flips: 96-99% top-1 seen. The fixture gates at 90% and half
+    # the replies; the defaults (99%, 95%) are for real models.
+    import onnx
+
+    m = load_export(exported["int8"])
+    p = m["parity"]
+    assert p["precision"] == "int8" and p["passed"] and p["top1_agreement"] >= 0.9
     assert 0 < p["max_abs_diff"] <= p["bound"]
-    assert res.manifest["export"]["quantization"]["mode"] == "dynamic"
-    assert (tmp_path / "q" / "onnx" / "model.onnx").is_file()
+    assert p["engine"]["status"] == "checked" and p["engine"]["name"] == "engine-cpu-int8"
+    assert 0 < p["engine"]["max_abs_diff"] <= p["engine"]["bound"] and p["engine"]["top1_agreement"] >= 0.9
+    # One int8 recipe: the same quantiser settings made both graphs (MatMul weights per channel, embeddings float).
+    recipe = m["export"]["quantization"]
+    assert recipe == m["engine"]["recipe"]["quantization"]
+    assert recipe["mode"] == "dynamic" and recipe["ops"] == ["MatMul"] and recipe["per_channel"]
+    for sub in ("onnx", "engine"):
+        ops = {n.op_type for n in onnx.load(str(exported["int8"] / sub / "model.onnx")).graph.node}
+        assert "MatMulInteger" in ops and "DynamicQuantizeLinear" in ops
 
 
 # --------------------------------------------------------------------------- the gate can fail
@@ -171,8 +191,82 @@ def test_tampered_onnx_fails_the_gate(lora_export, tmp_path):
 
     with pytest.raises(GateError) as e:
         verify_export(copy)
-    assert "teacher-forced logits max abs diff" in str(e.value)
+    assert "onnx/ (Optimum graph): teacher-forced logits max abs diff" in str(e.value)
     assert e.value.figures["max_abs_diff"] > 1e-4 and not e.value.figures["passed"]
+    assert not any(f.startswith("engine/") for f in e.value.figures["failures"])  # the decode graph is untouched
+
+
+def test_tampered_decode_graph_fails_the_gate(lora_export, tmp_path):
+    """The same small corruption in engine/model.onnx (what serve runs): the gate names the decode graph."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    copy = tmp_path / "tampered"
+    shutil.copytree(lora_export, copy)
+    graph_file = copy / "engine" / "model.onnx"
+    model = onnx.load(str(graph_file))
+    target = next(i for i in model.graph.initializer if i.name == "h.1.mlp.c_proj.weight")
+    target.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(target) * 1.1).astype(np.float32), target.name))
+    onnx.save(model, str(graph_file))
+
+    with pytest.raises(GateError) as e:
+        verify_export(copy)
+    failures = e.value.figures["failures"]
+    assert failures and all(f.startswith("engine/ (decode graph)") for f in failures), failures
+    assert "teacher-forced logits max abs diff" in str(e.value)
+    assert e.value.figures["engine"]["max_abs_diff"] > 1e-4 and e.value.figures["max_abs_diff"] <= 1e-4
+
+
+def test_fp16_optimum_graph_for_cuda_passes_strict_type_checks_on_the_cpu(lora_export, tmp_path):
+    """`--device cuda --dtype fp16` builds its Optimum graph with this very call: the fp32 export (traced on the
+    CPU) converted to fp16. onnxruntime 1.31 refused Optimum's own fp16 export ("Type parameter (T) of Optype
+    (LayerNormalization) bound to different types"); the converted graph type-checks strictly, loads, and
+    agrees with fp32 (ORT's CPU provider has the fp16 kernels this small graph needs)."""
+    import onnx
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    from lora_med import graphs
+    from lora_med.engine_quant import check_types
+
+    info = graphs.optimum_graph(lora_export / "merged", tmp_path / "onnx", tmp_path / "work", precision="fp16")
+    assert info["precision"] == "fp16" and "strict" in info["fp16"]["checked"] and "optimization" not in info
+    half = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
+    check_types(half)
+    assert any(n.op_type == "LayerNormalization" for n in half.graph.node)
+    assert not [t.name for t in half.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 0, 7]])
+    logits = [ORTModelForCausalLM.from_pretrained(d, provider="CPUExecutionProvider")(
+        input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float() for d in (lora_export / "onnx", tmp_path / "onnx")]
+    assert (logits[0].argmax(-1) == logits[1].argmax(-1)).all() and (logits[0] - logits[1]).abs().max() < 1e-2
+
+
+def test_non_gpt2_base_ships_the_optimum_graph_only_with_a_note(tiny_base, conversations_file, tmp_path):
+    """The decode graph is GPT-2's: a Llama run exports onnx/ behind the gate, and the manifest says why there
+    is no engine/ (serve then runs merged/ through the engine's PyTorch backend)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import train_tiny
+
+    base = tmp_path / "llama"
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                                 bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+                     ).save_pretrained(base, safe_serialization=True)
+    tok.save_pretrained(base)
+    run = train_tiny(base, conversations_file, tmp_path / "run", "full", max_steps=1)
+    res = merge_export(ExportConfig(run_dir=str(run), output=str(tmp_path / "out"), n_parity=2, max_new_tokens=4))
+    m = res.manifest
+    assert m["engine"]["status"] == "not built" and "GPT-2" in m["engine"]["reason"] and "'llama'" in m["engine"]["reason"]
+    assert m["parity"]["passed"] and m["parity"]["engine"]["status"] == "not built"
+    assert m["parity"]["greedy"]["identical_single"] == 2
+    assert not (tmp_path / "out" / "engine").exists() and set(m["sizes"]) == {"merged", "onnx"}
+
+    from lora_med.serve.replier import resolve_model
+
+    assert resolve_model(str(tmp_path / "out")).engine_path == tmp_path / "out" / "merged"
 
 
 # --------------------------------------------------------------------------- refusals and bad input
@@ -304,3 +398,5 @@ def test_cuda_fp16_export_with_io_binding(runs, tmp_path):
     p = res.manifest["parity"]
     assert p["precision"] == "fp16" and p["passed"] and p["top1_agreement"] >= 0.99
     assert res.manifest["export"]["provider"] == "CUDAExecutionProvider"
+    assert res.manifest["engine"]["device"] == "cuda" and p["engine"]["name"] == "engine-cuda-fp16"
+    assert p["engine"]["top1_agreement"] >= 0.99

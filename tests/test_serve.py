@@ -518,25 +518,24 @@ def test_model_paths(tmp_path, tiny_base):
         resolve_model(str(half))
 
 
-def test_export_folder_serves_its_decode_graph_else_merged(tmp_path, tiny_base):
+def test_export_folder_serves_its_decode_graph_else_merged(exported, tmp_path):
+    """A real merge-export: serve loads its engine/ decode graph (ONNX Runtime) and, without one, its merged/
+    model on PyTorch; both through the one engine, with the same replies."""
     import shutil
 
-    from lora_med.decode_graph import build_decode_graph
     from lora_med.serve import ServeConfig
     from lora_med.serve.replier import load_replier
 
-    export = tmp_path / "export"
-    shutil.copytree(tiny_base, export / "merged")
-    # The manifest fields serve reads (merge-export writes these and more).
-    (export / "manifest.json").write_text(json.dumps({"kind": "lora-med.export", "status": "complete", "options": {},
-                                                      "source": {"format": "dialogpt", "max_length": 128,
-                                                                 "run_dir": str(tmp_path / "run")}}))
-    torch_side = load_replier(ServeConfig(model=str(export), threads=1))  # no engine/ yet: merged/ on PyTorch
-    assert torch_side.source.engine_path == export / "merged" and torch_side.engine.name.startswith("engine-torch")
-    build_decode_graph(export / "merged", export / "engine")
+    export = exported["fp32"]
     ort_side = load_replier(ServeConfig(model=str(export), threads=1))
     assert ort_side.source.engine_path == export / "engine" and ort_side.engine.name == "engine-cpu-fp32"
-    assert ort_side.budget == torch_side.budget == 128 - 40  # the training run's max_length, not the capacity
+    assert "decode graph" in ort_side.source.kind
+    without = tmp_path / "export"  # the same export with its decode graph removed
+    shutil.copytree(export, without, ignore=shutil.ignore_patterns("engine"))
+    torch_side = load_replier(ServeConfig(model=str(without), threads=1))
+    assert torch_side.source.engine_path == without / "merged" and torch_side.engine.name.startswith("engine-torch")
+    max_length = json.loads((export / "manifest.json").read_text())["source"]["max_length"]
+    assert ort_side.budget == torch_side.budget == min(max_length, ort_side.engine.capacity) - 40
     history = [Message("user", "Hola, necesito una cita"), Message("assistant", "¿Para qué especialidad?"),
                Message("user", "pediatria")]
     prompts = [ort_side.prompt(history), ort_side.prompt(history[-1:])]
