@@ -202,7 +202,7 @@ def _graph(cfg: dict, w: dict[str, np.ndarray], capacity: int, dtype: str):
     # statistics stay fp32: ORT's CUDA SkipLayerNormalization accumulates mean and variance in its input type,
     # which in half precision would sum the squares of GPT-2's large residual activations. Flash attention
     # accumulates its softmax in fp32 by itself.
-    L, H, nh, hd, V = cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["head_dim"], cfg["vocab_size"]
+    L, nh, hd, V = cfg["n_layer"], cfg["n_head"], cfg["head_dim"], cfg["vocab_size"]
     eps = cfg["eps"]
     gelu_op = "FastGelu" if cfg["activation"] in TANH_GELU else "BiasGelu"
     wte = init("wte.weight", w["wte.weight"])
