@@ -25,12 +25,14 @@ from lora_med.train import train
 
 from .conftest import REPO
 
+# With chunked cross-entropy: its loss runs outside the DDP-wrapped forward, which must still sync gradients.
 SETTINGS = dict(max_steps=4, batch_size=2, log_every=1, save_every=2, eval_every=4, r=4, alpha=8,
-                learning_rate=1e-2, compare=False, seed=0)
+                learning_rate=1e-2, compare=False, seed=0, chunked_ce=True, loss_chunk=64)
 # As flags. torchrun reads abbreviations of its own options anywhere on the line (--r would be taken for
 # --rdzv-*), so the LoRA rank goes by its alias --lora_r.
 FLAGS = ["--max-steps", "4", "--batch-size", "2", "--log-every", "1", "--save-every", "2", "--eval-every", "4",
-         "--lora_r", "4", "--lora_alpha", "8", "--learning-rate", "1e-2", "--no-compare", "--seed", "0"]
+         "--lora_r", "4", "--lora_alpha", "8", "--learning-rate", "1e-2", "--no-compare", "--seed", "0",
+         "--chunked-ce", "--loss-chunk", "64"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -78,6 +80,7 @@ def test_two_processes_count_the_batch_and_tokens_of_both(two_runs):
     assert c2["status"] == "complete" and c2["resolved"]["world_size"] == 2 and c1["resolved"]["world_size"] == 1
     assert c2["metrics"]["effective_batch"] == 2 * c1["metrics"]["effective_batch"] == 4
     assert c2["plan"]["effective_batch"] == 4 and c2["plan"]["world_size"] == 2
+    assert c2["resolved"]["levers"] == c1["resolved"]["levers"] == ["sdpa", "chunked_ce"]
     # 4 steps x 2 conversations x 2 processes = two epochs of the 8 conversations, vs one epoch for one process
     assert c2["metrics"]["tokens_seen"] == 2 * c1["metrics"]["tokens_seen"] > 0
     assert c2["metrics"]["tokens_per_s"] > 0 and c2["metrics"]["steps"] == 4
@@ -97,19 +100,23 @@ def test_two_processes_save_the_same_adapter_shapes(two_runs):
 @pytest.mark.slow
 def test_two_processes_resume_after_a_kill(two_runs, tiny_base, conversations_file, tmp_path):
     """Rank 0 killed with SIGKILL at step 3 (after checkpoint-2): torchrun stops the other; a resume with two
-    processes finishes the run as the uninterrupted one did."""
+    processes finishes the run as the uninterrupted one did. Before the kill, both processes hold the same
+    weights (DDP synchronised the gradients, the chunked loss's included)."""
     _, reference, _ = two_runs
     out = tmp_path / "killed"
     settings = dict(data=str(conversations_file), eval_data=str(conversations_file), base=str(tiny_base),
                     output=str(out), **SETTINGS)
     script = tmp_path / "killed_at_step_3.py"
     script.write_text(f"""
-import os, signal
+import json, os, signal
 from transformers import TrainerCallback
 from lora_med.config import TrainConfig
 from lora_med.train import train
 class Kill(TrainerCallback):
-    def on_step_end(self, args, state, control, **kw):
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if state.global_step == 2:
+            weights = {{n: p.detach().double().sum().item() for n, p in model.named_parameters() if p.requires_grad}}
+            open({str(tmp_path)!r} + f"/weights-{{args.process_index}}.json", "w").write(json.dumps(weights))
         if state.is_world_process_zero and state.global_step == 3:
             os.kill(os.getpid(), signal.SIGKILL)
 train(TrainConfig(**{settings!r}), callbacks=[Kill()])
@@ -119,6 +126,9 @@ train(TrainConfig(**{settings!r}), callbacks=[Kill()])
     killed = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert killed.returncode != 0, killed.stderr[-3000:]
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name != ".partial") == ["checkpoint-2"]
+    w0, w1 = (json.loads((tmp_path / f"weights-{rank}.json").read_text()) for rank in (0, 1))
+    assert w0.keys() == w1.keys() and w0 == pytest.approx(w1, rel=1e-6, abs=1e-9)
+    assert any(v != 0 for k, v in w0.items() if "lora_B" in k)  # trained, not the zeros LoRA B starts at
     resumed = subprocess.run([*TORCHRUN, "-m", "lora_med", "train", "--resume", str(out)], capture_output=True,
                              text=True, env=ENV, cwd=REPO, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]

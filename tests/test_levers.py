@@ -47,7 +47,7 @@ def _batch(tiny_tokenizer, conversations_file):
     return ids, labels, mask
 
 
-@pytest.mark.parametrize("chunk", [1, 37, 100_000])
+@pytest.mark.parametrize("chunk", [7, 37, 100_000])
 @pytest.mark.parametrize("given_items", [True, False])
 def test_chunked_loss_equals_the_models_own_loss_and_gradients(tiny_base, tiny_tokenizer, conversations_file,
                                                                chunk, given_items):
@@ -93,11 +93,14 @@ class LmHeadRows(TrainerCallback):
         self.most = max(self.most, output[..., 0].numel())
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_training_with_chunked_ce_equals_training_without(tiny_base, conversations_file, tmp_path, method):
+@pytest.mark.parametrize("method,train_tokens", [("lora", "none"), ("lora", "data"), ("full", "none")])
+def test_training_with_chunked_ce_equals_training_without(tiny_base, conversations_file, tmp_path, method,
+                                                          train_tokens):
     """Three steps with grad-accum 2 (the loss is divided by the Trainer's token count across micro-batches):
-    the same losses, eval losses and weights, while lm_head never sees more than --loss-chunk tokens."""
-    kw = dict(method=method, grad_accum=2, eval_every=3, learning_rate=1e-2 if method == "lora" else 1e-3)
+    the same losses, eval losses and weights, while lm_head never sees more than --loss-chunk tokens. Trained
+    token rows (PEFT wraps the tied lm_head too) and a full fine-tune's tied lm_head get their gradients."""
+    kw = dict(method=method, grad_accum=2, eval_every=3, learning_rate=1e-2 if method == "lora" else 1e-3,
+              train_tokens=train_tokens)
     plain = train(cfg_for(tiny_base, conversations_file, tmp_path / "plain", **kw))
     rows = LmHeadRows()
     chunked = train(cfg_for(tiny_base, conversations_file, tmp_path / "chunked", chunked_ce=True, loss_chunk=16, **kw),
