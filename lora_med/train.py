@@ -15,8 +15,6 @@ the next one takes:
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import shutil
 import time
 import warnings
@@ -27,11 +25,11 @@ from . import chat, data, levers, models, plan, runs, settings
 from .config import DEFAULT_DATA, DEFAULT_EVAL, DEFAULT_EVAL_FRACTION, TrainConfig, shipped
 from .errors import ConfigError, LoraMedError
 from .fileio import write_json
-from .settings import describe, name
 from .levers import MemoryPlan, plan_memory
-from .trainer import (NonFiniteLoss, is_main_process, leave_process_group, load_checkpoint_weights,
-                      load_for_training, local_device, make_trainer, peak_memory, plot_loss, reset_peak_memory,
-                      world_size)
+from .settings import describe, name
+from .trainer import (NonFiniteLoss, finished_checkpoint, is_main_process, leave_process_group,
+                      load_checkpoint_weights, load_for_training, local_device, make_trainer, peak_memory, plot_loss,
+                      reset_peak_memory, world_size)
 
 # Settings that may differ between an interrupted run and its resume; all others must match.
 # (--vram-gb is not: it picks the micro-batch and the optimizer, which the checkpoint's state depends on.)
@@ -366,7 +364,7 @@ def _run(cfg: TrainConfig, setup: Setup, d: Data, mem: MemoryPlan, callbacks, t_
     reset_peak_memory(setup.device)
     model = load_for_training(cfg, setup.base, setup.device, setup.precision, setup.targets, token_ids, mem.levers)
     total, trainable = models.count_parameters(model)
-    card = _start_card(cfg, setup, d, mem, total, trainable)
+    card = _start_card(cfg, setup, d, mem, total, trainable) if main else {}  # (it hashes the base's weights)
     if main:
         print(f"Base: {setup.base} ({setup.model_config.model_type}) | parameters {total:,} | trainable {trainable:,} "
               f"({100 * trainable / total:.3f}%) | method {cfg.method}"
@@ -392,7 +390,7 @@ def _run(cfg: TrainConfig, setup: Setup, d: Data, mem: MemoryPlan, callbacks, t_
     trainer = make_trainer(cfg, model, d.tokenizer, d.train_ex, d.eval_ex, out, mem.batch_size, mem.grad_accum,
                            setup.precision, setup.device, callbacks, mem.levers)
     ckpt = setup.checkpoint
-    done = ckpt is not None and _finished_checkpoint(ckpt)
+    done = ckpt is not None and finished_checkpoint(ckpt)
     if ckpt is not None:
         trainer.continue_from(ckpt)
     t_train = time.perf_counter()
@@ -420,11 +418,6 @@ def _run(cfg: TrainConfig, setup: Setup, d: Data, mem: MemoryPlan, callbacks, t_
     if not main:
         return TrainResult(out, {})
     return _finish(cfg, setup, d, model, trainer, card, ckpt, train_s, t_start)
-
-
-def _finished_checkpoint(ckpt: Path) -> bool:
-    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
-    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
 
 
 def _fail(out: Path, card: dict, reason: str) -> None:
@@ -464,7 +457,7 @@ def _finish(cfg, setup: Setup, d: Data, model, trainer, card: dict, ckpt, train_
             "resumed_from": str(ckpt) if ckpt else card.get("resumed_from"),
             "timings": {"train_s": round(train_s, 2), "total_s": round(time.perf_counter() - t_start, 2)}}
     card.pop("failure", None)
-    _save_artifacts(model, d.tokenizer, d.fmt, out, card)
+    runs.save_artifacts(model, models.with_chat_template(d.tokenizer, d.fmt), out, card)
     plot_loss(state.log_history, out / "loss.png")
     runs.record(out, "loss.png")
     write_json(out / "run.json", card)
@@ -473,6 +466,7 @@ def _finish(cfg, setup: Setup, d: Data, model, trainer, card: dict, ckpt, train_
     print(f"Done: train loss {metrics['train_loss']:.4f} | eval loss {metrics['eval_loss']:.4f} | "
           f"perplexity {metrics['eval_ppl']:.2f} (base {metrics['base_eval_ppl']:.2f}) | "
           f"{train_s:.1f}s | peak {metrics['peak_memory_gb']:.2f} GB ({metrics['peak_memory_kind']})"
+          + (f", reserved {metrics['peak_memory_reserved_gb']:.2f} GB" if "peak_memory_reserved_gb" in metrics else "")
           + (f" | {metrics['tokens_per_s']:,.0f} tok/s" if metrics["tokens_per_s"] else ""))
     for row in comparison:
         print(f"\nUSUARIO: {row['prompt']}\n  BASE:       {row['base']}\n  FINE-TUNED: {row['fine_tuned']}")
@@ -491,20 +485,3 @@ def _compare(cfg, model, base_model, tokenizer, fmt: str, is_adapter: bool) -> l
             base = chat.reply(base_model, tokenizer, prompt, fmt=fmt, max_new_tokens=cfg.compare_max_new_tokens)
         rows.append({"prompt": prompt, "base": base, "fine_tuned": tuned})
     return rows
-
-
-def _save_artifacts(model, tokenizer, fmt: str, out: Path, card: dict) -> None:
-    """Adapter (or model), tokenizer (with a chat template reproducing the training format) and a Hugging Face
-    model card, written beside and then renamed into place file by file."""
-    from . import modelcard
-
-    staging = out / ".saving"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    models.with_chat_template(tokenizer, fmt).save_pretrained(staging)
-    modelcard.write(staging, card["artifact"], card)  # replaces PEFT's empty template
-    names = [f.name for f in staging.iterdir()]
-    runs.record(out, *names)
-    for f in staging.iterdir():
-        os.replace(f, out / f.name)
-    staging.rmdir()

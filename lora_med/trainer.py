@@ -326,6 +326,12 @@ def load_for_training(cfg, base: str, device: str, precision: str, targets: list
     return model
 
 
+def finished_checkpoint(ckpt: Path) -> bool:
+    """Whether a checkpoint is the run's last step (a run killed after it only has its final evaluation left)."""
+    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
+
+
 def load_checkpoint_weights(model, ckpt: Path) -> None:
     """Put a checkpoint's trained weights into ``model`` (adapter, or the full model) without training."""
     from safetensors.torch import load_file
