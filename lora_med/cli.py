@@ -145,12 +145,23 @@ def train(config_file: str | None, plan_only: bool, as_json: bool, **kwargs) -> 
 
 
 def _plan_text(p: dict) -> str:
-    parts = [k[:-3] for k in p if k.endswith("_gb") and k not in ("total_gb", "budget_gb")]
+    skip = ("total_gb", "budget_gb", "needed_gb")
+    parts = [k[:-3] for k in p if k.endswith("_gb") and k not in skip]
     lines = [f"Memory plan: {p['method']} on {p['device']} ({p['precision']}), micro-batch {p['batch_size']} x "
-             f"grad-accum {p['grad_accum']} (effective {p['effective_batch']}), sequence {p['seq_len']} tokens",
-             f"  parameters {p['params']:,}, trainable {p['trainable']:,}"]
-    lines += [f"  {k:<14} {p[k + '_gb']:8.3f} GB" for k in parts]
-    lines.append(f"  {'total':<14} {p['total_gb']:8.3f} GB" + (f"  (budget {p['budget_gb']} GB)" if p["budget_gb"] else ""))
+             f"grad-accum {p['grad_accum']}" + (f" x {p['world_size']} processes" if p.get("world_size", 1) > 1 else "")
+             + f" (effective {p['effective_batch']}), sequence {p['seq_len']} tokens",
+             f"  parameters {p['params']:,}, trainable {p['trainable']:,}",
+             f"  levers: {', '.join(p['levers']) or 'none'} (attention {p['attention']}, optimizer {p['optim']}"
+             + (f", loss chunks of {p['loss_chunk']} tokens" if p.get("loss_chunk") else "") + ")",
+             f"  at the peak ({p['peak_at']}):"]
+    lines += [f"    {k:<18} {p[k + '_gb']:8.3f} GB" for k in parts if p[k + "_gb"]]
+    lines.append(f"    {'total':<18} {p['total_gb']:8.3f} GB"
+                 + (f"  (budget {p['budget_gb']} GB)" if p["budget_gb"] else ""))
+    if p.get("moments"):
+        lines.append("  each moment of a step:")
+        lines += [f"    {k:<34} {v:8.3f} GB" for k, v in p["moments"].items()]
+    if p.get("choice"):
+        lines.append(f"  --vram-gb: {p['choice']['reason']}")
     return "\n".join(lines)
 
 

@@ -27,6 +27,8 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_wi
 FORMATS = ("auto", "dialogpt", "chat-template")
 DEVICES = ("auto", "cpu", "cuda")
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
+ATTENTIONS = ("auto", "sdpa", "eager")
+OPTIMIZERS = ("auto", "adamw", "adamw_8bit")
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 5e-5}  # full: the seed guide's 5e-5
 
 
@@ -87,12 +89,19 @@ class TrainConfig:
     max_steps: int = setting(-1, "> 0: stop after this many optimizer steps (overrides --epochs)", min=-1)
     seed: int = setting(42, "seed of data order, split, dropout and initialisation", min=0)
     precision: str = setting("auto", "auto: bf16 (or fp16) on CUDA, fp32 on the CPU", choices=PRECISIONS)
-    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory, ~1/3 "
-                                           "more compute)")
     device: str = setting("auto", "where to train", choices=DEVICES)
-    # memory
-    vram_gb: float | None = setting(None, "plan the micro-batch for this memory budget (grad-accum keeps the "
-                                    "effective batch)", above=0)
+    # memory: the levers (lora_med/levers.py). Unset: off, unless --vram-gb needs them to fit; --no-X rules X out.
+    vram_gb: float | None = setting(None, "plan for this memory budget (a card's GB): the fastest micro-batch and "
+                                    "levers that fit (grad-accum keeps the effective batch)", above=0)
+    gradient_checkpointing: bool | None = setting(None, "recompute activations in the backward pass (less memory; "
+                                                  "+28% compute at DialoGPT-medium's shape)")
+    attention: str = setting("auto", "sdpa: fused attention, no score matrices kept; eager: transformers' own (keeps "
+                             "them); auto: sdpa where the model has it", choices=ATTENTIONS)
+    chunked_ce: bool | None = setting(None, "compute the loss --loss-chunk tokens at a time, recomputed in the "
+                                      "backward, so the full-vocabulary fp32 logits never exist (+5% compute)")
+    loss_chunk: int = setting(256, "tokens per chunk of --chunked-ce", min=1)
+    optim: str = setting("auto", "adamw (torch) or adamw_8bit (bitsandbytes' 8-bit states; full fine-tune only); "
+                         "auto: adamw, or adamw_8bit when --vram-gb needs it", choices=OPTIMIZERS)
     # logging and checkpoints
     log_every: int = setting(50, "steps between log lines (the seed's 50)", min=1, aliases=("--logging_steps",))
     eval_every: int | None = setting(None, "steps between held-out evaluations [default: every epoch]", min=1,

@@ -99,14 +99,16 @@ def load_tokenizer(base: str, *, trust_remote_code: bool = False):
 
 
 def load_model(base: str, *, dtype: torch.dtype = torch.float32, quantization_config=None,
-               device_map=None, trust_remote_code: bool = False):
-    """Load a causal LM from safetensors only, in eval mode."""
+               device_map=None, trust_remote_code: bool = False, attn_implementation: str | None = None):
+    """Load a causal LM from safetensors only, in eval mode (``attn_implementation``: transformers' default
+    when None)."""
     from transformers import AutoModelForCausalLM
 
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             base, dtype=dtype, use_safetensors=True, quantization_config=quantization_config,
-            device_map=device_map, trust_remote_code=trust_remote_code)
+            device_map=device_map, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as e:
         if is_local(base):
             raise LoraMedError(f"cannot load the model in {base}: {str(e).splitlines()[0][:300]} "

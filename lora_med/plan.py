@@ -257,7 +257,7 @@ def _cuda_layer_bytes(shape: Shape, method: str, seq_len: int, lora_width: float
 def estimate(shape: Shape, *, method: str, batch_size: int, seq_len: int, precision: str, device: str,
              trainable: int, gradient_checkpointing: bool = False, quant_bits: int = 4,
              lora_dropout_width: float = 0.0, lora_width: float | None = None, attention: str = "sdpa",
-             chunked_ce: bool = False, optimizer: str = "adamw") -> Estimate:
+             chunked_ce: bool = False, optimizer: str = "adamw", ce_chunk: int = CE_CHUNK_TOKENS) -> Estimate:
     """Estimated peak training memory in bytes, by part (see the module docstring).
 
     Args:
@@ -271,7 +271,7 @@ def estimate(shape: Shape, *, method: str, batch_size: int, seq_len: int, precis
             still keep lora_A's bf16 input); defaults to ``lora_dropout_width``, or when that is 0 to every
             linear layer adapted (an upper bound).
         attention: "sdpa" or "eager" (CUDA only; the CPU figure keeps the scores either way).
-        chunked_ce: the "chunked_ce" lever (logits of at most ``CE_CHUNK_TOKENS`` tokens at once).
+        chunked_ce: the "chunked_ce" lever (logits of at most ``ce_chunk`` tokens at once).
         optimizer: "adamw" (torch, foreach) or "adamw_8bit" (bitsandbytes).
     """
     if device.startswith("cuda") and precision in ("bf16", "fp16"):
@@ -282,7 +282,7 @@ def estimate(shape: Shape, *, method: str, batch_size: int, seq_len: int, precis
         return _estimate_cuda(shape, method=method, b=batch_size, s=seq_len, trainable=trainable,
                               gc=gradient_checkpointing, quant_bits=quant_bits,
                               lora_dropout=lora_dropout_width > 0, lora_width=lora_width,
-                              attention=attention, chunked_ce=chunked_ce, optimizer=optimizer)
+                              attention=attention, chunked_ce=chunked_ce, optimizer=optimizer, ce_chunk=ce_chunk)
     half = precision in ("bf16", "fp16")
     if method == "full":
         weights = shape.params * 4
@@ -302,7 +302,7 @@ def estimate(shape: Shape, *, method: str, batch_size: int, seq_len: int, precis
         activations = shape.n_layer * 2 * s * b * h * act_bytes + per_layer
     else:
         activations = shape.n_layer * per_layer
-    tokens = min(b * s, CE_CHUNK_TOKENS) if chunked_ce else b * s
+    tokens = min(b * s, ce_chunk) if chunked_ce else b * s
     state = trainable * (2 + 1 / 32 if optimizer == "adamw_8bit" else 8)
     return Estimate({
         "weights": weights,
@@ -315,7 +315,7 @@ def estimate(shape: Shape, *, method: str, batch_size: int, seq_len: int, precis
 
 def _estimate_cuda(shape: Shape, *, method: str, b: int, s: int, trainable: int, gc: bool, quant_bits: int,
                    lora_dropout: bool, lora_width: float, attention: str, chunked_ce: bool,
-                   optimizer: str) -> Estimate:
+                   optimizer: str, ce_chunk: int = CE_CHUNK_TOKENS) -> Estimate:
     P, L, V, h, n, T = shape.params, shape.linear_params, shape.vocab, shape.hidden, shape.n_layer, trainable
     t = b * s
     if method == "full":
@@ -353,7 +353,7 @@ def _estimate_cuda(shape: Shape, *, method: str, b: int, s: int, trainable: int,
         # gradient still pending while the next chunk's loss is back-propagated): counted as 6Vh beside the
         # loss and 8Vh (sum + fp32 cast + bf16, the chunk's weight copy freed) at the cast, an upper bound
         # that the replay undercuts by 3-4%.
-        c = min(t, CE_CHUNK_TOKENS)
+        c = min(t, ce_chunk)
         hidden_grad = 8 * h * t
         full = method == "full"
         bwd_copies = lm_copy if gc else all_copies
@@ -490,29 +490,33 @@ def relative_speed(shape: Shape, levers, micro_batch: int, seq_len: int,
 
 def choose(shape: Shape, *, budget_gb: float, effective_batch: int, method: str, seq_len: int, trainable: int,
            precision: str = "bf16", device: str = "cuda", quant_bits: int = 4, lora_dropout_width: float = 0.0,
-           lora_width: float | None = None, allowed=LEVERS, context_gb: float = CUDA_CONTEXT_GB,
-           fragmentation: float = FRAGMENTATION, overhead_tokens: float = OVERHEAD_TOKENS) -> Choice:
+           lora_width: float | None = None, allowed=LEVERS, required=(), ce_chunk: int = CE_CHUNK_TOKENS,
+           context_gb: float = CUDA_CONTEXT_GB, fragmentation: float = FRAGMENTATION,
+           overhead_tokens: float = OVERHEAD_TOKENS) -> Choice:
     """The fastest micro-batch and levers whose estimate fits ``budget_gb`` (a card's memory).
 
     Every micro-batch dividing ``effective_batch`` (grad-accum keeps the effective batch) is tried with
-    every combination of the allowed levers ("sdpa" is always on when allowed: it saves memory and time;
-    "adamw_8bit" only for a full fine-tune); a candidate fits when estimate x (1 + fragmentation) +
+    every combination of the allowed levers that includes the ``required`` ones ("sdpa" is always on when
+    allowed: it saves memory and time; "adamw_8bit" only for a full fine-tune); a candidate fits when estimate x (1 + fragmentation) +
     context_gb <= budget_gb; the fastest by ``relative_speed`` wins, ties to fewer levers.
 
     Returns:
         Choice. When nothing fits, ``fits`` is False and the Choice is the smallest candidate (micro-batch
         1, every lever), with a reason that says how much memory it needs and what else to try.
     """
-    unknown = [x for x in allowed if x not in LEVERS]
+    unknown = [x for x in (*allowed, *required) if x not in LEVERS]
     if unknown:
         raise ValueError(f"unknown lever(s) {unknown}; known: {', '.join(LEVERS)}")
     optional = [x for x in ("gradient_checkpointing", "chunked_ce", "adamw_8bit") if x in allowed
                 and (x != "adamw_8bit" or method == "full")]
-    base = ("sdpa",) if "sdpa" in allowed else ()
+    base = ("sdpa",) if "sdpa" in allowed or "sdpa" in required else ()
+    optional += [x for x in required if x not in optional and x not in base]
     candidates = []
     for k in range(len(optional) + 1):
         for combo in combinations(optional, k):
             levers = base + combo
+            if not set(required) <= set(levers):
+                continue
             for b in (d for d in range(effective_batch, 0, -1) if effective_batch % d == 0):
                 est = estimate(shape, method=method, batch_size=b, seq_len=seq_len, precision=precision,
                                device=device, trainable=trainable, quant_bits=quant_bits,
@@ -520,7 +524,7 @@ def choose(shape: Shape, *, budget_gb: float, effective_batch: int, method: str,
                                lora_dropout_width=lora_dropout_width, lora_width=lora_width,
                                attention="sdpa" if "sdpa" in levers else "eager",
                                chunked_ce="chunked_ce" in levers,
-                               optimizer="adamw_8bit" if "adamw_8bit" in levers else "adamw")
+                               optimizer="adamw_8bit" if "adamw_8bit" in levers else "adamw", ce_chunk=ce_chunk)
                 needed = est.total / GB * (1 + fragmentation) + context_gb
                 speed = relative_speed(shape, levers, b, seq_len, overhead_tokens)
                 candidates.append((levers, b, est, needed, speed))
@@ -529,7 +533,7 @@ def choose(shape: Shape, *, budget_gb: float, effective_batch: int, method: str,
     overheads = f"{fragmentation:.0%} allocator reserve and {context_gb:g} GB CUDA context"
     if not fitting:
         levers, b, est, needed, speed = min(candidates, key=lambda c: (round(c[3], 6), c[1]))
-        left_out = [x for x in LEVERS if x not in allowed and (x != "adamw_8bit" or method == "full")]
+        left_out = [x for x in LEVERS if x not in (*allowed, *required) and (x != "adamw_8bit" or method == "full")]
         hint = ((f"the levers left out ({', '.join(left_out)}), " if left_out else "")
                 + ("--method qlora, " if method != "qlora" else "") + "a shorter --max-length or a larger card")
         return Choice(False, b, effective_batch // b, levers, est, needed, budget_gb, speed,

@@ -391,3 +391,22 @@ class Lock:
                 self.path.unlink()
         except (OSError, ValueError):
             pass
+
+
+# --------------------------------------------------------------------------- a run's saved model
+
+
+def save_artifacts(model, tokenizer, out: Path, card: dict) -> None:
+    """Adapter (or model), tokenizer and a Hugging Face model card into run folder ``out``, written beside and
+    then renamed into place file by file (a kill leaves .saving/, never a half-written file under its name)."""
+    from . import modelcard
+
+    staging = out / ".saving"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    modelcard.write(staging, card["artifact"], card)  # replaces PEFT's empty template
+    record(out, *[f.name for f in staging.iterdir()])
+    for f in staging.iterdir():
+        os.replace(f, out / f.name)
+    staging.rmdir()

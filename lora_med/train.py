@@ -7,33 +7,34 @@ the next one takes:
 1. ``resolve``: every setting, the base's config (not its weights), the output folder or the run
    being resumed; every problem is reported together before anything loads or is written;
 2. ``load_data``: the tokenizer and the conversations, encoded exactly as the model will see them;
-3. ``plan_memory``: the peak-memory estimate and, for a ``--vram-gb`` budget, the micro-batch
-   (``--plan`` returns this and stops);
+3. ``plan_memory`` (levers.py): the peak-memory estimate and, for a ``--vram-gb`` budget, the fastest
+   micro-batch and memory levers that fit (``--plan`` returns this and stops);
 4. ``_run``: load the model, train under a lock, then evaluate, compare, save and write the card.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import shutil
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import chat, data, models, plan, runs, settings
+from . import chat, data, levers, models, plan, runs, settings
 from .config import DEFAULT_DATA, DEFAULT_EVAL, DEFAULT_EVAL_FRACTION, TrainConfig, shipped
 from .errors import ConfigError, LoraMedError
 from .fileio import write_json
+from .levers import MemoryPlan, plan_memory
 from .settings import describe, name
-from .trainer import (NonFiniteLoss, is_main_process, load_checkpoint_weights, load_for_training, make_trainer,
-                      peak_memory, plot_loss, reset_peak_memory, world_size)
+from .trainer import (NonFiniteLoss, finished_checkpoint, is_main_process, leave_process_group,
+                      load_checkpoint_weights, load_for_training, local_device, make_trainer, peak_memory, plot_loss,
+                      reset_peak_memory, world_size)
 
 # Settings that may differ between an interrupted run and its resume; all others must match.
-RESUME_FREE = {"output", "resume", "overwrite", "log_every", "compare", "compare_max_new_tokens", "vram_gb",
-               "run_name", "report_to"}
+# (--vram-gb is not: it picks the micro-batch and the optimizer, which the checkpoint's state depends on.)
+RESUME_FREE = {"output", "resume", "overwrite", "log_every", "compare", "compare_max_new_tokens", "run_name",
+               "report_to"}
 
 
 @dataclass
@@ -173,7 +174,10 @@ def resolve(cfg: TrainConfig, *, plan_only: bool = False) -> Setup:
         p += _check_bitsandbytes(cfg)
 
     out, checkpoint, notes = cfg.output_dir(), None, []
-    if not plan_only:
+    if not plan_only and not is_main_process():
+        # Distributed: rank 0 checks the folder and holds its lock while the others start; they only train.
+        checkpoint = runs.latest_checkpoint(out)[0] if cfg.resume else None
+    elif not plan_only:
         if cfg.resume:
             checkpoint, notes = _check_resume(cfg, out, p)
         else:
@@ -218,6 +222,7 @@ def resolve(cfg: TrainConfig, *, plan_only: bool = False) -> Setup:
                 layers = sorted(n for n in layer_names if n and not n.isdigit())
                 p.append(f"{name(cfg, 'target_modules')}: {', '.join(unknown)} not in this {model_config.model_type} "
                          f"model (its layers: {', '.join(layers[:24])})")
+    p += levers.problems(cfg, meta, plan_only=plan_only)
     if p:
         raise runs.problems_error("with the settings; nothing was loaded", p)
     return Setup(base, device, precision, out, model_config, shape, meta, targets, checkpoint, tuple(notes))
@@ -282,46 +287,6 @@ def load_data(cfg: TrainConfig, setup: Setup) -> Data:
                 eval_sha, train_convs, eval_convs, eval_idx, train_ex, eval_ex, train_cut, eval_cut)
 
 
-# --------------------------------------------------------------------------- 3. plan
-
-
-@dataclass
-class MemoryPlan:
-    batch_size: int
-    grad_accum: int
-    estimate: plan.Estimate
-    trainable: int
-
-    def as_dict(self, cfg: TrainConfig, setup: Setup) -> dict:
-        return {"method": cfg.method, "device": setup.device, "precision": setup.precision,
-                "effective_batch": self.batch_size * self.grad_accum * world_size(), "grad_accum": self.grad_accum,
-                "budget_gb": cfg.vram_gb, "params": setup.shape.params, "trainable": self.trainable,
-                **self.estimate.as_dict()}
-
-
-def plan_memory(cfg: TrainConfig, setup: Setup, d: Data) -> MemoryPlan:
-    """Peak-memory estimate for the settings; with ``--vram-gb``, the largest micro-batch that fits."""
-    trainable = plan.lora_params(setup.meta, setup.targets, cfg.r) if setup.targets else setup.shape.params
-    dropout_width = plan.lora_input_width(setup.meta, setup.targets, setup.shape.n_layer) \
-        if setup.targets and cfg.dropout > 0 else 0.0
-    seq = min(cfg.max_length, max(len(e.input_ids) for e in d.train_ex))
-
-    def est(b: int) -> plan.Estimate:
-        return plan.estimate(setup.shape, method=cfg.method, batch_size=b, seq_len=seq, precision=setup.precision,
-                             device=setup.device, trainable=trainable, gradient_checkpointing=cfg.gradient_checkpointing,
-                             quant_bits=cfg.quant_bits, lora_dropout_width=dropout_width)
-
-    batch, accum = cfg.batch_size, cfg.grad_accum
-    if cfg.vram_gb:
-        chosen = plan.choose_batch(batch * accum, lambda b: est(b).total <= cfg.vram_gb * plan.GB)
-        if chosen is None:
-            raise ConfigError(f"{describe(cfg, 'vram_gb')}: {cfg.method} does not fit even at batch 1 (estimated "
-                              f"{est(1).total / plan.GB:.2f} GB); try --method qlora, --gradient-checkpointing or a "
-                              "smaller --max-length")
-        batch, accum = chosen
-    return MemoryPlan(batch, accum, est(batch), trainable)
-
-
 # --------------------------------------------------------------------------- the command
 
 
@@ -344,8 +309,8 @@ def train(cfg: TrainConfig, *, plan_only: bool = False, callbacks=()) -> TrainRe
     d = load_data(cfg, setup)
     mem = plan_memory(cfg, setup, d)
     if plan_only:
-        return mem.as_dict(cfg, setup)
-    for note in setup.notes:
+        return mem.as_dict(cfg, setup, world_size())
+    for note in setup.notes if is_main_process() else ():
         print(note)
     if not is_main_process():  # DDP: rank 0 owns the folder; the others only train
         return _run(cfg, setup, d, mem, callbacks, t_start)
@@ -363,6 +328,7 @@ def _start_card(cfg: TrainConfig, setup: Setup, d: Data, mem: MemoryPlan, total:
         "config": settings.as_dict(cfg),
         "resolved": {"base": setup.base, "learning_rate": cfg.resolved_lr(), "batch_size": mem.batch_size,
                      "grad_accum": mem.grad_accum, "world_size": world_size(), "precision": setup.precision,
+                     "levers": list(mem.levers), "attention": mem.attention, "optim": mem.optim,
                      "format": d.fmt, "target_modules": setup.targets},
         "base": {"name_or_path": setup.base, "model_type": setup.model_config.model_type, "parameters": total,
                  "sha256": models.fingerprint(setup.base)},
@@ -377,12 +343,13 @@ def _start_card(cfg: TrainConfig, setup: Setup, d: Data, mem: MemoryPlan, total:
         },
         "seed": cfg.seed, "device": models.device_info(setup.device), "versions": models.library_versions(),
         "parameters": {"total": total, "trainable": trainable, "percent": round(100 * trainable / total, 4)},
-        "plan": mem.estimate.as_dict(),
+        "plan": mem.as_dict(cfg, setup, world_size()),
     }
 
 
 def _run(cfg: TrainConfig, setup: Setup, d: Data, mem: MemoryPlan, callbacks, t_start: float) -> TrainResult:
     main, out = is_main_process(), setup.out
+    local_device(setup.device)  # distributed on GPUs: this process's own
     models.set_seed(cfg.seed)
     info = models.device_info(setup.device)
     if main:
@@ -395,9 +362,9 @@ def _run(cfg: TrainConfig, setup: Setup, d: Data, mem: MemoryPlan, callbacks, t_
     token_ids = sorted({t for e in d.train_ex for t in e.input_ids}) \
         if setup.targets and cfg.train_tokens == "data" else None
     reset_peak_memory(setup.device)
-    model = load_for_training(cfg, setup.base, setup.device, setup.precision, setup.targets, token_ids)
+    model = load_for_training(cfg, setup.base, setup.device, setup.precision, setup.targets, token_ids, mem.levers)
     total, trainable = models.count_parameters(model)
-    card = _start_card(cfg, setup, d, mem, total, trainable)
+    card = _start_card(cfg, setup, d, mem, total, trainable) if main else {}  # (it hashes the base's weights)
     if main:
         print(f"Base: {setup.base} ({setup.model_config.model_type}) | parameters {total:,} | trainable {trainable:,} "
               f"({100 * trainable / total:.3f}%) | method {cfg.method}"
@@ -406,6 +373,8 @@ def _run(cfg: TrainConfig, setup: Setup, d: Data, mem: MemoryPlan, callbacks, t_
               f"{world_size()} process(es) | epochs {cfg.epochs:g} | precision {setup.precision} | scheduler "
               f"{cfg.scheduler} | seed {cfg.seed} | planned peak {mem.estimate.total / plan.GB:.2f} GB"
               + (f" (budget {cfg.vram_gb} GB)" if cfg.vram_gb else ""))
+        print(f"Memory levers: {', '.join(mem.levers) or 'none'}" + (f" (--vram-gb: {mem.choice.reason})"
+                                                                     if mem.choice else ""))
         # The card goes down first (status running) so that --resume can check it is the same run.
         if cfg.resume:
             card = {**runs.load_card(out, "train", complete=False), "status": "running"}
@@ -419,19 +388,20 @@ def _run(cfg: TrainConfig, setup: Setup, d: Data, mem: MemoryPlan, callbacks, t_
     # The Trainer's own token counter copies a tensor the way torch warns about, once per step.
     warnings.filterwarnings("ignore", message="To copy construct from a tensor", module="transformers.trainer")
     trainer = make_trainer(cfg, model, d.tokenizer, d.train_ex, d.eval_ex, out, mem.batch_size, mem.grad_accum,
-                           setup.precision, setup.device, callbacks)
+                           setup.precision, setup.device, callbacks, mem.levers)
     ckpt = setup.checkpoint
-    done = ckpt is not None and _finished_checkpoint(ckpt)
+    done = ckpt is not None and finished_checkpoint(ckpt)
     if ckpt is not None:
         trainer.continue_from(ckpt)
     t_train = time.perf_counter()
     try:
         if done:  # killed after its last checkpoint (e.g. during the final evaluation): only finish
-            print(f"Resuming from {ckpt}: training had finished; running the final evaluation")
+            if main:
+                print(f"Resuming from {ckpt}: training had finished; running the final evaluation")
             load_checkpoint_weights(model, ckpt)
             trainer.state = trainer.state.load_from_json(str(ckpt / "trainer_state.json"))
         else:
-            if ckpt:
+            if ckpt and main:
                 print(f"Resuming from {ckpt}")
             trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     except NonFiniteLoss as e:
@@ -444,14 +414,10 @@ def _run(cfg: TrainConfig, setup: Setup, d: Data, mem: MemoryPlan, callbacks, t_
         _fail(out, card, f"{type(e).__name__}: {str(e)[:300]}" if str(e) else type(e).__name__)
         raise
     train_s = time.perf_counter() - t_train
+    leave_process_group()
     if not main:
         return TrainResult(out, {})
     return _finish(cfg, setup, d, model, trainer, card, ckpt, train_s, t_start)
-
-
-def _finished_checkpoint(ckpt: Path) -> bool:
-    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
-    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
 
 
 def _fail(out: Path, card: dict, reason: str) -> None:
@@ -491,7 +457,7 @@ def _finish(cfg, setup: Setup, d: Data, model, trainer, card: dict, ckpt, train_
             "resumed_from": str(ckpt) if ckpt else card.get("resumed_from"),
             "timings": {"train_s": round(train_s, 2), "total_s": round(time.perf_counter() - t_start, 2)}}
     card.pop("failure", None)
-    _save_artifacts(model, d.tokenizer, d.fmt, out, card)
+    runs.save_artifacts(model, models.with_chat_template(d.tokenizer, d.fmt), out, card)
     plot_loss(state.log_history, out / "loss.png")
     runs.record(out, "loss.png")
     write_json(out / "run.json", card)
@@ -500,6 +466,7 @@ def _finish(cfg, setup: Setup, d: Data, model, trainer, card: dict, ckpt, train_
     print(f"Done: train loss {metrics['train_loss']:.4f} | eval loss {metrics['eval_loss']:.4f} | "
           f"perplexity {metrics['eval_ppl']:.2f} (base {metrics['base_eval_ppl']:.2f}) | "
           f"{train_s:.1f}s | peak {metrics['peak_memory_gb']:.2f} GB ({metrics['peak_memory_kind']})"
+          + (f", reserved {metrics['peak_memory_reserved_gb']:.2f} GB" if "peak_memory_reserved_gb" in metrics else "")
           + (f" | {metrics['tokens_per_s']:,.0f} tok/s" if metrics["tokens_per_s"] else ""))
     for row in comparison:
         print(f"\nUSUARIO: {row['prompt']}\n  BASE:       {row['base']}\n  FINE-TUNED: {row['fine_tuned']}")
@@ -523,20 +490,3 @@ def _compare(cfg, model, base_model, tokenizer, fmt: str, is_adapter: bool) -> l
             base = chat.reply(base_engine, tokenizer, prompt, fmt=fmt, max_new_tokens=n)
         rows.append({"prompt": prompt, "base": base, "fine_tuned": tuned})
     return rows
-
-
-def _save_artifacts(model, tokenizer, fmt: str, out: Path, card: dict) -> None:
-    """Adapter (or model), tokenizer (with a chat template reproducing the training format) and a Hugging Face
-    model card, written beside and then renamed into place file by file."""
-    from . import modelcard
-
-    staging = out / ".saving"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    models.with_chat_template(tokenizer, fmt).save_pretrained(staging)
-    modelcard.write(staging, card["artifact"], card)  # replaces PEFT's empty template
-    names = [f.name for f in staging.iterdir()]
-    runs.record(out, *names)
-    for f in staging.iterdir():
-        os.replace(f, out / f.name)
-    staging.rmdir()

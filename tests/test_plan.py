@@ -243,3 +243,18 @@ def test_a_budget_too_small_gets_a_clear_answer(medium):
 def test_unknown_levers_are_refused(medium):
     with pytest.raises(ValueError, match="unknown lever"):
         _choose(medium, "lora", 8, allowed=("flash_attention_9",))
+
+
+def test_required_levers_are_in_every_candidate(medium):
+    """What lora-med train passes for a lever the user forced on (--chunked-ce, --gradient-checkpointing)."""
+    roomy = _choose(medium, "lora", 80, required=("chunked_ce",))
+    assert roomy.levers == ("sdpa", "chunked_ce") and all("chunked_ce" in c[0] for c in roomy.considered)
+    forced = _choose(medium, "lora", 80, allowed=(), required=("gradient_checkpointing",))
+    assert forced.levers == ("gradient_checkpointing",)  # not even sdpa, which was ruled out
+
+
+def test_smaller_loss_chunks_keep_fewer_logits(medium):
+    est = medium[3]
+    big, small = (est("lora", 16, chunked_ce=True, ce_chunk=c) for c in (1024, 64))
+    assert small.moments["backward (loss)"] < big.moments["backward (loss)"]
+    assert est("lora", 16, chunked_ce=True).total == est("lora", 16, chunked_ce=True, ce_chunk=256).total

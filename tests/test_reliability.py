@@ -255,7 +255,7 @@ def test_eval_fraction_is_honoured_without_an_eval_file(tiny_base, conversations
     assert ev["source"] == "split" and ev["conversations"] == 2 and len(ev["indices"]) == 2  # 25% of 8
 
 
-def test_plan_for_a_gpu_from_a_machine_without_one(tiny_base, conversations_file, tmp_path):
+def test_plan_for_a_gpu_from_a_machine_without_one(tiny_base, conversations_file, tmp_path, monkeypatch, capsys):
     shape_only = tmp_path / "shape-only"
     shape_only.mkdir()
     for f in tiny_base.iterdir():
@@ -264,6 +264,20 @@ def test_plan_for_a_gpu_from_a_machine_without_one(tiny_base, conversations_file
     plan = train(tcfg(shape_only, conversations_file, tmp_path / "p", device="cuda", precision="bf16", vram_gb=8),
                  plan_only=True)
     assert plan["device"] == "cuda" and plan["precision"] == "bf16" and plan["total_gb"] > 0
+    assert not (tmp_path / "p").exists()
+    # The command of issue 13, as JSON: the estimate per part, the moments, the micro-batch, the levers and why.
+    flags = ["train", "--plan", "--device", "cuda", "--precision", "bf16", "--vram-gb", "8", "--base", str(shape_only),
+             "--data", str(conversations_file), "--batch-size", "16", "--output", str(tmp_path / "p")]
+    code, out = cli(monkeypatch, capsys, *flags, "--json")
+    assert code == 0, out
+    p = json.loads(out[out.index("{"):])
+    assert p["batch_size"] * p["grad_accum"] == p["effective_batch"] == 16 and p["levers"] == ["sdpa"]
+    assert p["attention"] == "sdpa" and p["optim"] == "adamw" and p["budget_gb"] == 8
+    assert {"weights_gb", "optimizer_gb", "activations_gb", "logits_gb", "cublas_workspace_gb"} <= set(p)
+    assert p["peak_at"] in p["moments"] and p["moments"][p["peak_at"]] == pytest.approx(p["total_gb"], abs=2e-3)
+    assert p["choice"]["fits"] and p["choice"]["needed_gb"] <= 8 and "within 8 GB" in p["choice"]["reason"]
+    code, out = cli(monkeypatch, capsys, *flags)
+    assert code == 0 and "micro-batch 16 x grad-accum 1" in out and "levers: sdpa" in out and "each moment" in out
     assert not (tmp_path / "p").exists()
 
 

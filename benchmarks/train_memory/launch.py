@@ -8,7 +8,7 @@ on CUDA that the run card does not record:
 * ``LORA_MED_BENCH_SIDE_FILE``: a JSON file that receives the device's memory as the card reports it
   (``torch.cuda.mem_get_info``: the context and anything else outside torch), the cap, and
   ``torch.cuda.max_memory_reserved`` read at the moment the run card reads ``max_memory_allocated``
-  (lora_med.train's ``_peak_memory``, wrapped when it exists; else at exit).
+  (lora_med.train's ``peak_memory``, wrapped; else at exit; the card records the reserved figure too).
 
 Usage (what run.py does): python benchmarks/train_memory/launch.py train --base DIR --data FILE ...
 """
@@ -20,6 +20,10 @@ import json
 import os
 import runpy
 import sys
+from pathlib import Path
+
+# This checkout's lora_med, not whichever one is installed (a script's own folder heads sys.path).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def main() -> None:
@@ -47,15 +51,15 @@ def main() -> None:
         try:
             from lora_med import train as train_module
 
-            original = getattr(train_module, "_peak_memory", None)
+            original = getattr(train_module, "peak_memory", None)
         except Exception:  # noqa: BLE001  (the module may move; the exit figure still comes)
             train_module = original = None
         if original is not None:
-            def _peak_memory(device: str):
+            def peak_memory(device: str):
                 record("end of training (with the run card's peak)")
                 return original(device)
 
-            train_module._peak_memory = _peak_memory
+            train_module.peak_memory = peak_memory
         atexit.register(lambda: "read_at" in info or record("process exit (includes the final evals)"))
     sys.argv = ["lora_med", *sys.argv[1:]]
     runpy.run_module("lora_med", run_name="__main__", alter_sys=True)

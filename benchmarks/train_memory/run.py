@@ -7,12 +7,13 @@ Each case runs the real `lora-med train` in a fresh process (benchmarks/train_me
 what the run card does not record) on conversations cut to exactly 128 tokens, and puts the planner
 (lora_med.plan) beside each measurement:
 
-* **cases** (``--cases``): method and micro-batch, ``+gc`` for gradient checkpointing; measured peak
+* **cases** (``--cases``): method and micro-batch, then the levers: ``+gc`` gradient checkpointing, ``+cce``
+  chunked cross-entropy, ``+8bit`` 8-bit AdamW (full), ``+eager`` eager attention instead of SDPA; measured peak
   (CUDA: ``torch.cuda.max_memory_allocated``, tensors only, like the planner, plus ``max_memory_reserved``;
   CPU: peak RSS of the whole process), the planner's figure for this device and for CUDA bf16, steady
   tokens/s (the first ``--warmup`` steps left out);
 * **the claim** (``--claim``): for a card of ``--card-gib`` (8: an RTX 4060 Ti), per method the planner's
-  choice (``plan.choose``, levers that ``lora-med train`` has today) and, on CUDA, the measured largest
+  choice (``plan.choose`` over every lever, as ``lora-med train --vram-gb`` does) and, on CUDA, the measured largest
   micro-batch that runs under that card's memory (the allocator is capped to what the card would leave
   after the CUDA context; the Trainer halving the batch after an out-of-memory error counts as "did not
   fit"), its tokens/s, and LoRA at its batch over full at its batch (target >= 1.5x);
@@ -52,12 +53,30 @@ SEQ = 128
 TARGETS_MODULES = ["c_attn", "c_proj", "c_fc"]
 CPU_CASES = [("lora", 4), ("lora", 16), ("full", 4), ("full", 16), ("lora+gc", 16)]
 CUDA_CASES = [("lora", 4), ("lora", 16), ("full", 4), ("full", 16), ("qlora", 16), ("lora+gc", 16),
-              ("full+gc", 16)]
+              ("full+gc", 16), ("lora+cce", 16), ("full+8bit", 16), ("lora+eager", 16)]
 # A smoke shape: the shipped tokenizer's ids (vocabulary 8,192) fit it; seconds per case on the CPU.
 SMOKE = dict(n_layer=2, n_embd=64, n_head=2, n_positions=256, vocab_size=8192, bos_token_id=0, eos_token_id=0)
-# What `lora-med train` can switch on today; plan.LEVERS names the others (chunked_ce, adamw_8bit), which the
-# planner models and the train side has yet to offer.
-TRAIN_LEVERS = ("sdpa", "gradient_checkpointing")
+# What `lora-med train` can switch on: every lever the planner models.
+TRAIN_LEVERS = plan.LEVERS
+# --cases suffix -> (lever, the `lora-med train` flags that switch it)
+SUFFIXES = {"gc": ("gradient_checkpointing", ["--gradient-checkpointing"]), "cce": ("chunked_ce", ["--chunked-ce"]),
+            "8bit": ("adamw_8bit", ["--optim", "adamw_8bit"]), "eager": ("eager", ["--attention", "eager"])}
+
+
+def case_levers(case: str) -> tuple[str, tuple, list[str]]:
+    """"lora+gc+cce" -> ("lora", levers as plan.LEVERS names them, flags for `lora-med train`)."""
+    method, *suffixes = case.split("+")
+    names = [SUFFIXES[x][0] for x in suffixes]
+    levers = tuple(x for x in plan.LEVERS if x in names or (x == "sdpa" and "eager" not in names))
+    return method, levers, [f for x in suffixes for f in SUFFIXES[x][1]]
+
+
+def lever_flags(levers) -> list[str]:
+    """`lora-med train` flags that switch exactly ``levers`` on (and the others off)."""
+    return (["--attention", "sdpa" if "sdpa" in levers else "eager"]
+            + ["--gradient-checkpointing" if "gradient_checkpointing" in levers else "--no-gradient-checkpointing"]
+            + ["--chunked-ce" if "chunked_ce" in levers else "--no-chunked-ce"]
+            + (["--optim", "adamw_8bit"] if "adamw_8bit" in levers else []))
 TARGETS = {"lora_b16_peak_gb": 5.0, "lora_over_full_peak": 0.35, "lora_over_full_tokens_per_s": 1.3,
            "lora_over_full_at_own_batch": 1.5, "planner_over": 0.10, "planner_under": 0.05}
 
@@ -121,10 +140,13 @@ class Planner:
             return self.shape.params
         return plan.lora_params(self.meta, TARGETS_MODULES, self.qlora_r if method == "qlora" else self.r)
 
-    def estimate(self, method: str, batch: int, gc: bool, device: str = "cuda", precision: str = "bf16"):
+    def estimate(self, method: str, batch: int, levers=("sdpa",), device: str = "cuda", precision: str = "bf16"):
         lora = method != "full"
         return plan.estimate(self.shape, method=method, batch_size=batch, seq_len=SEQ, precision=precision,
-                             device=device, trainable=self.trainable(method), gradient_checkpointing=gc,
+                             device=device, trainable=self.trainable(method),
+                             gradient_checkpointing="gradient_checkpointing" in levers,
+                             attention="sdpa" if "sdpa" in levers else "eager", chunked_ce="chunked_ce" in levers,
+                             optimizer="adamw_8bit" if "adamw_8bit" in levers else "adamw",
                              lora_dropout_width=self.width if lora else 0.0, lora_width=self.width if lora else 0.0)
 
     def choose(self, method: str, card_gb: float, effective_batch: int) -> plan.Choice:
@@ -137,7 +159,7 @@ class Planner:
 # --------------------------------------------------------------------------- one `lora-med train` run
 
 def train_run(name: str, method: str, batch: int, *, model_dir: Path, train_file: Path, eval_file: Path | None,
-              work: Path, device: str, r: int, steps: int | None, epochs: float = 1, gc: bool = False,
+              work: Path, device: str, r: int, steps: int | None, epochs: float = 1, flags: list[str] = (),
               card_gb: float = 0, max_length: int = SEQ, grad_accum: int = 1) -> dict:
     """One run in a fresh process. Returns the run card, metrics lines, the launcher's side file, wall time,
     and whether it did not fit (an out-of-memory error, or the Trainer halving the batch after one)."""
@@ -155,8 +177,7 @@ def train_run(name: str, method: str, batch: int, *, model_dir: Path, train_file
         args += ["--epochs", str(epochs)]
     if method != "full":
         args += ["--r", str(r), "--alpha", str(2 * r)]
-    if gc:
-        args += ["--gradient-checkpointing"]
+    args += list(flags)
     env = {**os.environ, "LORA_MED_BENCH_SIDE_FILE": str(side)}
     if card_gb and device == "cuda":
         env["LORA_MED_BENCH_CARD_GB"] = str(card_gb)
@@ -190,22 +211,24 @@ def steady_rate(logs: list[dict], warmup: int) -> tuple[float | None, float | No
     return (last["tokens_seen"] - first["tokens_seen"]) / dt, dt / (last["step"] - first["step"])
 
 
-def measure_case(method_gc: str, batch: int, planner: Planner, a, paths: dict) -> dict:
-    method, gc = method_gc.split("+")[0], method_gc.endswith("+gc")
+def measure_case(case: str, batch: int, planner: Planner, a, paths: dict) -> dict:
+    method, levers, flags = case_levers(case)
     r = a.qlora_r if method == "qlora" else a.r
-    res = train_run(f"{method_gc}-b{batch}", method, batch, device=a.device, r=r, steps=a.steps, gc=gc, **paths)
+    res = train_run(f"{case}-b{batch}", method, batch, device=a.device, r=r, steps=a.steps, flags=flags, **paths)
     if res["did_not_fit"]:
-        raise SystemExit(f"{method_gc} batch {batch} ran out of memory")
+        raise SystemExit(f"{case} batch {batch} ran out of memory")
     card, logs = res["card"], res["logs"]
     m = card["metrics"]
     rate, per_step = steady_rate(logs, a.warmup)
-    cuda_plan = planner.estimate(method, batch, gc)
+    cuda_plan = planner.estimate(method, batch, levers)
     own_plan = card["plan"]
-    row = {"method": method_gc, "batch_size": batch, "seq_len": SEQ, "steps": m["steps"], "r": r if method != "full" else None,
+    row = {"method": case, "levers": card["resolved"]["levers"], "batch_size": batch, "seq_len": SEQ,
+           "steps": m["steps"], "r": r if method != "full" else None,
            "trainable_params": card["parameters"]["trainable"], "total_params": card["parameters"]["total"],
            "precision": card["resolved"]["precision"],
            "peak_gb": round(m["peak_memory_gb"], 3), "peak_kind": m["peak_memory_kind"],
-           "reserved_gb": res["side"].get("max_memory_reserved_gb"),
+           "reserved_gb": (round(m["peak_memory_reserved_gb"], 3) if "peak_memory_reserved_gb" in m
+                           else res["side"].get("max_memory_reserved_gb")),
            "outside_torch_gb": res["side"].get("outside_torch_at_start_gb"),
            "planned_gb": own_plan["total_gb"], "plan": own_plan,
            "planned_over_measured": round(own_plan["total_gb"] / m["peak_memory_gb"], 3),
@@ -224,6 +247,7 @@ def claim(planner: Planner, a, paths: dict) -> dict:
         choice = planner.choose(method, a.card_gb, a.claim_batch)
         entry = {"planner": choice.as_dict(), "tried": []}
         if choice.fits:
+            flags = lever_flags(choice.levers)
             gc = "gradient_checkpointing" in choice.levers
             divisors = [d for d in range(1, a.claim_batch + 1) if a.claim_batch % d == 0]
             r = a.qlora_r if method == "qlora" else a.r
@@ -232,16 +256,17 @@ def claim(planner: Planner, a, paths: dict) -> dict:
             step = None
             while 0 <= i < len(divisors):
                 b = divisors[i]
-                res = train_run(f"claim-{method}-b{b}", method, b, device=a.device, r=r, steps=a.steps, gc=gc,
+                res = train_run(f"claim-{method}-b{b}", method, b, device=a.device, r=r, steps=a.steps, flags=flags,
                                 card_gb=a.card_gb, **paths)
-                tried = {"micro_batch": b, "gradient_checkpointing": gc, "did_not_fit": res["did_not_fit"],
+                tried = {"micro_batch": b, "levers": list(choice.levers), "gradient_checkpointing": gc,
+                         "did_not_fit": res["did_not_fit"],
                          "halved_to": res["halved_to"], "wall_s": res["wall_s"], "side": res["side"]}
                 if "card" in res:
                     rate, _ = steady_rate(res["logs"], a.warmup)
                     tried.update(peak_gb=round(res["card"]["metrics"]["peak_memory_gb"], 3),
                                  tokens_per_s_steady=round(rate, 1) if rate else None)
                 entry["tried"].append(tried)
-                print(f"  claim {method} b{b}{' +gc' if gc else ''}: "
+                print(f"  claim {method} b{b} {'+'.join(choice.levers)}: "
                       + ("did not fit" if res["did_not_fit"] else f"peak {tried['peak_gb']:.2f} GB, "
                          f"{tried['tokens_per_s_steady'] or 0:,.0f} tok/s"), flush=True)
                 step = step or (-1 if res["did_not_fit"] else 1)
@@ -267,13 +292,15 @@ def seed_job(planner: Planner, a, model_dir: Path, work: Path, claim_result: dic
     chosen = lora.get("largest_that_ran") or {}
     choice = planner.choose("lora", a.card_gb, a.claim_batch)
     batch = chosen.get("micro_batch") or choice.micro_batch
-    gc = chosen.get("gradient_checkpointing", "gradient_checkpointing" in choice.levers)
+    levers = tuple(chosen.get("levers", choice.levers))
+    gc = "gradient_checkpointing" in levers
     res = train_run("seed-job", "lora", batch, model_dir=model_dir, train_file=REPO / "data/medical_conversations.json",
                     eval_file=REPO / "data/medical_conversations_eval.json", work=work, device=a.device, r=a.r,
-                    steps=None, epochs=a.seed_epochs, gc=gc, card_gb=a.card_gb, max_length=a.seed_max_length)
+                    steps=None, epochs=a.seed_epochs, flags=lever_flags(levers), card_gb=a.card_gb,
+                    max_length=a.seed_max_length)
     card = res["card"]
     return {"conversations": card["data"]["train"]["conversations"], "epochs": a.seed_epochs,
-            "max_length": a.seed_max_length, "micro_batch": batch, "gradient_checkpointing": gc,
+            "max_length": a.seed_max_length, "micro_batch": batch, "levers": list(levers), "gradient_checkpointing": gc,
             "steps": card["metrics"]["steps"], "tokens_seen": card["metrics"]["tokens_seen"],
             "train_s": card["timings"]["train_s"], "total_s": card["timings"]["total_s"], "wall_s": res["wall_s"],
             "peak_gb": round(card["metrics"]["peak_memory_gb"], 3)}
@@ -390,7 +417,8 @@ def main() -> None:
     ap.add_argument("--qlora-r", type=int, default=8, help="QLoRA rank (8: as the H200 reference in FACTS.md)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cases", default=None,
-                    help="method[+gc]:batch,... (method lora, qlora or full; default per device); '' for none")
+                    help="method[+gc][+cce][+8bit][+eager]:batch,... (method lora, qlora or full; default per "
+                    "device); '' for none")
     ap.add_argument("--claim", action="store_true", help="the largest micro-batch per method under --card-gib")
     ap.add_argument("--card-gib", type=float, default=8.0,
                     help="memory of the card the claim is about, GiB (an '8 GB' RTX 4060 Ti has 8 GiB = 8.59 GB)")
@@ -415,9 +443,10 @@ def main() -> None:
     except ValueError:
         ap.error(f"--cases {a.cases}: use method:batch pairs, e.g. lora:4,full:16,lora+gc:16")
     methods = {"lora", "qlora", "full"}
-    if unknown := [m for m, _ in cases if m.split("+")[0] not in methods or m.count("+") > 1
-                   or ("+" in m and not m.endswith("+gc"))]:
-        ap.error(f"--cases: unknown method {', '.join(unknown)}; use lora, qlora or full, optionally +gc")
+    if unknown := [m for m, _ in cases if m.split("+")[0] not in methods
+                   or any(x not in SUFFIXES for x in m.split("+")[1:])]:
+        ap.error(f"--cases: unknown method or lever {', '.join(unknown)}; use lora, qlora or full, then any of "
+                 f"{', '.join('+' + x for x in SUFFIXES)}")
     if unknown := [m for m in a.claim_methods.split(",") if m not in methods]:
         ap.error(f"--claim-methods: unknown {', '.join(unknown)}; use lora, qlora, full")
     out_dir = Path(a.out or REPO / "benchmarks" / "results" / f"train-memory-{a.shape}-shape-{a.device}")
