@@ -8,7 +8,6 @@ Chunked cross-entropy equals the model's own loss and gradients; training with i
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
