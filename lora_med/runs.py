@@ -200,7 +200,8 @@ def marker(folder: Path) -> dict | None:
         m = json.loads((folder / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return m if isinstance(m, dict) and isinstance(m.get("entries"), list) else None
+    ok = isinstance(m, dict) and isinstance(m.get("entries"), list) and all(isinstance(e, str) for e in m["entries"])
+    return m if ok else None  # a damaged marker: the folder counts as not lora-med's
 
 
 def claim(folder: Path, kind: str, *entries: str) -> None:
@@ -233,6 +234,8 @@ def clear(folder: Path) -> None:
     if m is None:
         raise LoraMedError(f"{folder}: no .lora-med marker; refusing to remove anything there")
     for name in m["entries"]:
+        if Path(name).name != name or name in ("", ".", "..", MARKER, LOCK):
+            continue  # a damaged or hand-edited marker: never follow it out of the folder (../x, /abs)
         p = folder / name
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)

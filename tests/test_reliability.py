@@ -111,6 +111,32 @@ def test_overwrite_of_a_run_lora_med_wrote_replaces_only_its_entries(tiny_base, 
             if "loss" in json.loads(line)] == [1, 2], "the old run's metrics are gone, not appended to"
 
 
+def test_overwrite_never_follows_a_marker_out_of_its_folder(trained, tiny_base, conversations_file, tmp_path):
+    proj = tmp_path / "proj"
+    run = proj / "run"
+    shutil.copytree(trained["lora"], run)
+    (proj / "victim").mkdir()
+    (proj / "victim" / "a.txt").write_text("mío")
+    (tmp_path / "abs").mkdir()
+    (tmp_path / "abs" / "b.txt").write_text("mío")
+    m = json.loads((run / ".lora-med").read_text())
+    m["entries"] += ["../victim", str(tmp_path / "abs"), ".."]  # hand-edited or damaged
+    (run / ".lora-med").write_text(json.dumps(m))
+    before = {**snapshot(proj / "victim"), **snapshot(tmp_path / "abs")}
+    train(tcfg(tiny_base, conversations_file, run, max_steps=1, overwrite=True))
+    assert {**snapshot(proj / "victim"), **snapshot(tmp_path / "abs")} == before
+
+
+def test_a_damaged_marker_makes_the_folder_foreign(trained, tiny_base, conversations_file, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained["lora"], run)
+    (run / ".lora-med").write_text(json.dumps({"kind": "lora-med.train", "entries": [{"x": 1}]}))
+    before = snapshot(run)
+    with pytest.raises(ConfigError, match="lora-med did not write it"):
+        train(tcfg(tiny_base, conversations_file, run, overwrite=True))
+    assert snapshot(run) == before
+
+
 @pytest.mark.parametrize("where", ["parent", "run"])
 def test_export_over_its_own_run_or_its_parent_is_refused(trained, tmp_path, where):
     parent = tmp_path / "proj"
