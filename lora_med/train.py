@@ -26,7 +26,7 @@ from pathlib import Path
 from . import chat, data, models, plan, runs, settings
 from .config import DEFAULT_DATA, DEFAULT_EVAL, DEFAULT_EVAL_FRACTION, TrainConfig, shipped
 from .errors import ConfigError, LoraMedError
-from .fileio import write_json
+from .fileio import sha256_file, write_json
 from .settings import describe, name
 from .trainer import (NonFiniteLoss, is_main_process, load_checkpoint_weights, load_for_training, make_trainer,
                       peak_memory, plot_loss, reset_peak_memory, world_size)
@@ -93,7 +93,8 @@ def with_run_settings(cfg: TrainConfig) -> TrainConfig:
     changes = {}
     for f in dataclasses.fields(cfg):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if f.name in saved and f.name not in given and getattr(cfg, f.name) == default:
+        # The folder is the one being resumed, wherever the run was when it started (copied, moved).
+        if f.name in saved and f.name not in given and f.name != "output" and getattr(cfg, f.name) == default:
             changes[f.name] = saved[f.name]
     merged = dataclasses.replace(cfg, **changes)
     object.__setattr__(merged, "_origins", given)
@@ -252,6 +253,16 @@ def _check_resume(cfg: TrainConfig, out: Path, p: list[str]) -> tuple[Path | Non
             if k not in RESUME_FREE and k in saved and saved[k] != mine[k]]
     if diff:
         p.append(f"{flag} {out}: that folder holds another run; these settings differ: " + "; ".join(diff))
+    # Same settings, other bytes: the checkpoint was trained on what the card hashed, so resuming on an edited
+    # file would make a run that no data produced.
+    train_path, eval_path = _data_paths(cfg, [])
+    for part, path in (("train", train_path), ("eval", eval_path)):
+        record = card["data"].get(part)
+        known = record.get("sha256") if isinstance(record, dict) else None
+        if path is not None and path.is_file() and known and sha256_file(path) != known:
+            what = "training data" if part == "train" else "held-out data"
+            p.append(f"{flag} {out}: the {what} {path} changed since the run started (sha256 differs); restore "
+                     "it, or train a new run")
     checkpoint, skipped = runs.latest_checkpoint(out)
     notes = [f"note: skipped a broken checkpoint: {s}" for s in skipped]
     if checkpoint is None:

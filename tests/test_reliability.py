@@ -177,6 +177,37 @@ def test_resume_of_a_finished_run_changes_nothing(trained, tmp_path, monkeypatch
     assert code == 2 and "that run is finished; nothing to resume" in out and snapshot(run) == before
 
 
+def _interrupted_copy(trained, tmp_path, status="running") -> Path:
+    """The finished LoRA run copied elsewhere and marked as interrupted after its last checkpoint."""
+    run = tmp_path / "moved" / "run"
+    shutil.copytree(trained["lora"], run)
+    card = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**card, "status": status}))
+    return run
+
+
+def test_a_copied_run_resumes_where_it_is(trained, tmp_path, monkeypatch, capsys):
+    run = _interrupted_copy(trained, tmp_path)
+    code, out = cli(monkeypatch, capsys, "train", "--resume", str(run))
+    assert code == 0 and "training had finished; running the final evaluation" in out, out
+    assert json.loads((run / "run.json").read_text())["status"] == "complete"
+
+
+def test_resume_refuses_training_data_edited_since(trained, tmp_path, monkeypatch, capsys):
+    from .conftest import CONVERSATIONS
+
+    run = _interrupted_copy(trained, tmp_path)
+    data = tmp_path / "convs.json"
+    data.write_text(json.dumps(CONVERSATIONS[:5], ensure_ascii=False))
+    card = json.loads((run / "run.json").read_text())
+    card["config"].update(data=str(data), eval_data=str(data))
+    (run / "run.json").write_text(json.dumps(card))
+    before = snapshot(run)
+    code, out = cli(monkeypatch, capsys, "train", "--resume", str(run))
+    assert code == 2 and f"the training data {data} changed since the run started" in out, out
+    assert snapshot(run) == before
+
+
 # --------------------------------------------------------------------------- types: YAML, flags, Python
 
 
