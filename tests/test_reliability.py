@@ -256,6 +256,14 @@ def test_yaml_type_errors_name_the_key_and_file(tmp_path, yaml_text, message):
     assert any(message.format(f=f) in p for p in problems), problems
 
 
+def test_a_yaml_alias_bomb_gives_a_short_message(tmp_path):
+    f = tmp_path / "c.yaml"  # 8 levels of 9 references: 43M items if a message quoted it in full
+    f.write_text("report_to: [&l0 [x,x,x,x,x,x,x,x,x], " + ", ".join(
+        f"&l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 8)) + "]\n")
+    problems = settings.check(settings.load_config(TrainConfig, f))
+    assert len(problems) == 1 and problems[0].startswith("report_to: ") and len(problems[0]) < 1000
+
+
 def test_yaml_problems_reach_the_user_as_errors_not_tracebacks(tiny_base, tmp_path, monkeypatch, capsys):
     f = tmp_path / "c.yaml"
     f.write_text("learning_rate: [1]\nr: null\nbatch_size: many\nlm: 1\n")
