@@ -8,6 +8,7 @@ exit code 2, no traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 
@@ -87,7 +88,7 @@ def data_check(file: str, tokenizer_name: str | None, max_length: int, fmt: str,
         try:
             tok = models.load_tokenizer(models.resolve_base(name if tokenizer_name else str(shipped(name))))
         except LoraMedError as e:
-            raise LoraMedError(f"--tokenizer {name}: {e}") from None
+            raise LoraMedError(f"--tokenizer {name}: {str(e).removeprefix(f'--base {name}: ')}") from None
     report = data_mod.check(file, tok, max_length=max_length, fmt=fmt)
     if as_json:
         click.echo(json.dumps(report, indent=2, ensure_ascii=False))
@@ -229,3 +230,14 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except OSError as e:
+        # The system refusing a path or a write (a name too long, a full disk, a read-only filesystem) is the
+        # user's to fix wherever it surfaces; any other OSError is a bug in lora-med and keeps its traceback.
+        if e.errno not in _USER_ERRNOS:
+            raise
+        click.echo(f"error: {e.filename}: {e.strerror}; {_USER_ERRNOS[e.errno]}", err=True)
+        sys.exit(2)
+
+
+_USER_ERRNOS = {errno.ENAMETOOLONG: "use a shorter name", errno.ENOSPC: "free some space or write elsewhere",
+                errno.EDQUOT: "free some space or write elsewhere", errno.EROFS: "write elsewhere"}

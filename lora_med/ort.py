@@ -31,7 +31,7 @@ def ort_model(export_dir: str | Path, provider: str | None = None, use_io_bindin
         provider: ONNX Runtime execution provider; None: CPUExecutionProvider.
         use_io_binding: None lets Optimum decide (on for CUDA).
     Raises:
-        LoraMedError: no graph there, or the provider is not available in this onnxruntime.
+        LoraMedError: no graph there, a graph ONNX Runtime cannot parse, or the provider is not available.
     """
     import onnxruntime
     from optimum.onnxruntime import ORTModelForCausalLM
@@ -43,8 +43,14 @@ def ort_model(export_dir: str | Path, provider: str | None = None, use_io_bindin
     if provider not in onnxruntime.get_available_providers():
         raise LoraMedError(f"provider {provider} is not available (have: "
                            f"{', '.join(onnxruntime.get_available_providers())}); install onnxruntime-gpu for CUDA")
-    return ORTModelForCausalLM.from_pretrained(onnx_dir, provider=provider, use_io_binding=use_io_binding,
-                                               use_cache=True, session_options=session_options)
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph, InvalidProtobuf, NoSuchFile
+
+    try:
+        return ORTModelForCausalLM.from_pretrained(onnx_dir, provider=provider, use_io_binding=use_io_binding,
+                                                   use_cache=True, session_options=session_options)
+    except (InvalidProtobuf, InvalidGraph, NoSuchFile) as e:  # a damaged graph: onnxruntime's own error types
+        raise LoraMedError(f"{onnx_dir / ONNX_FILE}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]}); "
+                           "the graph is damaged: export again with `lora-med merge-export`") from None
 
 
 def session_options(threads: int | None = None, *, spin: bool = True):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -306,9 +307,12 @@ def test_python_api_gets_the_same_checks(tiny_base, conversations_file, tmp_path
     (dict(eval_fraction=0.2), "TrainConfig.eval_fraction=0.2 and TrainConfig.eval_data="),
     (dict(compare=True, compare_max_new_tokens=300), "compare_max_new_tokens=300: the base reads at most 256"),
     (dict(report_to=["none", "tensorboard"]), "none cannot be combined"),
+    (dict(r=65), "TrainConfig.r=65: above the width of the adapted layers (64)"),  # and 1e30 would not allocate
+    (dict(batch_size=9), "TrainConfig.batch_size=9: more than the 8 training conversations"),
+    (dict(run_name="../elsewhere"), "TrainConfig.run_name='../elsewhere': a name, not a path"),
 ])
 def test_bounds_that_depend_on_the_model_or_other_settings(tiny_base, conversations_file, tmp_path, kw, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         train(tcfg(tiny_base, conversations_file, tmp_path / "x", **kw))
     assert not (tmp_path / "x").exists()
 
@@ -344,6 +348,48 @@ def test_base_folder_without_a_tokenizer(tiny_base, conversations_file, tmp_path
         shutil.copy(tiny_base / f, base / f)
     with pytest.raises(ConfigError, match="no tokenizer there"):
         train(tcfg(base, conversations_file, tmp_path / "x"))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda b: (b / "config.json").write_text("[]"), "config.json: not a usable model config"),
+    (lambda b: (b / "config.json").write_text(json.dumps({**json.loads((b / "config.json").read_text()),
+                                                           "n_layer": "two"})), "config.json does not describe a model"),
+    (lambda b: (b / "tokenizer.json").write_text("{not json"), "the tokenizer files cannot be loaded"),
+    (lambda b: (b / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes()[:5000]),
+     "model.safetensors: not a complete safetensors file"),
+])
+def test_a_damaged_base_folder_is_named(tiny_base, conversations_file, tmp_path, damage, message):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    damage(base)
+    with pytest.raises(LoraMedError, match=message):
+        train(tcfg(base, conversations_file, tmp_path / "x", max_steps=1))
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("what", ["file", "empty folder", "missing"])
+def test_base_or_tokenizer_that_is_not_a_model_folder(tiny_base, conversations_file, tmp_path, monkeypatch, capsys,
+                                                       what):
+    path = tmp_path / "thing"
+    if what == "file":
+        path.write_text("[]")  # transformers would read it as a config
+    elif what == "empty folder":
+        path.mkdir()
+    code, out = cli(monkeypatch, capsys, "data", "check", str(conversations_file), "--tokenizer", str(path))
+    assert code == 2 and f"--tokenizer {path}" in out and "Traceback" not in out, out
+    code, out = cli(monkeypatch, capsys, "train", "--data", str(conversations_file), "--base", str(path))
+    assert code == 2 and "Traceback" not in out and str(path) in out, out
+
+
+def test_names_the_system_refuses_are_errors(tiny_base, conversations_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    os.symlink("loop", tmp_path / "loop")
+    for args in (["--data", "x" * 300], ["--output", "x" * 300], ["--data", "loop"], ["--output", "loop"]):
+        code, out = cli(monkeypatch, capsys, "train", "--data", str(conversations_file), "--base", str(tiny_base),
+                        *args)
+        assert code == 2 and "Traceback" not in out, out
+        assert ("File name too long" if "x" * 300 in args else f"{args[0]} loop") in out, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop"]
 
 
 # --------------------------------------------------------------------------- one run at a time
@@ -415,6 +461,34 @@ def test_corrupt_run_card_is_named_by_merge_export(trained, tmp_path, damage, me
     card = json.loads((run / "run.json").read_text())
     (run / "run.json").write_text(damage(card))
     with pytest.raises(ConfigError, match=message):
+        merge_export(ExportConfig(run_dir=str(run), output=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda r: (r / "adapter_config.json").write_text("[]"), "adapter_config.json: expected a JSON object"),
+    (lambda r: (r / "adapter_config.json").write_text(json.dumps({**json.loads(
+        (r / "adapter_config.json").read_text()), "r": "four"})), "adapter_config.json: r is 'four'"),
+    (lambda r: shutil.copy(r.parent / "full-model.safetensors", r / "adapter_model.safetensors"),
+     "adapter_model.safetensors: holds no LoRA tensors"),
+])
+def test_a_damaged_adapter_is_named_by_merge_export(trained, tmp_path, damage, message):
+    run = tmp_path / "run"
+    shutil.copytree(trained["lora"], run)
+    shutil.copy(trained["full"] / "model.safetensors", tmp_path / "full-model.safetensors")
+    damage(run)
+    with pytest.raises(ConfigError, match=message):
+        merge_export(ExportConfig(run_dir=str(run), output=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_split_indices_outside_the_data_are_named(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained["lora"], run)
+    card = json.loads((run / "run.json").read_text())
+    card["data"]["eval"].update(source="split", indices=[999])
+    (run / "run.json").write_text(json.dumps(card))
+    with pytest.raises(LoraMedError, match="field 'data.eval.indices' does not list held-out rows"):
         merge_export(ExportConfig(run_dir=str(run), output=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()
 
@@ -517,6 +591,64 @@ def test_bench_refuses_the_onnx_folder_of_a_failed_export(trained, exported, tmp
     (failed / "manifest.json").write_text(json.dumps({**m, "status": "failed"}))
     with pytest.raises(ConfigError, match="the export is not complete \\(status 'failed'\\)"):
         bench(BenchConfig(run=str(trained["lora"]), export=[str(failed / "onnx")], out=str(tmp_path / "r")))
+
+
+def _damaged(src: Path, tmp_path: Path, damage) -> Path:
+    out = tmp_path / src.name
+    shutil.copytree(src, out)
+    damage(out)
+    return out
+
+
+def _cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("what,message", [
+    ("cut graph", "the export's files differ from its manifest"),
+    ("cut adapter", "adapter_model.safetensors: not a complete safetensors file"),
+    ("base gone", "no longer exists; restore that folder"),
+    ("new tokens", "BenchConfig.new_tokens=100000: the model reads at most 256 positions"),
+    ("name", "BenchConfig.name='../x': a name, not a path"),
+])
+def test_bench_refuses_damaged_inputs_before_measuring(trained, exported, tmp_path, monkeypatch, capsys, what,
+                                                       message):
+    monkeypatch.chdir(tmp_path)  # --name alone writes under the working directory
+    run, export, kw = trained["lora"], exported["fp32"], {}
+    if what == "cut graph":
+        export = _damaged(export, tmp_path, lambda e: _cut(e / "onnx" / "model.onnx"))
+    elif what == "cut adapter":
+        run = _damaged(run, tmp_path, lambda r: _cut(r / "adapter_model.safetensors"))
+    elif what == "base gone":
+        def gone(r):
+            card = json.loads((r / "run.json").read_text())
+            card["base"]["name_or_path"] = str(tmp_path / "no-such-base")
+            (r / "run.json").write_text(json.dumps(card))
+        run = _damaged(run, tmp_path, gone)
+    elif what == "new tokens":
+        kw = dict(new_tokens=100000)
+    else:
+        kw = dict(name="../x", out=None)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        bench(BenchConfig(**{"run": str(run), "export": [str(export)] if what == "cut graph" else None,
+                             "out": str(tmp_path / "r"), **kw}))
+    assert "perplexity" not in capsys.readouterr().out.lower(), "refused before anything was measured"
+
+
+def test_a_damaged_graph_of_the_right_size_is_named(exported, tmp_path):
+    from lora_med.ort import ort_model
+
+    export = _damaged(exported["fp32"], tmp_path, lambda e: (e / "onnx" / "model.onnx").write_bytes(
+        b"\xff" * (e / "onnx" / "model.onnx").stat().st_size))
+    with pytest.raises(LoraMedError, match="model.onnx: ONNX Runtime cannot load it"):
+        ort_model(export)
+
+
+def test_bench_paired_names_problems_in_its_train_configs(tmp_path):
+    f = tmp_path / "lora.yaml"
+    f.write_text("r: zero\n")
+    with pytest.raises(ConfigError, match=r"BenchConfig.lora_config: r: zero \(in .*lora.yaml\): must be a whole"):
+        bench(BenchConfig(paired=True, lora_config=str(f), out=str(tmp_path / "r")))
 
 
 def test_bench_compares_bases_by_content_not_by_name(trained, tiny_base, conversations_file, tmp_path):
