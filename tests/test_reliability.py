@@ -444,6 +444,46 @@ def test_a_run_that_dies_is_marked_failed_with_the_reason(tiny_base, conversatio
         runs.load_card(out, "train")
 
 
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+def test_ctrl_c_dropped_in_a_finalizer_still_stops_the_command():
+    from .conftest import REPO
+
+    code = """if True:
+        import os, signal, time
+        from lora_med.cli import _CtrlC
+        _CtrlC.install()  # what cli.main does first
+        class Finalized:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGINT)  # raised in here: CPython drops it ("Exception ignored in")
+                sum(range(1000))
+        try:
+            Finalized()
+            deadline = time.time() + 5
+            while time.time() < deadline:
+                sum(range(1000))
+            print("not interrupted")
+        except KeyboardInterrupt:
+            print("interrupted")
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.stdout.strip() == "interrupted", out.stdout + out.stderr
+
+
+def test_ctrl_c_surfacing_as_another_exception_is_an_abort():
+    from lora_med.cli import _interrupted
+
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:  # what CPython does when C code calls back into Python (torch's tracer)
+            raise SystemError("<method '__bool__'> returned a result with an exception set") from e
+    except SystemError as e:
+        assert _interrupted(e)
+    assert not _interrupted(ValueError("not an interrupt"))
+
+
 # --------------------------------------------------------------------------- corrupt cards
 
 
