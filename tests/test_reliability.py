@@ -353,7 +353,8 @@ def test_base_folder_without_a_tokenizer(tiny_base, conversations_file, tmp_path
 @pytest.mark.parametrize("damage,message", [
     (lambda b: (b / "config.json").write_text("[]"), "config.json: not a usable model config"),
     (lambda b: (b / "config.json").write_text(json.dumps({**json.loads((b / "config.json").read_text()),
-                                                           "n_layer": "two"})), "config.json does not describe a model"),
+                                                           "n_layer": "two"})),
+     "config.json does not describe a model"),
     (lambda b: (b / "tokenizer.json").write_text("{not json"), "the tokenizer files cannot be loaded"),
     (lambda b: (b / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes()[:5000]),
      "model.safetensors: not a complete safetensors file"),
