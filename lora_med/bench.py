@@ -117,13 +117,16 @@ def validate(cfg: BenchConfig) -> tuple[list[str], Found]:
     if cfg.paired:
         for f in ("lora_config", "full_config"):
             try:
-                settings.check(settings.load_config(TrainConfig, getattr(cfg, f), argv=[]))
+                train_cfg = settings.load_config(TrainConfig, getattr(cfg, f), argv=[])
+                p += [f"{name(cfg, f)}: {x}" for x in settings.check(train_cfg)]
             except LoraMedError as e:
                 p.append(f"{name(cfg, f)}: {e}")
     for f in ("run", "full_run"):
         if getattr(cfg, f):
             try:
-                found.runs[f"--{f.replace('_', '-')}"] = (getattr(cfg, f), runs.load_card(getattr(cfg, f), "train"))
+                card = runs.load_card(getattr(cfg, f), "train")
+                found.runs[f"--{f.replace('_', '-')}"] = (getattr(cfg, f), card)
+                p += runs.run_problems(Path(getattr(cfg, f)), card)  # weights whole, base present, before loading
             except LoraMedError as e:
                 p.append(f"{name(cfg, f)}: {e}")
     p += _check_pair(cfg, found)
@@ -132,6 +135,11 @@ def validate(cfg: BenchConfig) -> tuple[list[str], Found]:
             found.exports.append(_read_export(Path(d), found))
         except LoraMedError as e:
             p.append(f"{name(cfg, 'export')}: {e}")
+    if (positions := _positions(cfg, found)) and cfg.new_tokens >= positions:
+        p.append(f"{describe(cfg, 'new_tokens')}: the model reads at most {positions} positions; use fewer")
+    if cfg.name is not None and (Path(cfg.name).name != cfg.name or cfg.name in ("", ".", "..")):
+        p.append(f"{describe(cfg, 'name')}: a name, not a path (the report goes to reports/<name>); to choose the "
+                 f"folder, use {name(cfg, 'out')}")
     device = "cuda" if cfg.device == "cuda" else "cpu"
     out = out_dir(cfg, device if cfg.device != "auto" else models.resolve_device("auto"))
     inputs = [("training run", Path(f)) for f, _ in found.runs.values()] + \
@@ -140,6 +148,17 @@ def validate(cfg: BenchConfig) -> tuple[list[str], Found]:
                                         overwrite=True)  # a report folder bench wrote is rewritten
     p += found_out
     return p, found
+
+
+def _positions(cfg: BenchConfig, found: Found) -> int | None:
+    """How many positions the measured model reads (its config only), or None when that is not known yet."""
+    if cfg.shape:
+        return SHAPES[cfg.shape]["n_positions"]
+    card = next(iter(found.cards.values()), None)
+    try:
+        return models.max_positions(models.load_config(card["base"]["name_or_path"])) if card else None
+    except LoraMedError:
+        return None  # a base that is gone is named by runs.run_problems
 
 
 def _check_pair(cfg: BenchConfig, found: Found) -> list[str]:

@@ -8,8 +8,12 @@ exit code 2, no traceback.
 
 from __future__ import annotations
 
+import _thread
+import errno
 import json
+import signal
 import sys
+import threading
 
 import click
 
@@ -87,7 +91,7 @@ def data_check(file: str, tokenizer_name: str | None, max_length: int, fmt: str,
         try:
             tok = models.load_tokenizer(models.resolve_base(name if tokenizer_name else str(shipped(name))))
         except LoraMedError as e:
-            raise LoraMedError(f"--tokenizer {name}: {e}") from None
+            raise LoraMedError(f"--tokenizer {name}: {str(e).removeprefix(f'--base {name}: ')}") from None
     report = data_mod.check(file, tok, max_length=max_length, fmt=fmt)
     if as_json:
         click.echo(json.dumps(report, indent=2, ensure_ascii=False))
@@ -232,6 +236,7 @@ def serve(export_dir: str | None, config_file: str | None, **kwargs) -> None:
 
 
 def main() -> None:
+    _CtrlC.install()
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
@@ -246,3 +251,68 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except Exception as e:
+        # Ctrl-C while C code calls back into Python (torch's ONNX tracer) surfaces as SystemError ("returned a
+        # result with an exception set") caused by the KeyboardInterrupt: still an abort, not a crash.
+        if _interrupted(e):
+            click.echo("aborted", err=True)
+            sys.exit(130)
+        # The system refusing a path or a write (a name too long, a full disk, a read-only filesystem) is the
+        # user's to fix wherever it surfaces; anything else is a bug in lora-med and keeps its traceback.
+        if isinstance(e, OSError) and e.errno in _USER_ERRNOS:
+            click.echo(f"error: {e.filename}: {e.strerror}; {_USER_ERRNOS[e.errno]}", err=True)
+            sys.exit(2)
+        raise
+
+
+class _CtrlC:
+    """Ctrl-C that is never lost. CPython drops a KeyboardInterrupt raised inside a finalizer ("Exception ignored
+    in ... __del__"), and during a merge the first Python code to run after a Ctrl-C is often one (a garbage
+    collection inside a long C call): the command went on and wrote its output. A dropped interrupt is raised
+    again shortly after, from a timer, unless another Ctrl-C is already stopping the command (its cleanup must
+    not be interrupted)."""
+
+    raised = dropped = 0
+    installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if cls.installed:  # main() runs more than once in one process in the tests
+            return
+        cls.installed = True
+        default = sys.unraisablehook
+
+        def hook(unraisable) -> None:
+            if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+                cls.dropped += 1
+                threading.Timer(0.05, cls._again).start()  # not from here: the hook would drop it again
+                return
+            default(unraisable)
+
+        sys.unraisablehook = hook
+        signal.signal(signal.SIGINT, cls._handler)
+
+    @classmethod
+    def _handler(cls, signum, frame):
+        cls.raised += 1
+        raise KeyboardInterrupt
+
+    @classmethod
+    def _again(cls) -> None:
+        if cls.raised == cls.dropped:  # every Ctrl-C so far was dropped: none is stopping the command
+            _thread.interrupt_main()
+
+
+def _interrupted(e: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is among the causes of ``e``."""
+    for _ in range(16):  # a chain, not a cycle
+        e = e.__cause__ or e.__context__
+        if e is None:
+            return False
+        if isinstance(e, KeyboardInterrupt):
+            return True
+    return False
+
+
+_USER_ERRNOS = {errno.ENAMETOOLONG: "use a shorter name", errno.ENOSPC: "free some space or write elsewhere",
+                errno.EDQUOT: "free some space or write elsewhere", errno.EROFS: "write elsewhere"}

@@ -270,9 +270,10 @@ def ort_model(export_dir: str | Path, provider: str | None = None, use_io_bindin
         use_io_binding: None lets Optimum decide (on for CUDA).
         session_options: e.g. :func:`session_options`; None: Optimum's.
     Raises:
-        LoraMedError: no graph there, or the provider is not available in this onnxruntime.
+        LoraMedError: no graph there, a graph ONNX Runtime cannot parse, or the provider is not available.
     """
     import onnxruntime
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph, InvalidProtobuf, NoSuchFile
     from optimum.onnxruntime import ORTModelForCausalLM
 
     onnx_dir = onnx_dir_of(export_dir)
@@ -282,8 +283,12 @@ def ort_model(export_dir: str | Path, provider: str | None = None, use_io_bindin
     if provider not in onnxruntime.get_available_providers():
         raise LoraMedError(f"provider {provider} is not available (have: "
                            f"{', '.join(onnxruntime.get_available_providers())}); install onnxruntime-gpu for CUDA")
-    return ORTModelForCausalLM.from_pretrained(onnx_dir, provider=provider, use_io_binding=use_io_binding,
-                                               use_cache=True, session_options=session_options)
+    try:
+        return ORTModelForCausalLM.from_pretrained(onnx_dir, provider=provider, use_io_binding=use_io_binding,
+                                                   use_cache=True, session_options=session_options)
+    except (InvalidProtobuf, InvalidGraph, NoSuchFile) as e:  # a damaged graph: onnxruntime's own error types
+        raise LoraMedError(f"{onnx_dir / ONNX_FILE}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]}); "
+                           "the graph is damaged: export again with `lora-med merge-export`") from None
 
 
 def load_ort(onnx_dir: str | Path, device: str, threads: int | None, *, spin: bool = True):

@@ -137,11 +137,13 @@ def validate(cfg: ExportConfig) -> tuple[dict, str, Path]:
             p.append(f"{cfg_file}: missing; copy the whole run folder, or retrain")
         else:
             try:
-                adapter_base = json.loads(cfg_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+                adapter_json = json.loads(cfg_file.read_text(encoding="utf-8"))
             except ValueError:
                 p.append(f"{cfg_file}: not valid JSON; copy it again from the run, or retrain")
-                adapter_base = None
-            if adapter_base and adapter_base != base and Path(adapter_base).resolve() != Path(base).resolve():
+                adapter_json = None
+            adapter_base = adapter_json.get("base_model_name_or_path") if isinstance(adapter_json, dict) else None
+            p += runs.adapter_problems(run_dir)  # a PEFT config, LoRA tensors
+            if isinstance(adapter_base, str) and adapter_base != base and runs.real(adapter_base) != runs.real(base):
                 p.append(f"{cfg_file}: the adapter was made for base {adapter_base!r}, but run.json names {base!r}; "
                          "this is another run's adapter: copy the matching run folder")
         if models.is_local(base):

@@ -34,10 +34,16 @@ def resolve_base(base: str) -> str:
 
     A relative path is looked up from the working directory, then from the lora-med checkout, so
     the shipped ``models/gpt2-es-tiny`` is found from anywhere.
+
+    Raises:
+        ConfigError: a path that is not a folder (a file, or a folder-like name that does not exist).
     """
     for candidate in (Path(base).expanduser(), REPO_ROOT / base):
         if candidate.is_dir():
             return str(candidate.resolve())
+    if Path(base).expanduser().exists():  # transformers would read a file as a config and fail oddly
+        raise ConfigError(f"--base {base}: is a file, not a model folder; give the folder that holds config.json, "
+                          "the weights and the tokenizer")
     if base.startswith((".", "/", "~")) or base.count("/") > 1 or os.sep + os.sep in base:
         raise ConfigError(f"--base {base}: no such directory; give a local model folder or a hub id "
                           f"like microsoft/DialoGPT-medium")
@@ -66,11 +72,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 DIALOGPT_CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] | trim }}{{ eos_token }}{% endfor %}"
 
 
-def tokenizer_problem(base: str, flag: str = "--base") -> str | None:
-    """A local model folder without tokenizer files, named; None otherwise (hub ids are checked on load)."""
+def tokenizer_problem(base: str, flag: str | None = "--base") -> str | None:
+    """A local model folder without tokenizer files, named (after ``flag``); None otherwise (hub ids are checked
+    on load)."""
     p = Path(base)
     if p.is_dir() and not any((p / f).is_file() for f in TOKENIZER_FILES):
-        return (f"{flag} {base}: no tokenizer there (none of {', '.join(TOKENIZER_FILES[:3])}); copy the tokenizer "
+        named = f"{flag} {base}" if flag else base
+        return (f"{named}: no tokenizer there (none of {', '.join(TOKENIZER_FILES[:3])}); copy the tokenizer "
                 "files into the folder (`tokenizer.save_pretrained(DIR)`)")
     return None
 
@@ -84,12 +92,21 @@ def with_chat_template(tokenizer, fmt: str):
 
 
 def load_tokenizer(base: str, *, trust_remote_code: bool = False):
-    """Load a tokenizer; pad with EOS where it has no pad token (GPT-2 / DialoGPT)."""
+    """Load a tokenizer; pad with EOS where it has no pad token (GPT-2 / DialoGPT).
+
+    Raises:
+        LoraMedError: no tokenizer files in a local folder, damaged ones (named), or a hub id that cannot be fetched.
+    """
     from transformers import AutoTokenizer
 
+    if problem := tokenizer_problem(base, None):
+        raise ConfigError(problem)
     try:
         tok = AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # a damaged local file fails deep inside transformers/tokenizers, with any type
+        if is_local(base):
+            raise LoraMedError(f"{base}: the tokenizer files cannot be loaded ({_first_line(e)}); copy them again "
+                               "(`tokenizer.save_pretrained(DIR)`)") from None
         raise offline_error(base, e) from None
     if tok.eos_token_id is None:
         raise ConfigError(f"--base {base}: the tokenizer has no EOS token; conversations need one to end turns")
@@ -98,10 +115,36 @@ def load_tokenizer(base: str, *, trust_remote_code: bool = False):
     return tok
 
 
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+
+
+def load_config(base: str, *, trust_remote_code: bool = False):
+    """A model's config (``AutoConfig``), without its weights.
+
+    Raises:
+        LoraMedError: a local config.json that is not a model config (named), or a hub id that cannot be fetched.
+    """
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    except Exception as e:  # a list, a wrong type or a bad model_type in config.json surfaces as any exception
+        if is_local(base):
+            raise LoraMedError(f"{Path(base) / 'config.json'}: not a usable model config ({_first_line(e)}); copy "
+                               "the base folder again") from None
+        raise offline_error(base, e) from None
+
+
 def load_model(base: str, *, dtype: torch.dtype = torch.float32, quantization_config=None,
                device_map=None, trust_remote_code: bool = False, attn_implementation: str | None = None):
     """Load a causal LM from safetensors only, in eval mode (``attn_implementation``: transformers' default
-    when None)."""
+    when None).
+
+    Raises:
+        LoraMedError: a local folder whose config or weights cannot be loaded (the broken file named), or a hub
+            id that cannot be fetched.
+    """
     from transformers import AutoModelForCausalLM
 
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
@@ -109,11 +152,16 @@ def load_model(base: str, *, dtype: torch.dtype = torch.float32, quantization_co
         model = AutoModelForCausalLM.from_pretrained(
             base, dtype=dtype, use_safetensors=True, quantization_config=quantization_config,
             device_map=device_map, trust_remote_code=trust_remote_code, **extra)
-    except (OSError, ValueError) as e:
-        if is_local(base):
-            raise LoraMedError(f"cannot load the model in {base}: {str(e).splitlines()[0][:300]} "
-                               "(lora-med loads safetensors weights only; convert .bin files first)") from None
-        raise offline_error(base, e) from None
+    except Exception as e:  # a cut weight file raises SafetensorError, a bad config any type: all name the folder
+        if not is_local(base):
+            if isinstance(e, (OSError, ValueError)):
+                raise offline_error(base, e) from None
+            raise
+        from .runs import weights_problems
+
+        broken = "; ".join(weights_problems(Path(base), "model", "model")) or _first_line(e)
+        raise LoraMedError(f"cannot load the model in {base}: {broken} (lora-med loads safetensors weights only; "
+                           "convert .bin files first)") from None
     return model.eval()
 
 

@@ -89,7 +89,28 @@ def load_card(folder: str | Path, kind: str, *, complete: bool = True) -> dict:
         if not isinstance(v, tp) or isinstance(v, bool):
             raise LoraMedError(f"{path}: field {dotted!r} is {'missing' if v is None else 'of the wrong type'}; the "
                                f"card is damaged: restore it, or run `{maker}` again")
+    if kind == "export" and complete and (changed := _changed_files(folder, card.get("files"))):
+        raise LoraMedError(f"{folder}: the export's files differ from its manifest ({'; '.join(changed[:3])}): it "
+                           f"was cut or changed after it was made; run `{maker}` again")
     return card
+
+
+def _changed_files(folder: Path, files) -> list[str]:
+    """Files of an export whose size is not the one its manifest records (a cut copy, an edit), or gone. Sizes,
+    not hashes: a stat per file, where hashing would read a whole model at every load."""
+    if not isinstance(files, dict):
+        return []
+    out = []
+    for rel, info in files.items():
+        want = info.get("bytes") if isinstance(info, dict) else None
+        if not isinstance(want, int):
+            continue
+        p = folder / rel
+        if not p.is_file():
+            out.append(f"{p} is missing")
+        elif (size := p.stat().st_size) != want:
+            out.append(f"{p} has {size:,} bytes, the manifest says {want:,}")
+    return out
 
 
 def _unfinished(folder: Path, kind: str, card: dict) -> str:
@@ -138,17 +159,106 @@ def held_out(card: dict, run_dir: str | Path) -> list[data.Conversation]:
         raise LoraMedError(f"{path} changed since training (sha256 differs); held-out figures would not be "
                            "comparable. Restore the file or retrain.")
     if ev["source"] == "split":
-        return [ds.conversations[i] for i in ev["indices"]]
+        idx, n = ev.get("indices"), len(ds.conversations)
+        if not isinstance(idx, list) or not idx or \
+                not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in idx):
+            raise LoraMedError(f"{Path(run_dir) / 'run.json'}: field 'data.eval.indices' does not list held-out rows "
+                               f"of {path} ({n} conversations); the card is damaged: restore it, or retrain")
+        return [ds.conversations[i] for i in idx]
     return ds.conversations
 
 
-# --------------------------------------------------------------------------- checkpoints
+# --------------------------------------------------------------------------- weights, run folders, checkpoints
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """None if ``path`` is a whole safetensors file (its header and the extent it promises; nothing is loaded),
+    else what is wrong with it and the fix."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        return (f"{path}: not a complete safetensors file, truncated or corrupt ({str(e).splitlines()[0]}); copy it "
+                "again, or retrain")
+    return None
+
+
+def weights_problems(folder: Path, stem: str, what: str) -> list[str]:
+    """Problems with ``folder/<stem>.safetensors`` (or its shards); pickle files are refused."""
+    single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
+    if single.is_file():
+        return [p] if (p := safetensors_problem(single)) else []
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return [f"{index}: unreadable shard index; copy the {what} again"]
+        out = []
+        for shard in shards:
+            if not (folder / shard).is_file():
+                out.append(f"{folder / shard}: missing (listed in {index.name}); copy the {what} again")
+            elif p := safetensors_problem(folder / shard):
+                out.append(p)
+        return out
+    if any((folder / f).is_file() for f in (f"{stem}.bin", "pytorch_model.bin")):
+        return [f"{folder}: holds pickle (.bin) weights only, which are not loaded (they can run code); re-save them "
+                "as safetensors (`model.save_pretrained(dir, safe_serialization=True)`)"]
+    return [f"{single}: missing; the {what} weights are not in {folder}: copy them there, or retrain"]
+
+
+def adapter_problems(run_dir: Path) -> list[str]:
+    """Problems with a run's LoRA adapter beyond its file being whole: its config must be a PEFT config with a
+    positive whole rank, and its weights LoRA tensors (a full model's weights renamed would merge to the base)."""
+    cfg_file, weights = run_dir / "adapter_config.json", run_dir / "adapter_model.safetensors"
+    try:
+        adapter = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []  # missing or not JSON: named by the caller's checks
+    p = []
+    if not isinstance(adapter, dict):
+        return [f"{cfg_file}: expected a JSON object (a PEFT adapter config); copy it again from the run, or retrain"]
+    for key in ("r", "lora_alpha"):
+        v = adapter.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            p.append(f"{cfg_file}: {key} is {v!r}, not a positive whole number; the file is damaged: copy it again "
+                     "from the run, or retrain")
+    if weights.is_file() and safetensors_problem(weights) is None:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            keys = list(f.keys())
+        if not any(".lora_A." in k for k in keys) or not any(".lora_B." in k for k in keys):
+            p.append(f"{weights}: holds no LoRA tensors (lora_A/lora_B), so it is not an adapter (a full model's "
+                     "weights?); copy the run's own adapter_model.safetensors, or retrain")
+    return p
+
+
+def run_problems(folder: Path, card: dict) -> list[str]:
+    """What stops a finished run from loading: its weights (whole), its adapter, its tokenizer, its base."""
+    folder, p = Path(folder), []
+    if card["artifact"] == "adapter":
+        p += weights_problems(folder, "adapter_model", "adapter")
+        p += adapter_problems(folder) if (folder / "adapter_config.json").is_file() else \
+            [f"{folder / 'adapter_config.json'}: missing; copy the whole run folder, or retrain"]
+        base = card["base"]["name_or_path"]
+        if Path(base).is_dir():
+            p += weights_problems(Path(base), "model", "base model")
+        elif base.startswith(("/", ".", "~")):
+            p.append(f"{folder / 'run.json'}: its base {base} no longer exists; restore that folder (the adapter is "
+                     "applied to it)")
+    else:
+        p += weights_problems(folder, "model", "fine-tuned model")
+    needed = ["tokenizer_config.json"] + (["config.json"] if card["artifact"] == "model" else [])
+    for f in needed:
+        if not (folder / f).is_file():
+            p.append(f"{folder / f}: missing; copy the whole run folder, or retrain")
+    return p
 
 
 def checkpoint_problem(ckpt: Path) -> str | None:
     """None if a Trainer checkpoint folder is whole, else which file is broken."""
-    from safetensors import SafetensorError, safe_open
-
     state = ckpt / "trainer_state.json"
     try:
         json.loads(state.read_text(encoding="utf-8"))
@@ -158,11 +268,8 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     if not weights and not (ckpt / "model.safetensors.index.json").is_file():
         return f"{ckpt}: no weights (adapter_model.safetensors / model.safetensors)"
     for f in weights:
-        try:
-            with safe_open(str(ckpt / f), framework="pt") as st:
-                st.keys()
-        except (SafetensorError, OSError) as e:
-            return f"{ckpt / f}: truncated or corrupt ({str(e).splitlines()[0]})"
+        if problem := safetensors_problem(ckpt / f):
+            return problem
     for f in ("optimizer.pt", "scheduler.pt"):
         if (ckpt / f).exists():
             try:  # torch.save writes a zip archive: a cut file has no central directory
@@ -200,7 +307,8 @@ def marker(folder: Path) -> dict | None:
         m = json.loads((folder / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return m if isinstance(m, dict) and isinstance(m.get("entries"), list) else None
+    ok = isinstance(m, dict) and isinstance(m.get("entries"), list) and all(isinstance(e, str) for e in m["entries"])
+    return m if ok else None  # a damaged marker: the folder counts as not lora-med's
 
 
 def claim(folder: Path, kind: str, *entries: str) -> None:
@@ -233,6 +341,8 @@ def clear(folder: Path) -> None:
     if m is None:
         raise LoraMedError(f"{folder}: no .lora-med marker; refusing to remove anything there")
     for name in m["entries"]:
+        if Path(name).name != name or name in ("", ".", "..", MARKER, LOCK):
+            continue  # a damaged or hand-edited marker: never follow it out of the folder (../x, /abs)
         p = folder / name
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
@@ -245,6 +355,11 @@ def _is_within(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
+def real(path: str | Path) -> Path:
+    """``path`` with ~ and every link resolved; a link loop resolves to itself (Path.resolve raises on one)."""
+    return Path(os.path.realpath(os.path.expanduser(path)))
+
+
 def output_problems(out: Path, kind: str, *, flag: str, inputs: list[tuple[str, Path]],
                     overwrite: bool) -> tuple[list[str], str]:
     """What stops ``kind`` from writing to ``out``, and the folder's state ("absent" | "empty" | "owned").
@@ -253,7 +368,7 @@ def output_problems(out: Path, kind: str, *, flag: str, inputs: list[tuple[str, 
     to say it is taken is the caller's choice. Everything else that is in the way is a problem here.
     """
     p, state = [], "absent"
-    target = out.expanduser().resolve()
+    target = real(out)
     cwd, home = Path.cwd().resolve(), Path.home().resolve()
     if _is_within(cwd, target):
         p.append(f"{flag} {out}: {'is' if target == cwd else 'contains'} the working directory; give a new folder "
@@ -262,7 +377,7 @@ def output_problems(out: Path, kind: str, *, flag: str, inputs: list[tuple[str, 
         p.append(f"{flag} {out}: is {'your home folder' if target == home else 'the filesystem root'}; give a new "
                  "folder for the output")
     for label, path in inputs:
-        src = Path(path).expanduser().resolve()
+        src = real(path)
         if _is_within(src, target):
             p.append(f"{flag} {out}: {'is' if src == target else 'contains'} the {label} {path}; an output may not "
                      f"be an input: choose another {flag}")

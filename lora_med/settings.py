@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import reprlib
 import typing
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,17 @@ def _type_name(v: Any) -> str:
             type(None): "null"}.get(type(v), type(v).__name__)
 
 
+# Values quoted in messages are cut short: a YAML alias bomb (a few hundred bytes that expand to millions of
+# nested items) or a 16 MB string must give a one-line message, not a 250 MB one.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 1, 8, 8, 80, 80
+
+
+def short(value: Any) -> str:
+    """``repr(value)`` cut to a readable length."""
+    return _REPR.repr(value)
+
+
 def coerce(value: Any, kind: str, nullable: bool) -> tuple[Any, str | None]:
     """``value`` converted to ``kind``, or the problem with it (the message's tail, after the setting's name).
 
@@ -96,21 +108,21 @@ def coerce(value: Any, kind: str, nullable: bool) -> tuple[Any, str | None]:
             try:
                 v = int(text) if kind == "int" and re.fullmatch(r"[+-]?\d+", text) else float(text)
             except ValueError:
-                return None, f"must be {_TYPE_WORDS[kind]}, got {value!r}"
+                return None, f"must be {_TYPE_WORDS[kind]}, got {short(value)}"
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return None, f"must be {_TYPE_WORDS[kind]}, got {_type_name(value)}"
         if not math.isfinite(v):
             return None, "must be a finite number"
         if kind == "int":
             if v != int(v):
-                return None, f"must be a whole number, got {value!r}"
+                return None, f"must be a whole number, got {short(value)}"
             return int(v), None
         return float(v), None
     if kind == "str":
         if isinstance(value, Path):
             return str(value), None
         if not isinstance(value, str):
-            return None, f"must be text, got {_type_name(value)} ({value!r}); quote it in YAML"
+            return None, f"must be text, got {_type_name(value)} ({short(value)}); quote it in YAML"
         return value, None
     # list of names: a list of strings, or one string split at commas ("c_attn" is one module)
     items = value.split(",") if isinstance(value, str) else value
@@ -118,7 +130,7 @@ def coerce(value: Any, kind: str, nullable: bool) -> tuple[Any, str | None]:
         return None, f"must be {_TYPE_WORDS['list']}, got {_type_name(value)}"
     bad = [x for x in items if not isinstance(x, str)]
     if bad:
-        return None, f"must be a list of names, got {_type_name(bad[0])} {bad[0]!r} in it"
+        return None, f"must be a list of names, got {_type_name(bad[0])} {short(bad[0])} in it"
     names = [x.strip() for x in items if x.strip()]
     if not names:
         return (None, None) if nullable else (None, "must name at least one item")
@@ -173,12 +185,14 @@ def describe(cfg, field: str, value: Any = dataclasses.MISSING) -> str:
     """The setting and its value as the user gave them: ``--r 0``, ``r: 0 (in x.yaml)``, ``TrainConfig.r=0``."""
     value = getattr(cfg, field) if value is dataclasses.MISSING else value
     how, where = getattr(cfg, _ORIGINS, {}).get(field, ("python", ""))
-    shown = ",".join(map(str, value)) if isinstance(value, list) else value
+    flat = isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value[:100])
+    shown = ",".join(map(str, value[:20])) + (",..." if len(value) > 20 else "") if flat else \
+        value if isinstance(value, (str, int, float, type(None))) and len(str(value)) <= 200 else short(value)
     if how == "flag":
         return f"{where} {shown}"
     if how == "yaml":
         return f"{field}: {shown} (in {where})"
-    return f"{type(cfg).__name__}.{field}={value!r}"
+    return f"{type(cfg).__name__}.{field}={short(value)}"
 
 
 def check(cfg) -> list[str]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from . import chat, data, levers, models, plan, runs, settings
 from .config import DEFAULT_DATA, DEFAULT_EVAL, DEFAULT_EVAL_FRACTION, TrainConfig, shipped
 from .errors import ConfigError, LoraMedError
-from .fileio import write_json
+from .fileio import sha256_file, write_json
 from .levers import MemoryPlan, plan_memory
 from .settings import describe, name
 from .trainer import (NonFiniteLoss, finished_checkpoint, is_main_process, leave_process_group,
@@ -94,7 +94,8 @@ def with_run_settings(cfg: TrainConfig) -> TrainConfig:
     changes = {}
     for f in dataclasses.fields(cfg):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if f.name in saved and f.name not in given and getattr(cfg, f.name) == default:
+        # The folder is the one being resumed, wherever the run was when it started (copied, moved).
+        if f.name in saved and f.name not in given and f.name != "output" and getattr(cfg, f.name) == default:
             changes[f.name] = saved[f.name]
     merged = dataclasses.replace(cfg, **changes)
     object.__setattr__(merged, "_origins", given)
@@ -111,7 +112,7 @@ def _data_paths(cfg: TrainConfig, p: list[str]) -> tuple[Path, Path | None]:
         if fraction_given:
             p.append(f"{describe(cfg, 'eval_fraction')} and {describe(cfg, 'eval_data')}: give one (a held-out file, "
                      f"or a share of {name(cfg, 'data')} to hold out)")
-    elif cfg.eval_data == "auto" and train_path.resolve() == shipped(DEFAULT_DATA).resolve() and not fraction_given:
+    elif cfg.eval_data == "auto" and runs.real(train_path) == runs.real(shipped(DEFAULT_DATA)) and not fraction_given:
         eval_path = shipped(DEFAULT_EVAL)  # the shipped held-out set goes with the shipped data
     for field, path in (("data", train_path), ("eval_data", eval_path)):
         if path is not None and not path.is_file():
@@ -146,7 +147,7 @@ def resolve(cfg: TrainConfig, *, plan_only: bool = False) -> Setup:
             __import__(tool)
         except ImportError:
             p.append(f"{describe(cfg, 'report_to')}: {tool} is not installed (pip install {tool})")
-    if cfg.resume and cfg.resume != "auto" and cfg.output and Path(cfg.output).resolve() != Path(cfg.resume).resolve():
+    if cfg.resume and cfg.resume != "auto" and cfg.output and runs.real(cfg.output) != runs.real(cfg.resume):
         p.append(f"{describe(cfg, 'resume')} and {describe(cfg, 'output')} name different folders; give one")
     if cfg.resume and cfg.overwrite:
         p.append(f"{name(cfg, 'resume')} continues a run, {name(cfg, 'overwrite')} replaces it: give one")
@@ -194,18 +195,25 @@ def resolve(cfg: TrainConfig, *, plan_only: bool = False) -> Setup:
                 what = "a finished run" if done else "an unfinished run (add --resume to continue it)"
                 p.append(f"--output {out}: already holds {what}; choose another --output or add --overwrite")
 
+    if base and models.is_local(base) and not plan_only:  # planning reads the shape only: weights may be absent
+        p += runs.weights_problems(Path(base), "model", "base model")
+    if cfg.run_name is not None and (Path(cfg.run_name).name != cfg.run_name or cfg.run_name in ("", ".", "..")):
+        p.append(f"{describe(cfg, 'run_name')}: a name, not a path (the run goes to adapters/<name>); to choose the "
+                 f"folder, use {name(cfg, 'output')}")
+
     model_config = shape = meta = targets = None
     if base is not None:
-        from transformers import AutoConfig
-
         try:
-            model_config = AutoConfig.from_pretrained(base, trust_remote_code=cfg.trust_remote_code)
-        except (OSError, ValueError) as e:
+            model_config = models.load_config(base, trust_remote_code=cfg.trust_remote_code)
+            shape, meta = plan.shape_from_config(model_config)
+        except LoraMedError as e:
             if not p:
-                raise models.offline_error(base, e) from None
-            p.append(str(models.offline_error(base, e)))
-    if model_config is not None:
-        shape, meta = plan.shape_from_config(model_config)
+                raise
+            p.append(str(e))
+        except Exception as e:  # values of the wrong type in config.json fail only when a model is built from them
+            p.append(f"{name(cfg, 'base')} {base}: its config.json does not describe a model it can build "
+                     f"({type(e).__name__}: {e}); copy the base folder again")
+    if meta is not None:
         positions = models.max_positions(model_config)
         if positions and cfg.max_length > positions:
             p.append(f"{describe(cfg, 'max_length')}: the base reads at most {positions} positions; use <= {positions}")
@@ -222,6 +230,12 @@ def resolve(cfg: TrainConfig, *, plan_only: bool = False) -> Setup:
                 layers = sorted(n for n in layer_names if n and not n.isdigit())
                 p.append(f"{name(cfg, 'target_modules')}: {', '.join(unknown)} not in this {model_config.model_type} "
                          f"model (its layers: {', '.join(layers[:24])})")
+            # B @ A has rank <= min(in, out): a larger r only adds zeros to learn (and a huge one, memory to fail).
+            widths = [min(m.weight.shape) for n, m in meta.named_modules()
+                      if n.split(".")[-1] in (targets or []) and getattr(getattr(m, "weight", None), "ndim", 0) == 2]
+            if widths and cfg.r > min(widths):
+                p.append(f"{describe(cfg, 'r')}: above the width of the adapted layers ({min(widths)}), where a rank "
+                         f"adds nothing; use <= {min(widths)}")
     p += levers.problems(cfg, meta, plan_only=plan_only)
     if p:
         raise runs.problems_error("with the settings; nothing was loaded", p)
@@ -257,6 +271,16 @@ def _check_resume(cfg: TrainConfig, out: Path, p: list[str]) -> tuple[Path | Non
             if k not in RESUME_FREE and k in saved and saved[k] != mine[k]]
     if diff:
         p.append(f"{flag} {out}: that folder holds another run; these settings differ: " + "; ".join(diff))
+    # Same settings, other bytes: the checkpoint was trained on what the card hashed, so resuming on an edited
+    # file would make a run that no data produced.
+    train_path, eval_path = _data_paths(cfg, [])
+    for part, path in (("train", train_path), ("eval", eval_path)):
+        record = card["data"].get(part)
+        known = record.get("sha256") if isinstance(record, dict) else None
+        if path is not None and path.is_file() and known and sha256_file(path) != known:
+            what = "training data" if part == "train" else "held-out data"
+            p.append(f"{flag} {out}: the {what} {path} changed since the run started (sha256 differs); restore "
+                     "it, or train a new run")
     checkpoint, skipped = runs.latest_checkpoint(out)
     notes = [f"note: skipped a broken checkpoint: {s}" for s in skipped]
     if checkpoint is None:
@@ -307,6 +331,9 @@ def train(cfg: TrainConfig, *, plan_only: bool = False, callbacks=()) -> TrainRe
     cfg = with_run_settings(cfg)
     setup = resolve(cfg, plan_only=plan_only)
     d = load_data(cfg, setup)
+    if cfg.batch_size > len(d.train_ex) and not plan_only:  # the card would record a batch no step ever saw
+        raise ConfigError(f"{describe(cfg, 'batch_size')}: more than the {len(d.train_ex)} training conversations; "
+                          f"use <= {len(d.train_ex)}")
     mem = plan_memory(cfg, setup, d)
     if plan_only:
         return mem.as_dict(cfg, setup, world_size())
