@@ -242,7 +242,22 @@ def test_cli_data_check_bad_file_exits_nonzero_without_traceback(tmp_path, tiny_
     assert "field 'assistant' is null" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_cli_data_check_prints_stats(conversations_file, tiny_base):
+def in_process(monkeypatch, capsys, *args: str) -> subprocess.CompletedProcess:
+    """`lora-med ARGS` in this process (the subprocess test above covers the real entry point)."""
+    from lora_med.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lora-med", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+def test_cli_data_check_prints_stats(conversations_file, tiny_base, monkeypatch, capsys):
+    run_cli = lambda *a: in_process(monkeypatch, capsys, *a)  # noqa: E731
     r = run_cli("data", "check", str(conversations_file), "--tokenizer", str(tiny_base), "--json")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)

@@ -180,3 +180,20 @@ def test_verify_export_reruns_the_gate(exported):
     figures = verify_export(exported["fp32"])
     assert figures["passed"] and figures["precision"] == "fp32" and figures["max_abs_diff"] <= 1e-4
     assert torch.isfinite(torch.tensor(figures["perplexity"]["onnx"]))
+
+
+def test_the_cli_starts_without_the_heavy_libraries():
+    """`lora-med --help`, `--version` and every command's --help need none of torch, transformers, PEFT,
+    bitsandbytes or ONNX Runtime (they cost seconds to import)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from lora_med.cli import cli; from click.testing import CliRunner; "
+            "r = [CliRunner().invoke(cli, a) for a in (['--help'], ['--version'], ['train', '--help'], "
+            "['merge-export', '--help'], ['bench', '--help'], ['serve', '--help'], ['data', 'check', '--help'])]; "
+            "assert all(x.exit_code == 0 for x in r), [x.output for x in r]; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes', 'onnxruntime', 'fastapi') "
+            "if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
