@@ -564,7 +564,7 @@ CASES: list[Case] = [
     # Ctrl-C at each step (torch's ONNX tracer turns a KeyboardInterrupt into a SystemError).
     *[Case("merge-export", f"Ctrl-C at {step}", ["r", "--output", "e"], 130, interrupt=f"stdout:{step}",
            setup=(copy("run", "r"),), after=nothing_at("e", "e.*", ".e.lock"))
-      for step in ("[1/4] merge", "[2/4] save", "[3/4] export", "[4/4] parity")],
+      for step in ("[1/5] merge", "[2/5] save", "[3/5] export", "[4/5] engine", "[5/5] parity")],
 
     # ---------------------------------------------------------------- bench
     bench("valid bench", ["--run", "{run}", "--export", "{exp}", "--out", "rep", *SMALL_BENCH], expect=0),
@@ -645,7 +645,9 @@ CASES: list[Case] = [
           (copy("exp", "e"), write("e/manifest.json", "{"))),
     serve("EXPORT_DIR with a truncated graph", ["e", "--port", "0"], ("model.onnx",),
           (copy("exp", "e"), cut("e/onnx/model.onnx", 0.5))),
-    serve("EXPORT_DIR is a training run", ["{run}", "--port", "0"], ("run",)),
+    # A LoRA training run is served (adapter merged in memory); one whose base is gone is refused.
+    serve("EXPORT_DIR is a training run whose base is gone", ["r", "--port", "0"], ("base", "is gone"),
+          (copy("run", "r"), edit("r/run.json", lambda c: {**c, "base": {**c["base"], "name_or_path": "/gone/base"}}))),
     serve("--port 70000", ["{exp}", "--port", "70000"], ("--port 70000",)),
     serve("--port abc", ["{exp}", "--port", "abc"], ("--port abc",)),
     serve("--temperature 0", ["{exp}", "--temperature", "0"], ("--temperature 0",)),
