@@ -8,7 +8,10 @@ once (``IOBinding``): the KV cache at full capacity (one OrtValue bound as both 
 the logits output. A decode step is then: write three tiny int arrays, ``run_with_iobinding``, read
 ``[batch, vocab]`` float32 logits.
 
-- CPU: the bound inputs and the logits are numpy arrays that the OrtValues share (no copies at all).
+- CPU: the bound inputs and the logits are numpy arrays that the OrtValues share (no copies at all). One
+  cache serves every batch size up to the largest seen (a smaller batch binds views of its first rows), and
+  a batch of prompts of very different lengths is prefilled in runs of similar length, each written into
+  its own rows, so no compute goes to padding (the server mixes 20-token and 200-token prompts).
 - CUDA: inputs and outputs are device OrtValues (``update_inplace`` copies a few bytes in; the logits are
   read back once per step); ``total_sequence_length`` stays in host memory, where GroupQueryAttention's
   CUDA kernel reads it. With ``cuda_graph=True`` (the default on CUDA) the session enables ONNX Runtime's
@@ -101,17 +104,19 @@ def _pick_device(folder: Path, precision: str, device: str) -> str:
 class _Slot:
     """The buffers and the decode binding for one batch size."""
 
-    def __init__(self, backend: _OrtBackend, batch: int):
+    def __init__(self, backend: _OrtBackend, batch: int, arena: _Slot | None = None):
         self.batch = batch
         b = backend
         shape = (batch, b.n_head, b.capacity, b.head_dim)
-        if b.device == "cpu":  # each OrtValue shares its own numpy array (zero pages until written)
-            self.kv = [b.device_value(np.zeros(shape, b.kv_dtype)) for _ in range(2 * b.n_layer)]
+        if b.device == "cpu":  # each OrtValue shares a numpy array: its own, or the first rows of ``arena``'s
+            self.kv_host = ([a[:batch] for a in arena.kv_host] if arena is not None
+                            else [np.zeros(shape, b.kv_dtype) for _ in range(2 * b.n_layer)])
+            self.kv = [b.device_value(a) for a in self.kv_host]
         else:  # one host array of zeros copied into each device buffer (GQA never reads past seqlens_k,
             zeros = np.zeros(shape, b.kv_dtype)  # but zeros keep a stray read finite)
             self.kv = [b.device_value(zeros) for _ in range(2 * b.n_layer)]
             del zeros
-        self.logits_host = np.zeros((batch, b.vocab), np.float32)
+        self.logits_host = arena.logits_host[:batch] if arena is not None else np.zeros((batch, b.vocab), np.float32)
         self.logits = b.device_value(self.logits_host)
         # Decode inputs: host arrays (shared by the OrtValue on the CPU, copied in on CUDA).
         self.ids = np.zeros((batch, 1), np.int64)
@@ -133,13 +138,29 @@ class _Slot:
         self.bind_cache_and_logits(self.decode)
 
     def bind_cache_and_logits(self, binding) -> None:
-        io = self.io
-        for i in range(len(self.kv) // 2):
-            for j, kind in enumerate(("key", "value")):
-                v = self.kv[2 * i + j]
-                binding.bind_ortvalue_input(io["past_" + kind].format(i), v)
-                binding.bind_ortvalue_output(io["present_" + kind].format(i), v)
-        binding.bind_ortvalue_output(io["logits"], self.logits)
+        _bind_cache_and_logits(binding, self.io, self.kv, self.logits)
+
+
+def _bind_cache_and_logits(binding, io: dict, kv: list, logits) -> None:
+    """Bind each layer's cache as both its past and its present (written in place), and the logits."""
+    for i in range(len(kv) // 2):
+        for j, kind in enumerate(("key", "value")):
+            binding.bind_ortvalue_input(io["past_" + kind].format(i), kv[2 * i + j])
+            binding.bind_ortvalue_output(io["present_" + kind].format(i), kv[2 * i + j])
+    binding.bind_ortvalue_output(io["logits"], logits)
+
+
+def _runs_of_similar_length(lens: np.ndarray, waste: float = 0.25) -> list[tuple[int, int]]:
+    """Split rows into consecutive runs whose right padding adds at most ``waste`` to their real tokens."""
+    runs, start = [], 0
+    for stop in range(1, len(lens) + 1):
+        if stop < len(lens):
+            part = lens[start:stop + 1]
+            if len(part) * int(part.max()) <= (1 + waste) * int(part.sum()):
+                continue
+        runs.append((start, stop))
+        start = stop
+    return runs
 
 
 class _OrtBackend:
@@ -196,9 +217,16 @@ class _OrtBackend:
     def _slot_for(self, rows: int) -> _Slot:
         batch = 1 << (rows - 1).bit_length() if self.bucket_batches else rows
         if batch not in self.slots:
-            if not self.cuda_graph:
-                self.slots.clear()  # CPU: one batch size's buffers at a time (a KV cache can be large)
-            self.slots[batch] = _Slot(self, batch)
+            if self.device == "cpu":
+                # One cache for the largest batch so far; a smaller batch binds views of its first rows, so a
+                # server whose batch size changes every call neither reallocates nor faults in fresh pages.
+                arena = max(self.slots.values(), key=lambda s: s.batch, default=None)
+                if arena is not None and arena.batch < batch:
+                    self.slots.clear()
+                    arena = None
+                self.slots[batch] = _Slot(self, batch, arena)
+            else:
+                self.slots[batch] = _Slot(self, batch)
         return self.slots[batch]
 
     # -- the backend protocol
@@ -209,21 +237,38 @@ class _OrtBackend:
 
     def prefill(self, rows: list[list[int]], max_new_tokens: int) -> np.ndarray:
         slot = self._slot_for(len(rows))
-        batch, width = slot.batch, max(len(r) for r in rows)
-        lens = np.ones(batch, np.int64)  # padding rows (CUDA buckets) hold a single token 0
+        lens = np.ones(slot.batch, np.int64)  # padding rows (CUDA buckets) hold a single token 0
+        lens[:len(rows)] = [len(r) for r in rows]
+        if self.device == "cpu":
+            # A prompt costs compute in proportion to its tokens on the CPU, padding included, and the server's
+            # batches mix a first message (~20 tokens) with long conversations (~250): each run of rows of
+            # similar length is prefilled on its own, straight into its rows of the cache.
+            for start, stop in _runs_of_similar_length(lens[:len(rows)]):
+                self._prefill_rows(slot, rows[start:stop], lens[start:stop], start)
+        else:  # one launch: on a GPU the padding costs little, and the kernels need the whole batch's buffers
+            self._prefill_rows(slot, rows + [[0]] * (slot.batch - len(rows)), lens, None)
+        self.slot, self.rows, self.lens = slot, len(rows), lens
+        return self._logits(slot)
+
+    def _prefill_rows(self, slot: _Slot, rows: list[list[int]], lens: np.ndarray, start: int | None) -> None:
+        """Run the prompt graph on ``rows`` (right-padded), writing their cache and logits: the whole slot when
+        ``start`` is None, else rows ``start..start+len(rows)`` of it (CPU: views of the slot's arrays)."""
+        batch, width = len(rows), int(lens.max())
         ids = np.zeros((batch, width), np.int64)
         for b, r in enumerate(rows):
             ids[b, :len(r)] = r  # right padding: every row's cache starts at position 0
-            lens[b] = len(r)
         pos = np.broadcast_to(np.arange(width, dtype=np.int64), (batch, width)).copy()
         binding = self.session.io_binding()
         for name, a in (("input_ids", ids), ("position_ids", pos), ("seqlens_k", (lens - 1).astype(np.int32)),
                         ("total_sequence_length", np.array(width, np.int32)), ("last_index", (lens - 1)[:, None])):
             binding.bind_cpu_input(self.io[name], a)
-        slot.bind_cache_and_logits(binding)
+        if start is None:
+            slot.bind_cache_and_logits(binding)
+        else:
+            part = slice(start, start + batch)
+            _bind_cache_and_logits(binding, self.io, [self.device_value(a[part]) for a in slot.kv_host],
+                                   self.device_value(slot.logits_host[part]))
         self.session.run_with_iobinding(binding, self.prefill_options)
-        self.slot, self.rows, self.lens = slot, len(rows), lens
-        return self._logits(slot)
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         slot, n = self.slot, self.rows

@@ -536,3 +536,20 @@ def test_torch_engine_runs_a_peft_model_with_its_adapter(tiny_base):
     with model.disable_adapter():
         base = [_hf_greedy(model, p, 16, engine.eos_token_id) for p in prompts]
     assert base != refs
+
+
+def test_cpu_prefill_groups_similar_lengths_and_reuses_one_cache(tiny_model, tiny_onnx):
+    """On the CPU a batch mixing short and long prompts is prefilled run by run (no compute on padding), and a
+    smaller batch after a larger one binds the first rows of the same cache: replies stay the single ones."""
+    from lora_med.engine_ort import _runs_of_similar_length
+
+    assert _runs_of_similar_length(np.array([20, 22, 250, 240, 21])) == [(0, 2), (2, 4), (4, 5)]
+    assert _runs_of_similar_length(np.array([7])) == [(0, 1)]
+    prompts = _prompts(tiny_model.config.vocab_size, (3, 40, 38, 5, 4), seed=11)
+    s = GenerationSettings(max_new_tokens=12)
+    single = [tiny_onnx.generate([p], s)[0] for p in prompts]
+    assert tiny_onnx.generate(prompts, s) == single
+    backend = tiny_onnx._backend
+    big = backend.slots[5].kv_host[0]
+    assert tiny_onnx.generate(prompts[1:4], s) == single[1:4]  # batch 3: views of the batch-5 cache
+    assert np.shares_memory(backend.slots[3].kv_host[0], big)
