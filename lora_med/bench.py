@@ -36,12 +36,13 @@ import torch
 
 from . import data, models, runs, settings
 from .config import BACKENDS, BenchConfig, ExportConfig, TrainConfig
+from .engine_ort import load_ort, ort_logits_fn
 from .errors import GateError, LoraMedError
+from .evaluate import perplexity, torch_logits_fn
 from .export import merge_export
 from .fileio import sha256_file, write_json, write_text
 from .latency import (SCALING_BACKENDS, SCALING_CONTEXTS, SCALING_NEW_TOKENS, SPEED_ONLY, Timing, available_backends,
                       held_out_prompts, load_adapter, thread_count, time_backend)
-from .engine_ort import load_ort, ort_logits_fn
 from .report import engine_vs_peers, gate_line, markdown, plots, replies, training
 from .settings import describe, name
 from .shapes import SHAPES, build_shape
@@ -311,8 +312,6 @@ def _inputs(cfg: BenchConfig, found: Found, device: str, scratch: Path) -> Input
 
 def _perplexities(cfg: BenchConfig, found: Found, tokenizer, examples, device: str) -> dict:
     """Paired perplexity of base, LoRA, full and every export on the same encoded examples."""
-    from .evaluate import perplexity, torch_logits_fn
-
     pad = tokenizer.pad_token_id
     cards = found.cards
     card = cards.get("--run") or cards.get("--full-run")

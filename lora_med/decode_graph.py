@@ -39,7 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .engine_quant import quantize_int8
 from .errors import ConfigError, LoraMedError
+from .models import load_model
 
 GRAPH_FILE = "model.onnx"
 ENGINE_FILE = "engine.json"
@@ -100,8 +102,6 @@ def build_decode_graph(model_dir, out_dir, *, precision: str = "fp32", capacity:
                     "gelu": "com.microsoft.FastGelu" if cfg["activation"] in TANH_GELU else "com.microsoft.BiasGelu",
                     "lm_head": "MatMul by the tied embedding transposed (folded at load), last position per row only"}
     if precision == "int8":
-        from .engine_quant import quantize_int8
-
         fp32_path = out / "model.fp32.onnx"
         _save(model, fp32_path)
         del model
@@ -142,8 +142,6 @@ def _gpt2_weights(model_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
     if act not in TANH_GELU + ERF_GELU:
         raise LoraMedError(f"{model_dir}: activation_function {act!r} is not one the decode graph expresses "
                            f"({', '.join(TANH_GELU + ERF_GELU)}); use the PyTorch engine for this model")
-    from .models import load_model
-
     model = load_model(str(model_dir))
     c = model.config
     if c.n_embd % c.n_head or (c.n_embd // c.n_head) % 8:

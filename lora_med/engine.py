@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Iterator, Protocol
 
 import numpy as np
+import torch
 
 from .errors import LoraMedError
+from .models import load_model, resolve_device
 
 ENGINE_FILE = "engine.json"  # written by decode_graph.build_decode_graph beside model.onnx
 
@@ -273,9 +275,6 @@ class _TorchBackend:
     module, or an ``ORTModelForCausalLM`` (same call, tensors in and out; no parameters, no train mode)."""
 
     def __init__(self, model):
-        import torch
-
-        self.torch = torch
         self.model = model
         cfg = model.config
         self.capacity = int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings"))
@@ -293,7 +292,6 @@ class _TorchBackend:
     def scope(self) -> Iterator[None]:
         # Replies are made in eval mode (dropout off) and without autograd; the caller's mode is restored,
         # so a comparison reply in the middle of training does not leave the model in eval mode.
-        torch = self.torch
         was_training = self.is_module and self.model.training
         if self.is_module:
             self.model.eval()
@@ -306,7 +304,6 @@ class _TorchBackend:
                 self.model.train()
 
     def prefill(self, rows: list[list[int]], max_new_tokens: int) -> np.ndarray:
-        torch = self.torch
         batch, width = len(rows), max(len(r) for r in rows)
         ids = torch.zeros((batch, width), dtype=torch.long)
         # The mask covers the whole reply up front; each step exposes one more column of it (a view).
@@ -324,7 +321,6 @@ class _TorchBackend:
         return self._logits(out.logits)
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
-        torch = self.torch
         self.pos += 1
         self.length += 1
         ids = torch.from_numpy(tokens).view(-1, 1).to(self.device)
@@ -343,8 +339,6 @@ class _TorchBackend:
 
 
 def _precision_of(dtype) -> str:
-    import torch
-
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
 
 
@@ -397,17 +391,13 @@ def load_engine(path, *, device: str = "auto", threads: int | None = None, spin:
     """
     folder = Path(path)
     if (folder / ENGINE_FILE).is_file():
-        from .engine_ort import ort_engine
+        from .engine_ort import ort_engine  # here, not at the top: engine_ort imports Engine from this module
 
         info = json.loads((folder / ENGINE_FILE).read_text(encoding="utf-8"))
         return ort_engine(folder, info, device=device, threads=threads, spin=spin)
     if (folder / "config.json").is_file():
-        from .models import load_model, resolve_device
-
         dev = _resolve(device, resolve_device)
         if threads:
-            import torch
-
             torch.set_num_threads(int(threads))
         model = load_model(str(folder)).to(dev)
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None

@@ -24,7 +24,9 @@ import shutil
 import time
 from pathlib import Path
 
+from .decode_graph import build_decode_graph
 from .engine_ort import ONNX_FILE
+from .engine_quant import check_types, fp16_from_fp32, quantize_int8
 from .errors import LoraMedError
 
 PROTOBUF_LIMIT = 2 * 1024**3 - 1  # larger graphs keep their weights in an external data file
@@ -72,8 +74,6 @@ def _copy_configs(src: Path, out: Path) -> None:
 
 def to_int8(src: Path, out: Path) -> dict:
     """The one int8 recipe on the fp32 Optimum graph in ``src``: ``out/model.onnx`` plus its configs."""
-    from .engine_quant import quantize_int8
-
     out.mkdir(parents=True, exist_ok=True)
     recipe = quantize_int8(_graph_of(src), out / ONNX_FILE)
     _copy_configs(src, out)
@@ -83,8 +83,6 @@ def to_int8(src: Path, out: Path) -> dict:
 def to_fp16(src: Path, out: Path) -> dict:
     """fp16 of the fp32 Optimum graph in ``src`` (inputs, KV cache and logits fp16, as ORTModelForCausalLM
     expects of an fp16 export), strictly type-checked: ``out/model.onnx`` plus its configs."""
-    from .engine_quant import fp16_from_fp32
-
     info = fp16_from_fp32(_graph_of(src), out / ONNX_FILE)
     _copy_configs(src, out)
     return info
@@ -93,8 +91,6 @@ def to_fp16(src: Path, out: Path) -> dict:
 def check_fp16(folder: Path) -> dict:
     """ONNX's strict type check on an fp16 graph made elsewhere (ORTOptimizer's O4), before anything loads it."""
     import onnx
-
-    from .engine_quant import check_types
 
     check_types(onnx.load(str(_graph_of(folder))), where=str(folder))
     return {"tool": "ORTOptimizer O4 (fp16 inside the optimiser)", "checked": "onnx.shape_inference strict_mode"}
@@ -174,8 +170,6 @@ def engine_graph(merged_dir: Path, out: Path, precision: str, *, capacity: int |
         The manifest's ``engine`` section: ``status`` "built" (with precision, device, capacity, recipe, build
         time) or "not built" (with ``reason``).
     """
-    from .decode_graph import build_decode_graph
-
     model_type = json.loads((Path(merged_dir) / "config.json").read_text(encoding="utf-8")).get("model_type")
     if model_type != "gpt2":
         return {"status": "not built", "reason": f"the decode graph is written for GPT-2 models; this is a "

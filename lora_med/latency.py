@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from . import models
+from .chat import prompt_ids
 from .engine import Engine, GenerationSettings, load_engine
 from .engine_ort import load_ort
 from .errors import LoraMedError
@@ -350,8 +351,6 @@ def _scaling(gen, timer, cfg: Timing, sp: dict) -> dict:
 
 def held_out_prompts(convs, tokenizer, fmt: str, n: int, max_tokens: int) -> list[list[int]]:
     """The history before each conversation's last assistant turn, as the chat app would send it."""
-    from .chat import prompt_ids
-
     out = []
     for conv in convs[:n]:
         last = max(i for i, m in enumerate(conv.messages) if m.role == "assistant")

@@ -26,6 +26,7 @@ import os
 from dataclasses import dataclass
 
 from . import plan
+from .errors import ConfigError
 from .settings import describe, name
 
 IGNORE = -100  # label of a position without loss (DataCollatorForSeq2Seq's padding, masked prompts)
@@ -134,8 +135,6 @@ def plan_memory(cfg, setup, d) -> MemoryPlan:
     Raises:
         ConfigError: nothing fits the budget, not even micro-batch 1 with every lever allowed.
     """
-    from .errors import ConfigError
-
     lora = bool(setup.targets)
     trainable = plan.lora_params(setup.meta, setup.targets, cfg.r) if lora else setup.shape.params
     # lora_A keeps its (bf16) input whether or not dropout is on; dropout adds its own copy and mask.

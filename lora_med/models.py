@@ -16,6 +16,8 @@ import torch
 
 from .config import DEFAULT_BASE, REPO_ROOT
 from .errors import ConfigError, LoraMedError
+from .fileio import sha256_file
+from .runs import weights_problems
 
 # LoRA targets per architecture. GPT-2 uses Conv1D: c_attn (fused q/k/v), c_proj (attention and MLP
 # output), c_fc (MLP input). lm_head and the embeddings are never targeted: they are tied.
@@ -157,8 +159,6 @@ def load_model(base: str, *, dtype: torch.dtype = torch.float32, quantization_co
             if isinstance(e, (OSError, ValueError)):
                 raise offline_error(base, e) from None
             raise
-        from .runs import weights_problems
-
         broken = "; ".join(weights_problems(Path(base), "model", "model")) or _first_line(e)
         raise LoraMedError(f"cannot load the model in {base}: {broken} (lora-med loads safetensors weights only; "
                            "convert .bin files first)") from None
@@ -169,8 +169,6 @@ def fingerprint(base: str, known: str | None = None) -> str:
     """What a base model is, by content: SHA-256 over its config.json and weight files (a hub id stands for
     itself). Two folders with the same name but other weights differ; a copy of the same base does not."""
     import hashlib
-
-    from .fileio import sha256_file
 
     if known:
         return known

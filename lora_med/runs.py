@@ -514,7 +514,7 @@ class Lock:
 def save_artifacts(model, tokenizer, out: Path, card: dict) -> None:
     """Adapter (or model), tokenizer and a Hugging Face model card into run folder ``out``, written beside and
     then renamed into place file by file (a kill leaves .saving/, never a half-written file under its name)."""
-    from . import modelcard
+    from . import modelcard  # here, not at the top: modelcard imports models, which imports this module
 
     staging = out / ".saving"
     shutil.rmtree(staging, ignore_errors=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .fileio import read_regular
 
 _ORIGINS = "_origins"  # attribute on a config object: field -> ("flag", "--x") | ("yaml", file) | ("default", "")
 
@@ -296,8 +297,6 @@ def load_config(cls, config_file: str | Path | None = None, flags: dict[str, Any
 
 def yaml_load(path: Path):
     import yaml
-
-    from .fileio import read_regular
 
     raw = read_regular(path, "give a YAML file of settings", limit=16 << 20, error=ConfigError)
     try:

@@ -24,6 +24,7 @@ from pathlib import Path
 from . import chat, data, levers, models, plan, runs, settings
 from .config import DEFAULT_DATA, DEFAULT_EVAL, DEFAULT_EVAL_FRACTION, TrainConfig, shipped
 from .errors import ConfigError, LoraMedError
+from .evaluate import perplexity, torch_logits_fn
 from .fileio import sha256_file, write_json
 from .levers import MemoryPlan, plan_memory
 from .settings import describe, name
@@ -455,8 +456,6 @@ def _fail(out: Path, card: dict, reason: str) -> None:
 
 def _finish(cfg, setup: Setup, d: Data, model, trainer, card: dict, ckpt, train_s: float, t_start: float):
     """Held-out perplexity (fine-tuned and base), the comparison replies, the saved model, the card."""
-    from .evaluate import perplexity, torch_logits_fn
-
     out = setup.out
     peak = peak_memory(setup.device)  # before the final evals (a full run loads the base again for its figure)
     shutil.rmtree(out / "checkpoints" / ".partial", ignore_errors=True)

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 import torch
+from . import models
+from .levers import causal_lm, chunked_causal_lm_loss
 from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
 CHECKPOINTS_KEPT = 2
@@ -119,8 +121,6 @@ class LoraMedTrainer(Trainer):
         the model's own loss."""
         if not self.loss_chunk or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        from .levers import causal_lm, chunked_causal_lm_loss
-
         core = causal_lm(model)
         labels = inputs["labels"]
         captured = []
@@ -292,8 +292,6 @@ def load_for_training(cfg, base: str, device: str, precision: str, targets: list
     eager attention and gradient checkpointing as ``levers`` say."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from . import models
-
     half = models.DTYPES.get(precision, torch.float32)
     gc = "gradient_checkpointing" in levers
     load = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation="sdpa" if "sdpa" in levers else "eager")
@@ -352,8 +350,6 @@ def load_checkpoint_weights(model, ckpt: Path) -> None:
 
 
 def peak_memory(device: str) -> dict:
-    from . import models
-
     if device == "cuda":  # this process's GPU (rank 0's in a distributed run)
         return {"peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
                 "peak_memory_kind": "torch.cuda.max_memory_allocated",
@@ -366,8 +362,6 @@ def peak_memory(device: str) -> dict:
 def reset_peak_memory(device: str) -> None:
     """Start this run's peak-memory mark, so that a second run in one process (bench --paired) reports
     its own peak, not the first run's."""
-    from . import models
-
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     else:

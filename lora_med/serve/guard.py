@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .config import read_yaml
+from .config import resolve_path
 from .matcher import RuleSet
 
 
@@ -73,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args:
         print("usage: python -m lora_med.serve.guard CASES.yaml [EMERGENCY_RULES.yaml]", file=sys.stderr)
         return 2
-    from .config import resolve_path
-
     guard = Guard(resolve_path(args[1] if len(args) > 1 else "configs/emergency.yaml"))
     for name, r in evaluate(guard, read_yaml(args[0], "cases")).items():
         print(f"{name:20s} {r['measures']:12s} {r['flagged']}/{r['messages']} = {100 * r['rate']:.1f}%")

@@ -11,12 +11,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import runs
 from ..chat import prompt_ids
 from ..data import Message
 from ..engine import ENGINE_FILE, GenerationSettings, load_engine, torch_engine
 from ..errors import ConfigError
-from ..models import load_tokenizer
-from .. import runs
+from ..models import load_model, load_tokenizer, resolve_device
 from .config import ServeConfig
 
 MIN_PROMPT_TOKENS = 16  # below this the model cannot even see the patient's message
@@ -164,8 +164,6 @@ def _merged_run_engine(source: ModelSource, tokenizer, cfg: ServeConfig):
     """The engine's PyTorch path over a LoRA run's adapter merged onto its base (PEFT's safe merge)."""
     import torch
     from peft import PeftModel
-
-    from ..models import load_model, resolve_device
 
     device = resolve_device(cfg.device)
     if cfg.threads:
