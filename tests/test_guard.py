@@ -128,3 +128,32 @@ def test_bad_guard_file(tmp_path):
     p.write_text("reply: llama al 118. {advice}\nrules: [{name: x, near: [pecho]}]\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="no line for rule"):
         Guard(p)
+
+
+def test_history_lets_a_past_sign_through_only_without_a_sign_of_now(guard, tmp_path):
+    """The `history` section is what lets a check-up request about a past sign reach the model; a word of now,
+    or a sign it does not cover (poisoning), keeps the emergency reply."""
+    spec = yaml.safe_load((REPO / "configs" / "emergency.yaml").read_text(encoding="utf-8"))
+    del spec["history"]
+    p = tmp_path / "no-history.yaml"
+    p.write_text(yaml.safe_dump(spec, allow_unicode=True), encoding="utf-8")
+    without = Guard(p)
+    for m in ("el año pasado tuve un infarto y necesito mi control",
+              "mi hija tuvo convulsiones de bebe, quiero control con el neurologo"):
+        assert without.check(m) is not None and guard.check(m) is None, m
+    for m in ("el año pasado tuve un infarto y ahora necesito control porque me duele el pecho",
+              "el año pasado tuve un infarto, hoy otra vez, necesito control",
+              "el mes pasado me recetaron pastillas y me tome toda la caja, necesito receta"):
+        assert guard.check(m) is not None, m
+
+
+def test_bad_history_section(tmp_path):
+    base = "reply: llama al 118. {advice}\nrules: [{name: x, near: [pecho]}]\nadvice: {x: ya}\n"
+    p = tmp_path / "e.yaml"
+    p.write_text(base + "history: {past: [{near: [pasado]}]}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="'history' must have 'signs'"):
+        Guard(p)
+    p.write_text(base + "history: {signs: [y], past: [{near: [pasado]}], routine: [{near: [control]}], "
+                 "now: [{near: [ahora]}]}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="names no rule: y"):
+        Guard(p)

@@ -185,6 +185,11 @@ class RuleSet:
         hits = [self.hits(w) for w in words(text)]
         return next((r for r in self.rules if r.match(hits)), None)
 
+    def matching(self, text: str) -> list[Rule]:
+        """Every rule that matches ``text``, in file order."""
+        hits = [self.hits(w) for w in words(text)]
+        return [r for r in self.rules if r.match(hits)]
+
 
 def _slot(spec: str, concepts: dict) -> tuple[list[_Alt], str | None]:
     alts: list[_Alt] = []
