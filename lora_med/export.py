@@ -51,44 +51,6 @@ class ExportResult:
 # --------------------------------------------------------------------------- validation
 
 
-def _safetensors_problem(path: Path) -> str | None:
-    """None if ``path`` is a whole safetensors file; else what is wrong with it and the fix."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            f.keys()
-    except (SafetensorError, OSError) as e:
-        return (f"{path}: not a complete safetensors file ({str(e).splitlines()[0]}); the file is truncated or "
-                "corrupt: copy it again from where it was trained, or retrain")
-    return None
-
-
-def _weights_problems(folder: Path, stem: str, what: str) -> list[str]:
-    """Problems with ``folder/<stem>.safetensors`` (or its shards); pickle files are refused."""
-    single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
-    if single.is_file():
-        p = _safetensors_problem(single)
-        return [p] if p else []
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (ValueError, KeyError):
-            return [f"{index}: unreadable shard index; copy the {what} again"]
-        out = []
-        for s in shards:
-            if not (folder / s).is_file():
-                out.append(f"{folder / s}: missing (listed in {index.name}); copy the {what} again")
-            elif p := _safetensors_problem(folder / s):
-                out.append(p)
-        return out
-    pickled = [f for f in (f"{stem}.bin", "pytorch_model.bin") if (folder / f).is_file()]
-    if pickled:
-        return [f"{folder / pickled[0]}: pickle files are not loaded (they can run code); re-save as safetensors "
-                f"(`model.save_pretrained(dir, safe_serialization=True)`) and remove the .bin file"]
-    return [f"{single}: missing; the {what} weights are not in {folder}: copy them there, or retrain"]
-
-
 def validate(cfg: ExportConfig) -> tuple[dict, str, Path]:
     """Every problem with the settings, the run folder and the output, raised together before any weights load.
 
@@ -132,7 +94,7 @@ def validate(cfg: ExportConfig) -> tuple[dict, str, Path]:
     base = card["base"]["name_or_path"]
     if card["artifact"] == "adapter":
         cfg_file = run_dir / "adapter_config.json"
-        p += _weights_problems(run_dir, "adapter_model", "adapter")
+        p += runs.weights_problems(run_dir, "adapter_model", "adapter")
         if not cfg_file.is_file():
             p.append(f"{cfg_file}: missing; copy the whole run folder, or retrain")
         else:
@@ -147,12 +109,12 @@ def validate(cfg: ExportConfig) -> tuple[dict, str, Path]:
                 p.append(f"{cfg_file}: the adapter was made for base {adapter_base!r}, but run.json names {base!r}; "
                          "this is another run's adapter: copy the matching run folder")
         if models.is_local(base):
-            p += _weights_problems(Path(base), "model", "base model")
+            p += runs.weights_problems(Path(base), "model", "base model")
         elif base.startswith(("/", ".", "~")):
             p.append(f"{run_dir / 'run.json'}: its base {base} no longer exists; restore that folder (the adapter is "
                      "merged onto it)")
     elif card["artifact"] == "model":
-        p += _weights_problems(run_dir, "model", "fine-tuned model")
+        p += runs.weights_problems(run_dir, "model", "fine-tuned model")
         if not (run_dir / "config.json").is_file():
             p.append(f"{run_dir / 'config.json'}: missing; copy the whole run folder, or retrain")
     else:

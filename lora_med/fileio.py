@@ -74,22 +74,13 @@ def read_regular(path: str | Path, what: str, *, limit: int = MAX_TEXT_BYTES, er
 
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temp_beside(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def write_text(path: str | Path, text: str) -> None:
-    """Write text atomically (same rename as write_json)."""
+    """Write text atomically: written beside the file, then renamed over it."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

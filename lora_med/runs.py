@@ -202,9 +202,10 @@ def weights_problems(folder: Path, stem: str, what: str) -> list[str]:
             elif p := safetensors_problem(folder / shard):
                 out.append(p)
         return out
-    if any((folder / f).is_file() for f in (f"{stem}.bin", "pytorch_model.bin")):
-        return [f"{folder}: holds pickle (.bin) weights only, which are not loaded (they can run code); re-save them "
-                "as safetensors (`model.save_pretrained(dir, safe_serialization=True)`)"]
+    pickled = [f for f in (f"{stem}.bin", "pytorch_model.bin") if (folder / f).is_file()]
+    if pickled:
+        return [f"{folder / pickled[0]}: pickle files are not loaded (they can run code); re-save the {what} as "
+                "safetensors (`model.save_pretrained(dir, safe_serialization=True)`) and remove the .bin file"]
     return [f"{single}: missing; the {what} weights are not in {folder}: copy them there, or retrain"]
 
 

@@ -60,13 +60,11 @@ def _corpus() -> list[str]:
     return lines * 4 + ["áéíóúñÁÉÍÓÚÑ¿¡ 0123456789"]
 
 
-@pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory) -> Path:
-    """A local base model folder: 2-layer GPT-2, 64 wide, ~400-token byte-level BPE vocabulary."""
+def build_tiny_base(out: Path) -> Path:
+    """A local base model folder in ``out``: 2-layer GPT-2, 64 wide, ~400-token byte-level BPE vocabulary."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
-    out = tmp_path_factory.mktemp("tiny-base")
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(_corpus(), vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"])
     tok = GPT2TokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
@@ -77,6 +75,11 @@ def tiny_base(tmp_path_factory) -> Path:
     GPT2LMHeadModel(config).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    return build_tiny_base(tmp_path_factory.mktemp("tiny-base"))
 
 
 @pytest.fixture(scope="session")

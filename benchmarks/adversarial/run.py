@@ -144,27 +144,15 @@ def lora_med(args: list[str], cwd: Path, scratch: Path, log: Path | None = None,
 
 
 def build_fixtures(scratch: Path) -> dict[str, str]:
-    """A tiny GPT-2 base (2 layers, 64 wide, BPE trained here, as tests/conftest.py), conversations, a finished
+    """A tiny GPT-2 base (tests/conftest.py's build_tiny_base: 2 layers, 64 wide, BPE trained here), conversations, a finished
     LoRA run (r 4, checkpoints 1 and 2), a LoRA run with r 8, a full run, an export and a bench report."""
-    import torch
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
-
-    from tests.conftest import CONVERSATIONS, _corpus
+    from tests.conftest import CONVERSATIONS, build_tiny_base
 
     fx = scratch / "fixtures"
     fx.mkdir()
     (scratch / "home").mkdir()
     (scratch / "home" / "diary.txt").write_text("mis cosas\n")
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(_corpus(), vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"])
-    tok = GPT2TokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                            unk_token="<|endoftext|>", model_max_length=256)
-    config = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=64, n_layer=2, n_head=2,
-                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(config).save_pretrained(fx / "base", safe_serialization=True)
-    tok.save_pretrained(fx / "base")
+    build_tiny_base(fx / "base")
     (fx / "convs.json").write_text(json.dumps(CONVERSATIONS, ensure_ascii=False, indent=1), encoding="utf-8")
     F = {"base": str(fx / "base"), "data": str(fx / "convs.json"), "run": str(fx / "run"), "run8": str(fx / "run8"),
          "full": str(fx / "full"), "exp": str(fx / "exp"), "report": str(fx / "report")}
