@@ -258,6 +258,8 @@ class ServeConfig:
     do_sample: bool = setting(False, "sample instead of greedy decoding")
     temperature: float = setting(1.0, "sampling only", above=0)
     top_p: float = setting(1.0, "sampling only", above=0, max=1)
+    prefix_cache_mb: float = setting(256.0, "memory for keeping conversations' KV cache between turns, so that a "
+                                     "follow-up computes only its new tokens (CPU decode graph; 0: off)", min=0)
     # server
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 exposes it to the network)")
     port: int = setting(8000, "TCP port; 0 picks a free one (logged in the \"ready\" line)", min=0, max=65535)

@@ -32,6 +32,7 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
+from .engine_prefix import PrefixCache
 from .errors import LoraMedError
 from .models import load_model, resolve_device
 
@@ -84,8 +85,10 @@ class Engine:
     """One generation loop over a step backend. Build it with :func:`load_engine` or :func:`torch_engine`."""
 
     def __init__(self, backend: StepBackend, *, name: str, device: str, precision: str, eos_token_id: int,
-                 vocab_size: int, info: dict | None = None):
+                 vocab_size: int, info: dict | None = None, prefix_cache: PrefixCache | None = None):
         self._backend = backend
+        # Kept KV caches of finished replies (engine_prefix); only a backend that can restore rows takes one.
+        self.prefix_cache = prefix_cache if getattr(backend, "restores_prefixes", False) else None
         self.name = name
         self.device = device
         self.precision = precision
@@ -120,14 +123,21 @@ class Engine:
         feed = np.empty(batch, dtype=np.int64)
         bans = _NGramBans(rows, s.no_repeat_ngram_size) if s.no_repeat_ngram_size > 0 else None
         chooser = _Sampler(s) if s.do_sample else None
+        cache = self.prefix_cache
+        fed: list[list[int]] = [[] for _ in range(batch)]  # tokens fed after the prompt whose KV is valid
         with self._lock, self._backend.scope():
-            logits = self._backend.prefill(rows, s.max_new_tokens)
+            if cache is not None:
+                reuse = [cache.lookup(r) for r in rows]
+                logits = self._backend.prefill(rows, s.max_new_tokens, reuse=reuse)
+            else:
+                logits = self._backend.prefill(rows, s.max_new_tokens)
             for t in range(s.max_new_tokens):
                 if t < s.min_new_tokens:
                     logits[:, eos] = -np.inf
                 if bans is not None:
                     bans.apply(logits, done)
                 nxt = chooser.choose(logits) if chooser is not None else logits.argmax(axis=1)
+                was_done = done.copy()
                 for b in range(batch):
                     if done[b]:
                         continue
@@ -143,7 +153,15 @@ class Engine:
                 # Finished rows keep a fixed shape by feeding EOS; their logits are ignored.
                 np.copyto(feed, nxt, casting="unsafe")
                 feed[done] = eos
+                if cache is not None:  # a row's own token (or the EOS that ended it) is written at its position
+                    for b in np.flatnonzero(~was_done):
+                        fed[b].append(int(feed[b]))
                 logits = self._backend.step(feed)
+            if cache is not None:
+                for b in range(batch):
+                    tokens = rows[b] + fed[b]
+                    cache.store(tokens, self._backend.snapshot(b, len(tokens)),
+                                extends=reuse[b][0] if reuse[b] is not None else None)
         return out
 
     def _check(self, prompts: list[list[int]], settings: GenerationSettings) -> list[list[int]]:
@@ -375,7 +393,8 @@ def optimum_engine(model, *, eos_token_id: int, name: str | None = None, precisi
 # --------------------------------------------------------------------------- loading
 
 
-def load_engine(path, *, device: str = "auto", threads: int | None = None, spin: bool = True) -> Engine:
+def load_engine(path, *, device: str = "auto", threads: int | None = None, spin: bool = True,
+                prefix_cache_mb: float = 0) -> Engine:
     """An engine for a folder.
 
     Args:
@@ -385,6 +404,9 @@ def load_engine(path, *, device: str = "auto", threads: int | None = None, spin:
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         threads: intra-op threads (ONNX Runtime session, or torch for a PyTorch folder); None: library default.
         spin: ONNX Runtime only: False stops idle threads spinning (see ``engine_ort.session_options``).
+        prefix_cache_mb: memory for finished replies' KV caches, so that a prompt starting with an earlier
+            prompt and its reply (a conversation's next turn) prefills only the rest (``engine_prefix``); 0: off.
+            The decode graph on the CPU only; elsewhere it is ignored.
 
     Raises:
         LoraMedError: the folder holds neither, or the device does not fit the graph's precision.
@@ -394,7 +416,7 @@ def load_engine(path, *, device: str = "auto", threads: int | None = None, spin:
         from .engine_ort import ort_engine  # here, not at the top: engine_ort imports Engine from this module
 
         info = json.loads((folder / ENGINE_FILE).read_text(encoding="utf-8"))
-        return ort_engine(folder, info, device=device, threads=threads, spin=spin)
+        return ort_engine(folder, info, device=device, threads=threads, spin=spin, prefix_cache_mb=prefix_cache_mb)
     if (folder / "config.json").is_file():
         dev = _resolve(device, resolve_device)
         if threads:

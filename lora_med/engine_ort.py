@@ -32,6 +32,7 @@ from typing import Iterator
 import numpy as np
 
 from .engine import Engine
+from .engine_prefix import Entry, PrefixCache
 from .errors import LoraMedError
 
 KV_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -70,7 +71,7 @@ def cuda_available() -> bool:
 
 
 def ort_engine(folder: Path, info: dict, *, device: str = "auto", threads: int | None = None,
-               cuda_graph: bool | None = None, spin: bool = True) -> Engine:
+               cuda_graph: bool | None = None, spin: bool = True, prefix_cache_mb: float = 0) -> Engine:
     """An :class:`~lora_med.engine.Engine` over a decode-graph folder (see ``load_engine``)."""
     precision = info.get("precision")
     if info.get("format") != "lora-med-decode-graph" or precision not in ("fp32", "fp16", "int8"):
@@ -79,10 +80,12 @@ def ort_engine(folder: Path, info: dict, *, device: str = "auto", threads: int |
     dev = _pick_device(folder, precision, device)
     backend = _OrtBackend(folder, info, dev, threads, cuda_graph=(dev == "cuda") if cuda_graph is None else cuda_graph,
                           spin=spin)
+    cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 and backend.restores_prefixes else None
     return Engine(backend, name=f"engine-{dev}-{precision}", device=dev, precision=precision,
-                  eos_token_id=int(info["eos_token_id"]), vocab_size=int(info["vocab_size"]),
+                  eos_token_id=int(info["eos_token_id"]), vocab_size=int(info["vocab_size"]), prefix_cache=cache,
                   info={"backend": "onnxruntime", "provider": backend.provider, "threads": threads,
-                        "cuda_graph": backend.cuda_graph, "graph": str(folder), "recipe": info.get("recipe")})
+                        "cuda_graph": backend.cuda_graph, "graph": str(folder), "recipe": info.get("recipe"),
+                        "prefix_cache_mb": prefix_cache_mb if cache is not None else 0})
 
 
 def _pick_device(folder: Path, precision: str, device: str) -> str:
@@ -198,6 +201,8 @@ class _OrtBackend:
             raise LoraMedError(f"{model}: ONNX Runtime could not load the decode graph on {device}: "
                                f"{str(e).splitlines()[0][:400]}") from None
         self.provider = self.session.get_providers()[0]
+        # Rows' caches can be copied out and back (engine_prefix) where they are host arrays: the CPU.
+        self.restores_prefixes = device == "cpu"
         self.prefill_options = ort.RunOptions()
         if self.cuda_graph:
             self.prefill_options.add_run_config_entry("gpu_graph_id", "-1")  # prompts: shapes vary, never captured
@@ -235,32 +240,50 @@ class _OrtBackend:
     def scope(self) -> Iterator[None]:
         yield  # nothing to set up or restore around a generate call
 
-    def prefill(self, rows: list[list[int]], max_new_tokens: int) -> np.ndarray:
+    def prefill(self, rows: list[list[int]], max_new_tokens: int,
+                reuse: list[tuple[Entry, int] | None] | None = None) -> np.ndarray:
         slot = self._slot_for(len(rows))
         lens = np.ones(slot.batch, np.int64)  # padding rows (CUDA buckets) hold a single token 0
         lens[:len(rows)] = [len(r) for r in rows]
         if self.device == "cpu":
             # A prompt costs compute in proportion to its tokens on the CPU, padding included, and the server's
             # batches mix a first message (~20 tokens) with long conversations (~250): each run of rows of
-            # similar length is prefilled on its own, straight into its rows of the cache.
-            for start, stop in _runs_of_similar_length(lens[:len(rows)]):
-                self._prefill_rows(slot, rows[start:stop], lens[start:stop], start)
+            # similar length is prefilled on its own, straight into its rows of the cache. A row with a cached
+            # prefix (reuse[b] = (entry, n)) gets the entry's first n positions copied in and runs the rest.
+            reuse = reuse or [None] * len(rows)
+            fresh: list[int] = []
+            for b in range(len(rows) + 1):
+                if b < len(rows) and reuse[b] is None:
+                    fresh.append(b)
+                    continue
+                for start, stop in _runs_of_similar_length(lens[fresh]) if fresh else ():
+                    self._prefill_rows(slot, rows[fresh[start]:fresh[start] + stop - start], fresh[start])
+                fresh = []
+                if b < len(rows):
+                    entry, n = reuse[b]
+                    for a, cached in zip(slot.kv_host, entry.kv):
+                        a[b, :, :n] = cached[:, :n]
+                    self._prefill_rows(slot, [rows[b][n:]], b, offset=n)
         else:  # one launch: on a GPU the padding costs little, and the kernels need the whole batch's buffers
-            self._prefill_rows(slot, rows + [[0]] * (slot.batch - len(rows)), lens, None)
+            self._prefill_rows(slot, rows + [[0]] * (slot.batch - len(rows)), None)
         self.slot, self.rows, self.lens = slot, len(rows), lens
         return self._logits(slot)
 
-    def _prefill_rows(self, slot: _Slot, rows: list[list[int]], lens: np.ndarray, start: int | None) -> None:
-        """Run the prompt graph on ``rows`` (right-padded), writing their cache and logits: the whole slot when
-        ``start`` is None, else rows ``start..start+len(rows)`` of it (CPU: views of the slot's arrays)."""
-        batch, width = len(rows), int(lens.max())
+    def _prefill_rows(self, slot: _Slot, rows: list[list[int]], start: int | None, offset: int = 0) -> None:
+        """Run the graph on ``rows`` (right-padded) after ``offset`` cached positions, writing their cache and
+        logits: the whole slot when ``start`` is None, else rows ``start..start+len(rows)`` of it (CPU: views of
+        the slot's arrays)."""
+        batch, width = len(rows), max(len(r) for r in rows)
         ids = np.zeros((batch, width), np.int64)
         for b, r in enumerate(rows):
-            ids[b, :len(r)] = r  # right padding: every row's cache starts at position 0
-        pos = np.broadcast_to(np.arange(width, dtype=np.int64), (batch, width)).copy()
+            ids[b, :len(r)] = r  # right padding: every row's new keys start at position ``offset``
+        new = np.array([len(r) for r in rows], np.int64)
+        pos = np.broadcast_to(np.arange(offset, offset + width, dtype=np.int64), (batch, width)).copy()
         binding = self.session.io_binding()
-        for name, a in (("input_ids", ids), ("position_ids", pos), ("seqlens_k", (lens - 1).astype(np.int32)),
-                        ("total_sequence_length", np.array(width, np.int32)), ("last_index", (lens - 1)[:, None])):
+        for name, a in (("input_ids", ids), ("position_ids", pos),
+                        ("seqlens_k", (offset + new - 1).astype(np.int32)),
+                        ("total_sequence_length", np.array(offset + width, np.int32)),
+                        ("last_index", (new - 1)[:, None])):
             binding.bind_cpu_input(self.io[name], a)
         if start is None:
             slot.bind_cache_and_logits(binding)
@@ -269,6 +292,10 @@ class _OrtBackend:
             _bind_cache_and_logits(binding, self.io, [self.device_value(a[part]) for a in slot.kv_host],
                                    self.device_value(slot.logits_host[part]))
         self.session.run_with_iobinding(binding, self.prefill_options)
+
+    def snapshot(self, row: int, n: int) -> list[np.ndarray]:
+        """Copies of row ``row``'s first ``n`` cached positions, per layer key and value (CPU)."""
+        return [a[row, :, :n].copy() for a in self.slot.kv_host]
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         slot, n = self.slot, self.rows

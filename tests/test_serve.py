@@ -395,6 +395,7 @@ def test_health_metrics_docs(server):
     assert h["status"] == "ok" and h["engine"].startswith("engine-") and h["device"] == "cpu"
     assert h["format"] == "dialogpt" and h["prompt_budget"] == 256 - 40
     assert {"uptime_s", "queue_depth", "in_flight", "model"} <= set(h)
+    assert h["prefix_cache_mb"] == 0  # a PyTorch model: the prefix cache is the CPU decode graph's
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     for series in ('lora_med_requests_total{status="200"}', "lora_med_request_seconds_bucket",
                    "lora_med_queue_depth", "lora_med_batch_size_bucket", "lora_med_guard_hits_total{rule=",
@@ -544,7 +545,14 @@ def test_export_folder_serves_its_decode_graph_else_merged(exported, tmp_path):
     history = [Message("user", "Hola, necesito una cita"), Message("assistant", "¿Para qué especialidad?"),
                Message("user", "pediatria")]
     prompts = [ort_side.prompt(history), ort_side.prompt(history[-1:])]
-    assert ort_side.generate(prompts) == torch_side.generate(prompts)  # one engine, two backends, same replies
+    replies = ort_side.generate(prompts)
+    assert replies == torch_side.generate(prompts)  # one engine, two backends, same replies
+    # The next turn starts with the first prompt and its reply: the decode graph takes them from its prefix cache.
+    assert ort_side.engine.prefix_cache is not None and torch_side.engine.prefix_cache is None
+    follow = ort_side.prompt(history + [Message("assistant", ort_side.decode(replies[0])), Message("user", "el lunes")])
+    reused = ort_side.engine.prefix_cache.reused_tokens
+    assert ort_side.generate([follow]) == torch_side.generate([follow])
+    assert ort_side.engine.prefix_cache.reused_tokens - reused >= len(prompts[0])
     ort_side.close()
     torch_side.close()
 

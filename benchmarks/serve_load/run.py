@@ -180,6 +180,16 @@ def check_store(db: Path) -> dict:
     return {"user_turns": users, "replies": replies, "integrity": integrity}
 
 
+def prompt_tokens(url: str) -> tuple[float, float]:
+    """(prompt tokens, of which taken from the engine's prefix cache) so far, from the server's /metrics."""
+    found = {"lora_med_prompt_tokens_total": 0.0, "lora_med_prompt_tokens_reused_total": 0.0}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in found:
+            found[name] = float(value)
+    return found["lora_med_prompt_tokens_total"], found["lora_med_prompt_tokens_reused_total"]
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"# lora-med serve load test: {report['model']}", "",
@@ -188,12 +198,13 @@ def markdown(report: dict) -> str:
              f"Server settings: {json.dumps(report['server_settings'])}; messages: {report['messages']} held-out "
              "user turns that reach the model, each client one patient with a multi-turn conversation.", "",
              "| clients | requests | answered | throughput (req/s) | p50 ms | p95 ms | p99 ms | max ms | mean batch "
-             "| server CPU (cores) | server RSS peak MB | errors |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| prompt tokens from the prefix cache | server CPU (cores) | server RSS peak MB | errors |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in report["levels"]:
         errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "none"
         lines.append(f"| {r['clients']} | {r['requests']} | {r['answered_200']} | {r['throughput_rps']} | {r['p50_ms']} "
-                     f"| {r['p95_ms']} | {r['p99_ms']} | {r['max_ms']} | {r['mean_batch']} | {r['server_cpu_cores']} "
+                     f"| {r['p95_ms']} | {r['p99_ms']} | {r['max_ms']} | {r['mean_batch']} "
+                     f"| {r.get('prompt_reused_pct')}% | {r['server_cpu_cores']} "
                      f"| {r['server_rss_peak_mb']} | {errors} |")
     t = report["targets"]
     lines += ["", f"- Lost or unanswered: {t['lost']} (target 0); a stored reply for every 200: "
@@ -252,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         warm = asyncio.run(level(url, 1, a.warmup, 60, texts, "0"))  # first calls allocate and warm caches
         results = []
         for i, c in enumerate(levels):
+            before = prompt_tokens(url)
             if server:
                 with Sampler(server.proc.pid) as sampler:
                     r = asyncio.run(level(url, c, a.requests, a.duration_s, texts, str(i + 1)))
@@ -262,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
             else:  # a server started elsewhere: its process is not ours to sample
                 r = asyncio.run(level(url, c, a.requests, a.duration_s, texts, str(i + 1)))
                 r["server_cpu_cores"] = r["server_rss_peak_mb"] = r["server_rss_mean_mb"] = None
+            total, reused = (b - a for a, b in zip(before, prompt_tokens(url)))
+            r["prompt_tokens"], r["prompt_tokens_reused"] = int(total), int(reused)
+            r["prompt_reused_pct"] = round(100 * reused / total, 1) if total else None
             print(f"{c:3d} clients: {r['answered_200']}/{r['requests']} answered, {r['throughput_rps']} req/s, "
                   f"p50 {r['p50_ms']} ms, p95 {r['p95_ms']} ms, p99 {r['p99_ms']} ms, errors {r['errors'] or 'none'}",
                   flush=True)

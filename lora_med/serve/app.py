@@ -80,7 +80,10 @@ class _Server:
         self.limiter = RateLimiter(cfg.rate_limit, cfg.rate_window_s)
         self.locks = UserLocks()
         self.in_flight = 0
-        self.metrics = Metrics(queue_depth=lambda: self.batcher.depth(), in_flight=lambda: self.in_flight)
+        cache = getattr(replier.engine, "prefix_cache", None)
+        self.metrics = Metrics(queue_depth=lambda: self.batcher.depth(), in_flight=lambda: self.in_flight,
+                               prompt_tokens=lambda: cache.prompt_tokens if cache is not None else 0,
+                               reused_tokens=lambda: cache.reused_tokens if cache is not None else 0)
         self.batcher = Batcher(replier.generate, max_batch=cfg.max_batch, wait_s=cfg.batch_wait_ms / 1000,
                                queue_size=cfg.queue_size, metrics=self.metrics)
         self.store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
@@ -235,7 +238,9 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
                 "device": eng.device, "precision": eng.precision, "capacity": eng.capacity,
                 "format": server.replier.fmt, "prompt_budget": server.replier.budget,
                 "uptime_s": round(time.time() - server.started, 1), "queue_depth": server.batcher.depth(),
-                "in_flight": server.in_flight, "max_batch": cfg.max_batch}
+                "in_flight": server.in_flight, "max_batch": cfg.max_batch,
+                "prefix_cache_mb": eng.prefix_cache.max_bytes / 2**20 if getattr(eng, "prefix_cache", None) is not None
+                else 0}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:

@@ -55,8 +55,10 @@ class Counter(_Series):
 
 
 class Gauge(_Series):
-    def __init__(self, name: str, help_: str, read: Callable[[], float]):
-        super().__init__(name, help_, "gauge")
+    """A value read when /metrics is scraped (``kind="counter"`` for a total kept elsewhere, e.g. the engine's)."""
+
+    def __init__(self, name: str, help_: str, read: Callable[[], float], kind: str = "gauge"):
+        super().__init__(name, help_, kind)
         self.read = read
 
     def lines(self) -> list[str]:
@@ -87,7 +89,8 @@ class Histogram(_Series):
 class Metrics:
     """The server's series. ``queue_depth`` and ``in_flight`` are read when /metrics is scraped."""
 
-    def __init__(self, queue_depth: Callable[[], float], in_flight: Callable[[], float]):
+    def __init__(self, queue_depth: Callable[[], float], in_flight: Callable[[], float],
+                 prompt_tokens: Callable[[], float] = lambda: 0.0, reused_tokens: Callable[[], float] = lambda: 0.0):
         self.requests = Counter("lora_med_requests_total", "POST /chat/ requests by HTTP status.", "status")
         self.latency = Histogram("lora_med_request_seconds", "POST /chat/ time from arrival to reply, in seconds.",
                                  LATENCY_BUCKETS)
@@ -102,8 +105,14 @@ class Metrics:
         self.actions = Counter("lora_med_actions_total", "Replies by action.", "action")
         self.empty_replies = Counter("lora_med_empty_replies_total",
                                      "Model replies that were empty (the fallback reply was sent).")
+        self.prompt_tokens = Gauge("lora_med_prompt_tokens_total", "Prompt tokens sent to the model (with the "
+                                   "engine's prefix cache on).", prompt_tokens, kind="counter")
+        self.reused_tokens = Gauge("lora_med_prompt_tokens_reused_total", "Prompt tokens taken from the prefix "
+                                   "cache instead of computed (earlier turns of the conversation).", reused_tokens,
+                                   kind="counter")
         self._all = (self.requests, self.latency, self.queue_depth, self.in_flight, self.batch_size,
-                     self.generate_seconds, self.engine_requests, self.guard_hits, self.actions, self.empty_replies)
+                     self.generate_seconds, self.engine_requests, self.guard_hits, self.actions, self.empty_replies,
+                     self.prompt_tokens, self.reused_tokens)
 
     def render(self) -> str:
         lines: list[str] = []

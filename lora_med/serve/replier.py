@@ -156,7 +156,8 @@ def load_replier(cfg: ServeConfig, engine=None, source: ModelSource | None = Non
     if engine is None and source.adapter_base:
         engine = _merged_run_engine(source, tokenizer, cfg)
     elif engine is None:
-        engine = load_engine(source.engine_path, device=cfg.device, threads=cfg.threads)
+        engine = load_engine(source.engine_path, device=cfg.device, threads=cfg.threads,
+                             prefix_cache_mb=cfg.prefix_cache_mb)
     return Replier(engine, tokenizer, source, settings_from(cfg))
 
 
