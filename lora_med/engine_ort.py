@@ -2,10 +2,10 @@
 decode-graph backend, and the helpers for the Optimum graph an export keeps beside it (``ORTModelForCausalLM``:
 loadable by stock Optimum, used for perplexity and the parity gate, measured by bench as a peer).
 
-The decode graph (lora_med.decode_graph) runs with IO binding. Everything the graph reads or writes per token lives in buffers allocated once per batch size and bound
-once (``IOBinding``): the KV cache at full capacity (one OrtValue bound as both ``past_key_values.i`` and
-``present.i``, so ONNX Runtime writes each new key/value in place), the token/position/length inputs and
-the logits output. A decode step is then: write three tiny int arrays, ``run_with_iobinding``, read
+The decode graph (lora_med.decode_graph) runs with IO binding. Everything the graph reads or writes per token
+lives in buffers allocated once per batch size and bound once (``IOBinding``): the KV cache at full capacity
+(one OrtValue bound as both ``past_key_values.i`` and ``present.i``, so ONNX Runtime writes each new key/value
+in place), the token/position/length inputs and the logits output. A decode step is then: write three tiny int arrays, ``run_with_iobinding``, read
 ``[batch, vocab]`` float32 logits.
 
 - CPU: the bound inputs and the logits are numpy arrays that the OrtValues share (no copies at all). One

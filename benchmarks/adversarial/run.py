@@ -144,8 +144,9 @@ def lora_med(args: list[str], cwd: Path, scratch: Path, log: Path | None = None,
 
 
 def build_fixtures(scratch: Path) -> dict[str, str]:
-    """A tiny GPT-2 base (tests/conftest.py's build_tiny_base: 2 layers, 64 wide, BPE trained here), conversations, a finished
-    LoRA run (r 4, checkpoints 1 and 2), a LoRA run with r 8, a full run, an export and a bench report."""
+    """A tiny GPT-2 base (tests/conftest.py's build_tiny_base: 2 layers, 64 wide, BPE trained here),
+    conversations, a finished LoRA run (r 4, checkpoints 1 and 2), a LoRA run with r 8, a full run, an export and a
+    bench report."""
     from tests.conftest import CONVERSATIONS, build_tiny_base
 
     fx = scratch / "fixtures"

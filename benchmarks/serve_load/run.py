@@ -202,7 +202,8 @@ def markdown(report: dict) -> str:
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in report["levels"]:
         errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "none"
-        lines.append(f"| {r['clients']} | {r['requests']} | {r['answered_200']} | {r['throughput_rps']} | {r['p50_ms']} "
+        lines.append(f"| {r['clients']} | {r['requests']} | {r['answered_200']} | {r['throughput_rps']} "
+                     f"| {r['p50_ms']} "
                      f"| {r['p95_ms']} | {r['p99_ms']} | {r['max_ms']} | {r['mean_batch']} "
                      f"| {r.get('prompt_reused_pct')}% | {r['server_cpu_cores']} "
                      f"| {r['server_rss_peak_mb']} | {errors} |")

@@ -234,13 +234,13 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
     async def health() -> dict:
         """Model, engine, device, uptime and queue depth."""
         eng = server.replier.engine
+        cache = getattr(eng, "prefix_cache", None)
         return {"status": "ok", "model": cfg.model, "source": server.replier.source.kind, "engine": eng.name,
                 "device": eng.device, "precision": eng.precision, "capacity": eng.capacity,
                 "format": server.replier.fmt, "prompt_budget": server.replier.budget,
                 "uptime_s": round(time.time() - server.started, 1), "queue_depth": server.batcher.depth(),
                 "in_flight": server.in_flight, "max_batch": cfg.max_batch,
-                "prefix_cache_mb": eng.prefix_cache.max_bytes / 2**20 if getattr(eng, "prefix_cache", None) is not None
-                else 0}
+                "prefix_cache_mb": cache.max_bytes / 2**20 if cache is not None else 0}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:

@@ -5,8 +5,8 @@ clinic's emergency instruction (call 118 now or go to the nearest emergency room
 question) and ``action: "emergency"``. The rules favour recall: a false alarm costs one reply, a miss
 may cost a life. One exception, the file's ``history`` section: a sign patients carry as history, told to
 book a check-up ("el año pasado tuve un infarto, necesito mi control") with no word of now, reaches the model
-(a cardiology clinic gets these every day). ``python -m lora_med.serve.guard CASES.yaml`` prints recall and false alarms on a case
-list (tests/data/guard_cases.yaml).
+(a cardiology clinic gets these every day). ``python -m lora_med.serve.guard CASES.yaml`` prints recall and
+false alarms on a case list (tests/data/guard_cases.yaml).
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
-from .config import read_yaml
-from .config import resolve_path
+from .config import read_yaml, resolve_path
 from .matcher import RuleSet
 
 
