@@ -9,7 +9,8 @@ any length, so a multi-token "prompt" after a past is one call). The match is on
 conversation ids: a prompt cut differently (its oldest turns dropped to fit), a reply re-tokenized another
 way, or another model's cache simply does not match, and the prompt is prefilled whole. Positions before
 the first difference depend only on the tokens before them (causal attention), so a partial match is
-reused up to there.
+reused up to there. fp32 replies are the ones a full prefill gives; an int8 graph quantises activations per
+call, so its logits move by rounding, as they do between batch sizes.
 
 Entries are evicted least recently used when their bytes exceed the budget; an entry that a longer one
 extends is dropped when that one is stored. One engine, one cache, used under the engine's lock.
