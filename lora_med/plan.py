@@ -414,9 +414,10 @@ def _estimate_cuda(shape: Shape, *, method: str, b: int, s: int, trainable: int,
                     moments={k: tensors(v) * (1 + ALLOCATOR_ROUNDING) for k, v in moments.items()})
 
 
-def saved_activation_bytes(model, **inputs) -> int:
-    """Bytes autograd keeps for the backward pass in one forward of ``model(**inputs)``: the distinct
-    storages saved by any op, parameters left out. The measurement the activation term is checked against."""
+def saved_activation_bytes(model, run=None, **inputs) -> int:
+    """Bytes autograd keeps for the backward pass in one forward of ``model(**inputs)`` (or of ``run()``, e.g. a
+    loss computed another way): the distinct storages saved by any op, parameters left out. The measurement the
+    activation term is checked against."""
     import torch
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -428,7 +429,7 @@ def saved_activation_bytes(model, **inputs) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(**inputs)
+        run() if run is not None else model(**inputs)
     return sum(n for ptr, n in seen.items() if ptr not in params)
 
 

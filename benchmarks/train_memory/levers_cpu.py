@@ -88,19 +88,7 @@ def loss_of(model, ids, labels, case: str):
 
 
 def kept_bytes(model, ids, labels, case: str) -> int:
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_of(model, ids, labels, case)
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return sum(n for p, n in seen.items() if p not in params)
+    return plan.saved_activation_bytes(model, run=lambda: loss_of(model, ids, labels, case))
 
 
 def main() -> None:
