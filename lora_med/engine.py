@@ -1,12 +1,15 @@
 """The generation engine: one token loop for every reply lora-med produces.
 
-``Engine.generate`` owns everything that decides *which* token comes next (greedy or sampling with
-temperature/top-p, EOS stop, ``min_new_tokens``, no-repeat n-grams, the left cut of long prompts,
-batches of prompts of any lengths). What computes the logits is a step backend with two calls:
+``Stream`` (and ``Engine.generate``, a stream that takes all its prompts at once) owns everything that
+decides *which* token comes next (greedy or sampling with temperature/top-p, EOS stop, ``min_new_tokens``,
+no-repeat n-grams, the left cut of long prompts, batches of prompts of any lengths, prompts joining a
+running batch). What computes the logits is a step backend over a KV cache of ``rows`` rows:
 
-- ``prefill(rows, max_new_tokens)``: run the prompts, keep their KV cache, return the last prompt
-  position's logits per row (``float32 [batch, vocab]``);
-- ``step(tokens)``: feed one new token per row, return the next logits.
+- ``open(rows)``: a cache for that many rows;
+- ``prefill(at, prompts, max_new_tokens)``: run the prompts into rows ``at``, return the last prompt
+  position's logits per prompt (``float32 [len(at), vocab]``);
+- ``step(tokens, active)``: feed one new token to each of the first ``len(tokens)`` rows (only ``active``
+  rows advance), return their next logits.
 
 Two backends exist: the ONNX decode graph written by :mod:`lora_med.decode_graph`, run by ONNX Runtime
 on the CPU or CUDA provider (:mod:`lora_med.engine_ort`), and a Hugging Face causal LM with its KV cache
@@ -25,13 +28,14 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol
 
 import numpy as np
 import torch
 
+from .engine_choice import NGramBans, Sampler
 from .engine_prefix import PrefixCache
 from .errors import LoraMedError
 from .models import load_model, resolve_device
@@ -71,10 +75,13 @@ class StepBackend(Protocol):
     """What computes logits for the loop (see the module docstring)."""
 
     capacity: int
+    joins: bool  # rows can be prefilled while others are decoding (continuous batching)
 
-    def prefill(self, rows: list[list[int]], max_new_tokens: int) -> np.ndarray: ...
+    def open(self, rows: int) -> None: ...
 
-    def step(self, tokens: np.ndarray) -> np.ndarray: ...
+    def prefill(self, at: list[int], rows: list[list[int]], max_new_tokens: int) -> np.ndarray: ...
+
+    def step(self, tokens: np.ndarray, active: np.ndarray) -> np.ndarray: ...
 
     def scope(self) -> contextlib.AbstractContextManager: ...
 
@@ -93,6 +100,7 @@ class Engine:
         self.device = device
         self.precision = precision
         self.capacity = int(backend.capacity)
+        self.joins = bool(getattr(backend, "joins", False))
         self.eos_token_id = int(eos_token_id)
         self.vocab_size = int(vocab_size)
         self.info = dict(info or {})  # what the engine runs: graph recipe, provider, threads (for reports)
@@ -108,69 +116,48 @@ class Engine:
 
         A row stops at EOS (not included in its ids) or after ``settings.max_new_tokens`` tokens. A prompt
         longer than ``capacity - max_new_tokens`` is cut from the left (the oldest turns go first, as in
-        training).
+        training). This is a :meth:`stream` that takes every prompt at once and steps until all have finished.
 
         Raises:
             LoraMedError: empty prompt list or prompt, a token id outside the vocabulary, bad settings, or
                 ``max_new_tokens`` that leaves no room for a prompt in the capacity.
         """
-        rows = self._check(prompts, settings)
-        s = settings
-        batch = len(rows)
-        eos = self.eos_token_id
-        out: list[list[int]] = [[] for _ in range(batch)]
-        done = np.zeros(batch, dtype=bool)
-        feed = np.empty(batch, dtype=np.int64)
-        bans = _NGramBans(rows, s.no_repeat_ngram_size) if s.no_repeat_ngram_size > 0 else None
-        chooser = _Sampler(s) if s.do_sample else None
-        cache = self.prefix_cache
-        fed: list[list[int]] = [[] for _ in range(batch)]  # tokens fed after the prompt whose KV is valid
-        with self._lock, self._backend.scope():
-            if cache is not None:
-                reuse = [cache.lookup(r) for r in rows]
-                logits = self._backend.prefill(rows, s.max_new_tokens, reuse=reuse)
-            else:
-                logits = self._backend.prefill(rows, s.max_new_tokens)
-            for t in range(s.max_new_tokens):
-                if t < s.min_new_tokens:
-                    logits[:, eos] = -np.inf
-                if bans is not None:
-                    bans.apply(logits, done)
-                nxt = chooser.choose(logits) if chooser is not None else logits.argmax(axis=1)
-                was_done = done.copy()
-                for b in range(batch):
-                    if done[b]:
-                        continue
-                    tok = int(nxt[b])
-                    if tok == eos:
-                        done[b] = True
-                    else:
-                        out[b].append(tok)
-                        if bans is not None:
-                            bans.add(b, tok)
-                if done.all() or t == s.max_new_tokens - 1:
-                    break
-                # Finished rows keep a fixed shape by feeding EOS; their logits are ignored.
-                np.copyto(feed, nxt, casting="unsafe")
-                feed[done] = eos
-                if cache is not None:  # a row's own token (or the EOS that ended it) is written at its position
-                    for b in np.flatnonzero(~was_done):
-                        fed[b].append(int(feed[b]))
-                logits = self._backend.step(feed)
-            if cache is not None:
-                for b in range(batch):
-                    tokens = rows[b] + fed[b]
-                    cache.store(tokens, self._backend.snapshot(b, len(tokens)),
-                                extends=reuse[b][0] if reuse[b] is not None else None)
-        return out
+        self._check_settings(settings)
+        self._check_prompts(prompts)
+        done: dict[int, list[int]] = {}
+        with self.stream(settings, rows=len(prompts)) as s:
+            handles = s.add(prompts)
+            while s.busy:
+                done.update((f.handle, f.ids) for f in s.step())
+        return [done[h] for h in handles]
 
-    def _check(self, prompts: list[list[int]], settings: GenerationSettings) -> list[list[int]]:
+    @contextlib.contextmanager
+    def stream(self, settings: GenerationSettings = GenerationSettings(), *, rows: int) -> Iterator[Stream]:
+        """Up to ``rows`` replies in flight at once (continuous batching); see :class:`Stream`.
+
+        The engine is held for the stream's life: other calls wait for it to close.
+
+        Raises:
+            LoraMedError: bad settings, or ``rows`` < 1.
+        """
+        self._check_settings(settings)
+        if rows < 1:
+            raise LoraMedError(f"{self.name}: a stream needs rows >= 1, got {rows}")
+        with self._lock, self._backend.scope():
+            self._backend.open(rows)
+            yield Stream(self, settings, rows)
+
+    def _check_settings(self, settings: GenerationSettings) -> None:
         problems = settings.problems()
-        budget = self.capacity - settings.max_new_tokens
-        if settings.max_new_tokens >= 1 and budget < 1:
+        if settings.max_new_tokens >= 1 and self.capacity - settings.max_new_tokens < 1:
             problems.append(f"max_new_tokens={settings.max_new_tokens} leaves no room for a prompt in the engine's "
                             f"capacity of {self.capacity} tokens; ask for fewer new tokens or rebuild the decode "
                             f"graph with a larger capacity")
+        if problems:
+            raise LoraMedError(f"{self.name}: cannot generate", problems)
+
+    def _check_prompts(self, prompts: list[list[int]]) -> None:
+        problems = []
         if not isinstance(prompts, (list, tuple)) or not prompts:
             problems.append("prompts: give a non-empty list of token-id lists (a batch of one is [[ids...]])")
         else:
@@ -183,7 +170,6 @@ class Engine:
                                     f"was it encoded with this model's tokenizer?")
         if problems:
             raise LoraMedError(f"{self.name}: cannot generate", problems)
-        return [[int(t) for t in p[-budget:]] for p in prompts]
 
     def teacher_forced_logits(self, ids: list[int]) -> np.ndarray:
         """float32 ``[len(ids) - 1, vocab]``: row i is the logits after ``ids[:i + 1]``, computed the way decoding
@@ -194,11 +180,12 @@ class Engine:
                                f"got {len(ids)}")
         out = np.empty((len(ids) - 1, self.vocab_size), np.float32)
         with self._lock, self._backend.scope():
-            out[0] = self._backend.prefill([[int(ids[0])]], len(ids) - 1)[0]
-            feed = np.empty(1, np.int64)
+            self._backend.open(1)
+            out[0] = self._backend.prefill([0], [[int(ids[0])]], len(ids) - 1)[0]
+            feed, active = np.empty(1, np.int64), np.ones(1, bool)
             for i in range(1, len(ids) - 1):
                 feed[0] = ids[i]
-                out[i] = self._backend.step(feed)[0]
+                out[i] = self._backend.step(feed, active)[0]
         return out
 
     def close(self) -> None:
@@ -212,76 +199,155 @@ class Engine:
         self.close()
 
 
-# --------------------------------------------------------------------------- token choice
+# --------------------------------------------------------------------------- rows in flight
 
 
-class _NGramBans:
-    """transformers' NoRepeatNGramLogitsProcessor, kept incrementally: for each row, the (n-1)-token
-    prefixes seen so far (prompt included) map to the tokens that followed them."""
+@dataclass(frozen=True)
+class Finished:
+    """A reply that is complete: its handle (from :meth:`Stream.add`), its new token ids (EOS not included)
+    and the mean number of rows in the backend calls that made it (its prefill, then each decode step; 1 for
+    a reply made alone)."""
 
-    def __init__(self, rows: list[list[int]], n: int):
-        self.n = n
-        self.seqs = [list(r) for r in rows]
-        self.seen: list[dict[tuple, set[int]]] = [{} for _ in rows]
-        for b, seq in enumerate(self.seqs):
-            for i in range(len(seq) - n + 1):
-                self.seen[b].setdefault(tuple(seq[i:i + n - 1]), set()).add(seq[i + n - 1])
-
-    def add(self, b: int, tok: int) -> None:
-        seq = self.seqs[b]
-        seq.append(tok)
-        if len(seq) >= self.n:
-            self.seen[b].setdefault(tuple(seq[len(seq) - self.n:-1]), set()).add(tok)
-
-    def apply(self, logits: np.ndarray, done: np.ndarray) -> None:
-        for b, seq in enumerate(self.seqs):
-            if done[b] or len(seq) + 1 < self.n:
-                continue
-            banned = self.seen[b].get(tuple(seq[len(seq) - self.n + 1:]))
-            if banned:
-                logits[b, list(banned)] = -np.inf
+    handle: int
+    ids: list[int]
+    batch: float
 
 
-class _Sampler:
-    """Temperature, then top-p (nucleus), then one draw per row, as transformers' warpers in that order."""
+@dataclass
+class _Row:
+    handle: int
+    prompt: list[int]
+    reuse: tuple | None  # (prefix-cache entry, tokens taken from it)
+    bans: NGramBans | None
+    out: list[int] = field(default_factory=list)
+    fed: list[int] = field(default_factory=list)  # tokens fed after the prompt (their KV is in the cache)
+    last: int = 0  # the token chosen last, fed at the next step
+    rows_seen: int = 0  # rows in the backend calls it took part in (its prefill, then decode steps), summed
+    steps: int = 0  # those calls
 
-    CANDIDATES = 1024  # top-p looks at this many top tokens first and sorts the whole vocabulary only if needed
 
-    def __init__(self, s: GenerationSettings):
-        self.temperature = float(s.temperature)
-        self.top_p = float(s.top_p)
-        self.rng = np.random.default_rng(s.seed)
+class Stream:
+    """Replies in flight over one backend (continuous batching): :meth:`add` prompts whenever rows are free,
+    :meth:`step` decodes one token for every unfinished row and returns the replies that finished.
 
-    def choose(self, logits: np.ndarray) -> np.ndarray:
-        out = np.empty(logits.shape[0], dtype=np.int64)
-        for b in range(logits.shape[0]):
-            out[b] = self._one(logits[b])
+    Every reply goes through the same token choice as :meth:`Engine.generate` (which is a stream that adds
+    all its prompts at once). A backend that ``joins`` (the decode graph on the CPU) prefills new prompts into
+    free rows of its cache while the other rows wait one step; a finished row's place is free at once, and
+    the decode batch is as wide as the highest busy row. Other backends (PyTorch, CUDA graphs) take new
+    prompts only when every row has finished: whole batches, as before. Make one with :meth:`Engine.stream`.
+    """
+
+    def __init__(self, engine: Engine, settings: GenerationSettings, rows: int):
+        self._engine, self._backend = engine, engine._backend
+        self.settings = settings
+        self.rows = rows
+        self._live: dict[int, _Row] = {}  # row index in the backend's cache -> its reply so far
+        self._width = 0  # rows the backend decodes (a backend that does not join keeps its batch's width)
+        self._finished: list[Finished] = []
+        self._handles = 0
+        s = settings
+        self._sampler = Sampler(s.temperature, s.top_p, s.seed) if s.do_sample else None
+
+    @property
+    def busy(self) -> bool:
+        """Replies are in flight or finished but not yet returned by :meth:`step`."""
+        return bool(self._live or self._finished)
+
+    @property
+    def live(self) -> int:
+        return len(self._live)
+
+    def free(self) -> int:
+        """How many prompts :meth:`add` takes now."""
+        if self._engine.joins:
+            return self.rows - len(self._live)
+        return 0 if self._live else self.rows
+
+    def add(self, prompts: list[list[int]]) -> list[int]:
+        """Prefill ``prompts`` into free rows and choose their first tokens; one handle per prompt.
+
+        A prompt longer than ``capacity - max_new_tokens`` is cut from the left, as in ``generate``.
+
+        Raises:
+            LoraMedError: a bad prompt (nothing is added), or more prompts than :meth:`free` rows.
+        """
+        self._engine._check_prompts(prompts)
+        if len(prompts) > self.free():
+            raise LoraMedError(f"{self._engine.name}: {len(prompts)} prompts for {self.free()} free rows; add at "
+                               f"most free() prompts")
+        budget = self._engine.capacity - self.settings.max_new_tokens
+        rows = [[int(t) for t in p[-budget:]] for p in prompts]
+        at = [b for b in range(self.rows) if b not in self._live][:len(rows)]
+        cache, n = self._engine.prefix_cache, self.settings.no_repeat_ngram_size
+        reuse = [cache.lookup(r) for r in rows] if cache is not None else [None] * len(rows)
+        if cache is not None:
+            logits = self._backend.prefill(at, rows, self.settings.max_new_tokens, reuse=reuse)
+        else:
+            logits = self._backend.prefill(at, rows, self.settings.max_new_tokens)
+        handles = []
+        for b, r, re in zip(at, rows, reuse):
+            self._live[b] = _Row(self._handles, r, re, NGramBans(r, n) if n > 0 else None,
+                                 rows_seen=len(rows), steps=1)  # its prefill ran with the prompts added with it
+            handles.append(self._handles)
+            self._handles += 1
+        self._width = max(self._width, at[-1] + 1) if self._engine.joins else len(rows)
+        self._choose(at, logits)
+        return handles
+
+    def step(self) -> list[Finished]:
+        """One decode step for every unfinished row (none when all have finished); the replies finished
+        since the last call, in the order they finished."""
+        if self._live:
+            if self._engine.joins:
+                self._width = max(self._live) + 1  # rows above the highest busy one cost nothing
+            feed = np.full(self._width, self._engine.eos_token_id, np.int64)  # idle rows: EOS, logits ignored
+            active = np.zeros(self._width, bool)
+            for b, r in self._live.items():
+                feed[b], active[b] = r.last, True
+                r.fed.append(r.last)
+                r.rows_seen += len(self._live)
+                r.steps += 1
+            logits = self._backend.step(feed, active)
+            at = sorted(self._live)
+            self._choose(at, logits if len(at) == self._width else logits[at])
+        out, self._finished = self._finished, []
         return out
 
-    def _one(self, row: np.ndarray) -> int:
-        x = row.astype(np.float64) / self.temperature
-        x -= x.max()
-        p = np.exp(x)
-        p /= p.sum()
-        if self.top_p < 1.0:
-            ids = self._nucleus(p)
-            p = p[ids] / p[ids].sum()
-        else:
-            ids = None
-        pick = int(np.searchsorted(np.cumsum(p), self.rng.random() * p.sum(), side="right"))
-        pick = min(pick, p.shape[0] - 1)
-        return int(ids[pick]) if ids is not None else pick
+    def drop(self, handle: int) -> None:
+        """Stop a reply nobody waits for any more (its row is free at once); unknown handles are ignored."""
+        for b, r in list(self._live.items()):
+            if r.handle == handle:
+                del self._live[b]
+        self._finished = [f for f in self._finished if f.handle != handle]
 
-    def _nucleus(self, p: np.ndarray) -> np.ndarray:
-        """Ids of the smallest top set whose mass reaches top_p (a token is kept while the mass above it is
-        below top_p, the rule of transformers' TopPLogitsWarper), most probable first."""
-        k = min(self.CANDIDATES, p.shape[0])
-        cand = np.argpartition(-p, k - 1)[:k] if k < p.shape[0] else np.arange(p.shape[0])
-        if p[cand].sum() < self.top_p and k < p.shape[0]:
-            cand = np.arange(p.shape[0])
-        order = cand[np.argsort(-p[cand], kind="stable")]
-        above = np.cumsum(p[order]) - p[order]
-        return order[above < self.top_p]
+    def _choose(self, at: list[int], logits: np.ndarray) -> None:
+        """Pick the next token of rows ``at`` from their logits (``[len(at), vocab]``, rows in that order)."""
+        s, eos = self.settings, self._engine.eos_token_id
+        for i, b in enumerate(at):
+            r = self._live[b]
+            if len(r.out) < s.min_new_tokens:
+                logits[i, eos] = -np.inf
+            if r.bans is not None:
+                r.bans.apply(logits[i])
+        nxt = self._sampler.choose(logits) if self._sampler is not None else logits.argmax(axis=1)
+        for b, tok in zip(at, nxt.tolist()):
+            r = self._live[b]
+            if tok != eos:
+                r.out.append(tok)
+                r.last = tok
+                if r.bans is not None:
+                    r.bans.add(tok)
+            if tok == eos or len(r.out) >= s.max_new_tokens:
+                self._finish(b)
+
+    def _finish(self, b: int) -> None:
+        r = self._live.pop(b)
+        cache = self._engine.prefix_cache
+        if cache is not None:  # keep the row's KV (prompt + the reply tokens fed so far) for the next turn
+            tokens = r.prompt + r.fed
+            cache.store(tokens, self._backend.snapshot(b, len(tokens)),
+                        extends=r.reuse[0] if r.reuse is not None else None)
+        self._finished.append(Finished(r.handle, r.out, r.rows_seen / r.steps))
 
 
 # --------------------------------------------------------------------------- PyTorch backend
@@ -321,7 +387,13 @@ class _TorchBackend:
             if was_training:
                 self.model.train()
 
-    def prefill(self, rows: list[list[int]], max_new_tokens: int) -> np.ndarray:
+    joins = False  # the HF cache is one left-padded batch: new prompts wait for the batch to finish
+
+    def open(self, rows: int) -> None:
+        self.cache = None  # the batch is sized by its prompts at prefill
+
+    def prefill(self, at: list[int], rows: list[list[int]], max_new_tokens: int) -> np.ndarray:
+        assert at == list(range(len(rows))), "the PyTorch backend takes a whole batch at once"
         batch, width = len(rows), max(len(r) for r in rows)
         ids = torch.zeros((batch, width), dtype=torch.long)
         # The mask covers the whole reply up front; each step exposes one more column of it (a view).
@@ -338,7 +410,8 @@ class _TorchBackend:
         self.cache = out.past_key_values
         return self._logits(out.logits)
 
-    def step(self, tokens: np.ndarray) -> np.ndarray:
+    def step(self, tokens: np.ndarray, active: np.ndarray) -> np.ndarray:
+        # Every row of the batch advances (a finished one is fed EOS and its logits ignored): one left-padded cache.
         self.pos += 1
         self.length += 1
         ids = torch.from_numpy(tokens).view(-1, 1).to(self.device)

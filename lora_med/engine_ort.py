@@ -132,8 +132,9 @@ class _Slot:
         self.total_v = b.ort.OrtValue.ortvalue_from_numpy(self.total)  # host memory on every provider
         self.io = b.io
         self.run_options = b.ort.RunOptions()
-        if b.cuda_graph:
-            self.run_options.add_run_config_entry("gpu_graph_id", str(batch))  # one captured graph per batch size
+        # One captured graph per batch size; without CUDA graphs "-1" (no capture) is set anyway: onnxruntime's
+        # Python wrapper looks the entry up on every run, and a missing one costs a C++ exception (~65 us).
+        self.run_options.add_run_config_entry("gpu_graph_id", str(batch) if b.cuda_graph else "-1")
         self.decode = b.session.io_binding()
         for name, v in (("input_ids", self.ids_v), ("position_ids", self.pos_v), ("seqlens_k", self.seqlens_v),
                         ("total_sequence_length", self.total_v), ("last_index", self.last_v)):
@@ -204,12 +205,12 @@ class _OrtBackend:
         # Rows' caches can be copied out and back (engine_prefix) where they are host arrays: the CPU.
         self.restores_prefixes = device == "cpu"
         self.prefill_options = ort.RunOptions()
-        if self.cuda_graph:
-            self.prefill_options.add_run_config_entry("gpu_graph_id", "-1")  # prompts: shapes vary, never captured
+        self.prefill_options.add_run_config_entry("gpu_graph_id", "-1")  # prompts: shapes vary, never captured
         self.slots: dict[int, _Slot] = {}
-        self.slot: _Slot | None = None
-        self.rows = 0
-        self.lens = np.zeros(0, np.int64)
+        self.slot: _Slot | None = None  # the opened cache (CPU: the arena's rows for the stream)
+        self.lens = np.zeros(0, np.int64)  # tokens in each row's cache
+        # Prompts can be prefilled into free rows while others decode: the CPU's rows are views of one arena.
+        self.joins = device == "cpu"
 
     # -- buffers
 
@@ -240,34 +241,43 @@ class _OrtBackend:
     def scope(self) -> Iterator[None]:
         yield  # nothing to set up or restore around a generate call
 
-    def prefill(self, rows: list[list[int]], max_new_tokens: int,
+    def open(self, rows: int) -> None:
+        """A cache for ``rows`` rows, every row free (CPU: views of the arena, grown first if it is smaller)."""
+        self.slot = self._slot_for(rows)
+        self.lens = np.ones(self.slot.batch, np.int64)  # a free row holds one token: its writes stay in its rows
+
+    def prefill(self, at: list[int], rows: list[list[int]], max_new_tokens: int,
                 reuse: list[tuple[Entry, int] | None] | None = None) -> np.ndarray:
-        slot = self._slot_for(len(rows))
-        lens = np.ones(slot.batch, np.int64)  # padding rows (CUDA buckets) hold a single token 0
-        lens[:len(rows)] = [len(r) for r in rows]
-        if self.device == "cpu":
-            # A prompt costs compute in proportion to its tokens on the CPU, padding included, and the server's
-            # batches mix a first message (~20 tokens) with long conversations (~250): each run of rows of
-            # similar length is prefilled on its own, straight into its rows of the cache. A row with a cached
-            # prefix (reuse[b] = (entry, n)) gets the entry's first n positions copied in and runs the rest.
-            reuse = reuse or [None] * len(rows)
-            fresh: list[int] = []
-            for b in range(len(rows) + 1):
-                if b < len(rows) and reuse[b] is None:
-                    fresh.append(b)
-                    continue
-                for start, stop in _runs_of_similar_length(lens[fresh]) if fresh else ():
-                    self._prefill_rows(slot, rows[fresh[start]:fresh[start] + stop - start], fresh[start])
-                fresh = []
-                if b < len(rows):
-                    entry, n = reuse[b]
-                    for a, cached in zip(slot.kv_host, entry.kv):
-                        a[b, :, :n] = cached[:, :n]
-                    self._prefill_rows(slot, [rows[b][n:]], b, offset=n)
-        else:  # one launch: on a GPU the padding costs little, and the kernels need the whole batch's buffers
+        slot = self.slot
+        self.lens[at] = [len(r) for r in rows]
+        if self.device != "cpu":  # one launch: on a GPU the padding costs little, and the kernels need the
+            assert at == list(range(len(rows))), "CUDA takes a whole batch at once"  # whole batch's buffers
             self._prefill_rows(slot, rows + [[0]] * (slot.batch - len(rows)), None)
-        self.slot, self.rows, self.lens = slot, len(rows), lens
-        return self._logits(slot)
+            return slot.logits.numpy()[:len(rows)]
+        # A prompt costs compute in proportion to its tokens on the CPU, padding included, and the server's
+        # batches mix a first message (~20 tokens) with long conversations (~250): each run of neighbouring rows
+        # of similar length is prefilled on its own, straight into its rows of the cache. A row with a cached
+        # prefix (reuse[i] = (entry, n)) gets the entry's first n positions copied in and runs the rest.
+        reuse = reuse or [None] * len(rows)
+        group: list[int] = []  # indices into rows: fresh prompts in neighbouring cache rows
+        for i in range(len(rows) + 1):
+            if i < len(rows) and reuse[i] is None and (not group or at[i] == at[group[-1]] + 1):
+                group.append(i)
+                continue
+            lens = np.array([len(rows[j]) for j in group], np.int64)
+            for start, stop in _runs_of_similar_length(lens) if group else ():
+                self._prefill_rows(slot, rows[group[start]:group[start] + stop - start], at[group[start]])
+            group = []
+            if i == len(rows):
+                break
+            if reuse[i] is None:
+                group.append(i)
+                continue
+            entry, n = reuse[i]
+            for a, cached in zip(slot.kv_host, entry.kv):
+                a[at[i], :, :n] = cached[:, :n]
+            self._prefill_rows(slot, [rows[i][n:]], at[i], offset=n)
+        return slot.logits_host[at]
 
     def _prefill_rows(self, slot: _Slot, rows: list[list[int]], start: int | None, offset: int = 0) -> None:
         """Run the graph on ``rows`` (right-padded) after ``offset`` cached positions, writing their cache and
@@ -297,25 +307,27 @@ class _OrtBackend:
         """Copies of row ``row``'s first ``n`` cached positions, per layer key and value (CPU)."""
         return [a[row, :, :n].copy() for a in self.slot.kv_host]
 
-    def step(self, tokens: np.ndarray) -> np.ndarray:
-        slot, n = self.slot, self.rows
-        slot.ids[:n, 0] = tokens
-        slot.pos[:, 0] = self.lens  # the new token's position = the row's length so far
-        slot.seqlens[:] = self.lens  # GQA: total length after this step - 1
-        self.lens += 1
+    def step(self, tokens: np.ndarray, active: np.ndarray) -> np.ndarray:
+        width = len(tokens)
+        # CPU: the first ``width`` rows of the arena (views); CUDA: the whole bucket its captured graph was made for.
+        slot = self._slot_for(width) if self.device == "cpu" else self.slot
+        lens = self.lens[:slot.batch]
+        slot.ids[:width, 0] = tokens
+        slot.ids[width:, 0] = 0
+        slot.pos[:, 0] = lens  # the new token's position = the row's length so far
+        slot.seqlens[:] = lens  # GQA: total length after this step - 1
         # Pinned to the capacity under CUDA graphs (see the module docstring); exact otherwise.
-        slot.total[...] = self.capacity if self.pin_total else int(self.lens.max())
+        slot.total[...] = self.capacity if self.pin_total else int(lens.max()) + 1
+        # Only busy rows grow: an idle row rewrites its one position, so it never runs out of room.
+        lens[:width][active] += 1
         if self.device == "cuda":
             slot.ids_v.update_inplace(slot.ids)
             slot.pos_v.update_inplace(slot.pos)
             slot.seqlens_v.update_inplace(slot.seqlens)
         self.session.run_with_iobinding(slot.decode, slot.run_options)
-        return self._logits(slot)
-
-    def _logits(self, slot: _Slot) -> np.ndarray:
         if self.device == "cpu":
-            return slot.logits_host[:self.rows]  # ORT wrote into this very array
-        return slot.logits.numpy()[:self.rows]
+            return slot.logits_host[:width]  # ORT wrote into this very array
+        return slot.logits.numpy()[:width]
 
     def close(self) -> None:
         self.slots.clear()

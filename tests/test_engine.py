@@ -49,6 +49,12 @@ def tiny_torch(tiny_model):
 # --------------------------------------------------------------------------- the loop on PyTorch
 
 
+
+def _prefill(engine, prompts):
+    """The backend's logits at each prompt's last position (a copy)."""
+    engine._backend.open(len(prompts))
+    return engine._backend.prefill(list(range(len(prompts))), prompts, 1).copy()
+
 def test_torch_engine_greedy_equals_generate_single_and_batched(tiny_model, tiny_torch):
     prompts = _prompts(tiny_model.config.vocab_size)
     s = GenerationSettings(max_new_tokens=24)
@@ -105,10 +111,10 @@ def test_sampling_is_reproducible_by_seed_and_differs_across_seeds(tiny_model, t
 
 
 def test_top_p_keeps_the_nucleus_only():
-    from lora_med.engine import _Sampler
+    from lora_med.engine_choice import Sampler
 
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], dtype=np.float32))
-    sampler = _Sampler(GenerationSettings(do_sample=True, top_p=0.7, seed=0))
+    sampler = Sampler(temperature=1.0, top_p=0.7, seed=0)
     assert sorted(sampler._nucleus(np.array([0.5, 0.3, 0.15, 0.05])).tolist()) == [0, 1]  # 0.5 < 0.7 <= 0.8
     draws = {int(sampler.choose(logits.copy())[0]) for _ in range(300)}
     assert draws == {0, 1}
@@ -182,7 +188,7 @@ def test_decode_graph_is_small_and_described(tiny_graph, tiny_model):
 
 def test_decode_graph_logits_match_pytorch(tiny_model, tiny_onnx):
     prompts = _prompts(tiny_model.config.vocab_size, (3, 20, 9), seed=6)
-    got = tiny_onnx._backend.prefill(prompts, 4).copy()  # the last prompt position of each (right-padded) row
+    got = _prefill(tiny_onnx, prompts)  # the last prompt position of each row
     with torch.no_grad():
         for row, p in zip(got, prompts):
             ref = tiny_model(torch.tensor([p])).logits[0, -1].numpy()
@@ -502,7 +508,7 @@ def test_int8_recipe_quantises_the_tied_head_of_the_decode_graph(tiny_graph, tin
     src, _ = tiny_graph
     meta = json.loads((src / "engine.json").read_text())
     prompts = _prompts(tiny_model.config.vocab_size, (6, 13), seed=13)
-    want = tiny_onnx._backend.prefill(prompts, 1).copy()
+    want = _prefill(tiny_onnx, prompts)
     for keep_head, matmuls in ((False, 0), (True, 1)):
         out = tmp_path / f"head-float-{keep_head}"
         out.mkdir()
@@ -512,7 +518,7 @@ def test_int8_recipe_quantises_the_tied_head_of_the_decode_graph(tiny_graph, tin
         assert info["float_nodes"] == (["/lm_head/MatMul"] if keep_head else [])
         (out / "engine.json").write_text(json.dumps({**meta, "precision": "int8"}))
         with load_engine(out, device="cpu") as engine:
-            got = engine._backend.prefill(prompts, 1).copy()
+            got = _prefill(engine, prompts)
         assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
 
 

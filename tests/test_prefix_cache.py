@@ -84,3 +84,25 @@ def test_budget_lru_and_what_is_never_reused():
     assert len(cache) == 3 and cache.lookup(c + [1, 2, 3])[1] == 42
     cache.store(list(range(1000)), kv(1000))  # larger than the whole budget: not kept, nothing evicted
     assert len(cache) == 3 and cache.nbytes <= cache.max_bytes
+
+
+def test_a_next_turn_joining_a_running_batch_reuses_its_prefix(engines):
+    plain, cached = engines
+    g = np.random.default_rng(5)
+    s = GenerationSettings(max_new_tokens=8)
+    eos, vocab = plain.eos_token_id, plain.vocab_size
+    first = _turn(g, vocab, 20)
+    reply = cached.generate([first], s)[0]
+    follow = first + reply + [eos] + _turn(g, vocab, 4) + [eos]
+    other = _turn(g, vocab, 11)
+    before = cached.prefix_cache.reused_tokens
+    done = {}
+    with cached.stream(s, rows=2) as st:
+        (h_other,) = st.add([other])
+        for _ in range(3):
+            done.update((f.handle, f.ids) for f in st.step())
+        (h_follow,) = st.add([follow])  # joins row 1 while row 0 is mid-reply
+        while st.busy:
+            done.update((f.handle, f.ids) for f in st.step())
+    assert [done[h_other], done[h_follow]] == [plain.generate([other], s)[0], plain.generate([follow], s)[0]]
+    assert cached.prefix_cache.reused_tokens - before >= len(first) + len(reply) - 1

@@ -1,0 +1,131 @@
+"""Continuous batching (``Engine.stream``): prompts join a running batch and leave it when they finish, and
+every reply is the one the engine gives that prompt alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lora_med.engine import GenerationSettings, load_engine, torch_engine
+from lora_med.errors import LoraMedError
+
+
+@pytest.fixture(scope="module")
+def graph(tiny_base, tmp_path_factory):
+    from lora_med.decode_graph import build_decode_graph
+
+    out = tmp_path_factory.mktemp("decode-stream")
+    build_decode_graph(tiny_base, out, capacity=64)
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(graph):
+    with load_engine(graph, device="cpu", threads=1) as e:
+        yield e
+
+
+def _prompts(vocab: int, lengths, seed: int) -> list[list[int]]:
+    g = np.random.default_rng(seed)
+    return [g.integers(1, vocab, size=n).tolist() for n in lengths]
+
+
+def _drain(stream, done: dict) -> None:
+    while stream.busy:
+        done.update((f.handle, f) for f in stream.step())
+
+
+def test_prompts_joining_a_running_batch_get_the_replies_they_get_alone(engine):
+    s = GenerationSettings(max_new_tokens=8)
+    prompts = _prompts(engine.vocab_size, (5, 30, 12, 3, 21), seed=0)
+    alone = [engine.generate([p], s)[0] for p in prompts]
+    done: dict = {}
+    with engine.stream(s, rows=3) as st:
+        first = st.add(prompts[:1])  # row 0
+        for _ in range(3):
+            done.update((f.handle, f) for f in st.step())
+        assert st.free() == 2 and st.live == 1
+        more = st.add(prompts[1:3])  # rows 1 and 2 join three tokens in: their prompts run, row 0 waits a step
+        assert st.free() == 0
+        with pytest.raises(LoraMedError, match="free rows"):
+            st.add(prompts[3:4])
+        while st.free() == 0:  # row 0 finishes first and its place is taken at once
+            done.update((f.handle, f) for f in st.step())
+        assert first[0] in done
+        later = st.add(prompts[3:4])  # row 0, below the busy rows 1 and 2
+        while st.free() == 0:
+            done.update((f.handle, f) for f in st.step())
+        later += st.add(prompts[4:])
+        _drain(st, done)
+    handles = first + more + later
+    assert [done[h].ids for h in handles] == alone
+    assert all(1 <= done[h].batch <= 3 for h in handles) and done[more[0]].batch > 1
+
+
+def test_a_dropped_reply_frees_its_row_and_leaves_the_others_alone(engine):
+    s = GenerationSettings(max_new_tokens=10)
+    prompts = _prompts(engine.vocab_size, (7, 16, 9, 25), seed=1)
+    alone = [engine.generate([p], s)[0] for p in prompts]
+    done: dict = {}
+    with engine.stream(s, rows=3) as st:
+        handles = st.add(prompts[:3])
+        st.step()
+        st.drop(handles[1])  # its client left: the row in the middle is idle, rows 0 and 2 go on
+        assert st.free() == 1 and st.live == 2
+        st.drop(12345)  # an unknown handle changes nothing
+        handles.append(st.add(prompts[3:])[0])  # takes the middle row
+        _drain(st, done)
+    assert handles[1] not in done
+    assert [done[h].ids for h in (handles[0], handles[2], handles[3])] == [alone[0], alone[2], alone[3]]
+
+
+def test_sampling_and_bans_follow_each_row_across_joins(engine):
+    s = GenerationSettings(max_new_tokens=12, no_repeat_ngram_size=2, do_sample=True, seed=3)
+    prompts = _prompts(engine.vocab_size, (6, 14), seed=2)
+    done: dict = {}
+    with engine.stream(s, rows=2) as st:
+        a = st.add(prompts[:1])
+        for _ in range(4):
+            done.update((f.handle, f) for f in st.step())
+        b = st.add(prompts[1:])
+        _drain(st, done)
+    for h, p in zip(a + b, prompts):
+        seq = p + done[h].ids
+        reply_pairs = [tuple(seq[i:i + 2]) for i in range(len(p) - 1, len(seq) - 1)]
+        earlier = {tuple(seq[i:i + 2]) for i in range(len(p) - 1)}
+        assert len(set(reply_pairs)) == len(reply_pairs) and not set(reply_pairs) & earlier
+
+
+def test_a_backend_that_cannot_join_takes_whole_batches(tiny_base):
+    from lora_med.models import load_model
+
+    model = load_model(str(tiny_base))
+    eng = torch_engine(model, eos_token_id=int(model.config.eos_token_id))
+    s = GenerationSettings(max_new_tokens=5)
+    prompts = _prompts(eng.vocab_size, (4, 9, 6), seed=4)
+    alone = [eng.generate([p], s)[0] for p in prompts]
+    done: dict = {}
+    with eng.stream(s, rows=4) as st:
+        assert not eng.joins and st.free() == 4
+        first = st.add(prompts[:2])
+        assert st.free() == 0  # the PyTorch cache is one left-padded batch: the next prompts wait for it
+        with pytest.raises(LoraMedError, match="free rows"):
+            st.add(prompts[2:])
+        _drain(st, done)
+        assert st.free() == 4
+        second = st.add(prompts[2:])
+        _drain(st, done)
+    assert [done[h].ids for h in first + second] == alone
+
+
+def test_stream_settings_are_checked(engine):
+    with pytest.raises(LoraMedError, match="rows >= 1"):
+        with engine.stream(GenerationSettings(), rows=0):
+            pass
+    with pytest.raises(LoraMedError, match="temperature"):
+        with engine.stream(GenerationSettings(do_sample=True, temperature=0), rows=2):
+            pass
+    with engine.stream(GenerationSettings(max_new_tokens=4), rows=2) as st:
+        with pytest.raises(LoraMedError, match="prompt 0 is empty"):
+            st.add([[]])
+        assert st.free() == 2 and not st.busy  # nothing was added
