@@ -260,6 +260,10 @@ class ServeConfig:
     top_p: float = setting(1.0, "sampling only", above=0, max=1)
     prefix_cache_mb: float = setting(256.0, "memory for keeping conversations' KV cache between turns, so that a "
                                      "follow-up computes only its new tokens (CPU decode graph; 0: off)", min=0)
+    cut_block: int = setting(64, "a conversation longer than the prompt budget is cut at the first turn after a "
+                             "multiple of this many tokens, so its start stays put for a few turns and the prefix "
+                             "cache can reuse them; costs up to this many tokens of old context (0: drop only the "
+                             "oldest turns that must go)", min=0)
     # server
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 exposes it to the network)")
     port: int = setting(8000, "TCP port; 0 picks a free one (logged in the \"ready\" line)", min=0, max=65535)
@@ -273,8 +277,11 @@ class ServeConfig:
     rate_limit: int = setting(20, "messages per user per --rate-window-s (0: no limit); emergencies are never "
                               "limited", min=0)
     rate_window_s: float = setting(60.0, "the rate limit's window in seconds", above=0)
-    max_batch: int = setting(8, "most prompts generated together", min=1)
-    batch_wait_ms: float = setting(5.0, "how long the first request of a batch waits for company", min=0, max=1000)
+    max_batch: int = setting(8, "most replies generated together (rows of the engine's running batch)", min=1)
+    batch_wait_ms: float | None = setting(None, "how long the first request of an idle engine waits for company "
+                                          "[default: 0 where requests join a running batch (the CPU decode graph), "
+                                          "5 where they wait for a whole batch (PyTorch, CUDA graphs)]", min=0,
+                                          max=1000)
     queue_size: int = setting(64, "requests waiting for the model beyond this get 503", min=1)
     request_timeout_s: float = setting(30.0, "a reply not ready by then gets 504", above=0)
     log_file: str | None = setting(None, "JSON-lines log file [default: stderr]")

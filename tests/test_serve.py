@@ -10,6 +10,7 @@ CLI's import of the training stack); the server restarted after kill -9 runs thr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -252,7 +253,7 @@ def test_twenty_concurrent_requests_all_answered_in_batches(server):
 
     responses = asyncio.run(run())
     assert [r.status_code for r in responses] == [200] * 23
-    assert max(int(r.headers["X-Batch-Size"]) for r in responses) > 1  # prompts went to the engine together
+    assert max(float(r.headers["X-Batch-Size"]) for r in responses) > 1  # prompts went to the engine together
     # The user who sent three at once got them answered one after the other, each prompt holding the last.
     same = [r for r in responses[20:]]
     assert len({r.json()["conversation_id"] for r in same}) == 1
@@ -286,7 +287,7 @@ def test_queue_full_503_and_timeout_504(slow):
     assert "queue_size" in full.json()["detail"]
     assert urgent.status_code == 200 and urgent.json()["action"] == "emergency"  # emergencies never queue
     assert results["1"].status_code == results["2"].status_code == 200
-    assert int(results["1"].headers["X-Batch-Size"]) == 2
+    assert float(results["1"].headers["X-Batch-Size"]) == 2
 
     # A user's second message waits for the first reply (~1 s), then for its own batch window (1 s more):
     # past request_timeout_s (1.5 s) it gets 504, and the message stays stored, unanswered.
@@ -396,6 +397,7 @@ def test_health_metrics_docs(server):
     assert h["format"] == "dialogpt" and h["prompt_budget"] == 256 - 40
     assert {"uptime_s", "queue_depth", "in_flight", "model"} <= set(h)
     assert h["prefix_cache_mb"] == 0  # a PyTorch model: the prefix cache is the CPU decode graph's
+    assert h["batching"] == "whole batches" and h["batch_wait_ms"] == 20  # PyTorch: new prompts wait for a batch
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     for series in ('lora_med_requests_total{status="200"}', "lora_med_request_seconds_bucket",
                    "lora_med_queue_depth", "lora_med_batch_size_bucket", "lora_med_guard_hits_total{rule=",
@@ -519,6 +521,58 @@ def test_model_paths(tmp_path, tiny_base):
         resolve_model(str(half))
 
 
+def test_requests_join_the_running_batch_on_the_decode_graph(exported, tiny_base, tmp_path):
+    """An export served on its decode graph: concurrent requests share the engine's running batch (continuous
+    batching) and each gets the reply the engine gives its prompt alone; follow-ups reuse their conversation's
+    KV cache. The graph is the untrained base's with its EOS embedding zeroed (the tiny models end every reply
+    at once): replies run to max_new_tokens, so requests overlap."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lora_med.data import Message
+    from lora_med.decode_graph import build_decode_graph
+    from lora_med.serve import ServeConfig
+    from lora_med.serve.replier import load_replier
+
+    talker = tmp_path / "talker"
+    shutil.copytree(tiny_base, talker)
+    weights = load_file(talker / "model.safetensors")
+    weights["transformer.wte.weight"][0] = 0  # EOS (id 0)'s logit is 0 through the tied head: never the largest
+    save_file(weights, talker / "model.safetensors", metadata={"format": "pt"})
+    export = tmp_path / "export"
+    shutil.copytree(exported["fp32"], export, ignore=shutil.ignore_patterns("engine"))
+    build_decode_graph(talker, export / "engine")
+    manifest = json.loads((export / "manifest.json").read_text())
+    for rel, info in manifest["files"].items():  # the manifest records sizes: the new graph's
+        if rel.startswith("engine/"):
+            info["bytes"] = (export / rel).stat().st_size
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    alone = load_replier(ServeConfig(model=str(export), threads=1, prefix_cache_mb=0))
+    want = alone.decode(alone.generate([alone.prompt([Message("user", "quiero una cita")])])[0])
+    alone.close()
+    assert want
+    srv = Server(export, tmp_path / "g.db", tmp_path / "g.log", rate_limit=0).wait_ready()
+    try:
+        h = httpx.get(f"{srv.url}/health", timeout=10).json()
+        assert h["batching"] == "continuous" and h["batch_wait_ms"] == 0 and h["prefix_cache_mb"] == 256
+
+        async def run(message: str):
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
+                return await asyncio.gather(*(client.post("/chat/", json={"user_id": f"+5917600{i:04d}",
+                                                                          "message": message}) for i in range(12)))
+
+        first = asyncio.run(run("quiero una cita"))
+        assert [r.status_code for r in first] == [200] * 12
+        assert {r.json()["response"] for r in first} == {want}
+        assert max(float(r.headers["X-Batch-Size"]) for r in first) > 1
+        reused = srv.metric("lora_med_prompt_tokens_reused_total")
+        assert [r.status_code for r in asyncio.run(run("para el lunes"))] == [200] * 12
+        assert srv.metric("lora_med_prompt_tokens_reused_total") - reused >= 12 * 5  # the first turns' KV
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
 def test_export_folder_serves_its_decode_graph_else_merged(exported, tmp_path):
     """A real merge-export: serve loads its engine/ decode graph (ONNX Runtime) and, without one, its merged/
     model on PyTorch; both through the one engine, with the same replies."""
@@ -563,7 +617,7 @@ def test_prompt_cut_whole_oldest_turns_first(tiny_base, tiny_tokenizer):
     from lora_med.serve.replier import load_replier
 
     eng = load_engine(tiny_base, device="cpu")
-    rep = load_replier(ServeConfig(model=str(tiny_base), max_new_tokens=200), engine=eng)  # budget 56
+    rep = load_replier(ServeConfig(model=str(tiny_base), max_new_tokens=200, cut_block=0), engine=eng)  # budget 56
     assert rep.budget == 56
     turns_ = [Message("user" if i % 2 == 0 else "assistant", f"mensaje numero {i} sobre la cita") for i in range(11)]
     ids = rep.prompt(turns_)
@@ -573,6 +627,70 @@ def test_prompt_cut_whole_oldest_turns_first(tiny_base, tiny_tokenizer):
     assert rep.prompt(long) == prompt_ids(long, tiny_tokenizer, "dialogpt")[-56:]
     with pytest.raises(ConfigError, match="--max-new-tokens 250"):
         load_replier(ServeConfig(model=str(tiny_base), max_new_tokens=250), engine=eng)
+    eng.close()
+
+
+def test_a_long_conversation_keeps_its_prompt_start_for_a_few_turns(tiny_base, tiny_tokenizer):
+    """cut_block: the start moves in steps of about cut_block tokens, so most turns extend the previous prompt
+    (what the prefix cache reuses), and never more than cut_block tokens + one turn go beyond what must."""
+    from lora_med.engine import load_engine
+    from lora_med.serve import ServeConfig
+    from lora_med.serve.replier import load_replier
+
+    eng = load_engine(tiny_base, device="cpu")
+    make = lambda block: load_replier(ServeConfig(model=str(tiny_base), max_new_tokens=156, cut_block=block),
+                                      engine=eng)  # budget 100
+    tight, sticky = make(0), make(60)  # a turn (two messages) adds ~26 tokens
+    conv = [Message("user" if i % 2 == 0 else "assistant", f"mensaje {i}: " + "la cita " * (1 + i % 3))
+            for i in range(41)]
+    size = [len(prompt_ids([m], tiny_tokenizer, "dialogpt")) for m in conv]
+    kept_prefix, tight_kept, previous, tight_previous = 0, 0, None, None
+    for n in range(1, len(conv) + 1, 2):  # each patient turn: the conversation so far ends with a user message
+        history = conv[:n]
+        want, got = tight.prompt(history), sticky.prompt(history)
+        first = next(k for k in range(n) if prompt_ids(history[k:], tiny_tokenizer, "dialogpt") == got)
+        assert len(got) <= 100 and got[-len(want):] == want[-len(got):]  # a suffix of the tight cut (or it)
+        tight_first = next(k for k in range(n) if prompt_ids(history[k:], tiny_tokenizer, "dialogpt") == want)
+        assert sum(size[tight_first:first]) <= 60 + max(size)
+        if previous is not None:
+            kept_prefix += got[:len(previous)] == previous
+            tight_kept += want[:len(tight_previous)] == tight_previous
+        previous, tight_previous = got, want
+    assert tight_kept == 3  # of 20 follow-up turns: once past the budget (turn 4), every turn moves the start
+    assert kept_prefix >= 12
+    eng.close()
+
+
+def test_a_chat_template_conversation_is_cut_in_whole_turns_too(tiny_base):
+    """The chat-template path: the whole conversation rendered by the template, oldest turns dropped until it
+    fits, and with cut_block the start placed past a multiple of cut_block tokens (a suffix of the tight cut)."""
+    from lora_med.chat import prompt_ids
+    from lora_med.engine import GenerationSettings, load_engine
+    from lora_med.models import load_tokenizer
+    from lora_med.serve.replier import ModelSource, Replier
+
+    tok = load_tokenizer(str(tiny_base))
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    eng = load_engine(tiny_base, device="cpu")
+    source = ModelSource(tiny_base, tiny_base, "chat-template", 256, "test")
+    settings = GenerationSettings(max_new_tokens=156)  # budget 100
+    tight, sticky = (Replier(eng, tok, source, settings, cut_block=b) for b in (0, 60))
+    conv = [Message("user" if i % 2 == 0 else "assistant", f"mensaje {i}: " + "la cita " * (1 + i % 3))
+            for i in range(31)]
+    starts, tight_starts = [], []
+    for n in range(1, len(conv) + 1, 2):
+        history = conv[:n]
+        want, got = tight.prompt(history), sticky.prompt(history)
+        render = [prompt_ids(history[k:], tok, "chat-template") for k in range(n)]
+        assert want in render and got in render and len(want) <= 100 and len(got) <= 100
+        assert render.index(want) == 0 or len(render[render.index(want) - 1]) > 100  # tight: nothing more fits
+        assert render.index(got) >= render.index(want)
+        starts.append(render.index(got))
+        tight_starts.append(render.index(want))
+    kept = lambda xs: sum(a == b for a, b in zip(xs, xs[1:]))  # turns whose start stayed put
+    assert starts[0] == 0 and max(starts) > 0
+    assert kept(tight_starts) == 1 and kept(starts) == 7  # of 15 follow-ups: the tight cut moves every turn
     eng.close()
 
 
@@ -631,16 +749,31 @@ def test_mask():
     assert mask("127.0.0.1 port 8000") == "127.0.0.1 port 8000"
 
 
-class BrokenEngine:
-    """Stands in for the engine only to make it fail; the app, uvicorn and the store are real."""
+class BrokenBackend:
+    """A step backend whose device fails: the engine, the app, uvicorn and the store around it are real."""
 
-    name, device, precision, capacity, eos_token_id = "broken", "cpu", "fp32", 256, 0
+    capacity, joins = 256, True
 
-    def generate(self, prompts, settings):
+    def scope(self):
+        return contextlib.nullcontext()
+
+    def open(self, rows: int) -> None:
+        pass
+
+    def prefill(self, at, rows, max_new_tokens):
+        raise RuntimeError("the device fell over")
+
+    def step(self, tokens, active):
         raise RuntimeError("the device fell over")
 
     def close(self) -> None:
         pass
+
+
+def BrokenEngine():
+    from lora_med.engine import Engine
+
+    return Engine(BrokenBackend(), name="broken", device="cpu", precision="fp32", eos_token_id=0, vocab_size=10**6)
 
 
 def test_engine_failure_is_an_explicit_500_and_the_server_carries_on(tmp_path, tiny_base):

@@ -144,7 +144,7 @@ async def level(url: str, clients: int, max_requests: int, max_s: float, texts: 
             try:
                 r = await client.post("/chat/", json=body)
                 results.append({"ms": 1000 * (time.perf_counter() - t), "kind": str(r.status_code),
-                                "batch": int(r.headers.get("X-Batch-Size", 0) or 0)})
+                                "batch": float(r.headers.get("X-Batch-Size", 0) or 0)})
             except httpx.HTTPError as e:
                 results.append({"ms": 1000 * (time.perf_counter() - t), "kind": type(e).__name__, "batch": 0})
 
@@ -198,14 +198,15 @@ def markdown(report: dict) -> str:
              f"Server settings: {json.dumps(report['server_settings'])}; messages: {report['messages']} held-out "
              "user turns that reach the model, each client one patient with a multi-turn conversation.", "",
              "| clients | requests | answered | throughput (req/s) | p50 ms | p95 ms | p99 ms | max ms | mean batch "
-             "| prompt tokens from the prefix cache | server CPU (cores) | server RSS peak MB | errors |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| prompt tokens from the prefix cache | server CPU (cores) | generator CPU (cores) | server RSS peak MB "
+             "| errors |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in report["levels"]:
         errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "none"
         lines.append(f"| {r['clients']} | {r['requests']} | {r['answered_200']} | {r['throughput_rps']} "
                      f"| {r['p50_ms']} "
                      f"| {r['p95_ms']} | {r['p99_ms']} | {r['max_ms']} | {r['mean_batch']} "
-                     f"| {r.get('prompt_reused_pct')}% | {r['server_cpu_cores']} "
+                     f"| {r.get('prompt_reused_pct')}% | {r['server_cpu_cores']} | {r.get('generator_cpu_cores')} "
                      f"| {r['server_rss_peak_mb']} | {errors} |")
     t = report["targets"]
     lines += ["", f"- Lost or unanswered: {t['lost']} (target 0); a stored reply for every 200: "
@@ -265,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         for i, c in enumerate(levels):
             before = prompt_tokens(url)
+            me, t_me = psutil.Process(), time.perf_counter()
+            cpu_me = sum(me.cpu_times()[:2])
             if server:
                 with Sampler(server.proc.pid) as sampler:
                     r = asyncio.run(level(url, c, a.requests, a.duration_s, texts, str(i + 1)))
@@ -275,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             else:  # a server started elsewhere: its process is not ours to sample
                 r = asyncio.run(level(url, c, a.requests, a.duration_s, texts, str(i + 1)))
                 r["server_cpu_cores"] = r["server_rss_peak_mb"] = r["server_rss_mean_mb"] = None
+            # The generator shares the machine: what it took is what the server could not have.
+            r["generator_cpu_cores"] = round((sum(me.cpu_times()[:2]) - cpu_me) / (time.perf_counter() - t_me), 2)
             total, reused = (b - a for a, b in zip(before, prompt_tokens(url)))
             r["prompt_tokens"], r["prompt_tokens_reused"] = int(total), int(reused)
             r["prompt_reused_pct"] = round(100 * reused / total, 1) if total else None

@@ -84,7 +84,10 @@ class _Server:
         self.metrics = Metrics(queue_depth=lambda: self.batcher.depth(), in_flight=lambda: self.in_flight,
                                prompt_tokens=lambda: cache.prompt_tokens if cache is not None else 0,
                                reused_tokens=lambda: cache.reused_tokens if cache is not None else 0)
-        self.batcher = Batcher(replier.generate, max_batch=cfg.max_batch, wait_s=cfg.batch_wait_ms / 1000,
+        # A request joins a running batch at the next step where the engine allows it, so waiting for company
+        # only delays it; where batches run whole, a few ms let a burst start together.
+        wait_ms = cfg.batch_wait_ms if cfg.batch_wait_ms is not None else (0.0 if replier.engine.joins else 5.0)
+        self.batcher = Batcher(replier.stream, max_batch=cfg.max_batch, wait_s=wait_ms / 1000,
                                queue_size=cfg.queue_size, metrics=self.metrics)
         self.store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self.started = time.time()
@@ -179,7 +182,7 @@ class _Server:
             body = ChatResponse(response=reply, user_id=user_id, conversation_id=opened.conversation_id,
                                 action=action, params=Params(status=status)).model_dump()
             return self.finish(200, t0, body, {**headers, "X-Prompt-Tokens": str(prompt_len),
-                                               "X-Batch-Size": str(batch)},
+                                               "X-Batch-Size": f"{batch:g}"},
                                action=action, params_status=status, source=source, new_conversation=opened.new,
                                prompt_tokens=prompt_len, batch=batch,
                                guard=hit.rule if hit else None, **ids)
@@ -240,6 +243,8 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
                 "format": server.replier.fmt, "prompt_budget": server.replier.budget,
                 "uptime_s": round(time.time() - server.started, 1), "queue_depth": server.batcher.depth(),
                 "in_flight": server.in_flight, "max_batch": cfg.max_batch,
+                "batching": "continuous" if eng.joins else "whole batches",
+                "batch_wait_ms": server.batcher.wait_s * 1000, "cut_block": server.replier.cut_block,
                 "prefix_cache_mb": cache.max_bytes / 2**20 if cache is not None else 0}
 
     @app.get("/metrics", response_class=PlainTextResponse)

@@ -96,9 +96,10 @@ class Metrics:
                                  LATENCY_BUCKETS)
         self.queue_depth = Gauge("lora_med_queue_depth", "Requests waiting for the model.", queue_depth)
         self.in_flight = Gauge("lora_med_in_flight", "POST /chat/ requests being handled.", in_flight)
-        self.batch_size = Histogram("lora_med_batch_size", "Prompts per engine call.", BATCH_BUCKETS)
-        self.generate_seconds = Histogram("lora_med_generate_seconds", "Engine time per batch, in seconds.",
-                                          LATENCY_BUCKETS)
+        self.batch_size = Histogram("lora_med_batch_size", "Rows decoded together while a reply was generated "
+                                    "(mean per reply).", BATCH_BUCKETS)
+        self.generate_seconds = Histogram("lora_med_generate_seconds", "Engine time per reply (from joining the "
+                                          "batch to the last token), in seconds.", LATENCY_BUCKETS)
         self.engine_requests = Counter("lora_med_engine_requests_total", "Prompts sent to the model.")
         self.guard_hits = Counter("lora_med_guard_hits_total", "Messages the emergency guard answered, by sign.",
                                   "rule")

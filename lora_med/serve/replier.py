@@ -7,6 +7,8 @@ decides which folder it loads, builds prompts exactly as training formatted conv
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,12 +89,18 @@ def resolve_model(path: str) -> ModelSource:
 class Replier:
     """Prompts in, replies out, through one engine.
 
-    ``generate`` blocks (the engine is synchronous): the server calls it from its single engine thread.
+    ``generate`` and ``stream`` block (the engine is synchronous): the server's single engine thread holds the
+    stream.
     Everything that touches the tokenizer runs on the caller's thread (the event loop).
     """
 
-    def __init__(self, engine, tokenizer, source: ModelSource, settings: GenerationSettings):
+    def __init__(self, engine, tokenizer, source: ModelSource, settings: GenerationSettings, cut_block: int = 0):
         self.engine = engine
+        self.cut_block = cut_block  # tokens; see prompt()
+        # One message's ids in the DialoGPT format (its text + EOS), cached: each request renders the conversation
+        # so far, mostly messages seen before.
+        self._message_ids = functools.lru_cache(maxsize=8192)(
+            lambda role, content: tuple(prompt_ids([Message(role, content)], tokenizer, "dialogpt")))
         self.tokenizer = tokenizer
         self.source = source
         self.fmt = source.fmt
@@ -106,30 +114,55 @@ class Replier:
     def prompt(self, history: list[Message]) -> list[int]:
         """Token ids of the conversation (ending with the patient's message) in the training format, cut
         from the left to the budget: whole oldest turns first, as ``data.encode`` cuts in training, and the
-        last message from its left only when it alone is too long."""
+        last message from its left only when it alone is too long.
+
+        With ``cut_block`` > 0 a conversation that outgrows the budget starts at the first turn that begins
+        at or after a multiple of ``cut_block`` tokens (counted from the conversation's start) past what must
+        go. Its start then stays put while the conversation grows by up to ``cut_block`` tokens, so the
+        engine's prefix cache can reuse the earlier turns' KV cache; the price is up to ``cut_block`` tokens
+        (plus one turn) more of old context left out than strictly needed."""
         msgs = list(history)
         if self.fmt == "dialogpt":
+            sizes = [len(self._message_ids(m.role, m.content)) for m in msgs]
             # Each turn is its own text + EOS, so per-turn ids concatenate to the whole prompt exactly.
-            parts: list[list[int]] = []
-            total = 0
-            for m in reversed(msgs):
-                ids = prompt_ids([m], self.tokenizer, self.fmt)
-                if parts and total + len(ids) > self.budget:
+            first, total = 0, 0
+            for i in range(len(msgs) - 1, -1, -1):
+                if i < len(msgs) - 1 and total + sizes[i] > self.budget:
+                    first = i + 1
                     break
-                parts.append(ids)
-                total += len(ids)
-            ids = [t for part in reversed(parts) for t in part]
+                total += sizes[i]
+            first = self._sticky(sizes, first)
+            ids = [t for m in msgs[first:] for t in self._message_ids(m.role, m.content)]
         else:
             # A chat template renders the whole conversation; drop the oldest turn until it fits.
+            first = 0
             ids = prompt_ids(msgs, self.tokenizer, self.fmt)
-            while len(ids) > self.budget and len(msgs) > 1:
-                msgs = msgs[1:]
-                ids = prompt_ids(msgs, self.tokenizer, self.fmt)
+            while len(ids) > self.budget and first < len(msgs) - 1:
+                first += 1
+                ids = prompt_ids(msgs[first:], self.tokenizer, self.fmt)
+            if first and self.cut_block > 0:
+                # Where turns start, roughly (the template's own tokens aside): enough to place the cut.
+                sizes = [len(self.tokenizer(m.content, add_special_tokens=False)["input_ids"]) + 4 for m in msgs]
+                if (start := self._sticky(sizes, first)) != first:
+                    ids = prompt_ids(msgs[start:], self.tokenizer, self.fmt)
         return ids[-self.budget:]
+
+    def _sticky(self, sizes: list[int], first: int) -> int:
+        """The first message to keep of a conversation whose oldest ``first`` messages must go: the first
+        message starting at or after the next multiple of ``cut_block`` tokens (never past the last message)."""
+        if first == 0 or self.cut_block <= 0:
+            return first
+        pos = list(itertools.accumulate(sizes, initial=0))  # pos[i]: tokens before message i
+        target = -(-pos[first] // self.cut_block) * self.cut_block
+        return next((i for i in range(first, len(sizes)) if pos[i] >= target), first)
 
     def generate(self, prompts: list[list[int]]) -> list[list[int]]:
         """New token ids for a batch of prompts (blocking)."""
         return self.engine.generate(prompts, self.settings)
+
+    def stream(self, rows: int):
+        """The engine's continuous batch of ``rows`` rows with the serve settings (the server's engine thread)."""
+        return self.engine.stream(self.settings, rows=rows)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
@@ -158,7 +191,7 @@ def load_replier(cfg: ServeConfig, engine=None, source: ModelSource | None = Non
     elif engine is None:
         engine = load_engine(source.engine_path, device=cfg.device, threads=cfg.threads,
                              prefix_cache_mb=cfg.prefix_cache_mb)
-    return Replier(engine, tokenizer, source, settings_from(cfg))
+    return Replier(engine, tokenizer, source, settings_from(cfg), cut_block=cfg.cut_block)
 
 
 def _merged_run_engine(source: ModelSource, tokenizer, cfg: ServeConfig):
