@@ -28,3 +28,31 @@ def test_train_memory_examples_are_exactly_the_sequence_length(tmp_path):
     assert {len(e.input_ids) for e in examples} == {run.SEQ} and cut == len(examples)
     assert all(any(label != -100 for label in e.labels) for e in examples), "every example has reply tokens"
     assert json.loads(eval_file.read_text(encoding="utf-8")) == rows[:2]
+
+
+def test_serve_load_runs_bounded_levels_against_a_live_server_and_checks_the_store(tiny_base, tmp_path):
+    """The load generator end to end on the tiny model: it starts `lora-med serve`, runs its levels within their
+    request bounds, every request answered and stored, and refuses bad bounds without starting anything."""
+    import subprocess
+    import sys
+
+    script = str(REPO / "benchmarks" / "serve_load" / "run.py")
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PATH": "/usr/bin:/bin"}
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, script, "--model", str(tiny_base), "--clients", "1,3", "--requests", "7",
+                           "--warmup", "2", "--set", "threads=1", "--out", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert [r["clients"] for r in report["levels"]] == [1, 3]
+    assert all(r["requests"] == r["answered_200"] == 7 and not r["errors"] for r in report["levels"])
+    assert report["targets"]["lost"] == 0 and report["targets"]["replies_stored_for_every_200"] is True
+    assert report["store"]["replies"] == 7 + 7 + 2 and report["workload"]["name"] == "clinic"
+    assert "| 3 | 7 | 7 |" in (out / "results.md").read_text(encoding="utf-8")
+    run = _load("benchmarks/serve_load/run.py")
+    long, clinic = run.conversations("long"), run.conversations("clinic")
+    assert len(long) == 1 and sorted(long[0]) == sorted(dict.fromkeys(t for c in clinic for t in c))
+    bad = subprocess.run([sys.executable, script, "--clients", "0", "--requests", "0", "--url", "http://example.com"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--clients 0" in bad.stderr and "--requests 0" in bad.stderr
+    assert "only targets 127.0.0.1" in bad.stderr

@@ -3,11 +3,13 @@
     .venv/bin/python benchmarks/serve_load/run.py --model exports/clinic-lora-cpu-fp32
 
 starts ``lora-med serve MODEL`` on a free loopback port (a fresh SQLite file, no rate limit), warms it
-up, then for each concurrency level runs that many clients, each a patient holding its own multi-turn
-conversation: it sends the next message as soon as the previous reply arrives. A level stops after
-``--requests`` requests or ``--duration-s`` seconds, whichever comes first. Messages are the user turns of
-the held-out conversations (data/medical_conversations_eval.json) that the emergency guard lets through,
-so every request reaches the model.
+up, then for each concurrency level runs that many clients. ``--workload clinic`` (the default): each client
+is a stream of patients, each holding one held-out conversation (data/medical_conversations_eval.json, its
+user turns in order, a new user_id per conversation); ``--workload long``: each client is one patient sending
+every held-out user turn in one conversation that grows to hundreds of turns. A client sends the next message
+as soon as the previous reply arrives. A level stops after ``--requests`` requests or ``--duration-s`` seconds,
+whichever comes first. Only user turns the emergency guard lets through are sent, so every request reaches
+the model.
 
 Reported per level: p50/p95/p99/max latency, throughput (answered requests per second), errors by kind
 (HTTP status or transport error), the engine's mean batch size, the server process's CPU (cores busy)
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -49,12 +52,59 @@ DEFAULT_MODEL = "exports/clinic-lora-cpu-fp32"
 MAX_REQUESTS, MAX_DURATION_S, MAX_CLIENTS = 20_000, 900, 256  # hard bounds: this is a benchmark, not a flood
 
 
-def messages() -> list[str]:
-    """User turns of the held-out conversations that reach the model (the guard's catches left out)."""
+WORKLOADS = {
+    "clinic": "each client a stream of patients: one held-out conversation per patient (its user turns in order, "
+              "a new user_id each), as the clinic sees them",
+    "long": "each client one patient sending every held-out user turn in one conversation that grows to hundreds "
+            "of turns (a stress test of the long-conversation cut and the prefix cache)",
+}
+
+
+NAMES = ["María", "Juan", "Rosa", "Carlos", "Ana", "Luis", "Elena", "Jorge", "Lucía", "Pedro", "Carmen", "Miguel",
+         "Sofía", "Diego", "Teresa", "Andrés", "Patricia", "Fernando", "Julia", "Raúl"]
+SURNAMES = ["Quispe", "Mamani", "Flores", "Gutiérrez", "Vargas", "Rojas", "Choque", "Condori", "Rodríguez", "López",
+            "Torrez", "Cruz", "Gonzales", "Medina", "Pérez", "Aguilar", "Villca", "Limachi", "Sánchez", "Ramos"]
+
+
+def conversations(workload: str) -> list[list[str]]:
+    """The user turns that reach the model (the guard's catches left out), grouped per patient conversation:
+    the held-out conversations ("clinic"), or all their turns in one list ("long")."""
     guard = Guard(REPO / "configs" / "emergency.yaml")
     convs = load_conversations(REPO / "data" / "medical_conversations_eval.json").conversations
-    out = [m.content for c in convs for m in c.messages if m.role == "user"]
-    return [m for m in dict.fromkeys(out) if guard.check(m) is None]
+    per = [[m.content for m in c.messages if m.role == "user" and guard.check(m.content) is None] for c in convs]
+    per = [turns for turns in per if turns]
+    if workload == "long":
+        return [list(dict.fromkeys(t for turns in per for t in turns))]
+    return per
+
+
+def shaped_export(export: Path, shape: str, precision: str, work: Path) -> Path:
+    """A copy of ``export`` (its manifest and tokenizer) whose engine/ is a decode graph of a model of ``shape``
+    with random weights: speed only. Its replies are random tokens, most outside the tokenizer's vocabulary
+    (decoded to little or nothing; the server then sends the intent's fallback), and rarely EOS: every reply
+    runs to max_new_tokens, the engine's worst case."""
+    import shutil
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lora_med.decode_graph import build_decode_graph
+    from lora_med.shapes import SHAPES
+
+    out = work / f"{shape}-random"
+    (out / "merged").mkdir(parents=True)
+    for f in (export / "merged").iterdir():
+        if f.is_file() and f.name not in ("model.safetensors", "config.json", "generation_config.json"):
+            shutil.copy2(f, out / "merged" / f.name)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(**SHAPES[shape])).save_pretrained(work / "weights", safe_serialization=True)
+    manifest = json.loads((export / "manifest.json").read_text(encoding="utf-8"))
+    build_decode_graph(work / "weights", out / "engine", precision=precision,
+                       capacity=manifest["source"].get("max_length") or 256)
+    manifest["files"] = {}  # not a merge-export's files: nothing to check sizes against
+    manifest["shape"] = {"name": shape, "weights": "random (speed only)"}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    return out
 
 
 class ServerProcess:
@@ -126,33 +176,42 @@ class Sampler:
         self.wall_s = time.perf_counter() - self.t0
 
 
-async def level(url: str, clients: int, max_requests: int, max_s: float, texts: list[str], tag: str) -> dict:
-    """Run ``clients`` concurrent patients until ``max_requests`` are sent or ``max_s`` passes."""
+async def level(url: str, clients: int, max_requests: int, max_s: float, convs: list[list[str]], tag: str) -> dict:
+    """Run ``clients`` concurrent clients until ``max_requests`` are sent or ``max_s`` passes. Each client
+    walks the conversations from its own starting point (one patient, a new user_id, per conversation) and
+    sends a patient's next message as soon as the previous reply arrives."""
     results: list[dict] = []
     sent = 0
     deadline = time.perf_counter() + max_s
 
-    async def patient(i: int, client: httpx.AsyncClient) -> None:
+    async def client_loop(i: int, client: httpx.AsyncClient) -> None:
         nonlocal sent
-        user = f"+5919{tag}{i:05d}"
-        k = i  # each patient starts at a different message and walks the list
-        while sent < max_requests and time.perf_counter() < deadline:
-            sent += 1
-            body = {"user_id": user, "message": texts[k % len(texts)]}
-            k += 1
-            t = time.perf_counter()
-            try:
-                r = await client.post("/chat/", json=body)
-                results.append({"ms": 1000 * (time.perf_counter() - t), "kind": str(r.status_code),
-                                "batch": float(r.headers.get("X-Batch-Size", 0) or 0)})
-            except httpx.HTTPError as e:
-                results.append({"ms": 1000 * (time.perf_counter() - t), "kind": type(e).__name__, "batch": 0})
+        for n in itertools.count():
+            user = f"+591{tag}{i:03d}{n:05d}"  # 12 digits: phone-like
+            turns = list(convs[(i + n) % len(convs)])
+            if len(convs) == 1:  # "long": each patient starts at a different message
+                turns = turns[i % len(turns):] + turns[:i % len(turns)]
+            # The held-out set has 56 conversations, replayed by many patients here; the engine's prefix cache
+            # would reuse one patient's identical conversation for the next. Real patients differ: each says who
+            # they are first, so only a patient's own earlier turns are reused.
+            turns[0] = f"Hola, soy {NAMES[(i * 7 + n) % len(NAMES)]} {SURNAMES[(i + n * 5) % len(SURNAMES)]}. " + turns[0]
+            for text in turns:
+                if sent >= max_requests or time.perf_counter() >= deadline:
+                    return
+                sent += 1
+                t = time.perf_counter()
+                try:
+                    r = await client.post("/chat/", json={"user_id": user, "message": text})
+                    results.append({"ms": 1000 * (time.perf_counter() - t), "kind": str(r.status_code),
+                                    "batch": float(r.headers.get("X-Batch-Size", 0) or 0)})
+                except httpx.HTTPError as e:
+                    results.append({"ms": 1000 * (time.perf_counter() - t), "kind": type(e).__name__, "batch": 0})
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     timeout = httpx.Timeout(120.0)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
         t0 = time.perf_counter()
-        await asyncio.gather(*(patient(i, client) for i in range(clients)))
+        await asyncio.gather(*(client_loop(i, client) for i in range(clients)))
         wall = time.perf_counter() - t0
     ok = [r for r in results if r["kind"] == "200"]
     lat = [r["ms"] for r in ok]
@@ -191,12 +250,13 @@ def prompt_tokens(url: str) -> tuple[float, float]:
 
 
 def markdown(report: dict) -> str:
-    m = report["machine"]
+    m, w = report["machine"], report["workload"]
     lines = [f"# lora-med serve load test: {report['model']}", "",
              f"{report['health'].get('engine')} on {report['health'].get('device')}, {m.get('cpu')}, "
              f"{m.get('cores')} cores; load generator on the same machine. {report['when']}.", "",
-             f"Server settings: {json.dumps(report['server_settings'])}; messages: {report['messages']} held-out "
-             "user turns that reach the model, each client one patient with a multi-turn conversation.", "",
+             f"Server settings: {json.dumps(report['server_settings'])}.", "",
+             f"Workload `{w['name']}`: {w['what']}; {w['conversations']} conversation(s), {w['messages']} held-out "
+             "user turns that reach the model.", "",
              "| clients | requests | answered | throughput (req/s) | p50 ms | p95 ms | p99 ms | max ms | mean batch "
              "| prompt tokens from the prefix cache | server CPU (cores) | generator CPU (cores) | server RSS peak MB "
              "| errors |",
@@ -222,12 +282,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=DEFAULT_MODEL, help=f"what to serve (default {DEFAULT_MODEL})")
     ap.add_argument("--url", help="use a server already running on 127.0.0.1 instead of starting one")
     ap.add_argument("--clients", default="1,8,32", help="concurrency levels, comma-separated")
+    ap.add_argument("--workload", default="clinic", choices=sorted(WORKLOADS),
+                    help="; ".join(f"{k}: {v}" for k, v in WORKLOADS.items()))
     ap.add_argument("--requests", type=int, default=300, help="requests per level at most")
     ap.add_argument("--duration-s", type=float, default=120, help="seconds per level at most")
     ap.add_argument("--warmup", type=int, default=8, help="requests before measuring")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a server setting (e.g. max_batch=16); repeatable")
-    ap.add_argument("--out", help="results folder (default benchmarks/results/serve-load-<model>-<device>)")
+    ap.add_argument("--shape", choices=("dialogpt-medium",),
+                    help="serve a decode graph of this shape with random weights (speed only) instead of --model's; "
+                         "--model gives the tokenizer and the prompt budget")
+    ap.add_argument("--precision", choices=("int8", "fp32"), default="int8", help="--shape's graph (default int8)")
+    ap.add_argument("--out", help="results folder (default benchmarks/results/serve-load-<model>-<device>-<workload>)")
     a = ap.parse_args(argv)
 
     levels = [int(c) for c in a.clients.split(",") if c.strip()]
@@ -247,22 +313,29 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(f"--model {a.model}: no such folder; make the shipped export with `lora-med train --config "
                         "configs/default.yaml && lora-med merge-export adapters/clinic-lora`, or pass a model folder "
                         "(e.g. models/gpt2-es-tiny)")
+    if a.shape and (a.url or not (Path(a.model) / "manifest.json").is_file() and
+                    not (REPO / a.model / "manifest.json").is_file()):
+        problems.append(f"--shape {a.shape}: needs --model to be a merge-export (its tokenizer and prompt budget), "
+                        "and no --url")
     if problems:
         print("error: " + "\n  - ".join(["invalid arguments", *problems]), file=sys.stderr)
         return 2
 
-    texts = messages()
+    convs = conversations(a.workload)
     work = Path(tempfile.mkdtemp(prefix="serve-load-"))
     server = None
     if a.url:
         url = a.url.rstrip("/")
     else:
         model = a.model if Path(a.model).is_dir() else str(REPO / a.model)
+        if a.shape:
+            print(f"building a {a.shape}-shape {a.precision} decode graph (random weights, speed only)", flush=True)
+            model = str(shaped_export(Path(model), a.shape, a.precision, work))
         server = ServerProcess(model, work, settings)
         url = server.wait_ready()
     try:
         health = httpx.get(f"{url}/health", timeout=30).json()
-        warm = asyncio.run(level(url, 1, a.warmup, 60, texts, "0"))  # first calls allocate and warm caches
+        warm = asyncio.run(level(url, 1, a.warmup, 60, convs, "0"))  # first calls allocate and warm caches
         results = []
         for i, c in enumerate(levels):
             before = prompt_tokens(url)
@@ -270,13 +343,13 @@ def main(argv: list[str] | None = None) -> int:
             cpu_me = sum(me.cpu_times()[:2])
             if server:
                 with Sampler(server.proc.pid) as sampler:
-                    r = asyncio.run(level(url, c, a.requests, a.duration_s, texts, str(i + 1)))
+                    r = asyncio.run(level(url, c, a.requests, a.duration_s, convs, str(i + 1)))
                 rss = sampler.rss or [0]
                 r["server_cpu_cores"] = round(sampler.cpu_s / sampler.wall_s, 2)
                 r["server_rss_peak_mb"] = round(max(rss) / 2**20, 1)
                 r["server_rss_mean_mb"] = round(sum(rss) / len(rss) / 2**20, 1)
             else:  # a server started elsewhere: its process is not ours to sample
-                r = asyncio.run(level(url, c, a.requests, a.duration_s, texts, str(i + 1)))
+                r = asyncio.run(level(url, c, a.requests, a.duration_s, convs, str(i + 1)))
                 r["server_cpu_cores"] = r["server_rss_peak_mb"] = r["server_rss_mean_mb"] = None
             # The generator shares the machine: what it took is what the server could not have.
             r["generator_cpu_cores"] = round((sum(me.cpu_times()[:2]) - cpu_me) / (time.perf_counter() - t_me), 2)
@@ -296,8 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     by = {r["clients"]: r["throughput_rps"] for r in results}
     scaling = round(by[8] / by[1], 2) if by.get(1) and 8 in by else None
     report = {
-        "model": a.model if not a.url else a.url, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "health": health, "server_settings": {"rate_limit": "0", **settings}, "messages": len(texts),
+        "model": (a.model if not a.url else a.url) + (f" at {a.shape} shape, {a.precision}, random weights (speed "
+                                                      "only)" if a.shape else ""), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "health": health, "server_settings": {"rate_limit": "0", **settings},
+        "workload": {"name": a.workload, "what": WORKLOADS[a.workload], "conversations": len(convs),
+                     "messages": sum(map(len, convs))},
         "limits": {"requests_per_level": a.requests, "duration_s_per_level": a.duration_s},
         "levels": results, "store": store,
         "targets": {"lost": lost, "scaling_8_vs_1": scaling, "scaling_met": bool(scaling and scaling >= 3),
@@ -305,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {**device_info("cpu"), "load_avg": os.getloadavg()}, "versions": library_versions(),
     }
     out = Path(a.out) if a.out else REPO / "benchmarks" / "results" / (
-        f"serve-load-{Path(a.model.rstrip('/')).name}-{health.get('device', 'cpu')}")
+        f"serve-load-{a.shape + '-shape' if a.shape else Path(a.model.rstrip('/')).name}-"
+        f"{health.get('device', 'cpu')}-{a.workload}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "results.md").write_text(markdown(report), encoding="utf-8")
