@@ -10,7 +10,8 @@ base vs fine-tuned comparison during training), an export's decode graph or its 
 from __future__ import annotations
 
 from .data import Conversation, Message, segments
-from .engine import Engine, GenerationSettings, torch_engine
+from .engine import Engine, GenerationSettings
+from .engine_torch import torch_engine
 
 # Tiny models loop without repetition control; the seed guide's comparison used the same setting.
 NO_REPEAT_NGRAM_SIZE = 3

@@ -26,7 +26,8 @@ import torch
 
 from . import chat, data, models, runs
 from .config import ExportConfig
-from .engine import Engine, GenerationSettings, load_engine, optimum_engine
+from .engine import Engine, GenerationSettings, load_engine
+from .engine_torch import optimum_engine
 from .engine_ort import ort_logits_fn, ort_model, session_options
 from .errors import GateError
 from .evaluate import batches, perplexity, torch_logits_fn

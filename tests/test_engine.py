@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from lora_med.engine import GenerationSettings, load_engine, torch_engine
+from lora_med.engine import GenerationSettings, load_engine
+from lora_med.engine_torch import torch_engine
 from lora_med.errors import LoraMedError
 
 PROMPT_LENGTHS = (1, 5, 17, 40)
@@ -46,14 +47,14 @@ def tiny_torch(tiny_model):
     return torch_engine(tiny_model, eos_token_id=int(tiny_model.config.eos_token_id))
 
 
-# --------------------------------------------------------------------------- the loop on PyTorch
-
-
-
 def _prefill(engine, prompts):
     """The backend's logits at each prompt's last position (a copy)."""
     engine._backend.open(len(prompts))
     return engine._backend.prefill(list(range(len(prompts))), prompts, 1).copy()
+
+
+# --------------------------------------------------------------------------- the loop on PyTorch
+
 
 def test_torch_engine_greedy_equals_generate_single_and_batched(tiny_model, tiny_torch):
     prompts = _prompts(tiny_model.config.vocab_size)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lora_med.engine import GenerationSettings, load_engine, torch_engine
+from lora_med.engine import GenerationSettings, load_engine
+from lora_med.engine_torch import torch_engine
 from lora_med.errors import LoraMedError
 
 

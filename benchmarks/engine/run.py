@@ -70,7 +70,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from lora_med.decode_graph import build_decode_graph
-    from lora_med.engine import GenerationSettings, load_engine, torch_engine
+    from lora_med.engine import GenerationSettings, load_engine
+    from lora_med.engine_torch import torch_engine
     from lora_med.models import load_model
 
     work = Path(args.work)

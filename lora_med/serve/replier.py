@@ -16,7 +16,8 @@ from pathlib import Path
 from .. import runs
 from ..chat import prompt_ids
 from ..data import Message
-from ..engine import ENGINE_FILE, GenerationSettings, load_engine, torch_engine
+from ..engine import ENGINE_FILE, GenerationSettings, load_engine
+from ..engine_torch import torch_engine
 from ..errors import ConfigError
 from ..models import load_model, load_tokenizer, resolve_device
 from .config import ServeConfig
