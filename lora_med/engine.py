@@ -280,6 +280,8 @@ class Stream:
         at = [b for b in range(self.rows) if b not in self._live][:len(rows)]
         cache, n = self._engine.prefix_cache, self.settings.no_repeat_ngram_size
         reuse = [cache.lookup(r) for r in rows] if cache is not None else [None] * len(rows)
+        if not self._engine.joins:  # a whole batch: its cache sized to it (CUDA: the captured graph of its size)
+            self._backend.open(len(rows))
         if cache is not None:
             logits = self._backend.prefill(at, rows, self.settings.max_new_tokens, reuse=reuse)
         else:

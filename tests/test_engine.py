@@ -495,6 +495,18 @@ def test_cuda_graph_bookkeeping_runs_right_on_the_cpu_kernels(tiny_model, tiny_g
     with engine:
         assert engine.generate(prompts, s) == tiny_onnx.generate(prompts, s)
         assert set(engine._backend.slots) == {4}
+        engine.joins = False  # as on CUDA: a server's stream runs whole batches, each in its own size's bucket
+        done = {}
+        with engine.stream(s, rows=8) as st:
+            handles = st.add(prompts[:1])
+            assert engine._backend.slot.batch == 1  # not the stream's 8 rows
+            while st.busy:
+                done.update((f.handle, f.ids) for f in st.step())
+            handles += st.add(prompts[1:])
+            assert engine._backend.slot.batch == 2
+            while st.busy:
+                done.update((f.handle, f.ids) for f in st.step())
+        assert [done[h] for h in handles] == tiny_onnx.generate(prompts, s)
 
 
 def test_int8_recipe_quantises_the_tied_head_of_the_decode_graph(tiny_graph, tiny_onnx, tiny_model, tmp_path):
