@@ -244,7 +244,7 @@ class _OrtBackend:
     def open(self, rows: int) -> None:
         """A cache for ``rows`` rows, every row free (CPU: views of the arena, grown first if it is smaller)."""
         self.slot = self._slot_for(rows)
-        self.lens = np.ones(self.slot.batch, np.int64)  # a free row holds one token: its writes stay in its rows
+        self.lens = np.ones(self.slot.batch, np.int64)  # a free row counts one token (GQA needs a length >= 1)
 
     def prefill(self, at: list[int], rows: list[list[int]], max_new_tokens: int,
                 reuse: list[tuple[Entry, int] | None] | None = None) -> np.ndarray:
@@ -318,7 +318,8 @@ class _OrtBackend:
         slot.seqlens[:] = lens  # GQA: total length after this step - 1
         # Pinned to the capacity under CUDA graphs (see the module docstring); exact otherwise.
         slot.total[...] = self.capacity if self.pin_total else int(lens.max()) + 1
-        # Only busy rows grow: an idle row rewrites its one position, so it never runs out of room.
+        # Only busy rows grow: an idle row (free, finished or dropped) rewrites the same position just past its
+        # tokens at every step, so however long it stays idle it never runs out of room.
         lens[:width][active] += 1
         if self.device == "cuda":
             slot.ids_v.update_inplace(slot.ids)
