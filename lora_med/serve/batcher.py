@@ -169,13 +169,13 @@ class Batcher:
 
     def _serve(self, stream, live: dict[int, _Job]) -> None:
         while True:
-            take = self._take(stream, live)
-            if take is None:
-                return
             for h, job in list(live.items()):  # requests that have gone: their rows are free at once
                 if job.gone():
                     stream.drop(h)
                     del live[h]
+            take = self._take(stream, live)
+            if take is None:
+                return
             if take:
                 t0 = time.perf_counter()
                 for job in take:
