@@ -95,7 +95,7 @@ class Replier:
     Everything that touches the tokenizer runs on the caller's thread (the event loop).
     """
 
-    def __init__(self, engine, tokenizer, source: ModelSource, settings: GenerationSettings, cut_block: int = 0):
+    def __init__(self, engine, tokenizer, source: ModelSource, settings: GenerationSettings, *, cut_block: int):
         self.engine = engine
         self.cut_block = cut_block  # tokens; see prompt()
         # One message's ids in the DialoGPT format (its text + EOS), cached: each request renders the conversation
