@@ -122,10 +122,9 @@ class Engine:
             LoraMedError: empty prompt list or prompt, a token id outside the vocabulary, bad settings, or
                 ``max_new_tokens`` that leaves no room for a prompt in the capacity.
         """
-        self._check_settings(settings)
-        self._check_prompts(prompts)
         done: dict[int, list[int]] = {}
-        with self.stream(settings, rows=len(prompts)) as s:
+        # The stream checks the settings, add() the prompts (a list that is empty or not a list is add()'s error).
+        with self.stream(settings, rows=len(prompts) if isinstance(prompts, (list, tuple)) and prompts else 1) as s:
             handles = s.add(prompts)
             while s.busy:
                 done.update((f.handle, f.ids) for f in s.step())
@@ -292,7 +291,9 @@ class Stream:
                                  rows_seen=len(rows), steps=1)  # its prefill ran with the prompts added with it
             handles.append(self._handles)
             self._handles += 1
-        self._width = max(self._width, at[-1] + 1) if self._engine.joins else len(rows)
+        if not self._engine.joins:
+            self._width = len(rows)  # every row of the batch decodes until the batch ends (a joining backend's
+            # width is the highest busy row, set at each step)
         self._choose(at, logits)
         return handles
 
