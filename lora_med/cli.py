@@ -141,7 +141,7 @@ def train(config_file: str | None, plan_only: bool, as_json: bool, **kwargs) -> 
     lora-med train --base microsoft/DialoGPT-medium --device cuda --vram-gb 8 --plan
     lora-med train --resume adapters/clinic-lora
     """
-    from .train import train as run_train
+    from .train.main import train as run_train
 
     result = run_train(_load(TrainConfig, config_file, kwargs), plan_only=plan_only)
     if plan_only:
@@ -187,7 +187,7 @@ def merge_export(run_dir_arg: str | None, config_file: str | None, **kwargs) -> 
     lora-med merge-export adapters/clinic-lora --quantize int8
     lora-med merge-export adapters/clinic-lora --device cuda --dtype fp16
     """
-    from .export import merge_export as run_export
+    from .export.main import merge_export as run_export
 
     run_export(_load(ExportConfig, config_file, kwargs, **({"run_dir": run_dir_arg} if run_dir_arg else {})))
 
@@ -209,7 +209,7 @@ def bench(config_file: str | None, **kwargs) -> None:
     lora-med bench --run adapters/clinic-lora --full-run adapters/clinic-full --export exports/clinic-lora-cpu-fp32
     lora-med bench --shape dialogpt-medium --max-latency-s 0
     """
-    from .bench import bench as run_bench
+    from .bench.main import bench as run_bench
 
     run_bench(_load(BenchConfig, config_file, kwargs))
 

@@ -426,3 +426,14 @@ def check(path: str | Path, tokenizer=None, *, max_length: int = 256, fmt: str =
         report["cut_by_max_length"] = cut
         report["problems"] = too_long
     return report
+
+
+def prompt_ids(history: list[Message], tokenizer, fmt: str) -> list[int]:
+    """Token ids of ``history`` (ending with a user turn) followed by what opens an assistant turn."""
+    if fmt == "dialogpt":
+        # Every turn ends with EOS; the reply is what follows the last one.
+        conv = Conversation(tuple(history), "prompt")
+        return [t for ids, _ in segments(conv, tokenizer, fmt) for t in ids]
+    msgs = [{"role": m.role, "content": m.content} for m in history]
+    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False, return_token_type_ids=False)["input_ids"]

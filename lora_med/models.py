@@ -17,7 +17,7 @@ import torch
 from .config import DEFAULT_BASE, REPO_ROOT
 from .errors import ConfigError, LoraMedError
 from .fileio import sha256_file
-from .runs import weights_problems
+from .weights import weights_problems
 
 # LoRA targets per architecture. GPT-2 uses Conv1D: c_attn (fused q/k/v), c_proj (attention and MLP
 # output), c_fc (MLP input). lm_head and the embeddings are never targeted: they are tied.

@@ -25,6 +25,7 @@ from typing import Any
 from . import data
 from .errors import ConfigError, LoraMedError
 from .fileio import read_json, write_json
+from .weights import adapter_problems, safetensors_problem, weights_problems
 
 MARKER = ".lora-med"
 LOCK = ".lock"
@@ -169,71 +170,6 @@ def held_out(card: dict, run_dir: str | Path) -> list[data.Conversation]:
 
 
 # --------------------------------------------------------------------------- weights, run folders, checkpoints
-
-
-def safetensors_problem(path: Path) -> str | None:
-    """None if ``path`` is a whole safetensors file (its header and the extent it promises; nothing is loaded),
-    else what is wrong with it and the fix."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            f.keys()
-    except (SafetensorError, OSError) as e:
-        return (f"{path}: not a complete safetensors file, truncated or corrupt ({str(e).splitlines()[0]}); copy it "
-                "again, or retrain")
-    return None
-
-
-def weights_problems(folder: Path, stem: str, what: str) -> list[str]:
-    """Problems with ``folder/<stem>.safetensors`` (or its shards); pickle files are refused."""
-    single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
-    if single.is_file():
-        return [p] if (p := safetensors_problem(single)) else []
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return [f"{index}: unreadable shard index; copy the {what} again"]
-        out = []
-        for shard in shards:
-            if not (folder / shard).is_file():
-                out.append(f"{folder / shard}: missing (listed in {index.name}); copy the {what} again")
-            elif p := safetensors_problem(folder / shard):
-                out.append(p)
-        return out
-    pickled = [f for f in (f"{stem}.bin", "pytorch_model.bin") if (folder / f).is_file()]
-    if pickled:
-        return [f"{folder / pickled[0]}: pickle files are not loaded (they can run code); re-save the {what} as "
-                "safetensors (`model.save_pretrained(dir, safe_serialization=True)`) and remove the .bin file"]
-    return [f"{single}: missing; the {what} weights are not in {folder}: copy them there, or retrain"]
-
-
-def adapter_problems(run_dir: Path) -> list[str]:
-    """Problems with a run's LoRA adapter beyond its file being whole: its config must be a PEFT config with a
-    positive whole rank, and its weights LoRA tensors (a full model's weights renamed would merge to the base)."""
-    cfg_file, weights = run_dir / "adapter_config.json", run_dir / "adapter_model.safetensors"
-    try:
-        adapter = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []  # missing or not JSON: named by the caller's checks
-    p = []
-    if not isinstance(adapter, dict):
-        return [f"{cfg_file}: expected a JSON object (a PEFT adapter config); copy it again from the run, or retrain"]
-    for key in ("r", "lora_alpha"):
-        v = adapter.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            p.append(f"{cfg_file}: {key} is {v!r}, not a positive whole number; the file is damaged: copy it again "
-                     "from the run, or retrain")
-    if weights.is_file() and safetensors_problem(weights) is None:
-        from safetensors import safe_open
-
-        with safe_open(str(weights), framework="pt") as f:
-            keys = list(f.keys())
-        if not any(".lora_A." in k for k in keys) or not any(".lora_B." in k for k in keys):
-            p.append(f"{weights}: holds no LoRA tensors (lora_A/lora_B), so it is not an adapter (a full model's "
-                     "weights?); copy the run's own adapter_model.safetensors, or retrain")
-    return p
 
 
 def run_problems(folder: Path, card: dict) -> list[str]:
@@ -507,22 +443,3 @@ class Lock:
                 self.path.unlink()
         except (OSError, ValueError):
             pass
-
-
-# --------------------------------------------------------------------------- a run's saved model
-
-
-def save_artifacts(model, tokenizer, out: Path, card: dict) -> None:
-    """Adapter (or model), tokenizer and a Hugging Face model card into run folder ``out``, written beside and
-    then renamed into place file by file (a kill leaves .saving/, never a half-written file under its name)."""
-    from . import modelcard  # here, not at the top: modelcard imports models, which imports this module
-
-    staging = out / ".saving"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    modelcard.write(staging, card["artifact"], card)  # replaces PEFT's empty template
-    record(out, *[f.name for f in staging.iterdir()])
-    for f in staging.iterdir():
-        os.replace(f, out / f.name)
-    staging.rmdir()

@@ -96,7 +96,7 @@ def train_tiny(tiny_base: Path, data: Path, out: Path, method: str, **kw) -> Pat
     """A few steps of `lora-med train` on the tiny base. lr 1e-2: PEFT starts LoRA B at zero, so a few steps at
     the default lr leave the adapter ~0 and "merged == adapter" would pass trivially."""
     from lora_med.config import TrainConfig
-    from lora_med.train import train
+    from lora_med.train.main import train
 
     settings = dict(data=str(data), eval_data=str(data), base=str(tiny_base), output=str(out), method=method,
                     max_steps=4, log_every=1, compare=False, r=4, alpha=8, batch_size=4, seed=0,
@@ -123,7 +123,7 @@ def exported(trained, tmp_path_factory) -> dict[str, Path]:
     logits are near-ties that int8 rounding flips (96-99% top-1 seen): its gate is looser than the defaults (99%
     top-1, 95% identical replies), which are for real models."""
     from lora_med.config import ExportConfig
-    from lora_med.export import merge_export
+    from lora_med.export.main import merge_export
 
     root = tmp_path_factory.mktemp("exported")
     return {

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_med import bench as bench_mod
-from lora_med.bench import bench
+from lora_med.bench import main as bench_mod
+from lora_med.bench.main import bench
 from lora_med.config import BenchConfig
 from lora_med.errors import ConfigError, GateError, LoraMedError
 

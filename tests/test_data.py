@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_med.data import (Conversation, Message, encode, load_conversations, resolve_format, segments,
-                           split)
+from lora_med.data import Conversation, Message, encode, load_conversations, resolve_format, segments, split
 from lora_med.errors import ConfigError, DatasetError
 
 from .conftest import CONVERSATIONS, REPO

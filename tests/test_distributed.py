@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from lora_med.config import TrainConfig
-from lora_med.train import train
+from lora_med.train.main import train
 
 from .conftest import REPO
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from lora_med import chat, data, models, runs
+from lora_med import data, models, runs
 from lora_med.config import REPO_ROOT, ExportConfig, TrainConfig
 from lora_med.errors import LoraMedError
-from lora_med.export import merge_export
-from lora_med.train import train
+from lora_med.export.main import merge_export
+from lora_med.train.main import train
 
 
 def tcfg(tiny_base, data_file, out, **kw) -> TrainConfig:
@@ -40,7 +40,7 @@ def test_chat_template_reproduces_the_training_format_token_for_token():
         assert tok.apply_chat_template(msgs, tokenize=True) == trained_on, conv.where
         history = list(conv.messages[:-1])  # up to the last user turn: what the app sends
         assert tok.apply_chat_template(msgs[:-1], tokenize=True, add_generation_prompt=True) == \
-            chat.prompt_ids(history, tok, "dialogpt"), conv.where
+            data.prompt_ids(history, tok, "dialogpt"), conv.where
 
 
 def test_pipeline_with_chat_messages_works_on_the_merged_export(exported):
@@ -53,7 +53,7 @@ def test_pipeline_with_chat_messages_works_on_the_merged_export(exported):
     assert out[0]["generated_text"][:1] == messages and out[0]["generated_text"][-1]["role"] == "assistant"
     tok = models.load_tokenizer(str(merged))
     assert tok.apply_chat_template(messages, add_generation_prompt=True) == \
-        chat.prompt_ids([data.Message("user", messages[0]["content"])], tok, "dialogpt")
+        data.prompt_ids([data.Message("user", messages[0]["content"])], tok, "dialogpt")
 
 
 # --------------------------------------------------------------------------- model cards
@@ -175,7 +175,7 @@ def test_safe_merge_refuses_nan(trained, tmp_path):
 
 
 def test_verify_export_reruns_the_gate(exported):
-    from lora_med.parity import verify_export
+    from lora_med.export.parity import verify_export
 
     figures = verify_export(exported["fp32"])
     assert figures["passed"] and figures["precision"] == "fp32" and figures["max_abs_diff"] <= 1e-4

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lora_med.engine import GenerationSettings, load_engine
-from lora_med.engine_torch import torch_engine
+from lora_med.engine.torch_backend import torch_engine
 from lora_med.errors import LoraMedError
 
 PROMPT_LENGTHS = (1, 5, 17, 40)
@@ -112,7 +112,7 @@ def test_sampling_is_reproducible_by_seed_and_differs_across_seeds(tiny_model, t
 
 
 def test_top_p_keeps_the_nucleus_only():
-    from lora_med.engine_choice import Sampler
+    from lora_med.engine.sampling import Sampler
 
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], dtype=np.float32))
     sampler = Sampler(temperature=1.0, top_p=0.7, seed=0)
@@ -156,7 +156,7 @@ def test_load_engine_on_a_hf_folder_runs_pytorch(tiny_base, tiny_model):
 
 @pytest.fixture(scope="module")
 def tiny_graph(tiny_base, tmp_path_factory):
-    from lora_med.decode_graph import build_decode_graph
+    from lora_med.export.decode_graph import build_decode_graph
 
     out = tmp_path_factory.mktemp("decode-fp32")
     info = build_decode_graph(tiny_base, out, capacity=64)  # small, so that the left cut is exercised
@@ -253,7 +253,7 @@ def test_tampered_decode_graph_gives_different_replies(tiny_graph, tiny_model, t
 def test_non_gpt2_models_and_bad_options_are_refused(tmp_path, tiny_base):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lora_med.decode_graph import build_decode_graph
+    from lora_med.export.decode_graph import build_decode_graph
 
     LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "llama")
@@ -294,7 +294,7 @@ def _top1(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def shipped_fp32(shipped_sequences, tmp_path_factory):
-    from lora_med.decode_graph import build_decode_graph
+    from lora_med.export.decode_graph import build_decode_graph
 
     base, seqs = shipped_sequences
     out = tmp_path_factory.mktemp("shipped-fp32")
@@ -304,7 +304,7 @@ def shipped_fp32(shipped_sequences, tmp_path_factory):
 
 
 def test_int8_decode_graph_agrees_with_fp32(shipped_sequences, shipped_fp32, tmp_path):
-    from lora_med.decode_graph import build_decode_graph
+    from lora_med.export.decode_graph import build_decode_graph
 
     base, seqs = shipped_sequences
     info = build_decode_graph(base, tmp_path, precision="int8", capacity=128)
@@ -323,7 +323,7 @@ def test_int8_decode_graph_agrees_with_fp32(shipped_sequences, shipped_fp32, tmp
 def test_fp16_decode_graph_builds_types_and_agrees_on_the_cpu(shipped_sequences, shipped_fp32, tmp_path):
     """fp16 is for CUDA; ONNX Runtime 1.31's CPU provider has fp16 kernels for every node of the graph, so
     its types and its numerics are checked here too (slowly)."""
-    from lora_med.decode_graph import build_decode_graph
+    from lora_med.export.decode_graph import build_decode_graph
 
     base, seqs = shipped_sequences
     info = build_decode_graph(base, tmp_path, precision="fp16", capacity=128)
@@ -365,7 +365,7 @@ def test_int8_recipe_on_the_optimum_export_quantises_matmuls_only(tiny_optimum, 
     embedding Gather that Optimum's preset also quantises (what took the shipped model below 99% top-1)."""
     import onnx
 
-    from lora_med.engine_quant import quantize_int8
+    from lora_med.export.precision import quantize_int8
 
     x = torch.tensor([_prompts(400, (9,), seed=11)[0]])
     fp32 = _ort_model(tiny_optimum, tiny_optimum)(input_ids=x, attention_mask=torch.ones_like(x)).logits
@@ -388,7 +388,7 @@ def test_fp16_from_fp32_gives_an_optimum_graph_that_type_checks_and_runs(tiny_op
     1.31 refuses; converting the fp32 export types every node alike and runs through ORTModelForCausalLM."""
     import onnx
 
-    from lora_med.engine_quant import check_types, fp16_from_fp32
+    from lora_med.export.precision import check_types, fp16_from_fp32
 
     info = fp16_from_fp32(tiny_optimum / "model.onnx", tmp_path / "fp16" / "model.onnx")
     assert "strict" in info["checked"]
@@ -407,7 +407,7 @@ def test_fp16_from_fp32_gives_an_optimum_graph_that_type_checks_and_runs(tiny_op
 def test_type_check_catches_the_layernorm_clash_onnxruntime_refuses():
     from onnx import TensorProto, helper, numpy_helper
 
-    from lora_med.engine_quant import check_types
+    from lora_med.export.precision import check_types
 
     node = helper.make_node("LayerNormalization", ["x", "scale", "bias"], ["y"], axis=-1,
                             name="/transformer/h.0/ln_2/LayerNormalization")
@@ -430,7 +430,7 @@ def _cuda_ready() -> bool:
 
 @pytest.fixture(scope="module")
 def shipped_fp16(shipped_sequences, tmp_path_factory):
-    from lora_med.decode_graph import build_decode_graph
+    from lora_med.export.decode_graph import build_decode_graph
 
     out = tmp_path_factory.mktemp("shipped-fp16")
     build_decode_graph(shipped_sequences[0], out, precision="fp16", capacity=128)
@@ -464,7 +464,7 @@ def test_cuda_fp16_engine_agrees_with_cpu_fp32(shipped_sequences, shipped_fp32, 
 def test_cuda_graph_replay_matches_plain_cuda_runs(shipped_sequences, shipped_fp16):
     import json
 
-    from lora_med.engine_ort import ort_engine
+    from lora_med.engine.ort_backend import ort_engine
 
     _, seqs = shipped_sequences
     info = json.loads((shipped_fp16 / "engine.json").read_text())
@@ -516,7 +516,7 @@ def test_int8_recipe_quantises_the_tied_head_of_the_decode_graph(tiny_graph, tin
 
     import onnx
 
-    from lora_med.engine_quant import quantize_int8
+    from lora_med.export.precision import quantize_int8
 
     src, _ = tiny_graph
     meta = json.loads((src / "engine.json").read_text())
@@ -560,7 +560,7 @@ def test_torch_engine_runs_a_peft_model_with_its_adapter(tiny_base):
 def test_cpu_prefill_groups_similar_lengths_and_reuses_one_cache(tiny_model, tiny_onnx):
     """On the CPU a batch mixing short and long prompts is prefilled run by run (no compute on padding), and a
     smaller batch after a larger one binds the first rows of the same cache: replies stay the single ones."""
-    from lora_med.engine_ort import _runs_of_similar_length
+    from lora_med.engine.ort_backend import _runs_of_similar_length
 
     assert _runs_of_similar_length(np.array([20, 22, 250, 240, 21])) == [(0, 2), (2, 4), (4, 5)]
     assert _runs_of_similar_length(np.array([7])) == [(0, 1)]

@@ -17,9 +17,9 @@ import torch
 from lora_med import runs as runs_mod
 from lora_med.config import ExportConfig
 from lora_med.errors import ConfigError, GateError, LoraMedError
-from lora_med.export import merge_export
+from lora_med.export.main import merge_export
 from lora_med.fileio import sha256_file
-from lora_med.parity import verify_export
+from lora_med.export.parity import verify_export
 
 
 def load_export(d):
@@ -39,7 +39,7 @@ def lora_export(exported) -> Path:
 
 def _held_out_batch(run_dir: Path):
     from lora_med import data, models
-    from lora_med.evaluate import batches
+    from lora_med.perplexity import batches
     card = runs_mod.load_card(run_dir, "train")
     tok = models.load_tokenizer(str(run_dir))
     ex, _ = data.encode_all(runs_mod.held_out(card, run_dir), tok, max_length=card["data"]["max_length"], fmt=card["data"]["format"])
@@ -226,10 +226,10 @@ def test_fp16_optimum_graph_for_cuda_passes_strict_type_checks_on_the_cpu(lora_e
     import onnx
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    from lora_med import graphs
-    from lora_med.engine_quant import check_types
+    from lora_med.export import optimum
+    from lora_med.export.precision import check_types
 
-    info = graphs.optimum_graph(lora_export / "merged", tmp_path / "onnx", tmp_path / "work", precision="fp16")
+    info = optimum.optimum_graph(lora_export / "merged", tmp_path / "onnx", tmp_path / "work", precision="fp16")
     assert info["precision"] == "fp16" and "strict" in info["fp16"]["checked"] and "optimization" not in info
     half = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
     check_types(half)

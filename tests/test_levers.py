@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from lora_med import levers, plan
+from lora_med.train import levers, plan
 from lora_med.config import TrainConfig
 from lora_med.errors import ConfigError
-from lora_med.train import train
+from lora_med.train.main import train
 
 from .conftest import REPO
 
@@ -184,7 +184,7 @@ def medium_shape(tmp_path_factory, tiny_tokenizer):
     """microsoft/DialoGPT-medium's config and a tokenizer, no weights: what planning for a GPU needs."""
     from transformers import GPT2Config
 
-    from lora_med.shapes import SHAPES
+    from lora_med.bench.shapes import SHAPES
 
     folder = tmp_path_factory.mktemp("dialogpt-medium-shape")
     GPT2Config(**SHAPES["dialogpt-medium"]).save_pretrained(folder)

@@ -1,4 +1,4 @@
-"""The memory planner (lora_med.plan) against what training really holds, on the CPU in seconds.
+"""The memory planner (lora_med.train.plan) against what training really holds, on the CPU in seconds.
 
 * CPU, fp32: the activation term against what autograd saves (saved-tensor hooks; the per-layer figure is
   the difference between a 4-layer and a 2-layer model, so embeddings and logits drop out).
@@ -17,7 +17,7 @@ import json
 import pytest
 import torch
 
-from lora_med import plan
+from lora_med.train import plan
 
 from .conftest import REPO
 

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from lora_med.engine import GenerationSettings, load_engine
-from lora_med.engine_prefix import PrefixCache
+from lora_med.engine.prefix_cache import PrefixCache
 
 
 @pytest.fixture(scope="module")
 def graph(tiny_base, tmp_path_factory):
-    from lora_med.decode_graph import build_decode_graph
+    from lora_med.export.decode_graph import build_decode_graph
 
     out = tmp_path_factory.mktemp("decode-prefix")
     build_decode_graph(tiny_base, out, capacity=96)  # small: later turns are cut from the left

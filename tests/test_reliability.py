@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 
 from lora_med import runs, settings
-from lora_med.bench import bench
+from lora_med.bench.main import bench
 from lora_med.config import BenchConfig, ExportConfig, TrainConfig
 from lora_med.errors import ConfigError, DatasetError, LoraMedError
-from lora_med.export import merge_export
-from lora_med.train import train
+from lora_med.export.main import merge_export
+from lora_med.train.main import train
 
 
 
@@ -691,7 +691,7 @@ def test_bench_refuses_damaged_inputs_before_measuring(trained, exported, tmp_pa
 
 
 def test_a_damaged_graph_of_the_right_size_is_named(exported, tmp_path):
-    from lora_med.engine_ort import ort_model
+    from lora_med.engine.ort_backend import ort_model
 
     export = _damaged(exported["fp32"], tmp_path, lambda e: (e / "onnx" / "model.onnx").write_bytes(
         b"\xff" * (e / "onnx" / "model.onnx").stat().st_size))

@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_med import chat
+from lora_med import data
+from lora_med.train import compare
 from lora_med.engine import Engine
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lora_med"
 # Where transformers' generate() may be called: (module, function).
-ALLOWED = {("parity", "_reference_greedy"), ("latency", "_generate")}
+ALLOWED = {("export.parity", "_reference_greedy"), ("bench.latency", "_generate")}
 HF_KWARGS = {"input_ids", "max_new_tokens", "attention_mask", "generation_config", "do_sample"}
 
 
@@ -46,7 +47,7 @@ def test_transformers_generate_is_called_only_by_the_parity_reference_and_the_be
     for m, f, c in calls:
         if (m, f) not in ALLOWED:
             assert not c.keywords and 1 <= len(c.args) <= 2, f"lora_med/{m}.py:{c.lineno} ({f})"
-    assert {m for m, _, _ in calls} >= {"chat", "parity", "latency", "serve.replier"}
+    assert {m for m, _, _ in calls} >= {"train.compare", "export.parity", "bench.latency", "serve.replier"}
     # Nor a transformers pipeline anywhere (model cards show one to users, in a string, which is fine).
     names = {n.func.id if isinstance(n.func, ast.Name) else n.func.attr for p in PACKAGE.rglob("*.py")
              for n in ast.walk(ast.parse(p.read_text(encoding="utf-8"))) if isinstance(n, ast.Call)
@@ -81,18 +82,18 @@ def test_training_comparison_replies_go_through_the_engine(tiny_base, tiny_token
 
     from lora_med.config import TrainConfig
     from lora_med.models import load_model
-    from lora_med.train import _compare
+    from lora_med.train.main import _compare
 
     cfg = TrainConfig(compare_max_new_tokens=12)
     model = get_peft_model(load_model(str(tiny_base)), LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
     rows = _compare(cfg, model, None, tiny_tokenizer, "dialogpt", True)
     full = _compare(cfg, load_model(str(tiny_base)), load_model(str(tiny_base)), tiny_tokenizer, "dialogpt", False)
-    n = len(chat.COMPARISON_PROMPTS)
+    n = len(compare.COMPARISON_PROMPTS)
     assert len(rows) == len(full) == n
     assert counted["engine"] == Counter({"engine-torch-cpu-fp32": 4 * n}) and not counted["hf"]
     # Same replies as the seed's generate() call (greedy, no repeated 3-grams), decoded the same way.
     plain = load_model(str(tiny_base))
-    ids = chat.prompt_ids([chat.Message("user", rows[0]["prompt"])], tiny_tokenizer, "dialogpt")
+    ids = data.prompt_ids([data.Message("user", rows[0]["prompt"])], tiny_tokenizer, "dialogpt")
     x = torch.tensor([ids])
     with torch.no_grad():
         ref = plain.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
@@ -115,7 +116,7 @@ def test_served_replies_go_through_the_engine(exported, counted):
 
 
 def test_parity_gate_replies_go_through_the_engine_and_generate_is_the_reference_only(exported, counted):
-    from lora_med.parity import verify_export
+    from lora_med.export.parity import verify_export
 
     figures = verify_export(exported["fp32"])
     n = figures["greedy"]["prompts"]
@@ -125,7 +126,7 @@ def test_parity_gate_replies_go_through_the_engine_and_generate_is_the_reference
 
 
 def test_bench_engine_rows_time_the_engine(trained, exported, tmp_path, counted):
-    from lora_med.bench import bench
+    from lora_med.bench.main import bench
     from lora_med.config import BenchConfig
 
     r = bench(BenchConfig(run=str(trained["lora"]), export=[str(exported["fp32"])], backends=["engine-cpu-fp32"],

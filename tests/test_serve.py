@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lora_med.chat import prompt_ids
+from lora_med.data import prompt_ids
 from lora_med.data import Message
 from lora_med.errors import ConfigError, LoraMedError
 
@@ -531,7 +531,7 @@ def test_requests_join_the_running_batch_on_the_decode_graph(exported, tiny_base
     from safetensors.torch import load_file, save_file
 
     from lora_med.data import Message
-    from lora_med.decode_graph import build_decode_graph
+    from lora_med.export.decode_graph import build_decode_graph
     from lora_med.serve import ServeConfig
     from lora_med.serve.replier import load_replier
 
@@ -664,7 +664,7 @@ def test_a_long_conversation_keeps_its_prompt_start_for_a_few_turns(tiny_base, t
 def test_a_chat_template_conversation_is_cut_in_whole_turns_too(tiny_base):
     """The chat-template path: the whole conversation rendered by the template, oldest turns dropped until it
     fits, and with cut_block the start placed past a multiple of cut_block tokens (a suffix of the tight cut)."""
-    from lora_med.chat import prompt_ids
+    from lora_med.data import prompt_ids
     from lora_med.engine import GenerationSettings, load_engine
     from lora_med.models import load_tokenizer
     from lora_med.serve.replier import ModelSource, Replier

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from lora_med.engine import GenerationSettings, load_engine
-from lora_med.engine_torch import torch_engine
+from lora_med.engine.torch_backend import torch_engine
 from lora_med.errors import LoraMedError
 
 
 @pytest.fixture(scope="module")
 def graph(tiny_base, tmp_path_factory):
-    from lora_med.decode_graph import build_decode_graph
+    from lora_med.export.decode_graph import build_decode_graph
 
     out = tmp_path_factory.mktemp("decode-stream")
     build_decode_graph(tiny_base, out, capacity=64)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from lora_med.config import TrainConfig
 from lora_med.errors import ConfigError, LoraMedError
 from lora_med.runs import latest_checkpoint as _latest
-from lora_med.train import train
+from lora_med.train.main import train
 
 
 def latest_checkpoint(run_dir):
@@ -94,7 +94,7 @@ import json, torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from lora_med.data import load_conversations, encode_all
-from lora_med.evaluate import perplexity, torch_logits_fn
+from lora_med.perplexity import perplexity, torch_logits_fn
 tok = AutoTokenizer.from_pretrained({str(lora_run.output)!r})
 model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(tiny_base)!r}), {str(lora_run.output)!r}).eval()
 ex, _ = encode_all(load_conversations({str(conversations_file)!r}).conversations, tok, max_length=256, fmt="dialogpt")

@@ -38,10 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lora_med.decode_graph import build_decode_graph
+    from lora_med.export.decode_graph import build_decode_graph
     from lora_med.engine import GenerationSettings, load_engine
     from lora_med.models import device_info
-    from lora_med.shapes import SHAPES
+    from lora_med.bench.shapes import SHAPES
 
     work = Path(tempfile.mkdtemp(prefix="prefix-cache-"))
     torch.manual_seed(0)

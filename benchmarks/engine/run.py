@@ -69,9 +69,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lora_med.decode_graph import build_decode_graph
+    from lora_med.export.decode_graph import build_decode_graph
     from lora_med.engine import GenerationSettings, load_engine
-    from lora_med.engine_torch import torch_engine
+    from lora_med.engine.torch_backend import torch_engine
     from lora_med.models import load_model
 
     work = Path(args.work)
@@ -121,7 +121,7 @@ def main() -> None:
         from optimum.onnxruntime import ORTModelForCausalLM
         import onnxruntime as ort
 
-        from lora_med.engine_quant import quantize_int8
+        from lora_med.export.precision import quantize_int8
 
         t0 = time.perf_counter()
         fp32_dir = _optimum_export(model_dir, work / f"{tag}-optimum-fp32")

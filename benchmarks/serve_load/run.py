@@ -88,8 +88,8 @@ def shaped_export(export: Path, shape: str, precision: str, work: Path) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lora_med.decode_graph import build_decode_graph
-    from lora_med.shapes import SHAPES
+    from lora_med.export.decode_graph import build_decode_graph
+    from lora_med.bench.shapes import SHAPES
 
     out = work / f"{shape}-random"
     (out / "merged").mkdir(parents=True)

@@ -49,7 +49,7 @@ def main() -> None:
                         max_memory_allocated_gb=round(torch.cuda.max_memory_allocated() / 1e9, 3), read_at=where)
 
         try:
-            from lora_med import train as train_module
+            from lora_med.train import main as train_module
 
             original = getattr(train_module, "peak_memory", None)
         except Exception:  # noqa: BLE001  (the module may move; the exit figure still comes)

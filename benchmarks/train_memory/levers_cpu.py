@@ -7,9 +7,9 @@ again and again), so every case meets the same load, and each case's fastest ste
 not. Random weights of a GPT-2 shape (speed only).
 
 Per step: forward, loss, backward, AdamW step, zero_grad, as the Trainer does it (fp32 on the CPU):
-* LoRA r16 on c_attn/c_proj/c_fc, dropout 0.05 (PEFT, as lora_med.trainer.load_for_training sets it up);
+* LoRA r16 on c_attn/c_proj/c_fc, dropout 0.05 (PEFT, as lora_med.train.trainer.load_for_training sets it up);
 * ``gc``: ``gradient_checkpointing_enable(use_reentrant=False)`` + input grads (what the Trainer switches on);
-* ``cce``: ``lora_med.levers.chunked_causal_lm_loss`` on the decoder's last hidden state (256-token chunks);
+* ``cce``: ``lora_med.train.levers.chunked_causal_lm_loss`` on the decoder's last hidden state (256-token chunks);
 * ``8bit``: bitsandbytes' ``AdamW8bit`` for the full fine-tune (the Trainer's "adamw_bnb_8bit"), else torch AdamW;
 * ``eager``: transformers' eager attention instead of SDPA.
 ``kept MB``: what autograd keeps for the backward in one forward + loss (saved-tensor hooks; under a
@@ -33,7 +33,8 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from lora_med import levers, models, plan  # noqa: E402
+from lora_med import models  # noqa: E402
+from lora_med.train import levers, plan  # noqa: E402
 
 CASES = ["lora", "lora+gc", "lora+cce", "lora+gc+cce", "lora+eager", "full", "full+8bit", "full+cce"]
 

@@ -5,7 +5,7 @@ the values, so every figure here is "random weights, speed only".
 
 Each case runs the real `lora-med train` in a fresh process (benchmarks/train_memory/launch.py, which adds
 what the run card does not record) on conversations cut to exactly 128 tokens, and puts the planner
-(lora_med.plan) beside each measurement:
+(lora_med.train.plan) beside each measurement:
 
 * **cases** (``--cases``): method and micro-batch, then the levers: ``+gc`` gradient checkpointing, ``+cce``
   chunked cross-entropy, ``+8bit`` 8-bit AdamW (full), ``+eager`` eager attention instead of SDPA; measured peak
@@ -45,9 +45,10 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 
-from lora_med import models, plan  # noqa: E402
-from lora_med.latency import SPEED_ONLY  # noqa: E402
-from lora_med.shapes import SHAPES  # noqa: E402
+from lora_med import models  # noqa: E402
+from lora_med.train import plan  # noqa: E402
+from lora_med.bench.latency import SPEED_ONLY  # noqa: E402
+from lora_med.bench.shapes import SHAPES  # noqa: E402
 
 SEQ = 128
 TARGETS_MODULES = ["c_attn", "c_proj", "c_fc"]
@@ -126,7 +127,7 @@ def build_data(work: Path, model_dir: Path) -> tuple[Path, Path]:
 # --------------------------------------------------------------------------- the planner beside each run
 
 class Planner:
-    """lora_med.plan at the benchmark's shape: the same arithmetic as the run card, for any device."""
+    """lora_med.train.plan at the benchmark's shape: the same arithmetic as the run card, for any device."""
 
     def __init__(self, shape: str, r: int, qlora_r: int):
         from transformers import GPT2Config

@@ -1,7 +1,7 @@
 """What the planner's activation term misses: bytes autograd actually saves per layer.
 
 Runs one training-mode forward of DialoGPT-medium-width GPT-2 blocks (random weights; 2 and 4 layers, so
-the per-layer figure is their difference) under saved-tensor hooks (``lora_med.plan.saved_activation_bytes``)
+the per-layer figure is their difference) under saved-tensor hooks (``lora_med.train.plan.saved_activation_bytes``)
 and sums the distinct storages saved for backward, parameters excluded. That is the activation memory of this
 implementation (transformers' eager GPT-2, unfused GELU, PEFT LoRA with dropout) on this device, which the
 planner's Korthikanti et al. formula (34 bytes x s*b*h per layer in 16-bit, for fused kernels) undercounts.
@@ -22,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from lora_med import plan  # noqa: E402
+from lora_med.train import plan  # noqa: E402
 
 
 def saved_bytes(method: str, n_layer: int, batch: int, seq: int) -> int:

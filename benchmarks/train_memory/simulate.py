@@ -22,7 +22,7 @@ replay in seconds. What CUDA does differently from the CPU is put back:
   backward, ``clip_grad_norm_``, ``AdamW(foreach=True)`` (the CUDA default; ``_multi_tensor_adam`` allocates
   one ``exp_avg_sq_sqrt`` the size of a parameter group), ``zero_grad(set_to_none=True)``; three steps, so that
   the optimizer state exists;
-* **the levers** lora_med.plan models: ``chunked_loss`` (the "chunked_ce" reference), ``_AdamW8bit``
+* **the levers** lora_med.train.plan models: ``chunked_loss`` (the "chunked_ce" reference), ``_AdamW8bit``
   (bitsandbytes' 8-bit AdamW as the Trainer sets it up), eager attention, gradient checkpointing.
 
 ``LiveBytes`` (a dispatch mode) sees every storage from the op that creates it until the last reference
@@ -443,7 +443,7 @@ def _checkpointing(model, autocast: CudaAutocast) -> None:
 
 
 def chunked_loss(model, ids, labels, n_items, chunk: int, ckpt):
-    """The "chunked_ce" lever as lora_med.plan describes it: the blocks give hidden states, then lm_head +
+    """The "chunked_ce" lever as lora_med.train.plan describes it: the blocks give hidden states, then lm_head +
     cross-entropy run over ``chunk`` tokens at a time, each chunk checkpointed (its logits are recomputed in
     the backward), so the whole batch's fp32 logits never exist."""
     core = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -585,10 +585,10 @@ LEVER_CASES = [("lora", 16, dict(chunked_ce=256)), ("lora", 32, dict(chunked_ce=
 
 
 def planner_for(row: dict, config: dict | None = None) -> float:
-    """lora_med.plan's estimate (bytes) for a replayed row, at the same settings."""
+    """lora_med.train.plan's estimate (bytes) for a replayed row, at the same settings."""
     from transformers import GPT2Config
 
-    from lora_med import plan
+    from lora_med.train import plan
 
     shape, meta = plan.shape_from_config(GPT2Config(**(config or DIALOGPT_MEDIUM)))
     lora = row["method"] != "full"

@@ -2,7 +2,7 @@
 
 Every reply comes from the project's one generation engine (:mod:`lora_med.engine`); this module only
 decides which folder it loads, builds prompts exactly as training formatted conversations
-(:func:`lora_med.chat.prompt_ids`), cuts them to fit, and decodes the new tokens.
+(:func:`lora_med.train.compare.prompt_ids`), cuts them to fit, and decodes the new tokens.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import runs
-from ..chat import prompt_ids
+from ..data import prompt_ids
 from ..data import Message
 from ..engine import ENGINE_FILE, GenerationSettings, load_engine
-from ..engine_torch import torch_engine
+from ..engine.torch_backend import torch_engine
 from ..errors import ConfigError
 from ..models import load_model, load_tokenizer, resolve_device
 from .config import ServeConfig

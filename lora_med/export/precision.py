@@ -1,6 +1,6 @@
 """Graph precision recipes: the project's one int8 recipe and the fp16 conversion of an fp32 graph.
 
-Both take an ONNX file and write another, for the decode graph (lora_med.decode_graph) and for
+Both take an ONNX file and write another, for the decode graph (lora_med.export.decode_graph) and for
 Optimum's standard ``text-generation-with-past`` export alike, so that merge-export and ``bench --shape``
 produce their int8 and fp16 graphs the same way.
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .errors import LoraMedError
+from ..errors import LoraMedError
 
 EXTERNAL_DATA_BYTES = 1_800_000_000
 LOGITS = "logits"

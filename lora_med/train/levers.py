@@ -26,8 +26,8 @@ import os
 from dataclasses import dataclass
 
 from . import plan
-from .errors import ConfigError
-from .settings import describe, name
+from ..errors import ConfigError
+from ..settings import describe, name
 
 IGNORE = -100  # label of a position without loss (DataCollatorForSeq2Seq's padding, masked prompts)
 

@@ -15,22 +15,22 @@ the next one takes:
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import chat, data, levers, models, plan, runs, settings
-from .config import DEFAULT_DATA, DEFAULT_EVAL, DEFAULT_EVAL_FRACTION, TrainConfig, shipped
-from .errors import ConfigError, LoraMedError
-from .evaluate import perplexity, torch_logits_fn
-from .fileio import sha256_file, write_json
+from .. import data, modelcard, models, runs, settings, weights
+from . import compare, levers, plan
+from ..config import DEFAULT_DATA, DEFAULT_EVAL, DEFAULT_EVAL_FRACTION, TrainConfig, shipped
+from ..errors import ConfigError, LoraMedError
+from ..perplexity import perplexity, torch_logits_fn
+from ..fileio import sha256_file, write_json
 from .levers import MemoryPlan, plan_memory
-from .settings import describe, name
-from .trainer import (NonFiniteLoss, finished_checkpoint, is_main_process, leave_process_group,
-                      load_checkpoint_weights, load_for_training, local_device, make_trainer, peak_memory, plot_loss,
-                      reset_peak_memory, world_size)
+from ..settings import describe, name
+from .trainer import NonFiniteLoss, finished_checkpoint, is_main_process, leave_process_group, load_checkpoint_weights, load_for_training, local_device, make_trainer, peak_memory, plot_loss, reset_peak_memory, world_size
 
 # Settings that may differ between an interrupted run and its resume; all others must match.
 # (--vram-gb is not: it picks the micro-batch and the optimizer, which the checkpoint's state depends on.)
@@ -197,7 +197,7 @@ def resolve(cfg: TrainConfig, *, plan_only: bool = False) -> Setup:
                 p.append(f"--output {out}: already holds {what}; choose another --output or add --overwrite")
 
     if base and models.is_local(base) and not plan_only:  # planning reads the shape only: weights may be absent
-        p += runs.weights_problems(Path(base), "model", "base model")
+        p += weights.weights_problems(Path(base), "model", "base model")
     if cfg.run_name is not None and (Path(cfg.run_name).name != cfg.run_name or cfg.run_name in ("", ".", "..")):
         p.append(f"{describe(cfg, 'run_name')}: a name, not a path (the run goes to adapters/<name>); to choose the "
                  f"folder, use {name(cfg, 'output')}")
@@ -483,7 +483,7 @@ def _finish(cfg, setup: Setup, d: Data, model, trainer, card: dict, ckpt, train_
             "resumed_from": str(ckpt) if ckpt else card.get("resumed_from"),
             "timings": {"train_s": round(train_s, 2), "total_s": round(time.perf_counter() - t_start, 2)}}
     card.pop("failure", None)
-    runs.save_artifacts(model, models.with_chat_template(d.tokenizer, d.fmt), out, card)
+    save_artifacts(model, models.with_chat_template(d.tokenizer, d.fmt), out, card)
     plot_loss(state.log_history, out / "loss.png")
     runs.record(out, "loss.png")
     write_json(out / "run.json", card)
@@ -503,16 +503,33 @@ def _finish(cfg, setup: Setup, d: Data, model, trainer, card: dict, ckpt, train_
 def _compare(cfg, model, base_model, tokenizer, fmt: str, is_adapter: bool) -> list[dict]:
     """Base vs fine-tuned replies to the fixed prompts, through the engine (an adapter run: the same PEFT model
     with its adapter on, then disabled)."""
-    tuned_engine = chat.engine_for(model, tokenizer)
-    base_engine = tuned_engine if is_adapter else chat.engine_for(base_model, tokenizer)
+    tuned_engine = compare.engine_for(model, tokenizer)
+    base_engine = tuned_engine if is_adapter else compare.engine_for(base_model, tokenizer)
     n = cfg.compare_max_new_tokens
     rows = []
-    for prompt in chat.COMPARISON_PROMPTS:
-        tuned = chat.reply(tuned_engine, tokenizer, prompt, fmt=fmt, max_new_tokens=n)
+    for prompt in compare.COMPARISON_PROMPTS:
+        tuned = compare.reply(tuned_engine, tokenizer, prompt, fmt=fmt, max_new_tokens=n)
         if is_adapter:
             with model.disable_adapter():
-                base = chat.reply(base_engine, tokenizer, prompt, fmt=fmt, max_new_tokens=n)
+                base = compare.reply(base_engine, tokenizer, prompt, fmt=fmt, max_new_tokens=n)
         else:
-            base = chat.reply(base_engine, tokenizer, prompt, fmt=fmt, max_new_tokens=n)
+            base = compare.reply(base_engine, tokenizer, prompt, fmt=fmt, max_new_tokens=n)
         rows.append({"prompt": prompt, "base": base, "fine_tuned": tuned})
     return rows
+
+
+# --------------------------------------------------------------------------- a run's saved model
+
+
+def save_artifacts(model, tokenizer, out: Path, card: dict) -> None:
+    """Adapter (or model), tokenizer and a Hugging Face model card into run folder ``out``, written beside and
+    then renamed into place file by file (a kill leaves .saving/, never a half-written file under its name)."""
+    staging = out / ".saving"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    modelcard.write(staging, card["artifact"], card)  # replaces PEFT's empty template
+    runs.record(out, *[f.name for f in staging.iterdir()])
+    for f in staging.iterdir():
+        os.replace(f, out / f.name)
+    staging.rmdir()

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
-from . import chat, data, models, runs
-from .config import ExportConfig
-from .engine import Engine, GenerationSettings, load_engine
-from .engine_torch import optimum_engine
-from .engine_ort import ort_logits_fn, ort_model, session_options
-from .errors import GateError
-from .evaluate import batches, perplexity, torch_logits_fn
+from .. import data, models, runs
+from ..config import ExportConfig
+from ..engine import Engine, GenerationSettings, load_engine
+from ..engine.torch_backend import optimum_engine
+from ..engine.ort_backend import ort_logits_fn, ort_model, session_options
+from ..errors import GateError
+from ..perplexity import batches, perplexity, torch_logits_fn
 
 
 def _prompts(conversations: list[data.Conversation], tokenizer, fmt: str, limit: int) -> list[list[int]]:
@@ -38,7 +38,7 @@ def _prompts(conversations: list[data.Conversation], tokenizer, fmt: str, limit:
     out = []
     for conv in conversations:
         last_user = max(i for i, m in enumerate(conv.messages) if m.role == "user")
-        out.append(chat.prompt_ids(list(conv.messages[: last_user + 1]), tokenizer, fmt)[-limit:])
+        out.append(data.prompt_ids(list(conv.messages[: last_user + 1]), tokenizer, fmt)[-limit:])
     return out
 
 

@@ -27,12 +27,12 @@ from typing import Callable
 
 import torch
 
-from . import models
-from .chat import prompt_ids
-from .engine import Engine, GenerationSettings, load_engine
-from .engine_ort import load_ort
-from .errors import LoraMedError
-from .graphs import NO_CUDA_FP32
+from .. import models
+from ..data import prompt_ids
+from ..engine import Engine, GenerationSettings, load_engine
+from ..engine.ort_backend import load_ort
+from ..errors import LoraMedError
+from ..export.optimum import NO_CUDA_FP32
 
 # Scaling table: reply time against new tokens (32-token prompt) and against context length, for one backend
 # of each kind (PyTorch, ORT through Optimum, the engine on the CPU and on CUDA).

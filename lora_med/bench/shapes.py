@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from . import graphs
-from .config import BACKENDS
+from ..export import optimum
+from ..config import BACKENDS
 from .latency import SPEED_ONLY
 
 # Model shapes for --shape: GPT-2 configs built locally with random weights (speed only).
@@ -57,24 +57,24 @@ def build_shape(name: str, work: Path, device: str, *, seed: int, backends: list
         return out
 
     exports = []
-    optimum = {"fp32": {"ort-cpu-fp32", "ort-cuda-fp32"}, "int8": {"ort-cpu-int8"},
+    backends = {"fp32": {"ort-cpu-fp32", "ort-cuda-fp32"}, "int8": {"ort-cpu-int8"},
                "fp16": {"ort-cuda-fp16"} if cuda else set()}
-    if wanted & set().union(*optimum.values()):
+    if wanted & set().union(*backends.values()):
         fp32 = work / "onnx-fp32"
-        timed("export_fp32", lambda: graphs.export_fp32(model_dir, fp32))
-        if wanted & optimum["fp32"]:
+        timed("export_fp32", lambda: optimum.export_fp32(model_dir, fp32))
+        if wanted & backends["fp32"]:
             exports.append(_optimum(fp32, "fp32", "Optimum export"))
-        if wanted & optimum["int8"]:
-            recipe = timed("quantize_int8", lambda: graphs.to_int8(fp32, work / "onnx-int8"))
+        if wanted & backends["int8"]:
+            recipe = timed("quantize_int8", lambda: optimum.to_int8(fp32, work / "onnx-int8"))
             exports.append(_optimum(work / "onnx-int8", "int8", f"the int8 recipe ({recipe['tool']})"))
-        if wanted & optimum["fp16"]:
-            timed("convert_fp16", lambda: graphs.to_fp16(fp32, work / "onnx-fp16"))
+        if wanted & backends["fp16"]:
+            timed("convert_fp16", lambda: optimum.to_fp16(fp32, work / "onnx-fp16"))
             exports.append(_optimum(work / "onnx-fp16", "fp16", "fp16 converted from the fp32 export"))
     engines = []
     for precision, backend in (("fp32", "engine-cpu-fp32"), ("int8", "engine-cpu-int8"), ("fp16", "engine-cuda-fp16")):
         if backend in wanted and (precision != "fp16" or cuda):
             out = work / f"engine-{precision}"
-            section = timed(f"engine_{precision}", lambda out=out, p=precision: graphs.engine_graph(model_dir, out, p))
+            section = timed(f"engine_{precision}", lambda out=out, p=precision: optimum.engine_graph(model_dir, out, p))
             if section["status"] != "built":
                 raise RuntimeError(f"{name} shape: decode graph not built: {section['reason']}")  # a GPT-2: a bug
             engines.append({"dir": str(out), "path": str(out), "precision": precision,

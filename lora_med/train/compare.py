@@ -9,9 +9,9 @@ base vs fine-tuned comparison during training), an export's decode graph or its 
 
 from __future__ import annotations
 
-from .data import Conversation, Message, segments
-from .engine import Engine, GenerationSettings
-from .engine_torch import torch_engine
+from ..data import Message, prompt_ids
+from ..engine import Engine, GenerationSettings
+from ..engine.torch_backend import torch_engine
 
 # Tiny models loop without repetition control; the seed guide's comparison used the same setting.
 NO_REPEAT_NGRAM_SIZE = 3
@@ -27,17 +27,6 @@ COMPARISON_PROMPTS = [
     "¿Qué pastilla puedo tomar para el dolor de cabeza?",
     "Gracias, hasta luego",
 ]
-
-
-def prompt_ids(history: list[Message], tokenizer, fmt: str) -> list[int]:
-    """Token ids of ``history`` (ending with a user turn) followed by what opens an assistant turn."""
-    if fmt == "dialogpt":
-        # Every turn ends with EOS; the reply is what follows the last one.
-        conv = Conversation(tuple(history), "prompt")
-        return [t for ids, _ in segments(conv, tokenizer, fmt) for t in ids]
-    msgs = [{"role": m.role, "content": m.content} for m in history]
-    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False, return_token_type_ids=False)["input_ids"]
 
 
 def engine_for(model, tokenizer) -> Engine:

@@ -11,9 +11,9 @@ running batch). What computes the logits is a step backend over a KV cache of ``
 - ``step(tokens, active)``: feed one new token to each of the first ``len(tokens)`` rows (only ``active``
   rows advance), return their next logits.
 
-Two backends exist: the ONNX decode graph written by :mod:`lora_med.decode_graph`, run by ONNX Runtime
-on the CPU or CUDA provider (:mod:`lora_med.engine_ort`), and a Hugging Face causal LM with its KV cache
-(:mod:`lora_med.engine_torch`; ``past_key_values``, a token loop, not transformers' ``generate()``): a PyTorch
+Two backends exist: the ONNX decode graph written by :mod:`lora_med.export.decode_graph`, run by ONNX Runtime
+on the CPU or CUDA provider (:mod:`lora_med.engine.ort_backend`), and a Hugging Face causal LM with its KV cache
+(:mod:`lora_med.engine.torch_backend`; ``past_key_values``, a token loop, not transformers' ``generate()``): a PyTorch
 model, for models that have not been exported yet (the base vs fine-tuned comparison during training), or an
 export's standard Optimum graph as ``ORTModelForCausalLM`` (the parity gate's greedy check of that graph).
 
@@ -26,22 +26,15 @@ softmax plus a partial sort (sampling).
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator, Protocol
 
 import numpy as np
-import torch
 
-from .engine_choice import NGramBans, Sampler
-from .engine_prefix import PrefixCache
-from .errors import LoraMedError
-from .models import load_model, resolve_device
-
-ENGINE_FILE = "engine.json"  # written by decode_graph.build_decode_graph beside model.onnx
-
+from .sampling import NGramBans, Sampler
+from .prefix_cache import PrefixCache
+from ..errors import LoraMedError
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -351,55 +344,3 @@ class Stream:
             cache.store(tokens, self._backend.snapshot(b, len(tokens)),
                         extends=r.reuse[0] if r.reuse is not None else None)
         self._finished.append(Finished(r.handle, r.out, r.rows_seen / r.steps))
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def load_engine(path, *, device: str = "auto", threads: int | None = None, spin: bool = True,
-                prefix_cache_mb: float = 0) -> Engine:
-    """An engine for a folder.
-
-    Args:
-        path: a decode-graph folder (``model.onnx`` + ``engine.json``, as written by
-            :func:`lora_med.decode_graph.build_decode_graph`), run by ONNX Runtime; or a Hugging Face
-            causal-LM folder (``config.json`` + ``model.safetensors``), run by PyTorch through the same loop.
-        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-        threads: intra-op threads (ONNX Runtime session, or torch for a PyTorch folder); None: library default.
-        spin: ONNX Runtime only: False stops idle threads spinning (see ``engine_ort.session_options``).
-        prefix_cache_mb: memory for finished replies' KV caches, so that a prompt starting with an earlier
-            prompt and its reply (a conversation's next turn) prefills only the rest (``engine_prefix``); 0: off.
-            The decode graph on the CPU only; elsewhere it is ignored.
-
-    Raises:
-        LoraMedError: the folder holds neither, or the device does not fit the graph's precision.
-    """
-    folder = Path(path)
-    if (folder / ENGINE_FILE).is_file():
-        from .engine_ort import ort_engine  # here, not at the top: engine_ort imports Engine from this module
-
-        info = json.loads((folder / ENGINE_FILE).read_text(encoding="utf-8"))
-        return ort_engine(folder, info, device=device, threads=threads, spin=spin, prefix_cache_mb=prefix_cache_mb)
-    if (folder / "config.json").is_file():
-        from .engine_torch import torch_engine  # here: engine_torch imports Engine from this module
-
-        dev = _resolve(device, resolve_device)
-        if threads:
-            torch.set_num_threads(int(threads))
-        model = load_model(str(folder)).to(dev)
-        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-        eos = eos if eos is not None else model.config.eos_token_id
-        if isinstance(eos, (list, tuple)):
-            eos = eos[0]
-        if eos is None:
-            raise LoraMedError(f"{folder}/config.json has no eos_token_id; the engine needs one to end replies")
-        return torch_engine(model, eos_token_id=int(eos))
-    raise LoraMedError(f"{folder}: neither a decode graph ({ENGINE_FILE} + model.onnx; build one with "
-                       f"lora_med.decode_graph.build_decode_graph) nor a Hugging Face model folder (config.json + "
-                       f"model.safetensors)")
-
-
-def _resolve(device: str, resolve_device) -> str:
-    if device not in ("auto", "cpu", "cuda"):
-        raise LoraMedError(f"device={device!r}: use auto, cpu or cuda")
-    return resolve_device(device)

@@ -6,7 +6,7 @@ Steps (each printed with its timing):
 2. save: ``merged/`` (transformers format, safetensors, tokenizer with a chat template, model card);
 3. export: Optimum's ``text-generation-with-past`` graph (``onnx/model.onnx``, what stock
    ``ORTModelForCausalLM`` loads), traced in fp32;
-4. optimise / quantise: ``ORTOptimizer`` (O1..O4), the one int8 recipe or the fp16 conversion (``graphs.py``);
+4. optimise / quantise: ``ORTOptimizer`` (O1..O4), the one int8 recipe or the fp16 conversion (``optimum.py``);
 5. engine: the engine's decode graph (``engine/``) built from the merged weights, in the same precision
    (GPT-2 models; other bases ship ``onnx/`` only, with the reason in the manifest);
 6. parity (``parity.py``): both graphs vs the merged PyTorch model on the run's held-out conversations.
@@ -28,15 +28,16 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import data, graphs, modelcard, models, runs, settings
-from .config import ExportConfig
-from .engine import load_engine
-from .engine_ort import ort_model, session_options
-from .errors import ConfigError, GateError, LoraMedError
-from .fileio import sha256_file, write_json
+from .. import data, modelcard, models, runs, settings, weights
+from . import optimum
+from ..config import ExportConfig
+from ..engine import load_engine
+from ..engine.ort_backend import ort_model, session_options
+from ..errors import ConfigError, GateError, LoraMedError
+from ..fileio import sha256_file, write_json
 from .merge import merge
 from .parity import check_parity, print_parity
-from .settings import describe, name
+from ..settings import describe, name
 
 TOKENIZER_FILES = ("tokenizer_config.json",)
 SUBDIRS = ("merged", "onnx", "engine")
@@ -94,7 +95,7 @@ def validate(cfg: ExportConfig) -> tuple[dict, str, Path]:
     base = card["base"]["name_or_path"]
     if card["artifact"] == "adapter":
         cfg_file = run_dir / "adapter_config.json"
-        p += runs.weights_problems(run_dir, "adapter_model", "adapter")
+        p += weights.weights_problems(run_dir, "adapter_model", "adapter")
         if not cfg_file.is_file():
             p.append(f"{cfg_file}: missing; copy the whole run folder, or retrain")
         else:
@@ -104,17 +105,17 @@ def validate(cfg: ExportConfig) -> tuple[dict, str, Path]:
                 p.append(f"{cfg_file}: not valid JSON; copy it again from the run, or retrain")
                 adapter_json = None
             adapter_base = adapter_json.get("base_model_name_or_path") if isinstance(adapter_json, dict) else None
-            p += runs.adapter_problems(run_dir)  # a PEFT config, LoRA tensors
+            p += weights.adapter_problems(run_dir)  # a PEFT config, LoRA tensors
             if isinstance(adapter_base, str) and adapter_base != base and runs.real(adapter_base) != runs.real(base):
                 p.append(f"{cfg_file}: the adapter was made for base {adapter_base!r}, but run.json names {base!r}; "
                          "this is another run's adapter: copy the matching run folder")
         if models.is_local(base):
-            p += runs.weights_problems(Path(base), "model", "base model")
+            p += weights.weights_problems(Path(base), "model", "base model")
         elif base.startswith(("/", ".", "~")):
             p.append(f"{run_dir / 'run.json'}: its base {base} no longer exists; restore that folder (the adapter is "
                      "merged onto it)")
     elif card["artifact"] == "model":
-        p += runs.weights_problems(run_dir, "model", "fine-tuned model")
+        p += weights.weights_problems(run_dir, "model", "fine-tuned model")
         if not (run_dir / "config.json").is_file():
             p.append(f"{run_dir / 'config.json'}: missing; copy the whole run folder, or retrain")
     else:
@@ -146,22 +147,22 @@ def validate(cfg: ExportConfig) -> tuple[dict, str, Path]:
 
 
 def _export_onnx(merged_dir: Path, onnx_dir: Path, work: Path, cfg: ExportConfig, tokenizer, step) -> dict:
-    """The Optimum graph (export + optimisation + int8 or fp16, ``graphs.optimum_graph``) in ``onnx_dir``."""
-    info = graphs.optimum_graph(merged_dir, onnx_dir, work, precision=cfg.precision(), optimize=cfg.optimize,
+    """The Optimum graph (export + optimisation + int8 or fp16, ``optimum.optimum_graph``) in ``onnx_dir``."""
+    info = optimum.optimum_graph(merged_dir, onnx_dir, work, precision=cfg.precision(), optimize=cfg.optimize,
                                 for_gpu=cfg.device == "cuda", trust_remote_code=cfg.trust_remote_code, step=step)
     tokenizer.save_pretrained(onnx_dir)
     return info
 
 
 def _build_engine(merged_dir: Path, engine_dir: Path, cfg: ExportConfig, step) -> dict:
-    """The decode graph in the export's precision (``graphs.engine_graph``): the manifest's ``engine`` section."""
+    """The decode graph in the export's precision (``optimum.engine_graph``): the manifest's ``engine`` section."""
     precision = cfg.precision()
-    with step("engine", f"decode graph ({precision}, {graphs.engine_device(precision)}) from the merged weights"):
-        section = graphs.engine_graph(merged_dir, engine_dir, precision)
+    with step("engine", f"decode graph ({precision}, {optimum.engine_device(precision)}) from the merged weights"):
+        section = optimum.engine_graph(merged_dir, engine_dir, precision)
     if section["status"] != "built":
         print(f"note: engine/ not built: {section['reason']}")
     elif cfg.device == "cuda" and precision == "fp32":
-        section["note"] = f"no CUDA fp32 decode graph: {graphs.NO_CUDA_FP32}; this fp32 graph runs on the CPU " \
+        section["note"] = f"no CUDA fp32 decode graph: {optimum.NO_CUDA_FP32}; this fp32 graph runs on the CPU " \
                           "(export with --dtype fp16 for the CUDA engine)"
         print(f"note: {section['note']}")
     return section

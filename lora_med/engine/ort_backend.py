@@ -2,7 +2,7 @@
 decode-graph backend, and the helpers for the Optimum graph an export keeps beside it (``ORTModelForCausalLM``:
 loadable by stock Optimum, used for perplexity and the parity gate, measured by bench as a peer).
 
-The decode graph (lora_med.decode_graph) runs with IO binding. Everything the graph reads or writes per token
+The decode graph (lora_med.export.decode_graph) runs with IO binding. Everything the graph reads or writes per token
 lives in buffers allocated once per batch size and bound once (``IOBinding``): the KV cache at full capacity
 (one OrtValue bound as both ``past_key_values.i`` and ``present.i``, so ONNX Runtime writes each new key/value
 in place), the token/position/length inputs and the logits output. A decode step is then: write three tiny int arrays, ``run_with_iobinding``, read
@@ -31,9 +31,9 @@ from typing import Iterator
 
 import numpy as np
 
-from .engine import Engine
-from .engine_prefix import Entry, PrefixCache
-from .errors import LoraMedError
+from .loop import Engine
+from .prefix_cache import Entry, PrefixCache
+from ..errors import LoraMedError
 
 KV_DTYPES = {"float32": np.float32, "float16": np.float16}
 ONNX_FILE = "model.onnx"  # the name ORTModelForCausalLM.from_pretrained(dir) finds without help
@@ -76,7 +76,7 @@ def ort_engine(folder: Path, info: dict, *, device: str = "auto", threads: int |
     precision = info.get("precision")
     if info.get("format") != "lora-med-decode-graph" or precision not in ("fp32", "fp16", "int8"):
         raise LoraMedError(f"{folder}/engine.json is not a lora-med decode graph description; rebuild the folder "
-                           f"with lora_med.decode_graph.build_decode_graph")
+                           f"with lora_med.export.decode_graph.build_decode_graph")
     dev = _pick_device(folder, precision, device)
     backend = _OrtBackend(folder, info, dev, threads, cuda_graph=(dev == "cuda") if cuda_graph is None else cuda_graph,
                           spin=spin)

@@ -34,19 +34,18 @@ from typing import Callable
 
 import torch
 
-from . import data, models, runs, settings
-from .config import BACKENDS, BenchConfig, ExportConfig, TrainConfig
-from .engine_ort import load_ort, ort_logits_fn
-from .errors import GateError, LoraMedError
-from .evaluate import perplexity, torch_logits_fn
-from .export import merge_export
-from .fileio import sha256_file, write_json, write_text
-from .latency import (SCALING_BACKENDS, SCALING_CONTEXTS, SCALING_NEW_TOKENS, SPEED_ONLY, Timing, available_backends,
-                      held_out_prompts, load_adapter, thread_count, time_backend)
+from .. import data, models, runs, settings
+from ..config import BACKENDS, BenchConfig, ExportConfig, TrainConfig
+from ..engine.ort_backend import load_ort, ort_logits_fn
+from ..errors import GateError, LoraMedError
+from ..perplexity import perplexity, torch_logits_fn
+from ..export.main import merge_export
+from ..fileio import sha256_file, write_json, write_text
+from .latency import SCALING_BACKENDS, SCALING_CONTEXTS, SCALING_NEW_TOKENS, SPEED_ONLY, Timing, available_backends, held_out_prompts, load_adapter, thread_count, time_backend
 from .report import engine_vs_peers, gate_line, markdown, plots, replies, training
-from .settings import describe, name
+from ..settings import describe, name
 from .shapes import SHAPES, build_shape
-from .train import train
+from ..train.main import train
 
 # "auto": the first present. The engine first: it is what serve runs.
 GATE_ORDER = ("engine-cuda-fp16", "engine-cpu-int8", "engine-cpu-fp32", "ort-cuda-fp16", "ort-cpu-int8", "ort-cpu-fp32",

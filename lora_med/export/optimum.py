@@ -3,11 +3,11 @@
 - ``onnx/``: Optimum's standard ``text-generation-with-past`` graph, what stock ``ORTModelForCausalLM``
   loads. Always traced in fp32 on the CPU (the graph does not depend on the device it was traced on), then
   optionally optimised (``ORTOptimizer`` O1-O4), then for int8 the project's one int8 recipe
-  (:func:`lora_med.engine_quant.quantize_int8`) and for fp16 :func:`lora_med.engine_quant.fp16_from_fp32`.
+  (:func:`lora_med.export.precision.quantize_int8`) and for fp16 :func:`lora_med.export.precision.fp16_from_fp32`.
   Optimum's own fp16 export (tracing the model in half precision) gives a graph onnxruntime 1.31 refuses to
   load (LayerNormalization bound to fp16 data and an fp32 scale); the conversion of the fp32 graph types
   every node alike and is checked with ONNX's strict type inference before it is written.
-- ``engine/``: the engine's decode graph (:mod:`lora_med.decode_graph`), built from the merged weights;
+- ``engine/``: the engine's decode graph (:mod:`lora_med.export.decode_graph`), built from the merged weights;
   fp32 and int8 (the same recipe) for the CPU, fp16 for CUDA. GPT-2 models only: other bases get the
   Optimum graph alone and a note saying why (their replies run on ``merged/`` through the engine's
   PyTorch backend).
@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 from .decode_graph import build_decode_graph
-from .engine_ort import ONNX_FILE
-from .engine_quant import check_types, fp16_from_fp32, quantize_int8
-from .errors import LoraMedError
+from ..engine.ort_backend import ONNX_FILE
+from .precision import check_types, fp16_from_fp32, quantize_int8
+from ..errors import LoraMedError
 
 PROTOBUF_LIMIT = 2 * 1024**3 - 1  # larger graphs keep their weights in an external data file
 CONFIG_SUFFIXES = (".json", ".txt", ".model")  # what ORTModelForCausalLM reads beside the graph

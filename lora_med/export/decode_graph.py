@@ -27,7 +27,7 @@ Precisions: ``fp32`` (CPU; the CUDA provider has no fp32 GroupQueryAttention ker
 weights, matmuls, attention and GELU in fp16; the residual stream and LayerNorm in fp32, with a Cast at each
 boundary, because ORT's CUDA SkipLayerNormalization sums mean and variance in its input type; flash attention
 keeps its softmax in fp32), ``int8`` (CPU: the fp32 graph through
-:func:`lora_med.engine_quant.quantize_int8`, the project's one int8 recipe).
+:func:`lora_med.export.precision.quantize_int8`, the project's one int8 recipe).
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine_quant import quantize_int8
-from .errors import ConfigError, LoraMedError
-from .models import load_model
+from .precision import quantize_int8
+from ..errors import ConfigError, LoraMedError
+from ..models import load_model
 
 GRAPH_FILE = "model.onnx"
 ENGINE_FILE = "engine.json"
@@ -97,7 +97,7 @@ def build_decode_graph(model_dir, out_dir, *, precision: str = "fp32", capacity:
     graph_dtype = "fp16" if precision == "fp16" else "fp32"
     model = _graph(cfg, weights, cap, graph_dtype)
     del weights
-    recipe: dict = {"builder": "lora_med.decode_graph", "attention": "com.microsoft.GroupQueryAttention (shared "
+    recipe: dict = {"builder": "lora_med.export.decode_graph", "attention": "com.microsoft.GroupQueryAttention (shared "
                     "past/present buffer, right-padded rows)", "layernorm": "com.microsoft.SkipLayerNormalization",
                     "gelu": "com.microsoft.FastGelu" if cfg["activation"] in TANH_GELU else "com.microsoft.BiasGelu",
                     "lm_head": "MatMul by the tied embedding transposed (folded at load), last position per row only"}

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from . import data, models
-from .errors import GateError, LoraMedError
-from .evaluate import batches, torch_logits_fn
+from .. import data, models
+from ..errors import GateError, LoraMedError
+from ..perplexity import batches, torch_logits_fn
 
 
 def _masked_logits(logits_fn, examples, pad_id: int, batch_size: int) -> list[torch.Tensor]:

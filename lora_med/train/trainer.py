@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from . import models
+from .. import models
 from .levers import causal_lm, chunked_causal_lm_loss
 from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 

@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .engine import Engine
+from .loop import Engine
 
 
 class _TorchBackend:
