@@ -21,8 +21,12 @@ from . import __version__, settings
 from .config import DEFAULT_BASE, BenchConfig, ExportConfig, ServeConfig, TrainConfig
 from .errors import LoraMedError
 
-CONFIG = click.option("--config", "config_file", type=click.Path(dir_okay=False),
-                      help="YAML file of settings (keys = the option names); flags override it.")
+CONFIG = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="YAML file of settings (keys = the option names); flags override it.",
+)
 
 
 class _Group(click.Group):
@@ -63,12 +67,29 @@ def data() -> None:
 
 @data.command("check")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--tokenizer", "tokenizer_name", default=None,
-              help="Tokenizer (hub id or folder) for token-length stats; default: the shipped base's.")
-@click.option("--max-length", "--max_length", "max_length", type=click.IntRange(min=8), default=256, show_default=True,
-              help="The training --max-length: conversations longer than this are cut; a last reply longer fails.")
-@click.option("--format", "fmt", type=click.Choice(["auto", "dialogpt", "chat-template"]), default="auto",
-              show_default=True, help="How conversations are formatted (as in training).")
+@click.option(
+    "--tokenizer",
+    "tokenizer_name",
+    default=None,
+    help="Tokenizer (hub id or folder) for token-length stats; default: the shipped base's.",
+)
+@click.option(
+    "--max-length",
+    "--max_length",
+    "max_length",
+    type=click.IntRange(min=8),
+    default=256,
+    show_default=True,
+    help="The training --max-length: conversations longer than this are cut; a last reply longer fails.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["auto", "dialogpt", "chat-template"]),
+    default="auto",
+    show_default=True,
+    help="How conversations are formatted (as in training).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def data_check(file: str, tokenizer_name: str | None, max_length: int, fmt: str, as_json: bool) -> None:
     """Validate FILE: counts, turns, token lengths, cuts, duplicates and every problem.
@@ -103,8 +124,10 @@ def data_check(file: str, tokenizer_name: str | None, max_length: int, fmt: str,
 
 def _print_check(report: dict) -> None:
     click.echo(f"{report['file']}  (sha256 {report['sha256'][:12]})")
-    click.echo(f"  conversations     {report['conversations']}  ({report['single_exchange']} single exchange, "
-               f"{report['multi_turn']} multi-turn, {report['with_system']} with a system message)")
+    click.echo(
+        f"  conversations     {report['conversations']}  ({report['single_exchange']} single exchange, "
+        f"{report['multi_turn']} multi-turn, {report['with_system']} with a system message)"
+    )
     t = report["turns"]
     click.echo(f"  turns per conv    min {t['min']}  p50 {t['p50']}  max {t['max']}")
     if "tokens" in report:
@@ -128,8 +151,13 @@ def _print_check(report: dict) -> None:
 
 @cli.command()
 @CONFIG
-@click.option("--plan", "plan_only", is_flag=True, help="Print the memory estimate for the settings and exit "
-              "(works for --device cuda on a machine without a GPU; the base may hold only config.json and a tokenizer).")
+@click.option(
+    "--plan",
+    "plan_only",
+    is_flag=True,
+    help="Print the memory estimate for the settings and exit "
+    "(works for --device cuda on a machine without a GPU; the base may hold only config.json and a tokenizer).",
+)
 @click.option("--json", "as_json", is_flag=True, help="With --plan: print the plan as JSON.")
 @settings.click_options(TrainConfig, seed_names=("batch_size", "learning_rate", "max_length", "grad_accum"))
 def train(config_file: str | None, plan_only: bool, as_json: bool, **kwargs) -> None:
@@ -151,16 +179,21 @@ def train(config_file: str | None, plan_only: bool, as_json: bool, **kwargs) -> 
 def _plan_text(p: dict) -> str:
     skip = ("total_gb", "budget_gb", "needed_gb")
     parts = [k[:-3] for k in p if k.endswith("_gb") and k not in skip]
-    lines = [f"Memory plan: {p['method']} on {p['device']} ({p['precision']}), micro-batch {p['batch_size']} x "
-             f"grad-accum {p['grad_accum']}" + (f" x {p['world_size']} processes" if p.get("world_size", 1) > 1 else "")
-             + f" (effective {p['effective_batch']}), sequence {p['seq_len']} tokens",
-             f"  parameters {p['params']:,}, trainable {p['trainable']:,}",
-             f"  levers: {', '.join(p['levers']) or 'none'} (attention {p['attention']}, optimizer {p['optim']}"
-             + (f", loss chunks of {p['loss_chunk']} tokens" if p.get("loss_chunk") else "") + ")",
-             f"  at the peak ({p['peak_at']}):"]
+    lines = [
+        f"Memory plan: {p['method']} on {p['device']} ({p['precision']}), micro-batch {p['batch_size']} x "
+        f"grad-accum {p['grad_accum']}"
+        + (f" x {p['world_size']} processes" if p.get("world_size", 1) > 1 else "")
+        + f" (effective {p['effective_batch']}), sequence {p['seq_len']} tokens",
+        f"  parameters {p['params']:,}, trainable {p['trainable']:,}",
+        f"  levers: {', '.join(p['levers']) or 'none'} (attention {p['attention']}, optimizer {p['optim']}"
+        + (f", loss chunks of {p['loss_chunk']} tokens" if p.get("loss_chunk") else "")
+        + ")",
+        f"  at the peak ({p['peak_at']}):",
+    ]
     lines += [f"    {k:<18} {p[k + '_gb']:8.3f} GB" for k in parts if p[k + "_gb"]]
-    lines.append(f"    {'total':<18} {p['total_gb']:8.3f} GB"
-                 + (f"  (budget {p['budget_gb']} GB)" if p["budget_gb"] else ""))
+    lines.append(
+        f"    {'total':<18} {p['total_gb']:8.3f} GB" + (f"  (budget {p['budget_gb']} GB)" if p["budget_gb"] else "")
+    )
     if p.get("moments"):
         lines.append("  each moment of a step:")
         lines += [f"    {k:<34} {v:8.3f} GB" for k, v in p["moments"].items()]
@@ -314,5 +347,9 @@ def _interrupted(e: BaseException) -> bool:
     return False
 
 
-_USER_ERRNOS = {errno.ENAMETOOLONG: "use a shorter name", errno.ENOSPC: "free some space or write elsewhere",
-                errno.EDQUOT: "free some space or write elsewhere", errno.EROFS: "write elsewhere"}
+_USER_ERRNOS = {
+    errno.ENAMETOOLONG: "use a shorter name",
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "free some space or write elsewhere",
+    errno.EROFS: "write elsewhere",
+}

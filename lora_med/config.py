@@ -29,6 +29,9 @@ DEVICES = ("auto", "cpu", "cuda")
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
 ATTENTIONS = ("auto", "sdpa", "eager")
 OPTIMIZERS = ("auto", "adamw", "adamw_8bit")
+# The lossy (fp16/int8) export gate, shared by merge-export and bench --paired.
+GATE_MIN_TOP1 = 0.99  # top-1 token agreement with PyTorch fp32
+GATE_MIN_SAME_REPLIES = 0.95  # share of greedy replies identical to PyTorch fp32
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 5e-5}  # full: the seed guide's 5e-5
 
 
@@ -36,8 +39,11 @@ def shipped(path: str) -> Path:
     """A path as given, or, when it is one of the shipped defaults and not found from here, the checkout's copy:
     so `lora-med train` works from any directory."""
     p = Path(path).expanduser()
-    if not p.exists() and not p.is_absolute() and path in (DEFAULT_BASE, DEFAULT_DATA, DEFAULT_EVAL, DEFAULT_INTENTS,
-                                                            DEFAULT_EMERGENCY):
+    if (
+        not p.exists()
+        and not p.is_absolute()
+        and path in (DEFAULT_BASE, DEFAULT_DATA, DEFAULT_EVAL, DEFAULT_INTENTS, DEFAULT_EMERGENCY)
+    ):
         return REPO_ROOT / path
     return p
 
@@ -49,19 +55,34 @@ class TrainConfig:
     # data
     data: str = setting(DEFAULT_DATA, "training conversations (.json array or .jsonl)")
     eval_data: str | None = setting(
-        "auto", "held-out conversations: a file; auto: the shipped eval file with the shipped data, else a "
-        "seeded split of --data; split: always a seeded split (see --eval-fraction)", aliases=("--eval_data",))
+        "auto",
+        "held-out conversations: a file; auto: the shipped eval file with the shipped data, else a "
+        "seeded split of --data; split: always a seeded split (see --eval-fraction)",
+        aliases=("--eval_data",),
+    )
     eval_fraction: float | None = setting(
-        None, f"share of --data held out when there is no eval file [default: {DEFAULT_EVAL_FRACTION}]",
-        above=0, below=1)
+        None,
+        f"share of --data held out when there is no eval file [default: {DEFAULT_EVAL_FRACTION}]",
+        above=0,
+        below=1,
+    )
     max_length: int = setting(256, "tokens per conversation; longer ones lose their oldest turns", min=8)
-    format: str = setting("auto", "auto: the tokenizer's chat template if it has one, else DialoGPT's (each turn ends "
-                          "with EOS)", choices=FORMATS)
-    train_on: str = setting("assistant", "assistant: loss on the replies and the EOS ending each; all: every token",
-                            choices=("assistant", "all"))
+    format: str = setting(
+        "auto",
+        "auto: the tokenizer's chat template if it has one, else DialoGPT's (each turn ends with EOS)",
+        choices=FORMATS,
+    )
+    train_on: str = setting(
+        "assistant",
+        "assistant: loss on the replies and the EOS ending each; all: every token",
+        choices=("assistant", "all"),
+    )
     # model
-    base: str = setting(DEFAULT_BASE, "base model: a local folder or a hub id (e.g. microsoft/DialoGPT-medium)",
-                        aliases=("--model_name_or_path",))
+    base: str = setting(
+        DEFAULT_BASE,
+        "base model: a local folder or a hub id (e.g. microsoft/DialoGPT-medium)",
+        aliases=("--model_name_or_path",),
+    )
     trust_remote_code: bool = setting(False, "run code shipped with the base model (only for bases you trust)")
     # method
     method: str = setting("lora", "lora, qlora (bitsandbytes 4/8-bit base) or full (the baseline)", choices=METHODS)
@@ -69,19 +90,30 @@ class TrainConfig:
     alpha: int = setting(16, "LoRA alpha (scale = alpha / r)", min=1, aliases=("--lora_alpha",))
     dropout: float = setting(0.05, "LoRA dropout", min=0, below=1, aliases=("--lora_dropout",))
     target_modules: list[str] | None = setting(
-        None, "layers LoRA adapts (comma-separated); default per architecture (GPT-2: c_attn,c_proj,c_fc); "
-        "lm_head and embeddings are never targets")
+        None,
+        "layers LoRA adapts (comma-separated); default per architecture (GPT-2: c_attn,c_proj,c_fc); "
+        "lm_head and embeddings are never targets",
+    )
     quant_bits: int = setting(4, "QLoRA: 4 (NF4, double quant) or 8", choices=(4, 8))
-    train_tokens: str = setting("none", "data: also train the embedding rows (tied lm_head too) of the tokens the "
-                                "training data uses", choices=("none", "data"))
+    train_tokens: str = setting(
+        "none",
+        "data: also train the embedding rows (tied lm_head too) of the tokens the training data uses",
+        choices=("none", "data"),
+    )
     # optimisation
     epochs: float = setting(3.0, "passes over the training data", above=0, aliases=("--num_train_epochs",))
-    batch_size: int = setting(4, "conversations per step (per device)", min=1,
-                              aliases=("--per_device_train_batch_size",))
-    grad_accum: int = setting(1, "micro-batches per optimizer step", min=1,
-                              aliases=("--gradient_accumulation_steps", "--gradient-accumulation"))
-    learning_rate: float | None = setting(None, "peak learning rate [default: 2e-4 for LoRA/QLoRA, 5e-5 for full]",
-                                          above=0)
+    batch_size: int = setting(
+        4, "conversations per step (per device)", min=1, aliases=("--per_device_train_batch_size",)
+    )
+    grad_accum: int = setting(
+        1,
+        "micro-batches per optimizer step",
+        min=1,
+        aliases=("--gradient_accumulation_steps", "--gradient-accumulation"),
+    )
+    learning_rate: float | None = setting(
+        None, "peak learning rate [default: 2e-4 for LoRA/QLoRA, 5e-5 for full]", above=0
+    )
     scheduler: str = setting("linear", "learning-rate schedule", choices=SCHEDULERS, aliases=("--lr_scheduler_type",))
     warmup_ratio: float = setting(0.05, "share of the steps spent warming up", min=0, below=1)
     weight_decay: float = setting(0.0, "AdamW weight decay", min=0)
@@ -91,32 +123,54 @@ class TrainConfig:
     precision: str = setting("auto", "auto: bf16 (or fp16) on CUDA, fp32 on the CPU", choices=PRECISIONS)
     device: str = setting("auto", "where to train", choices=DEVICES)
     # memory: the levers (lora_med/levers.py). Unset: off, unless --vram-gb needs them to fit; --no-X rules X out.
-    vram_gb: float | None = setting(None, "plan for this memory budget (a card's GB): the fastest micro-batch and "
-                                    "levers that fit (grad-accum keeps the effective batch)", above=0)
-    gradient_checkpointing: bool | None = setting(None, "recompute activations in the backward pass (less memory; "
-                                                  "+28% compute at DialoGPT-medium's shape)")
-    attention: str = setting("auto", "sdpa: fused attention, no score matrices kept; eager: transformers' own (keeps "
-                             "them); auto: sdpa where the model has it", choices=ATTENTIONS)
-    chunked_ce: bool | None = setting(None, "compute the loss --loss-chunk tokens at a time, recomputed in the "
-                                      "backward, so the full-vocabulary fp32 logits never exist (+5% compute)")
+    vram_gb: float | None = setting(
+        None,
+        "plan for this memory budget (a card's GB): the fastest micro-batch and "
+        "levers that fit (grad-accum keeps the effective batch)",
+        above=0,
+    )
+    gradient_checkpointing: bool | None = setting(
+        None, "recompute activations in the backward pass (less memory; +28% compute at DialoGPT-medium's shape)"
+    )
+    attention: str = setting(
+        "auto",
+        "sdpa: fused attention, no score matrices kept; eager: transformers' own (keeps "
+        "them); auto: sdpa where the model has it",
+        choices=ATTENTIONS,
+    )
+    chunked_ce: bool | None = setting(
+        None,
+        "compute the loss --loss-chunk tokens at a time, recomputed in the "
+        "backward, so the full-vocabulary fp32 logits never exist (+5% compute)",
+    )
     loss_chunk: int = setting(256, "tokens per chunk of --chunked-ce", min=1)
-    optim: str = setting("auto", "adamw (torch) or adamw_8bit (bitsandbytes' 8-bit states; full fine-tune only); "
-                         "auto: adamw, or adamw_8bit when --vram-gb needs it", choices=OPTIMIZERS)
+    optim: str = setting(
+        "auto",
+        "adamw (torch) or adamw_8bit (bitsandbytes' 8-bit states; full fine-tune only); "
+        "auto: adamw, or adamw_8bit when --vram-gb needs it",
+        choices=OPTIMIZERS,
+    )
     # logging and checkpoints
     log_every: int = setting(50, "steps between log lines (the seed's 50)", min=1, aliases=("--logging_steps",))
-    eval_every: int | None = setting(None, "steps between held-out evaluations [default: every epoch]", min=1,
-                                     aliases=("--eval_steps",))
-    save_every: int | None = setting(None, "steps between checkpoints [default: every epoch]", min=1,
-                                     aliases=("--save_steps",))
-    report_to: list[str] = setting(["tensorboard"], "where metrics go: tensorboard, wandb, mlflow or none "
-                                   "(installed ones)", choices=REPORT_TO)
+    eval_every: int | None = setting(
+        None, "steps between held-out evaluations [default: every epoch]", min=1, aliases=("--eval_steps",)
+    )
+    save_every: int | None = setting(
+        None, "steps between checkpoints [default: every epoch]", min=1, aliases=("--save_steps",)
+    )
+    report_to: list[str] = setting(
+        ["tensorboard"], "where metrics go: tensorboard, wandb, mlflow or none (installed ones)", choices=REPORT_TO
+    )
     output: str | None = setting(None, "run folder [default: adapters/<run name>]", aliases=("--output_dir",))
     run_name: str | None = setting(None, "run name [default: <method>-<base name>]")
-    resume: str | None = setting(None, "continue an interrupted run: the --output folder, or RUN_DIR",
-                                 aliases=("--resume_from_checkpoint",), metavar="[RUN_DIR]",
-                                 click=dict(is_flag=False, flag_value="auto"))
-    overwrite: bool = setting(False, "replace a finished or interrupted run in --output (only a folder lora-med "
-                              "wrote)")
+    resume: str | None = setting(
+        None,
+        "continue an interrupted run: the --output folder, or RUN_DIR",
+        aliases=("--resume_from_checkpoint",),
+        metavar="[RUN_DIR]",
+        click=dict(is_flag=False, flag_value="auto"),
+    )
+    overwrite: bool = setting(False, "replace a finished or interrupted run in --output (only a folder lora-med wrote)")
     compare: bool = setting(True, "base vs fine-tuned replies for the fixed Spanish prompts, as the seed guide")
     compare_max_new_tokens: int = setting(40, "new tokens per comparison reply", min=1)
 
@@ -141,21 +195,39 @@ class ExportConfig:
 
     run_dir: str = setting("", "a `lora-med train` run folder (adapter or full model)", hidden=True)
     output: str | None = setting(None, "export folder [default: exports/<run name>-<device>-<dtype>[-int8]]")
-    device: str = setting("cpu", "cpu, or cuda (CUDAExecutionProvider with IO binding; the engine's fp16 decode "
-                          "graph)", choices=EXPORT_DEVICES)
-    dtype: str = setting("fp32", "fp32, or fp16 (needs --device cuda): both graphs, fp16 converted from the fp32 "
-                         "export", choices=("fp32", "fp16"))
-    optimize: str = setting("none", "ONNX Runtime graph optimisation of the Optimum graph (O4 = O3 + fp16, CUDA only)",
-                            choices=("none", "O1", "O2", "O3", "O4"))
-    quantize: str = setting("none", "int8: dynamic int8 for the CPU provider (one recipe for both graphs: MatMul "
-                            "weights per channel, embeddings float)", choices=("none", "int8"))
+    device: str = setting(
+        "cpu",
+        "cpu, or cuda (CUDAExecutionProvider with IO binding; the engine's fp16 decode graph)",
+        choices=EXPORT_DEVICES,
+    )
+    dtype: str = setting(
+        "fp32",
+        "fp32, or fp16 (needs --device cuda): both graphs, fp16 converted from the fp32 export",
+        choices=("fp32", "fp16"),
+    )
+    optimize: str = setting(
+        "none",
+        "ONNX Runtime graph optimisation of the Optimum graph (O4 = O3 + fp16, CUDA only)",
+        choices=("none", "O1", "O2", "O3", "O4"),
+    )
+    quantize: str = setting(
+        "none",
+        "int8: dynamic int8 for the CPU provider (one recipe for both graphs: MatMul "
+        "weights per channel, embeddings float)",
+        choices=("none", "int8"),
+    )
     atol: float = setting(1e-4, "fp32 gate: max abs difference of teacher-forced logits, ONNX vs PyTorch", above=0)
     ppl_rtol: float = setting(0.005, "fp32 gate: relative difference of held-out perplexity", above=0)
-    min_top1: float = setting(0.99, "fp16/int8 gate: top-1 token agreement with PyTorch fp32", above=0, max=1)
-    lossy_rtol: float = setting(0.1, "fp16/int8 gate: max abs logits difference as a share of the logits' spread",
-                                above=0)
-    min_same_replies: float = setting(0.95, "fp16/int8 gate: share of the decode graph's greedy replies identical to "
-                                      "PyTorch fp32", min=0, max=1)
+    min_top1: float = setting(GATE_MIN_TOP1, "fp16/int8 gate: top-1 token agreement with PyTorch fp32", above=0, max=1)
+    lossy_rtol: float = setting(
+        0.1, "fp16/int8 gate: max abs logits difference as a share of the logits' spread", above=0
+    )
+    min_same_replies: float = setting(
+        GATE_MIN_SAME_REPLIES,
+        "fp16/int8 gate: share of the decode graph's greedy replies identical to PyTorch fp32",
+        min=0,
+        max=1,
+    )
     max_new_tokens: int = setting(32, "greedy reply length compared with PyTorch", min=1)
     n_parity: int = setting(8, "held-out conversations used by the merge check and the gate", min=1)
     batch_size: int = setting(8, "conversations per forward pass in the checks", min=1)
@@ -178,9 +250,20 @@ class ExportConfig:
 # What bench can time. engine-*: lora-med's engine on the export's decode graph (what serve runs); the rest are
 # peers measured on purpose with transformers' generate(): PyTorch (eager fp32, merged, fp16 on CUDA, fp16 with
 # a static cache and CUDA graphs) and ONNX Runtime through Optimum's ORTModelForCausalLM.
-BACKENDS = ("engine-cpu-fp32", "engine-cpu-int8", "engine-cuda-fp32", "engine-cuda-fp16", "torch-eager",
-            "torch-merged", "torch-eager-fp16", "torch-cudagraph-fp16", "ort-cpu-fp32", "ort-cpu-int8",
-            "ort-cuda-fp32", "ort-cuda-fp16")
+BACKENDS = (
+    "engine-cpu-fp32",
+    "engine-cpu-int8",
+    "engine-cuda-fp32",
+    "engine-cuda-fp16",
+    "torch-eager",
+    "torch-merged",
+    "torch-eager-fp16",
+    "torch-cudagraph-fp16",
+    "ort-cpu-fp32",
+    "ort-cpu-int8",
+    "ort-cuda-fp32",
+    "ort-cuda-fp16",
+)
 SHAPE_NAMES = ("dialogpt-medium", "tiny")
 
 
@@ -190,10 +273,12 @@ class BenchConfig:
 
     # what to measure
     run: str | None = setting(None, "LoRA/QLoRA run folder (its held-out set is the eval data)")
-    full_run: str | None = setting(None, "full fine-tune run folder, compared with --run on the same held-out set",
-                                   aliases=("--full_run",))
-    export: list[str] | None = setting(None, "merge-export folders (comma-separated); each gives ONNX Runtime "
-                                       "backends", metavar="DIR,DIR,...")
+    full_run: str | None = setting(
+        None, "full fine-tune run folder, compared with --run on the same held-out set", aliases=("--full_run",)
+    )
+    export: list[str] | None = setting(
+        None, "merge-export folders (comma-separated); each gives ONNX Runtime backends", metavar="DIR,DIR,..."
+    )
     base: str | None = setting(None, "base model for the base perplexity [default: the run card's base]")
     shape: str | None = setting(None, "random weights of this model's shape: latency only", choices=SHAPE_NAMES)
     paired: bool = setting(False, "train LoRA and full on the same split/seed/budget, merge-export both, then bench")
@@ -206,39 +291,55 @@ class BenchConfig:
     train_batch_size: int = setting(4, "--paired: batch size for both runs", min=1)
     seed: int = setting(42, "--paired: seed for both runs; also seeds --shape weights and prompts", min=0)
     paired_dir: str | None = setting(None, "--paired: where runs and exports go [default: adapters/paired-<name>]")
-    min_top1: float = setting(0.99, "--paired: int8/fp16 export gate, top-1 agreement (merge-export --min-top1)",
-                              above=0, max=1)
-    min_same_replies: float = setting(0.95, "--paired: int8/fp16 export gate, share of identical greedy replies "
-                                      "(merge-export --min-same-replies)", min=0, max=1)
+    min_top1: float = setting(
+        GATE_MIN_TOP1, "--paired: int8/fp16 export gate, top-1 agreement (merge-export --min-top1)", above=0, max=1
+    )
+    min_same_replies: float = setting(
+        GATE_MIN_SAME_REPLIES,
+        "--paired: int8/fp16 export gate, share of identical greedy replies (merge-export --min-same-replies)",
+        min=0,
+        max=1,
+    )
     # latency
-    backends: list[str] | None = setting(None, "subset of the backends to time [default: all available]",
-                                         choices=BACKENDS)
+    backends: list[str] | None = setting(
+        None, "subset of the backends to time [default: all available]", choices=BACKENDS
+    )
     device: str = setting("auto", "where the PyTorch backends run (CUDA ONNX backends need cuda)", choices=DEVICES)
-    new_tokens: int = setting(32, "tokens every backend generates per reply (EOS cannot stop it early)", min=1,
-                              aliases=("--new_tokens",))
+    new_tokens: int = setting(
+        32, "tokens every backend generates per reply (EOS cannot stop it early)", min=1, aliases=("--new_tokens",)
+    )
     prompts: int = setting(8, "held-out prompts timed per backend", min=1)
     repeats: int = setting(3, "timed replies per prompt", min=1)
     warmup: int = setting(2, "untimed replies before timing", min=0)
     scaling: bool = setting(True, "reply time vs new tokens (8..64) and context (32..512)")
     scaling_repeats: int = setting(3, "timed replies per scaling point (the median is reported)", min=1)
     throughput: bool = setting(True, "engine backends: tokens/s with batches of 1, 4 and 16 prompts")
-    threads: int | None = setting(None, "intra-op threads for PyTorch and ONNX Runtime [default: one per core]",
-                                  min=1)
+    threads: int | None = setting(None, "intra-op threads for PyTorch and ONNX Runtime [default: one per core]", min=1)
     ppl_batch_size: int = setting(8, "perplexity batch (does not change the figure: token-weighted)", min=1)
     # gate
-    gate_backend: str = setting("auto", "backend the latency gate reads; auto: the first present of engine-cuda-fp16, "
-                                "engine-cpu-int8, engine-cpu-fp32, ort-cuda-fp16, ort-cpu-int8, ort-cpu-fp32, "
-                                "torch-merged, torch-eager",
-                                aliases=("--gate_backend",))
+    gate_backend: str = setting(
+        "auto",
+        "backend the latency gate reads; auto: the first present of engine-cuda-fp16, "
+        "engine-cpu-int8, engine-cpu-fp32, ort-cuda-fp16, ort-cpu-int8, ort-cpu-fp32, "
+        "torch-merged, torch-eager",
+        aliases=("--gate_backend",),
+    )
     gate_stat: str = setting("p50", "reply-time statistic for the latency gate", choices=("p50", "p95", "p99"))
-    max_latency_s: float = setting(0.2, "reply-time limit in seconds on the gate backend; <= 0: no latency gate",
-                                   aliases=("--max_latency_s",))
-    max_ppl_ratio: float | None = setting(None, "LoRA ppl / full ppl must be <= this [default: 1.10 when both runs "
-                                          "are given]; <= 0: off", aliases=("--max_ppl_ratio",))
-    min_ppl_gain: float | None = setting(None, "base ppl / fine-tuned ppl must be >= this [default: 1.0 when a run "
-                                         "is given]; <= 0: off", aliases=("--min_ppl_gain",))
+    max_latency_s: float = setting(
+        0.2, "reply-time limit in seconds on the gate backend; <= 0: no latency gate", aliases=("--max_latency_s",)
+    )
+    max_ppl_ratio: float | None = setting(
+        None,
+        "LoRA ppl / full ppl must be <= this [default: 1.10 when both runs are given]; <= 0: off",
+        aliases=("--max_ppl_ratio",),
+    )
+    min_ppl_gain: float | None = setting(
+        None,
+        "base ppl / fine-tuned ppl must be >= this [default: 1.0 when a run is given]; <= 0: off",
+        aliases=("--min_ppl_gain",),
+    )
     # output
-    name: str | None = setting(None, "report name [default: from the run, the shape or \"paired\"]")
+    name: str | None = setting(None, 'report name [default: from the run, the shape or "paired"]')
     out: str | None = setting(None, "report folder [default: reports/<name>]")
     note: str | None = setting(None, "free text recorded in the report's notes (e.g. what else shared the machine)")
 
@@ -248,25 +349,37 @@ class ServeConfig:
     """Settings of ``lora-med serve`` (also the keys of its ``--config`` YAML)."""
 
     # model
-    model: str = setting("", "a merge-export folder (its engine/ or merged/) or a Hugging Face model folder; the "
-                         "positional EXPORT_DIR", hidden=True)
+    model: str = setting(
+        "",
+        "a merge-export folder (its engine/ or merged/) or a Hugging Face model folder; the positional EXPORT_DIR",
+        hidden=True,
+    )
     device: str = setting("auto", "where replies are computed", choices=DEVICES)
     threads: int | None = setting(None, "CPU threads for generation [default: the engine's]", min=1)
     max_new_tokens: int = setting(40, "longest reply in tokens; a reply stops earlier at EOS", min=1)
-    no_repeat_ngram_size: int = setting(3, "never repeat an n-gram in a reply (0: off); small models loop without "
-                                        "it", min=0)
+    no_repeat_ngram_size: int = setting(
+        3, "never repeat an n-gram in a reply (0: off); small models loop without it", min=0
+    )
     do_sample: bool = setting(False, "sample instead of greedy decoding")
     temperature: float = setting(1.0, "sampling only", above=0)
     top_p: float = setting(1.0, "sampling only", above=0, max=1)
-    prefix_cache_mb: float = setting(256.0, "memory for keeping conversations' KV cache between turns, so that a "
-                                     "follow-up computes only its new tokens (CPU decode graph; 0: off)", min=0)
-    cut_block: int = setting(64, "a conversation longer than the prompt budget is cut at the first turn after a "
-                             "multiple of this many tokens, so its start stays put for a few turns and the prefix "
-                             "cache can reuse them; costs up to this many tokens of old context (0: drop only the "
-                             "oldest turns that must go)", min=0)
+    prefix_cache_mb: float = setting(
+        256.0,
+        "memory for keeping conversations' KV cache between turns, so that a "
+        "follow-up computes only its new tokens (CPU decode graph; 0: off)",
+        min=0,
+    )
+    cut_block: int = setting(
+        64,
+        "a conversation longer than the prompt budget is cut at the first turn after a "
+        "multiple of this many tokens, so its start stays put for a few turns and the prefix "
+        "cache can reuse them; costs up to this many tokens of old context (0: drop only the "
+        "oldest turns that must go)",
+        min=0,
+    )
     # server
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 exposes it to the network)")
-    port: int = setting(8000, "TCP port; 0 picks a free one (logged in the \"ready\" line)", min=0, max=65535)
+    port: int = setting(8000, 'TCP port; 0 picks a free one (logged in the "ready" line)', min=0, max=65535)
     # conversations
     db: str = setting("lora-med-serve.db", "SQLite file (WAL mode) holding every turn; history survives restarts")
     idle_minutes: float = setting(30.0, "a message after this much silence starts a new conversation", above=0)
@@ -274,14 +387,19 @@ class ServeConfig:
     emergency: str = setting(DEFAULT_EMERGENCY, "the emergency guard's rules and reply")
     # limits
     max_message_chars: int = setting(1000, "longer messages get 422", min=1)
-    rate_limit: int = setting(20, "messages per user per --rate-window-s (0: no limit); emergencies are never "
-                              "limited", min=0)
+    rate_limit: int = setting(
+        20, "messages per user per --rate-window-s (0: no limit); emergencies are never limited", min=0
+    )
     rate_window_s: float = setting(60.0, "the rate limit's window in seconds", above=0)
     max_batch: int = setting(8, "most replies generated together (rows of the engine's running batch)", min=1)
-    batch_wait_ms: float | None = setting(None, "how long the first request of an idle engine waits for company "
-                                          "[default: 0 where requests join a running batch (the CPU decode graph), "
-                                          "5 where they wait for a whole batch (PyTorch, CUDA graphs)]", min=0,
-                                          max=1000)
+    batch_wait_ms: float | None = setting(
+        None,
+        "how long the first request of an idle engine waits for company "
+        "[default: 0 where requests join a running batch (the CPU decode graph), "
+        "5 where they wait for a whole batch (PyTorch, CUDA graphs)]",
+        min=0,
+        max=1000,
+    )
     queue_size: int = setting(64, "requests waiting for the model beyond this get 503", min=1)
     request_timeout_s: float = setting(30.0, "a reply not ready by then gets 504", above=0)
     log_file: str | None = setting(None, "JSON-lines log file [default: stderr]")

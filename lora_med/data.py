@@ -18,9 +18,10 @@ import hashlib
 import json
 import random
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .config import FORMATS
 from .errors import ConfigError, DatasetError
@@ -124,7 +125,7 @@ def _read_bytes(path: Path) -> bytes:
 
 def _decode(path: Path, raw: bytes) -> str:
     if raw.startswith(codecs.BOM_UTF8):  # Windows editors add one; it is harmless
-        raw = raw[len(codecs.BOM_UTF8):]
+        raw = raw[len(codecs.BOM_UTF8) :]
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -154,9 +155,7 @@ def _parse_rows(path: Path, text: str) -> list[tuple[str, Any]]:
     data = _loads(path, text, None)
     if not isinstance(data, list):
         hint = " (one object per line is JSONL: name the file .jsonl)" if isinstance(data, dict) else ""
-        raise DatasetError(
-            f"{path}: top level must be a JSON array of conversations, got {_type_name(data)}{hint}"
-        )
+        raise DatasetError(f"{path}: top level must be a JSON array of conversations, got {_type_name(data)}{hint}")
     return [(f"{path} row {i + 1} (index {i})", row) for i, row in enumerate(data)]
 
 
@@ -174,8 +173,15 @@ def _loads(path: Path, text: str, lineno: int | None) -> Any:
 
 
 def _type_name(value: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-            int: "a number", float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 def _check_text(obj: dict, field: str, where: str) -> str | None:
@@ -195,13 +201,15 @@ def _check_text(obj: dict, field: str, where: str) -> str | None:
         return f"{where}: field '{field}' holds an invalid \\ud800-style escape (a lone surrogate)"
     m = _MOJIBAKE.search(value)
     if m:
-        return (f"{where}: field '{field}' looks like mojibake ({m.group()!r} in {_excerpt(value, m.start())!r}): "
-                "UTF-8 text was decoded as Latin-1/Windows-1252 somewhere; re-export it as UTF-8")
+        return (
+            f"{where}: field '{field}' looks like mojibake ({m.group()!r} in {_excerpt(value, m.start())!r}): "
+            "UTF-8 text was decoded as Latin-1/Windows-1252 somewhere; re-export it as UTF-8"
+        )
     return None
 
 
 def _excerpt(text: str, at: int) -> str:
-    return text[max(0, at - 15): at + 15]
+    return text[max(0, at - 15) : at + 15]
 
 
 def _parse_row(row: Any, where: str) -> tuple[Conversation | None, list[str]]:
@@ -254,8 +262,10 @@ def _parse_messages(msgs: Any, where: str) -> tuple[Conversation | None, list[st
         if m.role == "system":
             return None, [f"{where} messages[{index}]: a system message may only come first"]
         if m.role != expected:
-            return None, [f"{where} messages[{index}]: roles must alternate user/assistant starting with user; "
-                          f"got '{m.role}' where '{expected}' was expected"]
+            return None, [
+                f"{where} messages[{index}]: roles must alternate user/assistant starting with user; "
+                f"got '{m.role}' where '{expected}' was expected"
+            ]
     if not body or body[-1].role != "assistant":
         return None, [f"{where}: the conversation must end with an assistant turn (it is what the model learns)"]
     return Conversation(tuple(messages), where), []
@@ -308,9 +318,11 @@ def segments(conv: Conversation, tokenizer, fmt: str) -> list[tuple[list[int], b
             pieces = [(full, False)]
         for text, is_assistant in pieces:
             if not text.startswith(prev):
-                raise ConfigError("the tokenizer's chat template does not render turns as prefixes of each "
-                                  "other, so assistant tokens cannot be located; use --format dialogpt")
-            out.append((_ids(tokenizer, text[len(prev):]), is_assistant))
+                raise ConfigError(
+                    "the tokenizer's chat template does not render turns as prefixes of each "
+                    "other, so assistant tokens cannot be located; use --format dialogpt"
+                )
+            out.append((_ids(tokenizer, text[len(prev) :]), is_assistant))
             prev = text
     return [s for s in out if s[0]]
 
@@ -320,8 +332,9 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, return_token_type_ids=False)["input_ids"]
 
 
-def encode(conv: Conversation, tokenizer, *, max_length: int, fmt: str = "dialogpt",
-           train_on: str = "assistant") -> Example:
+def encode(
+    conv: Conversation, tokenizer, *, max_length: int, fmt: str = "dialogpt", train_on: str = "assistant"
+) -> Example:
     """Tokenise one conversation, label it, and cut it from the left to ``max_length``.
 
     The oldest turns go first; the last assistant turn is always kept whole. Labels cover the
@@ -340,8 +353,10 @@ def encode(conv: Conversation, tokenizer, *, max_length: int, fmt: str = "dialog
         turns_cut += 1
     last_len = len(segs[-1][0])
     if last_len > max_length:
-        raise DatasetError(f"{conv.where}: the last assistant turn is {last_len} tokens, more than "
-                           f"max_length {max_length}; raise --max-length or shorten that reply")
+        raise DatasetError(
+            f"{conv.where}: the last assistant turn is {last_len} tokens, more than "
+            f"max_length {max_length}; raise --max-length or shorten that reply"
+        )
     input_ids: list[int] = []
     labels: list[int] = []
     for ids, is_assistant in segs:
@@ -352,8 +367,9 @@ def encode(conv: Conversation, tokenizer, *, max_length: int, fmt: str = "dialog
     return Example(input_ids, labels, turns_cut, full - len(input_ids))
 
 
-def encode_all(conversations: list[Conversation], tokenizer, *, max_length: int, fmt: str,
-               train_on: str = "assistant") -> tuple[list[Example], int]:
+def encode_all(
+    conversations: list[Conversation], tokenizer, *, max_length: int, fmt: str, train_on: str = "assistant"
+) -> tuple[list[Example], int]:
     """Encode every conversation. Returns the examples and how many of them were cut."""
     examples = [encode(c, tokenizer, max_length=max_length, fmt=fmt, train_on=train_on) for c in conversations]
     return examples, sum(e.tokens_cut > 0 for e in examples)
@@ -362,8 +378,9 @@ def encode_all(conversations: list[Conversation], tokenizer, *, max_length: int,
 # --------------------------------------------------------------------------- split
 
 
-def split(conversations: list[Conversation], eval_fraction: float, seed: int
-          ) -> tuple[list[Conversation], list[Conversation], list[int]]:
+def split(
+    conversations: list[Conversation], eval_fraction: float, seed: int
+) -> tuple[list[Conversation], list[Conversation], list[int]]:
     """Deterministic train/eval split. Returns (train, eval, eval indices into the input)."""
     n = len(conversations)
     if n < 2:
@@ -420,8 +437,13 @@ def check(path: str | Path, tokenizer=None, *, max_length: int = 256, fmt: str =
                 cut += encode(c, tokenizer, max_length=max_length, fmt=fmt).tokens_cut > 0
             except DatasetError as e:
                 too_long.append(str(e))
-        report["tokens"] = {"format": fmt, "p50": percentile(lengths, 50), "p95": percentile(lengths, 95),
-                            "max": max(lengths), "total": sum(lengths)}
+        report["tokens"] = {
+            "format": fmt,
+            "p50": percentile(lengths, 50),
+            "p95": percentile(lengths, 95),
+            "max": max(lengths),
+            "total": sum(lengths),
+        }
         report["max_length"] = max_length
         report["cut_by_max_length"] = cut
         report["problems"] = too_long

@@ -8,6 +8,13 @@ else that escapes is a bug in lora-med and keeps its traceback.
 from __future__ import annotations
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message`` (cut to ``limit``), safe on an empty message: how an error from a
+    library is quoted inside a lora-med message."""
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0][:limit] if lines else '(no message)'}"
+
+
 class LoraMedError(Exception):
     """A problem the user can fix. ``problems`` holds one line per problem found."""
 

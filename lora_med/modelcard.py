@@ -11,12 +11,12 @@ from .models import is_local
 
 LIBRARY = {"adapter": "peft", "model": "transformers", "merged": "transformers", "onnx": "transformers"}
 USAGE = {
-    "adapter": "from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained(\"{dir}\")",
-    "model": "from transformers import pipeline\nchat = pipeline(\"text-generation\", model=\"{dir}\")\n"
-             "print(chat([{{\"role\": \"user\", \"content\": \"Hola, necesito una cita\"}}], max_new_tokens=40))",
-    "merged": "from transformers import pipeline\nchat = pipeline(\"text-generation\", model=\"{dir}\")\n"
-              "print(chat([{{\"role\": \"user\", \"content\": \"Hola, necesito una cita\"}}], max_new_tokens=40))",
-    "onnx": "from optimum.onnxruntime import ORTModelForCausalLM\nmodel = ORTModelForCausalLM.from_pretrained(\"{dir}\")",
+    "adapter": 'from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained("{dir}")',
+    "model": 'from transformers import pipeline\nchat = pipeline("text-generation", model="{dir}")\n'
+    'print(chat([{{"role": "user", "content": "Hola, necesito una cita"}}], max_new_tokens=40))',
+    "merged": 'from transformers import pipeline\nchat = pipeline("text-generation", model="{dir}")\n'
+    'print(chat([{{"role": "user", "content": "Hola, necesito una cita"}}], max_new_tokens=40))',
+    "onnx": 'from optimum.onnxruntime import ORTModelForCausalLM\nmodel = ORTModelForCausalLM.from_pretrained("{dir}")',
 }
 
 
@@ -36,22 +36,34 @@ def write(folder: Path, what: str, run: dict, *, extra: dict | None = None) -> P
     m = run.get("metrics", {})
     train_data, eval_data = run["data"]["train"], run["data"]["eval"]
     card_data = ModelCardData(
-        base_model=_base_id(run["base"]["name_or_path"]), library_name=LIBRARY[what], pipeline_tag="text-generation",
-        language=["es"], tags=["lora-med", method, "conversational"] + (["onnx"] if what == "onnx" else []))
-    rows = [("method", method), ("held-out perplexity (assistant tokens)", m.get("eval_ppl")),
-            ("base model's held-out perplexity", m.get("base_eval_ppl")), ("train loss", m.get("train_loss")),
-            ("steps", m.get("steps")), ("training data sha256", train_data.get("sha256")),
-            ("held-out data sha256", eval_data.get("sha256")), ("seed", run.get("seed"))]
+        base_model=_base_id(run["base"]["name_or_path"]),
+        library_name=LIBRARY[what],
+        pipeline_tag="text-generation",
+        language=["es"],
+        tags=["lora-med", method, "conversational"] + (["onnx"] if what == "onnx" else []),
+    )
+    rows = [
+        ("method", method),
+        ("held-out perplexity (assistant tokens)", m.get("eval_ppl")),
+        ("base model's held-out perplexity", m.get("base_eval_ppl")),
+        ("train loss", m.get("train_loss")),
+        ("steps", m.get("steps")),
+        ("training data sha256", train_data.get("sha256")),
+        ("held-out data sha256", eval_data.get("sha256")),
+        ("seed", run.get("seed")),
+    ]
     rows += list((extra or {}).items())
     table = "\n".join(f"| {k} | {f'{v:.4g}' if isinstance(v, float) else v} |" for k, v in rows if v is not None)
-    body = (f"---\n{card_data.to_yaml()}\n---\n\n"
-            f"# {folder.name}\n\n"
-            f"{'LoRA adapter' if what == 'adapter' else 'Fine-tuned model'} made with lora-med "
-            f"({method} on {run['base']['name_or_path']}, {train_data.get('conversations')} conversations). "
-            "Prompts use DialoGPT's format: every turn followed by the EOS token (the tokenizer's chat template "
-            "reproduces it).\n\n"
-            f"| | |\n|---|---|\n{table}\n\n"
-            f"```python\n{USAGE[what].format(dir=folder)}\n```\n")
+    body = (
+        f"---\n{card_data.to_yaml()}\n---\n\n"
+        f"# {folder.name}\n\n"
+        f"{'LoRA adapter' if what == 'adapter' else 'Fine-tuned model'} made with lora-med "
+        f"({method} on {run['base']['name_or_path']}, {train_data.get('conversations')} conversations). "
+        "Prompts use DialoGPT's format: every turn followed by the EOS token (the tokenizer's chat template "
+        "reproduces it).\n\n"
+        f"| | |\n|---|---|\n{table}\n\n"
+        f"```python\n{USAGE[what].format(dir=folder)}\n```\n"
+    )
     path = folder / "README.md"
     ModelCard(body).save(path)
     return path

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import DEFAULT_BASE, REPO_ROOT
-from .errors import ConfigError, LoraMedError
+from .errors import ConfigError, LoraMedError, first_line
 from .fileio import sha256_file
 from .weights import weights_problems
 
@@ -44,11 +44,14 @@ def resolve_base(base: str) -> str:
         if candidate.is_dir():
             return str(candidate.resolve())
     if Path(base).expanduser().exists():  # transformers would read a file as a config and fail oddly
-        raise ConfigError(f"--base {base}: is a file, not a model folder; give the folder that holds config.json, "
-                          "the weights and the tokenizer")
+        raise ConfigError(
+            f"--base {base}: is a file, not a model folder; give the folder that holds config.json, "
+            "the weights and the tokenizer"
+        )
     if base.startswith((".", "/", "~")) or base.count("/") > 1 or os.sep + os.sep in base:
-        raise ConfigError(f"--base {base}: no such directory; give a local model folder or a hub id "
-                          f"like microsoft/DialoGPT-medium")
+        raise ConfigError(
+            f"--base {base}: no such directory; give a local model folder or a hub id like microsoft/DialoGPT-medium"
+        )
     return base
 
 
@@ -59,7 +62,7 @@ def is_local(base: str) -> bool:
 def offline_error(base: str, err: Exception) -> LoraMedError:
     return LoraMedError(
         f"cannot load '{base}': it is not a local folder and it could not be fetched from the model hub "
-        f"({type(err).__name__}: {str(err).splitlines()[0][:160]}).\n"
+        f"({first_line(err, 160)}).\n"
         "Offline options:\n"
         f"  - use the shipped Spanish base: --base {DEFAULT_BASE}\n"
         "  - point --base at a local folder with config.json, model.safetensors and the tokenizer files\n"
@@ -80,8 +83,10 @@ def tokenizer_problem(base: str, flag: str | None = "--base") -> str | None:
     p = Path(base)
     if p.is_dir() and not any((p / f).is_file() for f in TOKENIZER_FILES):
         named = f"{flag} {base}" if flag else base
-        return (f"{named}: no tokenizer there (none of {', '.join(TOKENIZER_FILES[:3])}); copy the tokenizer "
-                "files into the folder (`tokenizer.save_pretrained(DIR)`)")
+        return (
+            f"{named}: no tokenizer there (none of {', '.join(TOKENIZER_FILES[:3])}); copy the tokenizer "
+            "files into the folder (`tokenizer.save_pretrained(DIR)`)"
+        )
     return None
 
 
@@ -107,18 +112,16 @@ def load_tokenizer(base: str, *, trust_remote_code: bool = False):
         tok = AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code)
     except Exception as e:  # a damaged local file fails deep inside transformers/tokenizers, with any type
         if is_local(base):
-            raise LoraMedError(f"{base}: the tokenizer files cannot be loaded ({_first_line(e)}); copy them again "
-                               "(`tokenizer.save_pretrained(DIR)`)") from None
+            raise LoraMedError(
+                f"{base}: the tokenizer files cannot be loaded ({first_line(e)}); copy them again "
+                "(`tokenizer.save_pretrained(DIR)`)"
+            ) from None
         raise offline_error(base, e) from None
     if tok.eos_token_id is None:
         raise ConfigError(f"--base {base}: the tokenizer has no EOS token; conversations need one to end turns")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
-
-
-def _first_line(e: Exception) -> str:
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
 
 
 def load_config(base: str, *, trust_remote_code: bool = False):
@@ -133,13 +136,21 @@ def load_config(base: str, *, trust_remote_code: bool = False):
         return AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
     except Exception as e:  # a list, a wrong type or a bad model_type in config.json surfaces as any exception
         if is_local(base):
-            raise LoraMedError(f"{Path(base) / 'config.json'}: not a usable model config ({_first_line(e)}); copy "
-                               "the base folder again") from None
+            raise LoraMedError(
+                f"{Path(base) / 'config.json'}: not a usable model config ({first_line(e)}); copy the base folder again"
+            ) from None
         raise offline_error(base, e) from None
 
 
-def load_model(base: str, *, dtype: torch.dtype = torch.float32, quantization_config=None,
-               device_map=None, trust_remote_code: bool = False, attn_implementation: str | None = None):
+def load_model(
+    base: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    quantization_config=None,
+    device_map=None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+):
     """Load a causal LM from safetensors only, in eval mode (``attn_implementation``: transformers' default
     when None).
 
@@ -152,16 +163,32 @@ def load_model(base: str, *, dtype: torch.dtype = torch.float32, quantization_co
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            base, dtype=dtype, use_safetensors=True, quantization_config=quantization_config,
-            device_map=device_map, trust_remote_code=trust_remote_code, **extra)
+            base,
+            dtype=dtype,
+            use_safetensors=True,
+            quantization_config=quantization_config,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+            **extra,
+        )
     except Exception as e:  # a cut weight file raises SafetensorError, a bad config any type: all name the folder
         if not is_local(base):
             if isinstance(e, (OSError, ValueError)):
                 raise offline_error(base, e) from None
             raise
-        broken = "; ".join(weights_problems(Path(base), "model", "model")) or _first_line(e)
-        raise LoraMedError(f"cannot load the model in {base}: {broken} (lora-med loads safetensors weights only; "
-                           "convert .bin files first)") from None
+        broken = weights_problems(Path(base), "model", "model")
+        if broken:  # a missing, cut or pickle weight file: named, with its fix
+            raise LoraMedError(f"cannot load the model in {base}: {'; '.join(broken)}") from None
+        if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+            raise LoraMedError(
+                f"cannot load the model in {base}: out of memory ({first_line(e)}); free memory, "
+                "or load it on another device or in lower precision"
+            ) from e
+        if isinstance(e, (OSError, ValueError, KeyError, TypeError)):  # a config or file the loader refuses
+            raise LoraMedError(
+                f"cannot load the model in {base}: {first_line(e)}; check its config.json, or copy the folder again"
+            ) from e
+        raise  # the files are whole: anything else (bitsandbytes, a bug) keeps its own type and traceback
     return model.eval()
 
 
@@ -236,12 +263,21 @@ def resolve_device(device: str = "auto") -> str:
 
 def device_info(device: str) -> dict:
     """What the run ran on, for run cards and reports."""
-    info = {"device": device, "cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform()}
+    info = {
+        "device": device,
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, vram_gb=round(props.total_memory / 2**30, 2),
-                    cuda=torch.version.cuda, driver=_nvidia_driver())
+        info.update(
+            gpu=props.name,
+            vram_gb=round(props.total_memory / 2**30, 2),
+            cuda=torch.version.cuda,
+            driver=_nvidia_driver(),
+        )
     return info
 
 
@@ -259,8 +295,12 @@ def _nvidia_driver() -> str | None:
     try:
         import subprocess
 
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -270,8 +310,20 @@ def library_versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for name in ("lora-med", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes",
-                 "optimum", "optimum-onnx", "onnx", "onnxruntime-gpu", "onnxruntime"):
+    for name in (
+        "lora-med",
+        "torch",
+        "transformers",
+        "peft",
+        "accelerate",
+        "datasets",
+        "bitsandbytes",
+        "optimum",
+        "optimum-onnx",
+        "onnx",
+        "onnxruntime-gpu",
+        "onnxruntime",
+    ):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -300,10 +352,14 @@ def reset_peak_rss() -> str:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return ("peak RSS during load + timing minus RSS before load (VmHWM after a /proc/self/clear_refs reset; "
-                "the previous backend freed and malloc_trim'd first)")
+        return (
+            "peak RSS during load + timing minus RSS before load (VmHWM after a /proc/self/clear_refs reset; "
+            "the previous backend freed and malloc_trim'd first)"
+        )
     except OSError:
-        return "growth of the process peak RSS (ru_maxrss) during load + timing; 0 when an earlier backend peaked higher"
+        return (
+            "growth of the process peak RSS (ru_maxrss) during load + timing; 0 when an earlier backend peaked higher"
+        )
 
 
 def rss_kib(field: str) -> int:

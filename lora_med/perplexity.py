@@ -7,7 +7,7 @@ mean of per-batch means, so batch size and padding do not change it.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -30,7 +30,7 @@ def torch_logits_fn(model) -> LogitsFn:
 def batches(examples: list[Example], batch_size: int, pad_id: int):
     """Right-padded batches: (input_ids, attention_mask, labels) tensors."""
     for i in range(0, len(examples), batch_size):
-        chunk = examples[i: i + batch_size]
+        chunk = examples[i : i + batch_size]
         width = max(len(e.input_ids) for e in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)

@@ -43,11 +43,27 @@ def problems_error(what: str, problems: list[str], cls=ConfigError) -> LoraMedEr
 # --------------------------------------------------------------------------- cards
 
 _SHAPE = {  # dotted path -> expected type, per card kind (what the next stages read)
-    "train": {"status": str, "config": dict, "config.method": str, "base.name_or_path": str, "artifact": str,
-              "data.format": str, "data.max_length": int, "data.eval": dict, "data.eval.path": str,
-              "data.eval.sha256": str, "data.eval.source": str},
-    "export": {"status": str, "options": dict, "source": dict, "source.run_dir": str, "source.format": str,
-               "source.max_length": int},
+    "train": {
+        "status": str,
+        "config": dict,
+        "config.method": str,
+        "base.name_or_path": str,
+        "artifact": str,
+        "data.format": str,
+        "data.max_length": int,
+        "data.eval": dict,
+        "data.eval.path": str,
+        "data.eval.sha256": str,
+        "data.eval.source": str,
+    },
+    "export": {
+        "status": str,
+        "options": dict,
+        "source": dict,
+        "source.run_dir": str,
+        "source.format": str,
+        "source.max_length": int,
+    },
     "bench": {},
 }
 
@@ -76,23 +92,33 @@ def load_card(folder: str | Path, kind: str, *, complete: bool = True) -> dict:
     if not path.exists():
         other = [k for k, f in CARDS.items() if k != kind and (folder / f).is_file()]
         hint = f" (it holds a lora-med {WORDS[other[0]]})" if other else ""
-        raise LoraMedError(f"{folder}: not a lora-med {word}{hint}: {CARDS[kind]} is missing; give the output folder "
-                           f"of `{maker}`")
+        raise LoraMedError(
+            f"{folder}: not a lora-med {word}{hint}: {CARDS[kind]} is missing; give the output folder of `{maker}`"
+        )
     card = read_json(path, f"the {word}'s card is damaged: restore it from where it came from, or run `{maker}` again")
     if card.get("kind") != f"lora-med.{kind}":
-        raise LoraMedError(f"{path}: not a lora-med {word} card (kind {card.get('kind')!r}); give the output folder "
-                           f"of `{maker}`")
-    if complete and kind in ("train", "export") and card.get("status") != "complete" \
-            and isinstance(card.get("status"), str):
+        raise LoraMedError(
+            f"{path}: not a lora-med {word} card (kind {card.get('kind')!r}); give the output folder of `{maker}`"
+        )
+    if (
+        complete
+        and kind in ("train", "export")
+        and card.get("status") != "complete"
+        and isinstance(card.get("status"), str)
+    ):
         raise LoraMedError(_unfinished(folder, kind, card))
     for dotted, tp in _SHAPE[kind].items():
         v = _get(card, dotted)
         if not isinstance(v, tp) or isinstance(v, bool):
-            raise LoraMedError(f"{path}: field {dotted!r} is {'missing' if v is None else 'of the wrong type'}; the "
-                               f"card is damaged: restore it, or run `{maker}` again")
+            raise LoraMedError(
+                f"{path}: field {dotted!r} is {'missing' if v is None else 'of the wrong type'}; the "
+                f"card is damaged: restore it, or run `{maker}` again"
+            )
     if kind == "export" and complete and (changed := _changed_files(folder, card.get("files"))):
-        raise LoraMedError(f"{folder}: the export's files differ from its manifest ({'; '.join(changed[:3])}): it "
-                           f"was cut or changed after it was made; run `{maker}` again")
+        raise LoraMedError(
+            f"{folder}: the export's files differ from its manifest ({'; '.join(changed[:3])}): it "
+            f"was cut or changed after it was made; run `{maker}` again"
+        )
     return card
 
 
@@ -119,10 +145,13 @@ def _unfinished(folder: Path, kind: str, card: dict) -> str:
     if kind == "export":
         return f"{folder}: the export is not complete (status {status!r}); run `lora-med merge-export` again"
     holder = lock_holder(folder / LOCK)
-    if status == "running" and holder:  # noqa: SIM114
+    if status == "running" and holder:
         return f"{folder}: still training (in use by pid {holder}); wait for it to finish"
-    why = f"it failed: {card.get('failure', {}).get('reason', 'unknown reason')}" if status == "failed" else \
-        "it was interrupted before finishing"
+    why = (
+        f"it failed: {card.get('failure', {}).get('reason', 'unknown reason')}"
+        if status == "failed"
+        else "it was interrupted before finishing"
+    )
     return f"{folder}: the run did not finish ({why}); continue it with `lora-med train --resume {folder}`"
 
 
@@ -147,8 +176,9 @@ def locate(record: dict, run_dir: Path, what: str) -> Path:
             tried.append(str(p))
             if Path(p).is_file():
                 return Path(p)
-    raise LoraMedError(f"{run_dir / 'run.json'}: the {what} is gone (looked for {' and '.join(tried)}); restore the "
-                       "file, or retrain")
+    raise LoraMedError(
+        f"{run_dir / 'run.json'}: the {what} is gone (looked for {' and '.join(tried)}); restore the file, or retrain"
+    )
 
 
 def held_out(card: dict, run_dir: str | Path) -> list[data.Conversation]:
@@ -157,14 +187,21 @@ def held_out(card: dict, run_dir: str | Path) -> list[data.Conversation]:
     path = locate(ev, Path(run_dir), "held-out data")
     ds = data.load_conversations(path)
     if ds.sha256 != ev["sha256"]:
-        raise LoraMedError(f"{path} changed since training (sha256 differs); held-out figures would not be "
-                           "comparable. Restore the file or retrain.")
+        raise LoraMedError(
+            f"{path} changed since training (sha256 differs); held-out figures would not be "
+            "comparable. Restore the file or retrain."
+        )
     if ev["source"] == "split":
         idx, n = ev.get("indices"), len(ds.conversations)
-        if not isinstance(idx, list) or not idx or \
-                not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in idx):
-            raise LoraMedError(f"{Path(run_dir) / 'run.json'}: field 'data.eval.indices' does not list held-out rows "
-                               f"of {path} ({n} conversations); the card is damaged: restore it, or retrain")
+        if (
+            not isinstance(idx, list)
+            or not idx
+            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in idx)
+        ):
+            raise LoraMedError(
+                f"{Path(run_dir) / 'run.json'}: field 'data.eval.indices' does not list held-out rows "
+                f"of {path} ({n} conversations); the card is damaged: restore it, or retrain"
+            )
         return [ds.conversations[i] for i in idx]
     return ds.conversations
 
@@ -177,14 +214,19 @@ def run_problems(folder: Path, card: dict) -> list[str]:
     folder, p = Path(folder), []
     if card["artifact"] == "adapter":
         p += weights_problems(folder, "adapter_model", "adapter")
-        p += adapter_problems(folder) if (folder / "adapter_config.json").is_file() else \
-            [f"{folder / 'adapter_config.json'}: missing; copy the whole run folder, or retrain"]
+        p += (
+            adapter_problems(folder)
+            if (folder / "adapter_config.json").is_file()
+            else [f"{folder / 'adapter_config.json'}: missing; copy the whole run folder, or retrain"]
+        )
         base = card["base"]["name_or_path"]
         if Path(base).is_dir():
             p += weights_problems(Path(base), "model", "base model")
         elif base.startswith(("/", ".", "~")):
-            p.append(f"{folder / 'run.json'}: its base {base} no longer exists; restore that folder (the adapter is "
-                     "applied to it)")
+            p.append(
+                f"{folder / 'run.json'}: its base {base} no longer exists; restore that folder (the adapter is "
+                "applied to it)"
+            )
     else:
         p += weights_problems(folder, "model", "fine-tuned model")
     needed = ["tokenizer_config.json"] + (["config.json"] if card["artifact"] == "model" else [])
@@ -260,8 +302,9 @@ def record(folder: Path, *entries: str) -> None:
     """Add entries lora-med wrote into ``folder`` to its marker (they may be removed by --overwrite)."""
     m = marker(folder)
     if m is None:
-        raise LoraMedError(f"{folder}: the .lora-med marker is gone; lora-med will not write into a folder it "
-                           "does not own")
+        raise LoraMedError(
+            f"{folder}: the .lora-med marker is gone; lora-med will not write into a folder it does not own"
+        )
     write_json(folder / MARKER, {**m, "entries": sorted(set(m["entries"]) | set(entries))})
 
 
@@ -297,8 +340,9 @@ def real(path: str | Path) -> Path:
     return Path(os.path.realpath(os.path.expanduser(path)))
 
 
-def output_problems(out: Path, kind: str, *, flag: str, inputs: list[tuple[str, Path]],
-                    overwrite: bool) -> tuple[list[str], str]:
+def output_problems(
+    out: Path, kind: str, *, flag: str, inputs: list[tuple[str, Path]], overwrite: bool
+) -> tuple[list[str], str]:
     """What stops ``kind`` from writing to ``out``, and the folder's state ("absent" | "empty" | "owned").
 
     An existing folder of this kind that lora-med wrote is "owned"; whether to replace it (``overwrite``) or
@@ -308,19 +352,27 @@ def output_problems(out: Path, kind: str, *, flag: str, inputs: list[tuple[str, 
     target = real(out)
     cwd, home = Path.cwd().resolve(), Path.home().resolve()
     if _is_within(cwd, target):
-        p.append(f"{flag} {out}: {'is' if target == cwd else 'contains'} the working directory; give a new folder "
-                 "for the output")
+        p.append(
+            f"{flag} {out}: {'is' if target == cwd else 'contains'} the working directory; give a new folder "
+            "for the output"
+        )
     elif target in (home, Path(target.anchor)):
-        p.append(f"{flag} {out}: is {'your home folder' if target == home else 'the filesystem root'}; give a new "
-                 "folder for the output")
+        p.append(
+            f"{flag} {out}: is {'your home folder' if target == home else 'the filesystem root'}; give a new "
+            "folder for the output"
+        )
     for label, path in inputs:
         src = real(path)
         if _is_within(src, target):
-            p.append(f"{flag} {out}: {'is' if src == target else 'contains'} the {label} {path}; an output may not "
-                     f"be an input: choose another {flag}")
+            p.append(
+                f"{flag} {out}: {'is' if src == target else 'contains'} the {label} {path}; an output may not "
+                f"be an input: choose another {flag}"
+            )
         elif src.is_dir() and _is_within(target, src):
-            p.append(f"{flag} {out}: is inside the {label} {path}; an output may not be written into an input: "
-                     f"choose another {flag}")
+            p.append(
+                f"{flag} {out}: is inside the {label} {path}; an output may not be written into an input: "
+                f"choose another {flag}"
+            )
     if p:
         return p, state
     holder = lock_holder(out / LOCK)
@@ -339,17 +391,23 @@ def output_problems(out: Path, kind: str, *, flag: str, inputs: list[tuple[str, 
             m = marker(out)
             if m is None:
                 verb = "lora-med only replaces folders it wrote" if overwrite else "it is not empty"
-                p.append(f"{flag} {out}: already exists and lora-med did not write it (no {MARKER} marker); {verb}: "
-                         f"choose another {flag}")
+                p.append(
+                    f"{flag} {out}: already exists and lora-med did not write it (no {MARKER} marker); {verb}: "
+                    f"choose another {flag}"
+                )
             elif m.get("kind") != f"lora-med.{kind}":
-                p.append(f"{flag} {out}: holds a lora-med {WORDS.get(str(m.get('kind'))[9:], m.get('kind'))}, not a "
-                         f"{WORDS[kind]}; choose another {flag}")
+                p.append(
+                    f"{flag} {out}: holds a lora-med {WORDS.get(str(m.get('kind'))[9:], m.get('kind'))}, not a "
+                    f"{WORDS[kind]}; choose another {flag}"
+                )
             else:
                 foreign = foreign_entries(out)
                 if foreign:
                     shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
-                    p.append(f"{flag} {out}: holds files lora-med did not write ({shown}); move them out or choose "
-                             f"another {flag}")
+                    p.append(
+                        f"{flag} {out}: holds files lora-med did not write ({shown}); move them out or choose "
+                        f"another {flag}"
+                    )
                 state = "owned"
     anchor = target
     while not anchor.exists():
@@ -415,7 +473,7 @@ class Lock:
     def __init__(self, path: Path, what: str):
         self.path, self.what, self.note = Path(path), what, None
 
-    def __enter__(self) -> "Lock":
+    def __enter__(self) -> Lock:
         me = json.dumps({"pid": os.getpid(), "started": _start_time(os.getpid())})
         for _ in range(2):
             try:
@@ -423,8 +481,10 @@ class Lock:
             except FileExistsError:
                 holder = lock_holder(self.path)
                 if holder is not None:
-                    raise LoraMedError(f"{self.what} is in use by pid {holder} (lock {self.path}); wait for it to "
-                                       "finish or stop that process") from None
+                    raise LoraMedError(
+                        f"{self.what} is in use by pid {holder} (lock {self.path}); wait for it to "
+                        "finish or stop that process"
+                    ) from None
                 try:
                     old = json.loads(self.path.read_text(encoding="utf-8")).get("pid", "?")
                 except (OSError, ValueError, AttributeError):

@@ -27,10 +27,20 @@ from .fileio import read_regular
 _ORIGINS = "_origins"  # attribute on a config object: field -> ("flag", "--x") | ("yaml", file) | ("default", "")
 
 
-def setting(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
-            max: float | None = None, above: float | None = None, below: float | None = None,
-            aliases: tuple[str, ...] = (), metavar: str | None = None, hidden: bool = False,
-            click: dict | None = None) -> Any:
+def setting(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    aliases: tuple[str, ...] = (),
+    metavar: str | None = None,
+    hidden: bool = False,
+    click: dict | None = None,
+) -> Any:
     """A config field with its documentation and checks.
 
     Args:
@@ -42,8 +52,18 @@ def setting(default: Any, help: str, *, choices: tuple | None = None, min: float
         hidden: not offered as a flag (e.g. a positional argument).
         click: extra keyword arguments for the click option (e.g. ``flag_value``).
     """
-    meta = dict(help=help, choices=choices, min=min, max=max, above=above, below=below, aliases=aliases,
-                metavar=metavar, hidden=hidden, click=click or {})
+    meta = dict(
+        help=help,
+        choices=choices,
+        min=min,
+        max=max,
+        above=above,
+        below=below,
+        aliases=aliases,
+        metavar=metavar,
+        hidden=hidden,
+        click=click or {},
+    )
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -69,13 +89,25 @@ def fields(cls) -> list[tuple[dataclasses.Field, str, bool]]:
     return [(f, *_kind(hints[f.name])) for f in dataclasses.fields(cls)]
 
 
-_TYPE_WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text",
-               "list": "a list of names (or one comma-separated string)"}
+_TYPE_WORDS = {
+    "int": "a whole number",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "text",
+    "list": "a list of names (or one comma-separated string)",
+}
 
 
 def _type_name(v: Any) -> str:
-    return {bool: "a boolean", int: "a number", float: "a number", str: "text", list: "a list", dict: "a mapping",
-            type(None): "null"}.get(type(v), type(v).__name__)
+    return {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "text",
+        list: "a list",
+        dict: "a mapping",
+        type(None): "null",
+    }.get(type(v), type(v).__name__)
 
 
 # Values quoted in messages are cut short: a YAML alias bomb (a few hundred bytes that expand to millions of
@@ -187,8 +219,13 @@ def describe(cfg, field: str, value: Any = dataclasses.MISSING) -> str:
     value = getattr(cfg, field) if value is dataclasses.MISSING else value
     how, where = getattr(cfg, _ORIGINS, {}).get(field, ("python", ""))
     flat = isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value[:100])
-    shown = ",".join(map(str, value[:20])) + (",..." if len(value) > 20 else "") if flat else \
-        value if isinstance(value, (str, int, float, type(None))) and len(str(value)) <= 200 else short(value)
+    shown = (
+        ",".join(map(str, value[:20])) + (",..." if len(value) > 20 else "")
+        if flat
+        else value
+        if isinstance(value, (str, int, float, type(None))) and len(str(value)) <= 200
+        else short(value)
+    )
     if how == "flag":
         return f"{where} {shown}"
     if how == "yaml":
@@ -242,8 +279,13 @@ def _alias_keys(cls) -> dict[str, str]:
     return out
 
 
-def load_config(cls, config_file: str | Path | None = None, flags: dict[str, Any] | None = None,
-                defaults: dict | None = None, argv: list[str] | None = None):
+def load_config(
+    cls,
+    config_file: str | Path | None = None,
+    flags: dict[str, Any] | None = None,
+    defaults: dict | None = None,
+    argv: list[str] | None = None,
+):
     """Build config ``cls``: ``defaults`` (e.g. a resumed run's settings), then a YAML file, then flags.
 
     Nothing is checked here but the keys: ``check`` (called by every command) checks the values, so
@@ -275,8 +317,10 @@ def load_config(cls, config_file: str | Path | None = None, flags: dict[str, Any
             raise ConfigError(f"--config {path}: expected a mapping of settings (key: value), got {_type_name(loaded)}")
         unknown = [str(k) for k in loaded if str(k) not in keys]
         if unknown:
-            raise ConfigError(f"--config {path}: unknown setting(s): {', '.join(unknown)}; known: "
-                              f"{', '.join(sorted(f.name for f in dataclasses.fields(cls)))}")
+            raise ConfigError(
+                f"--config {path}: unknown setting(s): {', '.join(unknown)}; known: "
+                f"{', '.join(sorted(f.name for f in dataclasses.fields(cls)))}"
+            )
         seen: dict[str, str] = {}
         for k, v in loaded.items():
             field = keys[str(k)]
@@ -332,7 +376,7 @@ def click_options(cls, *, seed_names: tuple[str, ...] = ()):
     import click
 
     def decorate(fn):
-        for f, kind, nullable in reversed(fields(cls)):
+        for f, kind, _nullable in reversed(fields(cls)):
             meta = f.metadata
             if meta["hidden"]:
                 continue
@@ -347,8 +391,10 @@ def click_options(cls, *, seed_names: tuple[str, ...] = ()):
             else:
                 kw["type"] = str
                 kw["metavar"] = meta["metavar"] or (
-                    "[" + "|".join(map(str, meta["choices"])) + "]" if meta["choices"] else
-                    {"int": "INT", "float": "FLOAT", "str": "TEXT", "list": "A,B,..."}[kind])
+                    "[" + "|".join(map(str, meta["choices"])) + "]"
+                    if meta["choices"]
+                    else {"int": "INT", "float": "FLOAT", "str": "TEXT", "list": "A,B,..."}[kind]
+                )
             kw.update(meta["click"])
             fn = click.option(*names, f.name, **kw)(fn)
         return fn

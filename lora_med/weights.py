@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .errors import first_line
+
 
 def safetensors_problem(path: Path) -> str | None:
     """None if ``path`` is a whole safetensors file (its header and the extent it promises; nothing is loaded),
@@ -18,8 +20,10 @@ def safetensors_problem(path: Path) -> str | None:
         with safe_open(str(path), framework="pt") as f:
             f.keys()
     except (SafetensorError, OSError) as e:
-        return (f"{path}: not a complete safetensors file, truncated or corrupt ({str(e).splitlines()[0]}); copy it "
-                "again, or retrain")
+        return (
+            f"{path}: not a complete safetensors file, truncated or corrupt ({first_line(e)}); copy it "
+            "again, or retrain"
+        )
     return None
 
 
@@ -42,8 +46,10 @@ def weights_problems(folder: Path, stem: str, what: str) -> list[str]:
         return out
     pickled = [f for f in (f"{stem}.bin", "pytorch_model.bin") if (folder / f).is_file()]
     if pickled:
-        return [f"{folder / pickled[0]}: pickle files are not loaded (they can run code); re-save the {what} as "
-                "safetensors (`model.save_pretrained(dir, safe_serialization=True)`) and remove the .bin file"]
+        return [
+            f"{folder / pickled[0]}: pickle files are not loaded (they can run code); re-save the {what} as "
+            "safetensors (`model.save_pretrained(dir, safe_serialization=True)`) and remove the .bin file"
+        ]
     return [f"{single}: missing; the {what} weights are not in {folder}: copy them there, or retrain"]
 
 
@@ -61,14 +67,18 @@ def adapter_problems(run_dir: Path) -> list[str]:
     for key in ("r", "lora_alpha"):
         v = adapter.get(key)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            p.append(f"{cfg_file}: {key} is {v!r}, not a positive whole number; the file is damaged: copy it again "
-                     "from the run, or retrain")
+            p.append(
+                f"{cfg_file}: {key} is {v!r}, not a positive whole number; the file is damaged: copy it again "
+                "from the run, or retrain"
+            )
     if weights.is_file() and safetensors_problem(weights) is None:
         from safetensors import safe_open
 
         with safe_open(str(weights), framework="pt") as f:
             keys = list(f.keys())
         if not any(".lora_A." in k for k in keys) or not any(".lora_B." in k for k in keys):
-            p.append(f"{weights}: holds no LoRA tensors (lora_A/lora_B), so it is not an adapter (a full model's "
-                     "weights?); copy the run's own adapter_model.safetensors, or retrain")
+            p.append(
+                f"{weights}: holds no LoRA tensors (lora_A/lora_B), so it is not an adapter (a full model's "
+                "weights?); copy the run's own adapter_model.safetensors, or retrain"
+            )
     return p

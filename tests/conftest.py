@@ -25,19 +25,23 @@ CONVERSATIONS = [
     {"user": "¿Cuál es el horario?", "assistant": "Atendemos de lunes a viernes de 7:30 a 19:00."},
     {"user": "Quiero cancelar mi cita", "assistant": "Entiendo. ¿Me das tu nombre completo y tu carnet?"},
     {"user": "Me duele mucho el pecho", "assistant": "Llama ahora al 118 o ve a emergencias de inmediato."},
-    {"messages": [
-        {"role": "user", "content": "Buenos días, quiero una cita con pediatría"},
-        {"role": "assistant", "content": "¡Buenos días! ¿Prefieres a la Dra. Carmen Vaca?"},
-        {"role": "user", "content": "Sí, el lunes en la mañana"},
-        {"role": "assistant", "content": "Tengo lunes a las 9:00. ¿Me confirmas tu nombre y teléfono?"},
-    ]},
-    {"messages": [
-        {"role": "system", "content": "Eres el asistente de CAÑADA DEL CARMEN."},
-        {"role": "user", "content": "¿Cuánto cuesta la consulta?"},
-        {"role": "assistant", "content": "La consulta general cuesta Bs 150."},
-        {"role": "user", "content": "Gracias"},
-        {"role": "assistant", "content": "¡A ti! Que tengas un buen día."},
-    ]},
+    {
+        "messages": [
+            {"role": "user", "content": "Buenos días, quiero una cita con pediatría"},
+            {"role": "assistant", "content": "¡Buenos días! ¿Prefieres a la Dra. Carmen Vaca?"},
+            {"role": "user", "content": "Sí, el lunes en la mañana"},
+            {"role": "assistant", "content": "Tengo lunes a las 9:00. ¿Me confirmas tu nombre y teléfono?"},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "system", "content": "Eres el asistente de CAÑADA DEL CARMEN."},
+            {"role": "user", "content": "¿Cuánto cuesta la consulta?"},
+            {"role": "assistant", "content": "La consulta general cuesta Bs 150."},
+            {"role": "user", "content": "Gracias"},
+            {"role": "assistant", "content": "¡A ti! Que tengas un buen día."},
+        ]
+    },
     {"user": "ola kiero una sita", "assistant": "¡Hola! Con gusto. ¿Para qué especialidad la necesitas?"},
     {"user": "¿Aceptan seguro?", "assistant": "Sí, trabajamos con Nacional Seguros, BISA y Alianza."},
 ]
@@ -67,10 +71,22 @@ def build_tiny_base(out: Path) -> Path:
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(_corpus(), vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"])
-    tok = GPT2TokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                            unk_token="<|endoftext|>", model_max_length=256)
-    config = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=64, n_layer=2, n_head=2,
-                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    tok = GPT2TokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        model_max_length=256,
+    )
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=256,
+        n_embd=64,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     GPT2LMHeadModel(config).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
@@ -98,9 +114,21 @@ def train_tiny(tiny_base: Path, data: Path, out: Path, method: str, **kw) -> Pat
     from lora_med.config import TrainConfig
     from lora_med.train.main import train
 
-    settings = dict(data=str(data), eval_data=str(data), base=str(tiny_base), output=str(out), method=method,
-                    max_steps=4, log_every=1, compare=False, r=4, alpha=8, batch_size=4, seed=0,
-                    learning_rate=1e-2 if method != "full" else 1e-3)
+    settings = dict(
+        data=str(data),
+        eval_data=str(data),
+        base=str(tiny_base),
+        output=str(out),
+        method=method,
+        max_steps=4,
+        log_every=1,
+        compare=False,
+        r=4,
+        alpha=8,
+        batch_size=4,
+        seed=0,
+        learning_rate=1e-2 if method != "full" else 1e-3,
+    )
     return train(TrainConfig(**{**settings, **kw})).output
 
 
@@ -128,7 +156,15 @@ def exported(trained, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("exported")
     return {
         "fp32": merge_export(ExportConfig(run_dir=str(trained["lora"]), output=str(root / "lora-cpu-fp32"))).output,
-        "int8": merge_export(ExportConfig(run_dir=str(trained["lora"]), output=str(root / "lora-cpu-int8"),
-                                          quantize="int8", n_parity=2, max_new_tokens=4, min_top1=0.9,
-                                          min_same_replies=0.5)).output,
+        "int8": merge_export(
+            ExportConfig(
+                run_dir=str(trained["lora"]),
+                output=str(root / "lora-cpu-int8"),
+                quantize="int8",
+                n_parity=2,
+                max_new_tokens=4,
+                min_top1=0.9,
+                min_same_replies=0.5,
+            )
+        ).output,
     }

@@ -23,8 +23,12 @@ def test_train_memory_examples_are_exactly_the_sequence_length(tmp_path):
     train_file, eval_file = run.build_data(tmp_path, base)
     rows = json.loads(train_file.read_text(encoding="utf-8"))
     assert len(rows) >= 16, "enough rows for a batch of 16"
-    examples, cut = data.encode_all(data.load_conversations(train_file).conversations,
-                                    models.load_tokenizer(str(base)), max_length=run.SEQ, fmt="dialogpt")
+    examples, cut = data.encode_all(
+        data.load_conversations(train_file).conversations,
+        models.load_tokenizer(str(base)),
+        max_length=run.SEQ,
+        fmt="dialogpt",
+    )
     assert {len(e.input_ids) for e in examples} == {run.SEQ} and cut == len(examples)
     assert all(any(label != -100 for label in e.labels) for e in examples), "every example has reply tokens"
     assert json.loads(eval_file.read_text(encoding="utf-8")) == rows[:2]
@@ -39,9 +43,29 @@ def test_serve_load_runs_bounded_levels_against_a_live_server_and_checks_the_sto
     script = str(REPO / "benchmarks" / "serve_load" / "run.py")
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PATH": "/usr/bin:/bin"}
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, script, "--model", str(tiny_base), "--clients", "1,3", "--requests", "7",
-                           "--warmup", "2", "--set", "threads=1", "--out", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            script,
+            "--model",
+            str(tiny_base),
+            "--clients",
+            "1,3",
+            "--requests",
+            "7",
+            "--warmup",
+            "2",
+            "--set",
+            "threads=1",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert [r["clients"] for r in report["levels"]] == [1, 3]
@@ -52,7 +76,13 @@ def test_serve_load_runs_bounded_levels_against_a_live_server_and_checks_the_sto
     run = _load("benchmarks/serve_load/run.py")
     long, clinic = run.conversations("long"), run.conversations("clinic")
     assert len(long) == 1 and sorted(long[0]) == sorted(dict.fromkeys(t for c in clinic for t in c))
-    bad = subprocess.run([sys.executable, script, "--clients", "0", "--requests", "0", "--url", "http://example.com"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, script, "--clients", "0", "--requests", "0", "--url", "http://example.com"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "--clients 0" in bad.stderr and "--requests 0" in bad.stderr
     assert "only targets 127.0.0.1" in bad.stderr

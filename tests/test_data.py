@@ -31,8 +31,10 @@ def conv(*pairs: tuple[str, str]) -> Conversation:
 def test_json_array_with_both_forms(conversations_file):
     ds = load_conversations(conversations_file)
     assert len(ds.conversations) == len(CONVERSATIONS)
-    assert ds.conversations[0].messages == (Message("user", "Hola, necesito una cita"),
-                                            Message("assistant", CONVERSATIONS[0]["assistant"]))
+    assert ds.conversations[0].messages == (
+        Message("user", "Hola, necesito una cita"),
+        Message("assistant", CONVERSATIONS[0]["assistant"]),
+    )
     assert ds.conversations[4].turns == 4
     assert ds.conversations[5].messages[0].role == "system" and ds.conversations[5].turns == 4
     assert len(ds.sha256) == 64 and ds.duplicates == []
@@ -42,14 +44,24 @@ def test_jsonl_and_bom(tmp_path):
     lines = "\n".join(json.dumps(r, ensure_ascii=False) for r in CONVERSATIONS) + "\n\n"
     p = write(tmp_path, "c.jsonl", b"\xef\xbb\xbf" + lines.encode("utf-8"))
     ds = load_conversations(p)
-    assert [c.messages for c in ds.conversations] == [c.messages for c in load_conversations(
-        write(tmp_path, "c.json", json.dumps(CONVERSATIONS, ensure_ascii=False))).conversations]
+    assert [c.messages for c in ds.conversations] == [
+        c.messages
+        for c in load_conversations(
+            write(tmp_path, "c.json", json.dumps(CONVERSATIONS, ensure_ascii=False))
+        ).conversations
+    ]
     assert ds.conversations[2].where.endswith("c.jsonl:3")
 
 
 def test_duplicates_are_reported(tmp_path):
-    rows = [CONVERSATIONS[0], CONVERSATIONS[1], {"user": " hola,  NECESITA una cita".replace("NECESITA", "necesito"),
-                                                 "assistant": CONVERSATIONS[0]["assistant"]}]
+    rows = [
+        CONVERSATIONS[0],
+        CONVERSATIONS[1],
+        {
+            "user": " hola,  NECESITA una cita".replace("NECESITA", "necesito"),
+            "assistant": CONVERSATIONS[0]["assistant"],
+        },
+    ]
     ds = load_conversations(write(tmp_path, "d.json", json.dumps(rows, ensure_ascii=False)))
     assert len(ds.duplicates) == 1 and "row 3" in ds.duplicates[0] and "row 1" in ds.duplicates[0]
 
@@ -63,8 +75,13 @@ def labelled_text(tok, ex) -> str:
 
 def test_dialogpt_labels_cover_assistant_tokens_and_their_eos(tiny_tokenizer):
     tok = tiny_tokenizer
-    c = conv(("system", "Sistema."), ("user", "Hola"), ("assistant", "¡Hola! ¿Cita?"),
-             ("user", "Sí"), ("assistant", "Listo."))
+    c = conv(
+        ("system", "Sistema."),
+        ("user", "Hola"),
+        ("assistant", "¡Hola! ¿Cita?"),
+        ("user", "Sí"),
+        ("assistant", "Listo."),
+    )
     ex = encode(c, tok, max_length=256, fmt="dialogpt")
     eos = tok.eos_token_id
     pieces = [tok.encode(t, add_special_tokens=False) for t in ("Sistema.", "Hola", "¡Hola! ¿Cita?", "Sí", "Listo.")]
@@ -82,8 +99,9 @@ def test_dialogpt_labels_cover_assistant_tokens_and_their_eos(tiny_tokenizer):
 
 
 def test_train_on_all_tokens(tiny_tokenizer):
-    ex = encode(conv(("user", "Hola"), ("assistant", "Buenas")), tiny_tokenizer, max_length=64,
-                fmt="dialogpt", train_on="all")
+    ex = encode(
+        conv(("user", "Hola"), ("assistant", "Buenas")), tiny_tokenizer, max_length=64, fmt="dialogpt", train_on="all"
+    )
     assert ex.labels == ex.input_ids
 
 
@@ -97,13 +115,16 @@ def test_chat_template_labels_assistant_segments(tiny_base):
     from lora_med.models import load_tokenizer
 
     tok = load_tokenizer(str(tiny_base))
-    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
-                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     assert resolve_format("auto", tok) == "chat-template"
     c = conv(("user", "Hola"), ("assistant", "Buenas"), ("user", "Cita"), ("assistant", "Claro"))
     ex = encode(c, tok, max_length=256, fmt="chat-template")
-    assert tok.decode(ex.input_ids) == ("<user>Hola<|endoftext|><assistant>Buenas<|endoftext|>"
-                                        "<user>Cita<|endoftext|><assistant>Claro<|endoftext|>")
+    assert tok.decode(ex.input_ids) == (
+        "<user>Hola<|endoftext|><assistant>Buenas<|endoftext|><user>Cita<|endoftext|><assistant>Claro<|endoftext|>"
+    )
     assert labelled_text(tok, ex) == "Buenas<|endoftext|>Claro<|endoftext|>"
 
 
@@ -120,17 +141,24 @@ def test_format_resolution(tiny_tokenizer):
 
 def test_left_truncation_drops_oldest_turns_and_keeps_last_reply_whole(tiny_tokenizer):
     tok = tiny_tokenizer
-    turns = [("user", "Buenos días, quiero una cita con pediatría"), ("assistant", "¿Prefieres a la Dra. Carmen Vaca?"),
-             ("user", "Sí, el lunes en la mañana"), ("assistant", "Tengo lunes a las 9:00. ¿Me confirmas tu nombre?"),
-             ("user", "Gracias"), ("assistant", "¡A ti! Que tengas un buen día.")]
+    turns = [
+        ("user", "Buenos días, quiero una cita con pediatría"),
+        ("assistant", "¿Prefieres a la Dra. Carmen Vaca?"),
+        ("user", "Sí, el lunes en la mañana"),
+        ("assistant", "Tengo lunes a las 9:00. ¿Me confirmas tu nombre?"),
+        ("user", "Gracias"),
+        ("assistant", "¡A ti! Que tengas un buen día."),
+    ]
     c = conv(*turns)
     lengths = [len(ids) for ids, _ in segments(c, tok, "dialogpt")]
     budget = sum(lengths[-3:])  # room for the last three turns exactly
     ex = encode(c, tok, max_length=budget)
     assert len(ex.input_ids) == budget
     assert ex.turns_cut == 3 and ex.tokens_cut == sum(lengths[:3])
-    assert labelled_text(tok, ex) == "Tengo lunes a las 9:00. ¿Me confirmas tu nombre?<|endoftext|>" \
-                                     "¡A ti! Que tengas un buen día.<|endoftext|>"
+    assert (
+        labelled_text(tok, ex) == "Tengo lunes a las 9:00. ¿Me confirmas tu nombre?<|endoftext|>"
+        "¡A ti! Que tengas un buen día.<|endoftext|>"
+    )
     # one token less: one more whole turn goes, down to the last exchange
     ex2 = encode(c, tok, max_length=budget - 1)
     assert ex2.turns_cut == 4 and len(ex2.input_ids) == sum(lengths[-2:])
@@ -179,13 +207,24 @@ BAD = [
     ("neither.json", '[{"pregunta": "a"}]', "needs 'user' and 'assistant' fields, or a 'messages' list"),
     ("role.json", '[{"messages": [{"role": "doctor", "content": "a"}]}]', r"messages\[0\]: unknown role 'doctor'"),
     ("norole.json", '[{"messages": [{"content": "a"}]}]', r"messages\[0\]: field 'role' is missing"),
-    ("alt.json", '[{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, '
-                 '{"role": "assistant", "content": "c"}]}]', r"messages\[1\]: roles must alternate"),
+    (
+        "alt.json",
+        '[{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, '
+        '{"role": "assistant", "content": "c"}]}]',
+        r"messages\[1\]: roles must alternate",
+    ),
     ("start.json", '[{"messages": [{"role": "assistant", "content": "a"}]}]', r"messages\[0\]: roles must alternate"),
-    ("end.json", '[{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, '
-                 '{"role": "user", "content": "c"}]}]', "must end with an assistant turn"),
-    ("sys.json", '[{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}]',
-     "system message may only come first"),
+    (
+        "end.json",
+        '[{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, '
+        '{"role": "user", "content": "c"}]}]',
+        "must end with an assistant turn",
+    ),
+    (
+        "sys.json",
+        '[{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}]',
+        "system message may only come first",
+    ),
     ("msgs.json", '[{"messages": "hola"}]', "field 'messages' must be a list, got a string"),
     ("nomsgs.json", '[{"messages": []}]', "field 'messages' is empty"),
     ("empty.json", "[]", "the dataset is empty"),
@@ -215,8 +254,10 @@ def test_all_row_problems_are_reported_together(tmp_path):
     p = write(tmp_path, "many.json", '[{"user": "", "assistant": "x"}, {"user": "a"}, {"user": "a", "assistant": "b"}]')
     with pytest.raises(DatasetError) as err:
         load_conversations(p)
-    assert err.value.problems == [f"{p} row 1 (index 0): field 'user' is empty",
-                                  f"{p} row 2 (index 1): field 'assistant' is missing"]
+    assert err.value.problems == [
+        f"{p} row 1 (index 0): field 'user' is empty",
+        f"{p} row 2 (index 1): field 'assistant' is missing",
+    ]
 
 
 def test_missing_file_and_directory(tmp_path):
@@ -230,8 +271,13 @@ def test_missing_file_and_directory(tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lora_med", *args], capture_output=True, text=True, cwd=REPO,
-                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "lora_med", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
 
 
 def test_cli_data_check_bad_file_exits_nonzero_without_traceback(tmp_path, tiny_base):
@@ -256,14 +302,13 @@ def in_process(monkeypatch, capsys, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_data_check_prints_stats(conversations_file, tiny_base, monkeypatch, capsys):
-    run_cli = lambda *a: in_process(monkeypatch, capsys, *a)  # noqa: E731
+    run_cli = lambda *a: in_process(monkeypatch, capsys, *a)
     r = run_cli("data", "check", str(conversations_file), "--tokenizer", str(tiny_base), "--json")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["problems"] == [] and report["tokens"]["max"] < 256
     # Replies longer than --max-length would make training fail: listed, and the exit code says so.
-    r = run_cli("data", "check", str(conversations_file), "--tokenizer", str(tiny_base), "--json",
-                "--max-length", "16")
+    r = run_cli("data", "check", str(conversations_file), "--tokenizer", str(tiny_base), "--json", "--max-length", "16")
     assert r.returncode == 2 and "would make training fail" in r.stderr and "Traceback" not in r.stderr
     report = json.loads(r.stdout)
     assert report["problems"] and all("more than max_length 16" in p for p in report["problems"])

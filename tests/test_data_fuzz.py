@@ -13,10 +13,18 @@ from lora_med.data import load_conversations
 from lora_med.errors import DatasetError
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=True)
+    | st.text(max_size=20)
     | st.sampled_from(["user", "assistant", "system", "role", "content", "messages", "Ã©", "\ud800"]),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.sampled_from(["user", "assistant", "messages", "role", "content", "x"]), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["user", "assistant", "messages", "role", "content", "x"]), children, max_size=4
+        )
+    ),
     max_leaves=20,
 )
 
@@ -45,8 +53,10 @@ def test_arbitrary_json_structures(value, suffix):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.fixed_dictionaries({"user": json_values, "assistant": json_values}), max_size=3),
-       st.sampled_from([".json", ".jsonl"]))
+@given(
+    st.lists(st.fixed_dictionaries({"user": json_values, "assistant": json_values}), max_size=3),
+    st.sampled_from([".json", ".jsonl"]),
+)
 def test_arbitrary_rows(rows, suffix):
     if suffix == ".jsonl":
         data = "\n".join(json.dumps(r) for r in rows)

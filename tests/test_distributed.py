@@ -25,13 +25,46 @@ from lora_med.train.main import train
 from .conftest import REPO
 
 # With chunked cross-entropy: its loss runs outside the DDP-wrapped forward, which must still sync gradients.
-SETTINGS = dict(max_steps=4, batch_size=2, log_every=1, save_every=2, eval_every=4, r=4, alpha=8,
-                learning_rate=1e-2, compare=False, seed=0, chunked_ce=True, loss_chunk=64)
+SETTINGS = dict(
+    max_steps=4,
+    batch_size=2,
+    log_every=1,
+    save_every=2,
+    eval_every=4,
+    r=4,
+    alpha=8,
+    learning_rate=1e-2,
+    compare=False,
+    seed=0,
+    chunked_ce=True,
+    loss_chunk=64,
+)
 # As flags. torchrun reads abbreviations of its own options anywhere on the line (--r would be taken for
 # --rdzv-*), so the LoRA rank goes by its alias --lora_r.
-FLAGS = ["--max-steps", "4", "--batch-size", "2", "--log-every", "1", "--save-every", "2", "--eval-every", "4",
-         "--lora_r", "4", "--lora_alpha", "8", "--learning-rate", "1e-2", "--no-compare", "--seed", "0",
-         "--chunked-ce", "--loss-chunk", "64"]
+FLAGS = [
+    "--max-steps",
+    "4",
+    "--batch-size",
+    "2",
+    "--log-every",
+    "1",
+    "--save-every",
+    "2",
+    "--eval-every",
+    "4",
+    "--lora_r",
+    "4",
+    "--lora_alpha",
+    "8",
+    "--learning-rate",
+    "1e-2",
+    "--no-compare",
+    "--seed",
+    "0",
+    "--chunked-ce",
+    "--loss-chunk",
+    "64",
+]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -57,10 +90,28 @@ def two_runs(tiny_base, conversations_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     data = dict(data=str(conversations_file), eval_data=str(conversations_file), base=str(tiny_base))
     one = train(TrainConfig(**data, **SETTINGS, output=str(root / "one"))).output
-    r = subprocess.run([*TORCHRUN, "-m", "lora_med", "train", "--base", str(tiny_base), "--data",
-                        str(conversations_file), "--eval-data", str(conversations_file), "--output", str(root / "two"),
-                        *FLAGS],
-                       capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
+    r = subprocess.run(
+        [
+            *TORCHRUN,
+            "-m",
+            "lora_med",
+            "train",
+            "--base",
+            str(tiny_base),
+            "--data",
+            str(conversations_file),
+            "--eval-data",
+            str(conversations_file),
+            "--output",
+            str(root / "two"),
+            *FLAGS,
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=REPO,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return one, root / "two", r.stdout
 
@@ -103,8 +154,13 @@ def test_two_processes_resume_after_a_kill(two_runs, tiny_base, conversations_fi
     weights (DDP synchronised the gradients, the chunked loss's included)."""
     _, reference, _ = two_runs
     out = tmp_path / "killed"
-    settings = dict(data=str(conversations_file), eval_data=str(conversations_file), base=str(tiny_base),
-                    output=str(out), **SETTINGS)
+    settings = dict(
+        data=str(conversations_file),
+        eval_data=str(conversations_file),
+        base=str(tiny_base),
+        output=str(out),
+        **SETTINGS,
+    )
     script = tmp_path / "killed_at_step_3.py"
     script.write_text(f"""
 import json, os, signal
@@ -128,8 +184,14 @@ train(TrainConfig(**{settings!r}), callbacks=[Kill()])
     w0, w1 = (json.loads((tmp_path / f"weights-{rank}.json").read_text()) for rank in (0, 1))
     assert w0.keys() == w1.keys() and w0 == pytest.approx(w1, rel=1e-6, abs=1e-9)
     assert any(v != 0 for k, v in w0.items() if "lora_B" in k)  # trained, not the zeros LoRA B starts at
-    resumed = subprocess.run([*TORCHRUN, "-m", "lora_med", "train", "--resume", str(out)], capture_output=True,
-                             text=True, env=ENV, cwd=REPO, timeout=300)
+    resumed = subprocess.run(
+        [*TORCHRUN, "-m", "lora_med", "train", "--resume", str(out)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=REPO,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert resumed.stdout.count("Resuming from") == 1 and "took over a stale lock" in resumed.stdout
     card, ref = (json.loads((d / "run.json").read_text()) for d in (out, reference))

@@ -24,8 +24,22 @@ from lora_med.train.main import train
 
 
 def tcfg(tiny_base, data_file, out, **kw) -> TrainConfig:
-    return TrainConfig(**{**dict(data=str(data_file), eval_data=str(data_file), base=str(tiny_base), output=str(out),
-                                 max_steps=2, compare=False, log_every=1, r=4, learning_rate=1e-2), **kw})
+    return TrainConfig(
+        **{
+            **dict(
+                data=str(data_file),
+                eval_data=str(data_file),
+                base=str(tiny_base),
+                output=str(out),
+                max_steps=2,
+                compare=False,
+                log_every=1,
+                r=4,
+                learning_rate=1e-2,
+            ),
+            **kw,
+        }
+    )
 
 
 # --------------------------------------------------------------------------- chat templates
@@ -39,8 +53,9 @@ def test_chat_template_reproduces_the_training_format_token_for_token():
         trained_on = [t for ids, _ in data.segments(conv, tok, "dialogpt") for t in ids]
         assert tok.apply_chat_template(msgs, tokenize=True) == trained_on, conv.where
         history = list(conv.messages[:-1])  # up to the last user turn: what the app sends
-        assert tok.apply_chat_template(msgs[:-1], tokenize=True, add_generation_prompt=True) == \
-            data.prompt_ids(history, tok, "dialogpt"), conv.where
+        assert tok.apply_chat_template(msgs[:-1], tokenize=True, add_generation_prompt=True) == data.prompt_ids(
+            history, tok, "dialogpt"
+        ), conv.where
 
 
 def test_pipeline_with_chat_messages_works_on_the_merged_export(exported):
@@ -52,15 +67,17 @@ def test_pipeline_with_chat_messages_works_on_the_merged_export(exported):
     out = pipe(messages, max_new_tokens=5, do_sample=False)
     assert out[0]["generated_text"][:1] == messages and out[0]["generated_text"][-1]["role"] == "assistant"
     tok = models.load_tokenizer(str(merged))
-    assert tok.apply_chat_template(messages, add_generation_prompt=True) == \
-        data.prompt_ids([data.Message("user", messages[0]["content"])], tok, "dialogpt")
+    assert tok.apply_chat_template(messages, add_generation_prompt=True) == data.prompt_ids(
+        [data.Message("user", messages[0]["content"])], tok, "dialogpt"
+    )
 
 
 # --------------------------------------------------------------------------- model cards
 
 
-@pytest.mark.parametrize("where,library,tag", [("run", "peft", "lora"), ("merged", "transformers", "lora"),
-                                               ("onnx", "transformers", "onnx")])
+@pytest.mark.parametrize(
+    "where,library,tag", [("run", "peft", "lora"), ("merged", "transformers", "lora"), ("onnx", "transformers", "onnx")]
+)
 def test_model_cards_carry_hub_metadata(trained, exported, where, library, tag):
     from huggingface_hub import ModelCard
 
@@ -98,8 +115,7 @@ class _Watch(TrainerCallback):
 @pytest.mark.parametrize("bits,layer", [(4, "Linear4bit"), (8, "Linear8bitLt")])
 def test_qlora_really_quantises_the_base(tiny_base, conversations_file, tmp_path, bits, layer):
     watch = _Watch()
-    res = train(tcfg(tiny_base, conversations_file, tmp_path / "q", method="qlora", quant_bits=bits),
-                callbacks=[watch])
+    res = train(tcfg(tiny_base, conversations_file, tmp_path / "q", method="qlora", quant_bits=bits), callbacks=[watch])
     assert layer in watch.layer_types, watch.layer_types
     assert res.run["config"]["quant_bits"] == bits
 
@@ -132,13 +148,16 @@ def test_chat_template_format_through_train_and_export(tiny_base, conversations_
     base = tmp_path / "templated"
     shutil.copytree(tiny_base, base)
     config = json.loads((base / "tokenizer_config.json").read_text())
-    config["chat_template"] = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
-                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    config["chat_template"] = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
     (base / "tokenizer_config.json").write_text(json.dumps(config))
     run = train(tcfg(base, conversations_file, tmp_path / "run", format="auto"))
     assert run.run["data"]["format"] == "chat-template"
-    res = merge_export(ExportConfig(run_dir=str(run.output), output=str(tmp_path / "exp"), n_parity=2,
-                                    max_new_tokens=4))
+    res = merge_export(
+        ExportConfig(run_dir=str(run.output), output=str(tmp_path / "exp"), n_parity=2, max_new_tokens=4)
+    )
     assert res.manifest["source"]["format"] == "chat-template" and res.manifest["parity"]["passed"]
 
 
@@ -149,8 +168,11 @@ def test_chat_template_format_through_train_and_export(tiny_base, conversations_
 def test_onnx_runtime_optimisation_levels(trained, exported, tmp_path, level, fused):
     import onnx
 
-    res = merge_export(ExportConfig(run_dir=str(trained["lora"]), output=str(tmp_path / level), optimize=level,
-                                    n_parity=2, max_new_tokens=4))
+    res = merge_export(
+        ExportConfig(
+            run_dir=str(trained["lora"]), output=str(tmp_path / level), optimize=level, n_parity=2, max_new_tokens=4
+        )
+    )
     assert res.manifest["export"]["optimization"] == {"level": level, "for_gpu": False}
     assert res.manifest["parity"]["passed"]
     plain = onnx.load(str(exported["fp32"] / "onnx" / "model.onnx"), load_external_data=False)
@@ -188,12 +210,14 @@ def test_the_cli_starts_without_the_heavy_libraries():
     import subprocess
     import sys
 
-    code = ("import sys; from lora_med.cli import cli; from click.testing import CliRunner; "
-            "r = [CliRunner().invoke(cli, a) for a in (['--help'], ['--version'], ['train', '--help'], "
-            "['merge-export', '--help'], ['bench', '--help'], ['serve', '--help'], ['data', 'check', '--help'])]; "
-            "assert all(x.exit_code == 0 for x in r), [x.output for x in r]; "
-            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes', 'onnxruntime', 'fastapi') "
-            "if m in sys.modules))")
+    code = (
+        "import sys; from lora_med.cli import cli; from click.testing import CliRunner; "
+        "r = [CliRunner().invoke(cli, a) for a in (['--help'], ['--version'], ['train', '--help'], "
+        "['merge-export', '--help'], ['bench', '--help'], ['serve', '--help'], ['data', 'check', '--help'])]; "
+        "assert all(x.exit_code == 0 for x in r), [x.output for x in r]; "
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes', 'onnxruntime', 'fastapi') "
+        "if m in sys.modules))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"

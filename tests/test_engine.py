@@ -30,9 +30,17 @@ def _hf_greedy(model, prompt: list[int], n: int, eos: int, **kw) -> list[int]:
     """transformers' generate() on one unpadded prompt; the EOS that stops it is dropped, as the engine does."""
     x = torch.tensor([prompt])
     with torch.no_grad():
-        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
-                             num_beams=1, eos_token_id=eos, pad_token_id=eos, **kw)[0, len(prompt):].tolist()
-    return out[:out.index(eos)] if eos in out else out
+        out = model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=n,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=eos,
+            pad_token_id=eos,
+            **kw,
+        )[0, len(prompt) :].tolist()
+    return out[: out.index(eos)] if eos in out else out
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +88,7 @@ def test_no_repeat_ngram_matches_transformers(tiny_model, tiny_torch):
         refs = [_hf_greedy(tiny_model, p, 24, tiny_torch.eos_token_id, no_repeat_ngram_size=n) for p in prompts]
         assert tiny_torch.generate(prompts, s) == refs
         for r in refs:  # and the rule did bite: no n-gram repeats within the reply
-            grams = [tuple(r[i:i + n]) for i in range(len(r) - n + 1)]
+            grams = [tuple(r[i : i + n]) for i in range(len(r) - n + 1)]
             assert len(grams) == len(set(grams))
 
 
@@ -94,9 +102,10 @@ def test_eos_stops_a_row_and_min_new_tokens_suppresses_it(tiny_model):
     engine = torch_engine(tiny_model, eos_token_id=eos)
     got = engine.generate(prompts, s)
     assert got[0] == free[0][:k]  # stopped there, EOS not returned
-    assert got[1] == (free[1][:free[1].index(eos)] if eos in free[1] else free[1])  # the other row goes on
-    forced = engine.generate(prompts[:1], GenerationSettings(max_new_tokens=20, min_new_tokens=20,
-                                                             no_repeat_ngram_size=1))[0]
+    assert got[1] == (free[1][: free[1].index(eos)] if eos in free[1] else free[1])  # the other row goes on
+    forced = engine.generate(
+        prompts[:1], GenerationSettings(max_new_tokens=20, min_new_tokens=20, no_repeat_ngram_size=1)
+    )[0]
     assert len(forced) == 20 and eos not in forced
     assert forced[:k] == free[0][:k] and forced[k] != eos
 
@@ -146,7 +155,8 @@ def test_load_engine_on_a_hf_folder_runs_pytorch(tiny_base, tiny_model):
     engine = load_engine(tiny_base, device="cpu")
     p = _prompts(tiny_model.config.vocab_size, (7,), seed=5)[0]
     assert engine.generate([p], GenerationSettings(max_new_tokens=10))[0] == _hf_greedy(
-        tiny_model, p, 10, engine.eos_token_id)
+        tiny_model, p, 10, engine.eos_token_id
+    )
     with pytest.raises(LoraMedError, match="neither a decode graph"):
         load_engine(tiny_base / "nothing-here")
 
@@ -218,8 +228,9 @@ def test_onnx_engine_sampling_and_eos(tiny_model, tiny_onnx):
     prompts = _prompts(tiny_model.config.vocab_size, (5, 11), seed=8)
     s = GenerationSettings(max_new_tokens=16, do_sample=True, top_p=0.9, seed=3)
     a = tiny_onnx.generate(prompts, s)
-    assert a == tiny_onnx.generate(prompts, s) and a != tiny_onnx.generate(prompts, GenerationSettings(
-        max_new_tokens=16, do_sample=True, top_p=0.9, seed=4))
+    assert a == tiny_onnx.generate(prompts, s) and a != tiny_onnx.generate(
+        prompts, GenerationSettings(max_new_tokens=16, do_sample=True, top_p=0.9, seed=4)
+    )
     free = tiny_onnx.generate(prompts, GenerationSettings(max_new_tokens=16, no_repeat_ngram_size=1))
     saved = tiny_onnx.eos_token_id
     tiny_onnx.eos_token_id = free[1][3]  # the 4th reply token of row 1 now ends that row
@@ -229,7 +240,7 @@ def test_onnx_engine_sampling_and_eos(tiny_model, tiny_onnx):
         tiny_onnx.eos_token_id = saved
     eos = free[1][3]
     assert got[1] == free[1][:3]
-    assert got[0] == (free[0][:free[0].index(eos)] if eos in free[0] else free[0])
+    assert got[0] == (free[0][: free[0].index(eos)] if eos in free[0] else free[0])
 
 
 def test_tampered_decode_graph_gives_different_replies(tiny_graph, tiny_model, tmp_path):
@@ -255,8 +266,16 @@ def test_non_gpt2_models_and_bad_options_are_refused(tmp_path, tiny_base):
 
     from lora_med.export.decode_graph import build_decode_graph
 
-    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "llama")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(tmp_path / "llama")
     with pytest.raises(LoraMedError, match="built for GPT-2"):
         build_decode_graph(tmp_path / "llama", tmp_path / "out")
     with pytest.raises(LoraMedError, match="precision='bf16'"):
@@ -343,8 +362,14 @@ def tiny_optimum(tiny_base, tmp_path_factory):
     from optimum.exporters.onnx import main_export
 
     out = tmp_path_factory.mktemp("optimum") / "fp32"
-    main_export(model_name_or_path=str(tiny_base), output=out, task="text-generation-with-past", device="cpu",
-                do_validation=False, library_name="transformers")
+    main_export(
+        model_name_or_path=str(tiny_base),
+        output=out,
+        task="text-generation-with-past",
+        device="cpu",
+        do_validation=False,
+        library_name="transformers",
+    )
     return out
 
 
@@ -397,8 +422,13 @@ def test_fp16_from_fp32_gives_an_optimum_graph_that_type_checks_and_runs(tiny_op
     assert any(n.op_type == "LayerNormalization" for n in half.graph.node)
     assert not [t.name for t in half.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]  # all fp16
     x = torch.tensor([_prompts(400, (9,), seed=10)[0]])
-    logits = {k: m(input_ids=x, attention_mask=torch.ones_like(x)).logits.float() for k, m in
-              (("fp32", _ort_model(tiny_optimum, tiny_optimum)), ("fp16", _ort_model(tiny_optimum, tmp_path / "fp16")))}
+    logits = {
+        k: m(input_ids=x, attention_mask=torch.ones_like(x)).logits.float()
+        for k, m in (
+            ("fp32", _ort_model(tiny_optimum, tiny_optimum)),
+            ("fp16", _ort_model(tiny_optimum, tmp_path / "fp16")),
+        )
+    }
     assert half.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     assert (logits["fp32"].argmax(-1) == logits["fp16"].argmax(-1)).all()
     assert (logits["fp32"] - logits["fp16"]).abs().max() < 1e-2
@@ -409,12 +439,19 @@ def test_type_check_catches_the_layernorm_clash_onnxruntime_refuses():
 
     from lora_med.export.precision import check_types
 
-    node = helper.make_node("LayerNormalization", ["x", "scale", "bias"], ["y"], axis=-1,
-                            name="/transformer/h.0/ln_2/LayerNormalization")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 4])],
-                              [numpy_helper.from_array(np.ones(4, np.float32), "scale"),
-                               numpy_helper.from_array(np.zeros(4, np.float32), "bias")])
+    node = helper.make_node(
+        "LayerNormalization", ["x", "scale", "bias"], ["y"], axis=-1, name="/transformer/h.0/ln_2/LayerNormalization"
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 4])],
+        [
+            numpy_helper.from_array(np.ones(4, np.float32), "scale"),
+            numpy_helper.from_array(np.zeros(4, np.float32), "bias"),
+        ],
+    )
     with pytest.raises(LoraMedError, match="LayerNormalization.*inconsistent type"):
         check_types(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
@@ -541,8 +578,9 @@ def test_torch_engine_runs_a_peft_model_with_its_adapter(tiny_base):
 
     from lora_med.models import load_model
 
-    model = get_peft_model(load_model(str(tiny_base)), LoraConfig(r=4, target_modules=["c_attn", "c_fc"],
-                                                                   fan_in_fan_out=True))
+    model = get_peft_model(
+        load_model(str(tiny_base)), LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    )
     torch.manual_seed(1)
     for name, p in model.named_parameters():
         if "lora_B" in name:

@@ -18,13 +18,12 @@ from lora_med import runs as runs_mod
 from lora_med.config import ExportConfig
 from lora_med.errors import ConfigError, GateError, LoraMedError
 from lora_med.export.main import merge_export
-from lora_med.fileio import sha256_file
 from lora_med.export.parity import verify_export
+from lora_med.fileio import sha256_file
 
 
 def load_export(d):
     return runs_mod.load_card(d, "export")
-
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +39,12 @@ def lora_export(exported) -> Path:
 def _held_out_batch(run_dir: Path):
     from lora_med import data, models
     from lora_med.perplexity import batches
+
     card = runs_mod.load_card(run_dir, "train")
     tok = models.load_tokenizer(str(run_dir))
-    ex, _ = data.encode_all(runs_mod.held_out(card, run_dir), tok, max_length=card["data"]["max_length"], fmt=card["data"]["format"])
+    ex, _ = data.encode_all(
+        runs_mod.held_out(card, run_dir), tok, max_length=card["data"]["max_length"], fmt=card["data"]["format"]
+    )
     ids, mask, _ = next(batches(ex, 8, tok.pad_token_id))
     return card, ids, mask
 
@@ -102,8 +104,13 @@ def test_manifest_hashes_match_files(lora_export, runs):
     for rel, meta in m["files"].items():
         f = lora_export / rel
         assert sha256_file(f) == meta["sha256"] and f.stat().st_size == meta["bytes"]
-    assert {"merged/model.safetensors", "onnx/model.onnx", "onnx/tokenizer.json", "engine/model.onnx",
-            "engine/engine.json"} <= set(m["files"])
+    assert {
+        "merged/model.safetensors",
+        "onnx/model.onnx",
+        "onnx/tokenizer.json",
+        "engine/model.onnx",
+        "engine/engine.json",
+    } <= set(m["files"])
     assert m["source"]["run_json_sha256"] == sha256_file(runs["lora"] / "run.json")
     assert m["status"] == "complete" and "optimum-onnx" in m["versions"] and m["options"]["atol"] == 1e-4
 
@@ -123,8 +130,13 @@ with torch.no_grad():
 b = ort(input_ids=ids, attention_mask=mask).logits
 print("DIFF", float((a - b).abs().max()))
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     diff = float(res.stdout.split("DIFF")[1])
     assert diff < 1e-4
@@ -236,8 +248,12 @@ def test_fp16_optimum_graph_for_cuda_passes_strict_type_checks_on_the_cpu(lora_e
     assert any(n.op_type == "LayerNormalization" for n in half.graph.node)
     assert not [t.name for t in half.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
     ids = torch.tensor([[5, 17, 42, 99, 3, 250, 0, 7]])
-    logits = [ORTModelForCausalLM.from_pretrained(d, provider="CPUExecutionProvider")(
-        input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float() for d in (lora_export / "onnx", tmp_path / "onnx")]
+    logits = [
+        ORTModelForCausalLM.from_pretrained(d, provider="CPUExecutionProvider")(
+            input_ids=ids, attention_mask=torch.ones_like(ids)
+        ).logits.float()
+        for d in (lora_export / "onnx", tmp_path / "onnx")
+    ]
     assert (logits[0].argmax(-1) == logits[1].argmax(-1)).all() and (logits[0] - logits[1]).abs().max() < 1e-2
 
 
@@ -251,15 +267,26 @@ def test_non_gpt2_base_ships_the_optimum_graph_only_with_a_note(tiny_base, conve
     base = tmp_path / "llama"
     tok = AutoTokenizer.from_pretrained(tiny_base)
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                                 bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-                     ).save_pretrained(base, safe_serialization=True)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            bos_token_id=tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    ).save_pretrained(base, safe_serialization=True)
     tok.save_pretrained(base)
     run = train_tiny(base, conversations_file, tmp_path / "run", "full", max_steps=1)
     res = merge_export(ExportConfig(run_dir=str(run), output=str(tmp_path / "out"), n_parity=2, max_new_tokens=4))
     m = res.manifest
-    assert m["engine"]["status"] == "not built" and "GPT-2" in m["engine"]["reason"] and "'llama'" in m["engine"]["reason"]
+    assert (
+        m["engine"]["status"] == "not built" and "GPT-2" in m["engine"]["reason"] and "'llama'" in m["engine"]["reason"]
+    )
     assert m["parity"]["passed"] and m["parity"]["engine"]["status"] == "not built"
     assert m["parity"]["greedy"]["identical_single"] == 2
     assert not (tmp_path / "out" / "engine").exists() and set(m["sizes"]) == {"merged", "onnx"}
@@ -272,12 +299,15 @@ def test_non_gpt2_base_ships_the_optimum_graph_only_with_a_note(tiny_base, conve
 # --------------------------------------------------------------------------- refusals and bad input
 
 
-@pytest.mark.parametrize("opts, reason", [
-    (dict(device="cuda", quantize="int8"), "do not run on the CUDA execution provider"),
-    (dict(dtype="fp16"), "ExportConfig.dtype='fp16' on --device cpu"),
-    (dict(optimize="O4"), "O4"),
-    (dict(quantize="int4"), "ExportConfig.quantize='int4': use one of none, int8"),
-])
+@pytest.mark.parametrize(
+    "opts, reason",
+    [
+        (dict(device="cuda", quantize="int8"), "do not run on the CUDA execution provider"),
+        (dict(dtype="fp16"), "ExportConfig.dtype='fp16' on --device cpu"),
+        (dict(optimize="O4"), "O4"),
+        (dict(quantize="int4"), "ExportConfig.quantize='int4': use one of none, int8"),
+    ],
+)
 def test_refused_settings(runs, tmp_path, opts, reason):
     out = tmp_path / "out"
     with pytest.raises(ConfigError) as e:
@@ -314,8 +344,10 @@ def _wrong_shapes(run: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(run / "adapter_model.safetensors")
-    save_file({k: torch.zeros(v.shape[0], 64) if "lora_A" in k else torch.zeros(64, v.shape[1])
-               for k, v in tensors.items()}, run / "adapter_model.safetensors")
+    save_file(
+        {k: torch.zeros(v.shape[0], 64) if "lora_A" in k else torch.zeros(64, v.shape[1]) for k, v in tensors.items()},
+        run / "adapter_model.safetensors",
+    )
 
 
 BAD = {
@@ -363,8 +395,9 @@ def test_existing_output_refused_without_overwrite(lora_export, runs):
 def test_cli_bad_run_folder_exits_2_without_traceback(tmp_path, capsys, monkeypatch):
     from lora_med.cli import main
 
-    monkeypatch.setattr(sys, "argv", ["lora-med", "merge-export", str(tmp_path / "missing"), "--output",
-                                      str(tmp_path / "out")])
+    monkeypatch.setattr(
+        sys, "argv", ["lora-med", "merge-export", str(tmp_path / "missing"), "--output", str(tmp_path / "out")]
+    )
     with pytest.raises(SystemExit) as e:
         main()
     err = capsys.readouterr().err
@@ -393,8 +426,9 @@ def test_cuda_fp16_export_with_io_binding(runs, tmp_path):
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         pytest.skip("onnxruntime has no CUDAExecutionProvider")
-    res = merge_export(ExportConfig(run_dir=str(runs["lora"]), device="cuda", dtype="fp16",
-                                    output=str(tmp_path / "cuda")))
+    res = merge_export(
+        ExportConfig(run_dir=str(runs["lora"]), device="cuda", dtype="fp16", output=str(tmp_path / "cuda"))
+    )
     p = res.manifest["parity"]
     assert p["precision"] == "fp16" and p["passed"] and p["top1_agreement"] >= 0.99
     assert res.manifest["export"]["provider"] == "CUDAExecutionProvider"

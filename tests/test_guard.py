@@ -45,11 +45,12 @@ def test_recall_and_false_alarms(guard):
 
 def test_spelling_does_not_change_the_decision(guard):
     """Accents dropped, SHOUTED, or the phonetic swaps patients make: the same answer."""
+
     def strip(s: str) -> str:
         return "".join(c for c in unicodedata.normalize("NFKD", s) if not unicodedata.combining(c))
 
     swaps = (("qu", "k"), ("ll", "y"), ("ch", "x"), ("ci", "si"), ("v", "b"))
-    for name, messages in CASES.items():
+    for messages in CASES.values():
         for m in messages:
             want = guard.check(m) is not None
             variants = [strip(m), m.upper(), m.lower()]
@@ -66,13 +67,25 @@ def test_reply_is_the_emergency_instruction_never_a_booking_question(guard):
         lowered = hit.reply.lower()
         assert not any(w in lowered for w in ("cita", "agend", "nombre", "carnet", " ci ", "fecha de nacimiento"))
     rules = {r.name for r in guard.rules.rules}
-    assert {"chest_pain", "breathing", "bleeding", "fainting", "stroke", "seizure", "poisoning", "allergy",
-            "fever_stiff_neck", "suicidal"} <= rules  # the signs the fact sheet and the issue list
+    assert {
+        "chest_pain",
+        "breathing",
+        "bleeding",
+        "fainting",
+        "stroke",
+        "seizure",
+        "poisoning",
+        "allergy",
+        "fever_stiff_neck",
+        "suicidal",
+    } <= rules  # the signs the fact sheet and the issue list
 
 
 def test_long_message_is_fast(guard):
-    text = ("Hola buenas tardes, quería consultar por los horarios de la doctora y los precios de la consulta, "
-            "también si trabajan con seguros y dónde queda la clínica exactamente. ") * 6
+    text = (
+        "Hola buenas tardes, quería consultar por los horarios de la doctora y los precios de la consulta, "
+        "también si trabajan con seguros y dónde queda la clínica exactamente. "
+    ) * 6
     text = text[:1000]
     guard.rules.hits.cache_clear()
     t = time.perf_counter()
@@ -80,16 +93,35 @@ def test_long_message_is_fast(guard):
     assert time.perf_counter() - t < 0.5  # about 1 ms on a quiet CPU; generous for a shared machine
 
 
-@pytest.mark.parametrize("a, b", [("quiero", "kiero"), ("cita", "sita"), ("pecho", "pexo"), ("desmayo", "desmallo"),
-                                  ("respirar", "rrespirar"), ("convulsiones", "combulsiones"), ("hinchado", "inchado"),
-                                  ("inconsciente", "inconsiente"), ("vez", "bes")])
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ("quiero", "kiero"),
+        ("cita", "sita"),
+        ("pecho", "pexo"),
+        ("desmayo", "desmallo"),
+        ("respirar", "rrespirar"),
+        ("convulsiones", "combulsiones"),
+        ("hinchado", "inchado"),
+        ("inconsciente", "inconsiente"),
+        ("vez", "bes"),
+    ],
+)
 def test_phonetic_key(a, b):
     assert key(normalize(a)) == key(normalize(b)) or within_one(key(normalize(a)), key(normalize(b)))
 
 
-@pytest.mark.parametrize("a, b, close", [("respirar", "respriar", True), ("sangrando", "sangrado", True),
-                                         ("dolor", "color", True), ("infarto", "infartos", True),
-                                         ("pecho", "techos", False), ("morir", "mover", False)])
+@pytest.mark.parametrize(
+    "a, b, close",
+    [
+        ("respirar", "respriar", True),
+        ("sangrando", "sangrado", True),
+        ("dolor", "color", True),
+        ("infarto", "infartos", True),
+        ("pecho", "techos", False),
+        ("morir", "mover", False),
+    ],
+)
 def test_within_one(a, b, close):
     assert within_one(a, b) == close
 
@@ -101,17 +133,24 @@ def test_normalize():
 
 def test_rule_syntax_errors_are_listed():
     with pytest.raises(ConfigError) as e:
-        RuleSet.from_spec([{"near": ["@nope"]}, {"seq": "a b"}, {"foo": 1}, {"near": ["x"], "window": -1}],
-                          {"ok": ["a"]}, "test.yaml")
+        RuleSet.from_spec(
+            [{"near": ["@nope"]}, {"seq": "a b"}, {"foo": 1}, {"near": ["x"], "window": -1}], {"ok": ["a"]}, "test.yaml"
+        )
     text = "\n".join(e.value.problems)
     assert "unknown concept '@nope'" in text and "one word per alternative" in text
     assert "exactly one of 'near' or 'seq'" in text and "window/gap" in text
 
 
 def test_rule_modes_and_numbers():
-    rs = RuleSet.from_spec([{"name": "order", "seq": ["no", "puedo", "respir*"], "gap": 1},
-                            {"name": "many", "seq": ["tome", "#5", "pastillas"], "gap": 1},
-                            {"name": "near", "near": ["pecho", "dolor"], "window": 2}], {}, "t")
+    rs = RuleSet.from_spec(
+        [
+            {"name": "order", "seq": ["no", "puedo", "respir*"], "gap": 1},
+            {"name": "many", "seq": ["tome", "#5", "pastillas"], "gap": 1},
+            {"name": "near", "near": ["pecho", "dolor"], "window": 2},
+        ],
+        {},
+        "t",
+    )
     assert rs.first("no puedo casi respirar").name == "order"
     assert rs.first("puedo no respirar") is None  # seq keeps the order
     assert rs.first("me tome 20 pastillas").name == "many"
@@ -138,12 +177,16 @@ def test_history_lets_a_past_sign_through_only_without_a_sign_of_now(guard, tmp_
     p = tmp_path / "no-history.yaml"
     p.write_text(yaml.safe_dump(spec, allow_unicode=True), encoding="utf-8")
     without = Guard(p)
-    for m in ("el año pasado tuve un infarto y necesito mi control",
-              "mi hija tuvo convulsiones de bebe, quiero control con el neurologo"):
+    for m in (
+        "el año pasado tuve un infarto y necesito mi control",
+        "mi hija tuvo convulsiones de bebe, quiero control con el neurologo",
+    ):
         assert without.check(m) is not None and guard.check(m) is None, m
-    for m in ("el año pasado tuve un infarto y ahora necesito control porque me duele el pecho",
-              "el año pasado tuve un infarto, hoy otra vez, necesito control",
-              "el mes pasado me recetaron pastillas y me tome toda la caja, necesito receta"):
+    for m in (
+        "el año pasado tuve un infarto y ahora necesito control porque me duele el pecho",
+        "el año pasado tuve un infarto, hoy otra vez, necesito control",
+        "el mes pasado me recetaron pastillas y me tome toda la caja, necesito receta",
+    ):
         assert guard.check(m) is not None, m
 
 
@@ -153,7 +196,10 @@ def test_bad_history_section(tmp_path):
     p.write_text(base + "history: {past: [{near: [pasado]}]}\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="'history' must have 'signs'"):
         Guard(p)
-    p.write_text(base + "history: {signs: [y], past: [{near: [pasado]}], routine: [{near: [control]}], "
-                 "now: [{near: [ahora]}]}\n", encoding="utf-8")
+    p.write_text(
+        base + "history: {signs: [y], past: [{near: [pasado]}], routine: [{near: [control]}], "
+        "now: [{near: [ahora]}]}\n",
+        encoding="utf-8",
+    )
     with pytest.raises(ConfigError, match="names no rule: y"):
         Guard(p)

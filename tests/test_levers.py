@@ -16,18 +16,29 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from lora_med.train import levers, plan
 from lora_med.config import TrainConfig
 from lora_med.errors import ConfigError
+from lora_med.train import levers, plan
 from lora_med.train.main import train
 
 from .conftest import REPO
 
 
 def cfg_for(tiny_base, conversations_file, out, **kw) -> TrainConfig:
-    base = dict(data=str(conversations_file), eval_data=str(conversations_file), base=str(tiny_base),
-                output=str(out), max_steps=3, log_every=1, compare=False, r=4, alpha=8, batch_size=2,
-                learning_rate=1e-2, seed=0)
+    base = dict(
+        data=str(conversations_file),
+        eval_data=str(conversations_file),
+        base=str(tiny_base),
+        output=str(out),
+        max_steps=3,
+        log_every=1,
+        compare=False,
+        r=4,
+        alpha=8,
+        batch_size=2,
+        learning_rate=1e-2,
+        seed=0,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -48,8 +59,9 @@ def _batch(tiny_tokenizer, conversations_file):
 
 @pytest.mark.parametrize("chunk", [7, 37, 100_000])
 @pytest.mark.parametrize("given_items", [True, False])
-def test_chunked_loss_equals_the_models_own_loss_and_gradients(tiny_base, tiny_tokenizer, conversations_file,
-                                                               chunk, given_items):
+def test_chunked_loss_equals_the_models_own_loss_and_gradients(
+    tiny_base, tiny_tokenizer, conversations_file, chunk, given_items
+):
     from transformers import AutoModelForCausalLM
 
     ids, labels, mask = _batch(tiny_tokenizer, conversations_file)
@@ -93,17 +105,25 @@ class LmHeadRows(TrainerCallback):
 
 
 @pytest.mark.parametrize("method,train_tokens", [("lora", "none"), ("lora", "data"), ("full", "none")])
-def test_training_with_chunked_ce_equals_training_without(tiny_base, conversations_file, tmp_path, method,
-                                                          train_tokens):
+def test_training_with_chunked_ce_equals_training_without(
+    tiny_base, conversations_file, tmp_path, method, train_tokens
+):
     """Three steps with grad-accum 2 (the loss is divided by the Trainer's token count across micro-batches):
     the same losses, eval losses and weights, while lm_head never sees more than --loss-chunk tokens. Trained
     token rows (PEFT wraps the tied lm_head too) and a full fine-tune's tied lm_head get their gradients."""
-    kw = dict(method=method, grad_accum=2, eval_every=3, learning_rate=1e-2 if method == "lora" else 1e-3,
-              train_tokens=train_tokens)
+    kw = dict(
+        method=method,
+        grad_accum=2,
+        eval_every=3,
+        learning_rate=1e-2 if method == "lora" else 1e-3,
+        train_tokens=train_tokens,
+    )
     plain = train(cfg_for(tiny_base, conversations_file, tmp_path / "plain", **kw))
     rows = LmHeadRows()
-    chunked = train(cfg_for(tiny_base, conversations_file, tmp_path / "chunked", chunked_ce=True, loss_chunk=16, **kw),
-                    callbacks=[rows])
+    chunked = train(
+        cfg_for(tiny_base, conversations_file, tmp_path / "chunked", chunked_ce=True, loss_chunk=16, **kw),
+        callbacks=[rows],
+    )
     assert chunked.run["resolved"]["levers"] == ["sdpa", "chunked_ce"] and plain.run["resolved"]["levers"] == ["sdpa"]
     assert chunked.run["plan"]["loss_chunk"] == 16 and 0 < rows.most <= 16
 
@@ -130,14 +150,27 @@ class Watch(TrainerCallback):
         self.attention = levers.causal_lm(model).config._attn_implementation
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
         self.optimizer = type(inner).__module__ + "." + type(inner).__name__
-        self.state_dtypes = {n: {k: v.dtype for k, v in inner.state[p].items() if torch.is_tensor(v) and v.dim()}
-                             for n, p in model.named_parameters() if p in inner.state}
+        self.state_dtypes = {
+            n: {k: v.dtype for k, v in inner.state[p].items() if torch.is_tensor(v) and v.dim()}
+            for n, p in model.named_parameters()
+            if p in inner.state
+        }
 
 
 def test_8bit_adamw_runs_on_the_cpu_with_8bit_state(tiny_base, conversations_file, tmp_path):
     watch = Watch()
-    res = train(cfg_for(tiny_base, conversations_file, tmp_path / "8bit", method="full", optim="adamw_8bit",
-                        attention="eager", learning_rate=1e-3), callbacks=[watch])
+    res = train(
+        cfg_for(
+            tiny_base,
+            conversations_file,
+            tmp_path / "8bit",
+            method="full",
+            optim="adamw_8bit",
+            attention="eager",
+            learning_rate=1e-3,
+        ),
+        callbacks=[watch],
+    )
     assert res.run["resolved"]["optim"] == "adamw_8bit" and res.run["resolved"]["attention"] == "eager"
     assert watch.optimizer.startswith("bitsandbytes.") and watch.attention == "eager"
     # Blockwise uint8 moments for the block weights; the Trainer keeps the embedding (tied lm_head) in 32-bit.
@@ -156,12 +189,15 @@ def test_sdpa_is_what_auto_loads(tiny_base, conversations_file, tmp_path):
     assert watch.optimizer == "torch.optim.adamw.AdamW" and res.run["resolved"]["optim"] == "adamw"
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"optim": "adamw_8bit"}, "TrainConfig.optim='adamw_8bit' applies to TrainConfig.method full only"),
-    ({"optim": "sgd"}, "TrainConfig.optim='sgd': use one of auto, adamw, adamw_8bit"),
-    ({"attention": "flash"}, "TrainConfig.attention='flash': use one of auto, sdpa, eager"),
-    ({"loss_chunk": 0}, "TrainConfig.loss_chunk=0: must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"optim": "adamw_8bit"}, "TrainConfig.optim='adamw_8bit' applies to TrainConfig.method full only"),
+        ({"optim": "sgd"}, "TrainConfig.optim='sgd': use one of auto, adamw, adamw_8bit"),
+        ({"attention": "flash"}, "TrainConfig.attention='flash': use one of auto, sdpa, eager"),
+        ({"loss_chunk": 0}, "TrainConfig.loss_chunk=0: must be >= 1"),
+    ],
+)
 def test_lever_settings_are_checked(tiny_base, conversations_file, tmp_path, overrides, message):
     with pytest.raises(ConfigError) as err:
         train(cfg_for(tiny_base, conversations_file, tmp_path / "x", **overrides))
@@ -193,8 +229,19 @@ def medium_shape(tmp_path_factory, tiny_tokenizer):
 
 
 def _gpu_plan(medium_shape, conversations_file, tmp_path, **kw):
-    return train(cfg_for(medium_shape, conversations_file, tmp_path / "never", device="cuda", precision="bf16",
-                         vram_gb=8, max_length=128, **kw), plan_only=True)
+    return train(
+        cfg_for(
+            medium_shape,
+            conversations_file,
+            tmp_path / "never",
+            device="cuda",
+            precision="bf16",
+            vram_gb=8,
+            max_length=128,
+            **kw,
+        ),
+        plan_only=True,
+    )
 
 
 def test_vram_budget_picks_levers_among_those_allowed(medium_shape, conversations_file, tmp_path):
@@ -204,28 +251,72 @@ def test_vram_budget_picks_levers_among_those_allowed(medium_shape, conversation
     assert full["levers"][:1] == ["sdpa"] and "adamw_8bit" in full["levers"] and full["optim"] == "adamw_8bit"
     assert full["batch_size"] * full["grad_accum"] == 32 and full["choice"]["needed_gb"] <= 8
     assert "adamw_8bit" in full["choice"]["reason"] and full["peak_at"] in full["moments"]
-    with pytest.raises(ConfigError, match=r"TrainConfig.vram_gb=8.0: full does not fit even at batch 1.*try the "
-                                          r"levers left out \(adamw_8bit\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"TrainConfig.vram_gb=8.0: full does not fit even at batch 1.*try the "
+        r"levers left out \(adamw_8bit\)",
+    ):
         _gpu_plan(medium_shape, conversations_file, tmp_path, method="full", optim="adamw")
     # LoRA: the fastest that fits; ruling levers out or forcing them is obeyed.
     lora = _gpu_plan(medium_shape, conversations_file, tmp_path, batch_size=32)
     assert "adamw_8bit" not in lora["levers"] and lora["choice"]["needed_gb"] <= 8
-    bare = _gpu_plan(medium_shape, conversations_file, tmp_path, batch_size=32, gradient_checkpointing=False,
-                     chunked_ce=False, attention="eager")
+    bare = _gpu_plan(
+        medium_shape,
+        conversations_file,
+        tmp_path,
+        batch_size=32,
+        gradient_checkpointing=False,
+        chunked_ce=False,
+        attention="eager",
+    )
     assert bare["levers"] == [] and bare["attention"] == "eager" and bare["choice"]["needed_gb"] <= 8
-    forced = _gpu_plan(medium_shape, conversations_file, tmp_path, batch_size=32, gradient_checkpointing=True,
-                       chunked_ce=True)
+    forced = _gpu_plan(
+        medium_shape, conversations_file, tmp_path, batch_size=32, gradient_checkpointing=True, chunked_ce=True
+    )
     assert set(forced["levers"]) == set(plan.LEVERS) - {"adamw_8bit"}
     assert forced["choice"]["relative_speed"] < lora["choice"]["relative_speed"]  # each costs compute
 
 
 def test_plan_text_names_parts_moments_and_levers(medium_shape, conversations_file):
-    r = subprocess.run([sys.executable, "-m", "lora_med", "train", "--plan", "--device", "cuda", "--precision", "bf16",
-                        "--vram-gb", "8", "--base", str(medium_shape), "--data", str(conversations_file),
-                        "--method", "full", "--batch-size", "32", "--max-length", "128"],
-                       capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lora_med",
+            "train",
+            "--plan",
+            "--device",
+            "cuda",
+            "--precision",
+            "bf16",
+            "--vram-gb",
+            "8",
+            "--base",
+            str(medium_shape),
+            "--data",
+            str(conversations_file),
+            "--method",
+            "full",
+            "--batch-size",
+            "32",
+            "--max-length",
+            "128",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    for text in ("Memory plan: full on cuda (bf16)", "levers: sdpa", "adamw_8bit", "at the peak (", "weights",
-                 "optimizer", "each moment of a step:", "optimizer step", "--vram-gb: micro-batch"):
+    for text in (
+        "Memory plan: full on cuda (bf16)",
+        "levers: sdpa",
+        "adamw_8bit",
+        "at the peak (",
+        "weights",
+        "optimizer",
+        "each moment of a step:",
+        "optimizer step",
+        "--vram-gb: micro-batch",
+    ):
         assert text in out, text

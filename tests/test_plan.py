@@ -17,15 +17,20 @@ import json
 import pytest
 import torch
 
-from lora_med.train import plan
+from lora_med.train import levers, plan
 
 from .conftest import REPO
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 DIALOGPT_MEDIUM = dict(n_layer=24, n_embd=1024, n_head=16, n_positions=1024, vocab_size=50257)
 # torch.cuda.max_memory_allocated on an NVIDIA H200, bf16, seq 128, AdamW (../shared/FACTS.md, 2026-11-26).
-H200 = [("lora", 16, 4, 2.42), ("lora", 16, 16, 6.92), ("full", None, 4, 7.19), ("full", None, 16, 10.64),
-        ("qlora", 8, 16, 7.04)]
+H200 = [
+    ("lora", 16, 4, 2.42),
+    ("lora", 16, 16, 6.92),
+    ("full", None, 4, 7.19),
+    ("full", None, 16, 10.64),
+    ("qlora", 8, 16, 7.04),
+]
 
 
 def _model(n_layer: int, hidden: int, heads: int, method: str):
@@ -33,12 +38,13 @@ def _model(n_layer: int, hidden: int, heads: int, method: str):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=n_layer, n_embd=hidden, n_head=heads, vocab_size=400, n_positions=256,
-                        use_cache=False)
+    config = GPT2Config(n_layer=n_layer, n_embd=hidden, n_head=heads, vocab_size=400, n_positions=256, use_cache=False)
     model = GPT2LMHeadModel(config)
     if method == "lora":
-        model = get_peft_model(model, LoraConfig(r=4, lora_dropout=0.05, target_modules=TARGETS,
-                                                 fan_in_fan_out=True, task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(r=4, lora_dropout=0.05, target_modules=TARGETS, fan_in_fan_out=True, task_type="CAUSAL_LM"),
+        )
     return model.train(), config
 
 
@@ -47,12 +53,22 @@ def _model(n_layer: int, hidden: int, heads: int, method: str):
 def test_planned_activations_match_what_autograd_saves(method, hidden, heads, seq):
     ids = torch.randint(0, 400, (4, seq), generator=torch.Generator().manual_seed(0))
     (two, config), (four, _) = _model(2, hidden, heads, method), _model(4, hidden, heads, method)
-    measured = (plan.saved_activation_bytes(four, input_ids=ids, labels=ids)
-                - plan.saved_activation_bytes(two, input_ids=ids, labels=ids)) / 2
+    measured = (
+        plan.saved_activation_bytes(four, input_ids=ids, labels=ids)
+        - plan.saved_activation_bytes(two, input_ids=ids, labels=ids)
+    ) / 2
     shape, meta = plan.shape_from_config(config)
     width = plan.lora_input_width(meta, TARGETS, shape.n_layer) if method == "lora" else 0.0
-    est = plan.estimate(shape, method=method, batch_size=4, seq_len=seq, precision="fp32", device="cpu",
-                        trainable=0, lora_dropout_width=width)
+    est = plan.estimate(
+        shape,
+        method=method,
+        batch_size=4,
+        seq_len=seq,
+        precision="fp32",
+        device="cpu",
+        trainable=0,
+        lora_dropout_width=width,
+    )
     assert est.parts["activations"] / shape.n_layer == pytest.approx(measured, rel=0.05)
 
 
@@ -66,6 +82,7 @@ def test_lora_dropout_width_counts_gpt2_inputs():
 
 # --------------------------------------------------------------------------- CUDA, DialoGPT-medium's shape
 
+
 @pytest.fixture(scope="module")
 def medium():
     from transformers import GPT2Config
@@ -75,9 +92,17 @@ def medium():
 
     def est(method: str, batch: int, r: int | None = 16, **kw) -> plan.Estimate:
         lora = method != "full"
-        return plan.estimate(shape, method=method, batch_size=batch, seq_len=128, precision="bf16", device="cuda",
-                             trainable=plan.lora_params(meta, TARGETS, r) if lora else shape.params,
-                             lora_dropout_width=width if lora else 0.0, **kw)
+        return plan.estimate(
+            shape,
+            method=method,
+            batch_size=batch,
+            seq_len=128,
+            precision="bf16",
+            device="cuda",
+            trainable=plan.lora_params(meta, TARGETS, r) if lora else shape.params,
+            lora_dropout_width=width if lora else 0.0,
+            **kw,
+        )
 
     return shape, meta, width, est
 
@@ -109,8 +134,14 @@ def test_adapters_without_dropout_are_not_undercounted(medium):
     """train.py passes no width when dropout is off; lora_A's bf16 inputs are still kept (2 bytes per
     element instead of dropout's 3), so the planner assumes every linear layer adapted."""
     shape, meta, width, _ = medium
-    kw = dict(method="lora", batch_size=16, seq_len=128, precision="bf16", device="cuda",
-              trainable=plan.lora_params(meta, TARGETS, 16))
+    kw = dict(
+        method="lora",
+        batch_size=16,
+        seq_len=128,
+        precision="bf16",
+        device="cuda",
+        trainable=plan.lora_params(meta, TARGETS, 16),
+    )
     unknown = plan.estimate(shape, **kw, lora_dropout_width=0.0)
     known = plan.estimate(shape, **kw, lora_dropout_width=0.0, lora_width=width)
     with_dropout = plan.estimate(shape, **kw, lora_dropout_width=width)
@@ -125,12 +156,20 @@ def test_planner_agrees_with_the_committed_replay(medium):
     assert len(rows) >= 27
     for row in rows:
         lora = row["method"] != "full"
-        est = plan.estimate(shape, method=row["method"], batch_size=row["batch_size"], seq_len=row["seq_len"],
-                            precision="bf16", device="cuda",
-                            trainable=plan.lora_params(meta, TARGETS, row["r"]) if lora else shape.params,
-                            gradient_checkpointing=row["gradient_checkpointing"],
-                            lora_dropout_width=width if lora else 0.0, attention=row["attn"],
-                            chunked_ce=bool(row["chunked_ce"]), optimizer=row["optimizer"])
+        est = plan.estimate(
+            shape,
+            method=row["method"],
+            batch_size=row["batch_size"],
+            seq_len=row["seq_len"],
+            precision="bf16",
+            device="cuda",
+            trainable=plan.lora_params(meta, TARGETS, row["r"]) if lora else shape.params,
+            gradient_checkpointing=row["gradient_checkpointing"],
+            lora_dropout_width=width if lora else 0.0,
+            attention=row["attn"],
+            chunked_ce=bool(row["chunked_ce"]),
+            optimizer=row["optimizer"],
+        )
         ratio = est.total / plan.GB / row["allocator_peak_allocated_gb"]
         assert 0.99 <= ratio <= 1.06, (row, est.as_dict())
 
@@ -154,19 +193,26 @@ def test_planner_agrees_with_the_replay_at_a_small_shape(method, gc):
     row = replay.simulate(method, 8, seq=64, r=4, gradient_checkpointing=gc, config=config, steps=2)
     shape, meta = plan.shape_from_config(GPT2Config(**config))
     lora = method != "full"
-    est = plan.estimate(shape, method=method, batch_size=8, seq_len=64, precision="bf16", device="cuda",
-                        trainable=plan.lora_params(meta, TARGETS, 4) if lora else shape.params,
-                        gradient_checkpointing=gc,
-                        lora_dropout_width=plan.lora_input_width(meta, TARGETS, 3) if lora else 0.0)
+    est = plan.estimate(
+        shape,
+        method=method,
+        batch_size=8,
+        seq_len=64,
+        precision="bf16",
+        device="cuda",
+        trainable=plan.lora_params(meta, TARGETS, 4) if lora else shape.params,
+        gradient_checkpointing=gc,
+        lora_dropout_width=plan.lora_input_width(meta, TARGETS, 3) if lora else 0.0,
+    )
     tensors = est.total / (1 + plan.ALLOCATOR_ROUNDING) - plan.CUBLAS_WORKSPACES
     assert 1.0 <= tensors / row["peak_bytes"] <= 1.10, (row, est.as_dict())
 
 
 # --------------------------------------------------------------------------- invariants
 
+
 @pytest.mark.parametrize("method", ["lora", "qlora", "full"])
-@pytest.mark.parametrize("levers", [{}, {"gradient_checkpointing": True}, {"chunked_ce": True},
-                                    {"attention": "eager"}])
+@pytest.mark.parametrize("levers", [{}, {"gradient_checkpointing": True}, {"chunked_ce": True}, {"attention": "eager"}])
 def test_more_batch_never_less_memory(medium, method, levers):
     est = medium[3]
     totals = [est(method, b, **levers).total for b in (1, 2, 4, 8, 16, 32, 64)]
@@ -199,18 +245,27 @@ def test_checkpointing_never_keeps_more_activations(medium):
 def test_estimate_for_cuda_needs_no_gpu_and_keeps_the_run_card_keys(medium):
     d = medium[3]("lora", 16).as_dict()  # pure arithmetic: this machine has no GPU
     assert {"batch_size", "seq_len", "total_gb", "weights_gb", "activations_gb", "logits_gb", "peak_at"} <= d.keys()
-    assert d["total_gb"] == pytest.approx(sum(v for k, v in d.items() if k.endswith("_gb") and k != "total_gb"),
-                                          abs=0.01)
+    assert d["total_gb"] == pytest.approx(
+        sum(v for k, v in d.items() if k.endswith("_gb") and k != "total_gb"), abs=0.01
+    )
 
 
 # --------------------------------------------------------------------------- the lever chooser
 
-def _choose(medium, method: str, budget: float, **kw) -> plan.Choice:
+
+def _choose(medium, method: str, budget: float, **kw) -> levers.Choice:
     shape, meta, width, _ = medium
     lora = method != "full"
-    return plan.choose(shape, budget_gb=budget, effective_batch=32, method=method, seq_len=128,
-                       trainable=plan.lora_params(meta, TARGETS, 16) if lora else shape.params,
-                       lora_dropout_width=width if lora else 0.0, **kw)
+    return levers.choose(
+        shape,
+        budget_gb=budget,
+        effective_batch=32,
+        method=method,
+        seq_len=128,
+        trainable=plan.lora_params(meta, TARGETS, 16) if lora else shape.params,
+        lora_dropout_width=width if lora else 0.0,
+        **kw,
+    )
 
 
 def test_an_8gb_card_gives_lora_a_larger_batch_than_full(medium):

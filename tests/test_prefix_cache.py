@@ -68,7 +68,7 @@ def test_the_cache_lives_with_the_cpu_decode_graph_only(tiny_base, graph):
 
 
 def test_budget_lru_and_what_is_never_reused():
-    kv = lambda n: [np.zeros((2, n, 4), np.float32) for _ in range(4)]  # noqa: E731 - 4 arrays, 128 B a token
+    kv = lambda n: [np.zeros((2, n, 4), np.float32) for _ in range(4)]
     cache = PrefixCache(max_bytes=3 * 42 * (128 + 8), min_tokens=8)  # room for three 40-42-token entries
     a, b, c = list(range(40)), list(range(100, 140)), list(range(200, 240))
     for t in (a, b, c):

@@ -28,7 +28,6 @@ from lora_med.export.main import merge_export
 from lora_med.train.main import train
 
 
-
 def snapshot(root: Path) -> dict[str, str]:
     """Every file under ``root`` (itself included if a file) -> its SHA-256: the bytes on disk."""
     root = Path(root)
@@ -49,8 +48,21 @@ def cli(monkeypatch, capsys, *args) -> tuple[int, str]:
 
 
 def tcfg(tiny_base, data, out, **kw) -> TrainConfig:
-    return TrainConfig(**{**dict(data=str(data), eval_data=str(data), base=str(tiny_base), output=str(out),
-                                 max_steps=2, compare=False, log_every=1, r=4), **kw})
+    return TrainConfig(
+        **{
+            **dict(
+                data=str(data),
+                eval_data=str(data),
+                base=str(tiny_base),
+                output=str(out),
+                max_steps=2,
+                compare=False,
+                log_every=1,
+                r=4,
+            ),
+            **kw,
+        }
+    )
 
 
 # --------------------------------------------------------------------------- destructive overwrite
@@ -65,8 +77,22 @@ def test_overwrite_never_empties_a_folder_lora_med_did_not_write(tiny_base, tmp_
     (proj / "notes.txt").write_text("mis notas")
     before = snapshot(proj)
     monkeypatch.chdir(tmp_path)
-    code, out = cli(monkeypatch, capsys, "train", "--data", "userproj/data.json", "--eval-data", "userproj/data.json",
-                    "--base", str(tiny_base), "--output", "userproj", "--overwrite", "--max-steps", "1")
+    code, out = cli(
+        monkeypatch,
+        capsys,
+        "train",
+        "--data",
+        "userproj/data.json",
+        "--eval-data",
+        "userproj/data.json",
+        "--base",
+        str(tiny_base),
+        "--output",
+        "userproj",
+        "--overwrite",
+        "--max-steps",
+        "1",
+    )
     assert code == 2 and "Traceback" not in out
     assert "--output userproj: contains the training data userproj/data.json; an output may not be an input" in out
     assert snapshot(proj) == before
@@ -78,8 +104,18 @@ def test_overwrite_of_the_working_directory_is_refused(tiny_base, conversations_
     (work / "keep.txt").write_text("x")
     before = snapshot(work)
     monkeypatch.chdir(work)
-    code, out = cli(monkeypatch, capsys, "train", "--data", str(conversations_file), "--base", str(tiny_base),
-                    "--output", ".", "--overwrite")
+    code, out = cli(
+        monkeypatch,
+        capsys,
+        "train",
+        "--data",
+        str(conversations_file),
+        "--base",
+        str(tiny_base),
+        "--output",
+        ".",
+        "--overwrite",
+    )
     assert code == 2 and "--output .: is the working directory" in out and snapshot(work) == before
 
 
@@ -87,7 +123,9 @@ def test_output_that_is_the_base_is_refused(tiny_base, conversations_file, tmp_p
     base = tmp_path / "base"
     shutil.copytree(tiny_base, base)
     before = snapshot(base)
-    with pytest.raises(ConfigError, match=r"TrainConfig.output \S+/base: is the base model .*an output may not be an input"):
+    with pytest.raises(
+        ConfigError, match=r"TrainConfig.output \S+/base: is the base model .*an output may not be an input"
+    ):
         train(tcfg(base, conversations_file, base, method="full"))
     assert snapshot(base) == before
 
@@ -108,8 +146,11 @@ def test_overwrite_of_a_run_lora_med_wrote_replaces_only_its_entries(tiny_base, 
     second = train(tcfg(tiny_base, conversations_file, run, max_steps=2, overwrite=True))
     assert second.run["metrics"]["steps"] == 2 and first.run["metrics"]["steps"] == 1
     assert runs.foreign_entries(run) == []
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
-            if "loss" in json.loads(line)] == [1, 2], "the old run's metrics are gone, not appended to"
+    assert [
+        json.loads(line)["step"]
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ] == [1, 2], "the old run's metrics are gone, not appended to"
 
 
 def test_overwrite_never_follows_a_marker_out_of_its_folder(trained, tiny_base, conversations_file, tmp_path):
@@ -212,20 +253,23 @@ def test_resume_refuses_training_data_edited_since(trained, tmp_path, monkeypatc
 # --------------------------------------------------------------------------- types: YAML, flags, Python
 
 
-@pytest.mark.parametrize("yaml_text,field,value", [
-    ("learning_rate: 2e-4\n", "learning_rate", 2e-4),  # a string to PyYAML
-    ("learning_rate: '3.0e-3'\n", "learning_rate", 3e-3),
-    ("target_modules: c_attn\n", "target_modules", ["c_attn"]),  # one module, not six characters
-    ("target_modules: c_attn, c_fc\n", "target_modules", ["c_attn", "c_fc"]),
-    ("target_modules: [c_attn, c_proj]\n", "target_modules", ["c_attn", "c_proj"]),
-    ("batch_size: '8'\n", "batch_size", 8),
-    ("epochs: 2\n", "epochs", 2.0),
-    ("max_length: 128.0\n", "max_length", 128),
-    ("num_train_epochs: 4\n", "epochs", 4.0),  # the Hugging Face name
-    ("lora_r: 4\n", "r", 4),
-    ("eval-fraction: 0.2\neval_data: split\n", "eval_fraction", 0.2),
-    ("report_to: none\n", "report_to", ["none"]),
-])
+@pytest.mark.parametrize(
+    "yaml_text,field,value",
+    [
+        ("learning_rate: 2e-4\n", "learning_rate", 2e-4),  # a string to PyYAML
+        ("learning_rate: '3.0e-3'\n", "learning_rate", 3e-3),
+        ("target_modules: c_attn\n", "target_modules", ["c_attn"]),  # one module, not six characters
+        ("target_modules: c_attn, c_fc\n", "target_modules", ["c_attn", "c_fc"]),
+        ("target_modules: [c_attn, c_proj]\n", "target_modules", ["c_attn", "c_proj"]),
+        ("batch_size: '8'\n", "batch_size", 8),
+        ("epochs: 2\n", "epochs", 2.0),
+        ("max_length: 128.0\n", "max_length", 128),
+        ("num_train_epochs: 4\n", "epochs", 4.0),  # the Hugging Face name
+        ("lora_r: 4\n", "r", 4),
+        ("eval-fraction: 0.2\neval_data: split\n", "eval_fraction", 0.2),
+        ("report_to: none\n", "report_to", ["none"]),
+    ],
+)
 def test_yaml_values_are_coerced_to_their_declared_type(tmp_path, yaml_text, field, value):
     f = tmp_path / "c.yaml"
     f.write_text(yaml_text)
@@ -233,23 +277,26 @@ def test_yaml_values_are_coerced_to_their_declared_type(tmp_path, yaml_text, fie
     assert settings.check(cfg) == [] and getattr(cfg, field) == value
 
 
-@pytest.mark.parametrize("yaml_text,message", [
-    ("r: null\n", "r: None (in {f}): must be a whole number, not null"),
-    ("r: [1, 2]\n", "r: 1,2 (in {f}): must be a whole number, got a list"),
-    ("r: true\n", "r: True (in {f}): must be a whole number, got a boolean"),
-    ("r: 2.5\n", "r: 2.5 (in {f}): must be a whole number, got 2.5"),
-    ("learning_rate: fast\n", "learning_rate: fast (in {f}): must be a number, got 'fast'"),
-    ("learning_rate: .inf\n", "learning_rate: inf (in {f}): must be a finite number"),
-    ("learning_rate: .nan\n", "learning_rate: nan (in {f}): must be a finite number"),
-    ("seed: -1\n", "seed: -1 (in {f}): must be >= 0"),
-    ("weight_decay: -0.1\n", "weight_decay: -0.1 (in {f}): must be >= 0"),
-    ("dropout: 1\n", "dropout: 1 (in {f}): must be in [0, 1)"),
-    ("method: prefix\n", "method: prefix (in {f}): use one of lora, qlora, full"),
-    ("report_to: [tensorboard, neptune]\n", "use one of tensorboard, wandb, mlflow, none"),
-    ("compare: maybe\n", "compare: maybe (in {f}): must be true or false"),
-    ("base: 123\n", "base: 123 (in {f}): must be text, got a number"),
-    ("target_modules: [c_attn, 3]\n", "must be a list of names, got a number 3"),
-])
+@pytest.mark.parametrize(
+    "yaml_text,message",
+    [
+        ("r: null\n", "r: None (in {f}): must be a whole number, not null"),
+        ("r: [1, 2]\n", "r: 1,2 (in {f}): must be a whole number, got a list"),
+        ("r: true\n", "r: True (in {f}): must be a whole number, got a boolean"),
+        ("r: 2.5\n", "r: 2.5 (in {f}): must be a whole number, got 2.5"),
+        ("learning_rate: fast\n", "learning_rate: fast (in {f}): must be a number, got 'fast'"),
+        ("learning_rate: .inf\n", "learning_rate: inf (in {f}): must be a finite number"),
+        ("learning_rate: .nan\n", "learning_rate: nan (in {f}): must be a finite number"),
+        ("seed: -1\n", "seed: -1 (in {f}): must be >= 0"),
+        ("weight_decay: -0.1\n", "weight_decay: -0.1 (in {f}): must be >= 0"),
+        ("dropout: 1\n", "dropout: 1 (in {f}): must be in [0, 1)"),
+        ("method: prefix\n", "method: prefix (in {f}): use one of lora, qlora, full"),
+        ("report_to: [tensorboard, neptune]\n", "use one of tensorboard, wandb, mlflow, none"),
+        ("compare: maybe\n", "compare: maybe (in {f}): must be true or false"),
+        ("base: 123\n", "base: 123 (in {f}): must be text, got a number"),
+        ("target_modules: [c_attn, 3]\n", "must be a list of names, got a number 3"),
+    ],
+)
 def test_yaml_type_errors_name_the_key_and_file(tmp_path, yaml_text, message):
     f = tmp_path / "c.yaml"
     f.write_text(yaml_text)
@@ -259,8 +306,11 @@ def test_yaml_type_errors_name_the_key_and_file(tmp_path, yaml_text, message):
 
 def test_a_yaml_alias_bomb_gives_a_short_message(tmp_path):
     f = tmp_path / "c.yaml"  # 8 levels of 9 references: 43M items if a message quoted it in full
-    f.write_text("report_to: [&l0 [x,x,x,x,x,x,x,x,x], " + ", ".join(
-        f"&l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 8)) + "]\n")
+    f.write_text(
+        "report_to: [&l0 [x,x,x,x,x,x,x,x,x], "
+        + ", ".join(f"&l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 8))
+        + "]\n"
+    )
     problems = settings.check(settings.load_config(TrainConfig, f))
     assert len(problems) == 1 and problems[0].startswith("report_to: ") and len(problems[0]) < 1000
 
@@ -282,18 +332,45 @@ def test_yaml_problems_reach_the_user_as_errors_not_tracebacks(tiny_base, tmp_pa
 
 
 def test_flags_name_the_spelling_typed(tiny_base, conversations_file, monkeypatch, capsys):
-    code, out = cli(monkeypatch, capsys, "train", "--data", str(conversations_file), "--base", str(tiny_base),
-                    "--lora_r", "0", "--per_device_train_batch_size", "x", "--learning_rate", "nan", "--seed", "-3")
+    code, out = cli(
+        monkeypatch,
+        capsys,
+        "train",
+        "--data",
+        str(conversations_file),
+        "--base",
+        str(tiny_base),
+        "--lora_r",
+        "0",
+        "--per_device_train_batch_size",
+        "x",
+        "--learning_rate",
+        "nan",
+        "--seed",
+        "-3",
+    )
     assert code == 2 and "Traceback" not in out
-    for m in ("--lora_r 0: must be >= 1", "--per_device_train_batch_size x: must be a whole number, got 'x'",
-              "--learning_rate nan: must be a finite number", "--seed -3: must be >= 0"):
+    for m in (
+        "--lora_r 0: must be >= 1",
+        "--per_device_train_batch_size x: must be a whole number, got 'x'",
+        "--learning_rate nan: must be a finite number",
+        "--seed -3: must be >= 0",
+    ):
         assert m in out
 
 
 def test_python_api_gets_the_same_checks(tiny_base, conversations_file, tmp_path):
     with pytest.raises(ConfigError) as e:
-        train(tcfg(tiny_base, conversations_file, tmp_path / "x", learning_rate="2e-4x", target_modules="c_attn",
-                   max_grad_norm=float("inf")))
+        train(
+            tcfg(
+                tiny_base,
+                conversations_file,
+                tmp_path / "x",
+                learning_rate="2e-4x",
+                target_modules="c_attn",
+                max_grad_norm=float("inf"),
+            )
+        )
     msg = str(e.value)
     assert "TrainConfig.learning_rate='2e-4x': must be a number" in msg
     assert "TrainConfig.max_grad_norm=inf: must be a finite number" in msg
@@ -301,16 +378,19 @@ def test_python_api_gets_the_same_checks(tiny_base, conversations_file, tmp_path
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("kw,message", [
-    (dict(max_length=512), "TrainConfig.max_length=512: the base reads at most 256 positions"),
-    (dict(target_modules=["lm_head"]), "lm_head cannot be a LoRA target"),
-    (dict(eval_fraction=0.2), "TrainConfig.eval_fraction=0.2 and TrainConfig.eval_data="),
-    (dict(compare=True, compare_max_new_tokens=300), "compare_max_new_tokens=300: the base reads at most 256"),
-    (dict(report_to=["none", "tensorboard"]), "none cannot be combined"),
-    (dict(r=65), "TrainConfig.r=65: above the width of the adapted layers (64)"),  # and 1e30 would not allocate
-    (dict(batch_size=9), "TrainConfig.batch_size=9: more than the 8 training conversations"),
-    (dict(run_name="../elsewhere"), "TrainConfig.run_name='../elsewhere': a name, not a path"),
-])
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (dict(max_length=512), "TrainConfig.max_length=512: the base reads at most 256 positions"),
+        (dict(target_modules=["lm_head"]), "lm_head cannot be a LoRA target"),
+        (dict(eval_fraction=0.2), "TrainConfig.eval_fraction=0.2 and TrainConfig.eval_data="),
+        (dict(compare=True, compare_max_new_tokens=300), "compare_max_new_tokens=300: the base reads at most 256"),
+        (dict(report_to=["none", "tensorboard"]), "none cannot be combined"),
+        (dict(r=65), "TrainConfig.r=65: above the width of the adapted layers (64)"),  # and 1e30 would not allocate
+        (dict(batch_size=9), "TrainConfig.batch_size=9: more than the 8 training conversations"),
+        (dict(run_name="../elsewhere"), "TrainConfig.run_name='../elsewhere': a name, not a path"),
+    ],
+)
 def test_bounds_that_depend_on_the_model_or_other_settings(tiny_base, conversations_file, tmp_path, kw, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         train(tcfg(tiny_base, conversations_file, tmp_path / "x", **kw))
@@ -318,8 +398,7 @@ def test_bounds_that_depend_on_the_model_or_other_settings(tiny_base, conversati
 
 
 def test_eval_fraction_is_honoured_without_an_eval_file(tiny_base, conversations_file, tmp_path):
-    res = train(tcfg(tiny_base, conversations_file, tmp_path / "x", eval_data="split", eval_fraction=0.25,
-                     max_steps=1))
+    res = train(tcfg(tiny_base, conversations_file, tmp_path / "x", eval_data="split", eval_fraction=0.25, max_steps=1))
     ev = res.run["data"]["eval"]
     assert ev["source"] == "split" and ev["conversations"] == 2 and len(ev["indices"]) == 2  # 25% of 8
 
@@ -330,16 +409,33 @@ def test_plan_for_a_gpu_from_a_machine_without_one(tiny_base, conversations_file
     for f in tiny_base.iterdir():
         if f.name != "model.safetensors":  # config and tokenizer only: planning reads the shape
             shutil.copy(f, shape_only / f.name)
-    plan = train(tcfg(shape_only, conversations_file, tmp_path / "p", device="cuda", precision="bf16", vram_gb=8),
-                 plan_only=True)
+    plan = train(
+        tcfg(shape_only, conversations_file, tmp_path / "p", device="cuda", precision="bf16", vram_gb=8), plan_only=True
+    )
     assert plan["device"] == "cuda" and plan["precision"] == "bf16" and plan["total_gb"] > 0
     assert not (tmp_path / "p").exists()
     # The command of issue 13, as JSON: the estimate per part, the moments, the micro-batch, the levers and why.
-    flags = ["train", "--plan", "--device", "cuda", "--precision", "bf16", "--vram-gb", "8", "--base", str(shape_only),
-             "--data", str(conversations_file), "--batch-size", "16", "--output", str(tmp_path / "p")]
+    flags = [
+        "train",
+        "--plan",
+        "--device",
+        "cuda",
+        "--precision",
+        "bf16",
+        "--vram-gb",
+        "8",
+        "--base",
+        str(shape_only),
+        "--data",
+        str(conversations_file),
+        "--batch-size",
+        "16",
+        "--output",
+        str(tmp_path / "p"),
+    ]
     code, out = cli(monkeypatch, capsys, *flags, "--json")
     assert code == 0, out
-    p = json.loads(out[out.index("{"):])
+    p = json.loads(out[out.index("{") :])
     assert p["batch_size"] * p["grad_accum"] == p["effective_batch"] == 16 and p["levers"] == ["sdpa"]
     assert p["attention"] == "sdpa" and p["optim"] == "adamw" and p["budget_gb"] == 8
     assert {"weights_gb", "optimizer_gb", "activations_gb", "logits_gb", "cublas_workspace_gb"} <= set(p)
@@ -364,15 +460,23 @@ def test_base_folder_without_a_tokenizer(tiny_base, conversations_file, tmp_path
         train(tcfg(base, conversations_file, tmp_path / "x"))
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda b: (b / "config.json").write_text("[]"), "config.json: not a usable model config"),
-    (lambda b: (b / "config.json").write_text(json.dumps({**json.loads((b / "config.json").read_text()),
-                                                           "n_layer": "two"})),
-     "config.json does not describe a model"),
-    (lambda b: (b / "tokenizer.json").write_text("{not json"), "the tokenizer files cannot be loaded"),
-    (lambda b: (b / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes()[:5000]),
-     "model.safetensors: not a complete safetensors file"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda b: (b / "config.json").write_text("[]"), "config.json: not a usable model config"),
+        (
+            lambda b: (b / "config.json").write_text(
+                json.dumps({**json.loads((b / "config.json").read_text()), "n_layer": "two"})
+            ),
+            "config.json does not describe a model",
+        ),
+        (lambda b: (b / "tokenizer.json").write_text("{not json"), "the tokenizer files cannot be loaded"),
+        (
+            lambda b: (b / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes()[:5000]),
+            "model.safetensors: not a complete safetensors file",
+        ),
+    ],
+)
 def test_a_damaged_base_folder_is_named(tiny_base, conversations_file, tmp_path, damage, message):
     base = tmp_path / "base"
     shutil.copytree(tiny_base, base)
@@ -383,8 +487,9 @@ def test_a_damaged_base_folder_is_named(tiny_base, conversations_file, tmp_path,
 
 
 @pytest.mark.parametrize("what", ["file", "empty folder", "missing"])
-def test_base_or_tokenizer_that_is_not_a_model_folder(tiny_base, conversations_file, tmp_path, monkeypatch, capsys,
-                                                       what):
+def test_base_or_tokenizer_that_is_not_a_model_folder(
+    tiny_base, conversations_file, tmp_path, monkeypatch, capsys, what
+):
     path = tmp_path / "thing"
     if what == "file":
         path.write_text("[]")  # transformers would read it as a config
@@ -400,8 +505,9 @@ def test_names_the_system_refuses_are_errors(tiny_base, conversations_file, tmp_
     monkeypatch.chdir(tmp_path)
     os.symlink("loop", tmp_path / "loop")
     for args in (["--data", "x" * 300], ["--output", "x" * 300], ["--data", "loop"], ["--output", "loop"]):
-        code, out = cli(monkeypatch, capsys, "train", "--data", str(conversations_file), "--base", str(tiny_base),
-                        *args)
+        code, out = cli(
+            monkeypatch, capsys, "train", "--data", str(conversations_file), "--base", str(tiny_base), *args
+        )
         assert code == 2 and "Traceback" not in out, out
         assert ("File name too long" if "x" * 300 in args else f"{args[0]} loop") in out, out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loop"]
@@ -502,14 +608,20 @@ def test_ctrl_c_surfacing_as_another_exception_is_an_abort():
 # --------------------------------------------------------------------------- corrupt cards
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda c: "{ not json", "run.json: not valid JSON"),
-    (lambda c: json.dumps([1, 2]), "run.json: expected a JSON object"),
-    (lambda c: json.dumps({**c, "kind": "something"}), "not a lora-med training run card"),
-    (lambda c: json.dumps({**c, "data": {**c["data"], "eval": {"path": 3}}}), "field 'data.eval.path' is of the wrong"),
-    (lambda c: json.dumps({k: v for k, v in c.items() if k != "base"}), "field 'base.name_or_path' is missing"),
-    (lambda c: "", "run.json: not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda c: "{ not json", "run.json: not valid JSON"),
+        (lambda c: json.dumps([1, 2]), "run.json: expected a JSON object"),
+        (lambda c: json.dumps({**c, "kind": "something"}), "not a lora-med training run card"),
+        (
+            lambda c: json.dumps({**c, "data": {**c["data"], "eval": {"path": 3}}}),
+            "field 'data.eval.path' is of the wrong",
+        ),
+        (lambda c: json.dumps({k: v for k, v in c.items() if k != "base"}), "field 'base.name_or_path' is missing"),
+        (lambda c: "", "run.json: not valid JSON"),
+    ],
+)
 def test_corrupt_run_card_is_named_by_merge_export(trained, tmp_path, damage, message):
     run = tmp_path / "run"
     shutil.copytree(trained["lora"], run)
@@ -520,13 +632,22 @@ def test_corrupt_run_card_is_named_by_merge_export(trained, tmp_path, damage, me
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda r: (r / "adapter_config.json").write_text("[]"), "adapter_config.json: expected a JSON object"),
-    (lambda r: (r / "adapter_config.json").write_text(json.dumps({**json.loads(
-        (r / "adapter_config.json").read_text()), "r": "four"})), "adapter_config.json: r is 'four'"),
-    (lambda r: shutil.copy(r.parent / "full-model.safetensors", r / "adapter_model.safetensors"),
-     "adapter_model.safetensors: holds no LoRA tensors"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda r: (r / "adapter_config.json").write_text("[]"), "adapter_config.json: expected a JSON object"),
+        (
+            lambda r: (r / "adapter_config.json").write_text(
+                json.dumps({**json.loads((r / "adapter_config.json").read_text()), "r": "four"})
+            ),
+            "adapter_config.json: r is 'four'",
+        ),
+        (
+            lambda r: shutil.copy(r.parent / "full-model.safetensors", r / "adapter_model.safetensors"),
+            "adapter_model.safetensors: holds no LoRA tensors",
+        ),
+    ],
+)
 def test_a_damaged_adapter_is_named_by_merge_export(trained, tmp_path, damage, message):
     run = tmp_path / "run"
     shutil.copytree(trained["lora"], run)
@@ -567,9 +688,21 @@ def test_run_and_data_moved_together_are_still_found(trained, conversations_file
 
 def test_merge_export_and_bench_work_from_another_directory(trained, exported, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    res = bench(BenchConfig(run=str(trained["lora"]), export=[str(exported["fp32"])], backends=["ort-cpu-fp32"],
-                            prompts=1, repeats=1, warmup=0, new_tokens=2, scaling=False, threads=1,
-                            max_latency_s=60.0, min_ppl_gain=1e-6))
+    res = bench(
+        BenchConfig(
+            run=str(trained["lora"]),
+            export=[str(exported["fp32"])],
+            backends=["ort-cpu-fp32"],
+            prompts=1,
+            repeats=1,
+            warmup=0,
+            new_tokens=2,
+            scaling=False,
+            threads=1,
+            max_latency_s=60.0,
+            min_ppl_gain=1e-6,
+        )
+    )
     assert res.out_dir == Path("reports") / "lora" and (tmp_path / "reports" / "lora" / "report.json").is_file()
 
 
@@ -659,15 +792,17 @@ def _cut(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-@pytest.mark.parametrize("what,message", [
-    ("cut graph", "the export's files differ from its manifest"),
-    ("cut adapter", "adapter_model.safetensors: not a complete safetensors file"),
-    ("base gone", "no longer exists; restore that folder"),
-    ("new tokens", "BenchConfig.new_tokens=100000: the model reads at most 256 positions"),
-    ("name", "BenchConfig.name='../x': a name, not a path"),
-])
-def test_bench_refuses_damaged_inputs_before_measuring(trained, exported, tmp_path, monkeypatch, capsys, what,
-                                                       message):
+@pytest.mark.parametrize(
+    "what,message",
+    [
+        ("cut graph", "the export's files differ from its manifest"),
+        ("cut adapter", "adapter_model.safetensors: not a complete safetensors file"),
+        ("base gone", "no longer exists; restore that folder"),
+        ("new tokens", "BenchConfig.new_tokens=100000: the model reads at most 256 positions"),
+        ("name", "BenchConfig.name='../x': a name, not a path"),
+    ],
+)
+def test_bench_refuses_damaged_inputs_before_measuring(trained, exported, tmp_path, monkeypatch, capsys, what, message):
     monkeypatch.chdir(tmp_path)  # --name alone writes under the working directory
     run, export, kw = trained["lora"], exported["fp32"], {}
     if what == "cut graph":
@@ -675,26 +810,39 @@ def test_bench_refuses_damaged_inputs_before_measuring(trained, exported, tmp_pa
     elif what == "cut adapter":
         run = _damaged(run, tmp_path, lambda r: _cut(r / "adapter_model.safetensors"))
     elif what == "base gone":
+
         def gone(r):
             card = json.loads((r / "run.json").read_text())
             card["base"]["name_or_path"] = str(tmp_path / "no-such-base")
             (r / "run.json").write_text(json.dumps(card))
+
         run = _damaged(run, tmp_path, gone)
     elif what == "new tokens":
         kw = dict(new_tokens=100000)
     else:
         kw = dict(name="../x", out=None)
     with pytest.raises(ConfigError, match=re.escape(message)):
-        bench(BenchConfig(**{"run": str(run), "export": [str(export)] if what == "cut graph" else None,
-                             "out": str(tmp_path / "r"), **kw}))
+        bench(
+            BenchConfig(
+                **{
+                    "run": str(run),
+                    "export": [str(export)] if what == "cut graph" else None,
+                    "out": str(tmp_path / "r"),
+                    **kw,
+                }
+            )
+        )
     assert "perplexity" not in capsys.readouterr().out.lower(), "refused before anything was measured"
 
 
 def test_a_damaged_graph_of_the_right_size_is_named(exported, tmp_path):
     from lora_med.engine.ort_backend import ort_model
 
-    export = _damaged(exported["fp32"], tmp_path, lambda e: (e / "onnx" / "model.onnx").write_bytes(
-        b"\xff" * (e / "onnx" / "model.onnx").stat().st_size))
+    export = _damaged(
+        exported["fp32"],
+        tmp_path,
+        lambda e: (e / "onnx" / "model.onnx").write_bytes(b"\xff" * (e / "onnx" / "model.onnx").stat().st_size),
+    )
     with pytest.raises(LoraMedError, match="model.onnx: ONNX Runtime cannot load it"):
         ort_model(export)
 
@@ -716,7 +864,8 @@ def test_bench_compares_bases_by_content_not_by_name(trained, tiny_base, convers
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight.add_(1.0)
     model.save_pretrained(other, safe_serialization=True)
-    full = train(tcfg(other, conversations_file, tmp_path / "full", method="full", max_steps=1, seed=0,
-                      batch_size=4, alpha=8)).output
+    full = train(
+        tcfg(other, conversations_file, tmp_path / "full", method="full", max_steps=1, seed=0, batch_size=4, alpha=8)
+    ).output
     with pytest.raises(ConfigError, match="start from different bases .*config and weights differ"):
         bench(BenchConfig(run=str(trained["lora"]), full_run=str(full), out=str(tmp_path / "r")))

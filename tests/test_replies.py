@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from lora_med import data
-from lora_med.train import compare
 from lora_med.engine import Engine
+from lora_med.train import compare
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lora_med"
 # Where transformers' generate() may be called: (module, function).
@@ -49,9 +49,12 @@ def test_transformers_generate_is_called_only_by_the_parity_reference_and_the_be
             assert not c.keywords and 1 <= len(c.args) <= 2, f"lora_med/{m}.py:{c.lineno} ({f})"
     assert {m for m, _, _ in calls} >= {"train.compare", "export.parity", "bench.latency", "serve.replier"}
     # Nor a transformers pipeline anywhere (model cards show one to users, in a string, which is fine).
-    names = {n.func.id if isinstance(n.func, ast.Name) else n.func.attr for p in PACKAGE.rglob("*.py")
-             for n in ast.walk(ast.parse(p.read_text(encoding="utf-8"))) if isinstance(n, ast.Call)
-             and isinstance(n.func, (ast.Name, ast.Attribute))}
+    names = {
+        n.func.id if isinstance(n.func, ast.Name) else n.func.attr
+        for p in PACKAGE.rglob("*.py")
+        for n in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+        if isinstance(n, ast.Call) and isinstance(n.func, (ast.Name, ast.Attribute))
+    }
     assert not names & {"pipeline", "TextGenerationPipeline"}
 
 
@@ -96,9 +99,15 @@ def test_training_comparison_replies_go_through_the_engine(tiny_base, tiny_token
     ids = data.prompt_ids([data.Message("user", rows[0]["prompt"])], tiny_tokenizer, "dialogpt")
     x = torch.tensor([ids])
     with torch.no_grad():
-        ref = plain.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
-                             no_repeat_ngram_size=3, eos_token_id=tiny_tokenizer.eos_token_id,
-                             pad_token_id=tiny_tokenizer.pad_token_id)[0, len(ids):]
+        ref = plain.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=12,
+            do_sample=False,
+            no_repeat_ngram_size=3,
+            eos_token_id=tiny_tokenizer.eos_token_id,
+            pad_token_id=tiny_tokenizer.pad_token_id,
+        )[0, len(ids) :]
     assert full[0]["base"] == tiny_tokenizer.decode(ref, skip_special_tokens=True).strip()
 
 
@@ -129,8 +138,22 @@ def test_bench_engine_rows_time_the_engine(trained, exported, tmp_path, counted)
     from lora_med.bench.main import bench
     from lora_med.config import BenchConfig
 
-    r = bench(BenchConfig(run=str(trained["lora"]), export=[str(exported["fp32"])], backends=["engine-cpu-fp32"],
-                          out=str(tmp_path), threads=1, prompts=1, repeats=1, warmup=0, new_tokens=4, scaling=False,
-                          throughput=False, max_latency_s=60.0, min_ppl_gain=1e-3)).report
+    r = bench(
+        BenchConfig(
+            run=str(trained["lora"]),
+            export=[str(exported["fp32"])],
+            backends=["engine-cpu-fp32"],
+            out=str(tmp_path),
+            threads=1,
+            prompts=1,
+            repeats=1,
+            warmup=0,
+            new_tokens=4,
+            scaling=False,
+            throughput=False,
+            max_latency_s=60.0,
+            min_ppl_gain=1e-3,
+        )
+    ).report
     assert [x["backend"] for x in r["latency"]] == ["engine-cpu-fp32"]
     assert counted["engine"] == Counter({"engine-cpu-fp32": 2}) and not counted["hf"]  # one reply + its TTFT

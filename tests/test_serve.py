@@ -25,15 +25,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lora_med.data import prompt_ids
-from lora_med.data import Message
+from lora_med.data import Message, prompt_ids
 from lora_med.errors import ConfigError, LoraMedError
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 from lora_med.serve.config import check  # noqa: E402
 
-LAUNCH = "import json, sys; from lora_med.serve import ServeConfig, serve; serve(ServeConfig(**json.loads(sys.argv[1])))"
+LAUNCH = (
+    "import json, sys; from lora_med.serve import ServeConfig, serve; serve(ServeConfig(**json.loads(sys.argv[1])))"
+)
 SEED_BODY = b'{\n  "user_id": "+59170123456",\n  "message": "Hola, necesito una cita"\n}'  # the guide's Postman body
 SEED_USER = "+59170123456"
 
@@ -51,8 +52,9 @@ class Server:
             argv = ["-c", LAUNCH, json.dumps(cfg)]
         self.stderr = log.with_suffix(".stderr")
         with open(self.stderr, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
-                                         stderr=err)
+            self.proc = subprocess.Popen(
+                [sys.executable, *argv], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=err
+            )
         self.url = ""
 
     def wait_ready(self, timeout: float = 120) -> Server:
@@ -88,8 +90,9 @@ class Server:
 def turns(db: Path) -> list[tuple]:
     con = sqlite3.connect(db)
     try:
-        return con.execute("SELECT id, conversation_id, role, content, reply_to, action, status, source "
-                           "FROM turns ORDER BY id").fetchall()
+        return con.execute(
+            "SELECT id, conversation_id, role, content, reply_to, action, status, source FROM turns ORDER BY id"
+        ).fetchall()
     finally:
         con.close()
 
@@ -98,8 +101,7 @@ def turns(db: Path) -> list[tuple]:
 def servers(tiny_base, tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
     main = Server(tiny_base, d / "main.db", d / "main.log", rate_limit=5, batch_wait_ms=20)
-    slow = Server(tiny_base, d / "slow.db", d / "slow.log", batch_wait_ms=1000, queue_size=2,
-                  request_timeout_s=1.5)
+    slow = Server(tiny_base, d / "slow.db", d / "slow.log", batch_wait_ms=1000, queue_size=2, request_timeout_s=1.5)
     yield {"main": main.wait_ready(), "slow": slow.wait_ready(), "dir": d}
     for s in (main, slow):
         s.stop(signal.SIGKILL)
@@ -125,8 +127,7 @@ def expected_prompt(tokenizer, *texts: str) -> int:
 
 
 def test_seed_postman_request_byte_for_byte(server):
-    r = httpx.post(f"{server.url}/chat/", content=SEED_BODY, headers={"Content-Type": "application/json"},
-                   timeout=30)
+    r = httpx.post(f"{server.url}/chat/", content=SEED_BODY, headers={"Content-Type": "application/json"}, timeout=30)
     assert r.status_code == 200, r.text
     body = r.json()
     assert list(body) == ["response", "user_id", "conversation_id", "action", "params"]  # the guide's order
@@ -146,12 +147,15 @@ def test_multi_turn_memory_prompt_holds_the_first_exchange(server, tiny_tokenize
     assert r1.json()["conversation_id"] == r2.json()["conversation_id"]
     assert int(r1.headers["X-Prompt-Tokens"]) == expected_prompt(tiny_tokenizer, first)
     # The second prompt is the whole first exchange plus the new message, in the training format.
-    assert int(r2.headers["X-Prompt-Tokens"]) == expected_prompt(tiny_tokenizer, first, r1.json()["response"],
-                                                                 second)
+    assert int(r2.headers["X-Prompt-Tokens"]) == expected_prompt(tiny_tokenizer, first, r1.json()["response"], second)
     assert r2.json()["action"] == "schedule_appointment"  # the booking flow continues
     mine = [t for t in turns(server.db) if t[1] == r1.json()["conversation_id"]]
-    assert [(t[2], t[3]) for t in mine] == [("user", first), ("assistant", r1.json()["response"]),
-                                            ("user", second), ("assistant", r2.json()["response"])]
+    assert [(t[2], t[3]) for t in mine] == [
+        ("user", first),
+        ("assistant", r1.json()["response"]),
+        ("user", second),
+        ("assistant", r2.json()["response"]),
+    ]
     assert mine[1][4] == mine[0][0] and mine[3][4] == mine[2][0]  # each reply points at its message
 
 
@@ -166,19 +170,22 @@ def test_start_over_opens_a_new_conversation(server):
 # --------------------------------------------------------------------------- limits and bad bodies
 
 
-@pytest.mark.parametrize("content, status, names", [
-    (json.dumps({"user_id": "+59171000003", "message": "x" * 1001}), 422, ["message", "1000"]),
-    (json.dumps({"user_id": "abc", "message": "hola"}), 422, ["user_id", "phone"]),
-    (json.dumps({"user_id": "+591", "message": "hola"}), 422, ["user_id"]),
-    (json.dumps({"message": "hola"}), 422, ["user_id", "missing"]),
-    (json.dumps({"user_id": "+59171000003"}), 422, ["message", "missing"]),
-    (json.dumps({"user_id": "+59171000003", "message": "   "}), 422, ["message", "blank"]),
-    (json.dumps({"user_id": "+59171000003", "message": 123}), 422, ["message"]),
-    (json.dumps({"user_id": 59171000003, "message": "hola"}), 422, ["user_id"]),
-    (json.dumps(["+59171000003", "hola"]), 422, ["body"]),
-    ("{'user_id': '+59171000003'", 422, ["JSON"]),
-    ("", 422, ["body", "empty"]),
-])
+@pytest.mark.parametrize(
+    "content, status, names",
+    [
+        (json.dumps({"user_id": "+59171000003", "message": "x" * 1001}), 422, ["message", "1000"]),
+        (json.dumps({"user_id": "abc", "message": "hola"}), 422, ["user_id", "phone"]),
+        (json.dumps({"user_id": "+591", "message": "hola"}), 422, ["user_id"]),
+        (json.dumps({"message": "hola"}), 422, ["user_id", "missing"]),
+        (json.dumps({"user_id": "+59171000003"}), 422, ["message", "missing"]),
+        (json.dumps({"user_id": "+59171000003", "message": "   "}), 422, ["message", "blank"]),
+        (json.dumps({"user_id": "+59171000003", "message": 123}), 422, ["message"]),
+        (json.dumps({"user_id": 59171000003, "message": "hola"}), 422, ["user_id"]),
+        (json.dumps(["+59171000003", "hola"]), 422, ["body"]),
+        ("{'user_id': '+59171000003'", 422, ["JSON"]),
+        ("", 422, ["body", "empty"]),
+    ],
+)
 def test_bad_bodies_name_the_field(server, content, status, names):
     r = httpx.post(f"{server.url}/chat/", content=content, headers={"Content-Type": "application/json"}, timeout=30)
     assert r.status_code == status, r.text
@@ -213,18 +220,21 @@ def test_get_on_chat_is_405(server):
 # --------------------------------------------------------------------------- the emergency guard
 
 
-@pytest.mark.parametrize("message, emergency", [
-    ("Me duele mucho el pecho y me cuesta respirar", True),
-    ("mi hijo esta convulsionando", True),
-    ("se desmallo y no despierta", True),
-    ("se trago lavandina", True),
-    ("ya no quiero vivir", True),
-    ("hola kiero una sita xq me duele muxo el pexo", True),
-    ("Hola, necesito una cita", False),
-    ("los resultados de sangre ya salieron?", False),
-    ("tengo presion alta, quiero control con cardiologia", False),
-    ("no puedo ir el lunes, me cambias para el miercoles?", False),
-])
+@pytest.mark.parametrize(
+    "message, emergency",
+    [
+        ("Me duele mucho el pecho y me cuesta respirar", True),
+        ("mi hijo esta convulsionando", True),
+        ("se desmallo y no despierta", True),
+        ("se trago lavandina", True),
+        ("ya no quiero vivir", True),
+        ("hola kiero una sita xq me duele muxo el pexo", True),
+        ("Hola, necesito una cita", False),
+        ("los resultados de sangre ya salieron?", False),
+        ("tengo presion alta, quiero control con cardiologia", False),
+        ("no puedo ir el lunes, me cambias para el miercoles?", False),
+    ],
+)
 def test_guard_before_the_model(server, message, emergency):
     before = server.metric("lora_med_engine_requests_total")
     r = server.chat(f"+5917200{zlib.crc32(message.encode()) % 10**4:04d}", message)
@@ -248,8 +258,9 @@ def test_twenty_concurrent_requests_all_answered_in_batches(server):
     async def run():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
             users = [f"+5917300{i:04d}" for i in range(20)] + ["+59173009999"] * 3  # one user sends three at once
-            return await asyncio.gather(*(client.post("/chat/", json={"user_id": u, "message": "quiero una cita"})
-                                          for u in users))
+            return await asyncio.gather(
+                *(client.post("/chat/", json={"user_id": u, "message": "quiero una cita"}) for u in users)
+            )
 
     responses = asyncio.run(run())
     assert [r.status_code for r in responses] == [200] * 23
@@ -257,8 +268,9 @@ def test_twenty_concurrent_requests_all_answered_in_batches(server):
     # The user who sent three at once got them answered one after the other, each prompt holding the last.
     same = [r for r in responses[20:]]
     assert len({r.json()["conversation_id"] for r in same}) == 1
-    assert sorted(int(r.headers["X-Prompt-Tokens"]) for r in same)[0] < max(int(r.headers["X-Prompt-Tokens"])
-                                                                           for r in same)
+    assert sorted(int(r.headers["X-Prompt-Tokens"]) for r in same)[0] < max(
+        int(r.headers["X-Prompt-Tokens"]) for r in same
+    )
     conv = same[0].json()["conversation_id"]
     rows = [t for t in turns(server.db) if t[1] == conv]
     assert [t[2] for t in rows] == ["user", "assistant"] * 3
@@ -313,8 +325,10 @@ def test_queue_full_503_and_timeout_504(slow):
     assert urgent.json()["conversation_id"] == conv
     rows = {t[0]: t for t in turns(slow.db) if t[1] == conv}
     pairs = {rows[t[4]][3]: t[3] for t in rows.values() if t[2] == "assistant"}  # message -> its reply
-    assert pairs == {"quiero una cita": results["a"].json()["response"],
-                     "mi hijo se trago lavandina": urgent.json()["response"]}
+    assert pairs == {
+        "quiero una cita": results["a"].json()["response"],
+        "mi hijo se trago lavandina": urgent.json()["response"],
+    }
     assert "con pediatria" in [t[3] for t in rows.values() if t[2] == "user"]  # stored, unanswered
 
 
@@ -325,8 +339,9 @@ def test_a_client_that_leaves_does_not_break_the_batch(slow):
 
         def impatient() -> None:
             try:
-                httpx.post(f"{slow.url}/chat/", json={"user_id": "+59174100001", "message": "quiero una cita"},
-                           timeout=0.3)  # gives up and closes its connection inside the 1 s batch window
+                httpx.post(
+                    f"{slow.url}/chat/", json={"user_id": "+59174100001", "message": "quiero una cita"}, timeout=0.3
+                )  # gives up and closes its connection inside the 1 s batch window
             except httpx.TimeoutException as e:
                 got["impatient"] = e
 
@@ -368,9 +383,11 @@ def test_kill_9_mid_request_loses_nothing_committed_and_history_survives_restart
     assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     con.close()
     rows = [r for r in turns(slow.db) if r[1] == conv]
-    assert [(r[2], r[3], r[4]) for r in rows] == [("user", "Hola, necesito una cita", None),
-                                                 ("assistant", reply, rows[0][0]),
-                                                 ("user", "con pediatria", None)]
+    assert [(r[2], r[3], r[4]) for r in rows] == [
+        ("user", "Hola, necesito una cita", None),
+        ("assistant", reply, rows[0][0]),
+        ("user", "con pediatria", None),
+    ]
 
     # Restarted on the same file, through the CLI: same conversation; the prompt holds the committed exchange,
     # not the message whose reply never came (the model sees user/assistant alternating, as in training).
@@ -379,8 +396,9 @@ def test_kill_9_mid_request_loses_nothing_committed_and_history_survives_restart
         r = again.chat(user, "el lunes en la mañana")
         assert r.status_code == 200
         assert r.json()["conversation_id"] == conv
-        assert int(r.headers["X-Prompt-Tokens"]) == expected_prompt(tiny_tokenizer, "Hola, necesito una cita",
-                                                                    reply, "el lunes en la mañana")
+        assert int(r.headers["X-Prompt-Tokens"]) == expected_prompt(
+            tiny_tokenizer, "Hola, necesito una cita", reply, "el lunes en la mañana"
+        )
         assert r.json()["action"] == "schedule_appointment"
         assert again.stop() in (0, -signal.SIGTERM)  # graceful: requests finished, store closed
         assert any(e.get("event") == "stopped" for e in again.events())
@@ -399,9 +417,15 @@ def test_health_metrics_docs(server):
     assert h["prefix_cache_mb"] == 0  # a PyTorch model: the prefix cache is the CPU decode graph's
     assert h["batching"] == "whole batches" and h["batch_wait_ms"] == 20  # PyTorch: new prompts wait for a batch
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    for series in ('lora_med_requests_total{status="200"}', "lora_med_request_seconds_bucket",
-                   "lora_med_queue_depth", "lora_med_batch_size_bucket", "lora_med_guard_hits_total{rule=",
-                   'lora_med_requests_total{status="422"}', 'lora_med_requests_total{status="429"}'):
+    for series in (
+        'lora_med_requests_total{status="200"}',
+        "lora_med_request_seconds_bucket",
+        "lora_med_queue_depth",
+        "lora_med_batch_size_bucket",
+        "lora_med_guard_hits_total{rule=",
+        'lora_med_requests_total{status="422"}',
+        'lora_med_requests_total{status="429"}',
+    ):
         assert series in text
     assert httpx.get(f"{server.url}/docs", timeout=10).status_code == 200
     assert "/chat/" in httpx.get(f"{server.url}/openapi.json", timeout=10).json()["paths"]
@@ -447,8 +471,11 @@ def test_store_idle_restart_and_unanswered_turns(tmp_path):
     s.close()
     con = sqlite3.connect(tmp_path / "c.db")
     assert con.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-    assert [r[0] for r in con.execute("SELECT closed_by FROM conversations ORDER BY started, rowid")][:3] == \
-        ["idle", "restart", None]
+    assert [r[0] for r in con.execute("SELECT closed_by FROM conversations ORDER BY started, rowid")][:3] == [
+        "idle",
+        "restart",
+        None,
+    ]
 
 
 def test_store_refuses_a_file_that_is_not_a_database(tmp_path):
@@ -463,17 +490,29 @@ def test_store_refuses_a_file_that_is_not_a_database(tmp_path):
 def test_settings_every_problem_listed(tmp_path):
     from lora_med.serve import ServeConfig
 
-    cfg = ServeConfig(model="", device="tpu", port=70000, max_batch=0, request_timeout_s=-1, top_p=2,
-                      db=str(tmp_path / "no" / "such" / "x.db"), intents="nope.yaml", max_new_tokens="forty")
+    cfg = ServeConfig(
+        model="",
+        device="tpu",
+        port=70000,
+        max_batch=0,
+        request_timeout_s=-1,
+        top_p=2,
+        db=str(tmp_path / "no" / "such" / "x.db"),
+        intents="nope.yaml",
+        max_new_tokens="forty",
+    )
     with pytest.raises(ConfigError) as e:
         check(cfg)
-    assert sorted(e.value.problems) == sorted([
-                                "ServeConfig.max_new_tokens='forty': must be a whole number, got 'forty'",
-                                "ServeConfig.device='tpu': use one of auto, cpu, cuda",
-                                "ServeConfig.port=70000: must be in [0, 65535]",
-                                "ServeConfig.max_batch=0: must be >= 1",
-                                "ServeConfig.request_timeout_s=-1: must be > 0",
-                                "ServeConfig.top_p=2: must be in (0, 1]"])  # types and bounds first
+    assert sorted(e.value.problems) == sorted(
+        [
+            "ServeConfig.max_new_tokens='forty': must be a whole number, got 'forty'",
+            "ServeConfig.device='tpu': use one of auto, cpu, cuda",
+            "ServeConfig.port=70000: must be in [0, 65535]",
+            "ServeConfig.max_batch=0: must be >= 1",
+            "ServeConfig.request_timeout_s=-1: must be > 0",
+            "ServeConfig.top_p=2: must be in (0, 1]",
+        ]
+    )  # types and bounds first
     cfg.device, cfg.port, cfg.max_batch, cfg.request_timeout_s, cfg.top_p = "cpu", 8000, 1, 1.0, 1.0
     cfg.max_new_tokens = "40"  # a numeric string from YAML is a number
     with pytest.raises(ConfigError) as e:
@@ -559,8 +598,12 @@ def test_requests_join_the_running_batch_on_the_decode_graph(exported, tiny_base
 
         async def run(message: str):
             async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
-                return await asyncio.gather(*(client.post("/chat/", json={"user_id": f"+5917600{i:04d}",
-                                                                          "message": message}) for i in range(12)))
+                return await asyncio.gather(
+                    *(
+                        client.post("/chat/", json={"user_id": f"+5917600{i:04d}", "message": message})
+                        for i in range(12)
+                    )
+                )
 
         first = asyncio.run(run("quiero una cita"))
         assert [r.status_code for r in first] == [200] * 12
@@ -596,8 +639,11 @@ def test_export_folder_serves_its_decode_graph_else_merged(exported, tmp_path):
     assert torch_side.source.engine_path == without / "merged" and torch_side.engine.name.startswith("engine-torch")
     max_length = json.loads((export / "manifest.json").read_text())["source"]["max_length"]
     assert ort_side.budget == torch_side.budget == min(max_length, ort_side.engine.capacity) - 40
-    history = [Message("user", "Hola, necesito una cita"), Message("assistant", "¿Para qué especialidad?"),
-               Message("user", "pediatria")]
+    history = [
+        Message("user", "Hola, necesito una cita"),
+        Message("assistant", "¿Para qué especialidad?"),
+        Message("user", "pediatria"),
+    ]
     prompts = [ort_side.prompt(history), ort_side.prompt(history[-1:])]
     replies = ort_side.generate(prompts)
     assert replies == torch_side.generate(prompts)  # one engine, two backends, same replies
@@ -622,7 +668,7 @@ def test_prompt_cut_whole_oldest_turns_first(tiny_base, tiny_tokenizer):
     turns_ = [Message("user" if i % 2 == 0 else "assistant", f"mensaje numero {i} sobre la cita") for i in range(11)]
     ids = rep.prompt(turns_)
     kept = next(k for k in range(len(turns_)) if prompt_ids(turns_[k:], tiny_tokenizer, "dialogpt") == ids)
-    assert len(ids) <= 56 < len(prompt_ids(turns_[kept - 1:], tiny_tokenizer, "dialogpt"))
+    assert len(ids) <= 56 < len(prompt_ids(turns_[kept - 1 :], tiny_tokenizer, "dialogpt"))
     long = [Message("user", "hola " * 100)]
     assert rep.prompt(long) == prompt_ids(long, tiny_tokenizer, "dialogpt")[-56:]
     with pytest.raises(ConfigError, match="--max-new-tokens 250"):
@@ -638,23 +684,25 @@ def test_a_long_conversation_keeps_its_prompt_start_for_a_few_turns(tiny_base, t
     from lora_med.serve.replier import load_replier
 
     eng = load_engine(tiny_base, device="cpu")
-    make = lambda block: load_replier(ServeConfig(model=str(tiny_base), max_new_tokens=156, cut_block=block),
-                                      engine=eng)  # budget 100
+    make = lambda block: load_replier(
+        ServeConfig(model=str(tiny_base), max_new_tokens=156, cut_block=block), engine=eng
+    )  # budget 100
     tight, sticky = make(0), make(60)  # a turn (two messages) adds ~26 tokens
-    conv = [Message("user" if i % 2 == 0 else "assistant", f"mensaje {i}: " + "la cita " * (1 + i % 3))
-            for i in range(41)]
+    conv = [
+        Message("user" if i % 2 == 0 else "assistant", f"mensaje {i}: " + "la cita " * (1 + i % 3)) for i in range(41)
+    ]
     size = [len(prompt_ids([m], tiny_tokenizer, "dialogpt")) for m in conv]
     kept_prefix, tight_kept, previous, tight_previous = 0, 0, None, None
     for n in range(1, len(conv) + 1, 2):  # each patient turn: the conversation so far ends with a user message
         history = conv[:n]
         want, got = tight.prompt(history), sticky.prompt(history)
         first = next(k for k in range(n) if prompt_ids(history[k:], tiny_tokenizer, "dialogpt") == got)
-        assert len(got) <= 100 and got[-len(want):] == want[-len(got):]  # a suffix of the tight cut (or it)
+        assert len(got) <= 100 and got[-len(want) :] == want[-len(got) :]  # a suffix of the tight cut (or it)
         tight_first = next(k for k in range(n) if prompt_ids(history[k:], tiny_tokenizer, "dialogpt") == want)
         assert sum(size[tight_first:first]) <= 60 + max(size)
         if previous is not None:
-            kept_prefix += got[:len(previous)] == previous
-            tight_kept += want[:len(tight_previous)] == tight_previous
+            kept_prefix += got[: len(previous)] == previous
+            tight_kept += want[: len(tight_previous)] == tight_previous
         previous, tight_previous = got, want
     assert tight_kept == 3  # of 20 follow-up turns: once past the budget (turn 4), every turn moves the start
     assert kept_prefix >= 12
@@ -670,14 +718,17 @@ def test_a_chat_template_conversation_is_cut_in_whole_turns_too(tiny_base):
     from lora_med.serve.replier import ModelSource, Replier
 
     tok = load_tokenizer(str(tiny_base))
-    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
-                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     eng = load_engine(tiny_base, device="cpu")
     source = ModelSource(tiny_base, tiny_base, "chat-template", 256, "test")
     settings = GenerationSettings(max_new_tokens=156)  # budget 100
     tight, sticky = (Replier(eng, tok, source, settings, cut_block=b) for b in (0, 60))
-    conv = [Message("user" if i % 2 == 0 else "assistant", f"mensaje {i}: " + "la cita " * (1 + i % 3))
-            for i in range(31)]
+    conv = [
+        Message("user" if i % 2 == 0 else "assistant", f"mensaje {i}: " + "la cita " * (1 + i % 3)) for i in range(31)
+    ]
     starts, tight_starts = [], []
     for n in range(1, len(conv) + 1, 2):
         history = conv[:n]
@@ -694,23 +745,26 @@ def test_a_chat_template_conversation_is_cut_in_whole_turns_too(tiny_base):
     eng.close()
 
 
-@pytest.mark.parametrize("message, action", [
-    ("Hola, necesito una cita", "schedule_appointment"),
-    ("kiero una sita", "schedule_appointment"),
-    ("hola kiero sacar una ficha pa mi hijo", "schedule_appointment"),
-    ("Quiero cancelar mi cita", "cancel_appointment"),
-    ("cansela mi sita porfa", "cancel_appointment"),
-    ("no voy a poder ir mañana", "cancel_appointment"),
-    ("necesito reprogramar mi cita del jueves", "reschedule_appointment"),
-    ("puedo cambiar mi cita para el sábado?", "reschedule_appointment"),
-    ("¿Ya están mis resultados de laboratorio?", "lab_results"),
-    ("me pueden enviar mis resultados en pdf?", "lab_results"),
-    ("¿Cuál es el horario de atención?", "clinic_info"),
-    ("¿Cuánto cuesta una consulta con el cardiólogo?", "clinic_info"),
-    ("aceptan seguro BISA?", "clinic_info"),
-    ("donde keda la clinica", "clinic_info"),
-    ("Gracias, hasta luego", None),
-])
+@pytest.mark.parametrize(
+    "message, action",
+    [
+        ("Hola, necesito una cita", "schedule_appointment"),
+        ("kiero una sita", "schedule_appointment"),
+        ("hola kiero sacar una ficha pa mi hijo", "schedule_appointment"),
+        ("Quiero cancelar mi cita", "cancel_appointment"),
+        ("cansela mi sita porfa", "cancel_appointment"),
+        ("no voy a poder ir mañana", "cancel_appointment"),
+        ("necesito reprogramar mi cita del jueves", "reschedule_appointment"),
+        ("puedo cambiar mi cita para el sábado?", "reschedule_appointment"),
+        ("¿Ya están mis resultados de laboratorio?", "lab_results"),
+        ("me pueden enviar mis resultados en pdf?", "lab_results"),
+        ("¿Cuál es el horario de atención?", "clinic_info"),
+        ("¿Cuánto cuesta una consulta con el cardiólogo?", "clinic_info"),
+        ("aceptan seguro BISA?", "clinic_info"),
+        ("donde keda la clinica", "clinic_info"),
+        ("Gracias, hasta luego", None),
+    ],
+)
 def test_intents_with_and_without_accents_and_misspelled(message, action):
     from lora_med.serve.intents import Intents
 
@@ -722,22 +776,41 @@ def test_intent_status_follows_the_conversation():
     from lora_med.serve.store import Turn
 
     it = Intents(REPO / "configs" / "intents.yaml")
-    h = [Turn("user", "Quiero cancelar mi cita"),
-         Turn("assistant", "Claro. ¿Me das tu nombre, CI y fecha de nacimiento?", "cancel_appointment",
-              "verifying_identity")]
+    h = [
+        Turn("user", "Quiero cancelar mi cita"),
+        Turn(
+            "assistant",
+            "Claro. ¿Me das tu nombre, CI y fecha de nacimiento?",
+            "cancel_appointment",
+            "verifying_identity",
+        ),
+    ]
     assert it.decide("Quiero cancelar mi cita", []).status == "verifying_identity"
     d = it.decide("Ana Rojas, CI 6543210 SC, 3 de mayo de 1985", h)
     assert (d.action, d.status) == ("cancel_appointment", "collecting_info")
-    h += [Turn("user", "Ana Rojas, CI 6543210 SC, 3 de mayo de 1985"),
-          Turn("assistant", "Tu cita es el martes a las 9:00. ¿Confirmo la cancelación?", "cancel_appointment",
-               "collecting_info")]
+    h += [
+        Turn("user", "Ana Rojas, CI 6543210 SC, 3 de mayo de 1985"),
+        Turn(
+            "assistant",
+            "Tu cita es el martes a las 9:00. ¿Confirmo la cancelación?",
+            "cancel_appointment",
+            "collecting_info",
+        ),
+    ]
     assert it.decide("si, confirmo", h).status == "confirmed"
     assert it.decide("¿a qué hora abren?", h).action == "clinic_info"  # a question inside the flow
     h += [Turn("user", "si"), Turn("assistant", "Listo, cancelada.", "cancel_appointment", "confirmed")]
     assert it.decide("ok gracias", h).action == "chat"  # the flow ended
-    assert it.decide("el martes a las 10", [Turn("user", "quiero una cita"),
-                                            Turn("assistant", "¿Qué día?", "schedule_appointment",
-                                                 "collecting_info")]).action == "schedule_appointment"
+    assert (
+        it.decide(
+            "el martes a las 10",
+            [
+                Turn("user", "quiero una cita"),
+                Turn("assistant", "¿Qué día?", "schedule_appointment", "collecting_info"),
+            ],
+        ).action
+        == "schedule_appointment"
+    )
 
 
 def test_mask():

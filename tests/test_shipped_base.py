@@ -1,5 +1,6 @@
 """The pretrained Spanish base shipped in models/gpt2-es-tiny loads offline with stock
 transformers (no hub, no trust_remote_code) and is wired the way DialoGPT is."""
+
 from pathlib import Path
 
 import pytest
@@ -29,9 +30,17 @@ def offline(monkeypatch):
 
 def test_files_present_and_small():
     names = {p.name for p in MODEL_DIR.iterdir()}
-    for f in ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
-              "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-              "README.md"]:
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.json",
+        "merges.txt",
+        "README.md",
+    ]:
         assert f in names, f
     assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names)  # safetensors only
     assert sum(p.stat().st_size for p in MODEL_DIR.iterdir()) < 25 * 2**20

@@ -92,8 +92,8 @@ def test_sampling_and_bans_follow_each_row_across_joins(engine):
         _drain(st, done)
     for h, p in zip(a + b, prompts):
         seq = p + done[h].ids
-        reply_pairs = [tuple(seq[i:i + 2]) for i in range(len(p) - 1, len(seq) - 1)]
-        earlier = {tuple(seq[i:i + 2]) for i in range(len(p) - 1)}
+        reply_pairs = [tuple(seq[i : i + 2]) for i in range(len(p) - 1, len(seq) - 1)]
+        earlier = {tuple(seq[i : i + 2]) for i in range(len(p) - 1)}
         assert len(set(reply_pairs)) == len(reply_pairs) and not set(reply_pairs) & earlier
 
 
@@ -120,12 +120,13 @@ def test_a_backend_that_cannot_join_takes_whole_batches(tiny_base):
 
 
 def test_stream_settings_are_checked(engine):
-    with pytest.raises(LoraMedError, match="rows >= 1"):
-        with engine.stream(GenerationSettings(), rows=0):
-            pass
-    with pytest.raises(LoraMedError, match="temperature"):
-        with engine.stream(GenerationSettings(do_sample=True, temperature=0), rows=2):
-            pass
+    with pytest.raises(LoraMedError, match="rows >= 1"), engine.stream(GenerationSettings(), rows=0):
+        pass
+    with (
+        pytest.raises(LoraMedError, match="temperature"),
+        engine.stream(GenerationSettings(do_sample=True, temperature=0), rows=2),
+    ):
+        pass
     with engine.stream(GenerationSettings(max_new_tokens=4), rows=2) as st:
         with pytest.raises(LoraMedError, match="prompt 0 is empty"):
             st.add([[]])

@@ -18,41 +18,69 @@ from lora_med.errors import ConfigError, LoraMedError
 from lora_med.runs import latest_checkpoint as _latest
 from lora_med.train.main import train
 
+from .conftest import REPO
+
 
 def latest_checkpoint(run_dir):
     return _latest(run_dir)[0]
 
-from .conftest import REPO
-
 
 def cfg_for(tiny_base, conversations_file, out: Path, **kw) -> TrainConfig:
-    base = dict(data=str(conversations_file), eval_data=str(conversations_file), base=str(tiny_base),
-                output=str(out), max_steps=6, log_every=1, compare=False, r=4, alpha=8, batch_size=4,
-                learning_rate=1e-2)
+    base = dict(
+        data=str(conversations_file),
+        eval_data=str(conversations_file),
+        base=str(tiny_base),
+        output=str(out),
+        max_steps=6,
+        log_every=1,
+        compare=False,
+        r=4,
+        alpha=8,
+        batch_size=4,
+        learning_rate=1e-2,
+    )
     return TrainConfig(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_base, conversations_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "lora"
-    result = train(cfg_for(tiny_base, conversations_file, out, max_steps=8, compare=True,
-                           compare_max_new_tokens=4, save_every=4))
+    result = train(
+        cfg_for(tiny_base, conversations_file, out, max_steps=8, compare=True, compare_max_new_tokens=4, save_every=4)
+    )
     return result
 
 
 def test_output_folder_holds_exactly_the_documented_files(lora_run):
     out = lora_run.output
-    assert sorted(p.name for p in out.iterdir()) == sorted([
-        ".lora-med", "README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja",
-        "checkpoints", "loss.png", "metrics.jsonl", "merges.txt", "run.json", "special_tokens_map.json",
-        "tensorboard", "tokenizer.json", "tokenizer_config.json", "vocab.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [
+            ".lora-med",
+            "README.md",
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "chat_template.jinja",
+            "checkpoints",
+            "loss.png",
+            "metrics.jsonl",
+            "merges.txt",
+            "run.json",
+            "special_tokens_map.json",
+            "tensorboard",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "vocab.json",
+        ]
+    )
     marker = json.loads((out / ".lora-med").read_text())
     assert marker["kind"] == "lora-med.train" and set(marker["entries"]) == {
-        p.name for p in out.iterdir() if p.name != ".lora-med"}, "every entry is recorded as lora-med's"
+        p.name for p in out.iterdir() if p.name != ".lora-med"
+    }, "every entry is recorded as lora-med's"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-8"]
     ckpt = sorted(p.name for p in (out / "checkpoints/checkpoint-8").iterdir())
-    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
-            "trainer_state.json"} <= set(ckpt) and "training_args.bin" not in ckpt
+    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= set(
+        ckpt
+    ) and "training_args.bin" not in ckpt
     assert any(p.name.startswith("events.out.tfevents") for p in (out / "tensorboard").rglob("*"))
     assert not list(out.rglob("*.bin")), "no pickle weights are written"
 
@@ -116,9 +144,18 @@ def test_train_tokens_trains_the_data_rows_and_keeps_the_tie(tiny_base, conversa
     adapter = load_file(str(res.output / "adapter_model.safetensors"))
     delta_key = "base_model.model.transformer.wte.token_adapter.trainable_tokens_delta"
     assert set(adapter) - {k for k in adapter if "lora_" in k} == {delta_key}  # lm_head is tied, not a copy
-    seen = sorted({t for e in data.encode_all(data.load_conversations(conversations_file).conversations,
-                                              models.load_tokenizer(str(tiny_base)), max_length=256,
-                                              fmt="dialogpt")[0] for t in e.input_ids})
+    seen = sorted(
+        {
+            t
+            for e in data.encode_all(
+                data.load_conversations(conversations_file).conversations,
+                models.load_tokenizer(str(tiny_base)),
+                max_length=256,
+                fmt="dialogpt",
+            )[0]
+            for t in e.input_ids
+        }
+    )
     config = json.loads((res.output / "adapter_config.json").read_text())
     assert config["trainable_token_indices"] == seen and adapter[delta_key].shape[0] == len(seen)
     assert adapter[delta_key].abs().sum() > 0
@@ -140,28 +177,50 @@ def test_loss_falls_when_overfitting(tiny_base, tmp_path, method, lr, ratio):
 
     two = tmp_path / "two.json"
     two.write_text(json.dumps(CONVERSATIONS[:2], ensure_ascii=False), encoding="utf-8")
-    res = train(cfg_for(tiny_base, two, tmp_path / method, method=method, max_steps=30, learning_rate=lr,
-                        r=8, alpha=16, dropout=0.0, warmup_ratio=0.0, batch_size=2, eval_every=100, save_every=100))
-    losses = [json.loads(l)["loss"] for l in (res.output / "metrics.jsonl").read_text().splitlines()
-              if "loss" in json.loads(l)]
+    res = train(
+        cfg_for(
+            tiny_base,
+            two,
+            tmp_path / method,
+            method=method,
+            max_steps=30,
+            learning_rate=lr,
+            r=8,
+            alpha=16,
+            dropout=0.0,
+            warmup_ratio=0.0,
+            batch_size=2,
+            eval_every=100,
+            save_every=100,
+        )
+    )
+    losses = [
+        json.loads(l)["loss"]
+        for l in (res.output / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(l)
+    ]
     assert losses[-1] < ratio * losses[0]
     assert res.run["metrics"]["eval_ppl"] < 0.9 * res.run["metrics"]["base_eval_ppl"]
 
 
 def test_full_fine_tune_writes_a_model(tiny_base, conversations_file, tmp_path):
-    res = train(cfg_for(tiny_base, conversations_file, tmp_path / "full", method="full", max_steps=2,
-                        learning_rate=1e-3))
+    res = train(
+        cfg_for(tiny_base, conversations_file, tmp_path / "full", method="full", max_steps=2, learning_rate=1e-3)
+    )
     assert res.run["artifact"] == "model" and res.run["parameters"]["trainable"] == res.run["parameters"]["total"]
     weights = load_file(str(res.output / "model.safetensors"))
     original = load_file(str(tiny_base / "model.safetensors"))
-    assert not torch.equal(weights["transformer.h.0.attn.c_attn.weight"], original["transformer.h.0.attn.c_attn.weight"])
+    assert not torch.equal(
+        weights["transformer.h.0.attn.c_attn.weight"], original["transformer.h.0.attn.c_attn.weight"]
+    )
     assert (res.output / "config.json").is_file() and not (res.output / "adapter_config.json").exists()
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_qlora_runs_on_the_cpu(tiny_base, conversations_file, tmp_path, bits):
-    res = train(cfg_for(tiny_base, conversations_file, tmp_path / f"q{bits}", method="qlora", quant_bits=bits,
-                        max_steps=2))
+    res = train(
+        cfg_for(tiny_base, conversations_file, tmp_path / f"q{bits}", method="qlora", quant_bits=bits, max_steps=2)
+    )
     adapter = load_file(str(res.output / "adapter_model.safetensors"))
     assert adapter and all("lora_" in k for k in adapter)
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
@@ -171,8 +230,18 @@ def test_qlora_runs_on_the_cpu(tiny_base, conversations_file, tmp_path, bits):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_base, conversations_file, tmp_path):
     out = tmp_path / "nan"
     with pytest.raises(LoraMedError, match=r"non-finite loss at step \d+") as err:
-        train(cfg_for(tiny_base, conversations_file, out, method="full", learning_rate=1e30, max_steps=20,
-                      save_every=1, warmup_ratio=0.0))
+        train(
+            cfg_for(
+                tiny_base,
+                conversations_file,
+                out,
+                method="full",
+                learning_rate=1e30,
+                max_steps=20,
+                save_every=1,
+                warmup_ratio=0.0,
+            )
+        )
     assert not (out / "model.safetensors").exists()
     card = json.loads((out / "run.json").read_text())
     assert card["status"] == "failed" and "non-finite loss at step" in card["failure"]["reason"]
@@ -221,8 +290,13 @@ def uninterrupted(tiny_base, conversations_file, tmp_path_factory) -> Path:
 
 
 def _resume(run: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lora_med", "train", "--resume", str(run)], capture_output=True,
-                          text=True, env=ENV, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "lora_med", "train", "--resume", str(run)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=REPO,
+    )
 
 
 def _assert_same_adapter(a: Path, b: Path) -> None:
@@ -261,8 +335,9 @@ def test_resume_after_kill_equals_uninterrupted_run(uninterrupted, tiny_base, co
     assert card["metrics"]["steps"] == ref["metrics"]["steps"] == 20
 
 
-def test_kill_during_the_final_evaluation_resumes_into_the_evaluation(uninterrupted, tiny_base, conversations_file,
-                                                                       tmp_path):
+def test_kill_during_the_final_evaluation_resumes_into_the_evaluation(
+    uninterrupted, tiny_base, conversations_file, tmp_path
+):
     c = tmp_path / "c"
     killed = _train_in_child(tiny_base, conversations_file, c, kill="train_end")
     assert killed.returncode == -signal.SIGKILL and latest_checkpoint(c).name == "checkpoint-20"
@@ -294,21 +369,24 @@ def test_resume_falls_back_past_a_truncated_checkpoint(uninterrupted, tmp_path):
 # --------------------------------------------------------------------------- config errors
 
 
-@pytest.mark.parametrize("overrides,message", [  # the Python API names Python fields
-    ({"r": 0}, "TrainConfig.r=0: must be >= 1"),
-    ({"method": "prefix"}, "TrainConfig.method='prefix': use one of lora, qlora, full"),
-    ({"dropout": 1.5}, "TrainConfig.dropout=1.5: must be in [0, 1)"),
-    ({"target_modules": ["q_proj", "c_attn"]}, "TrainConfig.target_modules: q_proj not in this gpt2 model"),
-    ({"data": "nope.json"}, "TrainConfig.data='nope.json': file not found"),
-    ({"base": "./no/such/model"}, "TrainConfig.base ./no/such/model: no such directory"),
-    ({"precision": "fp16"}, "TrainConfig.precision='fp16' needs a CUDA GPU"),
-    ({"device": "cuda"}, "--device cuda: no CUDA GPU"),
-    ({"quant_bits": 3, "method": "qlora"}, "TrainConfig.quant_bits=3: use one of 4, 8"),
-    ({"batch_size": 0}, "TrainConfig.batch_size=0: must be >= 1"),
-    ({"learning_rate": -1.0}, "TrainConfig.learning_rate=-1.0: must be > 0"),
-    ({"train_tokens": "all"}, "TrainConfig.train_tokens='all': use one of none, data"),
-    ({"method": "full", "train_tokens": "data"}, "TrainConfig.train_tokens='data' applies to LoRA/QLoRA only"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [  # the Python API names Python fields
+        ({"r": 0}, "TrainConfig.r=0: must be >= 1"),
+        ({"method": "prefix"}, "TrainConfig.method='prefix': use one of lora, qlora, full"),
+        ({"dropout": 1.5}, "TrainConfig.dropout=1.5: must be in [0, 1)"),
+        ({"target_modules": ["q_proj", "c_attn"]}, "TrainConfig.target_modules: q_proj not in this gpt2 model"),
+        ({"data": "nope.json"}, "TrainConfig.data='nope.json': file not found"),
+        ({"base": "./no/such/model"}, "TrainConfig.base ./no/such/model: no such directory"),
+        ({"precision": "fp16"}, "TrainConfig.precision='fp16' needs a CUDA GPU"),
+        ({"device": "cuda"}, "--device cuda: no CUDA GPU"),
+        ({"quant_bits": 3, "method": "qlora"}, "TrainConfig.quant_bits=3: use one of 4, 8"),
+        ({"batch_size": 0}, "TrainConfig.batch_size=0: must be >= 1"),
+        ({"learning_rate": -1.0}, "TrainConfig.learning_rate=-1.0: must be > 0"),
+        ({"train_tokens": "all"}, "TrainConfig.train_tokens='all': use one of none, data"),
+        ({"method": "full", "train_tokens": "data"}, "TrainConfig.train_tokens='data' applies to LoRA/QLoRA only"),
+    ],
+)
 def test_config_errors(tiny_base, conversations_file, tmp_path, overrides, message):
     if overrides.get("device") == "cuda" and torch.cuda.is_available():
         pytest.skip("a GPU is present")
@@ -348,8 +426,20 @@ def test_resume_of_another_run_is_refused(lora_run, tiny_base, conversations_fil
     card = json.loads((copy / "run.json").read_text())
     (copy / "run.json").write_text(json.dumps({**card, "status": "running"}))
     with pytest.raises(ConfigError, match=r"holds another run; these settings differ: r \(run: 4, now: 16\)"):
-        train(cfg_for(tiny_base, conversations_file, copy, r=16, resume=str(copy), output=None,
-                      max_steps=8, compare=True, compare_max_new_tokens=4, save_every=4))
+        train(
+            cfg_for(
+                tiny_base,
+                conversations_file,
+                copy,
+                r=16,
+                resume=str(copy),
+                output=None,
+                max_steps=8,
+                compare=True,
+                compare_max_new_tokens=4,
+                save_every=4,
+            )
+        )
 
 
 def test_existing_output_is_not_overwritten(lora_run, tiny_base, conversations_file):
@@ -360,8 +450,14 @@ def test_existing_output_is_not_overwritten(lora_run, tiny_base, conversations_f
 def test_hub_id_offline_names_the_offline_options(conversations_file, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(LoraMedError, match="Offline options") as err:
-        train(TrainConfig(data=str(conversations_file), eval_data=None, base="microsoft/DialoGPT-medium",
-                          output=str(tmp_path / "x")))
+        train(
+            TrainConfig(
+                data=str(conversations_file),
+                eval_data=None,
+                base="microsoft/DialoGPT-medium",
+                output=str(tmp_path / "x"),
+            )
+        )
     assert "--base models/gpt2-es-tiny" in str(err.value)
 
 
@@ -370,9 +466,11 @@ def test_plan_picks_the_largest_batch_that_fits(tiny_base, conversations_file, t
     unbounded = train(cfg, plan_only=True)
     assert unbounded["batch_size"] == 8 and unbounded["grad_accum"] == 2 and unbounded["total_gb"] > 0
     per_sample = train(cfg_for(tiny_base, conversations_file, tmp_path / "p", batch_size=1), plan_only=True)
-    budget = (per_sample["total_gb"] + (unbounded["total_gb"] - per_sample["total_gb"]) / 3)
-    planned = train(cfg_for(tiny_base, conversations_file, tmp_path / "p", batch_size=8, grad_accum=2,
-                            vram_gb=budget), plan_only=True)
+    budget = per_sample["total_gb"] + (unbounded["total_gb"] - per_sample["total_gb"]) / 3
+    planned = train(
+        cfg_for(tiny_base, conversations_file, tmp_path / "p", batch_size=8, grad_accum=2, vram_gb=budget),
+        plan_only=True,
+    )
     assert planned["batch_size"] * planned["grad_accum"] == 16 and 1 <= planned["batch_size"] < 8
     assert planned["total_gb"] <= budget
     assert not (tmp_path / "p").exists()
@@ -385,10 +483,15 @@ def test_cli_plan_and_bad_flag(tiny_base, conversations_file, monkeypatch, capsy
     monkeypatch.setattr(sys, "argv", ["lora-med", *base, "--plan", "--json", "--batch_size", "16"])
     main()  # in this process: the plan path returns normally
     out = capsys.readouterr().out
-    assert json.loads(out[out.index("{"):])["batch_size"] == 16
+    assert json.loads(out[out.index("{") :])["batch_size"] == 16
     # The real entry point in a fresh process: exit code 2, every problem named as typed, no traceback.
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "lora_med", *base, "--r", "0", "--lora_dropout", "3"],
-                       capture_output=True, text=True, env=env, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-m", "lora_med", *base, "--r", "0", "--lora_dropout", "3"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     assert r.returncode == 2 and "--r 0: must be >= 1" in r.stderr and "--lora_dropout 3: must be in [0, 1)" in r.stderr
     assert "Traceback" not in r.stderr

@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 Step = Callable[[Path, dict], None]  # (case folder, fixture paths) -> None
 
@@ -59,6 +59,7 @@ def write(rel: str, content: str | bytes) -> Step:
             p.write_bytes(content)
         else:
             p.write_text(content.replace("{data}", F["data"]).replace("{base}", F["base"]), encoding="utf-8")
+
     return step
 
 
@@ -66,6 +67,7 @@ def copy(key: str, rel: str) -> Step:
     def step(d: Path, F: dict) -> None:
         (d / rel).parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if Path(F[key]).is_dir() else shutil.copy)(F[key], d / rel)
+
     return step
 
 
@@ -79,19 +81,23 @@ def link(rel: str, target: str) -> Step:
 
 def sparse(rel: str, size: int) -> Step:
     """A file of ``size`` bytes that takes no disk (a hole): as large as a careless download, for free."""
+
     def step(d: Path, F: dict) -> None:
         with open(d / rel, "wb") as f:
             f.truncate(size)
+
     return step
 
 
 def cut(rel: str, keep: int | float) -> Step:
     """Truncate a file to ``keep`` bytes (an int) or that share of it (a float): a copy that died half-way."""
+
     def step(d: Path, F: dict) -> None:
         p = d / rel
         n = keep if isinstance(keep, int) else int(p.stat().st_size * keep)
         with open(p, "r+b") as f:
             f.truncate(n)
+
     return step
 
 
@@ -99,6 +105,7 @@ def rm(rel: str) -> Step:
     def step(d: Path, F: dict) -> None:
         p = d / rel
         shutil.rmtree(p) if p.is_dir() else p.unlink()
+
     return step
 
 
@@ -108,28 +115,35 @@ def mkdir(rel: str) -> Step:
 
 def edit(rel: str, fn: Callable) -> Step:
     """Rewrite a JSON file with ``fn(obj)``; a str result is written as is (a damaged card)."""
+
     def step(d: Path, F: dict) -> None:
         p = d / rel
         new = fn(json.loads(p.read_text(encoding="utf-8")))
         p.write_text(new if isinstance(new, str) else json.dumps(new), encoding="utf-8")
+
     return step
 
 
 def lock_by_live_pid(rel: str) -> Step:
     """A lock held by a live process that is not lora-med (this runner's own pid)."""
+
     def step(d: Path, F: dict) -> None:
         from lora_med import runs
+
         (d / rel).write_text(json.dumps({"pid": os.getpid(), "started": runs._start_time(os.getpid())}))
+
     return step
 
 
 def marker(rel: str, *extra: str) -> Step:
     """Add entries to a folder's .lora-med marker (a damaged or hand-edited one): ``--overwrite`` removes what the
     marker lists, so it must never follow one outside the folder. "abs" stands for an absolute path."""
+
     def step(d: Path, F: dict) -> None:
         m = json.loads((d / rel / ".lora-med").read_text())
         m["entries"] += [str(d / e) if e == "abs" else e for e in extra]
         (d / rel / ".lora-med").write_text(json.dumps(m))
+
     return step
 
 
@@ -142,9 +156,11 @@ def status(value):
 
 def nothing_at(*patterns: str) -> Callable[[Path], str | None]:
     """Nothing half-written: no path matching these globs in the case folder."""
+
     def check(d: Path) -> str | None:
         left = [str(p.relative_to(d)) for pat in patterns for p in d.glob(pat)]
         return f"left behind: {', '.join(left)}" if left else None
+
     return check
 
 
@@ -155,6 +171,7 @@ def card_status(rel: str, want: str) -> Callable[[Path], str | None]:
         except (OSError, ValueError) as e:
             return f"{rel}: {e}"
         return None if got == want else f"{rel}: status {got!r}, not {want!r}"
+
     return check
 
 
@@ -164,20 +181,58 @@ D, B = "{data}", "{base}"
 FAST = ["--max-steps", "1", "--no-compare", "--r", "4", "--report-to", "none"]  # a tiny run: seconds
 T = ["--data", D, "--eval-data", D, "--base", B]  # a complete, valid train command line (with FAST)
 SMALL_EXPORT = ["--n-parity", "1", "--max-new-tokens", "2"]
-SMALL_BENCH = ["--prompts", "1", "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--no-scaling",
-               "--threads", "1", "--max-latency-s", "0", "--min-ppl-gain", "0", "--backends", "ort-cpu-fp32"]
+SMALL_BENCH = [
+    "--prompts",
+    "1",
+    "--repeats",
+    "1",
+    "--warmup",
+    "0",
+    "--new-tokens",
+    "2",
+    "--no-scaling",
+    "--threads",
+    "1",
+    "--max-latency-s",
+    "0",
+    "--min-ppl-gain",
+    "0",
+    "--backends",
+    "ort-cpu-fp32",
+]
 MOJIBAKE = json.dumps([{"user": "Hola", "assistant": "Centro MÃ©dico CAÃ‘ADA"}], ensure_ascii=False)
 ROW = {"user": "Hola, necesito una cita", "assistant": "Con gusto. ¿Para qué especialidad?"}
 LONG = "x" * 300  # a name longer than the filesystem allows (255 bytes)
 # One setting whose value is 8 levels of 9 references to the level below: a few hundred bytes of YAML, 43M items
 # if anything walks it in full (a message quoting it, for one).
-ALIAS_BOMB = "report_to: [&l0 [x,x,x,x,x,x,x,x,x], " + ", ".join(
-    f"&l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 8)) + "]\n"
+ALIAS_BOMB = (
+    "report_to: [&l0 [x,x,x,x,x,x,x,x,x], "
+    + ", ".join(f"&l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 8))
+    + "]\n"
+)
 
 
 # A run kill -9'ed once its second checkpoint is down (40 steps: the kill lands long before the end).
-KILLED = Bg([*T, "--output", "out", "--max-steps", "40", "--batch-size", "8", "--save-every", "1", "--no-compare",
-             "--r", "4", "--report-to", "none"], "out/checkpoints/checkpoint-2", "killed")
+KILLED = Bg(
+    [
+        *T,
+        "--output",
+        "out",
+        "--max-steps",
+        "40",
+        "--batch-size",
+        "8",
+        "--save-every",
+        "1",
+        "--no-compare",
+        "--r",
+        "4",
+        "--report-to",
+        "none",
+    ],
+    "out/checkpoints/checkpoint-2",
+    "killed",
+)
 
 
 def rows(*r) -> str:
@@ -190,8 +245,9 @@ def train(name, args, **kw) -> Case:
 
 def yaml_train(name, text, says=(), expect=2, extra=()) -> Case:
     """train --config c.yaml holding ``text`` (on top of a valid command line: only the YAML is wrong)."""
-    return Case("train", name, ["--config", "c.yaml", *T, "--output", "out", *extra], expect, says,
-                (write("c.yaml", text),))
+    return Case(
+        "train", name, ["--config", "c.yaml", *T, "--output", "out", *extra], expect, says, (write("c.yaml", text),)
+    )
 
 
 def check(name, content, says=(), expect=2, args=(), file="f.json") -> Case:
@@ -200,8 +256,14 @@ def check(name, content, says=(), expect=2, args=(), file="f.json") -> Case:
 
 
 def export(name, setup, says=(), expect=2, args=(), run="r") -> Case:
-    return Case("merge-export", name, [run, "--output", "exp", *SMALL_EXPORT, *args], expect, says,
-                (copy("run", "r"), *setup) if run == "r" else tuple(setup))
+    return Case(
+        "merge-export",
+        name,
+        [run, "--output", "exp", *SMALL_EXPORT, *args],
+        expect,
+        says,
+        (copy("run", "r"), *setup) if run == "r" else tuple(setup),
+    )
 
 
 def bench(name, args, says=(), expect=2, setup=(), **kw) -> Case:
@@ -234,35 +296,55 @@ CASES: list[Case] = [
     check("content is a number", rows({"user": 5, "assistant": "x"}), ("row 1", "'user' must be a string")),
     check("NaN literal as content", '[{"user": NaN, "assistant": "x"}]', ("row 1", "'user'")),
     check("unknown role", rows({"messages": [{"role": "doctor", "content": "x"}]}), ("messages[0]", "role")),
-    check("conversation ends with the user", rows({"messages": [{"role": "user", "content": "x"}]}),
-          ("row 1", "end with an assistant turn")),
+    check(
+        "conversation ends with the user",
+        rows({"messages": [{"role": "user", "content": "x"}]}),
+        ("row 1", "end with an assistant turn"),
+    ),
     check("nested 100k deep", "[" * 100_000 + "]" * 100_000, ("f.json", "invalid JSON")),
     check("integer with 5000 digits", '[{"user": ' + "9" * 5000 + ', "assistant": "x"}]', ("f.json", "invalid JSON")),
     check("JSONL with a bad line", json.dumps(ROW) + "\n{oops\n", ("f.jsonl:2", "invalid JSON"), file="f.jsonl"),
     check("JSONL, CRLF line ends, blank lines", (json.dumps(ROW) + "\r\n\r\n") * 2, expect=0, file="f.jsonl"),
-    check("JSONL with U+2028 and U+0085 in strings", json.dumps({"user": "a\u2028b", "assistant": "c\u0085d"},
-                                                                ensure_ascii=False) + "\n", expect=0, file="f.jsonl"),
+    check(
+        "JSONL with U+2028 and U+0085 in strings",
+        json.dumps({"user": "a\u2028b", "assistant": "c\u0085d"}, ensure_ascii=False) + "\n",
+        expect=0,
+        file="f.jsonl",
+    ),
     check("duplicates are warnings", rows(ROW, ROW), expect=0),
-    check("reply longer than --max-length", rows({"user": "hola", "assistant": "palabra " * 200}),
-          ("row 1", "--max-length"), args=("--max-length", "16")),
+    check(
+        "reply longer than --max-length",
+        rows({"user": "hola", "assistant": "palabra " * 200}),
+        ("row 1", "--max-length"),
+        args=("--max-length", "16"),
+    ),
     check("--max-length 0", rows(ROW), ("--max-length",), args=("--max-length", "0")),
     check("--max-length abc", rows(ROW), ("--max-length",), args=("--max-length", "abc")),
     check("--format bogus", rows(ROW), ("--format",), args=("--format", "bogus")),
-    check("--format chat-template, tokenizer has none", rows(ROW), ("--format",),
-          args=("--format", "chat-template", "--tokenizer", B)),
+    check(
+        "--format chat-template, tokenizer has none",
+        rows(ROW),
+        ("--format",),
+        args=("--format", "chat-template", "--tokenizer", B),
+    ),
     check("--tokenizer missing folder", rows(ROW), ("--tokenizer", "nope"), args=("--tokenizer", "nope/tok")),
     check("--tokenizer is an empty folder", rows(ROW), ("--tokenizer",), args=("--tokenizer", ".")),
     check("--tokenizer is a file", rows(ROW), ("--tokenizer",), args=("--tokenizer", "f.json")),
     check("unknown flag", rows(ROW), ("--max-len",), args=("--max-len", "8")),
     Case("data check", "FIFO as the file", ["p.json"], 2, ("p.json", "FIFO"), (fifo("p.json"),)),
     Case("data check", "/dev/zero", ["/dev/zero"], 2, ("/dev/zero", "not a regular file")),
-    Case("data check", "symlink to /dev/zero", ["z.json"], 2, ("z.json", "not a regular file"),
-         (link("z.json", "/dev/zero"),)),
+    Case(
+        "data check",
+        "symlink to /dev/zero",
+        ["z.json"],
+        2,
+        ("z.json", "not a regular file"),
+        (link("z.json", "/dev/zero"),),
+    ),
     Case("data check", "a folder", ["sub"], 2, ("sub",), (mkdir("sub"),)),
     Case("data check", "2 GiB file (sparse)", ["big.json"], 2, ("big.json", "bytes"), (sparse("big.json", 2 << 30),)),
     Case("data check", "file name longer than the filesystem allows", [LONG + ".json"], 2, ("File name too long",)),
     Case("data check", "file inside a file", ["f.json/x.json"], 2, ("f.json/x.json",), (write("f.json", rows(ROW)),)),
-
     # ---------------------------------------------------------------- train: flags
     train("valid run", [*T, "--output", "out", *FAST], expect=0),
     train("--r 0", [*T, "--r", "0"], says=("--r 0", ">= 1")),
@@ -279,25 +361,46 @@ CASES: list[Case] = [
     train("--max-steps -5", [*T, "--max-steps", "-5"], says=("--max-steps -5",)),
     train("--log-every 0", [*T, "--log-every", "0"], says=("--log-every 0",)),
     train("--max-length 4", [*T, "--max-length", "4"], says=("--max-length 4",)),
-    train("--max-length beyond the base's positions", [*T, "--max-length", "100000"],
-          says=("--max-length 100000", "256 positions")),
-    train("--compare-max-new-tokens beyond positions", [*T, "--compare-max-new-tokens", "999"],
-          says=("--compare-max-new-tokens 999",)),
-    train("--r 1e30 (huge rank)", [*T, "--output", "out", *FAST, "--r", "1e30"],
-          says=("--r 1000000000000000019884624838656", "width")),  # 1e30 is read as a float, then a whole number
+    train(
+        "--max-length beyond the base's positions",
+        [*T, "--max-length", "100000"],
+        says=("--max-length 100000", "256 positions"),
+    ),
+    train(
+        "--compare-max-new-tokens beyond positions",
+        [*T, "--compare-max-new-tokens", "999"],
+        says=("--compare-max-new-tokens 999",),
+    ),
+    train(
+        "--r 1e30 (huge rank)",
+        [*T, "--output", "out", *FAST, "--r", "1e30"],
+        says=("--r 1000000000000000019884624838656", "width"),
+    ),  # 1e30 is read as a float, then a whole number
     train("--r 65 (above the layers' width)", [*T, "--output", "out", *FAST, "--r", "65"], says=("--r 65", "<= 64")),
-    train("--batch-size 1e12 (huge)", [*T, "--output", "out", *FAST, "--batch-size", "1e12"],
-          says=("--batch-size 1000000000000", "8 training conversations")),
-    train("--log/eval/save-every 1e30 (huge, valid)", [*T, "--output", "out", *FAST, "--log-every", "1e30",
-                                                       "--eval-every", "1e30", "--save-every", "1e30"], expect=0),
-    train("--epochs 1e-9 (still one step)", [*T, "--output", "out", "--no-compare", "--r", "4", "--epochs", "1e-9",
-                                             "--report-to", "none"], expect=0),
+    train(
+        "--batch-size 1e12 (huge)",
+        [*T, "--output", "out", *FAST, "--batch-size", "1e12"],
+        says=("--batch-size 1000000000000", "8 training conversations"),
+    ),
+    train(
+        "--log/eval/save-every 1e30 (huge, valid)",
+        [*T, "--output", "out", *FAST, "--log-every", "1e30", "--eval-every", "1e30", "--save-every", "1e30"],
+        expect=0,
+    ),
+    train(
+        "--epochs 1e-9 (still one step)",
+        [*T, "--output", "out", "--no-compare", "--r", "4", "--epochs", "1e-9", "--report-to", "none"],
+        expect=0,
+    ),
     train("--method prefix", [*T, "--method", "prefix"], says=("--method prefix", "lora, qlora, full")),
     train("--method LoRA (case)", [*T, "--method", "LoRA"], says=("--method LoRA",)),
     train("--target-modules lm_head", [*T, "--target-modules", "lm_head"], says=("--target-modules lm_head",)),
     train("--target-modules not in the model", [*T, "--target-modules", "q_proj"], says=("--target-modules", "q_proj")),
-    train("--target-modules with --method full", [*T, "--method", "full", "--target-modules", "c_attn"],
-          says=("--target-modules",)),
+    train(
+        "--target-modules with --method full",
+        [*T, "--method", "full", "--target-modules", "c_attn"],
+        says=("--target-modules",),
+    ),
     train("--report-to none,tensorboard", [*T, "--report-to", "none,tensorboard"], says=("--report-to",)),
     train("--report-to neptune", [*T, "--report-to", "neptune"], says=("--report-to neptune",)),
     train("--eval-fraction with --eval-data FILE", [*T, "--eval-fraction", "0.2"], says=("--eval-fraction 0.2",)),
@@ -310,94 +413,225 @@ CASES: list[Case] = [
     train("unknown flag --lr", [*T, "--lr", "1e-3"], says=("--lr",)),
     train("--run-name with a slash", [*T, "--run-name", "../escape", *FAST], says=("--run-name ../escape",)),
     train("--plan (valid, writes nothing)", [*T, "--plan"], expect=0),
-
     # ---------------------------------------------------------------- train: inputs
     train("--data missing", ["--data", "nope.json", "--base", B], says=("--data nope.json", "not found")),
     train("--data a folder", ["--data", ".", "--base", B], says=("--data .",)),
-    train("--data FIFO", ["--data", "p.json", "--base", B], says=("p.json", "not a regular file"),
-          setup=(fifo("p.json"),)),
+    train(
+        "--data FIFO", ["--data", "p.json", "--base", B], says=("p.json", "not a regular file"), setup=(fifo("p.json"),)
+    ),
     train("--data /dev/zero", ["--data", "/dev/zero", "--base", B], says=("/dev/zero", "not a regular file")),
-    train("--data binary", ["--data", "b.json", "--base", B, "--output", "out"], says=("b.json", "UTF-8"),
-          setup=(write("b.json", bytes(range(256))),)),
-    train("--data mojibake", ["--data", "m.json", "--base", B, "--output", "out"], says=("m.json", "mojibake"),
-          setup=(write("m.json", MOJIBAKE),)),
+    train(
+        "--data binary",
+        ["--data", "b.json", "--base", B, "--output", "out"],
+        says=("b.json", "UTF-8"),
+        setup=(write("b.json", bytes(range(256))),),
+    ),
+    train(
+        "--data mojibake",
+        ["--data", "m.json", "--base", B, "--output", "out"],
+        says=("m.json", "mojibake"),
+        setup=(write("m.json", MOJIBAKE),),
+    ),
     train("--data name too long", ["--data", LONG + ".json", "--base", B], says=("File name too long",)),
-    train("--data a symlink loop", ["--data", "loop.json", "--base", B], says=("--data loop.json",),
-          setup=(link("loop.json", "loop.json"),)),
-    train("--data with a single conversation, split eval", ["--data", "one.json", "--base", B, "--output", "out",
-                                                            *FAST], says=("--eval-data",),
-          setup=(write("one.json", rows(ROW)),)),
-    train("--eval-data missing", ["--data", D, "--eval-data", "nope.json", "--base", B],
-          says=("--eval-data nope.json",)),
+    train(
+        "--data a symlink loop",
+        ["--data", "loop.json", "--base", B],
+        says=("--data loop.json",),
+        setup=(link("loop.json", "loop.json"),),
+    ),
+    train(
+        "--data with a single conversation, split eval",
+        ["--data", "one.json", "--base", B, "--output", "out", *FAST],
+        says=("--eval-data",),
+        setup=(write("one.json", rows(ROW)),),
+    ),
+    train(
+        "--eval-data missing", ["--data", D, "--eval-data", "nope.json", "--base", B], says=("--eval-data nope.json",)
+    ),
     train("--base missing folder", ["--data", D, "--base", "./nope"], says=("--base ./nope",)),
-    train("--base a hub id, offline", ["--data", D, "--base", "someone/some-model", "--output", "out"],
-          says=("someone/some-model",)),
-    train("--base a file", ["--data", D, "--base", "f.txt"], says=("--base f.txt", "is a file"),
-          setup=(write("f.txt", "x"),)),
-    train("--base without a tokenizer", [*T[:-1], "b", "--output", "out"], says=("--base", "b: no tokenizer"),
-          setup=(copy("base", "b"), rm("b/tokenizer.json"), rm("b/vocab.json"), rm("b/tokenizer_config.json"))),
-    train("--base with a corrupt tokenizer.json", [*T[:-1], "b", "--output", "out", *FAST], says=("b",),
-          setup=(copy("base", "b"), write("b/tokenizer.json", "{not json"))),
-    train("--base with a corrupt config.json", [*T[:-1], "b", "--output", "out", *FAST], says=("b",),
-          setup=(copy("base", "b"), write("b/config.json", "{oops"))),
-    train("--base config.json is a list", [*T[:-1], "b", "--output", "out", *FAST], says=("b",),
-          setup=(copy("base", "b"), write("b/config.json", "[]"))),
-    train("--base config.json with n_layer 'two'", [*T[:-1], "b", "--output", "out", *FAST], says=("b",),
-          setup=(copy("base", "b"), edit("b/config.json", lambda c: {**c, "n_layer": "two"}))),
-    train("--base with truncated weights", [*T[:-1], "b", "--output", "out", *FAST], says=("b", "model.safetensors"),
-          setup=(copy("base", "b"), cut("b/model.safetensors", 0.5))),
-    train("--base with pickle weights only", [*T[:-1], "b", "--output", "out", *FAST], says=("b",),
-          setup=(copy("base", "b"), rm("b/model.safetensors"), write("b/pytorch_model.bin", b"\x80\x04K\x01."))),
-
+    train(
+        "--base a hub id, offline",
+        ["--data", D, "--base", "someone/some-model", "--output", "out"],
+        says=("someone/some-model",),
+    ),
+    train(
+        "--base a file",
+        ["--data", D, "--base", "f.txt"],
+        says=("--base f.txt", "is a file"),
+        setup=(write("f.txt", "x"),),
+    ),
+    train(
+        "--base without a tokenizer",
+        [*T[:-1], "b", "--output", "out"],
+        says=("--base", "b: no tokenizer"),
+        setup=(copy("base", "b"), rm("b/tokenizer.json"), rm("b/vocab.json"), rm("b/tokenizer_config.json")),
+    ),
+    train(
+        "--base with a corrupt tokenizer.json",
+        [*T[:-1], "b", "--output", "out", *FAST],
+        says=("b",),
+        setup=(copy("base", "b"), write("b/tokenizer.json", "{not json")),
+    ),
+    train(
+        "--base with a corrupt config.json",
+        [*T[:-1], "b", "--output", "out", *FAST],
+        says=("b",),
+        setup=(copy("base", "b"), write("b/config.json", "{oops")),
+    ),
+    train(
+        "--base config.json is a list",
+        [*T[:-1], "b", "--output", "out", *FAST],
+        says=("b",),
+        setup=(copy("base", "b"), write("b/config.json", "[]")),
+    ),
+    train(
+        "--base config.json with n_layer 'two'",
+        [*T[:-1], "b", "--output", "out", *FAST],
+        says=("b",),
+        setup=(copy("base", "b"), edit("b/config.json", lambda c: {**c, "n_layer": "two"})),
+    ),
+    train(
+        "--base with truncated weights",
+        [*T[:-1], "b", "--output", "out", *FAST],
+        says=("b", "model.safetensors"),
+        setup=(copy("base", "b"), cut("b/model.safetensors", 0.5)),
+    ),
+    train(
+        "--base with pickle weights only",
+        [*T[:-1], "b", "--output", "out", *FAST],
+        says=("b",),
+        setup=(copy("base", "b"), rm("b/model.safetensors"), write("b/pytorch_model.bin", b"\x80\x04K\x01.")),
+    ),
     # ---------------------------------------------------------------- train: outputs
-    train("--output . --overwrite (the working dir)", [*T, "--output", ".", "--overwrite", *FAST],
-          says=("--output .", "working directory"), setup=(write("keep.txt", "mis notas"),)),
-    train("--output .. --overwrite (a parent of the working dir)", [*T, "--output", "..", "--overwrite", *FAST],
-          says=("--output ..", "working directory")),
+    train(
+        "--output . --overwrite (the working dir)",
+        [*T, "--output", ".", "--overwrite", *FAST],
+        says=("--output .", "working directory"),
+        setup=(write("keep.txt", "mis notas"),),
+    ),
+    train(
+        "--output .. --overwrite (a parent of the working dir)",
+        [*T, "--output", "..", "--overwrite", *FAST],
+        says=("--output ..", "working directory"),
+    ),
     train("--output ~ --overwrite (home)", [*T, "--output", "~", "--overwrite", *FAST], says=("--output ~",)),
-    train("--output the data's folder --overwrite", ["--data", "proj/d.json", "--eval-data", "proj/d.json",
-                                                     "--base", B, "--output", "proj", "--overwrite", *FAST],
-          says=("--output proj", "training data"), setup=(copy("data", "proj/d.json"), write("proj/notes.txt", "x"))),
-    train("--output the base, --method full", [*T[:-1], "b", "--output", "b", "--method", "full", *FAST],
-          says=("--output b", "base model"), setup=(copy("base", "b"),)),
-    train("--output inside the base", [*T[:-1], "b", "--output", "b/run", *FAST], says=("--output b/run", "base"),
-          setup=(copy("base", "b"),)),
-    train("--output is a file", [*T, "--output", "f.txt", *FAST], says=("--output f.txt", "not a folder"),
-          setup=(write("f.txt", "x"),)),
-    train("--output under a file", [*T, "--output", "f.txt/run", *FAST], says=("--output f.txt/run",),
-          setup=(write("f.txt", "x"),)),
+    train(
+        "--output the data's folder --overwrite",
+        ["--data", "proj/d.json", "--eval-data", "proj/d.json", "--base", B, "--output", "proj", "--overwrite", *FAST],
+        says=("--output proj", "training data"),
+        setup=(copy("data", "proj/d.json"), write("proj/notes.txt", "x")),
+    ),
+    train(
+        "--output the base, --method full",
+        [*T[:-1], "b", "--output", "b", "--method", "full", *FAST],
+        says=("--output b", "base model"),
+        setup=(copy("base", "b"),),
+    ),
+    train(
+        "--output inside the base",
+        [*T[:-1], "b", "--output", "b/run", *FAST],
+        says=("--output b/run", "base"),
+        setup=(copy("base", "b"),),
+    ),
+    train(
+        "--output is a file",
+        [*T, "--output", "f.txt", *FAST],
+        says=("--output f.txt", "not a folder"),
+        setup=(write("f.txt", "x"),),
+    ),
+    train(
+        "--output under a file",
+        [*T, "--output", "f.txt/run", *FAST],
+        says=("--output f.txt/run",),
+        setup=(write("f.txt", "x"),),
+    ),
     train("--output read-only (/proc)", [*T, "--output", "/proc/lora-med-run", *FAST], says=("--output /proc",)),
-    train("--output a symlink loop", [*T, "--output", "loop", *FAST], says=("--output loop",),
-          setup=(link("loop", "loop"),)),
+    train(
+        "--output a symlink loop",
+        [*T, "--output", "loop", *FAST],
+        says=("--output loop",),
+        setup=(link("loop", "loop"),),
+    ),
     train("--output name too long", [*T, "--output", LONG, *FAST], says=("File name too long",)),
-    train("--output a symlink to the data's folder --overwrite", ["--data", "proj/d.json", "--eval-data", "proj/d.json",
-                                                                  "--base", B, "--output", "ln", "--overwrite", *FAST],
-          says=("--output ln", "training data"), setup=(copy("data", "proj/d.json"), link("ln", "proj"))),
-    train("--overwrite a run whose marker names ../ and absolute paths", [*T, "--output", "p/r", "--overwrite", *FAST],
-          expect=0, may_change=("p/r/*",), setup=(copy("run", "p/r"), write("p/victim/a.txt", "x"),
-                                                  write("abs/b.txt", "y"), marker("p/r", "../victim", "abs"))),
-    train("--output foreign folder --overwrite", [*T, "--output", "mine", "--overwrite", *FAST],
-          says=("--output mine", "did not write"), setup=(write("mine/thesis.tex", "x"),)),
-    train("--output foreign folder, no --overwrite", [*T, "--output", "mine", *FAST], says=("--output mine",),
-          setup=(write("mine/thesis.tex", "x"),)),
-    train("--output an export folder --overwrite", [*T, "--output", "e", "--overwrite", *FAST],
-          says=("--output e", "export"), setup=(copy("exp", "e"),)),
-    train("--output a finished run, no --overwrite", [*T, "--output", "r", *FAST], says=("--output r", "finished"),
-          setup=(copy("run", "r"),)),
-    train("--overwrite a run holding my notes", [*T, "--output", "r", "--overwrite", *FAST],
-          says=("--output r", "notes.md"), setup=(copy("run", "r"), write("r/notes.md", "apuntes"))),
-    train("--overwrite a run lora-med wrote", [*T, "--output", "r", "--overwrite", *FAST], expect=0,
-          setup=(copy("run", "r"),), may_change=("r/*",)),
-    train("--overwrite a run whose marker is damaged", [*T, "--output", "r", "--overwrite", *FAST],
-          says=("--output r", "did not write"), setup=(copy("run", "r"), write("r/.lora-med", '{"entries": [{}]}'))),
-    train("--output a folder locked by a live pid", [*T, "--output", "r", "--overwrite", *FAST],
-          says=("in use by pid",), setup=(copy("run", "r"), lock_by_live_pid("r/.lock"))),
-
+    train(
+        "--output a symlink to the data's folder --overwrite",
+        ["--data", "proj/d.json", "--eval-data", "proj/d.json", "--base", B, "--output", "ln", "--overwrite", *FAST],
+        says=("--output ln", "training data"),
+        setup=(copy("data", "proj/d.json"), link("ln", "proj")),
+    ),
+    train(
+        "--overwrite a run whose marker names ../ and absolute paths",
+        [*T, "--output", "p/r", "--overwrite", *FAST],
+        expect=0,
+        may_change=("p/r/*",),
+        setup=(
+            copy("run", "p/r"),
+            write("p/victim/a.txt", "x"),
+            write("abs/b.txt", "y"),
+            marker("p/r", "../victim", "abs"),
+        ),
+    ),
+    train(
+        "--output foreign folder --overwrite",
+        [*T, "--output", "mine", "--overwrite", *FAST],
+        says=("--output mine", "did not write"),
+        setup=(write("mine/thesis.tex", "x"),),
+    ),
+    train(
+        "--output foreign folder, no --overwrite",
+        [*T, "--output", "mine", *FAST],
+        says=("--output mine",),
+        setup=(write("mine/thesis.tex", "x"),),
+    ),
+    train(
+        "--output an export folder --overwrite",
+        [*T, "--output", "e", "--overwrite", *FAST],
+        says=("--output e", "export"),
+        setup=(copy("exp", "e"),),
+    ),
+    train(
+        "--output a finished run, no --overwrite",
+        [*T, "--output", "r", *FAST],
+        says=("--output r", "finished"),
+        setup=(copy("run", "r"),),
+    ),
+    train(
+        "--overwrite a run holding my notes",
+        [*T, "--output", "r", "--overwrite", *FAST],
+        says=("--output r", "notes.md"),
+        setup=(copy("run", "r"), write("r/notes.md", "apuntes")),
+    ),
+    train(
+        "--overwrite a run lora-med wrote",
+        [*T, "--output", "r", "--overwrite", *FAST],
+        expect=0,
+        setup=(copy("run", "r"),),
+        may_change=("r/*",),
+    ),
+    train(
+        "--overwrite a run whose marker is damaged",
+        [*T, "--output", "r", "--overwrite", *FAST],
+        says=("--output r", "did not write"),
+        setup=(copy("run", "r"), write("r/.lora-med", '{"entries": [{}]}')),
+    ),
+    train(
+        "--output a folder locked by a live pid",
+        [*T, "--output", "r", "--overwrite", *FAST],
+        says=("in use by pid",),
+        setup=(copy("run", "r"), lock_by_live_pid("r/.lock")),
+    ),
     # ---------------------------------------------------------------- train: YAML
-    yaml_train("learning_rate: 2e-4 (a string to PyYAML)", "learning_rate: 2e-4\nmax_steps: 1\ncompare: false\n"
-               "report_to: none\n", expect=0),
-    yaml_train("target_modules: c_attn (one module)", "target_modules: c_attn\nmax_steps: 1\ncompare: false\n",
-               expect=0, extra=("--plan",)),
+    yaml_train(
+        "learning_rate: 2e-4 (a string to PyYAML)",
+        "learning_rate: 2e-4\nmax_steps: 1\ncompare: false\nreport_to: none\n",
+        expect=0,
+    ),
+    yaml_train(
+        "target_modules: c_attn (one module)",
+        "target_modules: c_attn\nmax_steps: 1\ncompare: false\n",
+        expect=0,
+        extra=("--plan",),
+    ),
     yaml_train("r: null", "r: null\n", ("r: None", "c.yaml", "not null")),
     yaml_train("r: [1, 2]", "r: [1, 2]\n", ("r: 1,2", "c.yaml")),
     yaml_train("r: true", "r: true\n", ("r: True", "boolean")),
@@ -406,8 +640,14 @@ CASES: list[Case] = [
     yaml_train("learning_rate: ''", "learning_rate: ''\n", ("learning_rate:", "c.yaml")),
     yaml_train("epochs: -3", "epochs: -3\n", ("epochs: -3",)),
     yaml_train("method: lóra (unicode)", "method: lóra\n", ("method: lóra",)),
-    Case("train", "base: 123", ["--config", "c.yaml", "--data", D, "--output", "out"], 2, ("base: 123", "text"),
-         (write("c.yaml", "base: 123\n"),)),
+    Case(
+        "train",
+        "base: 123",
+        ["--config", "c.yaml", "--data", D, "--output", "out"],
+        2,
+        ("base: 123", "text"),
+        (write("c.yaml", "base: 123\n"),),
+    ),
     yaml_train("target_modules: [c_attn, 3]", "target_modules: [c_attn, 3]\n", ("target_modules",)),
     yaml_train("unknown key", "lr: 1e-3\n", ("c.yaml", "unknown setting", "lr")),
     yaml_train("key is a number", "1: 2\n", ("c.yaml", "unknown setting")),
@@ -415,10 +655,13 @@ CASES: list[Case] = [
     yaml_train("a list at the top", "- r: 4\n", ("c.yaml", "mapping")),
     yaml_train("invalid YAML", "r: [4\n", ("c.yaml", "invalid YAML")),
     yaml_train("python tag (code)", "r: !!python/object/apply:os.system ['true']\n", ("c.yaml",)),
-    yaml_train("alias bomb", "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,"
-               "*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: &f [*e,*e,*e,*e,"
-               "*e,*e,*e,*e,*e]\ng: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]\nh: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]\n",
-               ("c.yaml", "unknown setting")),
+    yaml_train(
+        "alias bomb",
+        "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,"
+        "*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: &f [*e,*e,*e,*e,"
+        "*e,*e,*e,*e,*e]\ng: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]\nh: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]\n",
+        ("c.yaml", "unknown setting"),
+    ),
     yaml_train("alias bomb in a setting (9^8 references)", ALIAS_BOMB, ("report_to", "c.yaml")),
     yaml_train("Latin-1 bytes", "method: l\xf3ra\n".encode("latin-1"), ("c.yaml", "UTF-8")),
     Case("train", "--config missing", ["--config", "nope.yaml", *T], 2, ("nope.yaml",)),
@@ -426,46 +669,109 @@ CASES: list[Case] = [
     Case("train", "--config /dev/zero", ["--config", "/dev/zero", *T], 2, ("/dev/zero",)),
     Case("train", "--config FIFO", ["--config", "p.yaml", *T], 2, ("p.yaml", "FIFO"), (fifo("p.yaml"),)),
     Case("train", "--config empty file --plan", ["--config", "c.yaml", *T, "--plan"], 0, (), (write("c.yaml", ""),)),
-
     # ---------------------------------------------------------------- train: resume
     train("--resume a finished run", ["--resume", "r"], says=("--resume r", "finished"), setup=(copy("run", "r"),)),
     train("--resume a missing folder", ["--resume", "nope"], says=("--resume", "nope")),
-    train("--resume a foreign folder", ["--resume", "mine"], says=("--resume", "mine"),
-          setup=(write("mine/a.txt", "x"),)),
+    train(
+        "--resume a foreign folder", ["--resume", "mine"], says=("--resume", "mine"), setup=(write("mine/a.txt", "x"),)
+    ),
     train("--resume an export", ["--resume", "e"], says=("--resume", "export"), setup=(copy("exp", "e"),)),
-    train("--resume with --overwrite", ["--resume", "r", "--overwrite"], says=("--resume", "--overwrite"),
-          setup=(copy("run", "r"), edit("r/run.json", status("running")))),
-    train("--resume X --output Y", ["--resume", "r", "--output", "other"], says=("--resume r", "--output other"),
-          setup=(copy("run", "r"), edit("r/run.json", status("running")))),
-    train("--resume with another --r", ["--resume", "r", "--r", "16"], says=("--resume r", "r (run: 4"),
-          setup=(copy("run", "r"), edit("r/run.json", status("running")))),
-    train("--resume with a corrupt run.json", ["--resume", "r"], says=("run.json", "not valid JSON"),
-          setup=(copy("run", "r"), write("r/run.json", "{\"kind\": \"lora-med.tr"))),
-    train("--resume while another process holds it", ["--resume", "r"], says=("in use by pid",),
-          setup=(copy("run", "r"), edit("r/run.json", status("running")), lock_by_live_pid("r/.lock"))),
-    train("--resume, newest checkpoint truncated: falls back", ["--resume", "r"], expect=0, may_change=("r/*",),
-          says=("skipped a broken checkpoint",),
-          setup=(copy("run", "r"), edit("r/run.json", status("running")),
-                 cut("r/checkpoints/checkpoint-2/adapter_model.safetensors", 0.5))),
-    train("--resume after the last checkpoint: only finishes", ["--resume", "r"], expect=0, may_change=("r/*",),
-          setup=(copy("run", "r"), edit("r/run.json", status("running")))),
-    train("--resume with the training data changed", ["--resume", "r"], says=("d.json", "changed"),
-          setup=(copy("run", "r"), copy("data", "d.json"), edit("r/run.json", lambda c: {
-              **c, "status": "running", "config": {**c["config"], "data": "d.json"}}), write("d.json", rows(ROW)))),
-    train("Ctrl-C during training", [*T, "--output", "out", "--max-steps", "100000", "--no-compare", "--r", "4",
-                                     "--report-to", "none"], expect=130, interrupt="out/run.json",
-          after=card_status("out/run.json", "failed")),
-    train("Ctrl-C while the model loads", [*T, "--output", "out", *FAST], expect=130, interrupt="stdout:Device:",
-          after=nothing_at("out/run.json", "out/.lock")),
-    train("a second train on a folder in use", [*T, "--output", "out", "--overwrite", *FAST], says=("in use by pid",),
-          bg=Bg([*T, "--output", "out", "--max-steps", "100000", "--no-compare", "--r", "4", "--report-to", "none"],
-                "out/run.json")),
-    train("train after kill -9, without --resume", [*T, "--output", "out", *FAST], says=("--output out", "--resume"),
-          bg=KILLED),
+    train(
+        "--resume with --overwrite",
+        ["--resume", "r", "--overwrite"],
+        says=("--resume", "--overwrite"),
+        setup=(copy("run", "r"), edit("r/run.json", status("running"))),
+    ),
+    train(
+        "--resume X --output Y",
+        ["--resume", "r", "--output", "other"],
+        says=("--resume r", "--output other"),
+        setup=(copy("run", "r"), edit("r/run.json", status("running"))),
+    ),
+    train(
+        "--resume with another --r",
+        ["--resume", "r", "--r", "16"],
+        says=("--resume r", "r (run: 4"),
+        setup=(copy("run", "r"), edit("r/run.json", status("running"))),
+    ),
+    train(
+        "--resume with a corrupt run.json",
+        ["--resume", "r"],
+        says=("run.json", "not valid JSON"),
+        setup=(copy("run", "r"), write("r/run.json", '{"kind": "lora-med.tr')),
+    ),
+    train(
+        "--resume while another process holds it",
+        ["--resume", "r"],
+        says=("in use by pid",),
+        setup=(copy("run", "r"), edit("r/run.json", status("running")), lock_by_live_pid("r/.lock")),
+    ),
+    train(
+        "--resume, newest checkpoint truncated: falls back",
+        ["--resume", "r"],
+        expect=0,
+        may_change=("r/*",),
+        says=("skipped a broken checkpoint",),
+        setup=(
+            copy("run", "r"),
+            edit("r/run.json", status("running")),
+            cut("r/checkpoints/checkpoint-2/adapter_model.safetensors", 0.5),
+        ),
+    ),
+    train(
+        "--resume after the last checkpoint: only finishes",
+        ["--resume", "r"],
+        expect=0,
+        may_change=("r/*",),
+        setup=(copy("run", "r"), edit("r/run.json", status("running"))),
+    ),
+    train(
+        "--resume with the training data changed",
+        ["--resume", "r"],
+        says=("d.json", "changed"),
+        setup=(
+            copy("run", "r"),
+            copy("data", "d.json"),
+            edit("r/run.json", lambda c: {**c, "status": "running", "config": {**c["config"], "data": "d.json"}}),
+            write("d.json", rows(ROW)),
+        ),
+    ),
+    train(
+        "Ctrl-C during training",
+        [*T, "--output", "out", "--max-steps", "100000", "--no-compare", "--r", "4", "--report-to", "none"],
+        expect=130,
+        interrupt="out/run.json",
+        after=card_status("out/run.json", "failed"),
+    ),
+    train(
+        "Ctrl-C while the model loads",
+        [*T, "--output", "out", *FAST],
+        expect=130,
+        interrupt="stdout:Device:",
+        after=nothing_at("out/run.json", "out/.lock"),
+    ),
+    train(
+        "a second train on a folder in use",
+        [*T, "--output", "out", "--overwrite", *FAST],
+        says=("in use by pid",),
+        bg=Bg(
+            [*T, "--output", "out", "--max-steps", "100000", "--no-compare", "--r", "4", "--report-to", "none"],
+            "out/run.json",
+        ),
+    ),
+    train(
+        "train after kill -9, without --resume",
+        [*T, "--output", "out", *FAST],
+        says=("--output out", "--resume"),
+        bg=KILLED,
+    ),
     train("--resume after kill -9 (stale lock taken over)", ["--resume", "out"], expect=0, bg=KILLED),
-    train("--resume after kill -9 with another --max-steps", ["--resume", "out", "--max-steps", "3"],
-          says=("--resume out", "max_steps"), bg=KILLED),
-
+    train(
+        "--resume after kill -9 with another --max-steps",
+        ["--resume", "out", "--max-steps", "3"],
+        says=("--resume out", "max_steps"),
+        bg=KILLED,
+    ),
     # ---------------------------------------------------------------- merge-export
     export("valid export", (), expect=0),
     export("valid export of the full run", (copy("full", "f"),), expect=0, run="f"),
@@ -481,75 +787,221 @@ CASES: list[Case] = [
     export("run.json truncated", (cut("r/run.json", 0.5),), ("run.json", "not valid JSON")),
     export("run.json is a list", (write("r/run.json", "[1, 2]"),), ("run.json", "JSON object")),
     export("run.json of another kind", (edit("r/run.json", lambda c: {**c, "kind": "x"}),), ("run.json", "kind")),
-    export("run.json with base of the wrong type", (edit("r/run.json", lambda c: {**c, "base": [1]}),),
-           ("run.json", "base.name_or_path")),
-    export("run.json with config of the wrong type", (edit("r/run.json", lambda c: {**c, "config": "lora"}),),
-           ("run.json", "config")),
-    export("run.json with an unknown artifact", (edit("r/run.json", lambda c: {**c, "artifact": "zip"}),),
-           ("run.json", "artifact")),
-    export("run.json with max_length 'long'", (edit("r/run.json", lambda c: {**c, "data": {**c["data"],
-                                                                                             "max_length": "long"}}),),
-           ("run.json", "max_length")),
-    export("run.json with eval indices out of range", (edit("r/run.json", lambda c: {
-        **c, "data": {**c["data"], "eval": {**c["data"]["eval"], "source": "split", "indices": [999]}}}),),
-        ("run.json",)),
+    export(
+        "run.json with base of the wrong type",
+        (edit("r/run.json", lambda c: {**c, "base": [1]}),),
+        ("run.json", "base.name_or_path"),
+    ),
+    export(
+        "run.json with config of the wrong type",
+        (edit("r/run.json", lambda c: {**c, "config": "lora"}),),
+        ("run.json", "config"),
+    ),
+    export(
+        "run.json with an unknown artifact",
+        (edit("r/run.json", lambda c: {**c, "artifact": "zip"}),),
+        ("run.json", "artifact"),
+    ),
+    export(
+        "run.json with max_length 'long'",
+        (edit("r/run.json", lambda c: {**c, "data": {**c["data"], "max_length": "long"}}),),
+        ("run.json", "max_length"),
+    ),
+    export(
+        "run.json with eval indices out of range",
+        (
+            edit(
+                "r/run.json",
+                lambda c: {
+                    **c,
+                    "data": {**c["data"], "eval": {**c["data"]["eval"], "source": "split", "indices": [999]}},
+                },
+            ),
+        ),
+        ("run.json",),
+    ),
     export("run.json status running", (edit("r/run.json", status("running")),), ("r", "--resume")),
     export("run.json is /dev/zero", (rm("r/run.json"), link("r/run.json", "/dev/zero")), ("run.json",)),
     export("run.json is a FIFO", (rm("r/run.json"), fifo("r/run.json")), ("run.json", "FIFO")),
     export("adapter missing", (rm("r/adapter_model.safetensors"),), ("adapter_model.safetensors", "missing")),
     export("adapter empty", (cut("r/adapter_model.safetensors", 0),), ("adapter_model.safetensors",)),
     export("adapter truncated", (cut("r/adapter_model.safetensors", 0.6),), ("adapter_model.safetensors",)),
-    export("adapter of another run (r 8 into r 4)", (rm("r/adapter_model.safetensors"),
-                                                     copy("r8_adapter", "r/adapter_model.safetensors")),
-           ("adapter",)),
-    export("adapter is the full run's model", (rm("r/adapter_model.safetensors"),
-                                               copy("full_model", "r/adapter_model.safetensors")), ("adapter",)),
+    export(
+        "adapter of another run (r 8 into r 4)",
+        (rm("r/adapter_model.safetensors"), copy("r8_adapter", "r/adapter_model.safetensors")),
+        ("adapter",),
+    ),
+    export(
+        "adapter is the full run's model",
+        (rm("r/adapter_model.safetensors"), copy("full_model", "r/adapter_model.safetensors")),
+        ("adapter",),
+    ),
     export("adapter_config.json missing", (rm("r/adapter_config.json"),), ("adapter_config.json",)),
     export("adapter_config.json corrupt", (write("r/adapter_config.json", "{"),), ("adapter_config.json",)),
     export("adapter_config.json is a list", (write("r/adapter_config.json", "[]"),), ("adapter_config.json",)),
-    export("adapter_config.json with r 'four'", (edit("r/adapter_config.json", lambda c: {**c, "r": "four"}),),
-           ("adapter_config.json",)),
+    export(
+        "adapter_config.json with r 'four'",
+        (edit("r/adapter_config.json", lambda c: {**c, "r": "four"}),),
+        ("adapter_config.json",),
+    ),
     export("tokenizer files missing", (rm("r/tokenizer_config.json"),), ("tokenizer_config.json",)),
-    export("held-out data moved away", (copy("data", "d.json"), edit("r/run.json", lambda c: {**c, "data": {
-        **c["data"], "eval": {**c["data"]["eval"], "path": "/nonexistent/d.json", "relative_to_run": "../d.json"}}}),
-        rm("d.json")), ("held-out data is gone",)),
-    export("held-out data changed", (copy("data", "d.json"), edit("r/run.json", lambda c: {**c, "data": {
-        **c["data"], "eval": {**c["data"]["eval"], "path": "/nonexistent/d.json", "relative_to_run": "../d.json"}}}),
-        write("d.json", rows(ROW))), ("d.json", "changed since training")),
-    export("base folder gone", (edit("r/run.json", lambda c: {**c, "base": {**c["base"], "name_or_path":
-                                                                            "/nonexistent/base"}}),), ("base",)),
-    export("full run: model.safetensors truncated", (copy("full", "f"), cut("f/model.safetensors", 0.5)),
-           ("model.safetensors",), run="f"),
+    export(
+        "held-out data moved away",
+        (
+            copy("data", "d.json"),
+            edit(
+                "r/run.json",
+                lambda c: {
+                    **c,
+                    "data": {
+                        **c["data"],
+                        "eval": {**c["data"]["eval"], "path": "/nonexistent/d.json", "relative_to_run": "../d.json"},
+                    },
+                },
+            ),
+            rm("d.json"),
+        ),
+        ("held-out data is gone",),
+    ),
+    export(
+        "held-out data changed",
+        (
+            copy("data", "d.json"),
+            edit(
+                "r/run.json",
+                lambda c: {
+                    **c,
+                    "data": {
+                        **c["data"],
+                        "eval": {**c["data"]["eval"], "path": "/nonexistent/d.json", "relative_to_run": "../d.json"},
+                    },
+                },
+            ),
+            write("d.json", rows(ROW)),
+        ),
+        ("d.json", "changed since training"),
+    ),
+    export(
+        "base folder gone",
+        (edit("r/run.json", lambda c: {**c, "base": {**c["base"], "name_or_path": "/nonexistent/base"}}),),
+        ("base",),
+    ),
+    export(
+        "full run: model.safetensors truncated",
+        (copy("full", "f"), cut("f/model.safetensors", 0.5)),
+        ("model.safetensors",),
+        run="f",
+    ),
     export("full run: config.json missing", (copy("full", "f"), rm("f/config.json")), ("config.json",), run="f"),
-    Case("merge-export", "--output the run itself --overwrite", ["r", "--output", "r", "--overwrite"], 2,
-         ("--output r", "training run"), (copy("run", "r"),)),
-    Case("merge-export", "--output the run's parent --overwrite", ["p/r", "--output", "p", "--overwrite"], 2,
-         ("--output p", "training run"), (copy("run", "p/r"), write("p/other.txt", "x"))),
-    Case("merge-export", "--output . --overwrite", ["r", "--output", ".", "--overwrite"], 2,
-         ("--output .", "working directory"), (copy("run", "r"),)),
-    Case("merge-export", "--output the base --overwrite", ["r", "--output", B, "--overwrite"], 2,
-         ("base model",), (copy("run", "r"),)),
-    Case("merge-export", "--output inside the run", ["r", "--output", "r/exp"], 2, ("--output r/exp", "inside"),
-         (copy("run", "r"),)),
-    Case("merge-export", "--output a symlink to the run --overwrite", ["r", "--output", "ln", "--overwrite"], 2,
-         ("--output ln", "training run"), (copy("run", "r"), link("ln", "r"))),
-    Case("merge-export", "a second export to the same output", ["r", "--output", "e", *SMALL_EXPORT], 2,
-         ("in use by pid",), (copy("run", "r"),), bg=Bg(["r", "--output", "e"], "e.partial-*")),
-    Case("merge-export", "--output a foreign folder --overwrite", ["r", "--output", "mine", "--overwrite"], 2,
-         ("--output mine", "did not write"), (copy("run", "r"), write("mine/x.bin", b"\0"))),
-    Case("merge-export", "--output an existing export, no --overwrite", ["r", "--output", "e"], 2,
-         ("--output e", "--overwrite"), (copy("run", "r"), copy("exp", "e"))),
-    Case("merge-export", "--output a training run --overwrite", ["r", "--output", "r2", "--overwrite"], 2,
-         ("--output r2",), (copy("run", "r"), copy("run", "r2"))),
-    Case("merge-export", "--output read-only (/proc)", ["r", "--output", "/proc/lora-med-exp"], 2,
-         ("--output /proc",), (copy("run", "r"),)),
-    Case("merge-export", "--overwrite an export lora-med wrote", ["r", "--output", "e", "--overwrite",
-                                                                  *SMALL_EXPORT], 0,
-         setup=(copy("run", "r"), copy("exp", "e")), may_change=("e/*",)),
-    Case("merge-export", "stale .partial of a killed export", ["r", "--output", "e", *SMALL_EXPORT], 0,
-         setup=(copy("run", "r"), write("e.partial-999999999/.lora-med", '{"kind": "lora-med.export", "entries": '
-                                        '["merged"]}'), mkdir("e.partial-999999999/merged")),
-         may_change=("e.partial-999999999*",)),
+    Case(
+        "merge-export",
+        "--output the run itself --overwrite",
+        ["r", "--output", "r", "--overwrite"],
+        2,
+        ("--output r", "training run"),
+        (copy("run", "r"),),
+    ),
+    Case(
+        "merge-export",
+        "--output the run's parent --overwrite",
+        ["p/r", "--output", "p", "--overwrite"],
+        2,
+        ("--output p", "training run"),
+        (copy("run", "p/r"), write("p/other.txt", "x")),
+    ),
+    Case(
+        "merge-export",
+        "--output . --overwrite",
+        ["r", "--output", ".", "--overwrite"],
+        2,
+        ("--output .", "working directory"),
+        (copy("run", "r"),),
+    ),
+    Case(
+        "merge-export",
+        "--output the base --overwrite",
+        ["r", "--output", B, "--overwrite"],
+        2,
+        ("base model",),
+        (copy("run", "r"),),
+    ),
+    Case(
+        "merge-export",
+        "--output inside the run",
+        ["r", "--output", "r/exp"],
+        2,
+        ("--output r/exp", "inside"),
+        (copy("run", "r"),),
+    ),
+    Case(
+        "merge-export",
+        "--output a symlink to the run --overwrite",
+        ["r", "--output", "ln", "--overwrite"],
+        2,
+        ("--output ln", "training run"),
+        (copy("run", "r"), link("ln", "r")),
+    ),
+    Case(
+        "merge-export",
+        "a second export to the same output",
+        ["r", "--output", "e", *SMALL_EXPORT],
+        2,
+        ("in use by pid",),
+        (copy("run", "r"),),
+        bg=Bg(["r", "--output", "e"], "e.partial-*"),
+    ),
+    Case(
+        "merge-export",
+        "--output a foreign folder --overwrite",
+        ["r", "--output", "mine", "--overwrite"],
+        2,
+        ("--output mine", "did not write"),
+        (copy("run", "r"), write("mine/x.bin", b"\0")),
+    ),
+    Case(
+        "merge-export",
+        "--output an existing export, no --overwrite",
+        ["r", "--output", "e"],
+        2,
+        ("--output e", "--overwrite"),
+        (copy("run", "r"), copy("exp", "e")),
+    ),
+    Case(
+        "merge-export",
+        "--output a training run --overwrite",
+        ["r", "--output", "r2", "--overwrite"],
+        2,
+        ("--output r2",),
+        (copy("run", "r"), copy("run", "r2")),
+    ),
+    Case(
+        "merge-export",
+        "--output read-only (/proc)",
+        ["r", "--output", "/proc/lora-med-exp"],
+        2,
+        ("--output /proc",),
+        (copy("run", "r"),),
+    ),
+    Case(
+        "merge-export",
+        "--overwrite an export lora-med wrote",
+        ["r", "--output", "e", "--overwrite", *SMALL_EXPORT],
+        0,
+        setup=(copy("run", "r"), copy("exp", "e")),
+        may_change=("e/*",),
+    ),
+    Case(
+        "merge-export",
+        "stale .partial of a killed export",
+        ["r", "--output", "e", *SMALL_EXPORT],
+        0,
+        setup=(
+            copy("run", "r"),
+            write("e.partial-999999999/.lora-med", '{"kind": "lora-med.export", "entries": ["merged"]}'),
+            mkdir("e.partial-999999999/merged"),
+        ),
+        may_change=("e.partial-999999999*",),
+    ),
     export("--quantize int8 --device cuda", (), ("--quantize int8",), args=("--quantize", "int8", "--device", "cuda")),
     export("--dtype fp16 on the CPU", (), ("--dtype fp16",), args=("--dtype", "fp16")),
     export("--optimize O4 on the CPU", (), ("--optimize O4",), args=("--optimize", "O4")),
@@ -559,95 +1011,233 @@ CASES: list[Case] = [
     export("--min-top1 1.5", (), ("--min-top1 1.5",), args=("--min-top1", "1.5")),
     export("--n-parity 1e9 (more than held out)", (), expect=0, args=("--n-parity", "1e9")),
     export("unknown flag --quantise", (), ("--quantise",), args=("--quantise", "int8")),
-    Case("merge-export", "YAML with an unknown key", ["r", "--config", "c.yaml"], 2, ("c.yaml", "quantise"),
-         (copy("run", "r"), write("c.yaml", "quantise: int8\n"))),
+    Case(
+        "merge-export",
+        "YAML with an unknown key",
+        ["r", "--config", "c.yaml"],
+        2,
+        ("c.yaml", "quantise"),
+        (copy("run", "r"), write("c.yaml", "quantise: int8\n")),
+    ),
     # Ctrl-C at each step (torch's ONNX tracer turns a KeyboardInterrupt into a SystemError).
-    *[Case("merge-export", f"Ctrl-C at {step}", ["r", "--output", "e"], 130, interrupt=f"stdout:{step}",
-           setup=(copy("run", "r"),), after=nothing_at("e", "e.*", ".e.lock"))
-      for step in ("[1/5] merge", "[2/5] save", "[3/5] export", "[4/5] engine", "[5/5] parity")],
-
+    *[
+        Case(
+            "merge-export",
+            f"Ctrl-C at {step}",
+            ["r", "--output", "e"],
+            130,
+            interrupt=f"stdout:{step}",
+            setup=(copy("run", "r"),),
+            after=nothing_at("e", "e.*", ".e.lock"),
+        )
+        for step in ("[1/5] merge", "[2/5] save", "[3/5] export", "[4/5] engine", "[5/5] parity")
+    ],
     # ---------------------------------------------------------------- bench
     bench("valid bench", ["--run", "{run}", "--export", "{exp}", "--out", "rep", *SMALL_BENCH], expect=0),
-    bench("bench again onto its own report", ["--run", "{run}", "--export", "{exp}", "--out", "rep", *SMALL_BENCH],
-          expect=0, setup=(copy("report", "rep"),), may_change=("rep/*",)),
+    bench(
+        "bench again onto its own report",
+        ["--run", "{run}", "--export", "{exp}", "--out", "rep", *SMALL_BENCH],
+        expect=0,
+        setup=(copy("report", "rep"),),
+        may_change=("rep/*",),
+    ),
     bench("nothing to measure", [], ("nothing to measure",)),
     bench("--run missing", ["--run", "nope"], ("--run", "nope")),
     bench("--run is an export", ["--run", "{exp}"], ("--run", "export")),
     bench("--run is a file", ["--run", "f.txt"], ("--run", "f.txt"), setup=(write("f.txt", "x"),)),
     bench("--export alone", ["--export", "{exp}"], ("--export",)),
     bench("--export missing", ["--run", "{run}", "--export", "nope"], ("--export", "nope")),
-    bench("--export of another run", ["--run", "{run8}", "--export", "{exp}", "--out", "rep"],
-          ("--export", "neither --run nor --full-run")),
-    bench("--export that failed its gate", ["--run", "{run}", "--export", "e", "--out", "rep"], ("e", "failed"),
-          setup=(copy("exp", "e"), edit("e/manifest.json", status("failed")))),
-    bench("--export with a corrupt manifest", ["--run", "{run}", "--export", "e", "--out", "rep"],
-          ("manifest.json",), setup=(copy("exp", "e"), write("e/manifest.json", "{"))),
-    bench("--export without model.onnx", ["--run", "{run}", "--export", "e", "--out", "rep"], ("model.onnx",),
-          setup=(copy("exp", "e"), rm("e/onnx/model.onnx"))),
-    bench("--export with a truncated model.onnx", ["--run", "{run}", "--export", "e", "--out", "rep", *SMALL_BENCH],
-          ("model.onnx",), setup=(copy("exp", "e"), cut("e/onnx/model.onnx", 0.5))),
-    bench("--run with a truncated adapter", ["--run", "r", "--out", "rep", *SMALL_BENCH[:-2], "--backends",
-                                             "torch-eager"], ("adapter_model.safetensors",),
-          setup=(copy("run", "r"), cut("r/adapter_model.safetensors", 0.5))),
-    bench("--run whose base is gone", ["--run", "r", "--out", "rep", *SMALL_BENCH], ("base",),
-          setup=(copy("run", "r"), edit("r/run.json", lambda c: {**c, "base": {**c["base"],
-                                                                              "name_or_path": "/nonexistent/b"}}))),
-    bench("--run whose held-out data moved", ["--run", "r", "--out", "rep", *SMALL_BENCH], ("held-out data",),
-          setup=(copy("run", "r"), edit("r/run.json", lambda c: {**c, "data": {**c["data"], "eval": {
-              **c["data"]["eval"], "path": "/nonexistent/d.json", "relative_to_run": "../d.json"}}}))),
+    bench(
+        "--export of another run",
+        ["--run", "{run8}", "--export", "{exp}", "--out", "rep"],
+        ("--export", "neither --run nor --full-run"),
+    ),
+    bench(
+        "--export that failed its gate",
+        ["--run", "{run}", "--export", "e", "--out", "rep"],
+        ("e", "failed"),
+        setup=(copy("exp", "e"), edit("e/manifest.json", status("failed"))),
+    ),
+    bench(
+        "--export with a corrupt manifest",
+        ["--run", "{run}", "--export", "e", "--out", "rep"],
+        ("manifest.json",),
+        setup=(copy("exp", "e"), write("e/manifest.json", "{")),
+    ),
+    bench(
+        "--export without model.onnx",
+        ["--run", "{run}", "--export", "e", "--out", "rep"],
+        ("model.onnx",),
+        setup=(copy("exp", "e"), rm("e/onnx/model.onnx")),
+    ),
+    bench(
+        "--export with a truncated model.onnx",
+        ["--run", "{run}", "--export", "e", "--out", "rep", *SMALL_BENCH],
+        ("model.onnx",),
+        setup=(copy("exp", "e"), cut("e/onnx/model.onnx", 0.5)),
+    ),
+    bench(
+        "--run with a truncated adapter",
+        ["--run", "r", "--out", "rep", *SMALL_BENCH[:-2], "--backends", "torch-eager"],
+        ("adapter_model.safetensors",),
+        setup=(copy("run", "r"), cut("r/adapter_model.safetensors", 0.5)),
+    ),
+    bench(
+        "--run whose base is gone",
+        ["--run", "r", "--out", "rep", *SMALL_BENCH],
+        ("base",),
+        setup=(
+            copy("run", "r"),
+            edit("r/run.json", lambda c: {**c, "base": {**c["base"], "name_or_path": "/nonexistent/b"}}),
+        ),
+    ),
+    bench(
+        "--run whose held-out data moved",
+        ["--run", "r", "--out", "rep", *SMALL_BENCH],
+        ("held-out data",),
+        setup=(
+            copy("run", "r"),
+            edit(
+                "r/run.json",
+                lambda c: {
+                    **c,
+                    "data": {
+                        **c["data"],
+                        "eval": {**c["data"]["eval"], "path": "/nonexistent/d.json", "relative_to_run": "../d.json"},
+                    },
+                },
+            ),
+        ),
+    ),
     bench("--full-run that is a LoRA run", ["--full-run", "{run}"], ("--full-run", "adapter")),
-    bench("--run and --full-run on different held-out sets", ["--run", "{run}", "--full-run", "f"],
-          ("--run", "--full-run", "same held-out set"),
-          setup=(copy("full", "f"), edit("f/run.json", lambda c: {**c, "data": {**c["data"], "max_length": 64}}))),
+    bench(
+        "--run and --full-run on different held-out sets",
+        ["--run", "{run}", "--full-run", "f"],
+        ("--run", "--full-run", "same held-out set"),
+        setup=(copy("full", "f"), edit("f/run.json", lambda c: {**c, "data": {**c["data"], "max_length": 64}})),
+    ),
     bench("--shape with --run", ["--shape", "dialogpt-medium", "--run", "{run}"], ("--shape", "--run")),
     bench("--shape bogus", ["--shape", "bogus"], ("--shape bogus",)),
     bench("--new-tokens 0", ["--run", "{run}", "--new-tokens", "0"], ("--new-tokens 0",)),
-    bench("--new-tokens 100000 (beyond positions)", ["--run", "{run}", "--out", "rep", *SMALL_BENCH,
-                                                     "--new-tokens", "100000"], ("--new-tokens",)),
+    bench(
+        "--new-tokens 100000 (beyond positions)",
+        ["--run", "{run}", "--out", "rep", *SMALL_BENCH, "--new-tokens", "100000"],
+        ("--new-tokens",),
+    ),
     bench("--prompts -1", ["--run", "{run}", "--prompts", "-1"], ("--prompts -1",)),
     bench("--threads 0", ["--run", "{run}", "--threads", "0"], ("--threads 0",)),
     bench("--max-latency-s nan", ["--run", "{run}", "--max-latency-s", "nan"], ("--max-latency-s nan",)),
     bench("--backends bogus", ["--run", "{run}", "--backends", "bogus"], ("--backends bogus",)),
     bench("--gate-backend bogus", ["--run", "{run}", "--gate-backend", "bogus"], ("--gate-backend bogus",)),
-    bench("--gate-backend not measured", ["--run", "{run}", "--export", "{exp}", "--out", "rep", *SMALL_BENCH,
-                                          "--max-latency-s", "5", "--gate-backend", "ort-cuda-fp16"],
-          ("--gate-backend ort-cuda-fp16",)),
+    bench(
+        "--gate-backend not measured",
+        [
+            "--run",
+            "{run}",
+            "--export",
+            "{exp}",
+            "--out",
+            "rep",
+            *SMALL_BENCH,
+            "--max-latency-s",
+            "5",
+            "--gate-backend",
+            "ort-cuda-fp16",
+        ],
+        ("--gate-backend ort-cuda-fp16",),
+    ),
     bench("--base missing", ["--run", "{run}", "--base", "./nope", "--out", "rep", *SMALL_BENCH], ("--base",)),
-    bench("--out . (the working dir)", ["--run", "{run}", "--out", "."], ("--out .", "working directory"),
-          setup=(write("keep.txt", "x"),)),
+    bench(
+        "--out . (the working dir)",
+        ["--run", "{run}", "--out", "."],
+        ("--out .", "working directory"),
+        setup=(write("keep.txt", "x"),),
+    ),
     bench("--out the run", ["--run", "r", "--out", "r"], ("--out r", "training run"), setup=(copy("run", "r"),)),
-    bench("--out a foreign folder", ["--run", "{run}", "--out", "mine"], ("--out mine", "did not write"),
-          setup=(write("mine/draft.md", "x"),)),
-    bench("--out the export", ["--run", "{run}", "--export", "e", "--out", "e"], ("--out e", "export"),
-          setup=(copy("exp", "e"),)),
-    bench("--out a symlink to a foreign folder", ["--run", "{run}", "--out", "ln"], ("--out ln", "did not write"),
-          setup=(write("mine/draft.md", "x"), link("ln", "mine"))),
+    bench(
+        "--out a foreign folder",
+        ["--run", "{run}", "--out", "mine"],
+        ("--out mine", "did not write"),
+        setup=(write("mine/draft.md", "x"),),
+    ),
+    bench(
+        "--out the export",
+        ["--run", "{run}", "--export", "e", "--out", "e"],
+        ("--out e", "export"),
+        setup=(copy("exp", "e"),),
+    ),
+    bench(
+        "--out a symlink to a foreign folder",
+        ["--run", "{run}", "--out", "ln"],
+        ("--out ln", "did not write"),
+        setup=(write("mine/draft.md", "x"), link("ln", "mine")),
+    ),
     bench("--name with a slash", ["--run", "{run}", "--name", "../x"], ("--name ../x",)),
-    bench("a report folder whose marker names ../", ["--run", "{run}", "--export", "{exp}", "--out", "p/rep",
-                                                     *SMALL_BENCH], expect=0, may_change=("p/rep/*",),
-          setup=(copy("report", "p/rep"), write("p/victim/a.txt", "x"), marker("p/rep", "../victim"))),
+    bench(
+        "a report folder whose marker names ../",
+        ["--run", "{run}", "--export", "{exp}", "--out", "p/rep", *SMALL_BENCH],
+        expect=0,
+        may_change=("p/rep/*",),
+        setup=(copy("report", "p/rep"), write("p/victim/a.txt", "x"), marker("p/rep", "../victim")),
+    ),
     bench("--out a file", ["--run", "{run}", "--out", "f.txt"], ("--out f.txt",), setup=(write("f.txt", "x"),)),
     bench("--out read-only (/proc)", ["--run", "{run}", "--out", "/proc/lora-med-rep"], ("--out /proc",)),
-    bench("--paired with a broken --lora-config", ["--paired", "--lora-config", "c.yaml"], ("--lora-config", "c.yaml"),
-          setup=(write("c.yaml", "r: zero\n"),)),
+    bench(
+        "--paired with a broken --lora-config",
+        ["--paired", "--lora-config", "c.yaml"],
+        ("--lora-config", "c.yaml"),
+        setup=(write("c.yaml", "r: zero\n"),),
+    ),
     bench("YAML: export is a number", ["--config", "c.yaml"], ("export",), setup=(write("c.yaml", "export: 5\n"),)),
     bench("--config /dev/zero", ["--config", "/dev/zero"], ("/dev/zero",)),
-    *[bench(f"Ctrl-C at {at}", ["--run", "{run}", "--export", "{exp}", "--out", "rep", *SMALL_BENCH[:-2],
-                                "--prompts", "8", "--repeats", "200", "--new-tokens", "64"], expect=130,
-            interrupt=f"stdout:{at}", after=nothing_at("rep")) for at in ("Perplexity on", "Latency:")],
-
+    *[
+        bench(
+            f"Ctrl-C at {at}",
+            [
+                "--run",
+                "{run}",
+                "--export",
+                "{exp}",
+                "--out",
+                "rep",
+                *SMALL_BENCH[:-2],
+                "--prompts",
+                "8",
+                "--repeats",
+                "200",
+                "--new-tokens",
+                "64",
+            ],
+            expect=130,
+            interrupt=f"stdout:{at}",
+            after=nothing_at("rep"),
+        )
+        for at in ("Perplexity on", "Latency:")
+    ],
     # ---------------------------------------------------------------- serve (refusals only)
     serve("no EXPORT_DIR", [], ("EXPORT_DIR",)),
     serve("EXPORT_DIR missing", ["nope"], ("EXPORT_DIR nope",)),
     serve("EXPORT_DIR is a file", ["f.txt"], ("f.txt",), (write("f.txt", "x"),)),
     serve("EXPORT_DIR is an empty folder", ["empty", "--port", "0"], ("empty",), (mkdir("empty"),)),
-    serve("EXPORT_DIR with a corrupt manifest", ["e", "--port", "0"], ("manifest.json",),
-          (copy("exp", "e"), write("e/manifest.json", "{"))),
-    serve("EXPORT_DIR with a truncated graph", ["e", "--port", "0"], ("model.onnx",),
-          (copy("exp", "e"), cut("e/onnx/model.onnx", 0.5))),
+    serve(
+        "EXPORT_DIR with a corrupt manifest",
+        ["e", "--port", "0"],
+        ("manifest.json",),
+        (copy("exp", "e"), write("e/manifest.json", "{")),
+    ),
+    serve(
+        "EXPORT_DIR with a truncated graph",
+        ["e", "--port", "0"],
+        ("model.onnx",),
+        (copy("exp", "e"), cut("e/onnx/model.onnx", 0.5)),
+    ),
     # A LoRA training run is served (adapter merged in memory); one whose base is gone is refused.
-    serve("EXPORT_DIR is a training run whose base is gone", ["r", "--port", "0"], ("base", "is gone"),
-          (copy("run", "r"), edit("r/run.json", lambda c: {**c, "base": {**c["base"], "name_or_path": "/gone/base"}}))),
+    serve(
+        "EXPORT_DIR is a training run whose base is gone",
+        ["r", "--port", "0"],
+        ("base", "is gone"),
+        (copy("run", "r"), edit("r/run.json", lambda c: {**c, "base": {**c["base"], "name_or_path": "/gone/base"}})),
+    ),
     serve("--port 70000", ["{exp}", "--port", "70000"], ("--port 70000",)),
     serve("--port abc", ["{exp}", "--port", "abc"], ("--port abc",)),
     serve("--temperature 0", ["{exp}", "--temperature", "0"], ("--temperature 0",)),
@@ -655,11 +1245,23 @@ CASES: list[Case] = [
     serve("--db is a folder", ["{exp}", "--db", "."], ("--db .",)),
     serve("--db in a missing folder", ["{exp}", "--db", "nope/x.db"], ("--db nope/x.db",)),
     serve("--intents missing", ["{exp}", "--intents", "nope.yaml"], ("--intents nope.yaml",)),
-    serve("--intents is a YAML list", ["{exp}", "--intents", "i.yaml", "--port", "0"], ("i.yaml",),
-          (write("i.yaml", "- a\n- b\n"),)),
-    serve("--config invalid YAML", ["{exp}", "--config", "c.yaml"], ("c.yaml", "invalid YAML"),
-          (write("c.yaml", "port: [\n"),)),
-    serve("--config unknown key", ["{exp}", "--config", "c.yaml"], ("c.yaml", "workers"),
-          (write("c.yaml", "workers: 4\n"),)),
+    serve(
+        "--intents is a YAML list",
+        ["{exp}", "--intents", "i.yaml", "--port", "0"],
+        ("i.yaml",),
+        (write("i.yaml", "- a\n- b\n"),),
+    ),
+    serve(
+        "--config invalid YAML",
+        ["{exp}", "--config", "c.yaml"],
+        ("c.yaml", "invalid YAML"),
+        (write("c.yaml", "port: [\n"),),
+    ),
+    serve(
+        "--config unknown key",
+        ["{exp}", "--config", "c.yaml"],
+        ("c.yaml", "workers"),
+        (write("c.yaml", "workers: 4\n"),),
+    ),
     serve("unknown flag --reload", ["{exp}", "--reload"], ("--reload",)),
 ]

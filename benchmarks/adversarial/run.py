@@ -45,7 +45,7 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
-from cases import CASES, Case  # noqa: E402
+from cases import CASES, Case
 
 TRACEBACK = "Traceback (most recent call last)"
 FLOOD = 1 << 20  # more output than this from one command is a failure (an error quoting a YAML alias bomb)
@@ -56,8 +56,15 @@ def env(scratch: Path) -> dict:
     """The environment of every command: offline, this checkout's lora_med, unbuffered output (so that a case
     can wait for a line), the scratch HOME. Threads are left at their defaults, as a user's are: with one
     thread per op, Ctrl-C never landed where CPython drops it."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": str(REPO), "HOME": str(scratch / "home"), "MPLCONFIGDIR": str(scratch / "mpl")}
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": str(REPO),
+        "HOME": str(scratch / "home"),
+        "MPLCONFIGDIR": str(scratch / "mpl"),
+    }
 
 
 # Each command is `python -m lora_med ARGS`. A fresh interpreter spends 4-8 s importing torch, transformers and
@@ -65,8 +72,18 @@ def env(scratch: Path) -> dict:
 # from a server that imported them once (multiprocessing's forkserver, single-threaded, nothing computed before
 # the fork), which then runs lora_med's __main__ exactly as the interpreter would. --fresh starts a new
 # interpreter per command instead (slower, for a check that the two agree).
-PRELOAD = ["__main__", "torch", "transformers", "peft", "onnxruntime", "lora_med.cli", "lora_med.train",
-           "lora_med.export", "lora_med.bench", "lora_med.serve.app"]
+PRELOAD = [
+    "__main__",
+    "torch",
+    "transformers",
+    "peft",
+    "onnxruntime",
+    "lora_med.cli",
+    "lora_med.train",
+    "lora_med.export",
+    "lora_med.bench",
+    "lora_med.serve.app",
+]
 FRESH = False
 _mp_lock = threading.Lock()
 
@@ -134,10 +151,16 @@ def lora_med(args: list[str], cwd: Path, scratch: Path, log: Path | None = None,
         log.touch()  # there before the command starts: a case may wait for a line in it
     if not (FRESH or fresh):
         return Forked(args, cwd, env(scratch), log or Path(os.devnull))
-    out = open(log, "wb") if log else subprocess.DEVNULL
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 (the child process owns it)
     # A session of its own: a timeout or a SIGINT reaches the command, never this runner.
-    return subprocess.Popen([sys.executable, "-m", "lora_med", *args], cwd=cwd, env=env(scratch), stdout=out,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lora_med", *args],
+        cwd=cwd,
+        env=env(scratch),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -155,18 +178,76 @@ def build_fixtures(scratch: Path) -> dict[str, str]:
     (scratch / "home" / "diary.txt").write_text("mis cosas\n")
     build_tiny_base(fx / "base")
     (fx / "convs.json").write_text(json.dumps(CONVERSATIONS, ensure_ascii=False, indent=1), encoding="utf-8")
-    F = {"base": str(fx / "base"), "data": str(fx / "convs.json"), "run": str(fx / "run"), "run8": str(fx / "run8"),
-         "full": str(fx / "full"), "exp": str(fx / "exp"), "report": str(fx / "report")}
-    common = ["--data", F["data"], "--eval-data", F["data"], "--base", F["base"], "--no-compare", "--report-to",
-              "none", "--learning-rate", "1e-2"]
+    F = {
+        "base": str(fx / "base"),
+        "data": str(fx / "convs.json"),
+        "run": str(fx / "run"),
+        "run8": str(fx / "run8"),
+        "full": str(fx / "full"),
+        "exp": str(fx / "exp"),
+        "report": str(fx / "report"),
+    }
+    common = [
+        "--data",
+        F["data"],
+        "--eval-data",
+        F["data"],
+        "--base",
+        F["base"],
+        "--no-compare",
+        "--report-to",
+        "none",
+        "--learning-rate",
+        "1e-2",
+    ]
     steps = [
-        [["train", *common, "--output", F["run"], "--r", "4", "--max-steps", "2", "--save-every", "1"],
-         ["train", *common, "--output", F["full"], "--method", "full", "--max-steps", "1", "--learning-rate", "1e-3"]],
-        [["train", *common, "--output", F["run8"], "--r", "8", "--max-steps", "1"],
-         ["merge-export", F["run"], "--output", F["exp"], "--n-parity", "1", "--max-new-tokens", "2"]],
-        [["bench", "--run", F["run"], "--export", F["exp"], "--out", F["report"], "--prompts", "1", "--repeats", "1",
-          "--warmup", "0", "--new-tokens", "2", "--no-scaling", "--threads", "1", "--max-latency-s", "0",
-          "--min-ppl-gain", "0", "--backends", "ort-cpu-fp32"]],
+        [
+            ["train", *common, "--output", F["run"], "--r", "4", "--max-steps", "2", "--save-every", "1"],
+            [
+                "train",
+                *common,
+                "--output",
+                F["full"],
+                "--method",
+                "full",
+                "--max-steps",
+                "1",
+                "--learning-rate",
+                "1e-3",
+            ],
+        ],
+        [
+            ["train", *common, "--output", F["run8"], "--r", "8", "--max-steps", "1"],
+            ["merge-export", F["run"], "--output", F["exp"], "--n-parity", "1", "--max-new-tokens", "2"],
+        ],
+        [
+            [
+                "bench",
+                "--run",
+                F["run"],
+                "--export",
+                F["exp"],
+                "--out",
+                F["report"],
+                "--prompts",
+                "1",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--new-tokens",
+                "2",
+                "--no-scaling",
+                "--threads",
+                "1",
+                "--max-latency-s",
+                "0",
+                "--min-ppl-gain",
+                "0",
+                "--backends",
+                "ort-cpu-fp32",
+            ]
+        ],
     ]
     for i, group in enumerate(steps):  # each group in parallel; a group needs the one before
         procs = [(a, lora_med(a, fx, scratch, fx / f"log-{i}-{j}.txt")) for j, a in enumerate(group)]
@@ -210,8 +291,11 @@ def snapshot(scratch: Path, *roots: str) -> dict[str, tuple]:
 def lost(before: dict, after: dict, allowed: list[str]) -> list[str]:
     """Pre-existing entries changed or gone, except those the case allows (globs relative to the scratch dir).
     A folder whose files all survive may gain entries: only files, links and FIFOs are compared by content."""
-    return [f"{rel} ({'deleted' if rel not in after else 'changed'})" for rel, what in before.items()
-            if after.get(rel) != what and not any(fnmatch.fnmatch(rel, a) for a in allowed)]
+    return [
+        f"{rel} ({'deleted' if rel not in after else 'changed'})"
+        for rel, what in before.items()
+        if after.get(rel) != what and not any(fnmatch.fnmatch(rel, a) for a in allowed)
+    ]
 
 
 # --------------------------------------------------------------------------- one case
@@ -294,8 +378,17 @@ def _fill(arg: str, F: dict) -> str:
     return arg
 
 
-def judge(i: int, case: Case, args: list[str], code: int, text: str, gone: list[str], notes: list[str],
-          seconds: float, cwd: Path) -> dict:
+def judge(
+    i: int,
+    case: Case,
+    args: list[str],
+    code: int,
+    text: str,
+    gone: list[str],
+    notes: list[str],
+    seconds: float,
+    cwd: Path,
+) -> dict:
     """The verdict on one case: every reason it fails (empty: it passed)."""
     errors = [ln.strip() for ln in text.splitlines() if ln.strip().lower().startswith("error:")]
     why = list(notes)
@@ -323,22 +416,39 @@ def judge(i: int, case: Case, args: list[str], code: int, text: str, gone: list[
         first += " " + next((ln.strip() for ln in text.splitlines() if ln.startswith("  - ")), "")
     if tb:
         first = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
-    return {"id": i, "command": case.cmd, "case": case.name, "argv": f"lora-med {case.cmd} {shown}".strip(),
-            "expected": case.expect, "exit": code, "traceback": tb, "data_lost": gone, "message": first[:300],
-            "seconds": round(seconds, 1), "passed": not why, "why": why,
-            "output_tail": text[-2500:] if why else ""}
+    return {
+        "id": i,
+        "command": case.cmd,
+        "case": case.name,
+        "argv": f"lora-med {case.cmd} {shown}".strip(),
+        "expected": case.expect,
+        "exit": code,
+        "traceback": tb,
+        "data_lost": gone,
+        "message": first[:300],
+        "seconds": round(seconds, 1),
+        "passed": not why,
+        "why": why,
+        "output_tail": text[-2500:] if why else "",
+    }
 
 
 # --------------------------------------------------------------------------- report
 
 
 def machine() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")  # noqa: SIM115
     import torch
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
-            "python": platform.python_version(), "torch": torch.__version__, "commit": commit.strip()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "commit": commit.strip(),
+    }
 
 
 def summary(results: list[dict]) -> dict:
@@ -349,31 +459,47 @@ def summary(results: list[dict]) -> dict:
         c["passed"] += r["passed"]
         c["tracebacks"] += r["traceback"]
         c["data_lost"] += bool(r["data_lost"])
-    return {"cases": len(results), "passed": sum(r["passed"] for r in results),
-            "tracebacks": sum(r["traceback"] for r in results), "data_lost": sum(bool(r["data_lost"]) for r in results),
-            "by_command": by}
+    return {
+        "cases": len(results),
+        "passed": sum(r["passed"] for r in results),
+        "tracebacks": sum(r["traceback"] for r in results),
+        "data_lost": sum(bool(r["data_lost"]) for r in results),
+        "by_command": by,
+    }
 
 
 def markdown(report: dict) -> str:
     s, m = report["summary"], report["machine"]
     lines = [
-        "# Adversarial pass: the careless user against the real CLI", "",
+        "# Adversarial pass: the careless user against the real CLI",
+        "",
         f"{report['date']} | {m['cpu']}, {m['cores']} cores (load {m['load_average_1m']} at the end) | Python "
         f"{m['python']}, torch {m['torch']} | commit {m['commit']} | {report['seconds']:.0f} s with "
-        f"{report['jobs']} jobs, each command {report['launch']}" + (f" | cases matching {report['filter']!r}"
-                                                                    if report["filter"] else ""), "",
-        f"**{s['cases']} cases: {s['passed']} passed, {s['tracebacks']} tracebacks, {s['data_lost']} with data "
-        "lost.**", "",
-        "| command | cases | passed | tracebacks | data lost |", "| --- | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {k} | {v['cases']} | {v['passed']} | {v['tracebacks']} | {v['data_lost']} |"
-              for k, v in s["by_command"].items()]
-    lines += ["", "Exit: 0 valid input, 2 user error, 130 Ctrl-C. Message: the first `error:` line (or the "
-              "traceback's last line).", "", "| # | command | case | exit | ok | message |",
-              "| ---: | --- | --- | ---: | --- | --- |"]
+        f"{report['jobs']} jobs, each command {report['launch']}"
+        + (f" | cases matching {report['filter']!r}" if report["filter"] else ""),
+        "",
+        f"**{s['cases']} cases: {s['passed']} passed, {s['tracebacks']} tracebacks, {s['data_lost']} with data lost.**",
+        "",
+        "| command | cases | passed | tracebacks | data lost |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {k} | {v['cases']} | {v['passed']} | {v['tracebacks']} | {v['data_lost']} |"
+        for k, v in s["by_command"].items()
+    ]
+    lines += [
+        "",
+        "Exit: 0 valid input, 2 user error, 130 Ctrl-C. Message: the first `error:` line (or the "
+        "traceback's last line).",
+        "",
+        "| # | command | case | exit | ok | message |",
+        "| ---: | --- | --- | ---: | --- | --- |",
+    ]
     for r in report["results"]:
         msg = r["message"].replace("|", "\\|")[:140]
-        ok = ("yes" if r["passed"] else "**no**: " + "; ".join(r["why"]).replace("|", "\\|")) + \
-            (f" ({r['note']})" if r.get("note") else "")
+        ok = ("yes" if r["passed"] else "**no**: " + "; ".join(r["why"]).replace("|", "\\|")) + (
+            f" ({r['note']})" if r.get("note") else ""
+        )
         lines.append(f"| {r['id']} | {r['command']} | {r['case'].replace('|', '/')} | {r['exit']} | {ok} | {msg} |")
     return "\n".join(lines) + "\n"
 
@@ -399,36 +525,50 @@ def main() -> int:
         F = build_fixtures(scratch)
         print(f"fixtures in {time.time() - t0:.0f}s; {len(chosen)} cases, {a.jobs} at a time", flush=True)
         # The slow ones first, so that the pool does not end on a long tail.
-        slow = lambda c: c.bg is not None or c.interrupt is not None or c.expect == 0  # noqa: E731
+        slow = lambda c: c.bg is not None or c.interrupt is not None or c.expect == 0
         order = sorted(chosen, key=lambda ic: not slow(ic[1]))
         results = []
         with ThreadPoolExecutor(a.jobs) as pool:
             for r in pool.map(lambda ic: run_case(*ic, F, scratch), order):
                 results.append(r)
                 verdict = "ok" if r["passed"] else "FAIL: " + "; ".join(r["why"])[:200]
-                print(f"{r['id']:4d} {r['command']:<12} {r['case'][:52]:<52} exit {r['exit']:>3} {r['seconds']:6.1f}s "
-                      f"{verdict} {r.get('note', '')}", flush=True)
+                print(
+                    f"{r['id']:4d} {r['command']:<12} {r['case'][:52]:<52} exit {r['exit']:>3} {r['seconds']:6.1f}s "
+                    f"{verdict} {r.get('note', '')}",
+                    flush=True,
+                )
     finally:
         if a.keep:
             print(f"kept {scratch}")
         else:
             shutil.rmtree(scratch, ignore_errors=True)
     results.sort(key=lambda r: r["id"])
-    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-              "seconds": round(time.time() - t0, 1), "jobs": a.jobs, "filter": a.k,
-              "launch": "a fresh interpreter per command" if FRESH else
-              "forked from a preloaded server (Ctrl-C cases: a fresh interpreter)",
-              "summary": summary(results), "results": results}
+    report = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "seconds": round(time.time() - t0, 1),
+        "jobs": a.jobs,
+        "filter": a.k,
+        "launch": "a fresh interpreter per command"
+        if FRESH
+        else "forked from a preloaded server (Ctrl-C cases: a fresh interpreter)",
+        "summary": summary(results),
+        "results": results,
+    }
     out = Path(a.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "results.md").write_text(markdown(report), encoding="utf-8")
     s = report["summary"]
-    print(f"\n{s['cases']} cases: {s['passed']} passed, {s['tracebacks']} tracebacks, {s['data_lost']} with data lost "
-          f"({report['seconds']:.0f}s); {out / 'results.md'}")
+    print(
+        f"\n{s['cases']} cases: {s['passed']} passed, {s['tracebacks']} tracebacks, {s['data_lost']} with data lost "
+        f"({report['seconds']:.0f}s); {out / 'results.md'}"
+    )
     for k, v in s["by_command"].items():
-        print(f"  {k:<13} {v['cases']:4d} cases  {v['passed']:4d} passed  {v['tracebacks']} tracebacks  "
-              f"{v['data_lost']} data lost")
+        print(
+            f"  {k:<13} {v['cases']:4d} cases  {v['passed']:4d} passed  {v['tracebacks']} tracebacks  "
+            f"{v['data_lost']} data lost"
+        )
     return 0 if s["passed"] == s["cases"] else 1
 
 

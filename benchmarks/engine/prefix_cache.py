@@ -38,10 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lora_med.export.decode_graph import build_decode_graph
-    from lora_med.engine import GenerationSettings, load_engine
-    from lora_med.models import device_info
     from lora_med.bench.shapes import SHAPES
+    from lora_med.engine import GenerationSettings, load_engine
+    from lora_med.export.decode_graph import build_decode_graph
+    from lora_med.models import device_info
 
     work = Path(tempfile.mkdtemp(prefix="prefix-cache-"))
     torch.manual_seed(0)
@@ -63,33 +63,55 @@ def main(argv: list[str] | None = None) -> int:
             conv = conv + g.integers(1, eos, 25).tolist() + [eos]
             lengths[turn] = len(conv)
             order = (("without", plain), ("with", cached))
-            for name, eng in (order if (r + turn) % 2 == 0 else order[::-1]):
+            for name, eng in order if (r + turn) % 2 == 0 else order[::-1]:
                 t0 = time.perf_counter()
                 out = eng.generate([conv], s)[0]
                 times.setdefault((turn, name), []).append(1000 * (time.perf_counter() - t0))
             conv = conv + out + [eos]
-    rows = [{"turn": t + 1, "prompt_tokens": lengths[t],
-             "without_ms": round(statistics.median(times[t, "without"]), 1),
-             "with_ms": round(statistics.median(times[t, "with"]), 1)} for t in range(a.turns)]
+    rows = [
+        {
+            "turn": t + 1,
+            "prompt_tokens": lengths[t],
+            "without_ms": round(statistics.median(times[t, "without"]), 1),
+            "with_ms": round(statistics.median(times[t, "with"]), 1),
+        }
+        for t in range(a.turns)
+    ]
     for row in rows:
         print(row, flush=True)
     m = device_info("cpu")
-    report = {"shape": "dialogpt-medium (random weights, speed only)", "precision": a.precision, "threads": a.threads,
-              "reply_tokens": 30, "message_tokens": 25, "rounds": a.rounds, "turns": rows, "machine": m,
-              "reused_tokens": cached.prefix_cache.reused_tokens, "prompt_tokens": cached.prefix_cache.prompt_tokens,
-              "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    report = {
+        "shape": "dialogpt-medium (random weights, speed only)",
+        "precision": a.precision,
+        "threads": a.threads,
+        "reply_tokens": 30,
+        "message_tokens": 25,
+        "rounds": a.rounds,
+        "turns": rows,
+        "machine": m,
+        "reused_tokens": cached.prefix_cache.reused_tokens,
+        "prompt_tokens": cached.prefix_cache.prompt_tokens,
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    lines = [f"# Prefix cache over a conversation: DialoGPT-medium shape ({a.precision}, random weights, speed only)",
-             "", f"`benchmarks/engine/prefix_cache.py --precision {a.precision}`. {m.get('cpu')}, {m.get('cores')} "
-             f"cores, {a.threads} threads, {report['when']}. Each turn: a 25-token message + EOS, then a 30-token "
-             "reply (forced); the same decode graph without and with the engine's prefix cache; median of "
-             f"{a.rounds} conversations.", "",
-             "| turn | prompt tokens | reply without the cache (ms) | with the cache (ms) | with / without |",
-             "| ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['turn']} | {r['prompt_tokens']} | {r['without_ms']} | {r['with_ms']} | "
-              f"{r['with_ms'] / r['without_ms']:.2f}x |" for r in rows]
+    lines = [
+        f"# Prefix cache over a conversation: DialoGPT-medium shape ({a.precision}, random weights, speed only)",
+        "",
+        f"`benchmarks/engine/prefix_cache.py --precision {a.precision}`. {m.get('cpu')}, {m.get('cores')} "
+        f"cores, {a.threads} threads, {report['when']}. Each turn: a 25-token message + EOS, then a 30-token "
+        "reply (forced); the same decode graph without and with the engine's prefix cache; median of "
+        f"{a.rounds} conversations.",
+        "",
+        "| turn | prompt tokens | reply without the cache (ms) | with the cache (ms) | with / without |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {r['turn']} | {r['prompt_tokens']} | {r['without_ms']} | {r['with_ms']} | "
+        f"{r['with_ms'] / r['without_ms']:.2f}x |"
+        for r in rows
+    ]
     lines += ["", f"Prompt tokens taken from the cache: {report['reused_tokens']} of {report['prompt_tokens']}.", ""]
     (out / "results.md").write_text("\n".join(lines), encoding="utf-8")
     print(f"wrote {out / 'results.md'}")

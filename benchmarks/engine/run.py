@@ -23,10 +23,16 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-PROMPTS = ["Hola, necesito una cita", "Quiero cancelar mi cita", "Me duele mucho el pecho y me cuesta respirar",
-           "¿Cuál es el horario de atención?", "¿Cuánto cuesta una consulta con el cardiólogo?",
-           "¿Ya están mis resultados de laboratorio?", "¿Qué pastilla puedo tomar para el dolor de cabeza?",
-           "Gracias, hasta luego"]
+PROMPTS = [
+    "Hola, necesito una cita",
+    "Quiero cancelar mi cita",
+    "Me duele mucho el pecho y me cuesta respirar",
+    "¿Cuál es el horario de atención?",
+    "¿Cuánto cuesta una consulta con el cardiólogo?",
+    "¿Ya están mis resultados de laboratorio?",
+    "¿Qué pastilla puedo tomar para el dolor de cabeza?",
+    "Gracias, hasta luego",
+]
 
 
 def _shape_model(work: Path) -> Path:
@@ -36,8 +42,15 @@ def _shape_model(work: Path) -> Path:
     out = work / "dialogpt-medium-shape"
     if not (out / "config.json").exists():
         torch.manual_seed(0)
-        cfg = GPT2Config(n_layer=24, n_embd=1024, n_head=16, n_positions=1024, vocab_size=50257,
-                         bos_token_id=50256, eos_token_id=50256)
+        cfg = GPT2Config(
+            n_layer=24,
+            n_embd=1024,
+            n_head=16,
+            n_positions=1024,
+            vocab_size=50257,
+            bos_token_id=50256,
+            eos_token_id=50256,
+        )
         GPT2LMHeadModel(cfg).save_pretrained(out, safe_serialization=True)
     return out
 
@@ -46,8 +59,14 @@ def _optimum_export(model_dir: Path, out: Path) -> Path:
     if not (out / "model.onnx").exists():
         from optimum.exporters.onnx import main_export
 
-        main_export(model_name_or_path=str(model_dir), output=out, task="text-generation-with-past", device="cpu",
-                    do_validation=False, library_name="transformers")
+        main_export(
+            model_name_or_path=str(model_dir),
+            output=out,
+            task="text-generation-with-past",
+            device="cpu",
+            do_validation=False,
+            library_name="transformers",
+        )
     return out
 
 
@@ -69,9 +88,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lora_med.export.decode_graph import build_decode_graph
     from lora_med.engine import GenerationSettings, load_engine
     from lora_med.engine.torch_backend import torch_engine
+    from lora_med.export.decode_graph import build_decode_graph
     from lora_med.models import load_model
 
     work = Path(args.work)
@@ -86,7 +105,7 @@ def main() -> None:
         from lora_med.models import load_tokenizer
 
         tok = load_tokenizer(str(model_dir))
-        prompts = [tok(p, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for p in PROMPTS][:args.prompts]
+        prompts = [tok(p, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for p in PROMPTS][: args.prompts]
 
     wanted = set(args.backends.split(",")) if args.backends else None
     backends: dict = {}
@@ -96,30 +115,38 @@ def main() -> None:
         return wanted is None or name in wanted
 
     if want("ort-cpu-fp32"):
-        from optimum.onnxruntime import ORTModelForCausalLM
         import onnxruntime as ort
+        from optimum.onnxruntime import ORTModelForCausalLM
 
         t0 = time.perf_counter()
         onnx_dir = _optimum_export(model_dir, work / f"{tag}-optimum-fp32")
         build["ort-cpu-fp32"] = round(time.perf_counter() - t0, 1)
         so = ort.SessionOptions()
         so.intra_op_num_threads = args.threads
-        m = ORTModelForCausalLM.from_pretrained(onnx_dir, provider="CPUExecutionProvider", session_options=so,
-                                                use_io_binding=False)
+        m = ORTModelForCausalLM.from_pretrained(
+            onnx_dir, provider="CPUExecutionProvider", session_options=so, use_io_binding=False
+        )
         eos = m.config.eos_token_id
 
         def ort_reply(p, m=m, eos=eos):
             x = torch.tensor([p])
-            out = m.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, eos_token_id=eos, pad_token_id=eos)
+            out = m.generate(
+                input_ids=x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=eos,
+            )
             assert out.shape[1] - len(p) == n
 
         backends["ort-cpu-fp32"] = ort_reply
     if want("ort-cpu-int8"):
         import shutil
 
-        from optimum.onnxruntime import ORTModelForCausalLM
         import onnxruntime as ort
+        from optimum.onnxruntime import ORTModelForCausalLM
 
         from lora_med.export.precision import quantize_int8
 
@@ -135,14 +162,22 @@ def main() -> None:
         build["ort-cpu-int8"] = round(time.perf_counter() - t0, 1)
         so = ort.SessionOptions()
         so.intra_op_num_threads = args.threads
-        m8 = ORTModelForCausalLM.from_pretrained(int8_dir, provider="CPUExecutionProvider", session_options=so,
-                                                 use_io_binding=False)
+        m8 = ORTModelForCausalLM.from_pretrained(
+            int8_dir, provider="CPUExecutionProvider", session_options=so, use_io_binding=False
+        )
 
         def ort8_reply(p, m=m8):
             x = torch.tensor([p])
             eos = m.config.eos_token_id
-            m.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, eos_token_id=eos, pad_token_id=eos)
+            m.generate(
+                input_ids=x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=eos,
+            )
 
         backends["ort-cpu-int8"] = ort8_reply
     for precision in ("fp32", "int8"):
@@ -164,8 +199,15 @@ def main() -> None:
         def torch_reply(p, model=model, eos=eos):
             x = torch.tensor([p])
             with torch.no_grad():
-                model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                               do_sample=False, eos_token_id=eos, pad_token_id=eos)
+                model.generate(
+                    input_ids=x,
+                    attention_mask=torch.ones_like(x),
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    eos_token_id=eos,
+                    pad_token_id=eos,
+                )
 
         backends["torch-eager-fp32"] = torch_reply
     if want("engine-torch-cpu-fp32") and wanted:
@@ -189,19 +231,30 @@ def main() -> None:
     base = "torch-eager-fp32" if args.shape and "torch-eager-fp32" in times else "ort-cpu-fp32"
     ref = statistics.median(times[base]) if base in times else None
     rows = {}
-    print(f"{tag}: {n} new tokens forced, batch 1, {len(prompts)} prompts x {args.repeats}, {args.threads} threads, "
-          f"load avg {load[0]:.2f}")
+    print(
+        f"{tag}: {n} new tokens forced, batch 1, {len(prompts)} prompts x {args.repeats}, {args.threads} threads, "
+        f"load avg {load[0]:.2f}"
+    )
     for name, ts in times.items():
         p50 = statistics.median(ts)
         cpu50 = statistics.median(cpu[name])
-        rows[name] = {"p50_ms": round(p50 * 1000, 2), "p95_ms": round(float(np.percentile(ts, 95)) * 1000, 2),
-                      "cpu_p50_ms": round(cpu50 * 1000, 2),
-                      "vs_" + base: round(p50 / ref, 3) if ref else None, "build_s": build.get(name)}
-        print(f"  {name:24s} p50 {p50 * 1000:8.2f} ms  p95 {rows[name]['p95_ms']:8.2f} ms  cpu {cpu50 * 1000:8.2f} ms"
-              + (f"  {p50 / ref:.3f}x {base}" if ref else ""))
+        rows[name] = {
+            "p50_ms": round(p50 * 1000, 2),
+            "p95_ms": round(float(np.percentile(ts, 95)) * 1000, 2),
+            "cpu_p50_ms": round(cpu50 * 1000, 2),
+            "vs_" + base: round(p50 / ref, 3) if ref else None,
+            "build_s": build.get(name),
+        }
+        print(
+            f"  {name:24s} p50 {p50 * 1000:8.2f} ms  p95 {rows[name]['p95_ms']:8.2f} ms  cpu {cpu50 * 1000:8.2f} ms"
+            + (f"  {p50 / ref:.3f}x {base}" if ref else "")
+        )
     if args.out:
-        Path(args.out).write_text(json.dumps({"model": tag, "threads": args.threads, "new_tokens": n,
-                                              "load_avg": load, "backends": rows}, indent=1))
+        Path(args.out).write_text(
+            json.dumps(
+                {"model": tag, "threads": args.threads, "new_tokens": n, "load_avg": load, "backends": rows}, indent=1
+            )
+        )
 
 
 if __name__ == "__main__":

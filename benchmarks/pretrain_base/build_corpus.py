@@ -15,6 +15,7 @@ and benchmarks/pretrain_base/SOURCES.md (provenance table, committed).
 
 Usage:  python build_corpus.py --work-dir /tmp/pretrain_base
 """
+
 import argparse
 import glob
 import gzip
@@ -36,10 +37,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Licences were read from each package's /usr/share/doc/<pkg>/copyright ("Files: *").
 DEB_SOURCES = {
     "libreoffice-help-es": ("usr/share/libreoffice/help/es/**/*.html", "html", "MPL-2.0"),
-    "gimp-help-es": ("usr/share/gimp/2.0/help/es/**/*.html", "html",
-                     "GFDL-NIV-1.2+ (copyright file in gimp-help-common)"),
-    "debian-handbook": ("usr/share/doc/debian-handbook/html/es-ES/**/*.html", "html",
-                        "GPL-2.0+ or CC-BY-SA-3.0"),
+    "gimp-help-es": (
+        "usr/share/gimp/2.0/help/es/**/*.html",
+        "html",
+        "GFDL-NIV-1.2+ (copyright file in gimp-help-common)",
+    ),
+    "debian-handbook": ("usr/share/doc/debian-handbook/html/es-ES/**/*.html", "html", "GPL-2.0+ or CC-BY-SA-3.0"),
     "debian-reference-es": ("usr/share/debian-reference/*.es.html", "html", "GPL-2+"),
     "freedombox-doc-es": ("usr/share/freedombox/manual/es/**/*.html", "html", "AGPL-3+"),
     "debian-edu-doc-es": ("usr/share/doc/debian-edu-doc-es/*.html", "html", "GPL-2+"),
@@ -52,19 +55,162 @@ PIP_SOURCE = ("chatterbot-corpus", "1.3.3", "BSD-3-Clause (PyPI classifier: BSD 
 
 # Function words: a line counts as Spanish when it has enough of these and more of them
 # than of the English ones (GIMP/LibreOffice help has untranslated English passages).
-ES_WORDS = set("""de la que el en y a los se del las un por con no una su para es al lo
-como más o pero sus le ya este sí porque esta entre cuando muy sin sobre también me hasta
-hay donde quien desde todo nos durante todos uno les ni contra otros ese eso ante ellos e
-esto mí antes algunos qué unos yo otro otras otra él tanto esa estos mucho quienes nada
-muchos cual poco ella estar estas algunas algo nosotros mi mis tú te ti tu tus puede
-pueden debe si son está están ser tiene hace cómo cuál usted ha han fue era""".split())
-EN_WORDS = set("""the of and to in is that for it with as on this be are by or from an
-at which you your can not will if use when there these have has""".split())
+ES_WORDS = set(
+    [
+        "de",
+        "la",
+        "que",
+        "el",
+        "en",
+        "y",
+        "a",
+        "los",
+        "se",
+        "del",
+        "las",
+        "un",
+        "por",
+        "con",
+        "no",
+        "una",
+        "su",
+        "para",
+        "es",
+        "al",
+        "lo",
+        "como",
+        "más",
+        "o",
+        "pero",
+        "sus",
+        "le",
+        "ya",
+        "este",
+        "sí",
+        "porque",
+        "esta",
+        "entre",
+        "cuando",
+        "muy",
+        "sin",
+        "sobre",
+        "también",
+        "me",
+        "hasta",
+        "hay",
+        "donde",
+        "quien",
+        "desde",
+        "todo",
+        "nos",
+        "durante",
+        "todos",
+        "uno",
+        "les",
+        "ni",
+        "contra",
+        "otros",
+        "ese",
+        "eso",
+        "ante",
+        "ellos",
+        "e",
+        "esto",
+        "mí",
+        "antes",
+        "algunos",
+        "qué",
+        "unos",
+        "yo",
+        "otro",
+        "otras",
+        "otra",
+        "él",
+        "tanto",
+        "esa",
+        "estos",
+        "mucho",
+        "quienes",
+        "nada",
+        "muchos",
+        "cual",
+        "poco",
+        "ella",
+        "estar",
+        "estas",
+        "algunas",
+        "algo",
+        "nosotros",
+        "mi",
+        "mis",
+        "tú",
+        "te",
+        "ti",
+        "tu",
+        "tus",
+        "puede",
+        "pueden",
+        "debe",
+        "si",
+        "son",
+        "está",
+        "están",
+        "ser",
+        "tiene",
+        "hace",
+        "cómo",
+        "cuál",
+        "usted",
+        "ha",
+        "han",
+        "fue",
+        "era",
+    ]
+)
+EN_WORDS = set(
+    [
+        "the",
+        "of",
+        "and",
+        "to",
+        "in",
+        "is",
+        "that",
+        "for",
+        "it",
+        "with",
+        "as",
+        "on",
+        "this",
+        "be",
+        "are",
+        "by",
+        "or",
+        "from",
+        "an",
+        "at",
+        "which",
+        "you",
+        "your",
+        "can",
+        "not",
+        "will",
+        "if",
+        "use",
+        "when",
+        "there",
+        "these",
+        "have",
+        "has",
+    ]
+)
 TOC_RE = re.compile(r"^(\d+(\.\d+)*|[A-Z](\.\d+)+)\.?\s")
 WORD_RE = re.compile(r"[a-záéíóúüñ]+")
 BOILERPLATE_RE = re.compile(
     r"(copyright|©|licen[cs]ia|license|gnu free documentation|todos los derechos|"
-    r"https?://|www\.|@[a-z0-9-]+\.)", re.I)
+    r"https?://|www\.|@[a-z0-9-]+\.)",
+    re.I,
+)
 
 
 # ---------------------------------------------------------------- fetching
@@ -79,16 +225,16 @@ def fetch(work):
         subprocess.run(["apt-get", "download", *missing], cwd=debs, check=True)
     for pkg in DEB_SOURCES:
         deb = sorted(glob.glob(os.path.join(debs, pkg + "_*.deb")))[-1]
-        versions[pkg] = subprocess.run(["dpkg-deb", "-f", deb, "Version"], check=True,
-                                       capture_output=True, text=True).stdout.strip()
+        versions[pkg] = subprocess.run(
+            ["dpkg-deb", "-f", deb, "Version"], check=True, capture_output=True, text=True
+        ).stdout.strip()
         dest = os.path.join(unpack, pkg)
         if not os.path.isdir(dest):
             subprocess.run(["dpkg-deb", "-x", deb, dest], check=True)
     name, ver, _ = PIP_SOURCE
     whl = os.path.join(work, "pip")
     if not glob.glob(os.path.join(whl, "*.whl")):
-        subprocess.run(["pip", "download", "--no-deps", f"{name}=={ver}", "-d", whl],
-                       check=True)
+        subprocess.run(["pip", "download", "--no-deps", f"{name}=={ver}", "-d", whl], check=True)
     dest = os.path.join(unpack, name)
     if not os.path.isdir(dest):
         zipfile.ZipFile(glob.glob(os.path.join(whl, "*.whl"))[0]).extractall(dest)
@@ -99,8 +245,31 @@ def fetch(work):
 # ---------------------------------------------------------------- extractors
 class _HTMLText(HTMLParser):
     """Collect text, starting a new paragraph at every block-level tag."""
-    BLOCK = {"p", "div", "li", "dt", "dd", "td", "th", "tr", "br", "h1", "h2", "h3", "h4",
-             "h5", "h6", "pre", "table", "ul", "ol", "section", "blockquote", "title"}
+
+    BLOCK = {
+        "p",
+        "div",
+        "li",
+        "dt",
+        "dd",
+        "td",
+        "th",
+        "tr",
+        "br",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "pre",
+        "table",
+        "ul",
+        "ol",
+        "section",
+        "blockquote",
+        "title",
+    }
     # <pre> blocks are code/terminal listings; inline <code>/<tt> is kept, or sentences
     # would be left with holes ("modificar los ficheros , , y").
     SKIP = {"script", "style", "head", "nav", "pre"}
@@ -139,11 +308,27 @@ def html_paragraphs(path):
     return p.paras
 
 
-ROFF_ESC = re.compile(r"\\(f\[[A-Z]*\]|f[A-Z1-4P]|\*\[[^\]]*\]|\*\(..|\*.|s[-+]?\d+|&|"
-                      r"\(..|\[[^\]]*\]|.)")
-ROFF_NAMED = {"(aq": "'", "(dq": '"', "(em": "—", "(en": "–", "(co": "©", "(bu": "•",
-              "[aq]": "'", "[dq]": '"', "[em]": "—", "[en]": "–", "-": "-", "e": "\\",
-              "(rs": "\\", " ": " ", "~": " "}
+ROFF_ESC = re.compile(
+    r"\\(f\[[A-Z]*\]|f[A-Z1-4P]|\*\[[^\]]*\]|\*\(..|\*.|s[-+]?\d+|&|"
+    r"\(..|\[[^\]]*\]|.)"
+)
+ROFF_NAMED = {
+    "(aq": "'",
+    "(dq": '"',
+    "(em": "—",
+    "(en": "–",
+    "(co": "©",
+    "(bu": "•",
+    "[aq]": "'",
+    "[dq]": '"',
+    "[em]": "—",
+    "[en]": "–",
+    "-": "-",
+    "e": "\\",
+    "(rs": "\\",
+    " ": " ",
+    "~": " ",
+}
 
 
 def man_paragraphs(path):
@@ -164,15 +349,18 @@ def man_paragraphs(path):
         if line.startswith((".", "'")):
             m = re.match(r"[.'](SH|SS|B|I|BR|IR|RB|RI|BI|IB|SM)\s+(.*)", line)
             if m and m.group(1) in ("SH", "SS"):
-                paras.append(" ".join(buf)); buf = []
+                paras.append(" ".join(buf))
+                buf = []
                 continue  # section headings (NOMBRE, SINOPSIS...) are boilerplate
             if m:
                 buf.append(unescape(m.group(2).replace('"', "")))
             else:
-                paras.append(" ".join(buf)); buf = []
+                paras.append(" ".join(buf))
+                buf = []
             continue
         if not line.strip():
-            paras.append(" ".join(buf)); buf = []
+            paras.append(" ".join(buf))
+            buf = []
         else:
             buf.append(unescape(line))
     paras.append(" ".join(buf))
@@ -255,8 +443,7 @@ def build(work):
     out = os.path.join(work, "corpus")
     os.makedirs(out, exist_ok=True)
     stats = {}
-    with open(os.path.join(out, "train.jsonl"), "w") as ftr, \
-            open(os.path.join(out, "heldout.jsonl"), "w") as fho:
+    with open(os.path.join(out, "train.jsonl"), "w") as ftr, open(os.path.join(out, "heldout.jsonl"), "w") as fho:
         for d in docs:
             n = len(d["text"]) if "text" in d else sum(len(t) for t in d["turns"])
             s = stats.setdefault(d["source"], {"docs": 0, "train_chars": 0, "heldout_chars": 0})
@@ -292,12 +479,16 @@ def write_sources_md(stats):
     ]
     for k, s in rows:
         reg = "PyPI" if k == PIP_SOURCE[0] else "Debian"
-        lines.append(f"| {k} | {reg} | {s['version']} | {s['licence']} | {s['docs']} | "
-                     f"{s['train_chars']:,} | {s['heldout_chars']:,} |")
-    lines.append(f"| **total** | | | | {sum(s['docs'] for _, s in rows)} | "
-                 f"{tot_tr:,} | {tot_ho:,} |")
-    lines += ["", "The corpus text is not redistributed in this repository; only the model",
-              "weights trained on it are. See `models/gpt2-es-tiny/README.md` for licence notes."]
+        lines.append(
+            f"| {k} | {reg} | {s['version']} | {s['licence']} | {s['docs']} | "
+            f"{s['train_chars']:,} | {s['heldout_chars']:,} |"
+        )
+    lines.append(f"| **total** | | | | {sum(s['docs'] for _, s in rows)} | {tot_tr:,} | {tot_ho:,} |")
+    lines += [
+        "",
+        "The corpus text is not redistributed in this repository; only the model",
+        "weights trained on it are. See `models/gpt2-es-tiny/README.md` for licence notes.",
+    ]
     with open(os.path.join(HERE, "SOURCES.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

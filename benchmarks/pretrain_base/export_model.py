@@ -9,6 +9,7 @@
 
 Usage:  python export_model.py --work-dir /tmp/pretrain_base [--out models/gpt2-es-tiny]
 """
+
 import argparse
 import os
 
@@ -35,8 +36,7 @@ def main():
     cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = 0.1
     eos = tok.eos_token_id
     cfg.bos_token_id = cfg.eos_token_id = cfg.pad_token_id = eos
-    model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos,
-                                               pad_token_id=eos)
+    model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
     model.half()
     os.makedirs(args.out, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)  # model.safetensors only

@@ -17,6 +17,7 @@ from the latest one (optimizer, RNG, data order and the time already spent are r
 Usage:  python pretrain.py --work-dir /tmp/pretrain_base --max-minutes 40
         python pretrain.py --work-dir /tmp/pretrain_base --max-minutes 40 --resume
 """
+
 import argparse
 import json
 import math
@@ -25,8 +26,7 @@ import random
 import time
 
 import torch
-from transformers import (GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, Trainer,
-                          TrainerCallback, TrainingArguments)
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 # Model shape: 6 x 256, ~7.0M parameters (4 layers = 5.4M). A 20-step probe of the 4-layer
@@ -111,11 +111,12 @@ class TimeCosineTrainer(Trainer):
 
     def create_scheduler(self, num_training_steps, optimizer=None):
         if self.lr_scheduler is None:
+
             def factor(step):
                 warm = min(1.0, (step + 1) / self.warmup_steps)
                 return warm * 0.5 * (1.0 + math.cos(math.pi * self.clock.fraction()))
-            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer or self.optimizer, factor)
+
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
         return self.lr_scheduler
 
 
@@ -129,8 +130,12 @@ def main():
     ap.add_argument("--warmup-steps", type=int, default=65)
     ap.add_argument("--save-steps", type=int, default=150)
     ap.add_argument("--dialogue-repeats", type=int, default=3)
-    ap.add_argument("--max-minutes", type=float, default=40.0,
-                    help="training wall-time budget (across resumes); the LR decays to 0 at it")
+    ap.add_argument(
+        "--max-minutes",
+        type=float,
+        default=40.0,
+        help="training wall-time budget (across resumes); the LR decays to 0 at it",
+    )
     ap.add_argument("--run-name", default="run")
     ap.add_argument("--n-layer", type=int, default=MODEL["n_layer"])
     ap.add_argument("--resume", action="store_true")
@@ -140,23 +145,29 @@ def main():
     torch.manual_seed(42)
     tok = GPT2TokenizerFast.from_pretrained(os.path.join(args.work_dir, "tokenizer"))
     t0 = time.time()
-    blocks, n_tok = load_blocks(os.path.join(args.work_dir, "corpus", "train.jsonl"), tok,
-                                args.block, args.dialogue_repeats)
-    heldout, _ = load_blocks(os.path.join(args.work_dir, "corpus", "heldout.jsonl"), tok,
-                                args.block)
-    print(f"train corpus: {n_tok:,} tokens -> {len(blocks):,} blocks of {args.block} "
-          f"({time.time() - t0:.0f}s to tokenize)", flush=True)
+    blocks, n_tok = load_blocks(
+        os.path.join(args.work_dir, "corpus", "train.jsonl"), tok, args.block, args.dialogue_repeats
+    )
+    heldout, _ = load_blocks(os.path.join(args.work_dir, "corpus", "heldout.jsonl"), tok, args.block)
+    print(
+        f"train corpus: {n_tok:,} tokens -> {len(blocks):,} blocks of {args.block} "
+        f"({time.time() - t0:.0f}s to tokenize)",
+        flush=True,
+    )
 
     MODEL["n_layer"] = args.n_layer
     config = GPT2Config(
         **MODEL,
         n_ctx=MODEL["n_positions"],
-        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
         tie_word_embeddings=True,
         # No dropout while pretraining: a few passes over the data by a 7M model is
         # under-fitting, not over-fitting (the held-out loss logged below checks this).
         # (export_model.py restores GPT-2's 0.1 for downstream fine-tuning.)
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     model = GPT2LMHeadModel(config)
     n_params = sum(p.numel() for p in model.parameters())  # tied weights counted once
@@ -169,12 +180,15 @@ def main():
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr,
         weight_decay=0.1,
-        adam_beta1=0.9, adam_beta2=0.95,  # GPT-style betas: steadier with small batches
+        adam_beta1=0.9,
+        adam_beta2=0.95,  # GPT-style betas: steadier with small batches
         max_grad_norm=1.0,
         logging_steps=20,
         # held-out loss logged at every checkpoint to watch for over-fitting across
         # epochs; it is only logged, never used to pick a checkpoint.
-        eval_strategy="steps", eval_steps=args.save_steps, per_device_eval_batch_size=32,
+        eval_strategy="steps",
+        eval_steps=args.save_steps,
+        per_device_eval_batch_size=32,
         save_steps=args.save_steps,
         save_total_limit=2,
         report_to=[],
@@ -189,9 +203,15 @@ def main():
             spent = json.load(f)["spent_seconds"]
         print(f"resuming: {spent / 60:.1f} of {args.max_minutes} minutes already spent")
     clock = Clock(args.max_minutes * 60, spent)
-    trainer = TimeCosineTrainer(model=model, args=targs, train_dataset=Blocks(blocks),
-                                eval_dataset=Blocks(heldout), callbacks=[TimeGuard(clock)],
-                                clock=clock, warmup_steps=args.warmup_steps)
+    trainer = TimeCosineTrainer(
+        model=model,
+        args=targs,
+        train_dataset=Blocks(blocks),
+        eval_dataset=Blocks(heldout),
+        callbacks=[TimeGuard(clock)],
+        clock=clock,
+        warmup_steps=args.warmup_steps,
+    )
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=True if args.resume else None)
     wall = time.time() - t0
@@ -201,19 +221,27 @@ def main():
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     step = trainer.state.global_step
     summary = {
-        "model": MODEL, "parameters": n_params,
-        "train_corpus_tokens": n_tok, "train_blocks": len(blocks),
-        "batch_size": args.batch_size, "block": args.block, "max_steps": args.max_steps,
-        "steps_done": step, "tokens_seen": step * args.batch_size * args.block,
+        "model": MODEL,
+        "parameters": n_params,
+        "train_corpus_tokens": n_tok,
+        "train_blocks": len(blocks),
+        "batch_size": args.batch_size,
+        "block": args.block,
+        "max_steps": args.max_steps,
+        "steps_done": step,
+        "tokens_seen": step * args.batch_size * args.block,
         "epochs": step * args.batch_size / len(blocks),
-        "lr": args.lr, "warmup_steps": args.warmup_steps,
+        "lr": args.lr,
+        "warmup_steps": args.warmup_steps,
         "schedule": f"cosine over {args.max_minutes} min of wall time",
         "wall_seconds_total": round(clock.spent(), 1),
         "dialogue_repeats": args.dialogue_repeats,
-        "wall_seconds_this_process": round(wall, 1), "resumed": args.resume,
+        "wall_seconds_this_process": round(wall, 1),
+        "resumed": args.resume,
         "train_runtime_reported": result.metrics.get("train_runtime"),
-        "eval_history": [{"step": h["step"], "eval_loss": h["eval_loss"]}
-                         for h in trainer.state.log_history if "eval_loss" in h],
+        "eval_history": [
+            {"step": h["step"], "eval_loss": h["eval_loss"]} for h in trainer.state.log_history if "eval_loss" in h
+        ],
         "final_logged_train_loss": losses[-1] if losses else None,
         "mean_train_loss_last_5_logs": sum(losses[-5:]) / len(losses[-5:]) if losses else None,
         "torch_threads": torch.get_num_threads(),

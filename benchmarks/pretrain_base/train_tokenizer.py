@@ -8,6 +8,7 @@ transformers.GPT2TokenizerFast so AutoTokenizer loads it offline with no custom 
 Usage:  python train_tokenizer.py --work-dir /tmp/pretrain_base
         (writes <work-dir>/tokenizer/)
 """
+
 import argparse
 import json
 import os
@@ -50,9 +51,15 @@ def main():
     )
     tok.train_from_iterator(texts(os.path.join(args.work_dir, "corpus", "train.jsonl")), trainer)
 
-    hf = GPT2TokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS,
-                           unk_token=EOS, pad_token=EOS, model_max_length=N_POSITIONS,
-                           add_prefix_space=False)
+    hf = GPT2TokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOS,
+        eos_token=EOS,
+        unk_token=EOS,
+        pad_token=EOS,
+        model_max_length=N_POSITIONS,
+        add_prefix_space=False,
+    )
     out = os.path.join(args.work_dir, "tokenizer")
     hf.save_pretrained(out)
     # GPT2TokenizerFast writes vocab.json/merges.txt only when it has a slow-tokenizer

@@ -44,9 +44,9 @@ import psutil
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from lora_med.data import load_conversations, percentile  # noqa: E402
-from lora_med.models import device_info, library_versions  # noqa: E402
-from lora_med.serve.guard import Guard  # noqa: E402
+from lora_med.data import load_conversations, percentile
+from lora_med.models import device_info, library_versions
+from lora_med.serve.guard import Guard
 
 DEFAULT_MODEL = "exports/clinic-lora-cpu-fp32"
 MAX_REQUESTS, MAX_DURATION_S, MAX_CLIENTS = 20_000, 900, 256  # hard bounds: this is a benchmark, not a flood
@@ -54,16 +54,56 @@ MAX_REQUESTS, MAX_DURATION_S, MAX_CLIENTS = 20_000, 900, 256  # hard bounds: thi
 
 WORKLOADS = {
     "clinic": "each client a stream of patients: one held-out conversation per patient (its user turns in order, "
-              "a new user_id each), as the clinic sees them",
+    "a new user_id each), as the clinic sees them",
     "long": "each client one patient sending every held-out user turn in one conversation that grows to hundreds "
-            "of turns (a stress test of the long-conversation cut and the prefix cache)",
+    "of turns (a stress test of the long-conversation cut and the prefix cache)",
 }
 
 
-NAMES = ["María", "Juan", "Rosa", "Carlos", "Ana", "Luis", "Elena", "Jorge", "Lucía", "Pedro", "Carmen", "Miguel",
-         "Sofía", "Diego", "Teresa", "Andrés", "Patricia", "Fernando", "Julia", "Raúl"]
-SURNAMES = ["Quispe", "Mamani", "Flores", "Gutiérrez", "Vargas", "Rojas", "Choque", "Condori", "Rodríguez", "López",
-            "Torrez", "Cruz", "Gonzales", "Medina", "Pérez", "Aguilar", "Villca", "Limachi", "Sánchez", "Ramos"]
+NAMES = [
+    "María",
+    "Juan",
+    "Rosa",
+    "Carlos",
+    "Ana",
+    "Luis",
+    "Elena",
+    "Jorge",
+    "Lucía",
+    "Pedro",
+    "Carmen",
+    "Miguel",
+    "Sofía",
+    "Diego",
+    "Teresa",
+    "Andrés",
+    "Patricia",
+    "Fernando",
+    "Julia",
+    "Raúl",
+]
+SURNAMES = [
+    "Quispe",
+    "Mamani",
+    "Flores",
+    "Gutiérrez",
+    "Vargas",
+    "Rojas",
+    "Choque",
+    "Condori",
+    "Rodríguez",
+    "López",
+    "Torrez",
+    "Cruz",
+    "Gonzales",
+    "Medina",
+    "Pérez",
+    "Aguilar",
+    "Villca",
+    "Limachi",
+    "Sánchez",
+    "Ramos",
+]
 
 
 def conversations(workload: str) -> list[list[str]]:
@@ -88,8 +128,8 @@ def shaped_export(export: Path, shape: str, precision: str, work: Path) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lora_med.export.decode_graph import build_decode_graph
     from lora_med.bench.shapes import SHAPES
+    from lora_med.export.decode_graph import build_decode_graph
 
     out = work / f"{shape}-random"
     (out / "merged").mkdir(parents=True)
@@ -99,8 +139,9 @@ def shaped_export(export: Path, shape: str, precision: str, work: Path) -> Path:
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(**SHAPES[shape])).save_pretrained(work / "weights", safe_serialization=True)
     manifest = json.loads((export / "manifest.json").read_text(encoding="utf-8"))
-    build_decode_graph(work / "weights", out / "engine", precision=precision,
-                       capacity=manifest["source"].get("max_length") or 256)
+    build_decode_graph(
+        work / "weights", out / "engine", precision=precision, capacity=manifest["source"].get("max_length") or 256
+    )
     manifest["files"] = {}  # not a merge-export's files: nothing to check sizes against
     manifest["shape"] = {"name": shape, "weights": "random (speed only)"}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
@@ -112,13 +153,33 @@ class ServerProcess:
 
     def __init__(self, model: str, work: Path, settings: dict[str, str]):
         self.db, self.log = work / "load.db", work / "server.log"
-        args = [sys.executable, "-m", "lora_med", "serve", model, "--host", "127.0.0.1", "--port", "0",
-                "--db", str(self.db), "--log-file", str(self.log), "--rate-limit", "0"]
+        args = [
+            sys.executable,
+            "-m",
+            "lora_med",
+            "serve",
+            model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--db",
+            str(self.db),
+            "--log-file",
+            str(self.log),
+            "--rate-limit",
+            "0",
+        ]
         for k, v in settings.items():
             args += [f"--{k.replace('_', '-')}", v]
-        self.stderr = open(work / "server.stderr", "wb")
-        self.proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=self.stderr,
-                                     env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+        self.stderr = open(work / "server.stderr", "wb")  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen(
+            args,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=self.stderr,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+        )
         self.url = ""
 
     def wait_ready(self, timeout: float = 300) -> str:
@@ -131,8 +192,10 @@ class ServerProcess:
                         self.url = f"http://127.0.0.1:{event['port']}"
                         return self.url
             if self.proc.poll() is not None:
-                sys.exit(f"error: the server exited ({self.proc.returncode}):\n"
-                         + Path(self.stderr.name).read_text(errors="replace")[-3000:])
+                sys.exit(
+                    f"error: the server exited ({self.proc.returncode}):\n"
+                    + Path(self.stderr.name).read_text(errors="replace")[-3000:]
+                )
             time.sleep(0.2)
         self.stop()
         sys.exit("error: the server was not ready within 300 s")
@@ -190,11 +253,13 @@ async def level(url: str, clients: int, max_requests: int, max_s: float, convs: 
             user = f"+591{tag}{i:03d}{n:05d}"  # 12 digits: phone-like
             turns = list(convs[(i + n) % len(convs)])
             if len(convs) == 1:  # "long": each patient starts at a different message
-                turns = turns[i % len(turns):] + turns[:i % len(turns)]
+                turns = turns[i % len(turns) :] + turns[: i % len(turns)]
             # The held-out set has 56 conversations, replayed by many patients here; the engine's prefix cache
             # would reuse one patient's identical conversation for the next. Real patients differ: each says who
             # they are first, so only a patient's own earlier turns are reused.
-            turns[0] = f"Hola, soy {NAMES[(i * 7 + n) % len(NAMES)]} {SURNAMES[(i + n * 5) % len(SURNAMES)]}. " + turns[0]
+            turns[0] = (
+                f"Hola, soy {NAMES[(i * 7 + n) % len(NAMES)]} {SURNAMES[(i + n * 5) % len(SURNAMES)]}. " + turns[0]
+            )
             for text in turns:
                 if sent >= max_requests or time.perf_counter() >= deadline:
                     return
@@ -202,8 +267,13 @@ async def level(url: str, clients: int, max_requests: int, max_s: float, convs: 
                 t = time.perf_counter()
                 try:
                     r = await client.post("/chat/", json={"user_id": user, "message": text})
-                    results.append({"ms": 1000 * (time.perf_counter() - t), "kind": str(r.status_code),
-                                    "batch": float(r.headers.get("X-Batch-Size", 0) or 0)})
+                    results.append(
+                        {
+                            "ms": 1000 * (time.perf_counter() - t),
+                            "kind": str(r.status_code),
+                            "batch": float(r.headers.get("X-Batch-Size", 0) or 0),
+                        }
+                    )
                 except httpx.HTTPError as e:
                     results.append({"ms": 1000 * (time.perf_counter() - t), "kind": type(e).__name__, "batch": 0})
 
@@ -216,7 +286,10 @@ async def level(url: str, clients: int, max_requests: int, max_s: float, convs: 
     ok = [r for r in results if r["kind"] == "200"]
     lat = [r["ms"] for r in ok]
     return {
-        "clients": clients, "requests": len(results), "answered_200": len(ok), "duration_s": round(wall, 2),
+        "clients": clients,
+        "requests": len(results),
+        "answered_200": len(ok),
+        "duration_s": round(wall, 2),
         "throughput_rps": round(len(ok) / wall, 2) if wall else 0.0,
         "p50_ms": round(percentile(lat, 50), 1) if lat else None,
         "p95_ms": round(percentile(lat, 95), 1) if lat else None,
@@ -251,47 +324,72 @@ def prompt_tokens(url: str) -> tuple[float, float]:
 
 def markdown(report: dict) -> str:
     m, w = report["machine"], report["workload"]
-    lines = [f"# lora-med serve load test: {report['model']}", "",
-             f"{report['health'].get('engine')} on {report['health'].get('device')}, {m.get('cpu')}, "
-             f"{m.get('cores')} cores; load generator on the same machine. {report['when']}.", "",
-             f"Server settings: {json.dumps(report['server_settings'])}.", "",
-             f"Workload `{w['name']}`: {w['what']}; {w['conversations']} conversation(s), {w['messages']} held-out "
-             "user turns that reach the model.", "",
-             "| clients | requests | answered | throughput (req/s) | p50 ms | p95 ms | p99 ms | max ms | mean batch "
-             "| prompt tokens from the prefix cache | server CPU (cores) | generator CPU (cores) | server RSS peak MB "
-             "| errors |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = [
+        f"# lora-med serve load test: {report['model']}",
+        "",
+        f"{report['health'].get('engine')} on {report['health'].get('device')}, {m.get('cpu')}, "
+        f"{m.get('cores')} cores; load generator on the same machine. {report['when']}.",
+        "",
+        f"Server settings: {json.dumps(report['server_settings'])}.",
+        "",
+        f"Workload `{w['name']}`: {w['what']}; {w['conversations']} conversation(s), {w['messages']} held-out "
+        "user turns that reach the model.",
+        "",
+        "| clients | requests | answered | throughput (req/s) | p50 ms | p95 ms | p99 ms | max ms | mean batch "
+        "| prompt tokens from the prefix cache | server CPU (cores) | generator CPU (cores) | server RSS peak MB "
+        "| errors |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
     for r in report["levels"]:
         errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "none"
-        lines.append(f"| {r['clients']} | {r['requests']} | {r['answered_200']} | {r['throughput_rps']} "
-                     f"| {r['p50_ms']} "
-                     f"| {r['p95_ms']} | {r['p99_ms']} | {r['max_ms']} | {r['mean_batch']} "
-                     f"| {r.get('prompt_reused_pct')}% | {r['server_cpu_cores']} | {r.get('generator_cpu_cores')} "
-                     f"| {r['server_rss_peak_mb']} | {errors} |")
+        lines.append(
+            f"| {r['clients']} | {r['requests']} | {r['answered_200']} | {r['throughput_rps']} "
+            f"| {r['p50_ms']} "
+            f"| {r['p95_ms']} | {r['p99_ms']} | {r['max_ms']} | {r['mean_batch']} "
+            f"| {r.get('prompt_reused_pct')}% | {r['server_cpu_cores']} | {r.get('generator_cpu_cores')} "
+            f"| {r['server_rss_peak_mb']} | {errors} |"
+        )
     t = report["targets"]
-    lines += ["", f"- Lost or unanswered: {t['lost']} (target 0); a stored reply for every 200: "
-              f"{t['replies_stored_for_every_200']}; store: {report['store']}.",
-              f"- Throughput with 8 clients / 1 client: {t['scaling_8_vs_1']}x (target >= 3x): "
-              f"{'met' if t['scaling_met'] else 'not met'}.", ""]
+    lines += [
+        "",
+        f"- Lost or unanswered: {t['lost']} (target 0); a stored reply for every 200: "
+        f"{t['replies_stored_for_every_200']}; store: {report['store']}.",
+        f"- Throughput with 8 clients / 1 client: {t['scaling_8_vs_1']}x (target >= 3x): "
+        f"{'met' if t['scaling_met'] else 'not met'}.",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default=DEFAULT_MODEL, help=f"what to serve (default {DEFAULT_MODEL})")
     ap.add_argument("--url", help="use a server already running on 127.0.0.1 instead of starting one")
     ap.add_argument("--clients", default="1,8,32", help="concurrency levels, comma-separated")
-    ap.add_argument("--workload", default="clinic", choices=sorted(WORKLOADS),
-                    help="; ".join(f"{k}: {v}" for k, v in WORKLOADS.items()))
+    ap.add_argument(
+        "--workload",
+        default="clinic",
+        choices=sorted(WORKLOADS),
+        help="; ".join(f"{k}: {v}" for k, v in WORKLOADS.items()),
+    )
     ap.add_argument("--requests", type=int, default=300, help="requests per level at most")
     ap.add_argument("--duration-s", type=float, default=120, help="seconds per level at most")
     ap.add_argument("--warmup", type=int, default=8, help="requests before measuring")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a server setting (e.g. max_batch=16); repeatable")
-    ap.add_argument("--shape", choices=("dialogpt-medium",),
-                    help="serve a decode graph of this shape with random weights (speed only) instead of --model's; "
-                         "--model gives the tokenizer and the prompt budget")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a server setting (e.g. max_batch=16); repeatable",
+    )
+    ap.add_argument(
+        "--shape",
+        choices=("dialogpt-medium",),
+        help="serve a decode graph of this shape with random weights (speed only) instead of --model's; "
+        "--model gives the tokenizer and the prompt budget",
+    )
     ap.add_argument("--precision", choices=("int8", "fp32"), default="int8", help="--shape's graph (default int8)")
     ap.add_argument("--out", help="results folder (default benchmarks/results/serve-load-<model>-<device>-<workload>)")
     a = ap.parse_args(argv)
@@ -310,13 +408,17 @@ def main(argv: list[str] | None = None) -> int:
     if len(settings) != len(a.set):
         problems.append("--set: use KEY=VALUE, e.g. --set max_batch=16")
     if not a.url and not Path(a.model).is_dir() and not (REPO / a.model).is_dir():
-        problems.append(f"--model {a.model}: no such folder; make the shipped export with `lora-med train --config "
-                        "configs/default.yaml && lora-med merge-export adapters/clinic-lora`, or pass a model folder "
-                        "(e.g. models/gpt2-es-tiny)")
-    if a.shape and (a.url or not (Path(a.model) / "manifest.json").is_file() and
-                    not (REPO / a.model / "manifest.json").is_file()):
-        problems.append(f"--shape {a.shape}: needs --model to be a merge-export (its tokenizer and prompt budget), "
-                        "and no --url")
+        problems.append(
+            f"--model {a.model}: no such folder; make the shipped export with `lora-med train --config "
+            "configs/default.yaml && lora-med merge-export adapters/clinic-lora`, or pass a model folder "
+            "(e.g. models/gpt2-es-tiny)"
+        )
+    if a.shape and (
+        a.url or not (Path(a.model) / "manifest.json").is_file() and not (REPO / a.model / "manifest.json").is_file()
+    ):
+        problems.append(
+            f"--shape {a.shape}: needs --model to be a merge-export (its tokenizer and prompt budget), and no --url"
+        )
     if problems:
         print("error: " + "\n  - ".join(["invalid arguments", *problems]), file=sys.stderr)
         return 2
@@ -356,9 +458,11 @@ def main(argv: list[str] | None = None) -> int:
             total, reused = (b - a for a, b in zip(before, prompt_tokens(url)))
             r["prompt_tokens"], r["prompt_tokens_reused"] = int(total), int(reused)
             r["prompt_reused_pct"] = round(100 * reused / total, 1) if total else None
-            print(f"{c:3d} clients: {r['answered_200']}/{r['requests']} answered, {r['throughput_rps']} req/s, "
-                  f"p50 {r['p50_ms']} ms, p95 {r['p95_ms']} ms, p99 {r['p99_ms']} ms, errors {r['errors'] or 'none'}",
-                  flush=True)
+            print(
+                f"{c:3d} clients: {r['answered_200']}/{r['requests']} answered, {r['throughput_rps']} req/s, "
+                f"p50 {r['p50_ms']} ms, p95 {r['p95_ms']} ms, p99 {r['p99_ms']} ms, errors {r['errors'] or 'none'}",
+                flush=True,
+            )
             results.append(r)
     finally:
         if server:
@@ -369,25 +473,47 @@ def main(argv: list[str] | None = None) -> int:
     by = {r["clients"]: r["throughput_rps"] for r in results}
     scaling = round(by[8] / by[1], 2) if by.get(1) and 8 in by else None
     report = {
-        "model": (a.model if not a.url else a.url) + (f" at {a.shape} shape, {a.precision}, random weights (speed "
-                                                      "only)" if a.shape else ""), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "health": health, "server_settings": {"rate_limit": "0", **settings},
-        "workload": {"name": a.workload, "what": WORKLOADS[a.workload], "conversations": len(convs),
-                     "messages": sum(map(len, convs))},
+        "model": (a.model if not a.url else a.url)
+        + (f" at {a.shape} shape, {a.precision}, random weights (speed only)" if a.shape else ""),
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "health": health,
+        "server_settings": {"rate_limit": "0", **settings},
+        "workload": {
+            "name": a.workload,
+            "what": WORKLOADS[a.workload],
+            "conversations": len(convs),
+            "messages": sum(map(len, convs)),
+        },
         "limits": {"requests_per_level": a.requests, "duration_s_per_level": a.duration_s},
-        "levels": results, "store": store,
-        "targets": {"lost": lost, "scaling_8_vs_1": scaling, "scaling_met": bool(scaling and scaling >= 3),
-                    "replies_stored_for_every_200": (store["replies"] == answered) if store else None},
-        "machine": {**device_info("cpu"), "load_avg": os.getloadavg()}, "versions": library_versions(),
+        "levels": results,
+        "store": store,
+        "targets": {
+            "lost": lost,
+            "scaling_8_vs_1": scaling,
+            "scaling_met": bool(scaling and scaling >= 3),
+            "replies_stored_for_every_200": (store["replies"] == answered) if store else None,
+        },
+        "machine": {**device_info("cpu"), "load_avg": os.getloadavg()},
+        "versions": library_versions(),
     }
-    out = Path(a.out) if a.out else REPO / "benchmarks" / "results" / (
-        f"serve-load-{a.shape + '-shape' if a.shape else Path(a.model.rstrip('/')).name}-"
-        f"{health.get('device', 'cpu')}-{a.workload}")
+    out = (
+        Path(a.out)
+        if a.out
+        else REPO
+        / "benchmarks"
+        / "results"
+        / (
+            f"serve-load-{a.shape + '-shape' if a.shape else Path(a.model.rstrip('/')).name}-"
+            f"{health.get('device', 'cpu')}-{a.workload}"
+        )
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "results.md").write_text(markdown(report), encoding="utf-8")
-    print(f"lost/unanswered: {lost}; 8 vs 1 client throughput: {scaling}x; store: {store}\nwrote {out}/results.json, "
-          f"{out}/results.md")
+    print(
+        f"lost/unanswered: {lost}; 8 vs 1 client throughput: {scaling}x; store: {store}\nwrote {out}/results.json, "
+        f"{out}/results.md"
+    )
     return 0
 
 

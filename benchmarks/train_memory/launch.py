@@ -31,7 +31,7 @@ def main() -> None:
     card_gb = float(os.environ.get("LORA_MED_BENCH_CARD_GB") or 0)
     info: dict = {}
     if side_file:  # registered first, so it runs last (atexit is last-in, first-out)
-        atexit.register(lambda: open(side_file, "w", encoding="utf-8").write(json.dumps(info, indent=2) + "\n"))
+        atexit.register(lambda: Path(side_file).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8"))
     import torch
 
     if torch.cuda.is_available():
@@ -45,16 +45,20 @@ def main() -> None:
             info.update(card_gb=card_gb, allocator_cap_gb=round(allowed / 1e9, 3))
 
         def record(where: str) -> None:
-            info.update(max_memory_reserved_gb=round(torch.cuda.max_memory_reserved() / 1e9, 3),
-                        max_memory_allocated_gb=round(torch.cuda.max_memory_allocated() / 1e9, 3), read_at=where)
+            info.update(
+                max_memory_reserved_gb=round(torch.cuda.max_memory_reserved() / 1e9, 3),
+                max_memory_allocated_gb=round(torch.cuda.max_memory_allocated() / 1e9, 3),
+                read_at=where,
+            )
 
         try:
             from lora_med.train import main as train_module
 
             original = getattr(train_module, "peak_memory", None)
-        except Exception:  # noqa: BLE001  (the module may move; the exit figure still comes)
+        except Exception:
             train_module = original = None
         if original is not None:
+
             def peak_memory(device: str):
                 record("end of training (with the run card's peak)")
                 return original(device)

@@ -33,8 +33,8 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from lora_med import models  # noqa: E402
-from lora_med.train import levers, plan  # noqa: E402
+from lora_med import models
+from lora_med.train import levers, plan
 
 CASES = ["lora", "lora+gc", "lora+cce", "lora+gc+cce", "lora+eager", "full", "full+8bit", "full+cce"]
 
@@ -44,13 +44,28 @@ def build(method: str, optim: str, a):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=a.layers, n_embd=a.hidden, n_head=a.hidden // 64, vocab_size=a.vocab,
-                        n_positions=max(1024, a.seq), attn_implementation="sdpa")
+    config = GPT2Config(
+        n_layer=a.layers,
+        n_embd=a.hidden,
+        n_head=a.hidden // 64,
+        vocab_size=a.vocab,
+        n_positions=max(1024, a.seq),
+        attn_implementation="sdpa",
+    )
     model = GPT2LMHeadModel(config)
     model.config.use_cache = False
     if method == "lora":
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
-                                                 target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=16,
+                lora_alpha=32,
+                lora_dropout=0.05,
+                task_type="CAUSAL_LM",
+                target_modules=["c_attn", "c_proj", "c_fc"],
+                fan_in_fan_out=True,
+            ),
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     if optim == "adamw_8bit":
         import bitsandbytes as bnb
@@ -141,28 +156,56 @@ def main() -> None:
         fast, med = min(times[case]), statistics.median(times[case])
         plain = case.split("+")[0]
         base = min(times[plain]) if plain in times else fast
-        rows.append({"case": case, "s_per_step_min": round(fast, 3), "s_per_step_median": round(med, 3),
-                     "tokens_per_s": round(tokens / fast, 1), "time_vs_plain": round(fast / base, 3),
-                     "kept_mb": round(kept[case] / 2**20, 1), "s_per_step_all": [round(t, 3) for t in times[case]]})
+        rows.append(
+            {
+                "case": case,
+                "s_per_step_min": round(fast, 3),
+                "s_per_step_median": round(med, 3),
+                "tokens_per_s": round(tokens / fast, 1),
+                "time_vs_plain": round(fast / base, 3),
+                "kept_mb": round(kept[case] / 2**20, 1),
+                "s_per_step_all": [round(t, 3) for t in times[case]],
+            }
+        )
     shape, _ = plan.shape_from_config(levers.causal_lm(next(iter(built.values()))[0]).config)
-    result = {"machine": models.device_info("cpu"), "versions": models.library_versions(),
-              "load_avg_1min_start": round(load0, 2), "load_avg_1min_end": round(os.getloadavg()[0], 2),
-              "shape": {"layers": a.layers, "hidden": a.hidden, "vocab": a.vocab, "params": shape.params},
-              "batch": a.batch, "seq": a.seq, "rounds": a.rounds, "torch_threads": torch.get_num_threads(),
-              "planner_compute_factor": {c: round(plan.compute_factor(shape, [l for k, l in (
-                  ("+gc", "gradient_checkpointing"), ("+cce", "chunked_ce")) if k in c]), 3) for c in cases},
-              "rows": rows}
+    result = {
+        "machine": models.device_info("cpu"),
+        "versions": models.library_versions(),
+        "load_avg_1min_start": round(load0, 2),
+        "load_avg_1min_end": round(os.getloadavg()[0], 2),
+        "shape": {"layers": a.layers, "hidden": a.hidden, "vocab": a.vocab, "params": shape.params},
+        "batch": a.batch,
+        "seq": a.seq,
+        "rounds": a.rounds,
+        "torch_threads": torch.get_num_threads(),
+        "planner_compute_factor": {
+            c: round(
+                plan.compute_factor(
+                    shape, [l for k, l in (("+gc", "gradient_checkpointing"), ("+cce", "chunked_ce")) if k in c]
+                ),
+                3,
+            )
+            for c in cases
+        },
+        "rows": rows,
+    }
     text = json.dumps(result, indent=2)
     if a.out:
         Path(a.out).write_text(text + "\n", encoding="utf-8")
-    print(f"GPT-2 {a.layers}x{a.hidden}, vocab {a.vocab} ({shape.params / 1e6:.1f}M), batch {a.batch} x {a.seq}, "
-          f"fp32, {torch.get_num_threads()} threads; load {load0:.2f} -> {os.getloadavg()[0]:.2f}")
-    print("| case | s/step (fastest) | s/step (median) | tokens/s (fastest) | time vs plain | planner compute "
-          "factor | kept MB |")
+    print(
+        f"GPT-2 {a.layers}x{a.hidden}, vocab {a.vocab} ({shape.params / 1e6:.1f}M), batch {a.batch} x {a.seq}, "
+        f"fp32, {torch.get_num_threads()} threads; load {load0:.2f} -> {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        "| case | s/step (fastest) | s/step (median) | tokens/s (fastest) | time vs plain | planner compute "
+        "factor | kept MB |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['case']} | {r['s_per_step_min']:.3f} | {r['s_per_step_median']:.3f} | {r['tokens_per_s']:,.0f} | "
-              f"{r['time_vs_plain']:.2f}x | {result['planner_compute_factor'][r['case']]:.2f}x | {r['kept_mb']:.0f} |")
+        print(
+            f"| {r['case']} | {r['s_per_step_min']:.3f} | {r['s_per_step_median']:.3f} | {r['tokens_per_s']:,.0f} | "
+            f"{r['time_vs_plain']:.2f}x | {result['planner_compute_factor'][r['case']]:.2f}x | {r['kept_mb']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from lora_med.train import plan  # noqa: E402
+from lora_med.train import plan
 
 
 def saved_bytes(method: str, n_layer: int, batch: int, seq: int) -> int:
@@ -30,11 +30,21 @@ def saved_bytes(method: str, n_layer: int, batch: int, seq: int) -> int:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_embd=1024, n_head=16, vocab_size=50257, n_positions=1024,
-                                       use_cache=False))
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=n_layer, n_embd=1024, n_head=16, vocab_size=50257, n_positions=1024, use_cache=False)
+    )
     if method == "lora":
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, fan_in_fan_out=True,
-                                                 target_modules=["c_attn", "c_proj", "c_fc"], task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=16,
+                lora_alpha=32,
+                lora_dropout=0.05,
+                fan_in_fan_out=True,
+                target_modules=["c_attn", "c_proj", "c_fc"],
+                task_type="CAUSAL_LM",
+            ),
+        )
     ids = torch.randint(0, 50000, (batch, seq))
     return plan.saved_activation_bytes(model.train(), input_ids=ids, labels=ids)
 
@@ -49,14 +59,32 @@ def main() -> None:
     for method in ("full", "lora"):
         two, four = saved_bytes(method, 2, a.batch, a.seq), saved_bytes(method, 4, a.batch, a.seq)
         per_layer = (four - two) / 2
-        rows[method] = {"per_layer_mb": round(per_layer / 1e6, 1), "bytes_per_sbh": round(per_layer / sbh, 1),
-                        "outside_layers_mb": round((two - 2 * per_layer) / 1e6, 1)}
+        rows[method] = {
+            "per_layer_mb": round(per_layer / 1e6, 1),
+            "bytes_per_sbh": round(per_layer / sbh, 1),
+            "outside_layers_mb": round((two - 2 * per_layer) / 1e6, 1),
+        }
         print(f"{method}: {rows[method]}")
     korthikanti = 2 * (34 + 5 * 16 * a.seq / 1024)  # fp32 = twice the 16-bit bytes
     out = REPO / "benchmarks/results/train-memory-dialogpt-medium-shape-cpu/saved_activations.json"
-    out.write_text(json.dumps({"device": "cpu", "precision": "fp32", "batch": a.batch, "seq": a.seq, "hidden": 1024,
-                               "heads": 16, "measured": rows, "planner_bytes_per_sbh": korthikanti,
-                               "torch": torch.__version__}, indent=2) + "\n", encoding="utf-8")
+    out.write_text(
+        json.dumps(
+            {
+                "device": "cpu",
+                "precision": "fp32",
+                "batch": a.batch,
+                "seq": a.seq,
+                "hidden": 1024,
+                "heads": 16,
+                "measured": rows,
+                "planner_bytes_per_sbh": korthikanti,
+                "torch": torch.__version__,
+            },
+            indent=2,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     print(f"planner (Korthikanti, fp32): {korthikanti:.1f} bytes x s*b*h per layer -> {out}")
 
 

@@ -77,6 +77,7 @@ def cublas_workspaces(hopper: bool = True) -> int:
 
 # --------------------------------------------------------------------------- counting live storages
 
+
 class CachingAllocator:
     """The bookkeeping of torch's CUDA caching allocator (c10/cuda/CUDACachingAllocator.cpp, default settings,
     one stream), to read ``max_memory_allocated`` and the segments it needs from a replayed sequence.
@@ -107,11 +108,15 @@ class CachingAllocator:
         if i < len(pool):
             block_size, seg, off = pool.pop(i)
         else:
-            block_size = (self.SMALL_SEGMENT if small else self.LARGE_SEGMENT if size < self.MIN_LARGE_ALLOC
-                          else self.ROUND_LARGE * math.ceil(size / self.ROUND_LARGE))
+            block_size = (
+                self.SMALL_SEGMENT
+                if small
+                else self.LARGE_SEGMENT
+                if size < self.MIN_LARGE_ALLOC
+                else self.ROUND_LARGE * math.ceil(size / self.ROUND_LARGE)
+            )
             seg, off = len(self.segments), 0
-            self.segments.append({"small": small, "size": block_size, "blocks": {0: [block_size, False]},
-                                  "in_use": 0})
+            self.segments.append({"small": small, "size": block_size, "blocks": {0: [block_size, False]}, "in_use": 0})
             self.reserved += block_size
         segment = self.segments[seg]
         remaining = block_size - size
@@ -201,18 +206,45 @@ class LiveBytes(TorchDispatchMode):
 
 # --------------------------------------------------------------------------- CUDA's bf16 autocast policy
 
+
 def _names(*fs):
     return set(fs)
 
 
 # The Python entry points GPT-2, PEFT and the loss reach, by autocast list (ATen/autocast_mode.h).
-LOWER = _names(torch.addmm, torch.Tensor.addmm, torch.mm, torch.Tensor.mm, torch.matmul, torch.Tensor.matmul,
-               torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm, torch.baddbmm, F.linear, torch.einsum,
-               F.scaled_dot_product_attention)
-FP32 = _names(F.layer_norm, torch.layer_norm, torch.pow, torch.Tensor.pow, torch.Tensor.__pow__, F.nll_loss,
-              torch.exp, torch.Tensor.exp, torch.rsqrt, torch.log, torch.Tensor.log, F.softplus, F.mse_loss)
-FP32_OPT_DTYPE = _names(F.softmax, torch.softmax, torch.Tensor.softmax, F.log_softmax, torch.log_softmax,
-                        torch.Tensor.log_softmax)
+LOWER = _names(
+    torch.addmm,
+    torch.Tensor.addmm,
+    torch.mm,
+    torch.Tensor.mm,
+    torch.matmul,
+    torch.Tensor.matmul,
+    torch.Tensor.__matmul__,
+    torch.bmm,
+    torch.Tensor.bmm,
+    torch.baddbmm,
+    F.linear,
+    torch.einsum,
+    F.scaled_dot_product_attention,
+)
+FP32 = _names(
+    F.layer_norm,
+    torch.layer_norm,
+    torch.pow,
+    torch.Tensor.pow,
+    torch.Tensor.__pow__,
+    F.nll_loss,
+    torch.exp,
+    torch.Tensor.exp,
+    torch.rsqrt,
+    torch.log,
+    torch.Tensor.log,
+    F.softplus,
+    F.mse_loss,
+)
+FP32_OPT_DTYPE = _names(
+    F.softmax, torch.softmax, torch.Tensor.softmax, F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax
+)
 
 
 class CudaAutocast(TorchFunctionMode):
@@ -237,8 +269,9 @@ class CudaAutocast(TorchFunctionMode):
                 self._cache.clear()
 
     def _lower(self, x):
-        if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != self.dtype
-                and x.dtype != torch.float64):
+        if not (
+            isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != self.dtype and x.dtype != torch.float64
+        ):
             return x
         # cached_cast: an fp32 leaf that requires grad (a trained weight) is cast once per region.
         cacheable = x.dtype == torch.float32 and x.is_leaf and x.requires_grad
@@ -264,9 +297,14 @@ class CudaAutocast(TorchFunctionMode):
                     return _sdpa_cuda(*args, **kwargs)
             elif func in FP32:
                 args, kwargs = torch.utils._pytree.tree_map(self._fp32, (args, kwargs))
-            elif func in FP32_OPT_DTYPE and kwargs.get("dtype") is None and len(args) < 3:
-                if isinstance(args[0], torch.Tensor) and args[0].dtype in (torch.float16, torch.bfloat16):
-                    kwargs = {**kwargs, "dtype": torch.float32}
+            elif (
+                func in FP32_OPT_DTYPE
+                and kwargs.get("dtype") is None
+                and len(args) < 3
+                and isinstance(args[0], torch.Tensor)
+                and args[0].dtype in (torch.float16, torch.bfloat16)
+            ):
+                kwargs = {**kwargs, "dtype": torch.float32}
         elif func is F.scaled_dot_product_attention and args[0].device.type == "meta":
             return _sdpa_cuda(*args, **kwargs)
         return func(*args, **kwargs)
@@ -312,6 +350,7 @@ def _sdpa_cuda(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=No
 
 # --------------------------------------------------------------------------- bitsandbytes 4-bit on meta
 
+
 class _MatMul4Bit(torch.autograd.Function):
     """bnb.matmul_4bit in training (MatMul4Bit): saves only the packed weight; above 1,536 rows the CUDA
     gemm_4bit dequantises the weight to the compute dtype first (backends/cuda/ops.py
@@ -340,14 +379,20 @@ def make_meta4bit_class():
 
     class Meta4bit(bnb.nn.Linear4bit):
         def __init__(self, n_in: int, n_out: int, bias: bool, compute_dtype, quant_dtype=torch.float16):
-            super().__init__(n_in, n_out, bias=bias, compute_dtype=compute_dtype, compress_statistics=True,
-                             quant_type="nf4", device="meta")
+            super().__init__(
+                n_in,
+                n_out,
+                bias=bias,
+                compute_dtype=compute_dtype,
+                compress_statistics=True,
+                quant_type="nf4",
+                device="meta",
+            )
             n = n_in * n_out
             self.weight.data = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device="meta")
             # double quantisation: one 8-bit absmax per 64 weights, one fp32 absmax per 256 of those
             self.register_buffer("absmax8", torch.empty(math.ceil(n / 64), dtype=torch.uint8, device="meta"))
-            self.register_buffer("absmax32", torch.empty(math.ceil(n / 64 / 256), dtype=torch.float32,
-                                                         device="meta"))
+            self.register_buffer("absmax32", torch.empty(math.ceil(n / 64 / 256), dtype=torch.float32, device="meta"))
             self.quant_dtype = quant_dtype
 
         def forward(self, x):  # bnb.nn.Linear4bit.forward (bitsandbytes/nn/modules.py)
@@ -368,8 +413,17 @@ def make_meta4bit_class():
 
 # --------------------------------------------------------------------------- building the model
 
-def build(method: str, *, r: int = 16, lora_dropout: float = 0.05, gradient_checkpointing: bool = False,
-          attn: str = "sdpa", config: dict | None = None, quant_bits: int = 4):
+
+def build(
+    method: str,
+    *,
+    r: int = 16,
+    lora_dropout: float = 0.05,
+    gradient_checkpointing: bool = False,
+    attn: str = "sdpa",
+    config: dict | None = None,
+    quant_bits: int = 4,
+):
     """The model as ``lora_med.train._load_for_training`` builds it for CUDA bf16, on the meta device."""
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -387,7 +441,7 @@ def build(method: str, *, r: int = 16, lora_dropout: float = 0.05, gradient_chec
         Meta4bit = make_meta4bit_class()
         # transformers' bnb quantizer: Conv1D -> Linear4bit (in, out); the rest loads in fp16
         # (quantizer_bnb_4bit.update_dtype) and prepare_model_for_kbit_training casts it to fp32.
-        for name, module in list(model.named_modules()):
+        for module in list(model.modules()):
             for child_name, child in list(module.named_children()):
                 if isinstance(child, Conv1D):
                     n_in, n_out = child.weight.shape
@@ -398,8 +452,15 @@ def build(method: str, *, r: int = 16, lora_dropout: float = 0.05, gradient_chec
                 p.data = torch.empty(p.shape, dtype=torch.float32, device="meta")
         model.is_loaded_in_4bit = True
     if method in ("lora", "qlora"):
-        lora = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=lora_dropout, target_modules=TARGETS, bias="none",
-                          task_type="CAUSAL_LM", fan_in_fan_out=method == "lora")
+        lora = LoraConfig(
+            r=r,
+            lora_alpha=2 * r,
+            lora_dropout=lora_dropout,
+            target_modules=TARGETS,
+            bias="none",
+            task_type="CAUSAL_LM",
+            fan_in_fan_out=method == "lora",
+        )
         import warnings
 
         with warnings.catch_warnings():
@@ -456,7 +517,7 @@ def chunked_loss(model, ids, labels, n_items, chunk: int, ckpt):
 
     total = None
     for i in range(0, h2.shape[0], chunk):
-        part = ckpt(piece, h2[i:i + chunk], y[i:i + chunk])
+        part = ckpt(piece, h2[i : i + chunk], y[i : i + chunk])
         total = part if total is None else total + part
     return total / n_items
 
@@ -467,8 +528,9 @@ def _param_groups(model):
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if ("bias" in name or "ln_" in name or "LayerNorm" in name) else decay).append(p)
-    return [g for g in ({"params": decay, "weight_decay": 0.0}, {"params": no_decay, "weight_decay": 0.0})
-            if g["params"]]
+    return [
+        g for g in ({"params": decay, "weight_decay": 0.0}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]
+    ]
 
 
 def _optimizer(model, name: str = "adamw"):
@@ -499,14 +561,27 @@ class _AdamW8bit:
             else:
                 blocks = math.ceil(p.numel() / 256)
                 self.state[id(p)] = [torch.zeros_like(p, dtype=torch.uint8) for _ in range(2)] + [
-                    torch.zeros(blocks, dtype=torch.float32, device=p.device) for _ in range(2)]
+                    torch.zeros(blocks, dtype=torch.float32, device=p.device) for _ in range(2)
+                ]
 
 
 # --------------------------------------------------------------------------- one Trainer step
 
-def simulate(method: str, batch: int, *, seq: int = 128, r: int = 16, gradient_checkpointing: bool = False,
-             attn: str = "sdpa", lora_dropout: float = 0.05, steps: int = 3, config: dict | None = None,
-             chunked_ce: int = 0, optimizer: str = "adamw") -> dict:
+
+def simulate(
+    method: str,
+    batch: int,
+    *,
+    seq: int = 128,
+    r: int = 16,
+    gradient_checkpointing: bool = False,
+    attn: str = "sdpa",
+    lora_dropout: float = 0.05,
+    steps: int = 3,
+    config: dict | None = None,
+    chunked_ce: int = 0,
+    optimizer: str = "adamw",
+) -> dict:
     """Replays ``steps`` training steps; returns the peak of live tensors (bytes, 512-rounded) and its phase,
     and the caching allocator's peaks (allocated, segments in use, reserved), cuBLAS workspaces added.
 
@@ -518,8 +593,9 @@ def simulate(method: str, batch: int, *, seq: int = 128, r: int = 16, gradient_c
     def is_autocast_enabled(device_type=None):  # PEFT's 4-bit LoRA asks torch.is_autocast_enabled()
         return autocast.enabled if device_type in (None, "cuda") else real_is_enabled(device_type)
 
-    model = build(method, r=r, lora_dropout=lora_dropout, gradient_checkpointing=gradient_checkpointing,
-                  attn=attn, config=config)
+    model = build(
+        method, r=r, lora_dropout=lora_dropout, gradient_checkpointing=gradient_checkpointing, attn=attn, config=config
+    )
     if gradient_checkpointing:
         _checkpointing(model, autocast)
     opt = _optimizer(model, optimizer)
@@ -543,8 +619,10 @@ def simulate(method: str, batch: int, *, seq: int = 128, r: int = 16, gradient_c
                     with autocast.region(True):
                         out = model(input_ids=ids, labels=labels, num_items_in_batch=n_items)
                     # accelerate's convert_outputs_to_fp32: every bf16 output (the logits) gets an fp32 copy
-                    out = {k: (v.float() if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16 else v)
-                           for k, v in out.items()}
+                    out = {
+                        k: (v.float() if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16 else v)
+                        for k, v in out.items()
+                    }
                     loss = out["loss"]
                     del out  # Trainer.compute_loss returns the loss only
                 tracker.phase = "backward"
@@ -559,29 +637,46 @@ def simulate(method: str, batch: int, *, seq: int = 128, r: int = 16, gradient_c
     finally:
         torch.is_autocast_enabled = real_is_enabled
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"method": method, "batch_size": batch, "seq_len": seq, "r": r if method != "full" else None,
-            "gradient_checkpointing": gradient_checkpointing, "attn": attn, "chunked_ce": chunked_ce,
-            "optimizer": optimizer, "vocab": vocab,
-            "trainable": trainable, "weights_bytes": weights, "peak_bytes": tracker.peak,
-            "peak_gb": round(tracker.peak / 1e9, 3), "peak_phase": tracker.peak_phase,
-            # what torch.cuda.max_memory_allocated would read on an H100/H200: the replay + cuBLAS workspaces
-            "peak_with_workspaces_gb": round((tracker.peak + cublas_workspaces(True)) / 1e9, 3),
-            # the same through the caching allocator's block rules (whole blocks counted)
-            "allocator_peak_allocated_gb": round((tracker.allocator.peak_allocated + cublas_workspaces(True)) / 1e9, 3),
-            # segments holding at least one live block at once: what the allocator cannot give back under
-            # memory pressure (it frees wholly free cached segments and retries before failing)
-            "allocator_peak_segments_gb": round((tracker.allocator.peak_in_use_segments + cublas_workspaces(True))
-                                                / 1e9, 3),
-            "allocator_reserved_gb": round((tracker.allocator.reserved + cublas_workspaces(True)) / 1e9, 3)}
+    return {
+        "method": method,
+        "batch_size": batch,
+        "seq_len": seq,
+        "r": r if method != "full" else None,
+        "gradient_checkpointing": gradient_checkpointing,
+        "attn": attn,
+        "chunked_ce": chunked_ce,
+        "optimizer": optimizer,
+        "vocab": vocab,
+        "trainable": trainable,
+        "weights_bytes": weights,
+        "peak_bytes": tracker.peak,
+        "peak_gb": round(tracker.peak / 1e9, 3),
+        "peak_phase": tracker.peak_phase,
+        # what torch.cuda.max_memory_allocated would read on an H100/H200: the replay + cuBLAS workspaces
+        "peak_with_workspaces_gb": round((tracker.peak + cublas_workspaces(True)) / 1e9, 3),
+        # the same through the caching allocator's block rules (whole blocks counted)
+        "allocator_peak_allocated_gb": round((tracker.allocator.peak_allocated + cublas_workspaces(True)) / 1e9, 3),
+        # segments holding at least one live block at once: what the allocator cannot give back under
+        # memory pressure (it frees wholly free cached segments and retries before failing)
+        "allocator_peak_segments_gb": round(
+            (tracker.allocator.peak_in_use_segments + cublas_workspaces(True)) / 1e9, 3
+        ),
+        "allocator_reserved_gb": round((tracker.allocator.reserved + cublas_workspaces(True)) / 1e9, 3),
+    }
 
 
 GRID = [(m, b, gc) for m in ("lora", "qlora", "full") for b in (4, 16, 32) for gc in (False, True)]
-LEVER_CASES = [("lora", 16, dict(chunked_ce=256)), ("lora", 32, dict(chunked_ce=256, gradient_checkpointing=True)),
-               ("full", 4, dict(optimizer="adamw_8bit")), ("full", 16, dict(optimizer="adamw_8bit")),
-               ("full", 16, dict(optimizer="adamw_8bit", chunked_ce=256)),
-               ("full", 32, dict(optimizer="adamw_8bit", chunked_ce=256, gradient_checkpointing=True)),
-               ("qlora", 16, dict(chunked_ce=256, r=8)), ("lora", 16, dict(attn="eager")),
-               ("full", 4, dict(attn="eager"))]
+LEVER_CASES = [
+    ("lora", 16, dict(chunked_ce=256)),
+    ("lora", 32, dict(chunked_ce=256, gradient_checkpointing=True)),
+    ("full", 4, dict(optimizer="adamw_8bit")),
+    ("full", 16, dict(optimizer="adamw_8bit")),
+    ("full", 16, dict(optimizer="adamw_8bit", chunked_ce=256)),
+    ("full", 32, dict(optimizer="adamw_8bit", chunked_ce=256, gradient_checkpointing=True)),
+    ("qlora", 16, dict(chunked_ce=256, r=8)),
+    ("lora", 16, dict(attn="eager")),
+    ("full", 4, dict(attn="eager")),
+]
 
 
 def planner_for(row: dict, config: dict | None = None) -> float:
@@ -592,32 +687,55 @@ def planner_for(row: dict, config: dict | None = None) -> float:
 
     shape, meta = plan.shape_from_config(GPT2Config(**(config or DIALOGPT_MEDIUM)))
     lora = row["method"] != "full"
-    return plan.estimate(shape, method=row["method"], batch_size=row["batch_size"], seq_len=row["seq_len"],
-                         precision="bf16", device="cuda",
-                         trainable=plan.lora_params(meta, TARGETS, row["r"]) if lora else shape.params,
-                         gradient_checkpointing=row["gradient_checkpointing"],
-                         lora_dropout_width=plan.lora_input_width(meta, TARGETS, shape.n_layer) if lora else 0.0,
-                         attention=row["attn"], chunked_ce=bool(row["chunked_ce"]), optimizer=row["optimizer"]).total
+    return plan.estimate(
+        shape,
+        method=row["method"],
+        batch_size=row["batch_size"],
+        seq_len=row["seq_len"],
+        precision="bf16",
+        device="cuda",
+        trainable=plan.lora_params(meta, TARGETS, row["r"]) if lora else shape.params,
+        gradient_checkpointing=row["gradient_checkpointing"],
+        lora_dropout_width=plan.lora_input_width(meta, TARGETS, shape.n_layer) if lora else 0.0,
+        attention=row["attn"],
+        chunked_ce=bool(row["chunked_ce"]),
+        optimizer=row["optimizer"],
+    ).total
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["# Replayed CUDA training memory, DialoGPT-medium shape (bf16, seq 128, AdamW)", "",
-             "benchmarks/train_memory/simulate.py: the real step on the meta device under CUDA's autocast policy "
-             "and the caching allocator's rules, cuBLAS workspaces (sm90) added. Derived, not measured; the H200 "
-             "measured 2.42 / 6.92 / 7.19 / 10.64 / 7.04 GB for LoRA r16 b4, b16, full b4, b16, QLoRA r8 b16 "
-             "(../shared/FACTS.md).", "",
-             "| method | r | batch | levers | max allocated GB | peak at | segments in use GB | reserved GB | "
-             "planner GB | planner / replay |", "|---|---:|---:|---|---:|---|---:|---:|---:|---:|"]
+    lines = [
+        "# Replayed CUDA training memory, DialoGPT-medium shape (bf16, seq 128, AdamW)",
+        "",
+        "benchmarks/train_memory/simulate.py: the real step on the meta device under CUDA's autocast policy "
+        "and the caching allocator's rules, cuBLAS workspaces (sm90) added. Derived, not measured; the H200 "
+        "measured 2.42 / 6.92 / 7.19 / 10.64 / 7.04 GB for LoRA r16 b4, b16, full b4, b16, QLoRA r8 b16 "
+        "(../shared/FACTS.md).",
+        "",
+        "| method | r | batch | levers | max allocated GB | peak at | segments in use GB | reserved GB | "
+        "planner GB | planner / replay |",
+        "|---|---:|---:|---|---:|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        levers = ", ".join(x for x in (
-            "gradient checkpointing" if r["gradient_checkpointing"] else "",
-            f"chunked CE {r['chunked_ce']}" if r["chunked_ce"] else "",
-            "8-bit AdamW" if r["optimizer"] == "adamw_8bit" else "", "eager attention" if r["attn"] == "eager" else "")
-            if x) or "-"
+        levers = (
+            ", ".join(
+                x
+                for x in (
+                    "gradient checkpointing" if r["gradient_checkpointing"] else "",
+                    f"chunked CE {r['chunked_ce']}" if r["chunked_ce"] else "",
+                    "8-bit AdamW" if r["optimizer"] == "adamw_8bit" else "",
+                    "eager attention" if r["attn"] == "eager" else "",
+                )
+                if x
+            )
+            or "-"
+        )
         planned = planner_for(r) / 1e9
-        lines.append(f"| {r['method']} | {r['r'] or '-'} | {r['batch_size']} | {levers} | "
-                     f"{r['allocator_peak_allocated_gb']:.3f} | {r['peak_phase']} | {r['allocator_peak_segments_gb']:.3f} | "
-                     f"{r['allocator_reserved_gb']:.3f} | {planned:.3f} | {planned / r['allocator_peak_allocated_gb']:.3f} |")
+        lines.append(
+            f"| {r['method']} | {r['r'] or '-'} | {r['batch_size']} | {levers} | "
+            f"{r['allocator_peak_allocated_gb']:.3f} | {r['peak_phase']} | {r['allocator_peak_segments_gb']:.3f} | "
+            f"{r['allocator_reserved_gb']:.3f} | {planned:.3f} | {planned / r['allocator_peak_allocated_gb']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -631,25 +749,35 @@ def main() -> None:
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     ap.add_argument("--chunked-ce", type=int, default=0, help="chunk (tokens) for the chunked_ce lever; 0: off")
     ap.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit"])
-    ap.add_argument("--grid", action="store_true",
-                    help="every method x batch 4/16/32 x gradient checkpointing (QLoRA at r 8, as in FACTS.md), "
-                         "then the levers")
+    ap.add_argument(
+        "--grid",
+        action="store_true",
+        help="every method x batch 4/16/32 x gradient checkpointing (QLoRA at r 8, as in FACTS.md), then the levers",
+    )
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     a = ap.parse_args()
     if a.grid:
         cases = [(m, b, {"gradient_checkpointing": gc, "r": 8 if m == "qlora" else a.r}) for m, b, gc in GRID]
         cases += [(m, b, {"r": a.r, **kw}) for m, b, kw in LEVER_CASES]
     else:
-        cases = [(a.method, a.batch, dict(gradient_checkpointing=a.gc, r=a.r, attn=a.attn, chunked_ce=a.chunked_ce,
-                                          optimizer=a.optimizer))]
+        cases = [
+            (
+                a.method,
+                a.batch,
+                dict(gradient_checkpointing=a.gc, r=a.r, attn=a.attn, chunked_ce=a.chunked_ce, optimizer=a.optimizer),
+            )
+        ]
     rows = []
     for method, b, kw in cases:
         row = simulate(method, b, seq=a.seq, **kw)
         rows.append(row)
         levers = ", ".join(f"{k}={v}" for k, v in kw.items() if k != "r" and v)
-        print(f"{method:5s} b{b:<3d} {levers or 'plain':45s} allocated {row['allocator_peak_allocated_gb']:7.3f} GB "
-              f"at {row['peak_phase']:9s} (tensors {row['peak_with_workspaces_gb']:.3f}; segments in use "
-              f"{row['allocator_peak_segments_gb']:.3f}; reserved {row['allocator_reserved_gb']:.3f})", flush=True)
+        print(
+            f"{method:5s} b{b:<3d} {levers or 'plain':45s} allocated {row['allocator_peak_allocated_gb']:7.3f} GB "
+            f"at {row['peak_phase']:9s} (tensors {row['peak_with_workspaces_gb']:.3f}; segments in use "
+            f"{row['allocator_peak_segments_gb']:.3f}; reserved {row['allocator_reserved_gb']:.3f})",
+            flush=True,
+        )
     if a.out:
         Path(a.out).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
         if a.grid and a.seq == 128:  # the table with the planner beside, next to the JSON

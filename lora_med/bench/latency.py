@@ -21,9 +21,9 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -45,10 +45,27 @@ SPEED_ONLY = "random weights, speed only"
 # Memory bandwidth of known cards (bytes/s, vendors' figures) for the bandwidth floor of GPU rows: each decoded
 # token reads every weight once, so weight bytes / bandwidth is the least a token can take. Longest name first.
 CARD_BANDWIDTH = {
-    "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "GH200": 4.0e12,
-    "A100-SXM4-80GB": 2.039e12, "A100 80GB PCIe": 1.935e12, "A100": 1.555e12, "A10G": 600e9, "A10": 600e9,
-    "L40S": 864e9, "L4": 300e9, "T4": 320e9, "V100": 900e9, "RTX 4090": 1008e9, "RTX 4080": 717e9,
-    "RTX 4070": 504e9, "RTX 4060 Ti": 288e9, "RTX 4060": 272e9, "RTX 3090": 936e9, "RTX 3060": 360e9,
+    "H100 PCIe": 2.0e12,
+    "H100 NVL": 3.9e12,
+    "H100": 3.35e12,
+    "H200": 4.8e12,
+    "GH200": 4.0e12,
+    "A100-SXM4-80GB": 2.039e12,
+    "A100 80GB PCIe": 1.935e12,
+    "A100": 1.555e12,
+    "A10G": 600e9,
+    "A10": 600e9,
+    "L40S": 864e9,
+    "L4": 300e9,
+    "T4": 320e9,
+    "V100": 900e9,
+    "RTX 4090": 1008e9,
+    "RTX 4080": 717e9,
+    "RTX 4070": 504e9,
+    "RTX 4060 Ti": 288e9,
+    "RTX 4060": 272e9,
+    "RTX 3090": 936e9,
+    "RTX 3060": 360e9,
 }
 
 
@@ -104,48 +121,82 @@ def _graph_bytes(folder: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).glob("model.onnx*"))
 
 
-def _torch_peers(runs: dict, model_dir: Path | None, shape: str | None, device: str
-                 ) -> tuple[list[Backend], list[dict]]:
+def _torch_peers(
+    runs: dict, model_dir: Path | None, shape: str | None, device: str
+) -> tuple[list[Backend], list[dict]]:
     """PyTorch peers: eager fp32 (adapter unmerged where there is one), merged, and on CUDA fp16 (generate() as the
     seed's app runs it; and with a static cache compiled with CUDA graphs). Returns (backends, skipped)."""
     out, skipped = [], []
     if model_dir is not None:  # --shape
         src, what = str(model_dir), f"{shape} shape ({SPEED_ONLY})"
         out.append(Backend("torch-eager", device, "fp32", what, lambda: models.load_model(src).to(device)))
-        fp32 = lambda: models.load_model(src)  # noqa: E731
+        fp32 = lambda: models.load_model(src)
     elif "--run" in runs and runs["--run"][1]["artifact"] == "adapter":
         run, card = runs["--run"]
         base = card["base"]["name_or_path"]
         what = f"{run} (merged in memory)"
-        out.append(Backend("torch-eager", device, "fp32", f"{run} (adapter unmerged, PyTorch eager)",
-                           lambda: load_adapter(base, run, device)))
-        out.append(Backend("torch-merged", device, "fp32", f"{run} (merged in memory, PyTorch)",
-                           lambda: _load_merged(base, run, device)))
-        fp32 = lambda: _load_merged(base, run, "cpu")  # noqa: E731
+        out.append(
+            Backend(
+                "torch-eager",
+                device,
+                "fp32",
+                f"{run} (adapter unmerged, PyTorch eager)",
+                lambda: load_adapter(base, run, device),
+            )
+        )
+        out.append(
+            Backend(
+                "torch-merged",
+                device,
+                "fp32",
+                f"{run} (merged in memory, PyTorch)",
+                lambda: _load_merged(base, run, device),
+            )
+        )
+        fp32 = lambda: _load_merged(base, run, "cpu")
     else:
         run = (runs.get("--run") or runs.get("--full-run") or (None,))[0]
         if not run:
             return out, skipped
         what = f"{run} (PyTorch)"
-        out.append(Backend("torch-eager", device, "fp32", f"{run} (PyTorch eager)",
-                           lambda: models.load_model(run).to(device)))
+        out.append(
+            Backend("torch-eager", device, "fp32", f"{run} (PyTorch eager)", lambda: models.load_model(run).to(device))
+        )
         skipped.append({"backend": "torch-merged", "reason": "the run is a full fine-tune (nothing to merge)"})
-        fp32 = lambda: models.load_model(run)  # noqa: E731
+        fp32 = lambda: models.load_model(run)
     if device != "cuda":
-        skipped += [{"backend": n, "reason": "CUDA only (PyTorch fp16 on a GPU); no CUDA GPU here"}
-                    for n in ("torch-eager-fp16", "torch-cudagraph-fp16")]
+        skipped += [
+            {"backend": n, "reason": "CUDA only (PyTorch fp16 on a GPU); no CUDA GPU here"}
+            for n in ("torch-eager-fp16", "torch-cudagraph-fp16")
+        ]
     else:
-        half = lambda: fp32().half().to("cuda").eval()  # noqa: E731
+        half = lambda: fp32().half().to("cuda").eval()
         out.append(Backend("torch-eager-fp16", "cuda", "fp16", f"{what}, fp16, transformers generate()", half))
-        out.append(Backend("torch-cudagraph-fp16", "cuda", "fp16", f"{what}, fp16, generate() with a static cache "
-                           "and torch.compile(mode='reduce-overhead')", half, kind="static-cache", may_fail=True))
+        out.append(
+            Backend(
+                "torch-cudagraph-fp16",
+                "cuda",
+                "fp16",
+                f"{what}, fp16, generate() with a static cache and torch.compile(mode='reduce-overhead')",
+                half,
+                kind="static-cache",
+                may_fail=True,
+            )
+        )
     return out, skipped
 
 
-def available_backends(runs: dict[str, tuple[str, dict]], exports: list[dict], device: str, *,
-                       threads: int, wanted: list[str] | None, model_dir: Path | None = None,
-                       shape: str | None = None, engines: list[dict] | None = None
-                       ) -> tuple[list[Backend], list[dict]]:
+def available_backends(
+    runs: dict[str, tuple[str, dict]],
+    exports: list[dict],
+    device: str,
+    *,
+    threads: int,
+    wanted: list[str] | None,
+    model_dir: Path | None = None,
+    shape: str | None = None,
+    engines: list[dict] | None = None,
+) -> tuple[list[Backend], list[dict]]:
     """Every backend this machine and these inputs allow, and each one left out with the reason.
 
     Args:
@@ -170,32 +221,61 @@ def available_backends(runs: dict[str, tuple[str, dict]], exports: list[dict], d
             if dev == "cuda" and device != "cuda":
                 skipped.append({"backend": name, "reason": f"no CUDA GPU ({ex.get('label', ex['path'])})"})
                 continue
-            add(Backend(name, dev, ex["precision"], ex.get("label", ex["path"]),
-                        lambda ex=ex, dev=dev: load_ort(ex["onnx_dir"], dev, threads),
-                        weight_bytes=_graph_bytes(ex["onnx_dir"])), ex["path"])
+            add(
+                Backend(
+                    name,
+                    dev,
+                    ex["precision"],
+                    ex.get("label", ex["path"]),
+                    lambda ex=ex, dev=dev: load_ort(ex["onnx_dir"], dev, threads),
+                    weight_bytes=_graph_bytes(ex["onnx_dir"]),
+                ),
+                ex["path"],
+            )
     for eng in engines or []:
         dev = "cuda" if eng["precision"] == "fp16" else "cpu"
         name = f"engine-{dev}-{eng['precision']}"
         if dev == "cuda" and device != "cuda":
             skipped.append({"backend": name, "reason": f"no CUDA GPU ({eng['label']})"})
             continue
-        add(Backend(name, dev, eng["precision"], eng["label"],
-                    lambda eng=eng, dev=dev: load_engine(eng["dir"], device=dev, threads=threads),
-                    kind="engine", weight_bytes=_graph_bytes(eng["dir"])), eng["path"])
+        add(
+            Backend(
+                name,
+                dev,
+                eng["precision"],
+                eng["label"],
+                lambda eng=eng, dev=dev: load_engine(eng["dir"], device=dev, threads=threads),
+                kind="engine",
+                weight_bytes=_graph_bytes(eng["dir"]),
+            ),
+            eng["path"],
+        )
     skipped.append({"backend": "engine-cuda-fp32", "reason": f"not built: {NO_CUDA_FP32}"})
     if not exports:
-        skipped.append({"backend": "ort-*", "reason": "no export given (add --export DIR from `lora-med merge-export`)"})
+        skipped.append(
+            {"backend": "ort-*", "reason": "no export given (add --export DIR from `lora-med merge-export`)"}
+        )
     if exports and not engines:
-        skipped.append({"backend": "engine-*", "reason": "the exports hold no decode graph (engine/): export them "
-                        "again with this lora-med (non-GPT-2 bases get none; see their manifest.json)"})
+        skipped.append(
+            {
+                "backend": "engine-*",
+                "reason": "the exports hold no decode graph (engine/): export them "
+                "again with this lora-med (non-GPT-2 bases get none; see their manifest.json)",
+            }
+        )
     first: dict[str, dict] = {}
     for s in skipped:  # one line per backend name (several exports give the same reason)
         first.setdefault(s["backend"], s)
     skipped = list(first.values())
     if wanted:
         out = [b for b in out if b.name.split(":")[0] in wanted]
-        skipped = [s for s in skipped if s["backend"] in wanted
-                   or s["backend"].endswith("*") and any(w.startswith(s["backend"][:-1]) for w in wanted)]
+        skipped = [
+            s
+            for s in skipped
+            if s["backend"] in wanted
+            or s["backend"].endswith("*")
+            and any(w.startswith(s["backend"][:-1]) for w in wanted)
+        ]
     return out, skipped
 
 
@@ -227,9 +307,21 @@ def _generate(model, ids: list[int], n: int, eos: int, device: str, static: bool
     if static:
         from transformers import CompileConfig
 
-        extra = dict(cache_implementation="static", compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead"))
-    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                         do_sample=False, num_beams=1, use_cache=True, eos_token_id=eos, pad_token_id=eos, **extra)
+        extra = dict(
+            cache_implementation="static", compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead")
+        )
+    out = model.generate(
+        input_ids=x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        num_beams=1,
+        use_cache=True,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        **extra,
+    )
     return out.shape[1] - len(ids)
 
 
@@ -242,9 +334,16 @@ def _replier(b: Backend, model, eos: int) -> Callable[[list[int], int], int]:
 
 def _stats(values: list[float]) -> dict:
     s = sorted(values)
-    pick = lambda q: s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]  # noqa: E731  nearest rank
-    return {"p50": statistics.median(s), "p95": pick(95), "p99": pick(99), "mean": statistics.fmean(s),
-            "min": s[0], "max": s[-1], "n": len(s)}
+    pick = lambda q: s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
+    return {
+        "p50": statistics.median(s),
+        "p95": pick(95),
+        "p99": pick(99),
+        "mean": statistics.fmean(s),
+        "min": s[0],
+        "max": s[-1],
+        "n": len(s),
+    }
 
 
 def _weight_bytes(b: Backend, model) -> int | None:
@@ -263,13 +362,17 @@ def bandwidth_floor(weight_bytes: int | None, new_tokens: int, p50_s: float) -> 
     if bw is None or not weight_bytes:
         return {"card": card, "note": "unknown card: no bandwidth on record" if bw is None else "weight bytes unknown"}
     per_token = weight_bytes / bw
-    return {"card": card, "bandwidth_gb_s": bw / 1e9, "weight_gb": weight_bytes / 1e9,
-            "ms_per_token": 1e3 * per_token, "reply_ms": 1e3 * per_token * new_tokens,
-            "x_floor": p50_s / (per_token * new_tokens)}
+    return {
+        "card": card,
+        "bandwidth_gb_s": bw / 1e9,
+        "weight_gb": weight_bytes / 1e9,
+        "ms_per_token": 1e3 * per_token,
+        "reply_ms": 1e3 * per_token * new_tokens,
+        "x_floor": p50_s / (per_token * new_tokens),
+    }
 
 
-def time_backend(b: Backend, cfg: Timing, prompts: list[list[int]], eos: int,
-                 scaling_prompts: dict | None) -> dict:
+def time_backend(b: Backend, cfg: Timing, prompts: list[list[int]], eos: int, scaling_prompts: dict | None) -> dict:
     """Load one backend, warm it up, time its replies (and the scaling points, and for the engine the batch
     throughput), free it: one latency row."""
     mem_kind = models.reset_peak_rss()
@@ -291,17 +394,19 @@ def time_backend(b: Backend, cfg: Timing, prompts: list[list[int]], eos: int,
             for ids in prompts:
                 for _ in range(cfg.repeats):
                     n = [0]
-                    replies.append(timer(lambda: n.__setitem__(0, gen(ids, cfg.new_tokens))))
+                    replies.append(timer(lambda n=n, ids=ids: n.__setitem__(0, gen(ids, cfg.new_tokens))))
                     if n[0] != cfg.new_tokens:
                         raise LoraMedError(f"{b.name} generated {n[0]} tokens instead of {cfg.new_tokens}")
                     # Time to first token: a 1-token reply (prompt prefill + the first greedy step).
-                    ttft.append(timer(lambda: gen(ids, 1)))
+                    ttft.append(timer(lambda ids=ids: gen(ids, 1)))
             scaling = _scaling(gen, timer, cfg, scaling_prompts) if scaling_prompts else None
             throughput = _throughput(model, timer, cfg, prompts[0]) if cfg.throughput and b.kind == "engine" else None
         weights = _weight_bytes(b, model)
         if cuda:
-            peak = {"peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
-                    "peak_memory_kind": "torch.cuda.max_memory_allocated (ORT's own CUDA arena is not counted)"}
+            peak = {
+                "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
+                "peak_memory_kind": "torch.cuda.max_memory_allocated (ORT's own CUDA arena is not counted)",
+            }
         else:
             peak = {"peak_memory_gb": max(0, models.rss_kib("VmHWM") - rss0) * 1024 / 1e9, "peak_memory_kind": mem_kind}
     finally:
@@ -313,12 +418,23 @@ def time_backend(b: Backend, cfg: Timing, prompts: list[list[int]], eos: int,
         models.release_memory()
     rep, first = _stats(replies), _stats(ttft)
     decode = (rep["p50"] - first["p50"]) / max(cfg.new_tokens - 1, 1)
-    return {"backend": b.name, "kind": b.kind, "device": b.device, "precision": b.precision, "source": b.source,
-            "load_s": round(load_s, 3), "reply_s": rep, "ttft_s": first,
-            "tokens_per_s": cfg.new_tokens / rep["p50"], "decode_ms_per_token": 1000 * decode, **peak,
-            "weight_bytes": weights,
-            "bandwidth_floor": bandwidth_floor(weights, cfg.new_tokens, rep["p50"]) if cuda else None,
-            "scaling": scaling, "throughput": throughput}
+    return {
+        "backend": b.name,
+        "kind": b.kind,
+        "device": b.device,
+        "precision": b.precision,
+        "source": b.source,
+        "load_s": round(load_s, 3),
+        "reply_s": rep,
+        "ttft_s": first,
+        "tokens_per_s": cfg.new_tokens / rep["p50"],
+        "decode_ms_per_token": 1000 * decode,
+        **peak,
+        "weight_bytes": weights,
+        "bandwidth_floor": bandwidth_floor(weights, cfg.new_tokens, rep["p50"]) if cuda else None,
+        "scaling": scaling,
+        "throughput": throughput,
+    }
 
 
 def _throughput(engine: Engine, timer, cfg: Timing, prompt: list[int]) -> dict:
@@ -328,14 +444,15 @@ def _throughput(engine: Engine, timer, cfg: Timing, prompt: list[int]) -> dict:
     out = {}
     for batch in THROUGHPUT_BATCHES:
         engine.generate([prompt] * batch, s)  # warm-up: buffers for this batch size (and a CUDA graph capture)
-        t = statistics.median(timer(lambda batch=batch: engine.generate([prompt] * batch, s))
-                              for _ in range(cfg.scaling_repeats))
+        t = statistics.median(
+            timer(lambda batch=batch: engine.generate([prompt] * batch, s)) for _ in range(cfg.scaling_repeats)
+        )
         out[batch] = {"reply_s": t, "tokens_per_s": batch * cfg.new_tokens / t}
     return out
 
 
 def _scaling(gen, timer, cfg: Timing, sp: dict) -> dict:
-    med = lambda f: statistics.median(timer(f) for _ in range(cfg.scaling_repeats))  # noqa: E731
+    med = lambda f: statistics.median(timer(f) for _ in range(cfg.scaling_repeats))
     by_new = {n: med(lambda n=n: gen(sp["base"], n)) for n in SCALING_NEW_TOKENS}
     by_ctx = {c: med(lambda ids=ids: gen(ids, cfg.new_tokens)) for c, ids in sp["contexts"].items()}
     # Least-squares line through reply time vs new tokens: with a KV cache it is straight (R^2 near 1).
@@ -345,8 +462,14 @@ def _scaling(gen, timer, cfg: Timing, sp: dict) -> dict:
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
     ss_res = sum((y - (my + slope * (x - mx))) ** 2 for x, y in zip(xs, ys))
     ss_tot = sum((y - my) ** 2 for y in ys) or 1e-30
-    return {"prompt_tokens": len(sp["base"]), "new_tokens_s": by_new, "context_new_tokens": cfg.new_tokens,
-            "context_s": by_ctx, "ms_per_new_token": 1000 * slope, "linear_r2": 1 - ss_res / ss_tot}
+    return {
+        "prompt_tokens": len(sp["base"]),
+        "new_tokens_s": by_new,
+        "context_new_tokens": cfg.new_tokens,
+        "context_s": by_ctx,
+        "ms_per_new_token": 1000 * slope,
+        "linear_r2": 1 - ss_res / ss_tot,
+    }
 
 
 def held_out_prompts(convs, tokenizer, fmt: str, n: int, max_tokens: int) -> list[list[int]]:

@@ -28,28 +28,47 @@ import gc
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from .. import data, models, runs, settings
-from ..config import BACKENDS, BenchConfig, ExportConfig, TrainConfig
+from ..config import BenchConfig
 from ..engine.ort_backend import load_ort, ort_logits_fn
 from ..errors import GateError, LoraMedError
+from ..fileio import write_json, write_text
 from ..perplexity import perplexity, torch_logits_fn
-from ..export.main import merge_export
-from ..fileio import sha256_file, write_json, write_text
-from .latency import SCALING_BACKENDS, SCALING_CONTEXTS, SCALING_NEW_TOKENS, SPEED_ONLY, Timing, available_backends, held_out_prompts, load_adapter, thread_count, time_backend
+from ..settings import describe
+from .latency import (
+    SCALING_BACKENDS,
+    SCALING_CONTEXTS,
+    SCALING_NEW_TOKENS,
+    SPEED_ONLY,
+    Timing,
+    available_backends,
+    held_out_prompts,
+    load_adapter,
+    thread_count,
+    time_backend,
+)
+from .paired import paired_runs
 from .report import engine_vs_peers, gate_line, markdown, plots, replies, training
-from ..settings import describe, name
 from .shapes import SHAPES, build_shape
-from ..train.main import train
+from .validate import Found, out_dir, report_name, validate
 
 # "auto": the first present. The engine first: it is what serve runs.
-GATE_ORDER = ("engine-cuda-fp16", "engine-cpu-int8", "engine-cpu-fp32", "ort-cuda-fp16", "ort-cpu-int8", "ort-cpu-fp32",
-              "torch-merged", "torch-eager")
+GATE_ORDER = (
+    "engine-cuda-fp16",
+    "engine-cpu-int8",
+    "engine-cpu-fp32",
+    "ort-cuda-fp16",
+    "ort-cpu-int8",
+    "ort-cpu-fp32",
+    "torch-merged",
+    "torch-eager",
+)
 DEFAULT_MAX_PPL_RATIO = 1.10
 DEFAULT_MIN_PPL_GAIN = 1.0
 REPORT_FILES = ("report.json", "report.md", "latency.png", "perplexity.png", "scaling.png")
@@ -59,198 +78,6 @@ REPORT_FILES = ("report.json", "report.md", "latency.png", "perplexity.png", "sc
 class BenchResult:
     report: dict  # report.json's content
     out_dir: Path
-
-
-@dataclass
-class Found:
-    """What validation read: the run cards (by flag) with their folders, and the exports."""
-
-    runs: dict  # "--run" / "--full-run" -> (folder, card)
-    exports: list[dict]
-
-    @property
-    def cards(self) -> dict:
-        return {k: card for k, (_, card) in self.runs.items()}
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def report_name(cfg: BenchConfig, device: str) -> str:
-    return cfg.name or (f"{cfg.shape}-shape-{device}" if cfg.shape else "paired" if cfg.paired
-                        else Path(cfg.run or cfg.full_run or cfg.export[0]).name)
-
-
-def out_dir(cfg: BenchConfig, device: str) -> Path:
-    """The report folder: --out, else reports/<name> under the working directory (never the checkout's
-    tracked benchmarks/results/, which hold committed figures)."""
-    return Path(cfg.out) if cfg.out else Path("reports") / report_name(cfg, device)
-
-
-def validate(cfg: BenchConfig) -> tuple[list[str], Found]:
-    """Every problem with the settings and inputs, and what was read while checking (run cards, manifests)."""
-    p = settings.check(cfg)
-    found = Found({}, [])
-    if cfg.shape is not None:
-        asked = [name(cfg, f) for f in ("run", "full_run", "export", "paired", "max_ppl_ratio", "min_ppl_gain", "base")
-                 if getattr(cfg, f)]
-        if asked:
-            p.append(f"{describe(cfg, 'shape')} measures speed only ({SPEED_ONLY}): perplexity and the perplexity "
-                     f"gates are refused, and it cannot be combined with {', '.join(asked)}. Bench a trained run "
-                     "(--run/--full-run/--export) for perplexity")
-    elif not (cfg.run or cfg.full_run or cfg.export or cfg.paired):
-        p.append("nothing to measure: give --run and/or --full-run (training runs), --export (merge-export folders), "
-                 "--paired, or --shape dialogpt-medium")
-    if cfg.export and not (cfg.run or cfg.full_run or cfg.paired or cfg.shape):
-        p.append(f"{name(cfg, 'export')} alone gives no held-out set: add the --run (or --full-run) the export came "
-                 "from")
-    if cfg.paired and (cfg.run or cfg.full_run or cfg.export):
-        p.append(f"{name(cfg, 'paired')} trains and exports its own runs; drop --run/--full-run/--export")
-    if p:  # the checks below need well-typed values
-        return p, found
-    if cfg.gate_backend != "auto" and cfg.gate_backend not in BACKENDS and ":" not in cfg.gate_backend:
-        p.append(f"{describe(cfg, 'gate_backend')}: use auto or one of {', '.join(BACKENDS)}")
-    try:
-        models.resolve_device(cfg.device)
-    except LoraMedError as e:
-        p.append(str(e))
-    if cfg.paired:
-        for f in ("lora_config", "full_config"):
-            try:
-                train_cfg = settings.load_config(TrainConfig, getattr(cfg, f), argv=[])
-                p += [f"{name(cfg, f)}: {x}" for x in settings.check(train_cfg)]
-            except LoraMedError as e:
-                p.append(f"{name(cfg, f)}: {e}")
-    for f in ("run", "full_run"):
-        if getattr(cfg, f):
-            try:
-                card = runs.load_card(getattr(cfg, f), "train")
-                found.runs[f"--{f.replace('_', '-')}"] = (getattr(cfg, f), card)
-                p += runs.run_problems(Path(getattr(cfg, f)), card)  # weights whole, base present, before loading
-            except LoraMedError as e:
-                p.append(f"{name(cfg, f)}: {e}")
-    p += _check_pair(cfg, found)
-    for d in cfg.export or []:
-        try:
-            found.exports.append(_read_export(Path(d), found))
-        except LoraMedError as e:
-            p.append(f"{name(cfg, 'export')}: {e}")
-    if (positions := _positions(cfg, found)) and cfg.new_tokens >= positions:
-        p.append(f"{describe(cfg, 'new_tokens')}: the model reads at most {positions} positions; use fewer")
-    if cfg.name is not None and (Path(cfg.name).name != cfg.name or cfg.name in ("", ".", "..")):
-        p.append(f"{describe(cfg, 'name')}: a name, not a path (the report goes to reports/<name>); to choose the "
-                 f"folder, use {name(cfg, 'out')}")
-    device = "cuda" if cfg.device == "cuda" else "cpu"
-    out = out_dir(cfg, device if cfg.device != "auto" else models.resolve_device("auto"))
-    inputs = [("training run", Path(f)) for f, _ in found.runs.values()] + \
-        [("export", Path(e["path"])) for e in found.exports]
-    found_out, _ = runs.output_problems(out, "bench", flag=name(cfg, "out") if cfg.out else "--out", inputs=inputs,
-                                        overwrite=True)  # a report folder bench wrote is rewritten
-    p += found_out
-    return p, found
-
-
-def _positions(cfg: BenchConfig, found: Found) -> int | None:
-    """How many positions the measured model reads (its config only), or None when that is not known yet."""
-    if cfg.shape:
-        return SHAPES[cfg.shape]["n_positions"]
-    card = next(iter(found.cards.values()), None)
-    try:
-        return models.max_positions(models.load_config(card["base"]["name_or_path"])) if card else None
-    except LoraMedError:
-        return None  # a base that is gone is named by runs.run_problems
-
-
-def _check_pair(cfg: BenchConfig, found: Found) -> list[str]:
-    cards, p = found.cards, []
-    if "--run" in cards and "--full-run" in cards:
-        a, b = cards["--run"], cards["--full-run"]
-        same = lambda k: a["data"]["eval"].get(k) == b["data"]["eval"].get(k)  # noqa: E731
-        if not (same("sha256") and same("indices")) or a["data"]["max_length"] != b["data"]["max_length"] \
-                or a["data"]["format"] != b["data"]["format"]:
-            p.append(f"--run {cfg.run} and --full-run {cfg.full_run} were not evaluated on the same held-out set "
-                     "(eval file, split, max length or format differ): perplexity would not be paired. Train both "
-                     "with the same data, seed and --max-length (or use --paired)")
-        fa, fb = (models.fingerprint(c["base"]["name_or_path"], c["base"].get("sha256")) for c in (a, b))
-        if fa != fb:
-            p.append(f"--run and --full-run start from different bases ({a['base']['name_or_path']} vs "
-                     f"{b['base']['name_or_path']}: their config and weights differ)")
-    if "--full-run" in cards and cards["--full-run"]["artifact"] != "model":
-        p.append(f"--full-run {cfg.full_run}: that run is a {cards['--full-run']['config']['method']} adapter, not a "
-                 "full fine-tune; pass it as --run")
-    return p
-
-
-def _read_export(path: Path, found: Found) -> dict:
-    """A complete export of one of the given runs: its ONNX folder, precision and manifest."""
-    if not path.is_dir():
-        raise LoraMedError(f"{path}: no such folder; give a `lora-med merge-export` output folder")
-    folder = path
-    if not (path / "manifest.json").is_file() and (path.parent / "manifest.json").is_file():
-        folder = path.parent  # an onnx/ folder given: its export's manifest decides
-    manifest = runs.load_card(folder, "export")  # refuses a failed or unfinished export
-    onnx_dir = folder / "onnx"
-    if not (onnx_dir / "model.onnx").is_file():
-        raise LoraMedError(f"{onnx_dir / 'model.onnx'}: missing; export again with `lora-med merge-export`")
-    src = manifest["source"]
-    mine = {Path(f).resolve(): sha256_file(Path(f) / "run.json") for f, _ in found.runs.values()}
-    if mine and Path(src["run_dir"]).resolve() not in mine and src.get("run_json_sha256") not in mine.values():
-        raise LoraMedError(f"{folder}: exported from the run {src['run_dir']}, which is neither --run nor --full-run; "
-                           "its perplexity would not be comparable. Give that run, or export these runs")
-    opts = manifest["options"]
-    precision = "int8" if opts.get("quantize") == "int8" else "fp16" if opts.get("optimize") == "O4" \
-        else opts.get("dtype", "fp32")
-    out = {"path": str(folder), "onnx_dir": str(onnx_dir), "precision": precision,
-           "device": opts.get("device", "cpu"), "source_run": src["run_dir"]}
-    section = manifest.get("engine") or {}
-    if section.get("status") == "built" and (folder / "engine" / "engine.json").is_file():
-        out["engine"] = {"dir": str(folder / "engine"), "path": str(folder), "precision": section["precision"],
-                         "label": f"{folder} (engine/, decode graph)"}
-    return out
-
-
-# --------------------------------------------------------------------------- --paired
-
-
-def _paired(cfg: BenchConfig, name_: str, device: str) -> tuple[str, str, list[str], dict]:
-    """Train LoRA and full on the same split, seed and token budget; merge-export both. Returns their folders.
-
-    A quantised export that its own parity gate refuses is left out (and named in the report) rather than
-    ending the run: the refusal is merge-export doing its job, and the fp32 exports still get measured.
-    """
-    work = Path(cfg.paired_dir or Path("adapters") / f"paired-{name_}")
-    common = dict(data=cfg.data, eval_data=cfg.eval_data, epochs=cfg.epochs, max_steps=cfg.max_steps,
-                  batch_size=cfg.train_batch_size, grad_accum=1, seed=cfg.seed, device=device, compare=True,
-                  overwrite=True)
-    if cfg.base:
-        common["base"] = cfg.base
-    trained, exports, timings, refused = {}, [], {}, []
-    for method, config_file in (("lora", cfg.lora_config), ("full", cfg.full_config)):
-        tcfg = settings.load_config(TrainConfig, config_file, {**common, "method": method,
-                                                               "output": str(work / method)}, argv=[])
-        t0 = time.perf_counter()
-        trained[method] = str(train(tcfg).output)
-        timings[f"train_{method}_s"] = round(time.perf_counter() - t0, 2)
-        variants = [("cpu", "fp32", "none"), ("cpu", "fp32", "int8")]
-        if device == "cuda":
-            variants.append(("cuda", "fp16", "none"))
-        for dev, dtype, quant in variants:
-            out = work / f"export-{method}-{dev}-{'int8' if quant == 'int8' else dtype}"
-            t0 = time.perf_counter()
-            try:
-                exports.append(str(merge_export(ExportConfig(
-                    run_dir=trained[method], output=str(out), device=dev, dtype=dtype, quantize=quant,
-                    min_top1=cfg.min_top1, min_same_replies=cfg.min_same_replies, overwrite=out.exists())).output))
-            except GateError as e:
-                if quant == "none" and dtype == "fp32":
-                    raise  # an fp32 export that fails parity is a real fault, not a precision trade-off
-                why = [ln.strip()[2:] for ln in str(e).splitlines() if ln.strip().startswith("- ")] or [str(e)]
-                refused.append(f"{out.name}: refused by its parity gate ({'; '.join(why)}); left out")
-                print(f"note: {refused[-1]}")
-            timings[f"export_{out.name}_s"] = round(time.perf_counter() - t0, 2)
-    return trained["lora"], trained["full"], exports, {
-        "dir": str(work), "timings": timings, "refused_exports": refused, "lora_config": cfg.lora_config,
-        "full_config": cfg.full_config}
 
 
 # --------------------------------------------------------------------------- inputs
@@ -277,17 +104,26 @@ class Inputs:
 def _inputs(cfg: BenchConfig, found: Found, device: str, scratch: Path) -> Inputs:
     if cfg.shape:
         print(f"Building a randomly initialised {cfg.shape} model and the graphs merge-export ships ({SPEED_ONLY})")
-        model_dir, shape_exports, shape_engines, info = build_shape(cfg.shape, scratch, device, seed=cfg.seed,
-                                                                    backends=cfg.backends)
+        model_dir, shape_exports, shape_engines, info = build_shape(
+            cfg.shape, scratch, device, seed=cfg.seed, backends=cfg.backends
+        )
         shape = SHAPES[cfg.shape]
         gen = torch.Generator().manual_seed(cfg.seed)
         # Random token prompts of chat-like lengths (no tokenizer or data belongs to random weights).
         lengths = [(16, 24, 32, 48, 64)[i % 5] for i in range(cfg.prompts)]
         prompts = [torch.randint(0, shape["vocab_size"] - 1, (n,), generator=gen).tolist() for n in lengths]
         stream = torch.randint(0, shape["vocab_size"] - 1, (max(SCALING_CONTEXTS),), generator=gen).tolist()
-        return Inputs(prompts, shape["eos_token_id"], shape["n_positions"], stream,
-                      f"{cfg.prompts} random-token prompts, lengths {lengths}", model_dir=model_dir,
-                      shape_exports=shape_exports, shape_engines=shape_engines, shape_info=info)
+        return Inputs(
+            prompts,
+            shape["eos_token_id"],
+            shape["n_positions"],
+            stream,
+            f"{cfg.prompts} random-token prompts, lengths {lengths}",
+            model_dir=model_dir,
+            shape_exports=shape_exports,
+            shape_engines=shape_engines,
+            shape_info=info,
+        )
     run_dir, card = found.runs.get("--run") or found.runs["--full-run"]
     tokenizer = models.load_tokenizer(run_dir)
     convs = runs.held_out(card, run_dir)
@@ -301,9 +137,15 @@ def _inputs(cfg: BenchConfig, found: Found, device: str, scratch: Path) -> Input
     while len(stream) < max(SCALING_CONTEXTS):
         stream = stream + stream
     ev = card["data"]["eval"]
-    return Inputs(prompts, tokenizer.eos_token_id, n_positions, stream,
-                  f"{len(prompts)} held-out conversations ({ev['path']}), history up to the last user turn, "
-                  f"format {fmt}", tokenizer=tokenizer, examples=examples)
+    return Inputs(
+        prompts,
+        tokenizer.eos_token_id,
+        n_positions,
+        stream,
+        f"{len(prompts)} held-out conversations ({ev['path']}), history up to the last user turn, format {fmt}",
+        tokenizer=tokenizer,
+        examples=examples,
+    )
 
 
 # --------------------------------------------------------------------------- perplexity
@@ -318,7 +160,9 @@ def _perplexities(cfg: BenchConfig, found: Found, tokenizer, examples, device: s
     todo: list[tuple[str, str, Callable[[], object]]] = [("base", base, lambda: models.load_model(base).to(device))]
     if "--run" in cards:
         if cards["--run"]["artifact"] == "adapter":
-            todo.append(("lora", cfg.run, lambda: load_adapter(cards["--run"]["base"]["name_or_path"], cfg.run, device)))
+            todo.append(
+                ("lora", cfg.run, lambda: load_adapter(cards["--run"]["base"]["name_or_path"], cfg.run, device))
+            )
         else:
             todo.append(("lora", cfg.run, lambda: models.load_model(cfg.run).to(device)))
     if "--full-run" in cards:
@@ -328,18 +172,30 @@ def _perplexities(cfg: BenchConfig, found: Found, tokenizer, examples, device: s
         if ex["precision"] == "fp16" and device != "cuda":
             continue
         dev = "cuda" if ex["precision"] == "fp16" else "cpu"
-        todo.append((f"onnx:{Path(ex['path']).name}:{ex['precision']}", ex["path"],
-                     lambda ex=ex, dev=dev: load_ort(ex["onnx_dir"], dev, threads)))
+        todo.append(
+            (
+                f"onnx:{Path(ex['path']).name}:{ex['precision']}",
+                ex["path"],
+                lambda ex=ex, dev=dev: load_ort(ex["onnx_dir"], dev, threads),
+            )
+        )
     out = {}
     for label, source, load in todo:
         t0 = time.perf_counter()
         model = load()
         fn = torch_logits_fn(model) if isinstance(model, torch.nn.Module) else ort_logits_fn(model)
         ppl = perplexity(fn, examples, pad, cfg.ppl_batch_size)
-        out[label] = {"source": source, "assistant_ppl": ppl["assistant"]["ppl"], "all_ppl": ppl["all"]["ppl"],
-                      "assistant_tokens": ppl["assistant"]["tokens"], "all_tokens": ppl["all"]["tokens"],
-                      "seconds": round(time.perf_counter() - t0, 2)}
-        print(f"  perplexity {label:<28} assistant {out[label]['assistant_ppl']:10.3f}   all {out[label]['all_ppl']:10.3f}")
+        out[label] = {
+            "source": source,
+            "assistant_ppl": ppl["assistant"]["ppl"],
+            "all_ppl": ppl["all"]["ppl"],
+            "assistant_tokens": ppl["assistant"]["tokens"],
+            "all_tokens": ppl["all"]["tokens"],
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        print(
+            f"  perplexity {label:<28} assistant {out[label]['assistant_ppl']:10.3f}   all {out[label]['all_ppl']:10.3f}"
+        )
         del model
         gc.collect()
     return out
@@ -354,18 +210,29 @@ def _latency(cfg: BenchConfig, backends, inp: Inputs, notes: list[str], skipped:
     scaling_prompts = {"base": inp.stream[:32], "contexts": {c: inp.stream[:c] for c in SCALING_CONTEXTS if c <= room}}
     skipped = [c for c in SCALING_CONTEXTS if c > room]
     if skipped:
-        notes.append(f"scaling contexts {skipped} left out: they do not fit n_positions {inp.n_positions} with "
-                     f"{max(SCALING_NEW_TOKENS)} new tokens")
-    timing = Timing(cfg.new_tokens, cfg.repeats, cfg.warmup, cfg.scaling_repeats, thread_count(cfg.threads),
-                    throughput=cfg.throughput)
-    print(f"Latency: {len(inp.prompts)} prompts x {cfg.repeats} repeats, {cfg.new_tokens} new tokens, "
-          f"warm-up {cfg.warmup}, {timing.threads} threads")
+        notes.append(
+            f"scaling contexts {skipped} left out: they do not fit n_positions {inp.n_positions} with "
+            f"{max(SCALING_NEW_TOKENS)} new tokens"
+        )
+    timing = Timing(
+        cfg.new_tokens,
+        cfg.repeats,
+        cfg.warmup,
+        cfg.scaling_repeats,
+        thread_count(cfg.threads),
+        throughput=cfg.throughput,
+    )
+    print(
+        f"Latency: {len(inp.prompts)} prompts x {cfg.repeats} repeats, {cfg.new_tokens} new tokens, "
+        f"warm-up {cfg.warmup}, {timing.threads} threads"
+    )
     rows = []
     for b in backends:
         try:
-            row = time_backend(b, timing, inp.prompts, inp.eos,
-                               scaling_prompts if cfg.scaling and b.name in SCALING_BACKENDS else None)
-        except Exception as e:  # noqa: BLE001 - a peer that may not run here (torch.compile) is reported, not fatal
+            row = time_backend(
+                b, timing, inp.prompts, inp.eos, scaling_prompts if cfg.scaling and b.name in SCALING_BACKENDS else None
+            )
+        except Exception as e:
             if not b.may_fail:
                 raise
             reason = f"could not run here: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
@@ -374,8 +241,10 @@ def _latency(cfg: BenchConfig, backends, inp: Inputs, notes: list[str], skipped:
             models.release_memory()
             continue
         rows.append(row)
-        print(f"  {b.name:<22} p50 {row['reply_s']['p50'] * 1000:9.1f} ms  p95 {row['reply_s']['p95'] * 1000:9.1f} ms"
-              f"  ttft {row['ttft_s']['p50'] * 1000:8.1f} ms  {row['tokens_per_s']:8.1f} tok/s")
+        print(
+            f"  {b.name:<22} p50 {row['reply_s']['p50'] * 1000:9.1f} ms  p95 {row['reply_s']['p95'] * 1000:9.1f} ms"
+            f"  ttft {row['ttft_s']['p50'] * 1000:8.1f} ms  {row['tokens_per_s']:8.1f} tok/s"
+        )
     ref = next((r for r in rows if r["backend"] == "torch-eager"), None)
     for r in rows:
         r["speedup_vs_torch_eager"] = ref["reply_s"]["p50"] / r["reply_s"]["p50"] if ref else None
@@ -390,23 +259,50 @@ def _gate(cfg: BenchConfig, latency: list[dict], ppl: dict | None, gate_backend:
     if cfg.max_latency_s > 0 and gate_backend:
         row = next(r for r in latency if r["backend"] == gate_backend)
         v = row["reply_s"][cfg.gate_stat]
-        checks.append({"gate": "latency", "what": f"{gate_backend} {cfg.gate_stat} reply time ({cfg.new_tokens} new "
-                       f"tokens)", "value": v, "limit": cfg.max_latency_s, "op": "<=", "passed": v <= cfg.max_latency_s,
-                       "by": v - cfg.max_latency_s, "unit": "s"})
+        checks.append(
+            {
+                "gate": "latency",
+                "what": f"{gate_backend} {cfg.gate_stat} reply time ({cfg.new_tokens} new tokens)",
+                "value": v,
+                "limit": cfg.max_latency_s,
+                "op": "<=",
+                "passed": v <= cfg.max_latency_s,
+                "by": v - cfg.max_latency_s,
+                "unit": "s",
+            }
+        )
     if ppl:
         ratio_limit = cfg.max_ppl_ratio if cfg.max_ppl_ratio is not None else DEFAULT_MAX_PPL_RATIO
         if "lora" in ppl and "full" in ppl and ratio_limit > 0:
             v = ppl["lora"]["assistant_ppl"] / ppl["full"]["assistant_ppl"]
-            checks.append({"gate": "ppl-ratio", "what": "LoRA / full fine-tune assistant perplexity", "value": v,
-                           "limit": ratio_limit, "op": "<=", "passed": v <= ratio_limit, "by": v - ratio_limit,
-                           "unit": "x"})
+            checks.append(
+                {
+                    "gate": "ppl-ratio",
+                    "what": "LoRA / full fine-tune assistant perplexity",
+                    "value": v,
+                    "limit": ratio_limit,
+                    "op": "<=",
+                    "passed": v <= ratio_limit,
+                    "by": v - ratio_limit,
+                    "unit": "x",
+                }
+            )
         gain_limit = cfg.min_ppl_gain if cfg.min_ppl_gain is not None else DEFAULT_MIN_PPL_GAIN
         for tuned in ("lora", "full"):
             if tuned in ppl and gain_limit > 0:
                 v = ppl["base"]["assistant_ppl"] / ppl[tuned]["assistant_ppl"]
-                checks.append({"gate": "ppl-gain", "what": f"base / {tuned} assistant perplexity", "value": v,
-                               "limit": gain_limit, "op": ">=", "passed": v >= gain_limit, "by": gain_limit - v,
-                               "unit": "x"})
+                checks.append(
+                    {
+                        "gate": "ppl-gain",
+                        "what": f"base / {tuned} assistant perplexity",
+                        "value": v,
+                        "limit": gain_limit,
+                        "op": ">=",
+                        "passed": v >= gain_limit,
+                        "by": gain_limit - v,
+                        "unit": "x",
+                    }
+                )
     return checks
 
 
@@ -433,7 +329,7 @@ def bench(cfg: BenchConfig) -> BenchResult:
     notes: list[str] = [cfg.note] if cfg.note else []
     paired_info = None
     if cfg.paired:
-        run, full_run, exports, paired_info = _paired(cfg, name_, device)
+        run, full_run, exports, paired_info = paired_runs(cfg, name_, device)
         cfg = settings.replace(cfg, run=run, full_run=full_run, export=exports, paired=False)
         problems, found = validate(cfg)
         if problems:
@@ -443,42 +339,68 @@ def bench(cfg: BenchConfig) -> BenchResult:
     with tempfile.TemporaryDirectory(prefix="lora-med-bench-") as scratch:
         inp = _inputs(cfg, found, device, Path(scratch))
         engines = [*inp.shape_engines, *(ex["engine"] for ex in found.exports if "engine" in ex)]
-        backends, skipped = available_backends(found.runs, [*inp.shape_exports, *found.exports], device,
-                                               threads=thread_count(cfg.threads), wanted=cfg.backends,
-                                               model_dir=inp.model_dir, shape=cfg.shape, engines=engines)
+        backends, skipped = available_backends(
+            found.runs,
+            [*inp.shape_exports, *found.exports],
+            device,
+            threads=thread_count(cfg.threads),
+            wanted=cfg.backends,
+            model_dir=inp.model_dir,
+            shape=cfg.shape,
+            engines=engines,
+        )
         names = [b.name for b in backends]
         gate_backend = None
         if cfg.max_latency_s > 0:
-            gate_backend = next((n for n in GATE_ORDER if n in names), None) if cfg.gate_backend == "auto" \
-                else cfg.gate_backend
+            gate_backend = (
+                next((n for n in GATE_ORDER if n in names), None) if cfg.gate_backend == "auto" else cfg.gate_backend
+            )
             if gate_backend not in names:
-                raise LoraMedError(f"{describe(cfg, 'gate_backend')}: not among the backends measured here "
-                                   f"({', '.join(names) or 'none'})")
+                raise LoraMedError(
+                    f"{describe(cfg, 'gate_backend')}: not among the backends measured here "
+                    f"({', '.join(names) or 'none'})"
+                )
         ppl = None
         if inp.examples is not None:
             card = found.cards.get("--run") or found.cards["--full-run"]
-            print(f"Perplexity on {len(inp.examples)} held-out conversations "
-                  f"({sum(e.tokens_cut > 0 for e in inp.examples)} cut at max length {card['data']['max_length']}):")
+            print(
+                f"Perplexity on {len(inp.examples)} held-out conversations "
+                f"({sum(e.tokens_cut > 0 for e in inp.examples)} cut at max length {card['data']['max_length']}):"
+            )
             ppl = _perplexities(cfg, found, inp.tokenizer, inp.examples, device)
         latency = _latency(cfg, backends, inp, notes, skipped)
 
     checks = _gate(cfg, latency, ppl, gate_backend)
     report = {
-        "kind": "lora-med.bench", "format_version": 3, "name": name_,
+        "kind": "lora-med.bench",
+        "format_version": 3,
+        "name": name_,
         "label": SPEED_ONLY if cfg.shape else None,
         "settings": settings.as_dict(cfg),
-        "machine": {**models.device_info(device), "load_average_1m_start": load_start,
-                    "load_average_1m_end": _loadavg()},
+        "machine": {
+            **models.device_info(device),
+            "load_average_1m_start": load_start,
+            "load_average_1m_end": _loadavg(),
+        },
         "versions": models.library_versions(),
-        "inputs": {"runs": {k: v["config"]["method"] for k, v in found.cards.items()},
-                   "run_dirs": {k: str(Path(f).resolve()) for k, (f, _) in found.runs.items()},
-                   "exports": found.exports, "shape": inp.shape_info, "paired": paired_info,
-                   "prompts": inp.prompt_source, "threads": thread_count(cfg.threads)},
-        "perplexity": ppl, "latency": latency, "engine_vs_peers": engine_vs_peers(latency),
-        "skipped_backends": skipped, "training": training(found.cards),
+        "inputs": {
+            "runs": {k: v["config"]["method"] for k, v in found.cards.items()},
+            "run_dirs": {k: str(Path(f).resolve()) for k, (f, _) in found.runs.items()},
+            "exports": found.exports,
+            "shape": inp.shape_info,
+            "paired": paired_info,
+            "prompts": inp.prompt_source,
+            "threads": thread_count(cfg.threads),
+        },
+        "perplexity": ppl,
+        "latency": latency,
+        "engine_vs_peers": engine_vs_peers(latency),
+        "skipped_backends": skipped,
+        "training": training(found.cards),
         "replies": replies(found.cards),
         "gate": {"backend": gate_backend, "checks": checks, "passed": all(c["passed"] for c in checks)},
-        "notes": notes, "total_s": round(time.perf_counter() - t_start, 2),
+        "notes": notes,
+        "total_s": round(time.perf_counter() - t_start, 2),
     }
     _write_report(out, report)
     failed = [c for c in checks if not c["passed"]]

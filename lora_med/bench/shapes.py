@@ -15,22 +15,24 @@ from pathlib import Path
 
 import torch
 
-from ..export import optimum
 from ..config import BACKENDS
+from ..export import optimum
 from .latency import SPEED_ONLY
 
 # Model shapes for --shape: GPT-2 configs built locally with random weights (speed only).
 SHAPES = {
     # microsoft/DialoGPT-medium's public config (FACTS.md): 354,823,168 parameters, tied lm_head.
-    "dialogpt-medium": dict(n_layer=24, n_embd=1024, n_head=16, n_positions=1024, vocab_size=50257,
-                            bos_token_id=50256, eos_token_id=50256),
+    "dialogpt-medium": dict(
+        n_layer=24, n_embd=1024, n_head=16, n_positions=1024, vocab_size=50257, bos_token_id=50256, eos_token_id=50256
+    ),
     # A few-second stand-in for tests and smoke runs.
     "tiny": dict(n_layer=2, n_embd=32, n_head=2, n_positions=256, vocab_size=400, bos_token_id=0, eos_token_id=0),
 }
 
 
-def build_shape(name: str, work: Path, device: str, *, seed: int, backends: list[str] | None
-                ) -> tuple[Path, list[dict], list[dict], dict]:
+def build_shape(
+    name: str, work: Path, device: str, *, seed: int, backends: list[str] | None
+) -> tuple[Path, list[dict], list[dict], dict]:
     """A randomly initialised GPT-2 of shape ``name``, saved, with the graphs the wanted backends need.
 
     Returns:
@@ -57,8 +59,11 @@ def build_shape(name: str, work: Path, device: str, *, seed: int, backends: list
         return out
 
     exports = []
-    backends = {"fp32": {"ort-cpu-fp32", "ort-cuda-fp32"}, "int8": {"ort-cpu-int8"},
-               "fp16": {"ort-cuda-fp16"} if cuda else set()}
+    backends = {
+        "fp32": {"ort-cpu-fp32", "ort-cuda-fp32"},
+        "int8": {"ort-cpu-int8"},
+        "fp16": {"ort-cuda-fp16"} if cuda else set(),
+    }
     if wanted & set().union(*backends.values()):
         fp32 = work / "onnx-fp32"
         timed("export_fp32", lambda: optimum.export_fp32(model_dir, fp32))
@@ -77,11 +82,23 @@ def build_shape(name: str, work: Path, device: str, *, seed: int, backends: list
             section = timed(f"engine_{precision}", lambda out=out, p=precision: optimum.engine_graph(model_dir, out, p))
             if section["status"] != "built":
                 raise RuntimeError(f"{name} shape: decode graph not built: {section['reason']}")  # a GPT-2: a bug
-            engines.append({"dir": str(out), "path": str(out), "precision": precision,
-                            "label": f"decode graph ({precision}, {SPEED_ONLY})", "recipe": section.get("recipe")})
+            engines.append(
+                {
+                    "dir": str(out),
+                    "path": str(out),
+                    "precision": precision,
+                    "label": f"decode graph ({precision}, {SPEED_ONLY})",
+                    "recipe": section.get("recipe"),
+                }
+            )
     return model_dir, exports, engines, info
 
 
 def _optimum(folder: Path, precision: str, how: str) -> dict:
-    return {"path": str(folder), "onnx_dir": str(folder), "precision": precision,
-            "device": "cuda" if precision == "fp16" else "cpu", "label": f"scratch {how} ({precision}, {SPEED_ONLY})"}
+    return {
+        "path": str(folder),
+        "onnx_dir": str(folder),
+        "precision": precision,
+        "device": "cuda" if precision == "fp16" else "cpu",
+        "label": f"scratch {how} ({precision}, {SPEED_ONLY})",
+    }

@@ -22,8 +22,9 @@ from .torch_backend import torch_engine
 __all__ = ["ENGINE_FILE", "GRAPH_FILE", "Engine", "GenerationSettings", "StepBackend", "Stream", "load_engine"]
 
 
-def load_engine(path, *, device: str = "auto", threads: int | None = None, spin: bool = True,
-                prefix_cache_mb: float = 0) -> Engine:
+def load_engine(
+    path, *, device: str = "auto", threads: int | None = None, spin: bool = True, prefix_cache_mb: float = 0
+) -> Engine:
     """An engine for a folder.
 
     Args:
@@ -56,9 +57,11 @@ def load_engine(path, *, device: str = "auto", threads: int | None = None, spin:
         if eos is None:
             raise LoraMedError(f"{folder}/config.json has no eos_token_id; the engine needs one to end replies")
         return torch_engine(model, eos_token_id=int(eos))
-    raise LoraMedError(f"{folder}: neither a decode graph ({ENGINE_FILE} + model.onnx; build one with "
-                       f"lora_med.export.decode_graph.build_decode_graph) nor a Hugging Face model folder (config.json + "
-                       f"model.safetensors)")
+    raise LoraMedError(
+        f"{folder}: neither a decode graph ({ENGINE_FILE} + model.onnx; build one with "
+        f"lora_med.export.decode_graph.build_decode_graph) nor a Hugging Face model folder (config.json + "
+        f"model.safetensors)"
+    )
 
 
 def _resolve(device: str, resolve_device) -> str:

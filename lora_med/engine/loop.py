@@ -27,14 +27,16 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from .sampling import NGramBans, Sampler
-from .prefix_cache import PrefixCache
 from ..errors import LoraMedError
+from .prefix_cache import PrefixCache
+from .sampling import NGramBans, Sampler
+
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -53,8 +55,9 @@ class GenerationSettings:
         if self.max_new_tokens < 1:
             out.append(f"max_new_tokens={self.max_new_tokens}: must be at least 1")
         if not 0 <= self.min_new_tokens <= max(self.max_new_tokens, 0):
-            out.append(f"min_new_tokens={self.min_new_tokens}: must be between 0 and max_new_tokens "
-                       f"({self.max_new_tokens})")
+            out.append(
+                f"min_new_tokens={self.min_new_tokens}: must be between 0 and max_new_tokens ({self.max_new_tokens})"
+            )
         if self.do_sample and not self.temperature > 0:
             out.append(f"temperature={self.temperature}: must be > 0 (use do_sample=False for greedy)")
         if self.do_sample and not 0 < self.top_p <= 1:
@@ -84,8 +87,18 @@ class StepBackend(Protocol):
 class Engine:
     """One generation loop over a step backend. Build it with :func:`load_engine` or :func:`torch_engine`."""
 
-    def __init__(self, backend: StepBackend, *, name: str, device: str, precision: str, eos_token_id: int,
-                 vocab_size: int, info: dict | None = None, prefix_cache: PrefixCache | None = None):
+    def __init__(
+        self,
+        backend: StepBackend,
+        *,
+        name: str,
+        device: str,
+        precision: str,
+        eos_token_id: int,
+        vocab_size: int,
+        info: dict | None = None,
+        prefix_cache: PrefixCache | None = None,
+    ):
         self._backend = backend
         # Kept KV caches of finished replies (engine_prefix); only a backend that can restore rows takes one.
         self.prefix_cache = prefix_cache if getattr(backend, "restores_prefixes", False) else None
@@ -103,8 +116,9 @@ class Engine:
     def __repr__(self) -> str:
         return f"Engine({self.name!r}, capacity={self.capacity})"
 
-    def generate(self, prompts: list[list[int]],
-                 settings: GenerationSettings = GenerationSettings()) -> list[list[int]]:
+    def generate(
+        self, prompts: list[list[int]], settings: GenerationSettings = GenerationSettings()
+    ) -> list[list[int]]:
         """New token ids for each prompt (a batch: several prompts, any lengths).
 
         A row stops at EOS (not included in its ids) or after ``settings.max_new_tokens`` tokens. A prompt
@@ -142,9 +156,11 @@ class Engine:
     def _check_settings(self, settings: GenerationSettings) -> None:
         problems = settings.problems()
         if settings.max_new_tokens >= 1 and self.capacity - settings.max_new_tokens < 1:
-            problems.append(f"max_new_tokens={settings.max_new_tokens} leaves no room for a prompt in the engine's "
-                            f"capacity of {self.capacity} tokens; ask for fewer new tokens or rebuild the decode "
-                            f"graph with a larger capacity")
+            problems.append(
+                f"max_new_tokens={settings.max_new_tokens} leaves no room for a prompt in the engine's "
+                f"capacity of {self.capacity} tokens; ask for fewer new tokens or rebuild the decode "
+                f"graph with a larger capacity"
+            )
         if problems:
             raise LoraMedError(f"{self.name}: cannot generate", problems)
 
@@ -155,11 +171,15 @@ class Engine:
         else:
             for i, p in enumerate(prompts):
                 if len(p) == 0:
-                    problems.append(f"prompt {i} is empty; a reply needs at least one token (e.g. the EOS that "
-                                    f"ends the previous turn)")
+                    problems.append(
+                        f"prompt {i} is empty; a reply needs at least one token (e.g. the EOS that "
+                        f"ends the previous turn)"
+                    )
                 elif min(p) < 0 or max(p) >= self.vocab_size:
-                    problems.append(f"prompt {i} has token ids outside the vocabulary [0, {self.vocab_size}); "
-                                    f"was it encoded with this model's tokenizer?")
+                    problems.append(
+                        f"prompt {i} has token ids outside the vocabulary [0, {self.vocab_size}); "
+                        f"was it encoded with this model's tokenizer?"
+                    )
         if problems:
             raise LoraMedError(f"{self.name}: cannot generate", problems)
 
@@ -168,8 +188,9 @@ class Engine:
         computes them (the first token as a prompt, then one cached step per token). For parity gates:
         top-1 agreement and logit differences against PyTorch on held-out conversations."""
         if not 2 <= len(ids) <= self.capacity:
-            raise LoraMedError(f"{self.name}: teacher forcing needs 2 to {self.capacity} (capacity) tokens, "
-                               f"got {len(ids)}")
+            raise LoraMedError(
+                f"{self.name}: teacher forcing needs 2 to {self.capacity} (capacity) tokens, got {len(ids)}"
+            )
         out = np.empty((len(ids) - 1, self.vocab_size), np.float32)
         with self._lock, self._backend.scope():
             self._backend.open(1)
@@ -265,11 +286,12 @@ class Stream:
         """
         self._engine._check_prompts(prompts)
         if len(prompts) > self.free():
-            raise LoraMedError(f"{self._engine.name}: {len(prompts)} prompts for {self.free()} free rows; add at "
-                               f"most free() prompts")
+            raise LoraMedError(
+                f"{self._engine.name}: {len(prompts)} prompts for {self.free()} free rows; add at most free() prompts"
+            )
         budget = self._engine.capacity - self.settings.max_new_tokens
         rows = [[int(t) for t in p[-budget:]] for p in prompts]
-        at = [b for b in range(self.rows) if b not in self._live][:len(rows)]
+        at = [b for b in range(self.rows) if b not in self._live][: len(rows)]
         cache, n = self._engine.prefix_cache, self.settings.no_repeat_ngram_size
         reuse = [cache.lookup(r) for r in rows] if cache is not None else [None] * len(rows)
         if not self._engine.joins:  # a whole batch: its cache sized to it (CUDA: the captured graph of its size)
@@ -280,8 +302,9 @@ class Stream:
             logits = self._backend.prefill(at, rows, self.settings.max_new_tokens)
         handles = []
         for b, r, re in zip(at, rows, reuse):
-            self._live[b] = _Row(self._handles, r, re, NGramBans(r, n) if n > 0 else None,
-                                 rows_seen=len(rows), steps=1)  # its prefill ran with the prompts added with it
+            self._live[b] = _Row(
+                self._handles, r, re, NGramBans(r, n) if n > 0 else None, rows_seen=len(rows), steps=1
+            )  # its prefill ran with the prompts added with it
             handles.append(self._handles)
             self._handles += 1
         if not self._engine.joins:
@@ -341,6 +364,7 @@ class Stream:
         cache = self._engine.prefix_cache
         if cache is not None:  # keep the row's KV (prompt + the reply tokens fed so far) for the next turn
             tokens = r.prompt + r.fed
-            cache.store(tokens, self._backend.snapshot(b, len(tokens)),
-                        extends=r.reuse[0] if r.reuse is not None else None)
+            cache.store(
+                tokens, self._backend.snapshot(b, len(tokens)), extends=r.reuse[0] if r.reuse is not None else None
+            )
         self._finished.append(Finished(r.handle, r.out, r.rows_seen / r.steps))

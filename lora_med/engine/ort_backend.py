@@ -26,17 +26,17 @@ in place), the token/position/length inputs and the logits output. A decode step
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
+from ..errors import LoraMedError, first_line
+from .graph_format import GRAPH_FILE
 from .loop import Engine
 from .prefix_cache import Entry, PrefixCache
-from ..errors import LoraMedError
 
 KV_DTYPES = {"float32": np.float32, "float16": np.float16}
-ONNX_FILE = "model.onnx"  # the name ORTModelForCausalLM.from_pretrained(dir) finds without help
 
 
 def session_options(threads: int | None = None, *, spin: bool = True):
@@ -70,22 +70,46 @@ def cuda_available() -> bool:
         return False
 
 
-def ort_engine(folder: Path, info: dict, *, device: str = "auto", threads: int | None = None,
-               cuda_graph: bool | None = None, spin: bool = True, prefix_cache_mb: float = 0) -> Engine:
+def ort_engine(
+    folder: Path,
+    info: dict,
+    *,
+    device: str = "auto",
+    threads: int | None = None,
+    cuda_graph: bool | None = None,
+    spin: bool = True,
+    prefix_cache_mb: float = 0,
+) -> Engine:
     """An :class:`~lora_med.engine.Engine` over a decode-graph folder (see ``load_engine``)."""
     precision = info.get("precision")
     if info.get("format") != "lora-med-decode-graph" or precision not in ("fp32", "fp16", "int8"):
-        raise LoraMedError(f"{folder}/engine.json is not a lora-med decode graph description; rebuild the folder "
-                           f"with lora_med.export.decode_graph.build_decode_graph")
+        raise LoraMedError(
+            f"{folder}/engine.json is not a lora-med decode graph description; rebuild the folder "
+            f"with lora_med.export.decode_graph.build_decode_graph"
+        )
     dev = _pick_device(folder, precision, device)
-    backend = _OrtBackend(folder, info, dev, threads, cuda_graph=(dev == "cuda") if cuda_graph is None else cuda_graph,
-                          spin=spin)
+    backend = _OrtBackend(
+        folder, info, dev, threads, cuda_graph=(dev == "cuda") if cuda_graph is None else cuda_graph, spin=spin
+    )
     cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 and backend.restores_prefixes else None
-    return Engine(backend, name=f"engine-{dev}-{precision}", device=dev, precision=precision,
-                  eos_token_id=int(info["eos_token_id"]), vocab_size=int(info["vocab_size"]), prefix_cache=cache,
-                  info={"backend": "onnxruntime", "provider": backend.provider, "threads": threads,
-                        "cuda_graph": backend.cuda_graph, "graph": str(folder), "recipe": info.get("recipe"),
-                        "prefix_cache_mb": prefix_cache_mb if cache is not None else 0})
+    return Engine(
+        backend,
+        name=f"engine-{dev}-{precision}",
+        device=dev,
+        precision=precision,
+        eos_token_id=int(info["eos_token_id"]),
+        vocab_size=int(info["vocab_size"]),
+        prefix_cache=cache,
+        info={
+            "backend": "onnxruntime",
+            "provider": backend.provider,
+            "threads": threads,
+            "cuda_graph": backend.cuda_graph,
+            "graph": str(folder),
+            "recipe": info.get("recipe"),
+            "prefix_cache_mb": prefix_cache_mb if cache is not None else 0,
+        },
+    )
 
 
 def _pick_device(folder: Path, precision: str, device: str) -> str:
@@ -95,12 +119,16 @@ def _pick_device(folder: Path, precision: str, device: str) -> str:
         device = "cuda" if precision == "fp16" else "cpu"
     if device == "cuda":
         if precision != "fp16":
-            raise LoraMedError(f"{folder}: a {precision} decode graph runs on the CPU (ONNX Runtime's CUDA "
-                               f"GroupQueryAttention is fp16/bf16 only, and dynamic int8 has no CUDA kernels); "
-                               f"build it with precision='fp16' for CUDA, or load it with device='cpu'")
+            raise LoraMedError(
+                f"{folder}: a {precision} decode graph runs on the CPU (ONNX Runtime's CUDA "
+                f"GroupQueryAttention is fp16/bf16 only, and dynamic int8 has no CUDA kernels); "
+                f"build it with precision='fp16' for CUDA, or load it with device='cpu'"
+            )
         if not cuda_available():
-            raise LoraMedError(f"{folder}: device cuda but no CUDA GPU is visible; load it with device='cpu' "
-                               f"(slow: fp16 on the CPU is for checks) or use an fp32/int8 graph")
+            raise LoraMedError(
+                f"{folder}: device cuda but no CUDA GPU is visible; load it with device='cpu' "
+                f"(slow: fp16 on the CPU is for checks) or use an fp32/int8 graph"
+            )
     return device
 
 
@@ -112,8 +140,11 @@ class _Slot:
         b = backend
         shape = (batch, b.n_head, b.capacity, b.head_dim)
         if b.device == "cpu":  # each OrtValue shares a numpy array: its own, or the first rows of ``arena``'s
-            self.kv_host = ([a[:batch] for a in arena.kv_host] if arena is not None
-                            else [np.zeros(shape, b.kv_dtype) for _ in range(2 * b.n_layer)])
+            self.kv_host = (
+                [a[:batch] for a in arena.kv_host]
+                if arena is not None
+                else [np.zeros(shape, b.kv_dtype) for _ in range(2 * b.n_layer)]
+            )
             self.kv = [b.device_value(a) for a in self.kv_host]
         else:  # one host array of zeros copied into each device buffer (GQA never reads past seqlens_k,
             zeros = np.zeros(shape, b.kv_dtype)  # but zeros keep a stray read finite)
@@ -127,8 +158,9 @@ class _Slot:
         self.seqlens = np.zeros((batch,), np.int32)
         self.total = np.zeros((), np.int32)
         self.last = np.zeros((batch, 1), np.int64)
-        self.ids_v, self.pos_v, self.seqlens_v, self.last_v = (b.device_value(a) for a in
-                                                               (self.ids, self.pos, self.seqlens, self.last))
+        self.ids_v, self.pos_v, self.seqlens_v, self.last_v = (
+            b.device_value(a) for a in (self.ids, self.pos, self.seqlens, self.last)
+        )
         self.total_v = b.ort.OrtValue.ortvalue_from_numpy(self.total)  # host memory on every provider
         self.io = b.io
         self.run_options = b.ort.RunOptions()
@@ -136,8 +168,13 @@ class _Slot:
         # Python wrapper looks the entry up on every run, and a missing one costs a C++ exception (~65 us).
         self.run_options.add_run_config_entry("gpu_graph_id", str(batch) if b.cuda_graph else "-1")
         self.decode = b.session.io_binding()
-        for name, v in (("input_ids", self.ids_v), ("position_ids", self.pos_v), ("seqlens_k", self.seqlens_v),
-                        ("total_sequence_length", self.total_v), ("last_index", self.last_v)):
+        for name, v in (
+            ("input_ids", self.ids_v),
+            ("position_ids", self.pos_v),
+            ("seqlens_k", self.seqlens_v),
+            ("total_sequence_length", self.total_v),
+            ("last_index", self.last_v),
+        ):
             self.decode.bind_ortvalue_input(b.io[name], v)
         self.bind_cache_and_logits(self.decode)
 
@@ -159,7 +196,7 @@ def _runs_of_similar_length(lens: np.ndarray, waste: float = 0.25) -> list[tuple
     runs, start = [], 0
     for stop in range(1, len(lens) + 1):
         if stop < len(lens):
-            part = lens[start:stop + 1]
+            part = lens[start : stop + 1]
             if len(part) * int(part.max()) <= (1 + waste) * int(part.sum()):
                 continue
         runs.append((start, stop))
@@ -168,8 +205,9 @@ def _runs_of_similar_length(lens: np.ndarray, waste: float = 0.25) -> list[tuple
 
 
 class _OrtBackend:
-    def __init__(self, folder: Path, info: dict, device: str, threads: int | None, *, cuda_graph: bool,
-                 spin: bool = True):
+    def __init__(
+        self, folder: Path, info: dict, device: str, threads: int | None, *, cuda_graph: bool, spin: bool = True
+    ):
         import onnxruntime as ort
 
         self.ort = ort
@@ -199,8 +237,9 @@ class _OrtBackend:
         try:
             self.session = ort.InferenceSession(str(model), so, providers=providers)
         except Exception as e:  # ORT raises its own exception types; name the file and the cause
-            raise LoraMedError(f"{model}: ONNX Runtime could not load the decode graph on {device}: "
-                               f"{str(e).splitlines()[0][:400]}") from None
+            raise LoraMedError(
+                f"{model}: ONNX Runtime could not load the decode graph on {device}: {first_line(e, 400)}"
+            ) from None
         self.provider = self.session.get_providers()[0]
         # Rows' caches can be copied out and back (engine_prefix) where they are host arrays: the CPU.
         self.restores_prefixes = device == "cpu"
@@ -246,14 +285,19 @@ class _OrtBackend:
         self.slot = self._slot_for(rows)
         self.lens = np.ones(self.slot.batch, np.int64)  # a free row counts one token (GQA needs a length >= 1)
 
-    def prefill(self, at: list[int], rows: list[list[int]], max_new_tokens: int,
-                reuse: list[tuple[Entry, int] | None] | None = None) -> np.ndarray:
+    def prefill(
+        self,
+        at: list[int],
+        rows: list[list[int]],
+        max_new_tokens: int,
+        reuse: list[tuple[Entry, int] | None] | None = None,
+    ) -> np.ndarray:
         slot = self.slot
         self.lens[at] = [len(r) for r in rows]
         if self.device != "cpu":  # one launch: on a GPU the padding costs little, and the kernels need the
             assert at == list(range(len(rows))), "CUDA takes a whole batch at once"  # whole batch's buffers
             self._prefill_rows(slot, rows + [[0]] * (slot.batch - len(rows)), None)
-            return slot.logits.numpy()[:len(rows)]
+            return slot.logits.numpy()[: len(rows)]
         # A prompt costs compute in proportion to its tokens on the CPU, padding included, and the server's
         # batches mix a first message (~20 tokens) with long conversations (~250): each run of neighbouring rows
         # of similar length is prefilled on its own, straight into its rows of the cache. A row with a cached
@@ -266,7 +310,7 @@ class _OrtBackend:
                 continue
             lens = np.array([len(rows[j]) for j in group], np.int64)
             for start, stop in _runs_of_similar_length(lens) if group else ():
-                self._prefill_rows(slot, rows[group[start]:group[start] + stop - start], at[group[start]])
+                self._prefill_rows(slot, rows[group[start] : group[start] + stop - start], at[group[start]])
             group = []
             if i == len(rows):
                 break
@@ -286,21 +330,28 @@ class _OrtBackend:
         batch, width = len(rows), max(len(r) for r in rows)
         ids = np.zeros((batch, width), np.int64)
         for b, r in enumerate(rows):
-            ids[b, :len(r)] = r  # right padding: every row's new keys start at position ``offset``
+            ids[b, : len(r)] = r  # right padding: every row's new keys start at position ``offset``
         new = np.array([len(r) for r in rows], np.int64)
         pos = np.broadcast_to(np.arange(offset, offset + width, dtype=np.int64), (batch, width)).copy()
         binding = self.session.io_binding()
-        for name, a in (("input_ids", ids), ("position_ids", pos),
-                        ("seqlens_k", (offset + new - 1).astype(np.int32)),
-                        ("total_sequence_length", np.array(offset + width, np.int32)),
-                        ("last_index", (new - 1)[:, None])):
+        for name, a in (
+            ("input_ids", ids),
+            ("position_ids", pos),
+            ("seqlens_k", (offset + new - 1).astype(np.int32)),
+            ("total_sequence_length", np.array(offset + width, np.int32)),
+            ("last_index", (new - 1)[:, None]),
+        ):
             binding.bind_cpu_input(self.io[name], a)
         if start is None:
             slot.bind_cache_and_logits(binding)
         else:
             part = slice(start, start + batch)
-            _bind_cache_and_logits(binding, self.io, [self.device_value(a[part]) for a in slot.kv_host],
-                                   self.device_value(slot.logits_host[part]))
+            _bind_cache_and_logits(
+                binding,
+                self.io,
+                [self.device_value(a[part]) for a in slot.kv_host],
+                self.device_value(slot.logits_host[part]),
+            )
         self.session.run_with_iobinding(binding, self.prefill_options)
 
     def snapshot(self, row: int, n: int) -> list[np.ndarray]:
@@ -311,7 +362,7 @@ class _OrtBackend:
         width = len(tokens)
         # CPU: the first ``width`` rows of the arena (views); CUDA: the whole bucket its captured graph was made for.
         slot = self._slot_for(width) if self.device == "cpu" else self.slot
-        lens = self.lens[:slot.batch]
+        lens = self.lens[: slot.batch]
         slot.ids[:width, 0] = tokens
         slot.ids[width:, 0] = 0
         slot.pos[:, 0] = lens  # the new token's position = the row's length so far
@@ -345,8 +396,9 @@ def onnx_dir_of(export_dir: str | Path) -> Path:
     return d / "onnx" if (d / "onnx").is_dir() else d
 
 
-def ort_model(export_dir: str | Path, provider: str | None = None, use_io_binding: bool | None = None,
-              session_options=None):
+def ort_model(
+    export_dir: str | Path, provider: str | None = None, use_io_binding: bool | None = None, session_options=None
+):
     """Open an export's Optimum graph as ``ORTModelForCausalLM`` (KV cache on).
 
     Args:
@@ -362,18 +414,23 @@ def ort_model(export_dir: str | Path, provider: str | None = None, use_io_bindin
     from optimum.onnxruntime import ORTModelForCausalLM
 
     onnx_dir = onnx_dir_of(export_dir)
-    if not (onnx_dir / ONNX_FILE).is_file():
-        raise LoraMedError(f"{onnx_dir / ONNX_FILE}: missing; give a `lora-med merge-export` output folder")
+    if not (onnx_dir / GRAPH_FILE).is_file():
+        raise LoraMedError(f"{onnx_dir / GRAPH_FILE}: missing; give a `lora-med merge-export` output folder")
     provider = provider or "CPUExecutionProvider"
     if provider not in onnxruntime.get_available_providers():
-        raise LoraMedError(f"provider {provider} is not available (have: "
-                           f"{', '.join(onnxruntime.get_available_providers())}); install onnxruntime-gpu for CUDA")
+        raise LoraMedError(
+            f"provider {provider} is not available (have: "
+            f"{', '.join(onnxruntime.get_available_providers())}); install onnxruntime-gpu for CUDA"
+        )
     try:
-        return ORTModelForCausalLM.from_pretrained(onnx_dir, provider=provider, use_io_binding=use_io_binding,
-                                                   use_cache=True, session_options=session_options)
+        return ORTModelForCausalLM.from_pretrained(
+            onnx_dir, provider=provider, use_io_binding=use_io_binding, use_cache=True, session_options=session_options
+        )
     except (InvalidProtobuf, InvalidGraph, NoSuchFile) as e:  # a damaged graph: onnxruntime's own error types
-        raise LoraMedError(f"{onnx_dir / ONNX_FILE}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]}); "
-                           "the graph is damaged: export again with `lora-med merge-export`") from None
+        raise LoraMedError(
+            f"{onnx_dir / GRAPH_FILE}: ONNX Runtime cannot load it ({first_line(e, 200)}); "
+            "the graph is damaged: export again with `lora-med merge-export`"
+        ) from None
 
 
 def load_ort(onnx_dir: str | Path, device: str, threads: int | None, *, spin: bool = True):
@@ -383,8 +440,12 @@ def load_ort(onnx_dir: str | Path, device: str, threads: int | None, *, spin: bo
     them every token and can be slower than PyTorch: onnxruntime#13105).
     """
     cuda = device == "cuda"
-    return ort_model(onnx_dir, "CUDAExecutionProvider" if cuda else "CPUExecutionProvider", use_io_binding=cuda,
-                     session_options=session_options(threads, spin=spin))
+    return ort_model(
+        onnx_dir,
+        "CUDAExecutionProvider" if cuda else "CPUExecutionProvider",
+        use_io_binding=cuda,
+        session_options=session_options(threads, spin=spin),
+    )
 
 
 def ort_logits_fn(model):
@@ -393,8 +454,9 @@ def ort_logits_fn(model):
 
     def fn(input_ids, attention_mask):
         with torch.no_grad():
-            out = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                        use_cache=False)
+            out = model(
+                input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device), use_cache=False
+            )
         return out.logits.float().cpu()
 
     return fn

@@ -79,8 +79,12 @@ class PrefixCache:
         """Keep ``kv`` (per layer key, value ``[heads, len(tokens), head_dim]``) for ``tokens``; ``extends``: the
         entry this row reused, dropped when ``tokens`` start with all of its tokens (the new entry covers it)."""
         entry = Entry(np.asarray(tokens, np.int64), kv)
-        if extends is not None and id(extends) in self._entries and len(extends.tokens) <= len(entry.tokens) \
-                and np.array_equal(extends.tokens, entry.tokens[:len(extends.tokens)]):
+        if (
+            extends is not None
+            and id(extends) in self._entries
+            and len(extends.tokens) <= len(entry.tokens)
+            and np.array_equal(extends.tokens, entry.tokens[: len(extends.tokens)])
+        ):
             self._drop(extends)
         if entry.nbytes > self.max_bytes:
             return

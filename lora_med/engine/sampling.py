@@ -18,19 +18,19 @@ class NGramBans:
         self.seq = list(prompt)
         self.seen: dict[tuple, set[int]] = {}
         for i in range(len(self.seq) - n + 1):
-            self.seen.setdefault(tuple(self.seq[i:i + n - 1]), set()).add(self.seq[i + n - 1])
+            self.seen.setdefault(tuple(self.seq[i : i + n - 1]), set()).add(self.seq[i + n - 1])
 
     def add(self, tok: int) -> None:
         seq = self.seq
         seq.append(tok)
         if len(seq) >= self.n:
-            self.seen.setdefault(tuple(seq[len(seq) - self.n:-1]), set()).add(tok)
+            self.seen.setdefault(tuple(seq[len(seq) - self.n : -1]), set()).add(tok)
 
     def apply(self, row: np.ndarray) -> None:
         """Set the banned tokens' logits in ``row`` (one row's ``[vocab]``) to -inf."""
         if len(self.seq) + 1 < self.n:
             return
-        banned = self.seen.get(tuple(self.seq[len(self.seq) - self.n + 1:]))
+        banned = self.seen.get(tuple(self.seq[len(self.seq) - self.n + 1 :]))
         if banned:
             row[list(banned)] = -np.inf
 

@@ -10,7 +10,7 @@ takes new prompts only between whole batches (``joins = False``).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ class _TorchBackend:
     def __init__(self, model):
         self.model = model
         cfg = model.config
-        self.capacity = int(getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings"))
+        self.capacity = int(getattr(cfg, "n_positions", None) or cfg.max_position_embeddings)
         self.is_module = isinstance(model, torch.nn.Module)
         if self.is_module:
             param = next(model.parameters())
@@ -64,14 +64,19 @@ class _TorchBackend:
         # The mask covers the whole reply up front; each step exposes one more column of it (a view).
         mask = torch.zeros((batch, width + max_new_tokens), dtype=torch.long)
         for b, r in enumerate(rows):
-            ids[b, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[b, width - len(r):width + max_new_tokens] = 1
+            ids[b, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[b, width - len(r) : width + max_new_tokens] = 1
         self.mask = mask.to(self.device)
         pos = (self.mask[:, :width].cumsum(-1) - 1).clamp(min=0)
         self.pos = pos[:, -1:].clone()
         self.length = width
-        out = self.model(input_ids=ids.to(self.device), attention_mask=self.mask[:, :width], position_ids=pos,
-                         use_cache=True, **self.keep)
+        out = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=self.mask[:, :width],
+            position_ids=pos,
+            use_cache=True,
+            **self.keep,
+        )
         self.cache = out.past_key_values
         return self._logits(out.logits)
 
@@ -80,8 +85,13 @@ class _TorchBackend:
         self.pos += 1
         self.length += 1
         ids = torch.from_numpy(tokens).view(-1, 1).to(self.device)
-        out = self.model(input_ids=ids, attention_mask=self.mask[:, :self.length], position_ids=self.pos,
-                         past_key_values=self.cache, use_cache=True)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=self.mask[:, : self.length],
+            position_ids=self.pos,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
         self.cache = out.past_key_values
         return self._logits(out.logits)
 
@@ -109,9 +119,15 @@ def torch_engine(model, *, eos_token_id: int, name: str | None = None) -> Engine
     device = backend.device.type
     precision = _precision_of(backend.dtype)
     vocab = int(model.config.vocab_size)
-    return Engine(backend, name=name or f"engine-torch-{device}-{precision}", device=device, precision=precision,
-                  eos_token_id=eos_token_id, vocab_size=vocab,
-                  info={"backend": "torch", "model_type": getattr(model.config, "model_type", None)})
+    return Engine(
+        backend,
+        name=name or f"engine-torch-{device}-{precision}",
+        device=device,
+        precision=precision,
+        eos_token_id=eos_token_id,
+        vocab_size=vocab,
+        info={"backend": "torch", "model_type": getattr(model.config, "model_type", None)},
+    )
 
 
 def optimum_engine(model, *, eos_token_id: int, name: str | None = None, precision: str = "fp32") -> Engine:
@@ -122,7 +138,12 @@ def optimum_engine(model, *, eos_token_id: int, name: str | None = None, precisi
     """
     backend = _TorchBackend(model)
     device = backend.device.type
-    return Engine(backend, name=name or f"engine-optimum-{device}-{precision}", device=device, precision=precision,
-                  eos_token_id=eos_token_id, vocab_size=int(model.config.vocab_size),
-                  info={"backend": "onnxruntime (Optimum ORTModelForCausalLM)",
-                        "provider": getattr(model, "provider", None)})
+    return Engine(
+        backend,
+        name=name or f"engine-optimum-{device}-{precision}",
+        device=device,
+        precision=precision,
+        eos_token_id=eos_token_id,
+        vocab_size=int(model.config.vocab_size),
+        info={"backend": "onnxruntime (Optimum ORTModelForCausalLM)", "provider": getattr(model, "provider", None)},
+    )

@@ -32,23 +32,21 @@ keeps its softmax in fp32), ``int8`` (CPU: the fp32 graph through
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .precision import quantize_int8
+from ..engine.graph_format import ENGINE_FILE, EXTERNAL_DATA_SUFFIX, GRAPH_FILE
 from ..errors import ConfigError, LoraMedError
+from ..fileio import sha256_file
 from ..models import load_model
+from .precision import quantize_int8, save_onnx
 
-GRAPH_FILE = "model.onnx"
-ENGINE_FILE = "engine.json"
 FORMAT = "lora-med-decode-graph"
 FORMAT_VERSION = 1
 PRECISIONS = ("fp32", "fp16", "int8")
-EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; stay clear of it
 # GPT-2 activations the graph can express: the tanh approximation (FastGelu) and the exact erf GELU (BiasGelu).
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 ERF_GELU = ("gelu",)
@@ -84,41 +82,61 @@ def build_decode_graph(model_dir, out_dir, *, precision: str = "fp32", capacity:
         LoraMedError: not a GPT-2 model, an activation the graph cannot express, a bad precision or capacity.
     """
     if precision not in PRECISIONS:
-        raise ConfigError(f"precision={precision!r}: use one of {', '.join(PRECISIONS)} (fp32 and int8 for the "
-                          f"CPU, fp16 for CUDA)")
+        raise ConfigError(
+            f"precision={precision!r}: use one of {', '.join(PRECISIONS)} (fp32 and int8 for the CPU, fp16 for CUDA)"
+        )
     t0 = time.perf_counter()
     model_dir, out = Path(model_dir), Path(out_dir)
     cfg, weights = _gpt2_weights(model_dir)
     cap = int(capacity or cfg["n_positions"])
     if not 2 <= cap <= cfg["n_positions"]:
-        raise ConfigError(f"capacity={capacity}: must be between 2 and the model's n_positions "
-                          f"({cfg['n_positions']}; GPT-2 has no positions beyond it)")
+        raise ConfigError(
+            f"capacity={capacity}: must be between 2 and the model's n_positions "
+            f"({cfg['n_positions']}; GPT-2 has no positions beyond it)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     graph_dtype = "fp16" if precision == "fp16" else "fp32"
     model = _graph(cfg, weights, cap, graph_dtype)
     del weights
-    recipe: dict = {"builder": "lora_med.export.decode_graph", "attention": "com.microsoft.GroupQueryAttention (shared "
-                    "past/present buffer, right-padded rows)", "layernorm": "com.microsoft.SkipLayerNormalization",
-                    "gelu": "com.microsoft.FastGelu" if cfg["activation"] in TANH_GELU else "com.microsoft.BiasGelu",
-                    "lm_head": "MatMul by the tied embedding transposed (folded at load), last position per row only"}
+    recipe: dict = {
+        "builder": "lora_med.export.decode_graph",
+        "attention": "com.microsoft.GroupQueryAttention (shared past/present buffer, right-padded rows)",
+        "layernorm": "com.microsoft.SkipLayerNormalization",
+        "gelu": "com.microsoft.FastGelu" if cfg["activation"] in TANH_GELU else "com.microsoft.BiasGelu",
+        "lm_head": "MatMul by the tied embedding transposed (folded at load), last position per row only",
+    }
     if precision == "int8":
         fp32_path = out / "model.fp32.onnx"
-        _save(model, fp32_path)
+        save_onnx(model, fp32_path)
         del model
         recipe["quantization"] = quantize_int8(fp32_path, out / GRAPH_FILE)
-        for f in (fp32_path, Path(str(fp32_path) + ".data")):
+        for f in (fp32_path, Path(str(fp32_path) + EXTERNAL_DATA_SUFFIX)):
             f.unlink(missing_ok=True)
     else:
-        _save(model, out / GRAPH_FILE)
+        save_onnx(model, out / GRAPH_FILE)
         del model
     info = {
-        "format": FORMAT, "version": FORMAT_VERSION, "model_type": "gpt2", "precision": precision,
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "model_type": "gpt2",
+        "precision": precision,
         "kv_dtype": "float16" if graph_dtype == "fp16" else "float32",
         "devices": ["cuda"] if precision == "fp16" else ["cpu"],
-        "capacity": cap, "n_layer": cfg["n_layer"], "n_head": cfg["n_head"], "head_dim": cfg["head_dim"],
-        "hidden_size": cfg["n_embd"], "vocab_size": cfg["vocab_size"], "eos_token_id": cfg["eos_token_id"],
-        "io": IO, "recipe": recipe, "source": str(model_dir.resolve()),
-        "files": {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(out.glob("model.onnx*"))},
+        "capacity": cap,
+        "n_layer": cfg["n_layer"],
+        "n_head": cfg["n_head"],
+        "head_dim": cfg["head_dim"],
+        "hidden_size": cfg["n_embd"],
+        "vocab_size": cfg["vocab_size"],
+        "eos_token_id": cfg["eos_token_id"],
+        "io": IO,
+        "recipe": recipe,
+        "source": str(model_dir.resolve()),
+        "files": {
+            f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+            for f in graph_files(out)
+            if f.name != ENGINE_FILE
+        },
         "build_s": round(time.perf_counter() - t0, 2),
     }
     (out / ENGINE_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
@@ -135,32 +153,48 @@ def _gpt2_weights(model_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
         raise LoraMedError(f"{model_dir}: no config.json; give the merged model folder (merge-export's merged/)")
     raw = json.loads(cfg_file.read_text(encoding="utf-8"))
     if raw.get("model_type") != "gpt2":
-        raise LoraMedError(f"{model_dir}: model_type {raw.get('model_type')!r}; the decode graph is built for GPT-2 "
-                           f"models (DialoGPT, the shipped gpt2-es-tiny) only. Use the PyTorch engine "
-                           f"(lora_med.engine.load_engine on the folder) or the Optimum export for other models")
+        raise LoraMedError(
+            f"{model_dir}: model_type {raw.get('model_type')!r}; the decode graph is built for GPT-2 "
+            f"models (DialoGPT, the shipped gpt2-es-tiny) only. Use the PyTorch engine "
+            f"(lora_med.engine.load_engine on the folder) or the Optimum export for other models"
+        )
     act = raw.get("activation_function", "gelu_new")
     if act not in TANH_GELU + ERF_GELU:
-        raise LoraMedError(f"{model_dir}: activation_function {act!r} is not one the decode graph expresses "
-                           f"({', '.join(TANH_GELU + ERF_GELU)}); use the PyTorch engine for this model")
+        raise LoraMedError(
+            f"{model_dir}: activation_function {act!r} is not one the decode graph expresses "
+            f"({', '.join(TANH_GELU + ERF_GELU)}); use the PyTorch engine for this model"
+        )
     model = load_model(str(model_dir))
     c = model.config
     if c.n_embd % c.n_head or (c.n_embd // c.n_head) % 8:
-        raise LoraMedError(f"{model_dir}: head size {c.n_embd}/{c.n_head} is not a multiple of 8, which ONNX "
-                           f"Runtime's GroupQueryAttention needs; use the PyTorch engine for this model")
+        raise LoraMedError(
+            f"{model_dir}: head size {c.n_embd}/{c.n_head} is not a multiple of 8, which ONNX "
+            f"Runtime's GroupQueryAttention needs; use the PyTorch engine for this model"
+        )
     if c.eos_token_id is None:
         raise LoraMedError(f"{model_dir}/config.json has no eos_token_id; the engine needs one to end replies")
     if getattr(c, "add_cross_attention", False):
         raise LoraMedError(f"{model_dir}: GPT-2 with cross-attention is not a causal chat model")
     head_dim = c.n_embd // c.n_head
     scale = 1.0 / np.sqrt(head_dim) if c.scale_attn_weights else 1.0
-    cfg = {"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "head_dim": head_dim,
-           "vocab_size": c.vocab_size, "n_positions": c.n_positions, "eps": float(c.layer_norm_epsilon),
-           "eos_token_id": int(c.eos_token_id if not isinstance(c.eos_token_id, list) else c.eos_token_id[0]),
-           "activation": act,
-           "scales": [float(scale / (i + 1) if c.scale_attn_by_inverse_layer_idx else scale) for i in range(c.n_layer)]}
+    cfg = {
+        "n_layer": c.n_layer,
+        "n_head": c.n_head,
+        "n_embd": c.n_embd,
+        "head_dim": head_dim,
+        "vocab_size": c.vocab_size,
+        "n_positions": c.n_positions,
+        "eps": float(c.layer_norm_epsilon),
+        "eos_token_id": int(c.eos_token_id if not isinstance(c.eos_token_id, list) else c.eos_token_id[0]),
+        "activation": act,
+        "scales": [float(scale / (i + 1) if c.scale_attn_by_inverse_layer_idx else scale) for i in range(c.n_layer)],
+    }
     sd = model.state_dict()
-    weights = {k.removeprefix("transformer."): v.detach().float().numpy() for k, v in sd.items()
-               if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    weights = {
+        k.removeprefix("transformer."): v.detach().float().numpy()
+        for k, v in sd.items()
+        if not k.endswith((".attn.bias", ".attn.masked_bias"))
+    }
     if "lm_head.weight" in weights and not np.array_equal(weights["lm_head.weight"], weights["wte.weight"]):
         # An untied head (rare for GPT-2) keeps its own matrix.
         cfg["untied_head"] = True
@@ -212,37 +246,85 @@ def _graph(cfg: dict, w: dict[str, np.ndarray], capacity: int, dtype: str):
     for i in range(L):
         p = f"h.{i}."
         ln1 = f"/h.{i}/ln_1"
-        node("SkipLayerNormalization", [x, skip, f32(p + "ln_1.weight"), f32(p + "ln_1.bias"), bias],
-             [ln1, "", "", f"/h.{i}/residual_1"], ln1 + "/SkipLayerNorm", "com.microsoft", epsilon=eps)
+        node(
+            "SkipLayerNormalization",
+            [x, skip, f32(p + "ln_1.weight"), f32(p + "ln_1.bias"), bias],
+            [ln1, "", "", f"/h.{i}/residual_1"],
+            ln1 + "/SkipLayerNorm",
+            "com.microsoft",
+            epsilon=eps,
+        )
         residual = f"/h.{i}/residual_1"
         qkv = f"/h.{i}/attn/qkv"
-        node("MatMul", [cast(ln1, TensorProto.FLOAT16), init(p + "attn.c_attn.weight", w[p + "attn.c_attn.weight"])],
-             [qkv + "_mm"], qkv + "/MatMul")
+        node(
+            "MatMul",
+            [cast(ln1, TensorProto.FLOAT16), init(p + "attn.c_attn.weight", w[p + "attn.c_attn.weight"])],
+            [qkv + "_mm"],
+            qkv + "/MatMul",
+        )
         node("Add", [qkv + "_mm", init(p + "attn.c_attn.bias", w[p + "attn.c_attn.bias"])], [qkv], qkv + "/Add")
         attn = f"/h.{i}/attn/out"
-        node("GroupQueryAttention",
-             [qkv, "", "", IO["past_key"].format(i), IO["past_value"].format(i), IO["seqlens_k"],
-              IO["total_sequence_length"]],
-             [attn, IO["present_key"].format(i), IO["present_value"].format(i)],
-             f"/h.{i}/attn/GroupQueryAttention", "com.microsoft", num_heads=nh, kv_num_heads=nh,
-             scale=cfg["scales"][i])
+        node(
+            "GroupQueryAttention",
+            [
+                qkv,
+                "",
+                "",
+                IO["past_key"].format(i),
+                IO["past_value"].format(i),
+                IO["seqlens_k"],
+                IO["total_sequence_length"],
+            ],
+            [attn, IO["present_key"].format(i), IO["present_value"].format(i)],
+            f"/h.{i}/attn/GroupQueryAttention",
+            "com.microsoft",
+            num_heads=nh,
+            kv_num_heads=nh,
+            scale=cfg["scales"][i],
+        )
         proj = f"/h.{i}/attn/proj"
         node("MatMul", [attn, init(p + "attn.c_proj.weight", w[p + "attn.c_proj.weight"])], [proj], proj + "/MatMul")
         ln2 = f"/h.{i}/ln_2"
-        node("SkipLayerNormalization", [cast(proj, TensorProto.FLOAT), residual, f32(p + "ln_2.weight"),
-                                        f32(p + "ln_2.bias"), f32(p + "attn.c_proj.bias")],
-             [ln2, "", "", f"/h.{i}/residual_2"], ln2 + "/SkipLayerNorm", "com.microsoft", epsilon=eps)
+        node(
+            "SkipLayerNormalization",
+            [
+                cast(proj, TensorProto.FLOAT),
+                residual,
+                f32(p + "ln_2.weight"),
+                f32(p + "ln_2.bias"),
+                f32(p + "attn.c_proj.bias"),
+            ],
+            [ln2, "", "", f"/h.{i}/residual_2"],
+            ln2 + "/SkipLayerNorm",
+            "com.microsoft",
+            epsilon=eps,
+        )
         fc = f"/h.{i}/mlp/fc"
-        node("MatMul", [cast(ln2, TensorProto.FLOAT16), init(p + "mlp.c_fc.weight", w[p + "mlp.c_fc.weight"])],
-             [fc], fc + "/MatMul")
+        node(
+            "MatMul",
+            [cast(ln2, TensorProto.FLOAT16), init(p + "mlp.c_fc.weight", w[p + "mlp.c_fc.weight"])],
+            [fc],
+            fc + "/MatMul",
+        )
         act = f"/h.{i}/mlp/act"
-        node(gelu_op, [fc, init(p + "mlp.c_fc.bias", w[p + "mlp.c_fc.bias"])], [act], act + "/" + gelu_op,
-             "com.microsoft")
+        node(
+            gelu_op,
+            [fc, init(p + "mlp.c_fc.bias", w[p + "mlp.c_fc.bias"])],
+            [act],
+            act + "/" + gelu_op,
+            "com.microsoft",
+        )
         mlp = f"/h.{i}/mlp/proj"
         node("MatMul", [act, init(p + "mlp.c_proj.weight", w[p + "mlp.c_proj.weight"])], [mlp], mlp + "/MatMul")
         x, skip, bias = cast(mlp, TensorProto.FLOAT), f"/h.{i}/residual_2", f32(p + "mlp.c_proj.bias")
-    node("SkipLayerNormalization", [x, skip, f32("ln_f.weight"), f32("ln_f.bias"), bias], ["/ln_f"],
-         "/ln_f/SkipLayerNorm", "com.microsoft", epsilon=eps)
+    node(
+        "SkipLayerNormalization",
+        [x, skip, f32("ln_f.weight"), f32("ln_f.bias"), bias],
+        ["/ln_f"],
+        "/ln_f/SkipLayerNorm",
+        "com.microsoft",
+        epsilon=eps,
+    )
     node("GatherND", ["/ln_f", IO["last_index"]], ["/last"], "/last/GatherND", batch_dims=1)
     head = init("lm_head.weight", w["lm_head.weight"]) if cfg.get("untied_head") else wte
     logits_t = "/lm_head/logits_f16" if half else IO["logits"]
@@ -256,11 +338,13 @@ def _graph(cfg: dict, w: dict[str, np.ndarray], capacity: int, dtype: str):
         node("Cast", [logits_t], [IO["logits"]], "/lm_head/Cast", to=TensorProto.FLOAT)
 
     kv_shape = ["batch", nh, capacity, hd]
-    inputs = [helper.make_tensor_value_info(IO["input_ids"], TensorProto.INT64, ["batch", "seq"]),
-              helper.make_tensor_value_info(IO["position_ids"], TensorProto.INT64, ["batch", "seq"]),
-              helper.make_tensor_value_info(IO["seqlens_k"], TensorProto.INT32, ["batch"]),
-              helper.make_tensor_value_info(IO["total_sequence_length"], TensorProto.INT32, []),
-              helper.make_tensor_value_info(IO["last_index"], TensorProto.INT64, ["batch", 1])]
+    inputs = [
+        helper.make_tensor_value_info(IO["input_ids"], TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info(IO["position_ids"], TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info(IO["seqlens_k"], TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info(IO["total_sequence_length"], TensorProto.INT32, []),
+        helper.make_tensor_value_info(IO["last_index"], TensorProto.INT64, ["batch", 1]),
+    ]
     outputs = [helper.make_tensor_value_info(IO["logits"], TensorProto.FLOAT, ["batch", V])]
     for i in range(L):
         for kind in ("key", "value"):
@@ -273,30 +357,7 @@ def _graph(cfg: dict, w: dict[str, np.ndarray], capacity: int, dtype: str):
     return model
 
 
-def _save(model, path: Path) -> None:
-    import onnx
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    size = sum(len(t.raw_data) for t in model.graph.initializer)
-    data = Path(str(path) + ".data")
-    data.unlink(missing_ok=True)
-    if size > EXTERNAL_DATA_BYTES:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def graph_files(out_dir) -> list[Path]:
     """The files a decode-graph folder consists of (for manifests and copies)."""
     out = Path(out_dir)
-    return [p for p in (out / GRAPH_FILE, out / (GRAPH_FILE + ".data"), out / ENGINE_FILE) if p.exists()]
-
+    return [p for p in (out / GRAPH_FILE, out / (GRAPH_FILE + EXTERNAL_DATA_SUFFIX), out / ENGINE_FILE) if p.exists()]

@@ -29,15 +29,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import data, modelcard, models, runs, settings, weights
-from . import optimum
 from ..config import ExportConfig
 from ..engine import load_engine
 from ..engine.ort_backend import ort_model, session_options
 from ..errors import ConfigError, GateError, LoraMedError
 from ..fileio import sha256_file, write_json
+from ..settings import describe, name
+from . import optimum
 from .merge import merge
 from .parity import check_parity, print_parity
-from ..settings import describe, name
 
 TOKENIZER_FILES = ("tokenizer_config.json",)
 SUBDIRS = ("merged", "onnx", "engine")
@@ -62,12 +62,16 @@ def validate(cfg: ExportConfig) -> tuple[dict, str, Path]:
     if p:
         raise runs.problems_error("with the settings; nothing was loaded", p)
     if cfg.device == "cuda" and cfg.quantize == "int8":
-        p.append(f"{describe(cfg, 'quantize')} with {describe(cfg, 'device')}: dynamic int8 graphs (MatMulInteger / "
-                 "DynamicQuantizeLinear) do not run on the CUDA execution provider; use --dtype fp16 on CUDA, or "
-                 "--device cpu for int8")
+        p.append(
+            f"{describe(cfg, 'quantize')} with {describe(cfg, 'device')}: dynamic int8 graphs (MatMulInteger / "
+            "DynamicQuantizeLinear) do not run on the CUDA execution provider; use --dtype fp16 on CUDA, or "
+            "--device cpu for int8"
+        )
     if cfg.dtype == "fp16" and cfg.device == "cpu":
-        p.append(f"{describe(cfg, 'dtype')} on --device cpu: ONNX Runtime's CPU provider has few fp16 kernels; use "
-                 "fp32 (or --quantize int8) on the CPU, fp16 with --device cuda")
+        p.append(
+            f"{describe(cfg, 'dtype')} on --device cpu: ONNX Runtime's CPU provider has few fp16 kernels; use "
+            "fp32 (or --quantize int8) on the CPU, fp16 with --device cuda"
+        )
     if cfg.optimize == "O4" and cfg.device != "cuda":
         p.append(f"{describe(cfg, 'optimize')} is fp16 mixed precision for CUDA; use O1-O3 with --device cpu")
     if cfg.quantize == "int8" and cfg.dtype == "fp16":
@@ -81,8 +85,10 @@ def validate(cfg: ExportConfig) -> tuple[dict, str, Path]:
         import onnxruntime
 
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-            p.append("--device cuda: this onnxruntime has no CUDAExecutionProvider; install onnxruntime-gpu (and not "
-                     "the plain onnxruntime package beside it)")
+            p.append(
+                "--device cuda: this onnxruntime has no CUDAExecutionProvider; install onnxruntime-gpu (and not "
+                "the plain onnxruntime package beside it)"
+            )
     if not cfg.run_dir:
         p.append("RUN_DIR: give the folder of a `lora-med train` run (e.g. adapters/clinic-lora)")
         raise runs.problems_error("with the export; nothing was loaded", p)
@@ -107,13 +113,17 @@ def validate(cfg: ExportConfig) -> tuple[dict, str, Path]:
             adapter_base = adapter_json.get("base_model_name_or_path") if isinstance(adapter_json, dict) else None
             p += weights.adapter_problems(run_dir)  # a PEFT config, LoRA tensors
             if isinstance(adapter_base, str) and adapter_base != base and runs.real(adapter_base) != runs.real(base):
-                p.append(f"{cfg_file}: the adapter was made for base {adapter_base!r}, but run.json names {base!r}; "
-                         "this is another run's adapter: copy the matching run folder")
+                p.append(
+                    f"{cfg_file}: the adapter was made for base {adapter_base!r}, but run.json names {base!r}; "
+                    "this is another run's adapter: copy the matching run folder"
+                )
         if models.is_local(base):
             p += weights.weights_problems(Path(base), "model", "base model")
         elif base.startswith(("/", ".", "~")):
-            p.append(f"{run_dir / 'run.json'}: its base {base} no longer exists; restore that folder (the adapter is "
-                     "merged onto it)")
+            p.append(
+                f"{run_dir / 'run.json'}: its base {base} no longer exists; restore that folder (the adapter is "
+                "merged onto it)"
+            )
     elif card["artifact"] == "model":
         p += weights.weights_problems(run_dir, "model", "fine-tuned model")
         if not (run_dir / "config.json").is_file():
@@ -122,8 +132,9 @@ def validate(cfg: ExportConfig) -> tuple[dict, str, Path]:
         p.append(f"{run_dir / 'run.json'}: unknown artifact {card['artifact']!r}; retrain with lora-med")
     for f in TOKENIZER_FILES:
         if not (run_dir / f).is_file():
-            p.append(f"{run_dir / f}: missing; the tokenizer is saved with every run: copy the whole run folder, "
-                     "or retrain")
+            p.append(
+                f"{run_dir / f}: missing; the tokenizer is saved with every run: copy the whole run folder, or retrain"
+            )
     try:
         eval_path = runs.locate(card["data"]["eval"], run_dir, "held-out data")
     except LoraMedError as e:
@@ -133,8 +144,9 @@ def validate(cfg: ExportConfig) -> tuple[dict, str, Path]:
     out = cfg.output_dir()
     inputs = [("training run", run_dir)] + ([("base model", Path(base))] if models.is_local(base) else [])
     inputs += [("held-out data", eval_path)] if eval_path else []
-    found, state = runs.output_problems(out, "export", flag=name(cfg, "output") if cfg.output else "--output",
-                                        inputs=inputs, overwrite=cfg.overwrite)
+    found, state = runs.output_problems(
+        out, "export", flag=name(cfg, "output") if cfg.output else "--output", inputs=inputs, overwrite=cfg.overwrite
+    )
     p += found
     if state == "owned" and not cfg.overwrite and not found:
         p.append(f"--output {out}: already holds an export; choose another --output or add --overwrite")
@@ -148,8 +160,16 @@ def validate(cfg: ExportConfig) -> tuple[dict, str, Path]:
 
 def _export_onnx(merged_dir: Path, onnx_dir: Path, work: Path, cfg: ExportConfig, tokenizer, step) -> dict:
     """The Optimum graph (export + optimisation + int8 or fp16, ``optimum.optimum_graph``) in ``onnx_dir``."""
-    info = optimum.optimum_graph(merged_dir, onnx_dir, work, precision=cfg.precision(), optimize=cfg.optimize,
-                                for_gpu=cfg.device == "cuda", trust_remote_code=cfg.trust_remote_code, step=step)
+    info = optimum.optimum_graph(
+        merged_dir,
+        onnx_dir,
+        work,
+        precision=cfg.precision(),
+        optimize=cfg.optimize,
+        for_gpu=cfg.device == "cuda",
+        trust_remote_code=cfg.trust_remote_code,
+        step=step,
+    )
     tokenizer.save_pretrained(onnx_dir)
     return info
 
@@ -162,8 +182,10 @@ def _build_engine(merged_dir: Path, engine_dir: Path, cfg: ExportConfig, step) -
     if section["status"] != "built":
         print(f"note: engine/ not built: {section['reason']}")
     elif cfg.device == "cuda" and precision == "fp32":
-        section["note"] = f"no CUDA fp32 decode graph: {optimum.NO_CUDA_FP32}; this fp32 graph runs on the CPU " \
-                          "(export with --dtype fp16 for the CUDA engine)"
+        section["note"] = (
+            f"no CUDA fp32 decode graph: {optimum.NO_CUDA_FP32}; this fp32 graph runs on the CPU "
+            "(export with --dtype fp16 for the CUDA engine)"
+        )
         print(f"note: {section['note']}")
     return section
 
@@ -233,16 +255,31 @@ def _merge_export(cfg: ExportConfig, card: dict, device: str, out: Path) -> Expo
     fmt, max_length = card["data"]["format"], card["data"]["max_length"]
     convs = runs.held_out(card, run_dir)[: cfg.n_parity]
     examples, _ = data.encode_all(convs, tokenizer, max_length=max_length, fmt=fmt)
-    print(f"Run: {run_dir} ({card['config']['method']}, base {card['base']['name_or_path']}) -> {out} | "
-          f"device {device} | {cfg.precision()} | optimise {cfg.optimize} | {len(convs)} held-out conversations")
+    print(
+        f"Run: {run_dir} ({card['config']['method']}, base {card['base']['name_or_path']}) -> {out} | "
+        f"device {device} | {cfg.precision()} | optimise {cfg.optimize} | {len(convs)} held-out conversations"
+    )
 
-    with step("merge", "fp32 base + adapter, merged logits must equal the adapter's" if card["artifact"] == "adapter"
-              else "full fine-tune: nothing to merge"):
-        model, merge_figures = merge(card, run_dir, examples, tokenizer.pad_token_id, device=device,
-                                     batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code)
+    with step(
+        "merge",
+        "fp32 base + adapter, merged logits must equal the adapter's"
+        if card["artifact"] == "adapter"
+        else "full fine-tune: nothing to merge",
+    ):
+        model, merge_figures = merge(
+            card,
+            run_dir,
+            examples,
+            tokenizer.pad_token_id,
+            device=device,
+            batch_size=cfg.batch_size,
+            trust_remote_code=cfg.trust_remote_code,
+        )
     if merge_figures.get("max_abs_diff_vs_adapter") is not None:
-        print(f"      merged vs adapter logits: max abs diff {merge_figures['max_abs_diff_vs_adapter']:.2e} "
-              f"(weights moved up to {merge_figures['max_weight_delta_vs_base']:.2e} from the base)")
+        print(
+            f"      merged vs adapter logits: max abs diff {merge_figures['max_abs_diff_vs_adapter']:.2e} "
+            f"(weights moved up to {merge_figures['max_weight_delta_vs_base']:.2e} from the base)"
+        )
 
     work = out.parent / f"{out.name}.partial-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
@@ -259,25 +296,53 @@ def _merge_export(cfg: ExportConfig, card: dict, device: str, out: Path) -> Expo
         export_info["provider"] = provider
         engine_info = _build_engine(work / "merged", work / "engine", cfg, step)
         manifest = {
-            "kind": "lora-med.export", "format_version": 3, "status": "running",
+            "kind": "lora-med.export",
+            "format_version": 3,
+            "status": "running",
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "source": {"run_dir": str(run_dir.resolve()), "run_json_sha256": sha256_file(run_dir / "run.json"),
-                       "method": card["config"]["method"], "artifact": card["artifact"],
-                       "base": card["base"]["name_or_path"], "format": fmt, "max_length": max_length},
-            "options": settings.as_dict(cfg), "output": str(out.resolve()), "device": models.device_info(device),
-            "versions": models.library_versions(), "merge": merge_figures, "export": export_info,
+            "source": {
+                "run_dir": str(run_dir.resolve()),
+                "run_json_sha256": sha256_file(run_dir / "run.json"),
+                "method": card["config"]["method"],
+                "artifact": card["artifact"],
+                "base": card["base"]["name_or_path"],
+                "format": fmt,
+                "max_length": max_length,
+            },
+            "options": settings.as_dict(cfg),
+            "output": str(out.resolve()),
+            "device": models.device_info(device),
+            "versions": models.library_versions(),
+            "merge": merge_figures,
+            "export": export_info,
             "engine": engine_info,
         }
         failed = None
         graphs_checked = "onnx/ and engine/" if engine_info["status"] == "built" else "onnx/"
         with step("parity", f"{graphs_checked} ({provider}) vs merged PyTorch on {len(convs)} held-out conversations"):
-            onnx_model = ort_model(work / "onnx", provider, use_io_binding=True if device == "cuda" else None,
-                                   session_options=session_options(spin=False))
-            engine = load_engine(work / "engine", device=engine_info["device"], spin=False) \
-                if engine_info["status"] == "built" else None
+            onnx_model = ort_model(
+                work / "onnx",
+                provider,
+                use_io_binding=True if device == "cuda" else None,
+                session_options=session_options(spin=False),
+            )
+            engine = (
+                load_engine(work / "engine", device=engine_info["device"], spin=False)
+                if engine_info["status"] == "built"
+                else None
+            )
             try:
-                parity = check_parity(onnx_model, model, tokenizer, convs, fmt=fmt, max_length=max_length, cfg=cfg,
-                                      engine=engine, engine_note=engine_info.get("reason"))
+                parity = check_parity(
+                    onnx_model,
+                    model,
+                    tokenizer,
+                    convs,
+                    fmt=fmt,
+                    max_length=max_length,
+                    cfg=cfg,
+                    engine=engine,
+                    engine_note=engine_info.get("reason"),
+                )
             except GateError as e:
                 parity, failed = getattr(e, "figures", {}), e
             finally:
@@ -294,16 +359,21 @@ def _merge_export(cfg: ExportConfig, card: dict, device: str, out: Path) -> Expo
                 dead = out.parent / f"{out.name}.failed-{os.getpid()}"
             shutil.rmtree(dead, ignore_errors=True)
             os.replace(work, dead)
-            raise GateError(f"{failed}\nNothing was written to {out}; the unverified export is kept in {dead} "
-                            "for inspection") from None
-        figures = {"parity: max abs logits diff": parity.get("max_abs_diff"),
-                   "parity: top-1 agreement": parity.get("top1_agreement"), "ONNX precision": cfg.precision()}
+            raise GateError(
+                f"{failed}\nNothing was written to {out}; the unverified export is kept in {dead} for inspection"
+            ) from None
+        figures = {
+            "parity: max abs logits diff": parity.get("max_abs_diff"),
+            "parity: top-1 agreement": parity.get("top1_agreement"),
+            "ONNX precision": cfg.precision(),
+        }
         modelcard.write(work / "merged", "merged", card, extra=figures)
         modelcard.write(work / "onnx", "onnx", card, extra=figures)
         present = _present(work)
         manifest["files"] = _files(work, *present)
-        manifest["sizes"] = {sub: sum(v["bytes"] for k, v in manifest["files"].items() if k.startswith(sub + "/"))
-                             for sub in present}
+        manifest["sizes"] = {
+            sub: sum(v["bytes"] for k, v in manifest["files"].items() if k.startswith(sub + "/")) for sub in present
+        }
         timings["total_s"] = round(time.perf_counter() - t0, 3)
         manifest["timings"] = timings
         manifest["status"] = "complete"
@@ -321,6 +391,8 @@ def _merge_export(cfg: ExportConfig, card: dict, device: str, out: Path) -> Expo
         shutil.rmtree(work, ignore_errors=True)
         raise
     sizes = ", ".join(f"{sub} {mb / 1e6:.1f} MB" for sub, mb in manifest["sizes"].items())
-    print(f"Saved to {out} ({sizes}) in {timings['total_s']:.1f}s\n"
-          f"Next: lora-med bench --run {run_dir} --export {out}   or   lora-med serve {out}")
+    print(
+        f"Saved to {out} ({sizes}) in {timings['total_s']:.1f}s\n"
+        f"Next: lora-med bench --run {run_dir} --export {out}   or   lora-med serve {out}"
+    )
     return ExportResult(out, manifest)

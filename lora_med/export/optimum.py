@@ -24,16 +24,17 @@ import shutil
 import time
 from pathlib import Path
 
-from .decode_graph import build_decode_graph
-from ..engine.ort_backend import ONNX_FILE
-from .precision import check_types, fp16_from_fp32, quantize_int8
+from ..engine.graph_format import GRAPH_FILE as ONNX_FILE
 from ..errors import LoraMedError
+from .decode_graph import build_decode_graph
+from .precision import check_types, fp16_from_fp32, quantize_int8, save_onnx
 
-PROTOBUF_LIMIT = 2 * 1024**3 - 1  # larger graphs keep their weights in an external data file
 CONFIG_SUFFIXES = (".json", ".txt", ".model")  # what ORTModelForCausalLM reads beside the graph
 # Why there is no CUDA fp32 decode graph (bench reports engine-cuda-fp32 as not built with this reason).
-NO_CUDA_FP32 = ("ONNX Runtime's CUDA GroupQueryAttention has fp16/bf16 kernels only, so the decode graph runs fp32 "
-                "on the CPU and fp16 on CUDA (engine-cuda-fp16 is the CUDA engine)")
+NO_CUDA_FP32 = (
+    "ONNX Runtime's CUDA GroupQueryAttention has fp16/bf16 kernels only, so the decode graph runs fp32 "
+    "on the CPU and fp16 on CUDA (engine-cuda-fp16 is the CUDA engine)"
+)
 
 
 # --------------------------------------------------------------------------- the Optimum graph
@@ -44,8 +45,15 @@ def export_fp32(merged_dir: Path, out: Path, *, trust_remote_code: bool = False)
     step and the cached steps) into ``out``; Optimum's validation is off: lora-med's parity gate does it."""
     from optimum.exporters.onnx import main_export
 
-    main_export(model_name_or_path=str(merged_dir), output=out, task="text-generation-with-past", device="cpu",
-                do_validation=False, trust_remote_code=trust_remote_code, library_name="transformers")
+    main_export(
+        model_name_or_path=str(merged_dir),
+        output=out,
+        task="text-generation-with-past",
+        device="cpu",
+        do_validation=False,
+        trust_remote_code=trust_remote_code,
+        library_name="transformers",
+    )
     return {"task": "text-generation-with-past", "file": ONNX_FILE, "traced": "fp32 on the CPU"}
 
 
@@ -110,14 +118,20 @@ def place(src: Path, onnx_dir: Path) -> None:
     import onnx
 
     # Renaming by hand would break a reference to external weights; onnx re-saves it whole.
-    model = onnx.load(str(graph))
-    big = model.ByteSize() > PROTOBUF_LIMIT
-    onnx.save_model(model, str(onnx_dir / ONNX_FILE), save_as_external_data=big,
-                    location=ONNX_FILE + "_data" if big else None)
+    save_onnx(onnx.load(str(graph)), onnx_dir / ONNX_FILE)
 
 
-def optimum_graph(merged_dir: Path, onnx_dir: Path, work: Path, *, precision: str, optimize: str = "none",
-                  for_gpu: bool = False, trust_remote_code: bool = False, step=None) -> dict:
+def optimum_graph(
+    merged_dir: Path,
+    onnx_dir: Path,
+    work: Path,
+    *,
+    precision: str,
+    optimize: str = "none",
+    for_gpu: bool = False,
+    trust_remote_code: bool = False,
+    step=None,
+) -> dict:
     """The standard graph of an export, as merge-export makes it: fp32 export, optimisation, int8 or fp16.
 
     Args:
@@ -126,16 +140,23 @@ def optimum_graph(merged_dir: Path, onnx_dir: Path, work: Path, *, precision: st
     Returns:
         What was done (for the manifest's ``export`` section).
     """
+
     def stage(name: str, detail: str):
         return step(name, detail) if step else contextlib.nullcontext()
 
-    with stage("export", "Optimum text-generation-with-past, traced in fp32 (one graph: first step and cached "
-                         "steps)"):
+    with stage("export", "Optimum text-generation-with-past, traced in fp32 (one graph: first step and cached steps)"):
         info = export_fp32(merged_dir, work / "raw", trust_remote_code=trust_remote_code)
     current = work / "raw"
     half = precision == "fp16" and optimize != "O4"
-    todo = [x for x in (optimize if optimize != "none" else "", "int8 recipe" if precision == "int8" else "",
-                        "fp16 conversion" if half else "") if x]
+    todo = [
+        x
+        for x in (
+            optimize if optimize != "none" else "",
+            "int8 recipe" if precision == "int8" else "",
+            "fp16 conversion" if half else "",
+        )
+        if x
+    ]
     if todo:
         with stage("optimise/quantise", " + ".join(todo)):
             if optimize != "none":
@@ -172,15 +193,25 @@ def engine_graph(merged_dir: Path, out: Path, precision: str, *, capacity: int |
     """
     model_type = json.loads((Path(merged_dir) / "config.json").read_text(encoding="utf-8")).get("model_type")
     if model_type != "gpt2":
-        return {"status": "not built", "reason": f"the decode graph is written for GPT-2 models; this is a "
-                f"{model_type!r} model, so the export ships the Optimum graph (onnx/) and serve runs merged/ on "
-                f"PyTorch through the engine"}
+        return {
+            "status": "not built",
+            "reason": f"the decode graph is written for GPT-2 models; this is a "
+            f"{model_type!r} model, so the export ships the Optimum graph (onnx/) and serve runs merged/ on "
+            f"PyTorch through the engine",
+        }
     t0 = time.perf_counter()
     try:
         info = build_decode_graph(merged_dir, out, precision=precision, capacity=capacity)
     except LoraMedError as e:  # a GPT-2 variant the graph cannot express (activation, head size, ...)
         shutil.rmtree(out, ignore_errors=True)
         return {"status": "not built", "reason": str(e)}
-    return {"status": "built", "path": out.name, "precision": precision, "device": engine_device(precision),
-            "capacity": info["capacity"], "format": f"{info['format']} v{info['version']}", "recipe": info["recipe"],
-            "build_s": round(time.perf_counter() - t0, 2)}
+    return {
+        "status": "built",
+        "path": out.name,
+        "precision": precision,
+        "device": engine_device(precision),
+        "capacity": info["capacity"],
+        "format": f"{info['format']} v{info['version']}",
+        "recipe": info["recipe"],
+        "build_s": round(time.perf_counter() - t0, 2),
+    }

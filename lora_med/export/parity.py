@@ -27,8 +27,8 @@ import torch
 from .. import data, models, runs
 from ..config import ExportConfig
 from ..engine import Engine, GenerationSettings, load_engine
-from ..engine.torch_backend import optimum_engine
 from ..engine.ort_backend import ort_logits_fn, ort_model, session_options
+from ..engine.torch_backend import optimum_engine
 from ..errors import GateError
 from ..perplexity import batches, perplexity, torch_logits_fn
 
@@ -51,10 +51,17 @@ def _reference_greedy(model, prompts: list[list[int]], tokenizer, max_new_tokens
     out = []
     for p in prompts:
         ids = torch.tensor([p], device=device)
-        new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, num_beams=1, use_cache=True, eos_token_id=eos,
-                             pad_token_id=tokenizer.pad_token_id)[0, len(p):].tolist()
-        out.append(new[:new.index(eos)] if eos in new else new)
+        new = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0, len(p) :].tolist()
+        out.append(new[: new.index(eos)] if eos in new else new)
     return out
 
 
@@ -82,19 +89,29 @@ def _logit_figures(pairs, lossy: bool, cfg: ExportConfig) -> dict:
         n_tok += ref.shape[0]
         lo, hi = min(lo, float(ref.min())), max(hi, float(ref.max()))
     spread = hi - lo
-    return {"tokens": n_tok, "max_abs_diff": max_diff, "mean_abs_diff": sum_diff / max(n_vals, 1),
-            "bound": cfg.lossy_rtol * spread if lossy else cfg.atol,
-            "bound_kind": f"lossy_rtol {cfg.lossy_rtol} x logits spread" if lossy else "atol",
-            "logits_spread": spread, "nonfinite": nonfinite, "top1_agreement": agree / max(n_tok, 1)}
+    return {
+        "tokens": n_tok,
+        "max_abs_diff": max_diff,
+        "mean_abs_diff": sum_diff / max(n_vals, 1),
+        "bound": cfg.lossy_rtol * spread if lossy else cfg.atol,
+        "bound_kind": f"lossy_rtol {cfg.lossy_rtol} x logits spread" if lossy else "atol",
+        "logits_spread": spread,
+        "nonfinite": nonfinite,
+        "top1_agreement": agree / max(n_tok, 1),
+    }
 
 
 def _greedy_figures(engine: Engine, prompts: list[list[int]], want: list[list[int]], max_new_tokens: int) -> dict:
     s = GenerationSettings(max_new_tokens=max_new_tokens)
     single = [engine.generate([p], s)[0] for p in prompts]
     batched = engine.generate(prompts, s)
-    return {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "through": engine.name,
-            "identical_single": sum(a == b for a, b in zip(single, want)),
-            "identical_batched": sum(a == b for a, b in zip(batched, want))}
+    return {
+        "prompts": len(prompts),
+        "max_new_tokens": max_new_tokens,
+        "through": engine.name,
+        "identical_single": sum(a == b for a, b in zip(single, want)),
+        "identical_batched": sum(a == b for a, b in zip(batched, want)),
+    }
 
 
 def _failures(f: dict, what: str, lossy: bool, cfg: ExportConfig, *, gate_replies: bool) -> list[str]:
@@ -103,14 +120,17 @@ def _failures(f: dict, what: str, lossy: bool, cfg: ExportConfig, *, gate_replie
     if f["nonfinite"]:
         out.append(f"{what}: {f['nonfinite']} NaN/inf logits")
     if f["max_abs_diff"] > f["bound"]:
-        out.append(f"{what}: teacher-forced logits max abs diff {f['max_abs_diff']:.3g} > {f['bound']:.3g} "
-                   f"({f['bound_kind']})")
+        out.append(
+            f"{what}: teacher-forced logits max abs diff {f['max_abs_diff']:.3g} > {f['bound']:.3g} ({f['bound_kind']})"
+        )
     if lossy:
         if f["top1_agreement"] < cfg.min_top1:
             out.append(f"{what}: top-1 agreement {f['top1_agreement']:.2%} < {cfg.min_top1:.0%} ({f['tokens']} tokens)")
         if gate_replies and g["identical_single"] < cfg.min_same_replies * n:
-            out.append(f"{what}: greedy replies identical to PyTorch fp32 on {g['identical_single']}/{n} prompts "
-                       f"< {cfg.min_same_replies:.0%}")
+            out.append(
+                f"{what}: greedy replies identical to PyTorch fp32 on {g['identical_single']}/{n} prompts "
+                f"< {cfg.min_same_replies:.0%}"
+            )
     else:
         for key, how in (("identical_single", "one prompt at a time"), ("identical_batched", "batched")):
             if g[key] < n:
@@ -118,9 +138,18 @@ def _failures(f: dict, what: str, lossy: bool, cfg: ExportConfig, *, gate_replie
     return out
 
 
-def check_parity(onnx_model, reference, tokenizer, conversations: list[data.Conversation], *, fmt: str,
-                 max_length: int, cfg: ExportConfig, engine: Engine | None = None,
-                 engine_note: str | None = None) -> dict:
+def check_parity(
+    onnx_model,
+    reference,
+    tokenizer,
+    conversations: list[data.Conversation],
+    *,
+    fmt: str,
+    max_length: int,
+    cfg: ExportConfig,
+    engine: Engine | None = None,
+    engine_note: str | None = None,
+) -> dict:
     """The parity gate: the Optimum graph and the decode graph vs the merged PyTorch model (fp32).
 
     Args:
@@ -134,8 +163,11 @@ def check_parity(onnx_model, reference, tokenizer, conversations: list[data.Conv
         GateError: a check failed; the message lists every failure with its figures (``.figures`` holds them).
     """
     if isinstance(onnx_model, (str, Path)):
-        onnx_model = ort_model(onnx_model, "CUDAExecutionProvider" if cfg.device == "cuda" else None,
-                               session_options=session_options(spin=False))
+        onnx_model = ort_model(
+            onnx_model,
+            "CUDAExecutionProvider" if cfg.device == "cuda" else None,
+            session_options=session_options(spin=False),
+        )
     reference.eval()
     precision = cfg.precision()
     lossy = precision != "fp32"
@@ -151,32 +183,51 @@ def check_parity(onnx_model, reference, tokenizer, conversations: list[data.Conv
     onnx_figures = _logit_figures(zip(ref_logits, _reference_logits(ort_fn, examples, pad, cfg.batch_size)), lossy, cfg)
     ppl_ref = perplexity(ref_fn, examples, pad, cfg.batch_size)["assistant"]["ppl"]
     ppl_ort = perplexity(ort_fn, examples, pad, cfg.batch_size)["assistant"]["ppl"]
-    onnx_figures["greedy"] = _greedy_figures(optimum_engine(onnx_model, eos_token_id=eos, precision=precision),
-                                             prompts, want, cfg.max_new_tokens)
+    onnx_figures["greedy"] = _greedy_figures(
+        optimum_engine(onnx_model, eos_token_id=eos, precision=precision), prompts, want, cfg.max_new_tokens
+    )
     onnx_figures["perplexity"] = {"pytorch": ppl_ref, "onnx": ppl_ort, "rel_diff": abs(ppl_ort - ppl_ref) / ppl_ref}
     failures = _failures(onnx_figures, "onnx/ (Optimum graph)", lossy, cfg, gate_replies=False)
     if not lossy and onnx_figures["perplexity"]["rel_diff"] > cfg.ppl_rtol:
-        failures.append(f"onnx/ (Optimum graph): held-out perplexity {ppl_ort:.4f} vs PyTorch {ppl_ref:.4f}: "
-                        f"{onnx_figures['perplexity']['rel_diff']:.3%} apart (allowed {cfg.ppl_rtol:.1%})")
+        failures.append(
+            f"onnx/ (Optimum graph): held-out perplexity {ppl_ort:.4f} vs PyTorch {ppl_ref:.4f}: "
+            f"{onnx_figures['perplexity']['rel_diff']:.3%} apart (allowed {cfg.ppl_rtol:.1%})"
+        )
 
     # engine/: the decode graph
     if engine is not None:
         cut = [e.input_ids[: engine.capacity] for e in examples]
-        pairs = ((ref[: len(ids) - 1], torch.from_numpy(engine.teacher_forced_logits(ids)))
-                 for ref, ids in zip(ref_logits, cut) if len(ids) >= 2)
-        engine_figures = {"status": "checked", "name": engine.name, "precision": engine.precision,
-                          **_logit_figures(pairs, lossy, cfg),
-                          "greedy": _greedy_figures(engine, prompts, want, cfg.max_new_tokens)}
+        pairs = (
+            (ref[: len(ids) - 1], torch.from_numpy(engine.teacher_forced_logits(ids)))
+            for ref, ids in zip(ref_logits, cut)
+            if len(ids) >= 2
+        )
+        engine_figures = {
+            "status": "checked",
+            "name": engine.name,
+            "precision": engine.precision,
+            **_logit_figures(pairs, lossy, cfg),
+            "greedy": _greedy_figures(engine, prompts, want, cfg.max_new_tokens),
+        }
         failures += _failures(engine_figures, "engine/ (decode graph)", lossy, cfg, gate_replies=True)
     else:
         engine_figures = {"status": "not built", "reason": engine_note or "no decode graph in this export"}
 
-    figures = {"precision": precision, "reference": "merged PyTorch model, fp32 (replies: transformers generate())",
-               "conversations": len(conversations), **onnx_figures, "engine": engine_figures,
-               "passed": not failures, "failures": failures}
+    figures = {
+        "precision": precision,
+        "reference": "merged PyTorch model, fp32 (replies: transformers generate())",
+        "conversations": len(conversations),
+        **onnx_figures,
+        "engine": engine_figures,
+        "passed": not failures,
+        "failures": failures,
+    }
     if failures:
-        err = GateError("parity gate failed (exported graphs vs PyTorch, "
-                        f"{len(conversations)} held-out conversations, {precision}):", failures)
+        err = GateError(
+            "parity gate failed (exported graphs vs PyTorch, "
+            f"{len(conversations)} held-out conversations, {precision}):",
+            failures,
+        )
         err.figures = figures  # travel with the error to the manifest of the failed export
         raise err
     return figures
@@ -186,18 +237,26 @@ def print_parity(p: dict) -> None:
     if not p:
         return
     g, ppl = p["greedy"], p["perplexity"]
-    print(f"      onnx/   logits: max abs diff {p['max_abs_diff']:.2e} (bound {p['bound']:.2e}) | top-1 "
-          f"{p['top1_agreement']:.2%} of {p['tokens']} tokens | NaN/inf {p['nonfinite']} | perplexity "
-          f"{ppl['onnx']:.4f} vs PyTorch {ppl['pytorch']:.4f} ({ppl['rel_diff']:.4%})")
-    print(f"              greedy {g['max_new_tokens']} tokens identical: single {g['identical_single']}/{g['prompts']}, "
-          f"batched {g['identical_batched']}/{g['prompts']}")
+    print(
+        f"      onnx/   logits: max abs diff {p['max_abs_diff']:.2e} (bound {p['bound']:.2e}) | top-1 "
+        f"{p['top1_agreement']:.2%} of {p['tokens']} tokens | NaN/inf {p['nonfinite']} | perplexity "
+        f"{ppl['onnx']:.4f} vs PyTorch {ppl['pytorch']:.4f} ({ppl['rel_diff']:.4%})"
+    )
+    print(
+        f"              greedy {g['max_new_tokens']} tokens identical: single {g['identical_single']}/{g['prompts']}, "
+        f"batched {g['identical_batched']}/{g['prompts']}"
+    )
     e = p.get("engine") or {}
     if e.get("status") == "checked":
         g = e["greedy"]
-        print(f"      engine/ logits: max abs diff {e['max_abs_diff']:.2e} (bound {e['bound']:.2e}) | top-1 "
-              f"{e['top1_agreement']:.2%} of {e['tokens']} tokens | NaN/inf {e['nonfinite']}")
-        print(f"              greedy {g['max_new_tokens']} tokens identical: single {g['identical_single']}/"
-              f"{g['prompts']}, batched {g['identical_batched']}/{g['prompts']}")
+        print(
+            f"      engine/ logits: max abs diff {e['max_abs_diff']:.2e} (bound {e['bound']:.2e}) | top-1 "
+            f"{e['top1_agreement']:.2%} of {e['tokens']} tokens | NaN/inf {e['nonfinite']}"
+        )
+        print(
+            f"              greedy {g['max_new_tokens']} tokens identical: single {g['identical_single']}/"
+            f"{g['prompts']}, batched {g['identical_batched']}/{g['prompts']}"
+        )
     else:
         print(f"      engine/ not built: {e.get('reason')}")
     print(f"      -> {'PASS' if p['passed'] else 'FAIL'}")
@@ -217,14 +276,25 @@ def verify_export(export_dir: str | Path, provider: str | None = None) -> dict:
     device = models.resolve_device(cfg.device)
     reference = models.load_model(str(d / "merged"), trust_remote_code=cfg.trust_remote_code).to(device)
     tokenizer = models.load_tokenizer(str(d / "merged"), trust_remote_code=cfg.trust_remote_code)
-    onnx_model = ort_model(d, provider or ("CUDAExecutionProvider" if device == "cuda" else None),
-                           session_options=session_options(spin=False))
+    onnx_model = ort_model(
+        d,
+        provider or ("CUDAExecutionProvider" if device == "cuda" else None),
+        session_options=session_options(spin=False),
+    )
     section = manifest.get("engine") or {"status": "not built", "reason": "exported before lora-med wrote engine/"}
     engine = load_engine(d / "engine", device=section["device"], spin=False) if section["status"] == "built" else None
     try:
-        return check_parity(onnx_model, reference, tokenizer, runs.held_out(card, run_dir)[: cfg.n_parity],
-                            fmt=card["data"]["format"], max_length=card["data"]["max_length"], cfg=cfg, engine=engine,
-                            engine_note=section.get("reason"))
+        return check_parity(
+            onnx_model,
+            reference,
+            tokenizer,
+            runs.held_out(card, run_dir)[: cfg.n_parity],
+            fmt=card["data"]["format"],
+            max_length=card["data"]["max_length"],
+            cfg=cfg,
+            engine=engine,
+            engine_note=section.get("reason"),
+        )
     finally:
         if engine is not None:
             engine.close()

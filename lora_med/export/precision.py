@@ -25,9 +25,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..errors import LoraMedError
+from ..engine.graph_format import EXTERNAL_DATA_BYTES, EXTERNAL_DATA_SUFFIX
+from ..errors import LoraMedError, first_line
 
-EXTERNAL_DATA_BYTES = 1_800_000_000
 LOGITS = "logits"
 
 
@@ -97,17 +97,32 @@ def quantize_int8(src_onnx, dst_onnx, *, per_channel: bool = True, keep_head_flo
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
-        quantize_dynamic(model, dst, op_types_to_quantize=["MatMul"], per_channel=per_channel, reduce_range=False,
-                         weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
-                         use_external_data_format=size > EXTERNAL_DATA_BYTES,
-                         # Contrib nodes (GroupQueryAttention, SkipLayerNormalization) stop ONNX's type inference;
-                         # every float tensor of an fp32 graph is FLOAT.
-                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+        quantize_dynamic(
+            model,
+            dst,
+            op_types_to_quantize=["MatMul"],
+            per_channel=per_channel,
+            reduce_range=False,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=exclude,
+            use_external_data_format=size > EXTERNAL_DATA_BYTES,
+            # Contrib nodes (GroupQueryAttention, SkipLayerNormalization) stop ONNX's type inference;
+            # every float tensor of an fp32 graph is FLOAT.
+            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
     finally:
         logging.disable(previous)
-    return {"tool": "onnxruntime.quantization.quantize_dynamic", "mode": "dynamic", "weights": "int8 (QInt8)",
-            "activations": "uint8, per call", "ops": ["MatMul"], "per_channel": per_channel,
-            "reduce_range": False, "float_nodes": exclude, "embeddings": "float"}
+    return {
+        "tool": "onnxruntime.quantization.quantize_dynamic",
+        "mode": "dynamic",
+        "weights": "int8 (QInt8)",
+        "activations": "uint8, per call",
+        "ops": ["MatMul"],
+        "per_channel": per_channel,
+        "reduce_range": False,
+        "float_nodes": exclude,
+        "embeddings": "float",
+    }
 
 
 def fp16_from_fp32(src_onnx, dst_onnx, *, keep_io_types: bool = False) -> dict:
@@ -122,7 +137,6 @@ def fp16_from_fp32(src_onnx, dst_onnx, *, keep_io_types: bool = False) -> dict:
     Raises:
         LoraMedError: the converted graph fails ONNX's strict type inference (a bug to report, not to ship).
     """
-    import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     src, dst = Path(src_onnx), Path(dst_onnx)
@@ -132,16 +146,12 @@ def fp16_from_fp32(src_onnx, dst_onnx, *, keep_io_types: bool = False) -> dict:
     # list covers the ML ops, and softmax/LayerNorm accumulate in fp32 inside ORT's CUDA kernels.
     half = convert_float_to_float16(model, keep_io_types=keep_io_types, disable_shape_infer=size > EXTERNAL_DATA_BYTES)
     check_types(half, where=str(dst))
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    data = Path(str(dst) + ".data")
-    data.unlink(missing_ok=True)
-    if size // 2 > EXTERNAL_DATA_BYTES:
-        onnx.save_model(half, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-    else:
-        onnx.save_model(half, str(dst))
-    return {"tool": "onnxruntime.transformers.float16.convert_float_to_float16", "keep_io_types": keep_io_types,
-            "checked": "onnx.shape_inference strict_mode + check_type"}
+    save_onnx(half, dst)
+    return {
+        "tool": "onnxruntime.transformers.float16.convert_float_to_float16",
+        "keep_io_types": keep_io_types,
+        "checked": "onnx.shape_inference strict_mode + check_type",
+    }
 
 
 def check_types(model, *, where: str = "graph") -> None:
@@ -152,4 +162,26 @@ def check_types(model, *, where: str = "graph") -> None:
     try:
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=False)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:
-        raise LoraMedError(f"{where}: the graph fails ONNX type checking: {str(e).splitlines()[0][:400]}") from None
+        raise LoraMedError(f"{where}: the graph fails ONNX type checking: {first_line(e, 400)}") from None
+
+
+def save_onnx(model, path: Path) -> None:
+    """Write ``model`` to ``path``; weights go to ``path`` + EXTERNAL_DATA_SUFFIX when they would come near
+    protobuf's 2 GiB limit (the one place graphs are saved, so every graph folder has the same layout)."""
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = Path(str(path) + EXTERNAL_DATA_SUFFIX)
+    data.unlink(missing_ok=True)
+    if sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_BYTES:
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data.name,
+            size_threshold=1024,
+        )
+    else:
+        onnx.save_model(model, str(path))

@@ -24,23 +24,25 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..data import Message
 from ..errors import ConfigError
 from .batcher import Batcher, EngineFailed, QueueFull, ShuttingDown
 from .config import ServeConfig, check, resolve_path
 from .guard import Guard
-from .intents import ACTIONS, EMERGENCY_STATUS, Intents
+from .intents import ACTIONS, Intents
 from .limits import RateLimiter, UserLocks
 from .logs import log, logging_config
 from .metrics import CONTENT_TYPE, Metrics
 from .replier import Replier, load_replier, resolve_model
 from .store import ConversationStore, SQLiteStore
+from .turn import Dialog
 
 USER_ID_PATTERN = r"^\+?[1-9][0-9]{6,14}$"  # a phone number, E.164 digits with or without '+'
 SEED_EXAMPLE = {"user_id": "+59170123456", "message": "Hola, necesito una cita"}
 
 
 class Params(BaseModel):
+    # The seed's status, and whatever else the turn knows (lora_med.serve.turn.Plan.params).
+    model_config = ConfigDict(extra="allow")
     status: str = Field(description="Where the conversation's flow stands (configs/intents.yaml lists them).")
 
 
@@ -73,22 +75,29 @@ class _Server:
 
     def __init__(self, cfg: ServeConfig, guard: Guard, intents: Intents, store: ConversationStore, replier: Replier):
         self.cfg = cfg
-        self.guard = guard
-        self.intents = intents
         self.store = store
         self.replier = replier
         self.limiter = RateLimiter(cfg.rate_limit, cfg.rate_window_s)
         self.locks = UserLocks()
         self.in_flight = 0
         cache = getattr(replier.engine, "prefix_cache", None)
-        self.metrics = Metrics(queue_depth=lambda: self.batcher.depth(), in_flight=lambda: self.in_flight,
-                               prompt_tokens=lambda: cache.prompt_tokens if cache is not None else 0,
-                               reused_tokens=lambda: cache.reused_tokens if cache is not None else 0)
+        self.metrics = Metrics(
+            queue_depth=lambda: self.batcher.depth(),
+            in_flight=lambda: self.in_flight,
+            prompt_tokens=lambda: cache.prompt_tokens if cache is not None else 0,
+            reused_tokens=lambda: cache.reused_tokens if cache is not None else 0,
+        )
         # A request joins a running batch at the next step where the engine allows it, so waiting for company
         # only delays it; where batches run whole, a few ms let a burst start together.
         wait_ms = cfg.batch_wait_ms if cfg.batch_wait_ms is not None else (0.0 if replier.engine.joins else 5.0)
-        self.batcher = Batcher(replier.stream, max_batch=cfg.max_batch, wait_s=wait_ms / 1000,
-                               queue_size=cfg.queue_size, metrics=self.metrics)
+        self.batcher = Batcher(
+            replier.stream,
+            max_batch=cfg.max_batch,
+            wait_s=wait_ms / 1000,
+            queue_size=cfg.queue_size,
+            metrics=self.metrics,
+        )
+        self.dialog = Dialog(guard, intents, replier, self.metrics)
         self.store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self.started = time.time()
         self.port: int | None = None  # set by serve() once the socket is bound
@@ -101,8 +110,16 @@ class _Server:
     async def lifespan(self, app: FastAPI):
         self.batcher.start()
         eng = self.replier.engine
-        log("ready", host=self.cfg.host, port=self.port, model=self.cfg.model, engine=eng.name, device=eng.device,
-            source=self.replier.source.kind, db=self.cfg.db)
+        log(
+            "ready",
+            host=self.cfg.host,
+            port=self.port,
+            model=self.cfg.model,
+            engine=eng.name,
+            device=eng.device,
+            source=self.replier.source.kind,
+            db=self.cfg.db,
+        )
         try:
             yield
         finally:
@@ -117,8 +134,13 @@ class _Server:
         elapsed = time.perf_counter() - t0
         self.metrics.requests.inc(status)
         self.metrics.latency.observe(elapsed)
-        log("chat", logging.INFO if status < 500 else logging.ERROR, status=status, ms=round(1000 * elapsed, 1),
-            **fields)
+        log(
+            "chat",
+            logging.INFO if status < 500 else logging.ERROR,
+            status=status,
+            ms=round(1000 * elapsed, 1),
+            **fields,
+        )
         return JSONResponse(body, status_code=status, headers=headers)
 
     async def chat(self, user_id: str, message: str) -> JSONResponse:
@@ -131,71 +153,132 @@ class _Server:
         ticket = None
         future = None
         try:
-            hit = self.guard.check(message)
-            if hit is None:
+            urgent = self.dialog.first_look(message)
+            if urgent is None:
                 wait = self.limiter.check(user_id, time.monotonic())
                 if wait is not None:
-                    return self.finish(429, t0, {"detail": f"rate limit: at most {cfg.rate_limit} messages per "
-                                                           f"{cfg.rate_window_s:g} s per user; retry in {wait} s"},
-                                       {**headers, "Retry-After": str(wait)}, error="rate_limited", **ids)
+                    return self.finish(
+                        429,
+                        t0,
+                        {
+                            "detail": f"rate limit: at most {cfg.rate_limit} messages per "
+                            f"{cfg.rate_window_s:g} s per user; retry in {wait} s"
+                        },
+                        {**headers, "Retry-After": str(wait)},
+                        error="rate_limited",
+                        **ids,
+                    )
                 try:
                     ticket = self.batcher.reserve()
                 except QueueFull:
-                    return self.finish(503, t0, {"detail": f"busy: {cfg.queue_size} requests are waiting for the "
-                                                           "model (queue_size); retry shortly"},
-                                       {**headers, "Retry-After": "1"}, error="queue_full", **ids)
+                    return self.finish(
+                        503,
+                        t0,
+                        {
+                            "detail": f"busy: {cfg.queue_size} requests are waiting for the "
+                            "model (queue_size); retry shortly"
+                        },
+                        {**headers, "Retry-After": "1"},
+                        error="queue_full",
+                        **ids,
+                    )
             try:
                 async with asyncio.timeout(cfg.request_timeout_s):
                     # A user's messages are answered in order, but an emergency never waits behind one.
-                    async with self.locks.hold(user_id) if hit is None else contextlib.nullcontext():
-                        restart = hit is None and self.intents.wants_restart(message)
-                        opened = await self.db(self.store.begin, user_id, message, now=time.time(),
-                                               idle_s=cfg.idle_minutes * 60, restart=restart, request_id=rid)
+                    async with self.locks.hold(user_id) if urgent is None else contextlib.nullcontext():
+                        restart = self.dialog.wants_restart(message, urgent)
+                        opened = await self.db(
+                            self.store.begin,
+                            user_id,
+                            message,
+                            now=time.time(),
+                            idle_s=cfg.idle_minutes * 60,
+                            restart=restart,
+                            request_id=rid,
+                        )
                         ids["conversation"] = opened.conversation_id
-                        if hit is not None:
-                            reply, action, status, source = hit.reply, "emergency", EMERGENCY_STATUS, "guard"
-                            prompt_len, batch = 0, 0
-                            self.metrics.guard_hits.inc(hit.rule)
-                        else:
-                            decision = self.intents.decide(message, opened.history)
-                            action, status = decision.action, decision.status
-                            history = [Message(t.role, t.content) for t in opened.history]
-                            prompt = self.replier.prompt([*history, Message("user", message)])
-                            prompt_len = len(prompt)
-                            future = ticket.submit(prompt)
+                        plan = self.dialog.plan(message, opened.history, urgent)
+                        prompt_len, batch = len(plan.prompt or ()), 0
+                        if plan.prompt is not None:
+                            future = ticket.submit(plan.prompt)
                             # shield: a timeout or a client that leaves stops this wait, never the batch
                             generated = await asyncio.shield(future)
                             batch = generated.batch_size
-                            reply, source = self.replier.decode(generated.ids), "model"
-                            if not reply:
-                                reply, source = self.intents.fallback_reply, "fallback"
-                                self.metrics.empty_replies.inc()
+                            plan = self.dialog.finish(plan, self.replier.decode(generated.ids))
             except TimeoutError:
                 if future is not None:
                     future.cancel()  # still queued: skipped; already in the engine: its row is dropped
-                return self.finish(504, t0, {"detail": f"timeout: no reply within {cfg.request_timeout_s:g} s "
-                                                       "(request_timeout_s); send the message again"},
-                                   headers, error="timeout", **ids)
-            await self.db(self.store.answer, opened.conversation_id, opened.turn_id, reply, action=action,
-                          status=status, source=source, now=time.time())
-            self.metrics.actions.inc(action)
-            body = ChatResponse(response=reply, user_id=user_id, conversation_id=opened.conversation_id,
-                                action=action, params=Params(status=status)).model_dump()
-            return self.finish(200, t0, body, {**headers, "X-Prompt-Tokens": str(prompt_len),
-                                               "X-Batch-Size": f"{batch:g}"},
-                               action=action, params_status=status, source=source, new_conversation=opened.new,
-                               prompt_tokens=prompt_len, batch=batch,
-                               guard=hit.rule if hit else None, **ids)
+                return self.finish(
+                    504,
+                    t0,
+                    {
+                        "detail": f"timeout: no reply within {cfg.request_timeout_s:g} s "
+                        "(request_timeout_s); send the message again"
+                    },
+                    headers,
+                    error="timeout",
+                    **ids,
+                )
+            await self.db(
+                self.store.answer,
+                opened.conversation_id,
+                opened.turn_id,
+                plan.reply,
+                action=plan.action,
+                status=plan.status,
+                source=plan.source,
+                now=time.time(),
+            )
+            self.metrics.actions.inc(plan.action)
+            body = ChatResponse(
+                response=plan.reply,
+                user_id=user_id,
+                conversation_id=opened.conversation_id,
+                action=plan.action,
+                params=Params(**plan.params()),
+            ).model_dump()
+            return self.finish(
+                200,
+                t0,
+                body,
+                {**headers, "X-Prompt-Tokens": str(prompt_len), "X-Batch-Size": f"{batch:g}"},
+                action=plan.action,
+                params_status=plan.status,
+                source=plan.source,
+                new_conversation=opened.new,
+                prompt_tokens=prompt_len,
+                batch=batch,
+                guard=plan.rule,
+                **ids,
+            )
         except ShuttingDown:
-            return self.finish(503, t0, {"detail": "the server is shutting down; retry shortly"},
-                               {**headers, "Retry-After": "1"}, error="shutting_down", **ids)
+            return self.finish(
+                503,
+                t0,
+                {"detail": "the server is shutting down; retry shortly"},
+                {**headers, "Retry-After": "1"},
+                error="shutting_down",
+                **ids,
+            )
         except EngineFailed as e:
-            return self.finish(500, t0, {"detail": f"generation failed ({e}); request id {rid} in the server log"},
-                               headers, error="engine", **ids)
-        except Exception as e:  # noqa: BLE001 - a bug or a broken store: still an explicit answer and a log line
+            return self.finish(
+                500,
+                t0,
+                {"detail": f"generation failed ({e}); request id {rid} in the server log"},
+                headers,
+                error="engine",
+                **ids,
+            )
+        except Exception as e:
             log("chat_error", logging.ERROR, exc_info=e, request_id=rid, error=type(e).__name__)
-            return self.finish(500, t0, {"detail": f"internal error; request id {rid} in the server log"},
-                               headers, error="internal", **ids)
+            return self.finish(
+                500,
+                t0,
+                {"detail": f"internal error; request id {rid} in the server log"},
+                headers,
+                error="internal",
+                **ids,
+            )
         finally:
             if ticket is not None:
                 ticket.release()
@@ -220,15 +303,25 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
         store.close()
         raise
     server = _Server(cfg, guard, intents, store, replier)
-    app = FastAPI(title="lora-med serve", version="1", lifespan=server.lifespan,
-                  description="The seed guide's /chat/ app on a model fine-tuned and exported with lora-med.")
+    app = FastAPI(
+        title="lora-med serve",
+        version="1",
+        lifespan=server.lifespan,
+        description="The seed guide's /chat/ app on a model fine-tuned and exported with lora-med.",
+    )
     app.state.server = server
     ChatRequest = _request_model(cfg.max_message_chars)
 
-    @app.post("/chat/", response_model=ChatResponse,
-              responses={422: {"description": "Invalid body (the field and the limit are named)"},
-                         429: {"description": "Rate limit (Retry-After)"}, 503: {"description": "Queue full"},
-                         504: {"description": "Timeout"}})
+    @app.post(
+        "/chat/",
+        response_model=ChatResponse,
+        responses={
+            422: {"description": "Invalid body (the field and the limit are named)"},
+            429: {"description": "Rate limit (Retry-After)"},
+            503: {"description": "Queue full"},
+            504: {"description": "Timeout"},
+        },
+    )
     async def chat(body: ChatRequest) -> JSONResponse:  # type: ignore[valid-type]
         """Answer one patient message (the seed guide's request and response)."""
         return await server.chat(body.user_id, body.message)
@@ -238,14 +331,25 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
         """Model, engine, device, uptime and queue depth."""
         eng = server.replier.engine
         cache = getattr(eng, "prefix_cache", None)
-        return {"status": "ok", "model": cfg.model, "source": server.replier.source.kind, "engine": eng.name,
-                "device": eng.device, "precision": eng.precision, "capacity": eng.capacity,
-                "format": server.replier.fmt, "prompt_budget": server.replier.budget,
-                "uptime_s": round(time.time() - server.started, 1), "queue_depth": server.batcher.depth(),
-                "in_flight": server.in_flight, "max_batch": cfg.max_batch,
-                "batching": "continuous" if eng.joins else "whole batches",
-                "batch_wait_ms": server.batcher.wait_s * 1000, "cut_block": server.replier.cut_block,
-                "prefix_cache_mb": cache.max_bytes / 2**20 if cache is not None else 0}
+        return {
+            "status": "ok",
+            "model": cfg.model,
+            "source": server.replier.source.kind,
+            "engine": eng.name,
+            "device": eng.device,
+            "precision": eng.precision,
+            "capacity": eng.capacity,
+            "format": server.replier.fmt,
+            "prompt_budget": server.replier.budget,
+            "uptime_s": round(time.time() - server.started, 1),
+            "queue_depth": server.batcher.depth(),
+            "in_flight": server.in_flight,
+            "max_batch": cfg.max_batch,
+            "batching": "continuous" if eng.joins else "whole batches",
+            "batch_wait_ms": server.batcher.wait_s * 1000,
+            "cut_block": server.replier.cut_block,
+            "prefix_cache_mb": cache.max_bytes / 2**20 if cache is not None else 0,
+        }
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
@@ -256,10 +360,16 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = [_problem(e, cfg.max_message_chars) for e in exc.errors()]
         # The offending input is not echoed back or logged: it may be the patient's message.
-        detail = [{"loc": list(e.get("loc", ())), "type": e.get("type"), "msg": p}
-                  for e, p in zip(exc.errors(), problems)]
-        return server.finish(422, time.perf_counter(), {"detail": detail, "error": "; ".join(problems)},
-                             error="invalid_body", problems=[d["type"] for d in detail])
+        detail = [
+            {"loc": list(e.get("loc", ())), "type": e.get("type"), "msg": p} for e, p in zip(exc.errors(), problems)
+        ]
+        return server.finish(
+            422,
+            time.perf_counter(),
+            {"detail": detail, "error": "; ".join(problems)},
+            error="invalid_body",
+            problems=[d["type"] for d in detail],
+        )
 
     return app
 
@@ -270,8 +380,10 @@ def _problem(err: dict, max_chars: int) -> str:
     field = ".".join(loc) or "body"
     kind = err.get("type", "")
     if kind == "json_invalid":
-        return f"body: not valid JSON ({err.get('ctx', {}).get('error', 'decode error')}); send " \
-               '{"user_id": "+59170123456", "message": "..."}'
+        return (
+            f"body: not valid JSON ({err.get('ctx', {}).get('error', 'decode error')}); send "
+            '{"user_id": "+59170123456", "message": "..."}'
+        )
     if kind == "missing":
         if field == "body":
             return 'body: empty; send {"user_id": "+59170123456", "message": "..."}'
@@ -291,8 +403,10 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
     except OSError as e:
-        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); is another "
-                          "server running? choose another --port (0 picks a free one)") from None
+        raise ConfigError(
+            f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); is another "
+            "server running? choose another --port (0 picks a free one)"
+        ) from None
     return sock
 
 
@@ -312,8 +426,13 @@ def serve(cfg: ServeConfig) -> None:
     try:
         app = create_app(cfg)
         app.state.server.port = sock.getsockname()[1]
-        config = uvicorn.Config(app, log_config=logging_config(cfg.log_file), access_log=False, lifespan="on",
-                                timeout_graceful_shutdown=int(cfg.request_timeout_s) + 5)
+        config = uvicorn.Config(
+            app,
+            log_config=logging_config(cfg.log_file),
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=int(cfg.request_timeout_s) + 5,
+        )
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()

@@ -22,9 +22,10 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
-from typing import Callable, ContextManager
 
 from .logs import log
 from .metrics import Metrics
@@ -80,8 +81,15 @@ class Ticket:
 
 
 class Batcher:
-    def __init__(self, open_stream: Callable[[int], ContextManager], *, max_batch: int, wait_s: float,
-                 queue_size: int, metrics: Metrics | None = None):
+    def __init__(
+        self,
+        open_stream: Callable[[int], ContextManager],
+        *,
+        max_batch: int,
+        wait_s: float,
+        queue_size: int,
+        metrics: Metrics | None = None,
+    ):
         self._open = open_stream  # rows -> a context manager yielding an engine Stream
         self.max_batch, self.wait_s, self.queue_size = max_batch, wait_s, queue_size
         self.metrics = metrics
@@ -158,7 +166,7 @@ class Batcher:
             try:
                 with self._open(self.max_batch) as stream:
                     self._serve(stream, live)
-            except Exception as e:  # noqa: BLE001 - every waiting request must hear about it
+            except Exception as e:
                 failed = [*live.values(), *self._joining]
                 log("engine_error", logging.ERROR, batch=len(failed), error=f"{type(e).__name__}: {e}")
                 self._settle([(job, EngineFailed(type(e).__name__)) for job in failed])
@@ -223,6 +231,7 @@ class Batcher:
 
     def _settle(self, outcomes: list[tuple[_Job, object]]) -> None:
         """Give each job its outcome (a result, or an exception) on the event loop: one wake-up for them all."""
+
         def settle() -> None:
             for job, outcome in outcomes:
                 if job.future.done():

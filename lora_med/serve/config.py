@@ -25,8 +25,10 @@ def check(cfg: ServeConfig) -> None:
     if not cfg.model:
         p.append("EXPORT_DIR: give the folder to serve (a merge-export output or an HF model folder)")
     elif not Path(cfg.model).is_dir():
-        p.append(f"EXPORT_DIR {cfg.model}: no such folder; give a `lora-med merge-export` output (exports/...) "
-                 "or a Hugging Face model folder")
+        p.append(
+            f"EXPORT_DIR {cfg.model}: no such folder; give a `lora-med merge-export` output (exports/...) "
+            "or a Hugging Face model folder"
+        )
     for field in ("intents", "emergency"):
         if not resolve_path(getattr(cfg, field)).is_file():
             p.append(f"{describe(cfg, field)}: file not found")

@@ -45,8 +45,10 @@ class Guard:
         self.rules = RuleSet.from_spec(spec.get("rules"), spec.get("concepts"), where)
         self.history = _History.from_spec(spec.get("history"), spec.get("concepts"), where)
         if self.history is not None and self.history.signs - {r.name for r in self.rules.rules}:
-            raise ConfigError(f"{where}: 'history.signs' names no rule: "
-                              f"{', '.join(sorted(self.history.signs - {r.name for r in self.rules.rules}))}")
+            raise ConfigError(
+                f"{where}: 'history.signs' names no rule: "
+                f"{', '.join(sorted(self.history.signs - {r.name for r in self.rules.rules}))}"
+            )
         missing = sorted({r.name for r in self.rules.rules} - set(advice))
         if missing:
             raise ConfigError(f"{where}: 'advice' has no line for rule(s) {', '.join(missing)}")
@@ -77,16 +79,21 @@ class _History:
             return None
         keys = ("past", "routine", "now")
         if not isinstance(spec, dict) or set(spec) != {"signs", *keys}:
-            raise ConfigError(f"{where}: 'history' must have 'signs' (rule names) and the rule lists 'past', "
-                              "'routine' and 'now'")
+            raise ConfigError(
+                f"{where}: 'history' must have 'signs' (rule names) and the rule lists 'past', 'routine' and 'now'"
+            )
         signs = spec["signs"]
         if not isinstance(signs, list) or not all(isinstance(x, str) for x in signs):
             raise ConfigError(f"{where}: 'history.signs' must be a list of rule names")
         return cls(frozenset(signs), *(RuleSet.from_spec(spec[k], concepts, f"{where} history.{k}") for k in keys))
 
     def told_as_past(self, message: str, matched: list) -> bool:
-        return (all(r.name in self.signs for r in matched) and self.past.first(message) is not None
-                and self.routine.first(message) is not None and self.now.first(message) is None)
+        return (
+            all(r.name in self.signs for r in matched)
+            and self.past.first(message) is not None
+            and self.routine.first(message) is not None
+            and self.now.first(message) is None
+        )
 
 
 def evaluate(guard: Guard, cases: dict[str, list[str]]) -> dict:
@@ -99,8 +106,13 @@ def evaluate(guard: Guard, cases: dict[str, list[str]]) -> dict:
         want = name.endswith("emergency")
         wrong = [m for m in messages if (guard.check(m) is not None) != want]
         hits = len(messages) - len(wrong) if want else len(wrong)
-        out[name] = {"messages": len(messages), "flagged": hits, "rate": hits / len(messages) if messages else 0.0,
-                     "measures": "recall" if want else "false alarms", "wrong": wrong}
+        out[name] = {
+            "messages": len(messages),
+            "flagged": hits,
+            "rate": hits / len(messages) if messages else 0.0,
+            "measures": "recall" if want else "false alarms",
+            "wrong": wrong,
+        }
     return out
 
 

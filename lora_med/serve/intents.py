@@ -14,8 +14,15 @@ from .config import read_yaml
 from .matcher import RuleSet, normalize
 from .store import Turn
 
-ACTIONS = ("schedule_appointment", "reschedule_appointment", "cancel_appointment", "lab_results", "clinic_info",
-           "emergency", "chat")
+ACTIONS = (
+    "schedule_appointment",
+    "reschedule_appointment",
+    "cancel_appointment",
+    "lab_results",
+    "clinic_info",
+    "emergency",
+    "chat",
+)
 FLOWS = ("schedule_appointment", "reschedule_appointment", "cancel_appointment", "lab_results")
 NEEDS_IDENTITY = ("reschedule_appointment", "cancel_appointment", "lab_results")
 EMERGENCY_STATUS = "emergency_referred"
@@ -23,7 +30,9 @@ EMERGENCY_STATUS = "emergency_referred"
 # Identity as the fact sheet's verification asks: a CI-like number and a date of birth.
 _CI = re.compile(r"\b\d{5,8}\b")
 _MONTHS = "enero|febrero|marzo|abril|mayo|junio|julio|agosto|septiembre|setiembre|octubre|noviembre|diciembre"
-_DATE = re.compile(rf"\b\d{{1,2}} \d{{1,2}} (19|20)?\d{{2}}\b|\b\d{{1,2}} (de )?({_MONTHS})( de| del)? (19|20)\d{{2}}\b")
+_DATE = re.compile(
+    rf"\b\d{{1,2}} \d{{1,2}} (19|20)?\d{{2}}\b|\b\d{{1,2}} (de )?({_MONTHS})( de| del)? (19|20)\d{{2}}\b"
+)
 
 
 @dataclass(frozen=True)
@@ -44,8 +53,10 @@ class Intents:
         for i, item in enumerate(spec.get("intents") or []):
             action = item.get("action") if isinstance(item, dict) else None
             if action not in ACTIONS or action in ("emergency", "chat"):
-                problems.append(f"{where} intents[{i}]: action must be one of "
-                                f"{', '.join(a for a in ACTIONS if a not in ('emergency', 'chat'))}")
+                problems.append(
+                    f"{where} intents[{i}]: action must be one of "
+                    f"{', '.join(a for a in ACTIONS if a not in ('emergency', 'chat'))}"
+                )
                 continue
             self.intents.append((action, RuleSet.from_spec(item.get("rules"), concepts, f"{where} {action}")))
         if not self.intents:
@@ -57,8 +68,9 @@ class Intents:
             raise ConfigError(f"{where}: invalid intent rules", problems)
         self.restart = RuleSet.from_spec(spec.get("restart"), concepts, f"{where} restart")
         self.confirm = RuleSet.from_spec(spec.get("confirm"), concepts, f"{where} confirm")
-        self.asks_confirmation = RuleSet.from_spec(spec.get("asks_confirmation"), concepts,
-                                                   f"{where} asks_confirmation")
+        self.asks_confirmation = RuleSet.from_spec(
+            spec.get("asks_confirmation"), concepts, f"{where} asks_confirmation"
+        )
         self.fallback_reply = " ".join(fallback.split())
 
     def wants_restart(self, message: str) -> bool:
@@ -84,7 +96,7 @@ class Intents:
             if last is not None and self.asks_confirmation.first(last.content) and self.confirm.first(message):
                 return Decision(action, "confirmed")
         if action in NEEDS_IDENTITY:
-            said = [t.content for t in history[flow_start if action == flow else len(history):] if t.role == "user"]
+            said = [t.content for t in history[flow_start if action == flow else len(history) :] if t.role == "user"]
             if not identity_given([*said, message]):
                 return Decision(action, "verifying_identity")
             return Decision(action, "identity_verified" if action == "lab_results" else "collecting_info")

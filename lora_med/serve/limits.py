@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import math
 from collections import deque
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 PRUNE_AT = 10_000  # users tracked before idle ones are dropped
 

@@ -19,11 +19,13 @@ _NUMBER = re.compile(r"\+?\d(?:[ -]?\d){5,}")
 
 def mask(text: str) -> str:
     """``+59170123456`` -> ``+*********56``; ``6543210 SC`` -> ``*****10 SC``."""
+
     def hide(m: re.Match) -> str:
         s = m.group()
         digits = [i for i, c in enumerate(s) if c.isdigit()]
         keep = set(digits[-2:])
         return "".join("*" if c.isdigit() and i not in keep else c for i, c in enumerate(s))
+
     return _NUMBER.sub(hide, text)
 
 
@@ -41,8 +43,12 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, event, and the record's ``fields``."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-               "level": record.levelname.lower(), "logger": record.name, "event": record.getMessage()}
+        out = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
         out.update(getattr(record, "fields", {}) or {})
         if record.exc_info:
             out["error"] = self.formatException(record.exc_info)
@@ -58,8 +64,11 @@ def log(event: str, level: int = logging.INFO, exc_info: BaseException | None = 
 def logging_config(log_file: str | None) -> dict:
     """A ``logging.config.dictConfig`` for uvicorn and the server: JSON lines to ``log_file`` or stderr.
     uvicorn's access log is off: the server logs each request itself, with its masked fields."""
-    handler = ({"class": "logging.FileHandler", "filename": log_file, "encoding": "utf-8"} if log_file
-               else {"class": "logging.StreamHandler", "stream": "ext://sys.stderr"})
+    handler = (
+        {"class": "logging.FileHandler", "filename": log_file, "encoding": "utf-8"}
+        if log_file
+        else {"class": "logging.StreamHandler", "stream": "ext://sys.stderr"}
+    )
     handler["formatter"] = "json"
     return {
         "version": 1,

@@ -64,8 +64,8 @@ def within_one(a: str, b: str) -> bool:
         i += 1
     if la == lb:
         # one change, or a swap of neighbours
-        return a[i + 1:] == b[i + 1:] or (a[i:i + 2] == b[i:i + 2][::-1] and a[i + 2:] == b[i + 2:])
-    return (a[i + 1:] == b[i:]) if la > lb else (a[i:] == b[i + 1:])
+        return a[i + 1 :] == b[i + 1 :] or (a[i : i + 2] == b[i : i + 2][::-1] and a[i + 2 :] == b[i + 2 :])
+    return (a[i + 1 :] == b[i:]) if la > lb else (a[i:] == b[i + 1 :])
 
 
 @dataclass(frozen=True)
@@ -123,8 +123,10 @@ class RuleSet:
 
     def __init__(self, rules: list[tuple[str, str, int, list[list[_Alt]]]]):
         ids: dict[_Alt, int] = {}
-        self.rules = [Rule(name, tuple(frozenset(ids.setdefault(a, len(ids)) for a in slot) for slot in slots),
-                           mode, span) for name, mode, span, slots in rules]
+        self.rules = [
+            Rule(name, tuple(frozenset(ids.setdefault(a, len(ids)) for a in slot) for slot in slots), mode, span)
+            for name, mode, span, slots in rules
+        ]
         self._exact: dict[str, list[int]] = {}
         self._fuzzy: list[tuple[int, _Alt]] = []
         for alt, i in ids.items():
@@ -149,7 +151,8 @@ class RuleSet:
         problems: list[str] = []
         concepts = concepts or {}
         if not isinstance(concepts, dict) or not all(
-                isinstance(v, list) and all(isinstance(x, str) and x.strip() for x in v) for v in concepts.values()):
+            isinstance(v, list) and all(isinstance(x, str) and x.strip() for x in v) for v in concepts.values()
+        ):
             problems.append(f"{where}: 'concepts' must map names to lists of words")
             concepts = {}
         if not isinstance(rules, list) or not rules:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import bisect
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -89,31 +89,61 @@ class Histogram(_Series):
 class Metrics:
     """The server's series. ``queue_depth`` and ``in_flight`` are read when /metrics is scraped."""
 
-    def __init__(self, queue_depth: Callable[[], float], in_flight: Callable[[], float],
-                 prompt_tokens: Callable[[], float] = lambda: 0.0, reused_tokens: Callable[[], float] = lambda: 0.0):
+    def __init__(
+        self,
+        queue_depth: Callable[[], float],
+        in_flight: Callable[[], float],
+        prompt_tokens: Callable[[], float] = lambda: 0.0,
+        reused_tokens: Callable[[], float] = lambda: 0.0,
+    ):
         self.requests = Counter("lora_med_requests_total", "POST /chat/ requests by HTTP status.", "status")
-        self.latency = Histogram("lora_med_request_seconds", "POST /chat/ time from arrival to reply, in seconds.",
-                                 LATENCY_BUCKETS)
+        self.latency = Histogram(
+            "lora_med_request_seconds", "POST /chat/ time from arrival to reply, in seconds.", LATENCY_BUCKETS
+        )
         self.queue_depth = Gauge("lora_med_queue_depth", "Requests waiting for the model.", queue_depth)
         self.in_flight = Gauge("lora_med_in_flight", "POST /chat/ requests being handled.", in_flight)
-        self.batch_size = Histogram("lora_med_batch_size", "Rows decoded together while a reply was generated "
-                                    "(mean per reply).", BATCH_BUCKETS)
-        self.generate_seconds = Histogram("lora_med_generate_seconds", "Engine time per reply (from joining the "
-                                          "batch to the last token), in seconds.", LATENCY_BUCKETS)
+        self.batch_size = Histogram(
+            "lora_med_batch_size", "Rows decoded together while a reply was generated (mean per reply).", BATCH_BUCKETS
+        )
+        self.generate_seconds = Histogram(
+            "lora_med_generate_seconds",
+            "Engine time per reply (from joining the batch to the last token), in seconds.",
+            LATENCY_BUCKETS,
+        )
         self.engine_requests = Counter("lora_med_engine_requests_total", "Prompts sent to the model.")
-        self.guard_hits = Counter("lora_med_guard_hits_total", "Messages the emergency guard answered, by sign.",
-                                  "rule")
+        self.guard_hits = Counter(
+            "lora_med_guard_hits_total", "Messages the emergency guard answered, by sign.", "rule"
+        )
         self.actions = Counter("lora_med_actions_total", "Replies by action.", "action")
-        self.empty_replies = Counter("lora_med_empty_replies_total",
-                                     "Model replies that were empty (the fallback reply was sent).")
-        self.prompt_tokens = Gauge("lora_med_prompt_tokens_total", "Prompt tokens sent to the model (with the "
-                                   "engine's prefix cache on).", prompt_tokens, kind="counter")
-        self.reused_tokens = Gauge("lora_med_prompt_tokens_reused_total", "Prompt tokens taken from the prefix "
-                                   "cache instead of computed (earlier turns of the conversation).", reused_tokens,
-                                   kind="counter")
-        self._all = (self.requests, self.latency, self.queue_depth, self.in_flight, self.batch_size,
-                     self.generate_seconds, self.engine_requests, self.guard_hits, self.actions, self.empty_replies,
-                     self.prompt_tokens, self.reused_tokens)
+        self.empty_replies = Counter(
+            "lora_med_empty_replies_total", "Model replies that were empty (the fallback reply was sent)."
+        )
+        self.prompt_tokens = Gauge(
+            "lora_med_prompt_tokens_total",
+            "Prompt tokens sent to the model (with the engine's prefix cache on).",
+            prompt_tokens,
+            kind="counter",
+        )
+        self.reused_tokens = Gauge(
+            "lora_med_prompt_tokens_reused_total",
+            "Prompt tokens taken from the prefix cache instead of computed (earlier turns of the conversation).",
+            reused_tokens,
+            kind="counter",
+        )
+        self._all = (
+            self.requests,
+            self.latency,
+            self.queue_depth,
+            self.in_flight,
+            self.batch_size,
+            self.generate_seconds,
+            self.engine_requests,
+            self.guard_hits,
+            self.actions,
+            self.empty_replies,
+            self.prompt_tokens,
+            self.reused_tokens,
+        )
 
     def render(self) -> str:
         lines: list[str] = []

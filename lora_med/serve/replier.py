@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import runs
-from ..data import prompt_ids
-from ..data import Message
+from ..data import Message, prompt_ids
 from ..engine import ENGINE_FILE, GenerationSettings, load_engine
 from ..engine.torch_backend import torch_engine
 from ..errors import ConfigError
@@ -52,8 +51,10 @@ def resolve_model(path: str) -> ModelSource:
     """
     p = Path(path)
     if not p.is_dir():
-        raise ConfigError(f"EXPORT_DIR {path}: no such folder; give a `lora-med merge-export` output "
-                          "(exports/...) or a Hugging Face model folder")
+        raise ConfigError(
+            f"EXPORT_DIR {path}: no such folder; give a `lora-med merge-export` output "
+            "(exports/...) or a Hugging Face model folder"
+        )
     if (p / "manifest.json").is_file():
         source = runs.load_card(p, "export").get("source", {})
         engine = p / "engine"
@@ -71,8 +72,14 @@ def resolve_model(path: str) -> ModelSource:
         base = card["base"]["name_or_path"]
         if base.startswith(("/", ".")) and not Path(base).is_dir():
             raise ConfigError(f"EXPORT_DIR {path}: its base {base} is gone; restore it, or serve a merge-export")
-        return ModelSource(p, p, card["data"]["format"], card["data"]["max_length"],
-                           "training run, adapter merged in memory (PyTorch)", adapter_base=base)
+        return ModelSource(
+            p,
+            p,
+            card["data"]["format"],
+            card["data"]["max_length"],
+            "training run, adapter merged in memory (PyTorch)",
+            adapter_base=base,
+        )
     if (p / "config.json").is_file():
         fmt, max_length = "dialogpt", None
         run = p / "run.json"  # a full fine-tune run folder records how it was trained
@@ -81,8 +88,10 @@ def resolve_model(path: str) -> ModelSource:
                 card = json.loads(run.read_text(encoding="utf-8")).get("data", {})
                 fmt, max_length = card.get("format") or fmt, card.get("max_length")
             except (ValueError, AttributeError):
-                raise ConfigError(f"EXPORT_DIR {path}: run.json is not valid JSON; restore it or serve the "
-                                  "model from a folder without it") from None
+                raise ConfigError(
+                    f"EXPORT_DIR {path}: run.json is not valid JSON; restore it or serve the "
+                    "model from a folder without it"
+                ) from None
         return ModelSource(p, p, fmt, max_length, "model folder (PyTorch)")
     raise ConfigError(f"EXPORT_DIR {path}: neither a merge-export (manifest.json) nor a model folder (config.json)")
 
@@ -101,7 +110,8 @@ class Replier:
         # One message's ids in the DialoGPT format (its text + EOS), cached: each request renders the conversation
         # so far, mostly messages seen before.
         self._message_ids = functools.lru_cache(maxsize=8192)(
-            lambda role, content: tuple(prompt_ids([Message(role, content)], tokenizer, "dialogpt")))
+            lambda role, content: tuple(prompt_ids([Message(role, content)], tokenizer, "dialogpt"))
+        )
         self.tokenizer = tokenizer
         self.source = source
         self.fmt = source.fmt
@@ -109,8 +119,10 @@ class Replier:
         window = min(engine.capacity, source.max_length or engine.capacity)
         self.budget = window - settings.max_new_tokens  # prompt tokens that fit beside a full reply
         if self.budget < MIN_PROMPT_TOKENS:
-            raise ConfigError(f"--max-new-tokens {settings.max_new_tokens}: leaves {self.budget} prompt tokens in "
-                              f"the model's window of {window}; use at most {window - MIN_PROMPT_TOKENS}")
+            raise ConfigError(
+                f"--max-new-tokens {settings.max_new_tokens}: leaves {self.budget} prompt tokens in "
+                f"the model's window of {window}; use at most {window - MIN_PROMPT_TOKENS}"
+            )
 
     def prompt(self, history: list[Message]) -> list[int]:
         """Token ids of the conversation (ending with the patient's message) in the training format, cut
@@ -146,7 +158,7 @@ class Replier:
                 sizes = [len(self.tokenizer(m.content, add_special_tokens=False)["input_ids"]) + 4 for m in msgs]
                 if (start := self._sticky(sizes, first)) != first:
                     ids = prompt_ids(msgs[start:], self.tokenizer, self.fmt)
-        return ids[-self.budget:]
+        return ids[-self.budget :]
 
     def _sticky(self, sizes: list[int], first: int) -> int:
         """The first message to keep of a conversation whose oldest ``first`` messages must go: the first
@@ -173,9 +185,13 @@ class Replier:
 
 
 def settings_from(cfg: ServeConfig) -> GenerationSettings:
-    return GenerationSettings(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
-                              temperature=cfg.temperature, top_p=cfg.top_p,
-                              no_repeat_ngram_size=cfg.no_repeat_ngram_size)
+    return GenerationSettings(
+        max_new_tokens=cfg.max_new_tokens,
+        do_sample=cfg.do_sample,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+    )
 
 
 def load_replier(cfg: ServeConfig, engine=None, source: ModelSource | None = None) -> Replier:
@@ -190,8 +206,9 @@ def load_replier(cfg: ServeConfig, engine=None, source: ModelSource | None = Non
     if engine is None and source.adapter_base:
         engine = _merged_run_engine(source, tokenizer, cfg)
     elif engine is None:
-        engine = load_engine(source.engine_path, device=cfg.device, threads=cfg.threads,
-                             prefix_cache_mb=cfg.prefix_cache_mb)
+        engine = load_engine(
+            source.engine_path, device=cfg.device, threads=cfg.threads, prefix_cache_mb=cfg.prefix_cache_mb
+        )
     return Replier(engine, tokenizer, source, settings_from(cfg), cut_block=cfg.cut_block)
 
 

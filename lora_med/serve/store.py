@@ -74,14 +74,16 @@ class Opened:
 class ConversationStore(Protocol):
     """The store interface the server uses."""
 
-    def begin(self, user_id: str, message: str, *, now: float, idle_s: float, restart: bool,
-              request_id: str = "") -> Opened:
+    def begin(
+        self, user_id: str, message: str, *, now: float, idle_s: float, restart: bool, request_id: str = ""
+    ) -> Opened:
         """Pick the user's conversation (a new one after ``idle_s`` of silence or on ``restart``), store the
         message as a user turn, and return the conversation's earlier answered turns, in one transaction."""
         ...
 
-    def answer(self, conversation_id: str, turn_id: int, reply: str, *, action: str, status: str, source: str,
-               now: float) -> None:
+    def answer(
+        self, conversation_id: str, turn_id: int, reply: str, *, action: str, status: str, source: str, now: float
+    ) -> None:
         """Store the reply to user turn ``turn_id``."""
         ...
 
@@ -111,49 +113,67 @@ class SQLiteStore:
             self._db.execute("PRAGMA foreign_keys=ON")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise ConfigError(f"--db {self.path}: written by a newer lora-med (schema {version}); upgrade "
-                                  "lora-med or use another --db file")
+                raise ConfigError(
+                    f"--db {self.path}: written by a newer lora-med (schema {version}); upgrade "
+                    "lora-med or use another --db file"
+                )
             self._db.executescript(SCHEMA)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as e:
-            raise ConfigError(f"--db {self.path}: cannot be used as the conversation store ({e}); give a new "
-                              "file name or a lora-med conversation database") from None
+            raise ConfigError(
+                f"--db {self.path}: cannot be used as the conversation store ({e}); give a new "
+                "file name or a lora-med conversation database"
+            ) from None
 
-    def begin(self, user_id: str, message: str, *, now: float, idle_s: float, restart: bool,
-              request_id: str = "") -> Opened:
+    def begin(
+        self, user_id: str, message: str, *, now: float, idle_s: float, restart: bool, request_id: str = ""
+    ) -> Opened:
         with self._lock, self._transaction() as db:
-            row = db.execute("SELECT id, last_active FROM conversations WHERE user_id = ? AND closed_by IS NULL "
-                             "ORDER BY last_active DESC LIMIT 1", (user_id,)).fetchone()
+            row = db.execute(
+                "SELECT id, last_active FROM conversations WHERE user_id = ? AND closed_by IS NULL "
+                "ORDER BY last_active DESC LIMIT 1",
+                (user_id,),
+            ).fetchone()
             new = row is None or restart or now - row[1] > idle_s
             if new:
                 if row is not None:
-                    db.execute("UPDATE conversations SET closed_by = ? WHERE id = ?",
-                               ("restart" if restart else "idle", row[0]))
+                    db.execute(
+                        "UPDATE conversations SET closed_by = ? WHERE id = ?",
+                        ("restart" if restart else "idle", row[0]),
+                    )
                 conv = f"conv_{user_id}_{secrets.token_hex(4)}"
-                db.execute("INSERT INTO conversations (id, user_id, started, last_active) VALUES (?, ?, ?, ?)",
-                           (conv, user_id, now, now))
+                db.execute(
+                    "INSERT INTO conversations (id, user_id, started, last_active) VALUES (?, ?, ?, ?)",
+                    (conv, user_id, now, now),
+                )
                 history: list[Turn] = []
             else:
                 conv = row[0]
                 history = self._history(db, conv)
                 db.execute("UPDATE conversations SET last_active = ? WHERE id = ?", (now, conv))
-            cur = db.execute("INSERT INTO turns (conversation_id, role, content, ts, request_id) "
-                             "VALUES (?, 'user', ?, ?, ?)", (conv, message, now, request_id))
+            cur = db.execute(
+                "INSERT INTO turns (conversation_id, role, content, ts, request_id) VALUES (?, 'user', ?, ?, ?)",
+                (conv, message, now, request_id),
+            )
             return Opened(conv, new, history, int(cur.lastrowid))
 
-    def answer(self, conversation_id: str, turn_id: int, reply: str, *, action: str, status: str, source: str,
-               now: float) -> None:
+    def answer(
+        self, conversation_id: str, turn_id: int, reply: str, *, action: str, status: str, source: str, now: float
+    ) -> None:
         with self._lock, self._transaction() as db:
-            db.execute("INSERT INTO turns (conversation_id, role, content, ts, reply_to, action, status, source) "
-                       "VALUES (?, 'assistant', ?, ?, ?, ?, ?, ?)",
-                       (conversation_id, reply, now, turn_id, action, status, source))
+            db.execute(
+                "INSERT INTO turns (conversation_id, role, content, ts, reply_to, action, status, source) "
+                "VALUES (?, 'assistant', ?, ?, ?, ?, ?, ?)",
+                (conversation_id, reply, now, turn_id, action, status, source),
+            )
             db.execute("UPDATE conversations SET last_active = ? WHERE id = ?", (now, conversation_id))
 
     def _history(self, db: sqlite3.Connection, conv: str) -> list[Turn]:
         rows = db.execute(
             "SELECT u.content, a.content, a.action, a.status FROM turns u JOIN turns a ON a.reply_to = u.id "
             "WHERE u.conversation_id = ? AND u.role = 'user' ORDER BY u.id DESC LIMIT ?",
-            (conv, self.history_turns)).fetchall()
+            (conv, self.history_turns),
+        ).fetchall()
         out: list[Turn] = []
         for user, reply, action, status in reversed(rows):
             out += [Turn("user", user), Turn("assistant", reply, action, status)]

@@ -35,8 +35,15 @@ def engine_for(model, tokenizer) -> Engine:
     return torch_engine(model, eos_token_id=tokenizer.eos_token_id)
 
 
-def reply(engine: Engine, tokenizer, user_text: str, *, fmt: str, max_new_tokens: int = 40,
-          history: list[Message] | None = None) -> str:
+def reply(
+    engine: Engine,
+    tokenizer,
+    user_text: str,
+    *,
+    fmt: str,
+    max_new_tokens: int = 40,
+    history: list[Message] | None = None,
+) -> str:
     """Greedy reply to ``user_text`` (after ``history``) from ``engine``, stopping at EOS, no repeated 3-grams."""
     ids = prompt_ids([*(history or []), Message("user", user_text)], tokenizer, fmt)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, no_repeat_ngram_size=NO_REPEAT_NGRAM_SIZE)

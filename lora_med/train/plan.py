@@ -111,10 +111,9 @@ are these strings. They are the interface with lora_med.train, which acts on eac
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from itertools import combinations
 
 GB = 1e9
-MIB = 1024 ** 2
+MIB = 1024**2
 
 # cuBLAS + cuBLASLt workspace per thread that runs matmuls, Hopper's (CublasHandlePool.cpp), x2 threads.
 CUBLAS_WORKSPACES = 2 * (32 + 1) * MIB
@@ -166,12 +165,17 @@ class Estimate:
         return sum(self.parts.values())
 
     def as_dict(self) -> dict:
-        return {"batch_size": self.batch_size, "seq_len": self.seq_len, "total_gb": round(self.total / GB, 3),
-                **{f"{k}_gb": round(v / GB, 3) for k, v in self.parts.items()},
-                "peak_at": self.peak_at, "moments": {k: round(v / GB, 3) for k, v in self.moments.items()}}  # GB
+        return {
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "total_gb": round(self.total / GB, 3),
+            **{f"{k}_gb": round(v / GB, 3) for k, v in self.parts.items()},
+            "peak_at": self.peak_at,
+            "moments": {k: round(v / GB, 3) for k, v in self.moments.items()},
+        }  # GB
 
 
-def shape_from_config(config) -> tuple[Shape, "object"]:
+def shape_from_config(config) -> tuple[Shape, object]:
     """Shape of a model from its config alone, via a weightless (meta device) instance.
 
     Returns the shape and the meta model (whose module names let callers check LoRA targets).
@@ -186,17 +190,20 @@ def shape_from_config(config) -> tuple[Shape, "object"]:
         if id(p) not in seen:
             seen.add(id(p))
             params += p.numel()
-    linear = sum(m.weight.numel() for name, m in model.named_modules()
-                 if _is_linear(m) and not name.endswith("lm_head"))
+    linear = sum(
+        m.weight.numel() for name, m in model.named_modules() if _is_linear(m) and not name.endswith("lm_head")
+    )
     n_layer = getattr(config, "n_layer", None) or config.num_hidden_layers
     hidden = getattr(config, "n_embd", None) or config.hidden_size
     heads = getattr(config, "n_head", None) or config.num_attention_heads
     ffn = getattr(config, "n_inner", None) or getattr(config, "intermediate_size", None) or 4 * hidden
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    embeddings = sum({id(m.weight): m.weight.numel() for m in model.modules()
-                      if isinstance(m, torch.nn.Embedding)}.values())
-    return Shape(n_layer, hidden, heads, config.vocab_size, params, linear, config.model_type, ffn, buffers,
-                 embeddings), model
+    embeddings = sum(
+        {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding)}.values()
+    )
+    return Shape(
+        n_layer, hidden, heads, config.vocab_size, params, linear, config.model_type, ffn, buffers, embeddings
+    ), model
 
 
 def _is_linear(module) -> bool:
@@ -221,8 +228,11 @@ UNFUSED_EXTRA = {"gpt2": 28}
 def lora_input_width(meta_model, target_modules: list[str], n_layer: int) -> float:
     """Summed input width of the targeted layers, per transformer layer, in units of the hidden size:
     what LoRA's dropout copies (GPT-2 c_attn + attn c_proj + c_fc + mlp c_proj: h + h + h + 4h = 7)."""
-    widths = [(m.weight.shape[0] if type(m).__name__ == "Conv1D" else m.weight.shape[1])
-              for name, m in meta_model.named_modules() if _is_linear(m) and name.split(".")[-1] in target_modules]
+    widths = [
+        (m.weight.shape[0] if type(m).__name__ == "Conv1D" else m.weight.shape[1])
+        for name, m in meta_model.named_modules()
+        if _is_linear(m) and name.split(".")[-1] in target_modules
+    ]
     hidden = getattr(meta_model.config, "n_embd", None) or meta_model.config.hidden_size
     return sum(widths) / hidden / n_layer
 
@@ -239,8 +249,9 @@ def compute_factor(shape: Shape, levers) -> float:
     return 1.0 + extra
 
 
-def _cuda_layer_bytes(shape: Shape, method: str, seq_len: int, lora_width: float, lora_dropout: bool,
-                      attention: str) -> float:
+def _cuda_layer_bytes(
+    shape: Shape, method: str, seq_len: int, lora_width: float, lora_dropout: bool, attention: str
+) -> float:
     """Bytes autograd keeps per token per layer on CUDA under bf16 autocast (see the module docstring)."""
     h, f, a = shape.hidden, shape.mlp, shape.heads
     qlora = method == "qlora"
@@ -254,10 +265,24 @@ def _cuda_layer_bytes(shape: Shape, method: str, seq_len: int, lora_width: float
     return common + own
 
 
-def estimate(shape: Shape, *, method: str, batch_size: int, seq_len: int, precision: str, device: str,
-             trainable: int, gradient_checkpointing: bool = False, quant_bits: int = 4,
-             lora_dropout_width: float = 0.0, lora_width: float | None = None, attention: str = "sdpa",
-             chunked_ce: bool = False, optimizer: str = "adamw", ce_chunk: int = CE_CHUNK_TOKENS) -> Estimate:
+def estimate(
+    shape: Shape,
+    *,
+    method: str,
+    batch_size: int,
+    seq_len: int,
+    precision: str,
+    device: str,
+    trainable: int,
+    gradient_checkpointing: bool = False,
+    quant_bits: int = 4,
+    lora_dropout_width: float = 0.0,
+    lora_width: float | None = None,
+    attention: str = "sdpa",
+    chunked_ce: bool = False,
+    optimizer: str = "adamw",
+    ce_chunk: int = CE_CHUNK_TOKENS,
+) -> Estimate:
     """Estimated peak training memory in bytes, by part (see the module docstring).
 
     Args:
@@ -279,10 +304,21 @@ def estimate(shape: Shape, *, method: str, batch_size: int, seq_len: int, precis
             # Without dropout the callers pass no width (lora_dropout_width 0), yet lora_A still keeps its
             # bf16 input: count every linear layer adapted (3h + f wide), the most it can be.
             lora_width = lora_dropout_width or (3 + shape.mlp / shape.hidden)
-        return _estimate_cuda(shape, method=method, b=batch_size, s=seq_len, trainable=trainable,
-                              gc=gradient_checkpointing, quant_bits=quant_bits,
-                              lora_dropout=lora_dropout_width > 0, lora_width=lora_width,
-                              attention=attention, chunked_ce=chunked_ce, optimizer=optimizer, ce_chunk=ce_chunk)
+        return _estimate_cuda(
+            shape,
+            method=method,
+            b=batch_size,
+            s=seq_len,
+            trainable=trainable,
+            gc=gradient_checkpointing,
+            quant_bits=quant_bits,
+            lora_dropout=lora_dropout_width > 0,
+            lora_width=lora_width,
+            attention=attention,
+            chunked_ce=chunked_ce,
+            optimizer=optimizer,
+            ce_chunk=ce_chunk,
+        )
     half = precision in ("bf16", "fp16")
     if method == "full":
         weights = shape.params * 4
@@ -304,18 +340,36 @@ def estimate(shape: Shape, *, method: str, batch_size: int, seq_len: int, precis
         activations = shape.n_layer * per_layer
     tokens = min(b * s, ce_chunk) if chunked_ce else b * s
     state = trainable * (2 + 1 / 32 if optimizer == "adamw_8bit" else 8)
-    return Estimate({
-        "weights": weights,
-        "gradients": trainable * 4,
-        "optimizer": state,
-        "activations": activations,
-        "logits": 3 * tokens * shape.vocab * 4,
-    }, batch_size, seq_len, peak_at="backward")
+    return Estimate(
+        {
+            "weights": weights,
+            "gradients": trainable * 4,
+            "optimizer": state,
+            "activations": activations,
+            "logits": 3 * tokens * shape.vocab * 4,
+        },
+        batch_size,
+        seq_len,
+        peak_at="backward",
+    )
 
 
-def _estimate_cuda(shape: Shape, *, method: str, b: int, s: int, trainable: int, gc: bool, quant_bits: int,
-                   lora_dropout: bool, lora_width: float, attention: str, chunked_ce: bool,
-                   optimizer: str, ce_chunk: int = CE_CHUNK_TOKENS) -> Estimate:
+def _estimate_cuda(
+    shape: Shape,
+    *,
+    method: str,
+    b: int,
+    s: int,
+    trainable: int,
+    gc: bool,
+    quant_bits: int,
+    lora_dropout: bool,
+    lora_width: float,
+    attention: str,
+    chunked_ce: bool,
+    optimizer: str,
+    ce_chunk: int = CE_CHUNK_TOKENS,
+) -> Estimate:
     P, L, V, h, n, T = shape.params, shape.linear_params, shape.vocab, shape.hidden, shape.n_layer, trainable
     t = b * s
     if method == "full":
@@ -358,11 +412,19 @@ def _estimate_cuda(shape: Shape, *, method: str, b: int, s: int, trainable: int,
         full = method == "full"
         bwd_copies = lm_copy if gc else all_copies
         moments["forward (loss)"] = {"activations": kept, "autocast_copies": all_copies, "logits": 10 * c * V}
-        moments["backward (loss)"] = {"activations": kept, "autocast_copies": bwd_copies,
-                                      "logits": 12 * c * V + hidden_grad, "gradients": 6 * V * h if full else 0}
+        moments["backward (loss)"] = {
+            "activations": kept,
+            "autocast_copies": bwd_copies,
+            "logits": 12 * c * V + hidden_grad,
+            "gradients": 6 * V * h if full else 0,
+        }
         if full:
-            moments["backward (lm_head)"] = {"activations": kept, "autocast_copies": bwd_copies - 2 * V * h,
-                                             "logits": hidden_grad, "gradients": 10 * V * h}
+            moments["backward (lm_head)"] = {
+                "activations": kept,
+                "autocast_copies": bwd_copies - 2 * V * h,
+                "logits": hidden_grad,
+                "gradients": 10 * V * h,
+            }
     else:
         copies = lm_copy if gc else all_copies
         moments["forward (loss)"] = {"activations": kept, "autocast_copies": all_copies, "logits": 10 * t * V}
@@ -370,10 +432,17 @@ def _estimate_cuda(shape: Shape, *, method: str, b: int, s: int, trainable: int,
         if method == "full":
             # lm_head's backward: the bf16 logits gradient and the tied weight's bf16 gradient; then its
             # weight copy is released and the gradient cast to fp32 (bf16 + fp32 alive at the cast)
-            moments["backward (lm_head)"] = {"activations": kept, "autocast_copies": copies,
-                                             "logits": 2 * t * V, "gradients": 2 * V * h}
-            moments["backward (lm_head cast)"] = {"activations": kept, "autocast_copies": copies - 2 * V * h,
-                                                  "gradients": 6 * V * h}
+            moments["backward (lm_head)"] = {
+                "activations": kept,
+                "autocast_copies": copies,
+                "logits": 2 * t * V,
+                "gradients": 2 * V * h,
+            }
+            moments["backward (lm_head cast)"] = {
+                "activations": kept,
+                "autocast_copies": copies - 2 * V * h,
+                "gradients": 6 * V * h,
+            }
     # Back-propagating a layer holds, besides what it saved, gradients of its activations (LAYER_IN_FLIGHT).
     in_flight = LAYER_IN_FLIGHT * layer * t
     if gc:
@@ -383,16 +452,23 @@ def _estimate_cuda(shape: Shape, *, method: str, b: int, s: int, trainable: int,
         # every gradient).
         layer_moment = {"autocast_copies": 2 * L / n if method == "full" else 0}
         moments["backward (recompute, top layer)"] = {
-            **layer_moment, "activations": kept + layer * t + in_flight,
-            "gradients": 4 * V * h if method == "full" else 4 * T}
+            **layer_moment,
+            "activations": kept + layer * t + in_flight,
+            "gradients": 4 * V * h if method == "full" else 4 * T,
+        }
         moments["backward (recompute, bottom layer)"] = {
-            **layer_moment, "activations": layer_input * t + outside + layer * t + in_flight, "gradients": 4 * T}
+            **layer_moment,
+            "activations": layer_input * t + outside + layer * t + in_flight,
+            "gradients": 4 * T,
+        }
     else:
         # the top layer's backward: everything saved, its gradients in flight, its weight gradients (and the
         # tied weight's from lm_head) for a full fine-tune
         moments["backward (top layer)"] = {
-            "activations": kept + in_flight, "autocast_copies": all_copies,
-            "gradients": 4 * (L / n + V * h) if method == "full" else 4 * T}
+            "activations": kept + in_flight,
+            "autocast_copies": all_copies,
+            "gradients": 4 * (L / n + V * h) if method == "full" else 4 * T,
+        }
     # the end of the backward: every gradient, plus the embedding's dense fp32 gradient if it is trained
     moments["backward (end)"] = {"gradients": 4 * T + (4 * V * h if method == "full" else 0)}
     # foreach AdamW: one fp32 copy of the largest parameter group (exp_avg_sq_sqrt); 8-bit AdamW: none
@@ -402,16 +478,28 @@ def _estimate_cuda(shape: Shape, *, method: str, b: int, s: int, trainable: int,
         return sum(static.values()) + sum(m.values())
 
     peak_at = max(moments, key=lambda k: tensors(moments[k]))
-    parts = {k: 0.0 for k in ("weights", "gradients", "optimizer", "optimizer_step", "activations", "logits",
-                              "autocast_copies", "cublas_workspace")}
+    parts = {
+        k: 0.0
+        for k in (
+            "weights",
+            "gradients",
+            "optimizer",
+            "optimizer_step",
+            "activations",
+            "logits",
+            "autocast_copies",
+            "cublas_workspace",
+        )
+    }
     parts.update(static)
     parts.update(moments[peak_at])
     # The caching allocator hands out a cached block whole when less than 1 MiB would be left over
     # (CUDACachingAllocator.cpp should_split), and max_memory_allocated counts whole blocks: 0-1% more than
     # the tensors in the replay of its rules (benchmarks/train_memory/simulate.py) at the five H200 points.
     parts["allocator_rounding"] = ALLOCATOR_ROUNDING * sum(parts.values())
-    return Estimate(parts, b, s, peak_at=peak_at,
-                    moments={k: tensors(v) * (1 + ALLOCATOR_ROUNDING) for k, v in moments.items()})
+    return Estimate(
+        parts, b, s, peak_at=peak_at, moments={k: tensors(v) * (1 + ALLOCATOR_ROUNDING) for k, v in moments.items()}
+    )
 
 
 def saved_activation_bytes(model, run=None, **inputs) -> int:
@@ -440,114 +528,3 @@ def choose_batch(effective: int, fits) -> tuple[int, int] | None:
         if effective % b == 0 and fits(b):
             return b, effective // b
     return None
-
-
-# --------------------------------------------------------------------------- choosing levers for a budget
-
-# Memory on the card outside torch's caching allocator: the CUDA context and the kernels loaded into it
-# (0.3-0.5 GB with CUDA 12's lazy module loading; more if a display runs on the same card). An estimate, not
-# measured here: run.py records what the card reports (torch.cuda.mem_get_info) beside each run.
-CUDA_CONTEXT_GB = 0.5
-# Reserve beyond max_memory_allocated that the caching allocator cannot hand back under pressure (free space
-# inside segments that still hold live blocks): 0.4-6.5% over the 27 settings replayed at DialoGPT-medium's
-# shape with its rules (benchmarks/train_memory/replay-dialogpt-medium.json, "segments in use"), so 7%.
-FRAGMENTATION = 0.07
-# Fixed cost of a training step (kernel launches, Python, the optimizer's per-tensor loop) in tokens of
-# compute: rate ~ tokens / (overhead + tokens). The H200 figures in FACTS.md give ~1,300 (LoRA) to ~3,400
-# (full) tokens; an RTX 4060 Ti, ~40x slower at bf16 matmuls with a similar host, ~250-400. Only the ranking
-# of micro-batches depends on it.
-OVERHEAD_TOKENS = 256
-
-
-@dataclass(frozen=True)
-class Choice:
-    """What ``choose`` picked: the settings, the estimate behind them and why."""
-
-    fits: bool
-    micro_batch: int
-    grad_accum: int
-    levers: tuple  # names from LEVERS the trainer must switch on
-    estimate: Estimate
-    needed_gb: float  # estimate + FRAGMENTATION + CUDA context: what is compared with the budget
-    budget_gb: float
-    relative_speed: float  # tokens/s relative to the same settings at an unbounded micro-batch without levers
-    reason: str
-    considered: tuple = ()  # (levers, micro-batch, needed GB, relative speed, fits) of every candidate
-
-    def as_dict(self) -> dict:
-        return {"fits": self.fits, "micro_batch": self.micro_batch, "grad_accum": self.grad_accum,
-                "levers": list(self.levers), "needed_gb": round(self.needed_gb, 3), "budget_gb": self.budget_gb,
-                "relative_speed": round(self.relative_speed, 3), "reason": self.reason,
-                "estimate": self.estimate.as_dict()}
-
-
-def relative_speed(shape: Shape, levers, micro_batch: int, seq_len: int,
-                   overhead_tokens: float = OVERHEAD_TOKENS) -> float:
-    """Throughput model behind ``choose``: per-step overhead amortised over the micro-batch's tokens, divided
-    by the levers' extra compute (``compute_factor``). 1.0 = no overhead, no lever."""
-    t = micro_batch * seq_len
-    return t / (t + overhead_tokens) / compute_factor(shape, levers)
-
-
-def choose(shape: Shape, *, budget_gb: float, effective_batch: int, method: str, seq_len: int, trainable: int,
-           precision: str = "bf16", device: str = "cuda", quant_bits: int = 4, lora_dropout_width: float = 0.0,
-           lora_width: float | None = None, allowed=LEVERS, required=(), ce_chunk: int = CE_CHUNK_TOKENS,
-           context_gb: float = CUDA_CONTEXT_GB, fragmentation: float = FRAGMENTATION,
-           overhead_tokens: float = OVERHEAD_TOKENS) -> Choice:
-    """The fastest micro-batch and levers whose estimate fits ``budget_gb`` (a card's memory).
-
-    Every micro-batch dividing ``effective_batch`` (grad-accum keeps the effective batch) is tried with
-    every combination of the allowed levers that includes the ``required`` ones ("sdpa" is always on when
-    allowed: it saves memory and time; "adamw_8bit" only for a full fine-tune); a candidate fits when estimate x (1 + fragmentation) +
-    context_gb <= budget_gb; the fastest by ``relative_speed`` wins, ties to fewer levers.
-
-    Returns:
-        Choice. When nothing fits, ``fits`` is False and the Choice is the smallest candidate (micro-batch
-        1, every lever), with a reason that says how much memory it needs and what else to try.
-    """
-    unknown = [x for x in (*allowed, *required) if x not in LEVERS]
-    if unknown:
-        raise ValueError(f"unknown lever(s) {unknown}; known: {', '.join(LEVERS)}")
-    optional = [x for x in ("gradient_checkpointing", "chunked_ce", "adamw_8bit") if x in allowed
-                and (x != "adamw_8bit" or method == "full")]
-    base = ("sdpa",) if "sdpa" in allowed or "sdpa" in required else ()
-    optional += [x for x in required if x not in optional and x not in base]
-    candidates = []
-    for k in range(len(optional) + 1):
-        for combo in combinations(optional, k):
-            levers = base + combo
-            if not set(required) <= set(levers):
-                continue
-            for b in (d for d in range(effective_batch, 0, -1) if effective_batch % d == 0):
-                est = estimate(shape, method=method, batch_size=b, seq_len=seq_len, precision=precision,
-                               device=device, trainable=trainable, quant_bits=quant_bits,
-                               gradient_checkpointing="gradient_checkpointing" in levers,
-                               lora_dropout_width=lora_dropout_width, lora_width=lora_width,
-                               attention="sdpa" if "sdpa" in levers else "eager",
-                               chunked_ce="chunked_ce" in levers,
-                               optimizer="adamw_8bit" if "adamw_8bit" in levers else "adamw", ce_chunk=ce_chunk)
-                needed = est.total / GB * (1 + fragmentation) + context_gb
-                speed = relative_speed(shape, levers, b, seq_len, overhead_tokens)
-                candidates.append((levers, b, est, needed, speed))
-    fitting = [c for c in candidates if c[3] <= budget_gb]
-    considered = tuple((c[0], c[1], round(c[3], 3), round(c[4], 3), c[3] <= budget_gb) for c in candidates)
-    overheads = f"{fragmentation:.0%} allocator reserve and {context_gb:g} GB CUDA context"
-    if not fitting:
-        levers, b, est, needed, speed = min(candidates, key=lambda c: (round(c[3], 6), c[1]))
-        left_out = [x for x in LEVERS if x not in (*allowed, *required) and (x != "adamw_8bit" or method == "full")]
-        hint = ((f"the levers left out ({', '.join(left_out)}), " if left_out else "")
-                + ("--method qlora, " if method != "qlora" else "") + "a shorter --max-length or a larger card")
-        return Choice(False, b, effective_batch // b, levers, est, needed, budget_gb, speed,
-                      f"nothing fits {budget_gb:g} GB: the smallest setting (micro-batch {b}, "
-                      f"{' + '.join(levers) or 'no lever'}) needs {needed:.2f} GB ({est.total / GB:.2f} GB "
-                      f"estimated peak at {est.peak_at}, plus {overheads}); try {hint}", considered)
-    levers, b, est, needed, speed = max(fitting, key=lambda c: (round(c[4], 6), -len(c[0]), c[1]))
-    faster = [c for c in candidates if c[4] > speed + 1e-9]
-    why = (f"micro-batch {b} x grad-accum {effective_batch // b} with {' + '.join(levers) or 'no lever'}: "
-           f"{est.total / GB:.2f} GB estimated peak at {est.peak_at}, {needed:.2f} GB with {overheads}, "
-           f"within {budget_gb:g} GB")
-    if faster:
-        best = max(faster, key=lambda c: c[4])
-        why += (f"; the fastest setting (micro-batch {best[1]}, {' + '.join(best[0]) or 'no lever'}) "
-                f"needs {best[3]:.2f} GB")
-    return Choice(True, b, effective_batch // b, levers, est, needed, budget_gb, speed, why, considered)

@@ -25,9 +25,10 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
+
 from .. import models
 from .levers import causal_lm, chunked_causal_lm_loss
-from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
 CHECKPOINTS_KEPT = 2
 STATE_FILE = "lora_med_state.json"  # in each checkpoint: the loss sum so far (the Trainer keeps only this session's)
@@ -106,8 +107,14 @@ class LoraMedTrainer(Trainer):
         "cpu:0", a location torch.load does not know ("don't know how to restore data location"): there, load
         both states onto the CPU as a one-process run does."""
         ckpt = Path(checkpoint) if checkpoint else None
-        if ckpt and self.args.world_size > 1 and self.args.device.type == "cpu" and not self.is_fsdp_enabled \
-                and (ckpt / "optimizer.pt").is_file() and (ckpt / "scheduler.pt").is_file():
+        if (
+            ckpt
+            and self.args.world_size > 1
+            and self.args.device.type == "cpu"
+            and not self.is_fsdp_enabled
+            and (ckpt / "optimizer.pt").is_file()
+            and (ckpt / "scheduler.pt").is_file()
+        ):
             self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
             self.lr_scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
             return
@@ -134,8 +141,9 @@ class LoraMedTrainer(Trainer):
         # The model would get num_items_in_batch only if it takes loss kwargs; else the Trainer averages.
         items = num_items_in_batch if self.model_accepts_loss_kwargs else None
         with self.accelerator.autocast():
-            loss = chunked_causal_lm_loss(core.get_output_embeddings(), captured[-1], labels, items,
-                                          chunk=self.loss_chunk)
+            loss = chunked_causal_lm_loss(
+                core.get_output_embeddings(), captured[-1], labels, items, chunk=self.loss_chunk
+            )
         if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and items is not None:
             loss = loss * (self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu)
         return (loss, outputs) if return_outputs else loss
@@ -156,8 +164,7 @@ class AtomicCheckpoints(TrainerCallback):
         if src.is_dir():
             # Trainer pickles its arguments there; nothing reads them back (run.json holds the config).
             (src / "training_args.bin").unlink(missing_ok=True)
-            (src / STATE_FILE).write_text(json.dumps({"loss_sum": self.trainer.loss_sum,
-                                                      "step": state.global_step}))
+            (src / STATE_FILE).write_text(json.dumps({"loss_sum": self.trainer.loss_sum, "step": state.global_step}))
             dst = self.final / src.name
             if dst.exists():
                 shutil.rmtree(dst)
@@ -178,8 +185,12 @@ class Reporter(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.t0, self.tokens0, self.step0 = time.perf_counter(), state.num_input_tokens_seen, state.global_step
         loader = kwargs.get("train_dataloader")
-        if loader is not None and loader.batch_size and loader.batch_size != args.per_device_train_batch_size \
-                and state.is_world_process_zero:
+        if (
+            loader is not None
+            and loader.batch_size
+            and loader.batch_size != args.per_device_train_batch_size
+            and state.is_world_process_zero
+        ):
             print(f"note: batch size is now {loader.batch_size} after an out-of-memory error (halved until it fits)")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -198,11 +209,17 @@ class Reporter(TrainerCallback):
             row["tokens_per_s"] = round(tps, 1)
             # Cumulative, so that a benchmark can take the steady rate after the first (warm-up) steps.
             row["elapsed_s"], row["tokens_seen"] = round(elapsed, 3), state.num_input_tokens_seen - self.tokens0
-            print(f"step {state.global_step}/{state.max_steps} | epoch {state.epoch:.2f} | loss {row['loss']:.4f} | "
-                  f"lr {row.get('learning_rate', 0):.2e} | {tps:,.0f} tok/s | ETA {eta:,.0f}s", flush=True)
+            print(
+                f"step {state.global_step}/{state.max_steps} | epoch {state.epoch:.2f} | loss {row['loss']:.4f} | "
+                f"lr {row.get('learning_rate', 0):.2e} | {tps:,.0f} tok/s | ETA {eta:,.0f}s",
+                flush=True,
+            )
         if "eval_loss" in row:
-            print(f"eval @ step {state.global_step} | loss {row['eval_loss']:.4f} | "
-                  f"perplexity {row['eval_perplexity']:.2f}", flush=True)
+            print(
+                f"eval @ step {state.global_step} | loss {row['eval_loss']:.4f} | "
+                f"perplexity {row['eval_perplexity']:.2f}",
+                flush=True,
+            )
         with open(self.metrics_file, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **row}) + "\n")
 
@@ -228,8 +245,20 @@ def training_arguments(*, warmup_ratio: float, total_steps: int, **kw) -> Traini
     return TrainingArguments(**{k: v for k, v in kw.items() if k in accepted})
 
 
-def make_trainer(cfg, model, tokenizer, train_ex, eval_ex, out: Path, batch: int, accum: int, precision: str,
-                 device: str, callbacks=(), levers=()) -> LoraMedTrainer:
+def make_trainer(
+    cfg,
+    model,
+    tokenizer,
+    train_ex,
+    eval_ex,
+    out: Path,
+    batch: int,
+    accum: int,
+    precision: str,
+    device: str,
+    callbacks=(),
+    levers=(),
+) -> LoraMedTrainer:
     """The Trainer for one run: checkpoints staged in out/checkpoints/.partial, metrics in out/metrics.jsonl,
     TensorBoard in out/tensorboard (when asked for), wandb/mlflow through the Trainer's own report_to; the
     ``levers`` (names from ``plan.LEVERS``) switched on."""
@@ -237,36 +266,63 @@ def make_trainer(cfg, model, tokenizer, train_ex, eval_ex, out: Path, batch: int
     from transformers import DataCollatorForSeq2Seq, PrinterCallback
     from transformers.integrations import TensorBoardCallback
 
-    rows = lambda exs: Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in exs])  # noqa: E731
+    rows = lambda exs: Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in exs])
     staging = out / "checkpoints" / ".partial"
     if is_main_process():
         shutil.rmtree(staging, ignore_errors=True)  # whatever a kill left half-written is never loaded
         staging.mkdir(parents=True)
-    by_steps = lambda n: ("steps", n) if n else ("epoch", None)  # noqa: E731
+    by_steps = lambda n: ("steps", n) if n else ("epoch", None)
     eval_strategy, eval_steps = by_steps(cfg.eval_every)
     save_strategy, save_steps = by_steps(cfg.save_every)
     per_epoch = max(math.ceil(len(train_ex) / (batch * world_size())) // accum, 1)
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * per_epoch)
     gc = "gradient_checkpointing" in levers
     args = training_arguments(
-        warmup_ratio=cfg.warmup_ratio, total_steps=total,
-        output_dir=str(staging), report_to=[r for r in cfg.report_to if r not in ("tensorboard", "none")],
-        per_device_train_batch_size=batch, per_device_eval_batch_size=max(batch, 8), gradient_accumulation_steps=accum,
-        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, learning_rate=cfg.resolved_lr(),
-        lr_scheduler_type=cfg.scheduler, weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm, optim="adamw_bnb_8bit" if "adamw_8bit" in levers else "adamw_torch",
-        seed=cfg.seed, data_seed=cfg.seed,
-        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device == "cpu",
-        gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False} if gc else None,
-        logging_steps=cfg.log_every, logging_first_step=True, eval_strategy=eval_strategy, eval_steps=eval_steps,
-        save_strategy=save_strategy, save_steps=save_steps, save_only_model=False,
-        prediction_loss_only=True, remove_unused_columns=False, dataloader_num_workers=0,
+        warmup_ratio=cfg.warmup_ratio,
+        total_steps=total,
+        output_dir=str(staging),
+        report_to=[r for r in cfg.report_to if r not in ("tensorboard", "none")],
+        per_device_train_batch_size=batch,
+        per_device_eval_batch_size=max(batch, 8),
+        gradient_accumulation_steps=accum,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.resolved_lr(),
+        lr_scheduler_type=cfg.scheduler,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim="adamw_bnb_8bit" if "adamw_8bit" in levers else "adamw_torch",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=device == "cpu",
+        gradient_checkpointing=gc,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if gc else None,
+        logging_steps=cfg.log_every,
+        logging_first_step=True,
+        eval_strategy=eval_strategy,
+        eval_steps=eval_steps,
+        save_strategy=save_strategy,
+        save_steps=save_steps,
+        save_only_model=False,
+        prediction_loss_only=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",  # counted over every process
         # Halving the batch after an out-of-memory error is one process's decision: not under DDP.
-        auto_find_batch_size=device == "cuda" and world_size() == 1, log_level_replica="error",
-        disable_tqdm=not sys.stderr.isatty(), ddp_find_unused_parameters=False if world_size() > 1 else None)
-    trainer = LoraMedTrainer(model=model, args=args, train_dataset=rows(train_ex), eval_dataset=rows(eval_ex),
-                             data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+        auto_find_batch_size=device == "cuda" and world_size() == 1,
+        log_level_replica="error",
+        disable_tqdm=not sys.stderr.isatty(),
+        ddp_find_unused_parameters=False if world_size() > 1 else None,
+    )
+    trainer = LoraMedTrainer(
+        model=model,
+        args=args,
+        train_dataset=rows(train_ex),
+        eval_dataset=rows(eval_ex),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+    )
     trainer.loss_chunk = cfg.loss_chunk if "chunked_ce" in levers else None
     trainer.add_callback(AtomicCheckpoints(staging, out / "checkpoints", trainer))
     trainer.add_callback(Reporter(out / "metrics.jsonl"))
@@ -285,8 +341,15 @@ def make_trainer(cfg, model, tokenizer, train_ex, eval_ex, out: Path, batch: int
     return trainer
 
 
-def load_for_training(cfg, base: str, device: str, precision: str, targets: list[str] | None,
-                      token_ids: list[int] | None = None, levers=("sdpa",)):
+def load_for_training(
+    cfg,
+    base: str,
+    device: str,
+    precision: str,
+    targets: list[str] | None,
+    token_ids: list[int] | None = None,
+    levers=("sdpa",),
+):
     """The model to train: the full model in fp32 (mixed precision computes in 16 bits), or the frozen base
     (16-bit on a GPU; 4/8-bit for QLoRA) with a LoRA adapter (and trainable token rows) on top; SDPA or
     eager attention and gradient checkpointing as ``levers`` say."""
@@ -303,21 +366,36 @@ def load_for_training(cfg, base: str, device: str, precision: str, targets: list
     else:
         from transformers import BitsAndBytesConfig
 
-        q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=half)
-             if cfg.quant_bits == 4 else BitsAndBytesConfig(load_in_8bit=True))
+        q = (
+            BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=half,
+            )
+            if cfg.quant_bits == 4
+            else BitsAndBytesConfig(load_in_8bit=True)
+        )
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        model = models.load_model(base, quantization_config=q, device_map={"": local if device == "cuda" else "cpu"},
-                                  **load)
+        model = models.load_model(
+            base, quantization_config=q, device_map={"": local if device == "cuda" else "cpu"}, **load
+        )
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
     model.config.use_cache = False  # no KV cache while training (and required by gradient checkpointing)
     if cfg.method != "qlora":  # a quantised model is already placed by its device_map
         model = model.to(local_device(device))
     if targets:
-        lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                          bias="none", task_type="CAUSAL_LM", trainable_token_indices=token_ids,
-                          # GPT-2 stores Conv1D weights transposed; quantised layers are plain Linear.
-                          fan_in_fan_out=model.config.model_type == "gpt2" and cfg.method == "lora")
+        lora = LoraConfig(
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=targets,
+            bias="none",
+            task_type="CAUSAL_LM",
+            trainable_token_indices=token_ids,
+            # GPT-2 stores Conv1D weights transposed; quantised layers are plain Linear.
+            fan_in_fan_out=model.config.model_type == "gpt2" and cfg.method == "lora",
+        )
         model = get_peft_model(model, lora)
         if gc:
             model.enable_input_require_grads()  # else a frozen base gives LoRA no gradients (peft#137)
@@ -351,10 +429,12 @@ def load_checkpoint_weights(model, ckpt: Path) -> None:
 
 def peak_memory(device: str) -> dict:
     if device == "cuda":  # this process's GPU (rank 0's in a distributed run)
-        return {"peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
-                "peak_memory_kind": "torch.cuda.max_memory_allocated",
-                # what the caching allocator held from the card: the figure to compare with its memory
-                "peak_memory_reserved_gb": torch.cuda.max_memory_reserved() / 1e9}
+        return {
+            "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
+            "peak_memory_kind": "torch.cuda.max_memory_allocated",
+            # what the caching allocator held from the card: the figure to compare with its memory
+            "peak_memory_reserved_gb": torch.cuda.max_memory_reserved() / 1e9,
+        }
     # The whole process (Python, libraries, data), not only tensors; since reset_peak_memory.
     return {"peak_memory_gb": models.rss_kib("VmHWM") * 1024 / 1e9, "peak_memory_kind": "process peak RSS (VmHWM)"}
 
