@@ -33,6 +33,16 @@ OPTIMIZERS = ("auto", "adamw", "adamw_8bit")
 GATE_MIN_TOP1 = 0.99  # top-1 token agreement with PyTorch fp32
 GATE_MIN_SAME_REPLIES = 0.95  # share of greedy replies identical to PyTorch fp32
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 5e-5}  # full: the seed guide's 5e-5
+LARGEST_GPU_GB = 288  # the most memory one GPU sold has (AMD Instinct MI355X, NVIDIA B300: 288 GB)
+
+
+def _vram_unit_hint(gb: float) -> str | None:
+    """What a --vram-gb figure beyond any GPU probably is: MiB (nvidia-smi's unit) or bytes."""
+    if 1024 <= gb <= LARGEST_GPU_GB * 1024:
+        return f"{gb:g} looks like MiB (nvidia-smi's unit): that is {gb / 1024:.3g} GB; give {gb / 1024:.3g}"
+    if 1e8 <= gb <= LARGEST_GPU_GB * 1e9:
+        return f"{gb:g} looks like bytes: that is {gb / 1e9:.3g} GB; give {gb / 1e9:.3g}"
+    return None
 
 
 def shipped(path: str) -> Path:
@@ -65,6 +75,11 @@ class TrainConfig:
         f"share of --data held out when there is no eval file [default: {DEFAULT_EVAL_FRACTION}]",
         above=0,
         below=1,
+    )
+    allow_eval_overlap: bool = setting(
+        False,
+        "evaluate even on conversations that are also in --data (refused by default: such figures are not "
+        "held-out; the card and every report then say so)",
     )
     max_length: int = setting(256, "tokens per conversation; longer ones lose their oldest turns", min=8)
     format: str = setting(
@@ -128,6 +143,8 @@ class TrainConfig:
         "plan for this memory budget (a card's GB): the fastest micro-batch and "
         "levers that fit (grad-accum keeps the effective batch)",
         above=0,
+        max=LARGEST_GPU_GB,
+        hint=_vram_unit_hint,
     )
     gradient_checkpointing: bool | None = setting(
         None, "recompute activations in the backward pass (less memory; +28% compute at DialoGPT-medium's shape)"

@@ -18,6 +18,7 @@ import hashlib
 import json
 import random
 import re
+import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,9 @@ from .fileio import read_regular
 
 ROLES = ("system", "user", "assistant")
 MAX_REPORTED = 40  # problems listed in one error; the rest are counted
+# Characters one message may hold. A tokenizer given a 200 MB string asks for gigabytes at once (and aborts the
+# process); 100,000 characters is ~25,000 tokens, beyond the window of every model lora-med trains.
+MAX_MESSAGE_CHARS = 100_000
 
 # UTF-8 text decoded as Latin-1/Windows-1252 turns "é" into "Ã©", "Ñ" into "Ã‘", "¿" into "Â¿" and
 # "—" into "â€”". A lead byte Ã/Â followed by a continuation-byte character never occurs in Spanish.
@@ -98,7 +102,7 @@ def load_conversations(path: str | Path) -> Dataset:
         if len(problems) > MAX_REPORTED:
             shown.append(f"... and {len(problems) - MAX_REPORTED} more")
         raise DatasetError(
-            f"{path}: {len(problems)} problem(s) found; fix them and run `lora-med data check {path}`",
+            f"{path}: {len(problems)} problem(s) found; fix them and run `lora-med data check {shlex.quote(str(path))}`",
             shown,
         )
     if not conversations:
@@ -146,11 +150,14 @@ def _parse_rows(path: Path, text: str) -> list[tuple[str, Any]]:
         rows = []
         # Lines end at \n only: str.splitlines() would also cut at U+2028, U+0085 and other characters
         # that valid JSON strings may hold unescaped.
-        for lineno, line in enumerate(text.split("\n"), start=1):
+        lines = text.split("\n")
+        for lineno, line in enumerate(lines, start=1):
             line = line.removesuffix("\r")
             if not line.strip():
                 continue
-            rows.append((f"{path}:{lineno}", _loads(path, line, lineno)))
+            # Only the file's unterminated last line can have been cut by a copy; a broken line elsewhere is broken.
+            last = lineno == len(lines)
+            rows.append((f"{path}:{lineno}", _loads(path, line, lineno, may_be_cut=last)))
         return rows
     data = _loads(path, text, None)
     if not isinstance(data, list):
@@ -159,13 +166,19 @@ def _parse_rows(path: Path, text: str) -> list[tuple[str, Any]]:
     return [(f"{path} row {i + 1} (index {i})", row) for i, row in enumerate(data)]
 
 
-def _loads(path: Path, text: str, lineno: int | None) -> Any:
+def _loads(path: Path, text: str, lineno: int | None, may_be_cut: bool = True) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
         line = lineno if lineno is not None else e.lineno
         ends_early = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated")
-        truncated = " (the file looks truncated)" if ends_early else ""
+        truncated = (
+            " (the file looks truncated)"
+            if ends_early and may_be_cut
+            else " (this line is cut short or malformed; fix or remove it)"
+            if ends_early
+            else ""
+        )
         raise DatasetError(f"{path}:{line}:{e.colno}: invalid JSON: {e.msg}{truncated}") from None
     except (ValueError, RecursionError) as e:  # e.g. an integer with 5000 digits, or [[[[... nested too deep
         where = f"{path}:{lineno}" if lineno is not None else str(path)
@@ -195,8 +208,18 @@ def _check_text(obj: dict, field: str, where: str) -> str | None:
         return f"{where}: field '{field}' must be a string, got {_type_name(value)}"
     if not value:
         return f"{where}: field '{field}' is empty"
+    if len(value) > MAX_MESSAGE_CHARS:
+        return (
+            f"{where}: field '{field}' is too long: {len(value):,} characters, more than the {MAX_MESSAGE_CHARS:,} "
+            "a message may hold (no model lora-med trains reads that much); shorten it or split it into turns"
+        )
     if not value.strip():
         return f"{where}: field '{field}' is whitespace-only"
+    if not any(ch.isprintable() and not ch.isspace() for ch in value):
+        return (
+            f"{where}: field '{field}' holds only control characters (such as NUL), no text; give it the text "
+            "(the file may be binary or damaged there)"
+        )
     if _LONE_SURROGATE.search(value):
         return f"{where}: field '{field}' holds an invalid \\ud800-style escape (a lone surrogate)"
     m = _MOJIBAKE.search(value)

@@ -42,15 +42,24 @@ def write(folder: Path, what: str, run: dict, *, extra: dict | None = None) -> P
         language=["es"],
         tags=["lora-med", method, "conversational"] + (["onnx"] if what == "onnx" else []),
     )
+    overlap = (eval_data.get("overlap") or {}).get("conversations")
+    held = "eval-set (NOT held-out, see below)" if overlap else "held-out"
     rows = [
         ("method", method),
-        ("held-out perplexity (assistant tokens)", m.get("eval_ppl")),
-        ("base model's held-out perplexity", m.get("base_eval_ppl")),
+        (f"{held} perplexity (assistant tokens)", m.get("eval_ppl")),
+        (f"base model's {held} perplexity", m.get("base_eval_ppl")),
         ("train loss", m.get("train_loss")),
         ("steps", m.get("steps")),
         ("training data sha256", train_data.get("sha256")),
         ("held-out data sha256", eval_data.get("sha256")),
         ("seed", run.get("seed")),
+        (
+            "evaluation overlap",
+            f"{overlap} of {eval_data['overlap'].get('of')} evaluation conversations are also training "
+            "conversations (--allow-eval-overlap): the eval figures are not held-out"
+            if overlap
+            else None,
+        ),
     ]
     rows += list((extra or {}).items())
     table = "\n".join(f"| {k} | {f'{v:.4g}' if isinstance(v, float) else v} |" for k, v in rows if v is not None)

@@ -370,3 +370,32 @@ def rss_kib(field: str) -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def available_memory(device: str) -> int | None:
+    """Bytes this process can still allocate on ``device`` now, or None when that cannot be read. The CPU: the
+    kernel's MemAvailable, lowered to what is left under the cgroup's limit (a container's); CUDA: the free memory
+    of the current GPU."""
+    if device.startswith("cuda"):
+        try:
+            return int(torch.cuda.mem_get_info()[0])
+        except (RuntimeError, AssertionError):
+            return None
+    free = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        stat = dict(line.split() for line in Path("/sys/fs/cgroup/memory.stat").read_text().splitlines())
+        used -= int(stat.get("inactive_file", 0))  # page cache the kernel gives back on demand
+        if limit != "max":
+            left = max(int(limit) - used, 0)
+            free = left if free is None else min(free, left)
+    except (OSError, ValueError):
+        pass
+    return free

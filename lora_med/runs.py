@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import zipfile
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 from . import data
 from .errors import ConfigError, LoraMedError
 from .fileio import read_json, write_json
+from .integrity import size_problems
 from .weights import adapter_problems, safetensors_problem, weights_problems
 
 MARKER = ".lora-med"
@@ -114,30 +116,12 @@ def load_card(folder: str | Path, kind: str, *, complete: bool = True) -> dict:
                 f"{path}: field {dotted!r} is {'missing' if v is None else 'of the wrong type'}; the "
                 f"card is damaged: restore it, or run `{maker}` again"
             )
-    if kind == "export" and complete and (changed := _changed_files(folder, card.get("files"))):
+    if kind == "export" and complete and (changed := size_problems(folder, card.get("files"))):
         raise LoraMedError(
             f"{folder}: the export's files differ from its manifest ({'; '.join(changed[:3])}): it "
             f"was cut or changed after it was made; run `{maker}` again"
         )
     return card
-
-
-def _changed_files(folder: Path, files) -> list[str]:
-    """Files of an export whose size is not the one its manifest records (a cut copy, an edit), or gone. Sizes,
-    not hashes: a stat per file, where hashing would read a whole model at every load."""
-    if not isinstance(files, dict):
-        return []
-    out = []
-    for rel, info in files.items():
-        want = info.get("bytes") if isinstance(info, dict) else None
-        if not isinstance(want, int):
-            continue
-        p = folder / rel
-        if not p.is_file():
-            out.append(f"{p} is missing")
-        elif (size := p.stat().st_size) != want:
-            out.append(f"{p} has {size:,} bytes, the manifest says {want:,}")
-    return out
 
 
 def _unfinished(folder: Path, kind: str, card: dict) -> str:
@@ -152,7 +136,7 @@ def _unfinished(folder: Path, kind: str, card: dict) -> str:
         if status == "failed"
         else "it was interrupted before finishing"
     )
-    return f"{folder}: the run did not finish ({why}); continue it with `lora-med train --resume {folder}`"
+    return f"{folder}: the run did not finish ({why}); continue it with `lora-med train --resume {shlex.quote(str(folder))}`"
 
 
 # --------------------------------------------------------------------------- held-out data
@@ -178,6 +162,18 @@ def locate(record: dict, run_dir: Path, what: str) -> Path:
                 return Path(p)
     raise LoraMedError(
         f"{run_dir / 'run.json'}: the {what} is gone (looked for {' and '.join(tried)}); restore the file, or retrain"
+    )
+
+
+def overlap_note(card: dict) -> str | None:
+    """None when the run's evaluation set is held out; else the line every card and report carries: how many of
+    its conversations the run also trained on (allowed only by ``--allow-eval-overlap``)."""
+    overlap = card.get("data", {}).get("eval", {}).get("overlap")
+    if not isinstance(overlap, dict) or not overlap.get("conversations"):
+        return None
+    return (
+        f"NOT held out: {overlap['conversations']} of the {overlap.get('of', '?')} evaluation conversations are also "
+        "training conversations (trained with --allow-eval-overlap); perplexity on them flatters the model"
     )
 
 

@@ -40,6 +40,7 @@ def setting(
     metavar: str | None = None,
     hidden: bool = False,
     click: dict | None = None,
+    hint: typing.Callable[[Any], str | None] | None = None,
 ) -> Any:
     """A config field with its documentation and checks.
 
@@ -51,6 +52,7 @@ def setting(
         aliases: extra flag spellings (``--num_train_epochs``); also accepted as YAML keys without dashes.
         hidden: not offered as a flag (e.g. a positional argument).
         click: extra keyword arguments for the click option (e.g. ``flag_value``).
+        hint: for a value out of bounds, a likely cause and its fix (a figure in the wrong unit), or None.
     """
     meta = dict(
         help=help,
@@ -63,6 +65,7 @@ def setting(
         metavar=metavar,
         hidden=hidden,
         click=click or {},
+        hint=hint,
     )
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
@@ -244,6 +247,8 @@ def check(cfg) -> list[str]:
         value, problem = coerce(raw, kind, nullable)
         if problem is None and value is not None:
             problem = _bounds(value, f.metadata)
+            if problem and f.metadata.get("hint") and (why := f.metadata["hint"](value)):
+                problem += f"; {why}"
         if problem:
             problems.append(f"{describe(cfg, f.name, raw)}: {problem}")
         else:
@@ -327,9 +332,14 @@ def load_config(
             if field in seen:
                 raise ConfigError(f"--config {path}: {seen[field]} and {k} are the same setting; keep one")
             seen[field] = str(k)
+            flag_value = _meta(cls, field)["click"].get("flag_value")
+            if flag_value is not None and isinstance(v, bool):  # `resume: true` is `--resume` alone
+                v = flag_value if v else None
             values[field] = v
             where[field] = ("yaml", str(path))
-    typed = _typed_flags(cls, argv or [])
+    typed, conflicts = _typed_flags(cls, argv or [])
+    if conflicts:
+        raise ConfigError("the same setting given twice with different values; give each once:", conflicts)
     for k, v in (flags or {}).items():
         if v is not None:
             values[k] = v
@@ -351,19 +361,43 @@ def yaml_load(path: Path):
         raise ConfigError(f"--config {path}: invalid YAML: {e}") from None
 
 
-def _typed_flags(cls, argv: list[str]) -> dict[str, str]:
-    """field -> the flag spelling the user typed (the last one wins, as in click)."""
-    spelled = {}
-    for f, _, _ in fields(cls):
+def _meta(cls, field: str) -> dict:
+    return next(f.metadata for f, _, _ in fields(cls) if f.name == field)
+
+
+def _typed_flags(cls, argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """field -> the flag spelling the user typed (the last one, as click takes), and one problem per setting typed
+    twice with different values (``--num_train_epochs 2 --epochs 3``: click would silently keep the last)."""
+    spelled, kinds = {}, {}
+    for f, kind, nullable in fields(cls):
         for s in (flag_name(f.name), "--" + f.name, *f.metadata["aliases"]):
             spelled[s] = f.name
         spelled["--no-" + f.name.replace("_", "-")] = f.name
-    out = {}
-    for tok in argv:
-        head = tok.split("=", 1)[0]
-        if head in spelled:
-            out[spelled[head]] = head
-    return out
+        kinds[f.name] = (kind, nullable, f.metadata["click"].get("flag_value"))
+    given: dict[str, list[tuple[str, str]]] = {}
+    i = 0
+    while i < len(argv):
+        head, eq, value = argv[i].partition("=")
+        i += 1
+        if head not in spelled:
+            continue
+        field = spelled[head]
+        kind, nullable, flag_value = kinds[field]
+        if kind == "bool":
+            value = "false" if head.startswith("--no-") and head not in ("--" + field, flag_name(field)) else "true"
+        elif not eq:
+            takes = i < len(argv) and (flag_value is None or not argv[i].startswith("-"))
+            value = argv[i] if takes else (flag_value or "")
+            i += takes
+        given.setdefault(field, []).append((head, value))
+    conflicts = []
+    for field, seen in given.items():
+        kind, nullable, _ = kinds[field]
+        values = {repr(c[0] if (c := coerce(v, kind, nullable))[1] is None else v) for _, v in seen}
+        if len(values) > 1:
+            both = " and ".join(h if kind == "bool" else f"{h} {v}" for h, v in seen)
+            conflicts.append(f"{both}: one setting ({field}) given different values; keep one")
+    return {field: seen[-1][0] for field, seen in given.items()}, conflicts
 
 
 def click_options(cls, *, seed_names: tuple[str, ...] = ()):

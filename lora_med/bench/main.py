@@ -336,6 +336,13 @@ def bench(cfg: BenchConfig) -> BenchResult:
             raise runs.problems_error("in the paired runs; they cannot be benchmarked", problems, LoraMedError)
         notes += [f"export {r}" for r in paired_info["refused_exports"]]
 
+    for ex in found.exports:
+        print(f"Verified {ex['path']}: {ex['verified']}")
+    for flag, card in found.cards.items():
+        if note := runs.overlap_note(card):
+            print(f"note: {flag} {found.runs[flag][0]}: {note}")
+            notes.append(f"{flag}: {note}")
+
     with tempfile.TemporaryDirectory(prefix="lora-med-bench-") as scratch:
         inp = _inputs(cfg, found, device, Path(scratch))
         engines = [*inp.shape_engines, *(ex["engine"] for ex in found.exports if "engine" in ex)]
@@ -363,8 +370,9 @@ def bench(cfg: BenchConfig) -> BenchResult:
         ppl = None
         if inp.examples is not None:
             card = found.cards.get("--run") or found.cards["--full-run"]
+            held = "evaluation (NOT held-out, see the note)" if runs.overlap_note(card) else "held-out"
             print(
-                f"Perplexity on {len(inp.examples)} held-out conversations "
+                f"Perplexity on {len(inp.examples)} {held} conversations "
                 f"({sum(e.tokens_cut > 0 for e in inp.examples)} cut at max length {card['data']['max_length']}):"
             )
             ppl = _perplexities(cfg, found, inp.tokenizer, inp.examples, device)

@@ -10,6 +10,7 @@ from .. import models, runs, settings
 from ..config import BACKENDS, BenchConfig, TrainConfig
 from ..errors import LoraMedError
 from ..fileio import sha256_file
+from ..integrity import verify_export
 from ..settings import describe, name
 from .latency import (
     SPEED_ONLY,
@@ -197,7 +198,10 @@ def _read_export(path: Path, found: Found) -> dict:
         "source_run": src["run_dir"],
     }
     section = manifest.get("engine") or {}
-    if section.get("status") == "built" and (folder / "engine" / "engine.json").is_file():
+    built = section.get("status") == "built" and (folder / "engine" / "engine.json").is_file()
+    # The graphs bench runs, proven byte for byte (a damaged graph of the right size loads and measures nonsense).
+    out["verified"] = verify_export(folder, manifest, ("onnx", "engine") if built else ("onnx",)).line()
+    if built:
         out["engine"] = {
             "dir": str(folder / "engine"),
             "path": str(folder),

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
+from .. import runs
 from ..errors import LoraMedError
+from ..integrity import export_root, verify_export
 from ..models import load_model, resolve_device
 from .graph_format import ENGINE_FILE, GRAPH_FILE
 from .loop import Engine, GenerationSettings, StepBackend, Stream
@@ -38,10 +40,24 @@ def load_engine(
             prompt and its reply (a conversation's next turn) prefills only the rest (``engine_prefix``); 0: off.
             The decode graph on the CPU only; elsewhere it is ignored.
 
+    An export's ``engine/`` or ``merged/`` is first proven against the export's manifest (SHA-256 of every file,
+    read once per process; ``engine.info["verified"]`` says what it cost).
+
     Raises:
-        LoraMedError: the folder holds neither, or the device does not fit the graph's precision.
+        LoraMedError: the folder holds neither, a file differs from its export's manifest, or the device does not
+            fit the graph's precision.
     """
     folder = Path(path)
+    verified = None
+    if root := export_root(folder):
+        verified = verify_export(root[0], runs.load_card(root[0], "export"), (root[1],)).as_dict()
+    engine = _load(folder, device, threads, spin, prefix_cache_mb)
+    if verified is not None:
+        engine.info["verified"] = verified
+    return engine
+
+
+def _load(folder: Path, device: str, threads: int | None, spin: bool, prefix_cache_mb: float) -> Engine:
     if (folder / ENGINE_FILE).is_file():
         info = json.loads((folder / ENGINE_FILE).read_text(encoding="utf-8"))
         return ort_engine(folder, info, device=device, threads=threads, spin=spin, prefix_cache_mb=prefix_cache_mb)

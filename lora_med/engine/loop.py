@@ -201,6 +201,11 @@ class Engine:
                 out[i] = self._backend.step(feed, active)[0]
         return out
 
+    def cache_bytes(self, rows: int) -> int | None:
+        """Memory a stream of ``rows`` rows takes for its KV cache (None: the backend does not say)."""
+        fn = getattr(self._backend, "cache_bytes", None)
+        return int(fn(rows)) if fn is not None else None
+
     def close(self) -> None:
         """Free the backend (sessions, device buffers). The engine cannot generate afterwards."""
         self._backend.close()

@@ -253,6 +253,13 @@ class _OrtBackend:
 
     # -- buffers
 
+    def cache_bytes(self, rows: int) -> int:
+        """Memory a cache of ``rows`` rows takes: each row's keys and values at full capacity, and its logits (CUDA
+        rounds the rows up to a power of two)."""
+        batch = 1 << (rows - 1).bit_length() if self.bucket_batches else rows
+        kv = 2 * self.n_layer * self.n_head * self.capacity * self.head_dim * np.dtype(self.kv_dtype).itemsize
+        return batch * (kv + 4 * self.vocab)
+
     def device_value(self, host: np.ndarray):
         """An OrtValue for ``host``: the same memory on the CPU, a device copy on CUDA."""
         if self.device == "cpu":

@@ -52,6 +52,16 @@ class _TorchBackend:
             if was_training:
                 self.model.train()
 
+    def cache_bytes(self, rows: int) -> int:
+        """Memory a cache of ``rows`` rows takes at most: keys and values of every layer at full capacity, and the
+        logits (the cache grows with the reply; this is its bound)."""
+        cfg = self.model.config
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        itemsize = torch.finfo(self.dtype).bits // 8 if self.dtype is not None else 4
+        return rows * (2 * cfg.num_hidden_layers * kv_heads * head_dim * self.capacity * itemsize + 4 * cfg.vocab_size)
+
     joins = False  # the HF cache is one left-padded batch: new prompts wait for the batch to finish
 
     def open(self, rows: int) -> None:

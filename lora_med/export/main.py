@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -255,6 +256,8 @@ def _merge_export(cfg: ExportConfig, card: dict, device: str, out: Path) -> Expo
     fmt, max_length = card["data"]["format"], card["data"]["max_length"]
     convs = runs.held_out(card, run_dir)[: cfg.n_parity]
     examples, _ = data.encode_all(convs, tokenizer, max_length=max_length, fmt=fmt)
+    if note := runs.overlap_note(card):
+        print(f"note: {note}")
     print(
         f"Run: {run_dir} ({card['config']['method']}, base {card['base']['name_or_path']}) -> {out} | "
         f"device {device} | {cfg.precision()} | optimise {cfg.optimize} | {len(convs)} held-out conversations"
@@ -391,8 +394,9 @@ def _merge_export(cfg: ExportConfig, card: dict, device: str, out: Path) -> Expo
         shutil.rmtree(work, ignore_errors=True)
         raise
     sizes = ", ".join(f"{sub} {mb / 1e6:.1f} MB" for sub, mb in manifest["sizes"].items())
+    q = lambda p: shlex.quote(str(p))  # pasted into a shell: a path with spaces stays one argument
     print(
         f"Saved to {out} ({sizes}) in {timings['total_s']:.1f}s\n"
-        f"Next: lora-med bench --run {run_dir} --export {out}   or   lora-med serve {out}"
+        f"Next: lora-med bench --run {q(run_dir)} --export {q(out)}   or   lora-med serve {q(out)}"
     )
     return ExportResult(out, manifest)

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import ConfigError
-from .batcher import Batcher, EngineFailed, QueueFull, ShuttingDown
+from .batcher import Batcher, EngineFailed, EngineStopped, QueueFull, ShuttingDown
 from .config import ServeConfig, check, resolve_path
 from .guard import Guard
 from .intents import ACTIONS, Intents
@@ -251,6 +251,15 @@ class _Server:
                 guard=plan.rule,
                 **ids,
             )
+        except EngineStopped as e:
+            return self.finish(
+                503,
+                t0,
+                {"detail": f"not ready: {e}; the server log has the error"},
+                headers,
+                error="engine_stopped",
+                **ids,
+            )
         except ShuttingDown:
             return self.finish(
                 503,
@@ -327,12 +336,14 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
         return await server.chat(body.user_id, body.message)
 
     @app.get("/health")
-    async def health() -> dict:
-        """Model, engine, device, uptime and queue depth."""
+    async def health() -> JSONResponse:
+        """Model, engine, device, uptime and queue depth; 503 and "not ready" once the engine was given up."""
         eng = server.replier.engine
         cache = getattr(eng, "prefix_cache", None)
-        return {
-            "status": "ok",
+        broken = server.batcher.broken
+        body = {
+            "status": "ok" if broken is None else "not ready",
+            **({"error": broken} if broken else {}),
             "model": cfg.model,
             "source": server.replier.source.kind,
             "engine": eng.name,
@@ -350,6 +361,7 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
             "cut_block": server.replier.cut_block,
             "prefix_cache_mb": cache.max_bytes / 2**20 if cache is not None else 0,
         }
+        return JSONResponse(body, status_code=200 if broken is None else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:

@@ -9,7 +9,10 @@ ms) for company, so a burst starts as one batch. A backend that cannot join rows
 takes prompts only between whole batches, with the same code.
 
 Every prompt submitted gets its result or an exception on its future; an engine failure fails the rows
-it was generating (the others wait on) and the stream is opened afresh.
+it was generating (the others wait on) and the stream is opened afresh. An engine that fails with nothing in
+flight (its stream cannot even be opened: memory gone, device lost) is retried ``IDLE_RETRIES`` times with a
+growing pause, then given up: ``broken`` says why, waiting and new requests fail with ``EngineStopped`` and the
+server reports itself not ready.
 
 The bound counts prompts waiting plus requests holding a ticket (accepted, prompt being built), so a
 burst cannot overshoot it between acceptance and submission.
@@ -41,6 +44,13 @@ class ShuttingDown(Exception):
 
 class EngineFailed(Exception):
     """The engine raised while generating this prompt's batch (answered with 500; the error is logged)."""
+
+
+class EngineStopped(ShuttingDown):
+    """The engine failed ``IDLE_RETRIES`` times with nothing in flight and is no longer tried (503, not ready)."""
+
+
+IDLE_RETRIES = 4  # failures in a row with nothing in flight before the engine is given up
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,7 @@ class Batcher:
         self._running = 0  # rows in the engine now (written by the engine thread)
         self._joining: list[_Job] = []  # jobs being added to the stream (engine thread)
         self._closing = False
+        self.broken: str | None = None  # why the engine was given up (see IDLE_RETRIES); None: it works
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: asyncio.Future | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -119,6 +130,8 @@ class Batcher:
             QueueFull: ``queue_size`` requests are waiting already.
             ShuttingDown: the server is stopping.
         """
+        if self.broken is not None:
+            raise EngineStopped(self.broken)
         if self._closing:
             raise ShuttingDown()
         if self.depth() >= self.queue_size:
@@ -128,8 +141,8 @@ class Batcher:
 
     def _enqueue(self, prompt: list[int]) -> asyncio.Future:
         fut = asyncio.get_running_loop().create_future()
-        if self._closing:
-            fut.set_exception(ShuttingDown())
+        if self.broken is not None or self._closing:
+            fut.set_exception(EngineStopped(self.broken) if self.broken is not None else ShuttingDown())
             return fut
         with self._cv:
             self._jobs.append(_Job(prompt, fut))
@@ -160,20 +173,38 @@ class Batcher:
     # -- the engine thread
 
     def _work(self) -> None:
-        """Serve from one stream until closing; an engine failure fails its rows and opens a fresh stream."""
+        """Serve from one stream until closing; an engine failure fails its rows and opens a fresh stream, and an
+        engine that keeps failing with nothing in flight is given up (``broken``)."""
+        idle_failures = 0
         while not self._closing:
             live: dict[int, _Job] = {}
             try:
                 with self._open(self.max_batch) as stream:
+                    idle_failures = 0
                     self._serve(stream, live)
             except Exception as e:
                 failed = [*live.values(), *self._joining]
-                log("engine_error", logging.ERROR, batch=len(failed), error=f"{type(e).__name__}: {e}")
+                error = f"{type(e).__name__}: {e}"[:500]
+                log("engine_error", logging.ERROR, batch=len(failed), error=error)
                 self._settle([(job, EngineFailed(type(e).__name__)) for job in failed])
                 self._joining = []
-                time.sleep(0.05)  # a broken engine fails each request it is given, without spinning
+                idle_failures = 0 if failed else idle_failures + 1
+                if idle_failures >= IDLE_RETRIES:
+                    self._give_up(error, idle_failures)
+                    return
+                # A broken engine fails each request it is given, without spinning; one that cannot even open its
+                # stream waits longer each time (0.05, 0.2, 0.8 s ...).
+                time.sleep(0.05 * 4 ** max(idle_failures - 1, 0))
             finally:
                 self._running = 0
+
+    def _give_up(self, error: str, tries: int) -> None:
+        """Stop trying an engine that fails with nothing in flight: fail what waits, refuse what comes."""
+        self.broken = f"the engine failed {tries} times in a row with no request in flight ({error})"
+        log("engine_stopped", logging.ERROR, tries=tries, error=error)
+        with self._cv:
+            left, self._jobs = list(self._jobs), collections.deque()
+        self._settle([(job, EngineStopped(self.broken)) for job in left])
 
     def _serve(self, stream, live: dict[int, _Job]) -> None:
         while True:

@@ -18,10 +18,15 @@ from ..data import Message, prompt_ids
 from ..engine import ENGINE_FILE, GenerationSettings, load_engine
 from ..engine.torch_backend import torch_engine
 from ..errors import ConfigError
-from ..models import load_model, load_tokenizer, resolve_device
+from ..integrity import Verified, export_root, verify_export
+from ..models import available_memory, load_model, load_tokenizer, resolve_device
+from ..settings import describe
+from ..weights import weights_problems
 from .config import ServeConfig
+from .logs import log
 
 MIN_PROMPT_TOKENS = 16  # below this the model cannot even see the patient's message
+MEMORY_SHARE = 0.9  # of the memory available at start, what the KV cache (and prefix cache) may take
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,7 @@ class ModelSource:
     max_length: int | None  # the training run's max_length (prompt + reply), when known
     kind: str  # for /health and logs
     adapter_base: str | None = None  # a LoRA run: the base its adapter is merged onto in memory
+    verified: Verified | None = None  # an export: its files proven against the manifest (what it cost)
 
 
 def resolve_model(path: str) -> ModelSource:
@@ -45,9 +51,14 @@ def resolve_model(path: str) -> ModelSource:
     the format, else DialoGPT's. A LoRA training run is served on PyTorch with its adapter merged onto its base
     in memory.
 
+    Nothing is loaded here, but every file is proven first: an export's files against its manifest's SHA-256
+    (those served: the model folder and the tokenizer's), a run's weights whole and in safetensors (a pickle
+    ``adapter_model.bin`` is refused by name: loading it can run code).
+
     Raises:
-        ConfigError: PATH is missing, is a LoRA run whose base is gone, or holds no model.
-        LoraMedError: PATH is an export that did not complete.
+        ConfigError: PATH is missing, is a LoRA run whose base is gone or whose weights are broken or pickled, or
+            holds no model.
+        LoraMedError: PATH is an export that did not complete, or one of its files differs from its manifest.
     """
     p = Path(path)
     if not p.is_dir():
@@ -56,7 +67,8 @@ def resolve_model(path: str) -> ModelSource:
             "(exports/...) or a Hugging Face model folder"
         )
     if (p / "manifest.json").is_file():
-        source = runs.load_card(p, "export").get("source", {})
+        card = runs.load_card(p, "export")
+        source = card.get("source", {})
         engine = p / "engine"
         if (engine / ENGINE_FILE).is_file():
             target, kind = engine, "export decode graph (ONNX Runtime)"
@@ -65,13 +77,17 @@ def resolve_model(path: str) -> ModelSource:
         else:
             raise ConfigError(f"EXPORT_DIR {path}: the export has neither engine/ nor merged/; export it again")
         tok = p / "merged" if (p / "merged" / "tokenizer_config.json").is_file() else p / "onnx"
-        return ModelSource(target, tok, source.get("format") or "dialogpt", source.get("max_length"), kind)
+        verified = verify_export(p, card, tuple(sorted({target.name, tok.name})))
+        fmt = source.get("format") or "dialogpt"
+        return ModelSource(target, tok, fmt, source.get("max_length"), kind, verified=verified)
     if (p / "adapter_config.json").is_file():
         # A LoRA run: its adapter merged onto its base in memory, on PyTorch (merge-export it for the decode graph).
         card = runs.load_card(p, "train")
         base = card["base"]["name_or_path"]
         if base.startswith(("/", ".")) and not Path(base).is_dir():
             raise ConfigError(f"EXPORT_DIR {path}: its base {base} is gone; restore it, or serve a merge-export")
+        if problems := runs.run_problems(p, card):  # a pickle adapter_model.bin is named here, before any load
+            raise runs.problems_error(f"with EXPORT_DIR {path}; nothing was loaded", problems)
         return ModelSource(
             p,
             p,
@@ -81,7 +97,11 @@ def resolve_model(path: str) -> ModelSource:
             adapter_base=base,
         )
     if (p / "config.json").is_file():
-        fmt, max_length = "dialogpt", None
+        fmt, max_length, verified = "dialogpt", None, None
+        if root := export_root(p):  # an export's merged/: proven against the export's manifest
+            verified = verify_export(root[0], runs.load_card(root[0], "export"), (root[1],))
+        elif problems := weights_problems(p, "model", "model"):
+            raise runs.problems_error(f"with EXPORT_DIR {path}; nothing was loaded", problems)
         run = p / "run.json"  # a full fine-tune run folder records how it was trained
         if run.is_file():
             try:
@@ -92,7 +112,7 @@ def resolve_model(path: str) -> ModelSource:
                     f"EXPORT_DIR {path}: run.json is not valid JSON; restore it or serve the "
                     "model from a folder without it"
                 ) from None
-        return ModelSource(p, p, fmt, max_length, "model folder (PyTorch)")
+        return ModelSource(p, p, fmt, max_length, "model folder (PyTorch)", verified=verified)
     raise ConfigError(f"EXPORT_DIR {path}: neither a merge-export (manifest.json) nor a model folder (config.json)")
 
 
@@ -202,14 +222,50 @@ def load_replier(cfg: ServeConfig, engine=None, source: ModelSource | None = Non
         ConfigError / LoraMedError: the folder cannot be served (named, with the fix).
     """
     source = source or resolve_model(cfg.model)
+    if source.verified is not None:
+        log("verified", model=cfg.model, detail=source.verified.line(), **source.verified.as_dict())
     tokenizer = load_tokenizer(str(source.tokenizer_path))
+    owned = engine is None  # closed here if the replier cannot be made; a caller's engine stays the caller's
     if engine is None and source.adapter_base:
         engine = _merged_run_engine(source, tokenizer, cfg)
     elif engine is None:
         engine = load_engine(
             source.engine_path, device=cfg.device, threads=cfg.threads, prefix_cache_mb=cfg.prefix_cache_mb
         )
-    return Replier(engine, tokenizer, source, settings_from(cfg), cut_block=cfg.cut_block)
+    try:
+        check_cache_memory(engine, cfg)
+        return Replier(engine, tokenizer, source, settings_from(cfg), cut_block=cfg.cut_block)
+    except BaseException:
+        if owned:
+            engine.close()
+        raise
+
+
+def check_cache_memory(engine, cfg: ServeConfig, free: int | None = None) -> None:
+    """Refuse a ``--max-batch`` whose KV cache (and the prefix cache beside it) does not fit the memory available
+    now (``free`` bytes; read from the system when None), naming the figures and the largest batch that fits. Run
+    before the server starts: a cache that cannot be allocated would fail every request and retry forever.
+
+    Raises:
+        ConfigError: the cache does not fit.
+    """
+    need = engine.cache_bytes(cfg.max_batch)
+    free = available_memory(engine.device) if free is None else free
+    if need is None or free is None:
+        return
+    kept = int(cfg.prefix_cache_mb * 2**20) if getattr(engine, "prefix_cache", None) is not None else 0
+    room = int(free * MEMORY_SHARE) - kept
+    if need <= room:
+        return
+    row, gib = engine.cache_bytes(1), lambda b: f"{b / 2**30:.1f} GiB"
+    fits = max(room // row, 0)
+    raise ConfigError(
+        f"{describe(cfg, 'max_batch')}: the KV cache of {cfg.max_batch:,} rows of {engine.capacity} tokens needs "
+        f"{gib(need)} ({row / 2**20:.2f} MiB a row) on {engine.device}"
+        + (f", beside the prefix cache's {gib(kept)}" if kept else "")
+        + f", but {gib(free)} is available (at most {MEMORY_SHARE:.0%} of it is used); "
+        + (f"use --max-batch {fits} or less" if fits else "free some memory (not even one row fits)")
+    )
 
 
 def _merged_run_engine(source: ModelSource, tokenizer, cfg: ServeConfig):

@@ -100,7 +100,8 @@ class SQLiteStore:
         Args:
             history_turns: most recent answered exchanges loaded per message (the prompt keeps fewer).
         Raises:
-            ConfigError: the file is not a SQLite database, has a newer schema, or cannot be opened.
+            ConfigError: the file is not a SQLite database, holds tables lora-med did not create (another
+                application's database), has a newer schema, or cannot be opened.
         """
         self.path = Path(path)
         self.history_turns = history_turns
@@ -108,6 +109,7 @@ class SQLiteStore:
         try:
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT), nothing implicit.
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
+            refuse_foreign_database(self._db, self.path)  # before anything below changes the file
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
@@ -119,6 +121,9 @@ class SQLiteStore:
                 )
             self._db.executescript(SCHEMA)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except ConfigError:
+            self._db.close()
+            raise
         except sqlite3.DatabaseError as e:
             raise ConfigError(
                 f"--db {self.path}: cannot be used as the conversation store ({e}); give a new "
@@ -185,6 +190,30 @@ class SQLiteStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+# What lora-med creates in its file (sqlite_sequence is SQLite's own, made for AUTOINCREMENT).
+OWN_OBJECTS = {
+    "table": {"conversations", "turns", "sqlite_sequence"},
+    "index": {"conversations_user", "turns_conversation", "turns_reply"},
+}
+
+
+def refuse_foreign_database(db: sqlite3.Connection, path: Path) -> None:
+    """Refuse a file that holds tables (or views, triggers, indexes) lora-med did not create: another application's
+    database given as ``--db`` would get lora-med's tables added and its journal switched to WAL. Reads only.
+
+    Raises:
+        ConfigError: naming the foreign tables.
+    """
+    rows = db.execute("SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_autoindex_%'").fetchall()
+    foreign = sorted(f"{kind} {name}" for kind, name in rows if name not in OWN_OBJECTS.get(kind, set()))
+    if foreign:
+        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        raise ConfigError(
+            f"--db {path}: holds {shown}, which lora-med did not create: it is another application's database, "
+            "and lora-med will not add its tables to it or change its journal mode; give a new file name"
+        )
 
 
 class _Transaction:

@@ -15,6 +15,7 @@ the next one takes:
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import time
 import warnings
@@ -42,6 +43,7 @@ from .trainer import (
     peak_memory,
     plot_loss,
     reset_peak_memory,
+    rewind_metrics,
     world_size,
 )
 
@@ -133,6 +135,8 @@ def _start_card(cfg: TrainConfig, setup: Setup, d: Data, mem: MemoryPlan, total:
                 "source": d.eval_source,
                 "split_seed": cfg.seed if d.eval_source == "split" else None,
                 "indices": d.eval_idx,
+                # evaluation conversations also trained on: 0, or allowed by --allow-eval-overlap (runs.overlap_note)
+                "overlap": {"conversations": d.overlap, "of": len(d.eval_convs), "allowed": cfg.allow_eval_overlap},
             },
             "format": d.fmt,
             "max_length": cfg.max_length,
@@ -165,6 +169,11 @@ def _run(cfg: TrainConfig, setup: Setup, d: Data, mem: MemoryPlan, callbacks, t_
             + (f"file {d.eval_path}" if d.eval_source == "file" else f"seeded split, seed {cfg.seed}")
             + f"); cut at max-length {cfg.max_length}: {d.train_cut} train, {d.eval_cut} eval; format {d.fmt}"
         )
+        if d.overlap:
+            print(
+                f"note: {d.overlap} of the {len(d.eval_convs)} evaluation conversations are also training ones "
+                "(--allow-eval-overlap): the eval figures of this run are NOT held-out"
+            )
     # PEFT's trainable tokens keep the embedding/lm_head tie (modules_to_save would untie and copy both).
     token_ids = (
         sorted({t for e in d.train_ex for t in e.input_ids}) if setup.targets and cfg.train_tokens == "data" else None
@@ -219,6 +228,8 @@ def _run(cfg: TrainConfig, setup: Setup, d: Data, mem: MemoryPlan, callbacks, t_
     done = ckpt is not None and finished_checkpoint(ckpt)
     if ckpt is not None:
         trainer.continue_from(ckpt)
+    if cfg.resume and main and not done:  # what the dead process logged after its checkpoint is written again
+        rewind_metrics(out / "metrics.jsonl", ckpt)
     t_train = time.perf_counter()
     try:
         if done:  # killed after its last checkpoint (e.g. during the final evaluation): only finish
@@ -307,9 +318,11 @@ def _finish(cfg, setup: Setup, d: Data, model, trainer, card: dict, ckpt, train_
         + (f", reserved {metrics['peak_memory_reserved_gb']:.2f} GB" if "peak_memory_reserved_gb" in metrics else "")
         + (f" | {metrics['tokens_per_s']:,.0f} tok/s" if metrics["tokens_per_s"] else "")
     )
+    if note := runs.overlap_note(card):
+        print(f"note: {note}")
     for row in comparison:
         print(f"\nUSUARIO: {row['prompt']}\n  BASE:       {row['base']}\n  FINE-TUNED: {row['fine_tuned']}")
-    print(f"\nSaved to {out}\nNext: lora-med merge-export {out}")
+    print(f"\nSaved to {out}\nNext: lora-med merge-export {shlex.quote(str(out))}")
     return TrainResult(out, card)
 
 

@@ -15,7 +15,7 @@ from .. import data, models, runs, settings, weights
 from ..config import DEFAULT_DATA, DEFAULT_EVAL, DEFAULT_EVAL_FRACTION, TrainConfig, shipped
 from ..errors import ConfigError, LoraMedError
 from ..fileio import sha256_file
-from ..settings import describe, name
+from ..settings import describe, flag_name, name
 from . import levers, plan
 from .trainer import is_main_process
 
@@ -65,9 +65,15 @@ class Data:
     eval_ex: list
     train_cut: int
     eval_cut: int
+    overlap: int = 0  # evaluation conversations that are also training conversations (--allow-eval-overlap)
 
 
 # --------------------------------------------------------------------------- 1. resolve
+
+
+def flag_or_key(cfg: TrainConfig, field: str) -> str:
+    """How the user would give ``field``: as they named it already, else its flag."""
+    return name(cfg, field) if field in settings.origins(cfg) else flag_name(field)
 
 
 def with_run_settings(cfg: TrainConfig) -> TrainConfig:
@@ -191,9 +197,9 @@ def resolve(cfg: TrainConfig, *, plan_only: bool = False) -> Setup:
             if state == "owned" and not cfg.overwrite and not found and (out / "run.json").exists():
                 try:
                     done = runs.load_card(out, "train", complete=False)["status"] == "complete"
-                except LoraMedError:
-                    done = False
-                what = "a finished run" if done else "an unfinished run (add --resume to continue it)"
+                    what = "a finished run" if done else "an unfinished run (add --resume to continue it)"
+                except LoraMedError as e:  # a damaged card cannot be resumed: say what is wrong with it
+                    what = f"a run whose card cannot be read ({str(e).splitlines()[0]})"
                 p.append(f"--output {out}: already holds {what}; choose another --output or add --overwrite")
 
     if base and models.is_local(base) and not plan_only:  # planning reads the shape only: weights may be absent
@@ -281,21 +287,30 @@ def _check_resume(cfg: TrainConfig, out: Path, p: list[str]) -> tuple[Path | Non
         )
         return None, []
     saved, mine = card["config"], settings.as_dict(cfg)
+    data_fields = {"data", "eval_data"}  # compared by content below: a moved copy of the same file is the same data
     diff = [
         f"{k} (run: {saved.get(k)!r}, now: {mine[k]!r})"
         for k in mine
-        if k not in RESUME_FREE and k in saved and saved[k] != mine[k]
+        if k not in RESUME_FREE | data_fields and k in saved and saved[k] != mine[k]
     ]
     if diff:
         p.append(f"{flag} {out}: that folder holds another run; these settings differ: " + "; ".join(diff))
-    # Same settings, other bytes: the checkpoint was trained on what the card hashed, so resuming on an edited
-    # file would make a run that no data produced.
+    # The checkpoint was trained on what the card hashed: resuming on other bytes would make a run no data produced.
     train_path, eval_path = _data_paths(cfg, [])
-    for part, path in (("train", train_path), ("eval", eval_path)):
+    for part, field, path in (("train", "data", train_path), ("eval", "eval_data", eval_path)):
         record = card["data"].get(part)
         known = record.get("sha256") if isinstance(record, dict) else None
-        if path is not None and path.is_file() and known and sha256_file(path) != known:
-            what = "training data" if part == "train" else "held-out data"
+        if path is None or not path.is_file() or not known or sha256_file(path) == known:
+            continue
+        what = "training data" if part == "train" else "held-out data"
+        recorded = record.get("path") if isinstance(record, dict) else None
+        theirs = {runs.real(x) for x in (recorded, saved.get(field)) if isinstance(x, str) and x}
+        if field in settings.origins(cfg) and runs.real(path) not in theirs:  # another file named, not an edit
+            p.append(
+                f"{describe(cfg, field)}: not the {what} the run in {out} was trained with ({recorded}); resume "
+                f"with that file (drop {name(cfg, field)}), or train a new run"
+            )
+        else:
             p.append(
                 f"{flag} {out}: the {what} {path} changed since the run started (sha256 differs); restore "
                 "it, or train a new run"
@@ -328,6 +343,7 @@ def load_data(cfg: TrainConfig, setup: Setup) -> Data:
         fraction = cfg.eval_fraction if cfg.eval_fraction is not None else DEFAULT_EVAL_FRACTION
         train_convs, eval_convs, eval_idx = data.split(train_ds.conversations, fraction, cfg.seed)
         eval_path, eval_sha = train_path, train_ds.sha256
+    overlap = _overlap(cfg, train_convs, eval_convs, eval_idx is None)
     enc = dict(max_length=cfg.max_length, fmt=fmt, train_on=cfg.train_on)
     train_ex, train_cut = data.encode_all(train_convs, tokenizer, **enc)
     eval_ex, eval_cut = data.encode_all(eval_convs, tokenizer, **{**enc, "train_on": "assistant"})
@@ -346,4 +362,29 @@ def load_data(cfg: TrainConfig, setup: Setup) -> Data:
         eval_ex,
         train_cut,
         eval_cut,
+        overlap,
     )
+
+
+def _overlap(cfg: TrainConfig, train_convs: list, eval_convs: list, from_file: bool) -> int:
+    """How many evaluation conversations are also training conversations (same turns, ignoring case and spacing).
+
+    Raises:
+        ConfigError: some are, and ``--allow-eval-overlap`` was not given: their figures would not be held-out.
+    """
+    seen = {c.key() for c in train_convs}
+    shared = sum(c.key() in seen for c in eval_convs)
+    if shared and not cfg.allow_eval_overlap:
+        where = (
+            f"{describe(cfg, 'eval_data')}: {shared} of its {len(eval_convs)} conversations are also in "
+            f"{describe(cfg, 'data')}"
+            if from_file
+            else f"the seeded split of {describe(cfg, 'data')}: {shared} of its {len(eval_convs)} held-out "
+            "conversations duplicate training ones (`lora-med data check` lists the duplicates)"
+        )
+        raise ConfigError(
+            f"{where}: perplexity on them would not be held-out. Give held-out conversations the run does not "
+            f"train on, or add {flag_or_key(cfg, 'allow_eval_overlap')} to evaluate on them anyway (the card and "
+            "every report then say so)"
+        )
+    return shared

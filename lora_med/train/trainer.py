@@ -150,11 +150,12 @@ class LoraMedTrainer(Trainer):
 
 
 class AtomicCheckpoints(TrainerCallback):
-    """Trainer writes checkpoint-N under checkpoints/.partial; once complete it gets the loss sum and is
-    renamed into checkpoints/ (an atomic rename), and older ones beyond CHECKPOINTS_KEPT are removed."""
+    """Trainer writes checkpoint-N under checkpoints/.partial; once complete it gets the loss sum and the length of
+    metrics.jsonl so far (a resume cuts the file back there), and is renamed into checkpoints/ (an atomic rename);
+    older ones beyond CHECKPOINTS_KEPT are removed."""
 
-    def __init__(self, staging: Path, final: Path, trainer: LoraMedTrainer):
-        self.staging, self.final, self.trainer = staging, final, trainer
+    def __init__(self, staging: Path, final: Path, trainer: LoraMedTrainer, metrics_file: Path):
+        self.staging, self.final, self.trainer, self.metrics_file = staging, final, trainer, metrics_file
 
     def on_save(self, args, state, control, **kwargs):
         _barrier()  # distributed: every process has written its rng_state_<rank>.pth into the staging folder
@@ -164,7 +165,10 @@ class AtomicCheckpoints(TrainerCallback):
         if src.is_dir():
             # Trainer pickles its arguments there; nothing reads them back (run.json holds the config).
             (src / "training_args.bin").unlink(missing_ok=True)
-            (src / STATE_FILE).write_text(json.dumps({"loss_sum": self.trainer.loss_sum, "step": state.global_step}))
+            size = self.metrics_file.stat().st_size if self.metrics_file.is_file() else 0
+            (src / STATE_FILE).write_text(
+                json.dumps({"loss_sum": self.trainer.loss_sum, "step": state.global_step, "metrics_bytes": size})
+            )
             dst = self.final / src.name
             if dst.exists():
                 shutil.rmtree(dst)
@@ -172,6 +176,48 @@ class AtomicCheckpoints(TrainerCallback):
         done = sorted((int(d.name.split("-")[1]), d) for d in self.final.glob("checkpoint-*") if d.is_dir())
         for _, d in done[:-CHECKPOINTS_KEPT]:
             shutil.rmtree(d, ignore_errors=True)
+
+
+class EvaluateBeforeSave(TrainerCallback):
+    """With evaluation every epoch, the Trainer evaluates at an epoch's end in a second pass, after that step's
+    checkpoint was saved (a step's save comes before the epoch's evaluation). That evaluation is then in no
+    checkpoint: a resume from it skipped the evaluation (its metrics line was lost) and its draw from the RNG (every
+    DataLoader iterator takes a seed), so the next epoch's data order and dropout differed from an uninterrupted
+    run's. Here the evaluation moves into the step's own pass, before its save, and the epoch's pass skips it."""
+
+    def __init__(self) -> None:
+        self.evaluated_at: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        ends_epoch = abs(state.epoch - round(state.epoch)) < 1e-6 or state.global_step >= state.max_steps
+        if args.eval_strategy == "epoch" and ends_epoch:
+            control.should_evaluate = True
+            self.evaluated_at = state.global_step
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.evaluated_at == state.global_step:  # (after DefaultFlowCallback, which asked for it again)
+            control.should_evaluate = False
+        return control
+
+
+def rewind_metrics(metrics_file: Path, ckpt: Path | None) -> None:
+    """Make metrics.jsonl the record of the run being resumed from ``ckpt`` (None: from step 0): the lines written
+    after that checkpoint (by the process that died) are cut off; the resumed run writes them again."""
+    if not metrics_file.is_file():
+        return
+    keep = 0
+    if ckpt is not None:
+        try:
+            keep = int(json.loads((ckpt / STATE_FILE).read_text())["metrics_bytes"])
+        except (OSError, ValueError, KeyError, TypeError):  # a checkpoint from before the length was recorded
+            step = json.loads((ckpt / "trainer_state.json").read_text())["global_step"]
+            lines = metrics_file.read_text(encoding="utf-8").splitlines(keepends=True)
+            kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+            keep = sum(len(ln.encode("utf-8")) for ln in kept)
+            metrics_file.write_text("".join(kept), encoding="utf-8")
+    if metrics_file.stat().st_size > keep:
+        os.truncate(metrics_file, keep)
 
 
 class Reporter(TrainerCallback):
@@ -324,7 +370,8 @@ def make_trainer(
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
     )
     trainer.loss_chunk = cfg.loss_chunk if "chunked_ce" in levers else None
-    trainer.add_callback(AtomicCheckpoints(staging, out / "checkpoints", trainer))
+    trainer.add_callback(EvaluateBeforeSave())
+    trainer.add_callback(AtomicCheckpoints(staging, out / "checkpoints", trainer, out / "metrics.jsonl"))
     trainer.add_callback(Reporter(out / "metrics.jsonl"))
     if "tensorboard" in cfg.report_to and is_main_process():
         from torch.utils.tensorboard import SummaryWriter
