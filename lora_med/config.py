@@ -303,6 +303,9 @@ class BenchConfig:
     full_config: str | None = setting(None, "--paired: train YAML for the full fine-tune (e.g. configs/full.yaml)")
     data: str = setting(DEFAULT_DATA, "--paired: training conversations")
     eval_data: str | None = setting("auto", "--paired: held-out set (as `lora-med train --eval-data`)")
+    allow_eval_overlap: bool = setting(
+        False, "--paired: evaluate even on conversations also trained on (as `lora-med train --allow-eval-overlap`)"
+    )
     epochs: float = setting(3.0, "--paired: epochs for both runs", above=0)
     max_steps: int = setting(-1, "--paired: > 0 overrides epochs", min=-1)
     train_batch_size: int = setting(4, "--paired: batch size for both runs", min=1)

@@ -215,13 +215,13 @@ def _check_text(obj: dict, field: str, where: str) -> str | None:
         )
     if not value.strip():
         return f"{where}: field '{field}' is whitespace-only"
+    if _LONE_SURROGATE.search(value):
+        return f"{where}: field '{field}' holds an invalid \\ud800-style escape (a lone surrogate)"
     if not any(ch.isprintable() and not ch.isspace() for ch in value):
         return (
             f"{where}: field '{field}' holds only control characters (such as NUL), no text; give it the text "
             "(the file may be binary or damaged there)"
         )
-    if _LONE_SURROGATE.search(value):
-        return f"{where}: field '{field}' holds an invalid \\ud800-style escape (a lone surrogate)"
     m = _MOJIBAKE.search(value)
     if m:
         return (

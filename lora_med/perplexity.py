@@ -62,5 +62,7 @@ def perplexity(logits_fn: LogitsFn, examples: list[Example], pad_id: int, batch_
     out = {}
     for name, (total, n) in sums.items():
         mean = total / max(n, 1)
-        out[name] = {"nll": mean, "tokens": n, "ppl": math.exp(mean) if n else float("nan")}
+        # exp() overflows past ~709: a model that is that wrong has an infinite perplexity, not an OverflowError
+        ppl = (math.exp(mean) if mean < 709 else math.inf) if n else math.nan
+        out[name] = {"nll": mean, "tokens": n, "ppl": ppl}
     return out

@@ -366,8 +366,9 @@ def _meta(cls, field: str) -> dict:
 
 
 def _typed_flags(cls, argv: list[str]) -> tuple[dict[str, str], list[str]]:
-    """field -> the flag spelling the user typed (the last one, as click takes), and one problem per setting typed
-    twice with different values (``--num_train_epochs 2 --epochs 3``: click would silently keep the last)."""
+    """field -> the flag spelling the user typed (the last one, as click takes), and one problem per setting given
+    different values under different spellings (``--num_train_epochs 2 --epochs 3``: click would silently keep the
+    last; which one the user meant cannot be known). One spelling repeated is an override: the last wins."""
     spelled, kinds = {}, {}
     for f, kind, nullable in fields(cls):
         for s in (flag_name(f.name), "--" + f.name, *f.metadata["aliases"]):
@@ -394,7 +395,7 @@ def _typed_flags(cls, argv: list[str]) -> tuple[dict[str, str], list[str]]:
     for field, seen in given.items():
         kind, nullable, _ = kinds[field]
         values = {repr(c[0] if (c := coerce(v, kind, nullable))[1] is None else v) for _, v in seen}
-        if len(values) > 1:
+        if len(values) > 1 and len({h for h, _ in seen}) > 1:  # one spelling repeated: the last wins, as in click
             both = " and ".join(h if kind == "bool" else f"{h} {v}" for h, v in seen)
             conflicts.append(f"{both}: one setting ({field}) given different values; keep one")
     return {field: seen[-1][0] for field, seen in given.items()}, conflicts

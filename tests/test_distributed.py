@@ -88,7 +88,9 @@ def _lines(run: Path) -> list[tuple]:
 @pytest.fixture(scope="module")
 def two_runs(tiny_base, conversations_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    data = dict(data=str(conversations_file), eval_data=str(conversations_file), base=str(tiny_base))
+    data = dict(
+        data=str(conversations_file), eval_data=str(conversations_file), allow_eval_overlap=True, base=str(tiny_base)
+    )
     one = train(TrainConfig(**data, **SETTINGS, output=str(root / "one"))).output
     r = subprocess.run(
         [
@@ -102,6 +104,7 @@ def two_runs(tiny_base, conversations_file, tmp_path_factory):
             str(conversations_file),
             "--eval-data",
             str(conversations_file),
+            "--allow-eval-overlap",
             "--output",
             str(root / "two"),
             *FLAGS,
@@ -157,6 +160,7 @@ def test_two_processes_resume_after_a_kill(two_runs, tiny_base, conversations_fi
     settings = dict(
         data=str(conversations_file),
         eval_data=str(conversations_file),
+        allow_eval_overlap=True,
         base=str(tiny_base),
         output=str(out),
         **SETTINGS,

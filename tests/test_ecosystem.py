@@ -29,6 +29,7 @@ def tcfg(tiny_base, data_file, out, **kw) -> TrainConfig:
             **dict(
                 data=str(data_file),
                 eval_data=str(data_file),
+                allow_eval_overlap=True,
                 base=str(tiny_base),
                 output=str(out),
                 max_steps=2,

@@ -200,6 +200,12 @@ def test_tampered_onnx_fails_the_gate(lora_export, tmp_path):
     w = numpy_helper.to_array(target)
     target.CopyFrom(numpy_helper.from_array((w * 1.1).astype(np.float32), target.name))
     onnx.save(model, str(graph_file))
+    # The manifest re-hashed too (a hand-edited export that agrees with itself): the SHA-256 check passes, the gate
+    # is what catches it.
+    manifest = json.loads((copy / "manifest.json").read_text())
+    rel = graph_file.relative_to(copy).as_posix()
+    manifest["files"][rel].update(sha256=sha256_file(graph_file), bytes=graph_file.stat().st_size)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
 
     with pytest.raises(GateError) as e:
         verify_export(copy)
@@ -221,6 +227,12 @@ def test_tampered_decode_graph_fails_the_gate(lora_export, tmp_path):
     target = next(i for i in model.graph.initializer if i.name == "h.1.mlp.c_proj.weight")
     target.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(target) * 1.1).astype(np.float32), target.name))
     onnx.save(model, str(graph_file))
+    # The manifest re-hashed too (a hand-edited export that agrees with itself): the SHA-256 check passes, the gate
+    # is what catches it.
+    manifest = json.loads((copy / "manifest.json").read_text())
+    rel = graph_file.relative_to(copy).as_posix()
+    manifest["files"][rel].update(sha256=sha256_file(graph_file), bytes=graph_file.stat().st_size)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
 
     with pytest.raises(GateError) as e:
         verify_export(copy)

@@ -28,6 +28,7 @@ def cfg_for(tiny_base, conversations_file, out, **kw) -> TrainConfig:
     base = dict(
         data=str(conversations_file),
         eval_data=str(conversations_file),
+        allow_eval_overlap=True,
         base=str(tiny_base),
         output=str(out),
         max_steps=3,

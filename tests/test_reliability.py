@@ -53,6 +53,7 @@ def tcfg(tiny_base, data, out, **kw) -> TrainConfig:
             **dict(
                 data=str(data),
                 eval_data=str(data),
+                allow_eval_overlap=True,
                 base=str(tiny_base),
                 output=str(out),
                 max_steps=2,

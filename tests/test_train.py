@@ -29,6 +29,7 @@ def cfg_for(tiny_base, conversations_file, out: Path, **kw) -> TrainConfig:
     base = dict(
         data=str(conversations_file),
         eval_data=str(conversations_file),
+        allow_eval_overlap=True,
         base=str(tiny_base),
         output=str(out),
         max_steps=6,
@@ -262,7 +263,9 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
 def _train_in_child(tiny_base, data, out: Path, kill: str | None = None) -> subprocess.CompletedProcess:
     """`train()` in a fresh process; ``kill`` ("step:13" or "train_end") makes it SIGKILL itself there: a real
     kill -9 at a deterministic point, however loaded the machine is."""
-    settings = dict(data=str(data), eval_data=str(data), base=str(tiny_base), output=str(out), **RESUME_FLAGS)
+    settings = dict(
+        data=str(data), eval_data=str(data), allow_eval_overlap=True, base=str(tiny_base), output=str(out), **RESUME_FLAGS
+    )
     code = f"""
 import os, signal
 from transformers import TrainerCallback

@@ -31,6 +31,7 @@ class Bg:
     args: list[str]
     wait_for: str  # path (in the case folder) whose appearance means "it is running now"
     mode: str = "while"  # "while" | "killed"
+    cmd: str | None = None  # the background command, when it is not the case's own (a train while a bench runs)
 
 
 @dataclass
@@ -179,7 +180,9 @@ def card_status(rel: str, want: str) -> Callable[[Path], str | None]:
 
 D, B = "{data}", "{base}"
 FAST = ["--max-steps", "1", "--no-compare", "--r", "4", "--report-to", "none"]  # a tiny run: seconds
-T = ["--data", D, "--eval-data", D, "--base", B]  # a complete, valid train command line (with FAST)
+# A complete, valid train command line (with FAST). The eight tiny conversations are both the training and the
+# evaluation set, which is refused unless allowed (see "eval data that is training data" in cases_more.py).
+T = ["--data", D, "--eval-data", D, "--allow-eval-overlap", "--base", B]
 SMALL_EXPORT = ["--n-parity", "1", "--max-new-tokens", "2"]
 SMALL_BENCH = [
     "--prompts",

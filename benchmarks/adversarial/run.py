@@ -46,6 +46,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 from cases import CASES, Case
+from cases_more import MORE
+
+CASES = CASES + MORE
 
 TRACEBACK = "Traceback (most recent call last)"
 FLOOD = 1 << 20  # more output than this from one command is a failure (an error quoting a YAML alias bomb)
@@ -192,6 +195,7 @@ def build_fixtures(scratch: Path) -> dict[str, str]:
         F["data"],
         "--eval-data",
         F["data"],
+        "--allow-eval-overlap",
         "--base",
         F["base"],
         "--no-compare",
@@ -331,7 +335,8 @@ def run_case(i: int, case: Case, F: dict, scratch: Path) -> dict:
     log, t0, notes = cwd.parent / f"{i:03d}.log", time.time(), []
     bg = None
     if case.bg:  # the other process on the same folder: running (while), or kill -9'ed (killed)
-        bg = lora_med([case.cmd, *[_fill(a, F) for a in case.bg.args]], cwd, scratch, cwd.parent / f"{i:03d}.bg.log")
+        bg_cmd = (case.bg.cmd or case.cmd).split()
+        bg = lora_med([*bg_cmd, *[_fill(a, F) for a in case.bg.args]], cwd, scratch, cwd.parent / f"{i:03d}.bg.log")
         if not _wait_for(case.bg.wait_for, cwd, cwd.parent / f"{i:03d}.bg.log", bg, time.time() + case.timeout):
             notes.append(f"the background command never reached {case.bg.wait_for}")
         if case.bg.mode == "killed":

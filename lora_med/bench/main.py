@@ -324,6 +324,16 @@ def bench(cfg: BenchConfig) -> BenchResult:
     if problems:
         raise runs.problems_error("with the bench settings; nothing was loaded", problems)
     device = models.resolve_device(cfg.device)
+    out = out_dir(cfg, device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # One bench at a time per report folder: a second one would clear the first's report under it.
+    with runs.Lock(out.parent / f".{out.name}.lock", f"the bench report {out}") as lock:
+        if lock.note:
+            print(lock.note)
+        return _bench(cfg, found, device, t_start, load_start)
+
+
+def _bench(cfg: BenchConfig, found: Found, device: str, t_start: float, load_start: float | None) -> BenchResult:
     torch.set_num_threads(thread_count(cfg.threads))
     name_, out = report_name(cfg, device), out_dir(cfg, device)
     notes: list[str] = [cfg.note] if cfg.note else []

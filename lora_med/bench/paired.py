@@ -25,6 +25,7 @@ def paired_runs(cfg: BenchConfig, name_: str, device: str) -> tuple[str, str, li
     common = dict(
         data=cfg.data,
         eval_data=cfg.eval_data,
+        allow_eval_overlap=cfg.allow_eval_overlap,
         epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         batch_size=cfg.train_batch_size,

@@ -12,6 +12,7 @@ the request model is built per app, with that app's message limit.)
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import time
@@ -408,13 +409,25 @@ def _problem(err: dict, max_chars: int) -> str:
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before the model loads, so a busy port fails fast with a clear error."""
+    """The listening socket, bound before the model loads, so a bad address or a busy port fails fast, with the
+    advice that fits (an address this machine does not have is the host's fault, not the port's)."""
+    hosts = "use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise ConfigError(
+            f"--host {host}: not an address or a name this machine can resolve ({reason}); {hosts}"
+        ) from None
+    try:
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
     except OSError as e:
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise ConfigError(f"--host {host}: not an address of this machine ({e.strerror}); {hosts}") from None
+        if e.errno == errno.EACCES and 0 < port < 1024:
+            raise ConfigError(f"--port {port}: ports below 1024 need root; use 8000 or another above 1023") from None
         raise ConfigError(
             f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); is another "
             "server running? choose another --port (0 picks a free one)"
