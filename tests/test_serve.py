@@ -571,6 +571,7 @@ def test_requests_join_the_running_batch_on_the_decode_graph(exported, tiny_base
 
     from lora_med.data import Message
     from lora_med.export.decode_graph import build_decode_graph
+    from lora_med.fileio import sha256_file
     from lora_med.serve import ServeConfig
     from lora_med.serve.replier import load_replier
 
@@ -583,9 +584,9 @@ def test_requests_join_the_running_batch_on_the_decode_graph(exported, tiny_base
     shutil.copytree(exported["fp32"], export, ignore=shutil.ignore_patterns("engine"))
     build_decode_graph(talker, export / "engine")
     manifest = json.loads((export / "manifest.json").read_text())
-    for rel, info in manifest["files"].items():  # the manifest records sizes: the new graph's
+    for rel, info in manifest["files"].items():  # the manifest records sizes and hashes: the new graph's
         if rel.startswith("engine/"):
-            info["bytes"] = (export / rel).stat().st_size
+            info.update(bytes=(export / rel).stat().st_size, sha256=sha256_file(export / rel))
     (export / "manifest.json").write_text(json.dumps(manifest))
     alone = load_replier(ServeConfig(model=str(export), threads=1, prefix_cache_mb=0))
     want = alone.decode(alone.generate([alone.prompt([Message("user", "quiero una cita")])])[0])
