@@ -215,14 +215,14 @@ ALIAS_BOMB = (
 )
 
 
-# A run kill -9'ed once its second checkpoint is down (40 steps: the kill lands long before the end).
+# A run kill -9'ed once its second checkpoint is down (20 steps: the kill lands long before the end).
 KILLED = Bg(
     [
         *T,
         "--output",
         "out",
         "--max-steps",
-        "40",
+        "20",
         "--batch-size",
         "8",
         "--save-every",

@@ -14,6 +14,7 @@ the next one takes:
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -210,28 +211,28 @@ def _run(cfg: TrainConfig, setup: Setup, d: Data, mem: MemoryPlan, callbacks, t_
 
     # The Trainer's own token counter copies a tensor the way torch warns about, once per step.
     warnings.filterwarnings("ignore", message="To copy construct from a tensor", module="transformers.trainer")
-    trainer = make_trainer(
-        cfg,
-        model,
-        d.tokenizer,
-        d.train_ex,
-        d.eval_ex,
-        out,
-        mem.batch_size,
-        mem.grad_accum,
-        setup.precision,
-        setup.device,
-        callbacks,
-        mem.levers,
-    )
-    ckpt = setup.checkpoint
-    done = ckpt is not None and finished_checkpoint(ckpt)
-    if ckpt is not None:
-        trainer.continue_from(ckpt)
-    if cfg.resume and main and not done:  # what the dead process logged after its checkpoint is written again
-        rewind_metrics(out / "metrics.jsonl", ckpt)
-    t_train = time.perf_counter()
-    try:
+    try:  # from here on, whatever stops the run (Ctrl-C included) marks its card failed, with the reason
+        trainer = make_trainer(
+            cfg,
+            model,
+            d.tokenizer,
+            d.train_ex,
+            d.eval_ex,
+            out,
+            mem.batch_size,
+            mem.grad_accum,
+            setup.precision,
+            setup.device,
+            callbacks,
+            mem.levers,
+        )
+        ckpt = setup.checkpoint
+        done = ckpt is not None and finished_checkpoint(ckpt)
+        if ckpt is not None:
+            trainer.continue_from(ckpt)
+        if cfg.resume and main and not done:  # what the dead process logged after its checkpoint is written again
+            rewind_metrics(out / "metrics.jsonl", ckpt)
+        t_train = time.perf_counter()
         if done:  # killed after its last checkpoint (e.g. during the final evaluation): only finish
             if main:
                 print(f"Resuming from {ckpt}: training had finished; running the final evaluation")
@@ -241,6 +242,11 @@ def _run(cfg: TrainConfig, setup: Setup, d: Data, mem: MemoryPlan, callbacks, t_
             if ckpt and main:
                 print(f"Resuming from {ckpt}")
             trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        train_s = time.perf_counter() - t_train
+        leave_process_group()
+        if not main:
+            return TrainResult(out, {})
+        return _finish(cfg, setup, d, model, trainer, card, ckpt, train_s, t_start)
     except NonFiniteLoss as e:
         last, _ = runs.latest_checkpoint(out)
         msg = (
@@ -252,16 +258,17 @@ def _run(cfg: TrainConfig, setup: Setup, d: Data, mem: MemoryPlan, callbacks, t_
     except BaseException as e:
         _fail(out, card, f"{type(e).__name__}: {str(e)[:300]}" if str(e) else type(e).__name__)
         raise
-    train_s = time.perf_counter() - t_train
-    leave_process_group()
-    if not main:
-        return TrainResult(out, {})
-    return _finish(cfg, setup, d, model, trainer, card, ckpt, train_s, t_start)
 
 
 def _fail(out: Path, card: dict, reason: str) -> None:
-    """Mark the run failed with its reason (a kill -9 cannot be caught: its lock tells, see runs.load_card)."""
+    """Mark the run failed with its reason (a kill -9 cannot be caught: its lock tells, see runs.load_card); a card
+    already marked complete (the run was stopped while printing its summary) stays complete."""
     if is_main_process() and (out / "run.json").is_file():
+        try:
+            if json.loads((out / "run.json").read_text(encoding="utf-8")).get("status") == "complete":
+                return
+        except (OSError, ValueError, AttributeError):
+            pass
         write_json(out / "run.json", {**card, "status": "failed", "failure": {"reason": reason}})
 
 
