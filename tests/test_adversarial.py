@@ -1,6 +1,6 @@
 """The careless user's adversarial pass (benchmarks/adversarial/run.py) ends with 0 tracebacks and 0 data lost.
 
-It runs ~290 commands of the real CLI against real files (about 2 minutes on 2 busy cores), so it is opt-in:
+It runs ~370 commands of the real CLI against real files (about 12 minutes on 2 busy cores), so it is opt-in:
 ``LORA_MED_ADVERSARIAL=1 pytest tests/test_adversarial.py``; ``LORA_MED_ADVERSARIAL_K=resume`` runs only the
 cases whose command or name holds that text.
 """

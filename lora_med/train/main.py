@@ -31,6 +31,7 @@ from ..perplexity import perplexity, torch_logits_fn
 from ..settings import describe
 from . import compare, plan
 from .levers import MemoryPlan, plan_memory
+from .resume import rewind_metrics
 from .setup import Data, Setup, load_data, resolve, with_run_settings
 from .trainer import (
     NonFiniteLoss,
@@ -44,7 +45,6 @@ from .trainer import (
     peak_memory,
     plot_loss,
     reset_peak_memory,
-    rewind_metrics,
     world_size,
 )
 
