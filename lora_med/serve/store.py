@@ -15,6 +15,7 @@ sees user/assistant turns alternating, as in training.
 
 from __future__ import annotations
 
+import re
 import secrets
 import sqlite3
 import threading
@@ -192,11 +193,13 @@ class SQLiteStore:
             self._db.close()
 
 
-# What lora-med creates in its file (sqlite_sequence is SQLite's own, made for AUTOINCREMENT).
+# What lora-med creates in its file, read from SCHEMA (so a table added there is never taken for a foreign one), and
+# sqlite_sequence, SQLite's own table for AUTOINCREMENT.
 OWN_OBJECTS = {
-    "table": {"conversations", "turns", "sqlite_sequence"},
-    "index": {"conversations_user", "turns_conversation", "turns_reply"},
+    kind.lower(): set(re.findall(rf"CREATE (?:UNIQUE )?{kind} IF NOT EXISTS (\w+)", SCHEMA))
+    for kind in ("TABLE", "INDEX")
 }
+OWN_OBJECTS["table"].add("sqlite_sequence")
 
 
 def refuse_foreign_database(db: sqlite3.Connection, path: Path) -> None:
