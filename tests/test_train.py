@@ -264,7 +264,12 @@ def _train_in_child(tiny_base, data, out: Path, kill: str | None = None) -> subp
     """`train()` in a fresh process; ``kill`` ("step:13" or "train_end") makes it SIGKILL itself there: a real
     kill -9 at a deterministic point, however loaded the machine is."""
     settings = dict(
-        data=str(data), eval_data=str(data), allow_eval_overlap=True, base=str(tiny_base), output=str(out), **RESUME_FLAGS
+        data=str(data),
+        eval_data=str(data),
+        allow_eval_overlap=True,
+        base=str(tiny_base),
+        output=str(out),
+        **RESUME_FLAGS,
     )
     code = f"""
 import os, signal
