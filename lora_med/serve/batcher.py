@@ -128,6 +128,7 @@ class Batcher:
 
         Raises:
             QueueFull: ``queue_size`` requests are waiting already.
+            EngineStopped: the engine was given up (it kept failing with nothing in flight).
             ShuttingDown: the server is stopping.
         """
         if self.broken is not None:
