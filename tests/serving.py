@@ -51,7 +51,12 @@ def slow_engine(model_dir, delay_s: float = 0.02, endless: bool = True):
     real = load_engine(model_dir, device="cpu", threads=1)
     backend = SlowBackend(real._backend, real.eos_token_id, delay_s, endless)
     return Engine(
-        backend, name="engine-slow", device="cpu", precision="fp32", eos_token_id=real.eos_token_id, vocab_size=real.vocab_size
+        backend,
+        name="engine-slow",
+        device="cpu",
+        precision="fp32",
+        eos_token_id=real.eos_token_id,
+        vocab_size=real.vocab_size,
     )
 
 

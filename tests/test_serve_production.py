@@ -111,7 +111,9 @@ def test_deeply_nested_json_is_422_logged_and_counted(keyed, path):
     metrics = httpx.get(url + "/metrics", headers=h, timeout=10).text
     line = next(x for x in metrics.splitlines() if x.startswith('lora_med_refused_total{reason="invalid_body"}'))
     assert float(line.split()[-1]) >= 3 and metrics.count("invalid_body") >= before
-    status = 'lora_med_requests_total{status="422"}' if path == "/chat/" else 'lora_med_openai_requests_total{status="422"}'
+    status = (
+        'lora_med_requests_total{status="422"}' if path == "/chat/" else 'lora_med_openai_requests_total{status="422"}'
+    )
     assert status in metrics
     events = [json.loads(x) for x in keyed["log"].read_text().splitlines()]
     assert any(e.get("status") == 422 and e.get("error") == "invalid_body" for e in events)
@@ -157,7 +159,12 @@ def test_admission_by_expected_wait_503_only_past_the_timeout_and_never_for_emer
     from lora_med.serve import ServeConfig, create_app
 
     cfg = ServeConfig(
-        model=str(tiny_base), db=str(tmp_path / "b.db"), max_batch=2, max_new_tokens=20, request_timeout_s=1.5, rate_limit=0
+        model=str(tiny_base),
+        db=str(tmp_path / "b.db"),
+        max_batch=2,
+        max_new_tokens=20,
+        request_timeout_s=1.5,
+        rate_limit=0,
     )
     app = create_app(cfg, engine=slow_engine(tiny_base, delay_s=0.02))
     with running(app) as url:
@@ -165,7 +172,7 @@ def test_admission_by_expected_wait_503_only_past_the_timeout_and_never_for_emer
 
         async def burst():
             async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-                post = lambda user, text: client.post("/chat/", json={"user_id": user, "message": text})  # noqa: E731
+                post = lambda user, text: client.post("/chat/", json={"user_id": user, "message": text})
                 ordinary = [post(f"+5917401{i:04d}", "quiero una cita") for i in range(24)]
                 urgent = [post(f"+5917402{i:04d}", "no puede respirar") for i in range(6)]
                 return await asyncio.gather(*ordinary, *urgent)
@@ -189,6 +196,8 @@ def test_admission_by_expected_wait_503_only_past_the_timeout_and_never_for_emer
     import sqlite3
 
     con = sqlite3.connect(tmp_path / "b.db")
-    stored = {u for (u,) in con.execute("SELECT c.user_id FROM turns t JOIN conversations c ON c.id = t.conversation_id")}
+    stored = {
+        u for (u,) in con.execute("SELECT c.user_id FROM turns t JOIN conversations c ON c.id = t.conversation_id")
+    }
     con.close()
     assert not stored & {f"+5917401{i:04d}" for i in range(24)} - users  # a refused message is never stored

@@ -219,6 +219,7 @@ class Batcher:
                 if job.gone():
                     stream.drop(h)
                     del live[h]
+            self._running = stream.live  # before _take may wait for work
             take = self._take(stream, live)
             if take is None:
                 return

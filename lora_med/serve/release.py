@@ -78,6 +78,6 @@ class Gate:
         ``final``, nothing of the model's text having gone out before it), ``cut`` (sentences already sent that
         ``final`` does not start with: they end the reply, with what ``finish`` adds after them alone)."""
         if final.startswith(self.sent):
-            return final[len(self.sent) :], "kept" if final.startswith(text) else "replaced"
+            return final[len(self.sent) :], "kept" if text and final.startswith(text) else "replaced"
         after = self.check(self.sent)
         return (after[len(self.sent) :] if after.startswith(self.sent) else ""), "cut"
