@@ -29,7 +29,20 @@ from .metrics import CONTENT_TYPE
 from .replier import load_replier, resolve_model
 from .schemas import ChatResponse, request_model
 from .server import Server
-from .store import ConversationStore, open_store
+from .store import ConversationStore, SQLiteStore
+
+
+def open_store(cfg: ServeConfig) -> ConversationStore:
+    """``cfg.store`` (a PostgreSQL URL) when set, else the SQLite file ``cfg.db``.
+
+    Raises:
+        ConfigError: the database cannot be opened or reached (named, with the fix).
+    """
+    if cfg.store:
+        from .postgres import PostgresStore
+
+        return PostgresStore(cfg.store, pool_size=cfg.store_pool)
+    return SQLiteStore(cfg.db)
 
 
 def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = None) -> FastAPI:

@@ -5,7 +5,7 @@
 survives a ``kill -9`` and a power cut, and readers never block the writer; the file and its WAL/SHM files
 are created readable by their owner only (0600: they hold patients' names and numbers). Several replicas
 share one PostgreSQL database instead (``--store postgresql://...``, :mod:`lora_med.serve.postgres`), with the
-same guarantees; ``open_store`` picks one from the settings.
+same guarantees; ``app.open_store`` picks one from the settings.
 
 A user turn is stored as soon as the message is accepted; the reply is stored with ``reply_to`` pointing
 at it. The prompt history holds answered exchanges only: a message whose reply never came (the server was
@@ -98,19 +98,6 @@ class ConversationStore(Protocol):
 
 class StoreUnavailable(Exception):
     """The store cannot be reached now (a shared database down or out of connections): answered 503, retried."""
-
-
-def open_store(cfg) -> ConversationStore:
-    """``cfg.store`` (a PostgreSQL URL) when set, else the SQLite file ``cfg.db``.
-
-    Raises:
-        ConfigError: the database cannot be opened or reached (named, with the fix).
-    """
-    if cfg.store:
-        from .postgres import PostgresStore
-
-        return PostgresStore(cfg.store, pool_size=cfg.store_pool)
-    return SQLiteStore(cfg.db)
 
 
 class SQLiteStore:
