@@ -13,10 +13,11 @@ it was generating (the others wait on) and the stream is opened afresh.
 
 Admission is by expected wait, not by queue length: ``reserve`` refuses a request (``Overloaded``) only when
 the time it would wait for its reply, estimated from the requests ahead of it (queued, holding a ticket, or
-in the engine) and the engine's recent time per reply, passes ``bound_s`` (the request timeout). The estimate:
-``service * max(1, (ahead + 1) / max_batch)`` plus the batch window when the engine is idle, with ``service``
-a moving average of the time a reply spends in the engine (which already reflects how full the batch was).
-Before the first reply nothing is refused.
+in the engine) and the engine's recent cost per reply, passes ``bound_s`` (the request timeout). The estimate:
+``cost * (ahead + 1)`` plus the batch window when the engine is idle, with ``cost`` a moving average of a
+reply's engine time divided by the rows decoded beside it (the engine time it alone takes). It assumes no gain
+from batching more rows than were seen: on a CPU a full batch costs nearly as much per row as the rows seen,
+and a refusal must only come past the bound. Before the first reply nothing is refused.
 
 A request may listen to its reply as it is made (``submit(..., listener=...)``): after each decode step the
 new tokens of every listening row are handed to the event loop in the same wake-up as the finished replies.
@@ -122,7 +123,7 @@ class Batcher:
     ):
         self._open = open_stream  # rows -> a context manager yielding an engine Stream
         self.max_batch, self.wait_s, self.bound_s = max_batch, wait_s, bound_s
-        self.service_s = 0.0  # moving average of a reply's time in the engine (0: none seen yet)
+        self.service_s = 0.0  # moving average of a reply's engine time per row beside it (0: none seen yet)
         self.metrics = metrics
         self._jobs: collections.deque[_Job] = collections.deque()  # guarded by _cv
         self._cv = threading.Condition()
@@ -147,7 +148,7 @@ class Batcher:
         """Seconds a request arriving now would wait for its reply (see the module docstring)."""
         ahead = self.depth() + self._running
         idle = self.wait_s if ahead == 0 else 0.0
-        return idle + self.service_s * max(1.0, (ahead + 1) / self.max_batch)
+        return idle + self.service_s * (ahead + 1)
 
     def reserve(self) -> Ticket:
         """A place in the queue.
@@ -237,7 +238,10 @@ class Batcher:
             for f in stream.step():
                 job = live.pop(f.handle)
                 dt = time.perf_counter() - job.t0
-                self.service_s = dt if not self.service_s else (1 - SERVICE_EWMA) * self.service_s + SERVICE_EWMA * dt
+                cost = dt / max(f.batch, 1.0)  # the engine's time this reply took, its batch-mates' share left out
+                self.service_s = (
+                    cost if not self.service_s else (1 - SERVICE_EWMA) * self.service_s + SERVICE_EWMA * cost
+                )
                 if self.metrics is not None:
                     self.metrics.batch_size.observe(f.batch)
                     self.metrics.generate_seconds.observe(dt)
