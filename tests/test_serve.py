@@ -2,8 +2,8 @@
 GPT-2 folder (conftest's ``tiny_base``), talked to with httpx.
 
 Two servers start in parallel once per module: ``server`` (ordinary settings, a low rate limit) and
-``slow`` (a 1 s batch window and a queue of 2, so queueing, 503, 504 and a kill -9 mid-request happen on
-cue). They run ``lora_med.serve.serve`` in a subprocess (what ``lora-med serve`` calls, without the
+``slow`` (a 1 s batch window, so waiting, 504 and a kill -9 mid-request happen on cue). Admission (503),
+the API key, the body limit and the probes are in test_serve_production.py. They run ``lora_med.serve.serve`` in a subprocess (what ``lora-med serve`` calls, without the
 CLI's import of the training stack); the server restarted after kill -9 runs through the CLI itself.
 """
 

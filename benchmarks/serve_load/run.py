@@ -378,7 +378,9 @@ def markdown(report: dict) -> str:
         f"- Lost or unanswered: {t['lost']} (target 0); a stored reply for every 200: "
         f"{t['replies_stored_for_every_200']}; store: {report['store']}.",
         f"- Throughput with 8 clients / 1 client: {t['scaling_8_vs_1']}x (target >= 3x): "
-        f"{'met' if t['scaling_met'] else 'not met'}.",
+        f"{'met' if t['scaling_met'] else 'not met'}."
+        if t["scaling_8_vs_1"] is not None
+        else "- Throughput with 8 clients / 1 client: not measured (needs levels 1 and 8).",
         "",
     ]
     return "\n".join(lines)
