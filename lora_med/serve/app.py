@@ -146,6 +146,7 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
             "batch_wait_ms": server.batcher.wait_s * 1000,
             "expected_wait_s": round(server.batcher.expected_wait(), 3),
             "engine_s_per_reply": round(server.batcher.service_s, 4),
+            "store_s_per_call": round(server.store_s, 4),
             "request_timeout_s": cfg.request_timeout_s,
             "cut_block": server.replier.cut_block,
             "prefix_cache_mb": cache.max_bytes / 2**20 if cache is not None else 0,

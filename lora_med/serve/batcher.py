@@ -150,8 +150,8 @@ class Batcher:
         idle = self.wait_s if ahead == 0 else 0.0
         return idle + self.service_s * (ahead + 1)
 
-    def reserve(self) -> Ticket:
-        """A place in the queue.
+    def reserve(self, extra_s: float = 0.0) -> Ticket:
+        """A place in the queue; ``extra_s``: what the request waits for besides the engine (the store).
 
         Raises:
             Overloaded: the expected wait passes ``bound_s``.
@@ -159,7 +159,7 @@ class Batcher:
         """
         if self._closing:
             raise ShuttingDown()
-        expected = self.expected_wait()
+        expected = self.expected_wait() + extra_s
         if expected > self.bound_s:
             raise Overloaded(expected, self.bound_s)
         self._reserved += 1

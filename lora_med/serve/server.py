@@ -113,15 +113,30 @@ class Server:
         self.trial.metrics = Metrics(queue_depth=lambda: 0, in_flight=lambda: 0)
         # SQLite takes one writer at a time; a PostgreSQL pool serves different users at once (a user's
         # messages stay in order: UserLocks here, the user's row lock across replicas).
-        threads = cfg.store_pool if cfg.store else 1
-        self.store_thread = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="store")
+        self.store_threads = cfg.store_pool if cfg.store else 1
+        self.store_thread = ThreadPoolExecutor(max_workers=self.store_threads, thread_name_prefix="store")
+        self.store_s = 0.0  # moving average of one store call's time (begin or answer)
         self.started = time.time()
         self.serving = False  # between the lifespan's start and its end
         self.port: int | None = None  # set by serve() once the socket is bound
 
     async def db(self, fn, *args, **kwargs):
-        """Run a store call on a store thread (the store blocks; the event loop must not)."""
-        return await asyncio.get_running_loop().run_in_executor(self.store_thread, lambda: fn(*args, **kwargs))
+        """Run a store call on a store thread (the store blocks; the event loop must not); its time is averaged
+        for admission (a /chat/ request waits for two calls, behind the calls of the requests in flight)."""
+
+        def timed():
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t
+                self.store_s = dt if not self.store_s else 0.8 * self.store_s + 0.2 * dt
+
+        return await asyncio.get_running_loop().run_in_executor(self.store_thread, timed)
+
+    def store_wait(self) -> float:
+        """What a /chat/ request arriving now waits for the store: its two calls behind those in flight."""
+        return 2 * self.store_s * max(1, self.in_flight) / self.store_threads
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: FastAPI):
@@ -203,7 +218,7 @@ class Server:
                 status, body, extra = limited
                 return self.finish(status, t0, body, {**headers, **extra}, error="rate_limited", **ids)
             if urgent is None:
-                ticket = self.batcher.reserve()  # Overloaded: 503 (an emergency never needs the model)
+                ticket = self.batcher.reserve(self.store_wait())  # Overloaded: 503 (an emergency never needs the model)
             try:
                 async with asyncio.timeout(cfg.request_timeout_s):
                     # A user's messages are answered in order, but an emergency never waits behind one.
