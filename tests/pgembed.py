@@ -278,7 +278,10 @@ class EmbeddedPostgres:
     def _copy_install(self) -> Path:
         """``pginstall`` copied once to the temporary folder, readable by all (the same files, another place)."""
         src = self.bin_dir.parent
-        dst = Path(tempfile.gettempdir()) / f"lora-med-pginstall-{hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:12]}"
+        dst = (
+            Path(tempfile.gettempdir())
+            / f"lora-med-pginstall-{hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:12]}"
+        )
         if not (dst / "bin" / "postgres").is_file():
             tmp = Path(tempfile.mkdtemp(prefix="lora-med-pginstall-"))
             shutil.copytree(src, tmp / "pginstall", symlinks=True)

@@ -198,3 +198,43 @@ def test_a_client_leaving_mid_stream_or_before_the_reply_frees_its_row(tiny_base
 def metric_free(url: str, name: str) -> float:
     text = httpx.get(url + "/metrics", timeout=10).text
     return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(name))
+
+
+def test_gate_releases_checked_sentences_and_never_text_a_check_changes():
+    """release.Gate with a check standing in for finish(): it replaces replies naming Saturday (a fact check)
+    and adds a safety line to every reply it keeps (a caution tier)."""
+    from lora_med.serve.release import Gate, sentence_end
+
+    line = " Si tienes dolor de pecho, llama al 118."
+
+    def check(text: str) -> str:
+        return "La Dra. Elena atiende de lunes a viernes." if "sábado" in text else text + line
+
+    assert sentence_end("Hola. La Dra. Elena atiende el lunes. ¿Te") == len("Hola. La Dra. Elena atiende el lunes.")
+    assert sentence_end("Hola. bueno") == 0 and sentence_end("Hola") == 0  # not yet a next sentence
+
+    kept = Gate(check)
+    assert kept.feed("¡Hola! Con") == ("¡Hola!", False)
+    assert kept.feed("¡Hola! Con gusto. ¿Para") == (" Con gusto.", False)
+    assert kept.end("¡Hola! Con gusto. ¿Para cuándo?", check("¡Hola! Con gusto. ¿Para cuándo?")) == (
+        " ¿Para cuándo?" + line,
+        "kept",
+    )
+
+    replaced = Gate(check)
+    assert replaced.feed("El sábado. A") == ("", True)  # nothing sent; generation stops
+    assert replaced.end("El sábado.", check("El sábado.")) == ("La Dra. Elena atiende de lunes a viernes.", "replaced")
+
+    cut = Gate(check)
+    assert cut.feed("Hola. Ven el sábado. Te") == ("", True)  # "Hola. Ven el sábado." fails as a whole
+    cut = Gate(check)
+    assert cut.feed("Hola. Ven") == ("Hola.", False)
+    assert cut.feed("Hola. Ven el sábado. Te") == ("", True)
+    assert cut.end("Hola. Ven el sábado.", check("Hola. Ven el sábado.")) == (line, "cut")  # ends with what passed
+
+    whole = Gate(check, mode="reply")
+    assert whole.feed("Hola. Ven. Te") == ("", False)
+    assert whole.end("Hola.", check("Hola.")) == ("Hola." + line, "kept")
+
+    stop = Gate(check, stop=["FIN"])
+    assert stop.feed("Hola. Ya. F") == ("Hola.", False)  # " Ya." waits: "F..." could still be the stop string
