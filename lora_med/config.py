@@ -381,7 +381,16 @@ class ServeConfig:
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 exposes it to the network)")
     port: int = setting(8000, 'TCP port; 0 picks a free one (logged in the "ready" line)', min=0, max=65535)
     # conversations
-    db: str = setting("lora-med-serve.db", "SQLite file (WAL mode) holding every turn; history survives restarts")
+    db: str = setting(
+        "lora-med-serve.db", "SQLite file (WAL mode, created 0600) holding every turn; history survives restarts"
+    )
+    store: str | None = setting(
+        None,
+        "a postgresql://user@host/db URL: conversations in PostgreSQL, shared by several replicas (needs "
+        "`pip install lora-med[postgres]`); default: the SQLite file --db",
+        metavar="URL",
+    )
+    store_pool: int = setting(4, "PostgreSQL connections kept per server (and store threads using them)", min=1)
     idle_minutes: float = setting(30.0, "a message after this much silence starts a new conversation", above=0)
     intents: str = setting(DEFAULT_INTENTS, "rules deriving `action` and `params.status`")
     emergency: str = setting(DEFAULT_EMERGENCY, "the emergency guard's rules and reply")
@@ -400,6 +409,29 @@ class ServeConfig:
         min=0,
         max=1000,
     )
-    queue_size: int = setting(64, "requests waiting for the model beyond this get 503", min=1)
-    request_timeout_s: float = setting(30.0, "a reply not ready by then gets 504", above=0)
+    request_timeout_s: float = setting(
+        30.0,
+        "a reply not ready by then gets 504; a request whose expected wait for the model is longer is "
+        "refused at once (503 with Retry-After; emergencies never are)",
+        above=0,
+    )
+    max_body_bytes: int = setting(64 * 1024, "larger request bodies get 413 before any of it is parsed", min=1024)
+    # access
+    api_key_file: str | None = setting(
+        None,
+        "file of API keys, one per line (several: rotation); every route but /health/live and /health/ready "
+        "then needs `Authorization: Bearer KEY` (the LORA_MED_API_KEY variable gives one key too)",
+        metavar="FILE",
+    )
+    insecure_no_auth: bool = setting(
+        False, "allow a --host beyond this machine without an API key (anyone reaching the port reads patients' chats)"
+    )
+    # the OpenAI-compatible API (/v1)
+    model_id: str | None = setting(None, "the model's name on /v1/models [default: the EXPORT_DIR folder's name]")
+    stream_release: str = setting(
+        "sentence",
+        "when streamed text leaves the server: sentence (each complete sentence once the reply so far has passed "
+        "the checks) or reply (the whole checked reply at once, exactly what /chat/ would say)",
+        choices=("sentence", "reply"),
+    )
     log_file: str | None = setting(None, "JSON-lines log file [default: stderr]")

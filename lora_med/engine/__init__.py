@@ -15,11 +15,20 @@ import torch
 from ..errors import LoraMedError
 from ..models import load_model, resolve_device
 from .graph_format import ENGINE_FILE, GRAPH_FILE
-from .loop import Engine, GenerationSettings, StepBackend, Stream
+from .loop import Engine, GenerationSettings, RowSettings, StepBackend, Stream
 from .ort_backend import ort_engine
 from .torch_backend import torch_engine
 
-__all__ = ["ENGINE_FILE", "GRAPH_FILE", "Engine", "GenerationSettings", "StepBackend", "Stream", "load_engine"]
+__all__ = [
+    "ENGINE_FILE",
+    "GRAPH_FILE",
+    "Engine",
+    "GenerationSettings",
+    "RowSettings",
+    "StepBackend",
+    "Stream",
+    "load_engine",
+]
 
 
 def load_engine(

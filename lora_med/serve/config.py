@@ -33,7 +33,13 @@ def check(cfg: ServeConfig) -> None:
         if not resolve_path(getattr(cfg, field)).is_file():
             p.append(f"{describe(cfg, field)}: file not found")
     db = Path(cfg.db)
-    if db.is_dir():
+    if cfg.store:
+        if not cfg.store.startswith(("postgresql://", "postgres://")):
+            p.append(
+                f"{name(cfg, 'store')}: give a PostgreSQL URL, postgresql://user:password@host:5432/dbname "
+                "(or leave it unset for the SQLite file --db)"
+            )
+    elif db.is_dir():
         p.append(f"{describe(cfg, 'db')}: is a directory; give a file path such as {db / 'serve.db'}")
     elif not db.parent.resolve().is_dir():
         p.append(f"{describe(cfg, 'db')}: folder {db.parent} does not exist; create it first")

@@ -95,6 +95,7 @@ class Metrics:
         in_flight: Callable[[], float],
         prompt_tokens: Callable[[], float] = lambda: 0.0,
         reused_tokens: Callable[[], float] = lambda: 0.0,
+        expected_wait: Callable[[], float] = lambda: 0.0,
     ):
         self.requests = Counter("lora_med_requests_total", "POST /chat/ requests by HTTP status.", "status")
         self.latency = Histogram(
@@ -130,8 +131,34 @@ class Metrics:
             reused_tokens,
             kind="counter",
         )
+        self.openai_requests = Counter(
+            "lora_med_openai_requests_total", "POST /v1/chat/completions requests by HTTP status.", "status"
+        )
+        self.refused = Counter(
+            "lora_med_refused_total",
+            "Requests refused at the door, by reason: unauthorized (401), too_large (413), invalid_body (422), "
+            "overloaded (503: expected wait past request_timeout_s).",
+            "reason",
+        )
+        self.expected_wait = Gauge(
+            "lora_med_expected_wait_seconds", "What a request arriving now would wait for the model.", expected_wait
+        )
+        self.stream_checks = Counter(
+            "lora_med_stream_checks_total",
+            "Streamed replies by what the checks did: kept (the model's text), replaced (nothing of it had been "
+            "sent: the check's reply was), cut (sentences already sent, the rest withheld).",
+            "outcome",
+        )
+        self.client_gone = Counter(
+            "lora_med_client_gone_total", "Requests whose client left before the reply; their engine row was freed."
+        )
         self._all = (
             self.requests,
+            self.openai_requests,
+            self.refused,
+            self.expected_wait,
+            self.stream_checks,
+            self.client_gone,
             self.latency,
             self.queue_depth,
             self.in_flight,
