@@ -32,6 +32,7 @@ from .intents import ACTIONS, Intents
 from .limits import RateLimiter, UserLocks
 from .logs import log, logging_config
 from .metrics import CONTENT_TYPE, Metrics
+from .referee import Referee, load_referee
 from .replier import Replier, load_replier, resolve_model
 from .store import ConversationStore, SQLiteStore
 from .turn import Dialog
@@ -73,7 +74,15 @@ def _request_model(max_chars: int) -> type[BaseModel]:
 class _Server:
     """Everything one running app holds (no module-level state)."""
 
-    def __init__(self, cfg: ServeConfig, guard: Guard, intents: Intents, store: ConversationStore, replier: Replier):
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        guard: Guard,
+        intents: Intents,
+        store: ConversationStore,
+        replier: Replier,
+        referee: Referee | None = None,
+    ):
         self.cfg = cfg
         self.store = store
         self.replier = replier
@@ -97,7 +106,7 @@ class _Server:
             queue_size=cfg.queue_size,
             metrics=self.metrics,
         )
-        self.dialog = Dialog(guard, intents, replier, self.metrics)
+        self.dialog = Dialog(guard, intents, replier, self.metrics, referee)
         self.store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self.started = time.time()
         self.port: int | None = None  # set by serve() once the socket is bound
@@ -230,6 +239,7 @@ class _Server:
                 now=time.time(),
             )
             self.metrics.actions.inc(plan.action)
+            self.metrics.sources.inc(plan.source)
             body = ChatResponse(
                 response=plan.reply,
                 user_id=user_id,
@@ -249,6 +259,7 @@ class _Server:
                 prompt_tokens=prompt_len,
                 batch=batch,
                 guard=plan.rule,
+                replaced=list(plan.reasons) or None,
                 **ids,
             )
         except ShuttingDown:
@@ -295,6 +306,7 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
     check(cfg)
     # Cheap things first, so their mistakes show before the model loads.
     guard, intents = Guard(resolve_path(cfg.emergency)), Intents(resolve_path(cfg.intents))
+    referee = load_referee(cfg.facts, cfg.replies, cfg.words, cfg.now)
     source = resolve_model(cfg.model)  # a LoRA run or a half export is refused before the database is touched
     store = store if store is not None else SQLiteStore(cfg.db)
     try:
@@ -302,7 +314,7 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
     except BaseException:
         store.close()
         raise
-    server = _Server(cfg, guard, intents, store, replier)
+    server = _Server(cfg, guard, intents, store, replier, referee)
     app = FastAPI(
         title="lora-med serve",
         version="1",
