@@ -44,7 +44,16 @@ def shipped(path: str) -> Path:
     if (
         not p.exists()
         and not p.is_absolute()
-        and path in (DEFAULT_BASE, DEFAULT_DATA, DEFAULT_EVAL, DEFAULT_INTENTS, DEFAULT_EMERGENCY, DEFAULT_FACTS, DEFAULT_REPLIES)
+        and path
+        in (
+            DEFAULT_BASE,
+            DEFAULT_DATA,
+            DEFAULT_EVAL,
+            DEFAULT_INTENTS,
+            DEFAULT_EMERGENCY,
+            DEFAULT_FACTS,
+            DEFAULT_REPLIES,
+        )
     ):
         return REPO_ROOT / path
     return p

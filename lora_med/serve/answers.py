@@ -123,15 +123,32 @@ class Answers:
         if has["results"] or facts.find("culture", toks):
             lab_ = facts.raw["laboratory"]
             hours = str(lab_["results_hours"]).replace("-", " a ")
-            out.append(self._say("info", "results", results_hours=hours, cultures_hours=lab_.get("cultures_hours", ""), delivery=lab_["delivery"]))
+            out.append(
+                self._say(
+                    "info",
+                    "results",
+                    results_hours=hours,
+                    cultures_hours=lab_.get("cultures_hours", ""),
+                    delivery=lab_["delivery"],
+                )
+            )
         elif lab and not out:
             out.append(self._lab(dates, times))
         if not out and (has["hours"] or dates or times):
             out.append(self._hours(dates, times, now))
         if has["address"]:
             a = facts.raw["address"]
-            out.append(self._say("info", "address", street=a["street"], between=a.get("between", ""), city=a["city"],
-                                 parking_text=str(a.get("parking", "")).capitalize(), transit=a.get("transit", "")))
+            out.append(
+                self._say(
+                    "info",
+                    "address",
+                    street=a["street"],
+                    between=a.get("between", ""),
+                    city=a["city"],
+                    parking_text=str(a.get("parking", "")).capitalize(),
+                    transit=a.get("transit", ""),
+                )
+            )
         if has["phone"] and not has["emergency"]:
             out.append(self._say("info", "phones"))
         out = [s for s in dict.fromkeys(out) if s]
@@ -151,7 +168,9 @@ class Answers:
                 ids.append(pid)
         if not ids:
             ids = list(dict.fromkeys(s.price for s in facts.specialties.values()))
-        parts = [f"{_article(facts.prices[i].name)} {facts.prices[i].name} cuesta Bs {facts.prices[i].bs}" for i in ids[:4]]
+        parts = [
+            f"{_article(facts.prices[i].name)} {facts.prices[i].name} cuesta Bs {facts.prices[i].bs}" for i in ids[:4]
+        ]
         return self._say("info", "prices", items="; ".join(parts))
 
     def _doctor(self, specs: list[str], docs: list, dates: list, message: str, f: str, now: datetime) -> str:
@@ -161,13 +180,19 @@ class Answers:
         day = next((d for d in dates if d.weekday is not None and not d.year_given), None)
         part = part_of_day(message)
         if day is not None:
-            works = [d for d in chosen if (facts.doctor_hours(d, day.day) if day.day else facts.doctor_hours(d, day.weekday))]
+            works = [
+                d for d in chosen if (facts.doctor_hours(d, day.day) if day.day else facts.doctor_hours(d, day.weekday))
+            ]
             when = _when(day)
             if works:
                 hours = facts.doctor_hours(works[0], day.day or day.weekday)
-                return self._say("info", "doctor_day_yes", doctor=_the(works[0]), day=when, hours=describe_interval(hours))
+                return self._say(
+                    "info", "doctor_day_yes", doctor=_the(works[0]), day=when, hours=describe_interval(hours)
+                )
             doc = chosen[0]
-            return self._say("info", "doctor_day_no", doctor=_the(doc), day=when, schedule=describe_doctor_hours(facts, doc))
+            return self._say(
+                "info", "doctor_day_no", doctor=_the(doc), day=when, schedule=describe_doctor_hours(facts, doc)
+            )
         if part and len(chosen) == 1:
             doc = chosen[0]
             key = "doctor_part_yes" if doc.shift is None or doc.shift.startswith(part[:4]) else "doctor_part_no"
@@ -175,10 +200,27 @@ class Answers:
                 key = "doctor_part_no"
             return self._say("info", key, doctor=_the(doc), schedule=describe_doctor_hours(facts, doc))
         if docs and _RX["asks_specialty"].search(f):
-            return self._say("info", "doctor_specialty", doctor=_the(docs[0]), specialty=spec.name, schedule=describe_doctor_hours(facts, docs[0]))
+            return self._say(
+                "info",
+                "doctor_specialty",
+                doctor=_the(docs[0]),
+                specialty=spec.name,
+                schedule=describe_doctor_hours(facts, docs[0]),
+            )
         if len(chosen) == 1:
-            return self._say("info", "doctor", specialty=spec.name, doctor=_the(chosen[0]), schedule=describe_doctor_hours(facts, chosen[0]))
-        return self._say("info", "doctors", specialty=spec.name, doctors=_join([f"{_the(d)} ({describe_doctor_hours(facts, d)})" for d in chosen]))
+            return self._say(
+                "info",
+                "doctor",
+                specialty=spec.name,
+                doctor=_the(chosen[0]),
+                schedule=describe_doctor_hours(facts, chosen[0]),
+            )
+        return self._say(
+            "info",
+            "doctors",
+            specialty=spec.name,
+            doctors=_join([f"{_the(d)} ({describe_doctor_hours(facts, d)})" for d in chosen]),
+        )
 
     def _insurance(self, insurers: list[str]) -> str:
         ins = self.facts.raw["insurance"]
@@ -186,12 +228,22 @@ class Answers:
         if insurers and insurers[0].startswith("+"):
             return self._say("info", "insurer_yes", insurer=insurers[0][1:], bring=ins.get("bring", "tu CI"))
         if insurers:
-            return self._say("info", "insurer_no", insurer=_with_article(insurers[0][1:]), otherwise=ins.get("otherwise", ""), taken=taken)
-        return self._say("info", "insurance", taken=taken, bring=ins.get("bring", "tu CI"), otherwise=ins.get("otherwise", ""))
+            return self._say(
+                "info",
+                "insurer_no",
+                insurer=_with_article(insurers[0][1:]),
+                otherwise=ins.get("otherwise", ""),
+                taken=taken,
+            )
+        return self._say(
+            "info", "insurance", taken=taken, bring=ins.get("bring", "tu CI"), otherwise=ins.get("otherwise", "")
+        )
 
     def _lab(self, dates: list, times: list) -> str:
         facts, lab = self.facts, self.facts.raw["laboratory"]
-        fields = dict(days=describe_days(facts.lab_days), start=clock(facts.lab_hours[0]), end=clock(facts.lab_hours[1]))
+        fields = dict(
+            days=describe_days(facts.lab_days), start=clock(facts.lab_hours[0]), end=clock(facts.lab_hours[1])
+        )
         day = next((d for d in dates if d.weekday is not None and not d.year_given), None)
         if day is not None and (day.weekday not in facts.lab_days or (day.day and facts.holiday(day.day))):
             return self._say("info", "lab_closed_day", day=_when(day), **fields)
@@ -208,21 +260,32 @@ class Answers:
             hours = facts.open_hours(day.day) if day.day and not day.plural else facts.open_hours(day.weekday)
             if hours is None:
                 holiday = facts.holiday(day.day) if day.day else None
-                return self._say("info", "closed_day", day=when, why=f" por {holiday}" if holiday else "", reopen=general)
+                return self._say(
+                    "info", "closed_day", day=when, why=f" por {holiday}" if holiday else "", reopen=general
+                )
             if times and not hours[0] <= times[0].minutes <= hours[1]:
-                return self._say("info", "time_closed", time=clock(times[0].minutes), open_text=f"{when} atendemos {describe_interval(hours)}")
+                return self._say(
+                    "info",
+                    "time_closed",
+                    time=clock(times[0].minutes),
+                    open_text=f"{when} atendemos {describe_interval(hours)}",
+                )
             return self._say("info", "hours_day", day=when, hours=describe_interval(hours))
         if times:
             t = times[0].minutes
             if not any(h[0] <= t <= h[1] for h in facts.hours.values()):
-                return self._say("info", "time_closed", time=clock(t), open_text=general[0].lower() + general[1:].rstrip("."))
+                return self._say(
+                    "info", "time_closed", time=clock(t), open_text=general[0].lower() + general[1:].rstrip(".")
+                )
         return general
 
     def _week_text(self) -> str:
         week = {self.facts.hours.get(d) for d in range(5)}
         if len(week) == 1 and None not in week:
             return describe_interval(next(iter(week)))
-        return "; ".join(f"el {WEEKDAYS[d]} {describe_interval(h)}" for d, h in sorted(self.facts.hours.items()) if d < 5)
+        return "; ".join(
+            f"el {WEEKDAYS[d]} {describe_interval(h)}" for d, h in sorted(self.facts.hours.items()) if d < 5
+        )
 
     def _saturday_text(self) -> str:
         h = self.facts.hours.get(5)
@@ -241,7 +304,13 @@ class Answers:
         if action == "cancel_appointment":
             return self._say("flows", "cancelled" if status == "confirmed" else "cancel")
         if action == "lab_results":
-            return self._say("flows", "lab_results", delivery_short="están listos en " + str(self.facts.raw["laboratory"]["results_hours"]).replace("-", " a ") + " horas")
+            return self._say(
+                "flows",
+                "lab_results",
+                delivery_short="están listos en "
+                + str(self.facts.raw["laboratory"]["results_hours"]).replace("-", " a ")
+                + " horas",
+            )
         if action == "clinic_info":
             return self.info(message, now) or self.unknown()
         f = fold(message)
@@ -278,7 +347,11 @@ class Answers:
     def summary(self, b: Booking) -> str:
         doc = self.facts.doctor(b.doctor) if b.doctor else None
         spec = self.facts.specialties[b.specialty].name
-        return f"{spec} {describe_slot(self.facts, doc, b.date, b.time, True).replace('el ', 'para el ', 1)}" if doc else spec
+        return (
+            f"{spec} {describe_slot(self.facts, doc, b.date, b.time, True).replace('el ', 'para el ', 1)}"
+            if doc
+            else spec
+        )
 
     def _offer(self, b: Booking, now: datetime) -> str:
         facts = self.facts
@@ -293,29 +366,48 @@ class Answers:
             elif p.kind == "closed":
                 lead = self._say("booking", "problem_closed", day=day, why=f" por {p.thing}" if p.thing else "")
             elif p.kind == "day" and doc:
-                lead = self._say("booking", "problem_day", doctor=_the(doc), day=day, schedule=describe_doctor_hours(facts, doc))
+                lead = self._say(
+                    "booking", "problem_day", doctor=_the(doc), day=day, schedule=describe_doctor_hours(facts, doc)
+                )
             elif p.kind == "day":
-                lead = self._say("booking", "problem_day_specialty", day=day, specialty=facts.specialties[b.specialty].name if b.specialty else "")
+                lead = self._say(
+                    "booking",
+                    "problem_day_specialty",
+                    day=day,
+                    specialty=facts.specialties[b.specialty].name if b.specialty else "",
+                )
             elif p.kind == "time":
                 if doc and p.day:
-                    who, hours = _the(doc), f"el {spoken_date(p.day)} " + describe_interval(facts.doctor_hours(doc, p.day))
+                    who, hours = (
+                        _the(doc),
+                        f"el {spoken_date(p.day)} " + describe_interval(facts.doctor_hours(doc, p.day)),
+                    )
                 elif doc:
                     who, hours = _the(doc), describe_doctor_hours(facts, doc)
                 else:
                     h = facts.open_hours(p.day) if p.day else None
-                    who, hours = "la clínica", (f"el {spoken_date(p.day)} " + describe_interval(h)) if h else self._week_text()
+                    who, hours = (
+                        "la clínica",
+                        (f"el {spoken_date(p.day)} " + describe_interval(h)) if h else self._week_text(),
+                    )
                 lead = self._say("booking", "problem_time", time=clock(p.minutes), who=who, hours=hours)
         elif len(docs) == 1 and b.date is None:
-            lead = self._say("booking", "lead_doctor", doctor=_the(docs[0]), schedule=describe_doctor_hours(facts, docs[0]))
+            lead = self._say(
+                "booking", "lead_doctor", doctor=_the(docs[0]), schedule=describe_doctor_hours(facts, docs[0])
+            )
         start = b.date if (p is None or p.kind == "time") else (p.day if p and p.day and p.day >= now.date() else None)
         slots = facts.slots(docs, now, day=start, near=b.near if b.time is None else None, part=b.part)
         if not slots:
             return lead + self._say("booking", "no_slots")
         many = len({d.name for d in docs}) > 1
-        text = describe_slot(facts, slots[0][0], slots[0][1], slots[0][2], many)
+        text = describe_slot(facts, slots[0][0], slots[0][1], slots[0][2], many or not lead)
         if len(slots) > 1:
             same = slots[1][1] == slots[0][1] and (not many or slots[1][0] == slots[0][0])
-            second = f"a las {clock(slots[1][2])}" if same else describe_slot(facts, slots[1][0], slots[1][1], slots[1][2], many)
+            second = (
+                f"a las {clock(slots[1][2])}"
+                if same
+                else describe_slot(facts, slots[1][0], slots[1][1], slots[1][2], many)
+            )
             if same and many:
                 second += f" con {_the(slots[1][0])}"
             text += f" o {second}"
@@ -323,7 +415,7 @@ class Answers:
 
 
 def _when(d) -> str:
-    """"el sábado 5 de diciembre" for a day, "los sábados" for a weekday."""
+    """ "el sábado 5 de diciembre" for a day, "los sábados" for a weekday."""
     return f"el {spoken_date(d.day)}" if d.day and not d.plural else f"los {_plural(WEEKDAYS[d.weekday])}"
 
 

@@ -24,17 +24,94 @@ _CI = re.compile(
     rf"\b(?:ci|c\.i\.?|carnet(?: de identidad)?|cedula)\b\D{{0,12}}?(\d{{5,9}})(?:\s*-?\s*({_DEPARTMENTS})\b)?"
     rf"|\b(\d{{5,9}})\s*-?\s*({_DEPARTMENTS})\b"
 )
-_ANY_DOCTOR = re.compile(r"\b(?:primer[oa]?|cualquier[ao]?|el que (?:sea|este|haya))\b.{0,12}\b(?:disponible|doctor|doctora|medico|medica|libre|hay)\b|\bcualquiera\b|\bel que sea\b|\bme da igual\b")
+_ANY_DOCTOR = re.compile(
+    r"\b(?:primer[oa]?|cualquier[ao]?|el que (?:sea|este|haya))\b.{0,12}\b(?:disponible|doctor|doctora|medico|medica|libre|hay)\b|\bcualquiera\b|\bel que sea\b|\bme da igual\b"
+)
 _FIRST = re.compile(r"\b(?:la|el)\s+(?:primer[oa]?|1)\b|\bprimera\b")
 _SECOND = re.compile(r"\b(?:la|el)\s+(?:segund[oa]|otr[oa]|ultim[oa]|2)\b|\bsegunda\b")
 _YES = re.compile(r"^\W*(?:si+|dale|ok[a-z]*|esa|ese|perfecto|bueno|listo|me sirve|esta bien|de acuerdo|claro)\b")
-_NAME_MARKERS = re.compile(r"\b(?:a nombre de|se llama|me llamo|mi nombre es|nombre(?: completo)?(?: es)?:?|soy)\s+", re.I)
-_NAME_STOP = re.compile(r"\s*(?:,|;|\d|\+|\by\s+(?:mi|el|su|la)\b|\bmi\b|\bcel\b|\bcelular\b|\bn[uú]mero\b|\btel[eé]fono\b|\bci\b|\bcarnet\b|\bwhats)", re.I)
+_NAME_MARKERS = re.compile(
+    r"\b(?:a nombre de|se llama|me llamo|mi nombre es|nombre(?: completo)?(?: es)?:?|soy)\s+", re.I
+)
+_NAME_STOP = re.compile(
+    r"\s*(?:,|;|\d|\+|\by\s+(?:mi|el|su|la)\b|\bmi\b|\bcel\b|\bcelular\b|\bn[uú]mero\b|\btel[eé]fono\b|\bci\b|\bcarnet\b|\bwhats)",
+    re.I,
+)
 _NOT_NAME = frozenset(
-    "hola buenas buenos dias tardes noches quiero quisiera necesito cita ficha turno consulta gracias si no ok dale "
-    "para por favor porfa manana hoy lunes martes miercoles jueves viernes sabado domingo las los el la a las "
-    "doctor doctora dr dra medico medica con de en que mejor esta bien puede ser hay tengo mi hija hijo primera "
-    "primero segunda segundo otra otro ultima esa ese confirmo correcto perfecto listo claro bueno".split()
+    [
+        "hola",
+        "buenas",
+        "buenos",
+        "dias",
+        "tardes",
+        "noches",
+        "quiero",
+        "quisiera",
+        "necesito",
+        "cita",
+        "ficha",
+        "turno",
+        "consulta",
+        "gracias",
+        "si",
+        "no",
+        "ok",
+        "dale",
+        "para",
+        "por",
+        "favor",
+        "porfa",
+        "manana",
+        "hoy",
+        "lunes",
+        "martes",
+        "miercoles",
+        "jueves",
+        "viernes",
+        "sabado",
+        "domingo",
+        "las",
+        "los",
+        "el",
+        "la",
+        "a",
+        "las",
+        "doctor",
+        "doctora",
+        "dr",
+        "dra",
+        "medico",
+        "medica",
+        "con",
+        "de",
+        "en",
+        "que",
+        "mejor",
+        "esta",
+        "bien",
+        "puede",
+        "ser",
+        "hay",
+        "tengo",
+        "mi",
+        "hija",
+        "hijo",
+        "primera",
+        "primero",
+        "segunda",
+        "segundo",
+        "otra",
+        "otro",
+        "ultima",
+        "esa",
+        "ese",
+        "confirmo",
+        "correcto",
+        "perfecto",
+        "listo",
+        "claro",
+        "bueno",
+    ]
 )
 
 
@@ -273,14 +350,14 @@ def _name(message: str, step: str) -> str | None:
         return None
     cut = _NAME_STOP.search(message)
     words = [w.strip(".!?") for w in (message[: cut.start()] if cut else message).split() if w.strip(".!?")]
-    if 2 <= len(words) <= 6 and all(w.replace("-", "").isalpha() for w in words):
-        if not any(fold(w) in _NOT_NAME for w in words if fold(w) not in ("de", "del", "la", "los")):
-            return " ".join(words)
+    plain = 2 <= len(words) <= 6 and all(w.replace("-", "").isalpha() for w in words)
+    if plain and not any(fold(w) in _NOT_NAME for w in words if fold(w) not in ("de", "del", "la", "los")):
+        return " ".join(words)
     return None
 
 
 def describe_slot(facts: Facts, doc: Doctor | None, day: date, minutes: int, with_doctor: bool) -> str:
-    """"el martes 8 de diciembre a las 10:00" (+ " con el Dr. Jorge Salinas")."""
+    """ "el martes 8 de diciembre a las 10:00" (+ " con el Dr. Jorge Salinas")."""
     from .dates import spoken_date
 
     text = f"el {spoken_date(day)} a las {clock(minutes)}"

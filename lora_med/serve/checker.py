@@ -48,7 +48,9 @@ _CONFIRMED = re.compile(
 )
 _ACCEPTS = re.compile(r"\b(?:aceptamos|trabajamos|cubre|cubrimos|atendemos|aceptan|valido|vale)\b")
 _AFFIRMS = re.compile(r"\b(?:tenemos|contamos|hay|atiende|atendemos|ofrecemos|hacemos)\b")
-_GREETED = re.compile(r"(?:^|[¡!.,]\s*)(?:listo|gracias|perfecto|hola|genial|muy bien|claro|excelente),\s+([A-ZÁÉÍÓÚÑ][a-záéíóúñ]+)")
+_GREETED = re.compile(
+    r"(?:^|[¡!.,]\s*)(?:listo|gracias|perfecto|hola|genial|muy bien|claro|excelente),\s+([A-ZÁÉÍÓÚÑ][a-záéíóúñ]+)"
+)
 _LAB_WORDS = re.compile(r"\b(?:laboratorio|muestras?|analisis|examen(?:es)?|ayunas)\b")
 
 
@@ -115,7 +117,12 @@ class Checker:
         b = ctx.booking
         if _CONFIRMED.search(fold(reply)) and ctx.status != "confirmed":
             out.append(Finding("flow", "says the booking is done before the patient confirmed it"))
-        elif _CONFIRMED.search(fold(reply)) and b is not None and b.step(self.facts) != "confirm" and ctx.action == "schedule_appointment":
+        elif (
+            _CONFIRMED.search(fold(reply))
+            and b is not None
+            and b.step(self.facts) != "confirm"
+            and ctx.action == "schedule_appointment"
+        ):
             out.append(Finding("flow", "says the booking is done while it still lacks details"))
         return out
 
@@ -132,7 +139,10 @@ class Checker:
         asked = self._context_specialties(ctx)
         missing = [h.id for h in facts.find("not_offered", tokens(ctx.message))]
         specs = facts.find("specialty", toks)
+        patient = set(normalize(ctx.booking.patient_name or "").split()) if ctx.booking else set()
         for h in facts.find_doctors(toks):
+            if h.first == h.last and toks[h.first].norm in patient:
+                continue  # "a nombre de Gladys Ribera de Suárez": the patient, not the doctor
             if h.id.startswith("?"):
                 out.append(Finding("doctor", f"{h.id[1:]}: no such doctor at the clinic"))
                 continue
@@ -144,9 +154,8 @@ class Checker:
                 out.append(Finding("doctor", f"{doc.name} is not of {', '.join(sorted(asked))}, which was asked for"))
             elif missing and not asked and not any(t.norm == "no" for t in toks):
                 out.append(Finding("specialty", f"offers {doc.name} for {missing[0]}, which the clinic does not have"))
-        if missing and not asked and not any(t.norm in ("no", "ni") for t in toks) and not out:
-            if specs or _AFFIRMS.search(fold(" ".join(t.text for t in toks))):
-                out.append(Finding("specialty", f"does not say the clinic has no {missing[0]}"))
+        if missing and not asked and re.match(r"\W*si\b", fold(" ".join(t.text for t in toks[:1]))):
+            out.append(Finding("specialty", f"answers yes about {missing[0]}, which the clinic does not have"))
         for h in facts.find("not_offered", toks):
             clause = " ".join(t.norm for t in toks if t.clause == toks[h.first].clause)
             if _AFFIRMS.search(clause) and not negated(toks, h.first):
@@ -160,8 +169,11 @@ class Checker:
         sentence = toks[at].sentence
         docs = [h for h in facts.find_doctors(toks) if not h.id.startswith("?") and toks[h.first].sentence == sentence]
         if docs:
+            # "a las 9:00 con la Dra. Rojas": the doctor right after; else the one named before; else after
+            after = [h for h in docs if at < h.first <= at + 5]
             before = [h for h in docs if h.first <= at]
-            return [facts.doctor((before[-1] if before else docs[0]).id)], "doctor"
+            chosen = after[0] if after else before[-1] if before else docs[0]
+            return [facts.doctor(chosen.id)], "doctor"
         words = " ".join(t.norm for t in toks if t.sentence == sentence)
         if _LAB_WORDS.search(words) and not re.search(r"\b(?:cita|consulta|turno)\b", words):
             return None, "lab"
@@ -176,7 +188,7 @@ class Checker:
     # ------------------------------------------------------------------ when
 
     def _days_and_times(self, reply: str, toks: list[Token], ctx: Context) -> list[Finding]:
-        facts, out = self.facts, []
+        _facts, out = self.facts, []
         at = _token_at(toks)
         dates = [d for d in find_dates(reply, ctx.today) if not d.year_given]
         for d in dates:
@@ -199,7 +211,9 @@ class Checker:
             t = times[k]
             i = at(t.start)
             nxt = times[k + 1] if k + 1 < len(times) else None
-            is_range = nxt is not None and re.fullmatch(r"\s*(?:a|-|–|hasta|y)\s*(?:las?\s*)?", reply[t.end : nxt.start])
+            is_range = nxt is not None and re.fullmatch(
+                r"\s*(?:a|-|–|hasta|y)\s*(?:las?\s*)?", reply[t.end : nxt.start]
+            )
             if i is None or negated(toks, i):
                 k += 2 if is_range else 1
                 continue
@@ -207,7 +221,12 @@ class Checker:
             day = self._day_for(dates, t.start, reply, ctx)
             if is_range:
                 if not self._known_range((t.minutes, nxt.minutes), who, what):
-                    out.append(Finding("time", f"{clock(t.minutes)} to {clock(nxt.minutes)} is not the hours of {what if who is None else who[0].name}"))
+                    out.append(
+                        Finding(
+                            "time",
+                            f"{clock(t.minutes)} to {clock(nxt.minutes)} is not the hours of {what if who is None else who[0].name}",
+                        )
+                    )
                 k += 2
                 continue
             if not self._open_at(t.minutes, who, what, day):
@@ -272,6 +291,7 @@ class Checker:
                 if ctx.booking is not None and ctx.booking.specialty:
                     named.add(facts.specialties[ctx.booking.specialty].price)
             allowed = {facts.prices[p].bs for p in named} if named else {p.bs for p in facts.prices.values()}
+            allowed.add(sum(facts.prices[p].bs for p in named))  # "en total Bs 120"
             if amount not in allowed:
                 what = ", ".join(facts.prices[p].name for p in sorted(named)) or "anything at the clinic"
                 out.append(Finding("price", f"Bs {amount:g} is not the price of {what}"))
@@ -325,7 +345,7 @@ class Checker:
         return out
 
 
-_NOT_NAMES = frozenset("te tu con gusto para por que el la los las un una ya".split())
+_NOT_NAMES = frozenset(["te", "tu", "con", "gusto", "para", "por", "que", "el", "la", "los", "las", "un", "una", "ya"])
 
 
 def _token_at(toks: list[Token]):

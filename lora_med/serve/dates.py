@@ -108,8 +108,10 @@ _TIME_PATTERNS = (
     # 15:30, 9:00, 10h30, 7:30 de la noche
     re.compile(rf"(?<![\d/.:])(\d{{1,2}})(?::|h)(\d{{2}})(?![\d/]){_PART}"),
     # a las 10, las 3 y media de la tarde, a la 1 y cuarto, 10 y media
-    re.compile(rf"(?:\bla?s?\s+|(?<![\d/.:])(?=\d{{1,2}}\s+y\s+(?:media|cuarto)))(\d{{1,2}})(?![\d/:.])"
-               rf"(?:\s+y\s+(media|cuarto)|\s+menos\s+(cuarto))?{_PART}"),
+    re.compile(
+        rf"(?:\bla?s?\s+|(?<![\d/.:])(?=\d{{1,2}}\s+y\s+(?:media|cuarto)))(\d{{1,2}})(?![\d/:.])"
+        rf"(?:\s+y\s+(media|cuarto)|\s+menos\s+(cuarto))?{_PART}"
+    ),
     # 3 pm, 9am
     re.compile(r"(?<![\d/.:])(\d{1,2})\s*(am|pm)\b"),
 )
@@ -233,7 +235,7 @@ def find_dates(text: str, today: date | None = None) -> list[DateMention]:
 
 
 def _weekday_with_number(wd: int | None, day: int, today: date) -> date | None:
-    """"el lunes 7": day 7 of this month or a following one (the one falling on that weekday, if any)."""
+    """ "el lunes 7": day 7 of this month or a following one (the one falling on that weekday, if any)."""
     candidates = []
     for k in range(0, 3):
         month, year = (today.month - 1 + k) % 12 + 1, today.year + (today.month - 1 + k) // 12
@@ -252,7 +254,7 @@ def _make(year: int | None, month: int, day: int) -> date | None:
 
 
 def part_of_day(text: str) -> str | None:
-    """"mañana" or "tarde" when the text asks for a part of the day ("en la mañana", "por las tardes"; not "a las
+    """ "mañana" or "tarde" when the text asks for a part of the day ("en la mañana", "por las tardes"; not "a las
     7 de la mañana", which only says which 7)."""
     m = re.search(r"\b(?:en|por|esta|a)\s+la?s?\s*(manana|tarde)s?\b|\b(temprano)\b", fold(text))
     if not m:

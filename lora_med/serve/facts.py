@@ -38,7 +38,7 @@ class Doctor:
 
     @property
     def short(self) -> str:
-        """"Dra. Rojas"."""
+        """ "Dra. Rojas"."""
         title = self.name.split()[0] if fold(self.name.split()[0]).rstrip(".") in TITLES else ""
         return f"{title} {self.name.split()[-1]}".strip()
 
@@ -140,9 +140,9 @@ class Facts:
                     continue
                 t = -(-h[0] // step) * step
                 while t <= h[1] - self.appointment_minutes:
-                    if d > now.date() or t >= now.hour * 60 + now.minute + 60:
-                        if part is None or (t < 13 * 60) == (part == "mañana"):
-                            options.append((t, doc))
+                    ahead = d > now.date() or t >= now.hour * 60 + now.minute + 60  # an hour's notice today
+                    if ahead and (part is None or (t < 13 * 60) == (part == "mañana")):
+                        options.append((t, doc))
                     t += step
             if near is not None:  # the requested hour first, then the ones closest to it
                 options.sort(key=lambda x: (abs(x[0] - near), x[0]))
@@ -178,16 +178,20 @@ class Facts:
                 full = j < i - 1
                 if full or (prev is not None and (prev.norm in TITLES or prev.norm in BEFORE_NAME)):
                     hits.append(Hit(doc.name, j + 1 if full else i, i))
-                elif t.text[:1].isupper() and (prev is None or not prev.text[:1].isupper() or prev.sentence != t.sentence):
+                elif t.text[:1].isupper() and (
+                    prev is None
+                    or prev.sentence != t.sentence
+                    or (not prev.text[:1].isupper() and prev.norm not in ("de", "del", "y"))
+                ):
                     hits.append(Hit(doc.name, i, i))
                 break
             else:
                 j = i - 1
                 while j >= 0 and any(toks[j].norm in d.given for d in self.doctors):
                     j -= 1  # "Dra. Elena Suábado": a known given name before an unknown surname
-                if j >= 0 and toks[j].norm in ("dr", "dra") and t.text[:1].isupper():
-                    if not any(t.norm in d.given or _same(t.norm, d.surname) for d in self.doctors):
-                        hits.append(Hit("?" + t.text, j, i))
+                titled = j >= 0 and toks[j].norm in ("dr", "dra") and t.text[:1].isupper()
+                if titled and not any(t.norm in d.given or _same(t.norm, d.surname) for d in self.doctors):
+                    hits.append(Hit("?" + t.text, j, i))
         return hits
 
 
@@ -281,7 +285,7 @@ def load_facts(path: str | Path) -> Facts:
     hours: dict[int, Interval] = {}
     raw_hours = spec.get("hours")
     if not isinstance(raw_hours, dict) or not raw_hours:
-        p.append(f"{where} hours: give the opening hours per weekday (lunes: \"07:30-19:00\", domingo: closed)")
+        p.append(f'{where} hours: give the opening hours per weekday (lunes: "07:30-19:00", domingo: closed)')
         raw_hours = {}
     for day, value in raw_hours.items():
         wd = weekday_index(str(day))
@@ -345,7 +349,9 @@ def load_facts(path: str | Path) -> Facts:
             elif hv is not None:
                 h = _interval(hv, f"{dw}.hours", p) if not (isinstance(hv, str) and "-" not in hv) else None
                 if isinstance(hv, str) and "-" not in hv:
-                    p.append(f"{dw}.hours: {hv!r} is not a shift ({', '.join(shifts) or 'none declared'}) or HH:MM-HH:MM")
+                    p.append(
+                        f"{dw}.hours: {hv!r} is not a shift ({', '.join(shifts) or 'none declared'}) or HH:MM-HH:MM"
+                    )
             words = [fold(x).strip(".") for x in dname.split()]
             titled = words[0] in TITLES
             parts = words[1:] if titled else words
@@ -423,7 +429,7 @@ def load_facts(path: str | Path) -> Facts:
 
 
 def describe_days(days: frozenset[int] | set[int]) -> str:
-    """"de lunes a viernes", "los martes y jueves", "los lunes, miércoles y viernes"."""
+    """ "de lunes a viernes", "los martes y jueves", "los lunes, miércoles y viernes"."""
     ds = sorted(days)
     if len(ds) >= 3 and ds == list(range(ds[0], ds[-1] + 1)):
         return f"de {WEEKDAYS[ds[0]]} a {WEEKDAYS[ds[-1]]}"
@@ -440,7 +446,7 @@ def describe_interval(iv: Interval) -> str:
 
 
 def describe_doctor_hours(facts: Facts, doc: Doctor) -> str:
-    """"de lunes a viernes por las mañanas", "los martes y jueves", "de lunes a viernes de 8:00 a 13:00"."""
+    """ "de lunes a viernes por las mañanas", "los martes y jueves", "de lunes a viernes de 8:00 a 13:00"."""
     days = describe_days(doc.days)
     if doc.shift:
         return f"{days} por las {doc.shift}"

@@ -15,7 +15,7 @@ from .matcher import FUZZY_MIN, key, normalize, within_one
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 _ABBREVIATIONS = frozenset({"dr", "dra", "sr", "sra", "srta", "av", "bs", "n", "lic", "ing", "nro", "no", "tel", "cel"})
-NEGATIONS = frozenset({"no", "ni", "nunca", "tampoco", "cerrado", "cerrada", "cerramos", "sin"})
+NEGATIONS = frozenset({"no", "ni", "nunca", "tampoco", "cerrado", "cerrada", "cerrados", "cerradas", "cerramos", "sin"})
 
 
 def _breaks(gap: str, prev: str, nxt: str) -> tuple[bool, bool]:

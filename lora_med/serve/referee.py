@@ -30,7 +30,9 @@ _QUESTION = re.compile(
     r"\?|^\W*(?:(?:hola|buenas?|buenos dias|oiga|disculpe?)\W+)*(?:y\s+)?(?:que|q|cuanto|cuanta|cuantos|donde|como|cual|cuales"
     r"|quien|cuando|hasta|desde|a que|a q|atienden|atiende|tienen|tiene|hay|aceptan|puedo|se puede|trabajan|hacen)\b"
 )
-_BOOKING_WORDS = re.compile(r"\b(?:cita|ficha|turno|consulta|agendar|reservar|primer[oa]? disponible|cualquiera|ir|voy)\b")
+_BOOKING_WORDS = re.compile(
+    r"\b(?:cita|ficha|turno|consulta|agendar|reservar|primer[oa]? disponible|cualquiera|ir|voy)\b"
+)
 
 
 @dataclass
@@ -145,4 +147,3 @@ def conversation_texts(path: Path, flag: str) -> list[str]:
     except DatasetError as e:
         raise ConfigError(f"{flag} {path}: {e}") from None
     return [m.content for c in ds.conversations for m in c.messages]
-
