@@ -403,6 +403,11 @@ class ServeConfig:
         "checked against them",
     )
     replies: str = setting(DEFAULT_REPLIES, "templates of the replies built from --facts")
+    check_replies: bool = setting(
+        True,
+        "hold every model reply to --facts and replace a wrong one with the facts' reply (off: the model's "
+        "words go out as written; for measuring a model, never for patients)",
+    )
     words: list[str] = setting(
         [DEFAULT_DATA],
         "conversation files (comma-separated) whose words the reply checker knows: a model reply with a word "

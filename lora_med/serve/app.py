@@ -306,7 +306,7 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
     check(cfg)
     # Cheap things first, so their mistakes show before the model loads.
     guard, intents = Guard(resolve_path(cfg.emergency)), Intents(resolve_path(cfg.intents))
-    referee = load_referee(cfg.facts, cfg.replies, cfg.words, cfg.now)
+    referee = load_referee(cfg.facts, cfg.replies, cfg.words, cfg.now, cfg.check_replies)
     source = resolve_model(cfg.model)  # a LoRA run or a half export is refused before the database is touched
     store = store if store is not None else SQLiteStore(cfg.db)
     try:

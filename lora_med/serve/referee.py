@@ -51,8 +51,10 @@ class View:
 
 
 class Referee:
-    def __init__(self, facts: Facts, answers: Answers, checker: Checker, clock: Callable[[], datetime]):
-        self.facts, self.answers, self.checker, self.clock = facts, answers, checker, clock
+    def __init__(
+        self, facts: Facts, answers: Answers, checker: Checker, clock: Callable[[], datetime], check: bool = True
+    ):
+        self.facts, self.answers, self.checker, self.clock, self.check = facts, answers, checker, clock, check
 
     def plan(self, message: str, history: list[Turn], decision: Decision) -> View:
         now = self.clock()
@@ -95,9 +97,14 @@ class Referee:
 
     def finish(self, view: View, text: str) -> tuple[str, str, list[Finding]]:
         """(reply, source, findings) for the model's ``text``: kept when the checker finds nothing."""
-        findings = self.checker.check(text, view.context)
-        if not findings:
-            return text, "model", []
+        if not self.check:  # the model's words as written (an empty reply still gets the flow's)
+            if text:
+                return text, "model", []
+            findings = [Finding("empty", "the reply is empty")]
+        else:
+            findings = self.checker.check(text, view.context)
+            if not findings:
+                return text, "model", []
         reply = self.answers.flow(view.booking or Booking(), view.action, view.status, view.context.message, view.now)
         return reply, "facts", findings
 
@@ -117,7 +124,9 @@ def _exchanges(history: list[Turn], message: str) -> list[tuple[str, str | None]
     return out + [(message, before)]
 
 
-def load_referee(facts_path: str | Path, replies_path: str | Path, words: list[str], fixed_now: str | None) -> Referee:
+def load_referee(
+    facts_path: str | Path, replies_path: str | Path, words: list[str], fixed_now: str | None, check: bool = True
+) -> Referee:
     """The referee of ``lora-med serve``: facts, templates, the checker's known words (from conversation files).
 
     Raises:
@@ -130,7 +139,8 @@ def load_referee(facts_path: str | Path, replies_path: str | Path, words: list[s
     texts = list(_template_texts(answers))
     for w in words:
         texts += conversation_texts(resolve_path(w), flag="--words")
-    return Referee(facts, answers, Checker(facts, known_words(texts)), lambda: now_in(facts.timezone, fixed_now))
+    clock = lambda: now_in(facts.timezone, fixed_now)  # noqa: E731
+    return Referee(facts, answers, Checker(facts, known_words(texts)), clock, check)
 
 
 def _template_texts(answers: Answers):
