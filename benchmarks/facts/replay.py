@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rounds import REPO, chat, start_server  # noqa: E402
+from rounds import REPO, chat, start_server
 
 EMERGENCY = re.compile(r"\b(?:118|emergencias?|ambulancia)\b", re.IGNORECASE)
 

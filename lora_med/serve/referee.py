@@ -139,7 +139,7 @@ def load_referee(
     texts = list(_template_texts(answers))
     for w in words:
         texts += conversation_texts(resolve_path(w), flag="--words")
-    clock = lambda: now_in(facts.timezone, fixed_now)  # noqa: E731
+    clock = lambda: now_in(facts.timezone, fixed_now)
     return Referee(facts, answers, Checker(facts, known_words(texts)), clock, check)
 
 
