@@ -235,6 +235,8 @@ def test_the_same_templates_answer_with_another_clinic_s_facts():
         ("hola", "¡Hola! ¿En qué te puedo ayudar con tu cita de hoy", "cut_off"),
         ("hola", "¡Hola! Bienvenido al Centro Médico. Bienvenido al Centro Médico.", "garbled"),
         ("quiero una cita", "Llama al 118 de inmediato.", "emergency_talk"),
+        ("quiero cita con cardiología", "¡Claro! ¿Me das tu nombre completo y tu celular?", "flow"),  # no day yet
+        ("quiero cita con pediatría", "Con gusto. ¿Me das tu CI y tu fecha de nacimiento?", "flow"),
     ],
 )
 def test_the_checker_rejects_a_reply_that_contradicts_the_facts(referee, facts, message, reply, reason):

@@ -51,6 +51,8 @@ _AFFIRMS = re.compile(r"\b(?:tenemos|contamos|hay|atiende|atendemos|ofrecemos|ha
 _GREETED = re.compile(
     r"(?:^|[¡!.,]\s*)(?:listo|gracias|perfecto|hola|genial|muy bien|claro|excelente),\s+([A-ZÁÉÍÓÚÑ][a-záéíóúñ]+)"
 )
+_ASKS_IDENTITY = re.compile(r"\b(?:ci|carnet|cedula|fecha de nacimiento)\b")
+_ASKS_CONTACT = re.compile(r"\b(?:nombre|celular|telefono|numero de contacto)\b")
 _LAB_WORDS = re.compile(r"\b(?:laboratorio|muestras?|analisis|examen(?:es)?|ayunas)\b")
 
 
@@ -115,6 +117,14 @@ class Checker:
         if ctx.action != "emergency" and _EMERGENCY.search(fold(reply)) and not _EMERGENCY.search(fold(ctx.message)):
             out.append(Finding("emergency_talk", "talks of emergencies to a patient who did not"))
         b = ctx.booking
+        if b is not None and ctx.action == "schedule_appointment" and "?" in reply:
+            step, f = b.step(self.facts), fold(reply)
+            if _ASKS_IDENTITY.search(f):
+                out.append(Finding("flow", "asks for identity papers, which a new booking does not need"))
+            elif _ASKS_CONTACT.search(f) and step in ("specialty", "doctor", "slot"):
+                out.append(Finding("flow", f"asks for name or phone before the {step} is set"))
+            elif "especialidad" in f and step != "specialty":
+                out.append(Finding("flow", "asks for the specialty the patient already gave"))
         if _CONFIRMED.search(fold(reply)) and ctx.status != "confirmed":
             out.append(Finding("flow", "says the booking is done before the patient confirmed it"))
         elif (

@@ -27,8 +27,9 @@ from .lexicon import tokens
 from .store import Turn
 
 _QUESTION = re.compile(
-    r"\?|^\W*(?:(?:hola|buenas?|buenos dias|oiga|disculpe?)\W+)*(?:y\s+)?(?:que|q|cuanto|cuanta|cuantos|donde|como|cual|cuales"
-    r"|quien|cuando|hasta|desde|a que|a q|atienden|atiende|tienen|tiene|hay|aceptan|puedo|se puede|trabajan|hacen)\b"
+    r"\?|^\W*(?:(?:hola|buenas?|buenos dias|oiga|disculpe?)\W+)*(?:y\s+)?(?:que|q|como|hasta|desde|atienden|atiende"
+    r"|tienen|tiene|hay|aceptan|puedo|se puede|trabajan|hacen)\b"
+    r"|\b(?:cuanto|cuanta|cuantos|cuantas|donde|cuando|cual|cuales|quien|a (?:que|q) hora|(?:que|q) dias?)\b"
 )
 _BOOKING_WORDS = re.compile(
     r"\b(?:cita|ficha|turno|consulta|agendar|reservar|primer[oa]? disponible|cualquiera|ir|voy)\b"
