@@ -31,11 +31,26 @@ def _rounds():
 
 
 @pytest.fixture(scope="module")
-def other(tiny_base, tmp_path_factory):
-    d = tmp_path_factory.mktemp("other")
-    srv = Server(tiny_base, d / "o.db", d / "o.log", rate_limit=0, facts=str(OTHER), now="2026-12-03T09:00")
-    yield srv.wait_ready()
-    srv.stop(signal.SIGKILL)
+def clinics(exported, tmp_path_factory):
+    """One merge-export served twice: with the shipped clinic's facts and with another clinic's."""
+    d = tmp_path_factory.mktemp("clinics")
+    now = "2026-12-03T09:00"
+    shipped = Server(exported["fp32"], d / "s.db", d / "s.log", rate_limit=0, now=now)
+    other = Server(exported["fp32"], d / "o.db", d / "o.log", rate_limit=0, facts=str(OTHER), now=now)
+    yield {"shipped": shipped.wait_ready(), "other": other.wait_ready()}
+    for srv in (shipped, other):
+        srv.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def other(clinics):
+    return clinics["other"]
+
+
+def test_the_same_export_answers_with_each_clinic_s_facts(clinics):
+    question = "¿cuánto cuesta la consulta general?"
+    assert "Bs 150" in clinics["shipped"].chat("+59177001111", question).json()["response"]
+    assert "Bs 120" in clinics["other"].chat("+59177001111", question).json()["response"]
 
 
 def test_another_clinic_s_facts_file_is_served_by_the_same_model(other):
@@ -82,6 +97,7 @@ def test_params_carry_the_booking_and_who_wrote_the_reply_and_metrics_count_repl
 
 
 def test_a_broken_facts_file_stops_serve_before_anything_starts(tiny_base, tmp_path):
+    """Checked at start: the problem named by its key and the fix, exit 2, no traceback, no database made."""
     bad = tmp_path / "clinic.yaml"
     bad.write_text(OTHER.read_text(encoding="utf-8").replace('hours: "07:30-10:00"', 'hours: "siete a diez"'))
     r = subprocess.run(
