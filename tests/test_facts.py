@@ -237,6 +237,10 @@ def test_the_same_templates_answer_with_another_clinic_s_facts():
         ("quiero una cita", "Llama al 118 de inmediato.", "emergency_talk"),
         ("quiero cita con cardiología", "¡Claro! ¿Me das tu nombre completo y tu celular?", "flow"),  # no day yet
         ("quiero cita con pediatría", "Con gusto. ¿Me das tu CI y tu fecha de nacimiento?", "flow"),
+        ("quiero cita con pediatría", "¡Listo, el Dr.", "cut_off"),
+        ("quiero cita con pediatría", "¡Listo, como pagar en CAÑADA DEL CARMEN.", "flow"),  # nothing is done yet
+        ("gracias, eso era todo", "¡Hola! Con gusto te ayudo a las 9:30. ¿Cuál prefieres?", "flow"),  # no booking
+        ("hola", "¿Me das tu nombre completo y tu nombre y tu celular?", "garbled"),
     ],
 )
 def test_the_checker_rejects_a_reply_that_contradicts_the_facts(referee, facts, message, reply, reason):

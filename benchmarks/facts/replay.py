@@ -38,7 +38,7 @@ def metrics(url: str) -> dict[str, dict[str, float]]:
 
 def replay(url: str, conversations: list[dict]) -> dict:
     plain = emergency_talk = 0
-    examples = []
+    examples, turns = [], []
     for i, row in enumerate(conversations):
         msgs = row.get("messages") or [
             {"role": "user", "content": row["user"]},
@@ -51,12 +51,21 @@ def replay(url: str, conversations: list[dict]) -> dict:
                 continue
             reference = msgs[k + 1]["content"] if k + 1 < len(msgs) else ""
             body = chat(url, user, m["content"])
+            turns.append(
+                {
+                    "conversation": i,
+                    "message": m["content"],
+                    "reply": body["response"],
+                    "action": body["action"],
+                    "source": body["params"].get("source"),
+                }
+            )
             if not EMERGENCY.search(reference) and not EMERGENCY.search(m["content"]):
                 plain += 1
                 if EMERGENCY.search(body["response"]):
                     emergency_talk += 1
                     examples.append({"message": m["content"], "reply": body["response"]})
-    return {"plain_requests": plain, "emergency_talk_on_plain": emergency_talk, "examples": examples}
+    return {"plain_requests": plain, "emergency_talk_on_plain": emergency_talk, "examples": examples, "turns": turns}
 
 
 def main() -> int:
@@ -78,7 +87,7 @@ def main() -> int:
             proc.wait(timeout=60)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["settings"] = {"model": args.model, "data": args.data, "now": args.now}
-    print(json.dumps(result, indent=2, ensure_ascii=False))
+    print(json.dumps({k: v for k, v in result.items() if k != "turns"}, indent=2, ensure_ascii=False))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
     return 0

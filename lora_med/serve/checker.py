@@ -51,6 +51,10 @@ _AFFIRMS = re.compile(r"\b(?:tenemos|contamos|hay|atiende|atendemos|ofrecemos|ha
 _GREETED = re.compile(
     r"(?:^|[¡!.,]\s*)(?:listo|gracias|perfecto|hola|genial|muy bien|claro|excelente),\s+([A-ZÁÉÍÓÚÑ][a-záéíóúñ]+)"
 )
+_ABBREVIATION_END = re.compile(r"\b(?:Dr|Dra|Sr|Sra|Av|N\.?º|Lic)\.\s*$")
+_WHAT_FOR = re.compile(r"\ben (?:que|q) te (?:puedo )?ayud")
+_PICK = re.compile(r"\bcual (?:prefieres|te (?:queda|sirve|acomoda|conviene))\b")
+_FLOW_ACTIONS = ("schedule_appointment", "reschedule_appointment", "cancel_appointment", "lab_results")
 _ASKS_IDENTITY = re.compile(r"\b(?:ci|carnet|cedula|fecha de nacimiento)\b")
 _ASKS_CONTACT = re.compile(r"\b(?:nombre|celular|telefono|numero de contacto)\b")
 _LAB_WORDS = re.compile(r"\b(?:laboratorio|muestras?|analisis|examen(?:es)?|ayunas)\b")
@@ -88,15 +92,15 @@ class Checker:
         if not reply.strip():
             return [Finding("empty", "the reply is empty")]
         toks = tokens(reply)
-        out: list[Finding] = []
-        if style:
-            out += self._style(reply, toks, ctx)
+        out: list[Finding] = []  # facts first: the first finding is the reason /metrics counts
         out += self._doctors(toks, ctx)
         out += self._days_and_times(reply, toks, ctx)
         out += self._prices(reply, toks, ctx)
         out += self._insurers(reply, toks, ctx)
         out += self._phones(reply, ctx)
         out += self._names(reply, ctx)
+        if style:
+            out += self._style(reply, toks, ctx)
         return out
 
     # ------------------------------------------------------------------ style
@@ -109,13 +113,34 @@ class Checker:
             out.append(Finding("garbled", f"unknown word(s): {', '.join(unknown[:5])}"))
         norms = [t.norm for t in toks]
         twice = [a for a, b in zip(norms, norms[1:]) if a == b and not a.isdigit()]
+        # "tu nombre completo y tu nombre": a pair with a word of 4+ letters said twice ("a las" may repeat)
+        pairs = [(a, b) for a, b in zip(norms, norms[1:]) if max(len(a), len(b)) >= 4 and not (a + b).isdigit()]
         grams = [tuple(norms[i : i + 3]) for i in range(len(norms) - 2)]
-        if twice or len(grams) != len(set(grams)):
-            out.append(Finding("garbled", f"repeated fragment: {' '.join(twice[:1]) or 'a three-word phrase'}"))
-        if not re.search(r"[.!?)…]\s*$", reply.strip()):
+        if twice or len(grams) != len(set(grams)) or len(pairs) != len(set(pairs)):
+            out.append(Finding("garbled", f"repeated fragment: {' '.join(twice[:1]) or 'a phrase said twice'}"))
+        if not re.search(r"[.!?)…]\s*$", reply.strip()) or _ABBREVIATION_END.search(reply):
             out.append(Finding("cut_off", "the reply ends mid-sentence"))
+        out += self._steps(reply, ctx)
         if ctx.action != "emergency" and _EMERGENCY.search(fold(reply)) and not _EMERGENCY.search(fold(ctx.message)):
             out.append(Finding("emergency_talk", "talks of emergencies to a patient who did not"))
+        return out
+
+    def _steps(self, reply: str, ctx: Context) -> list[Finding]:
+        """The reply held to where the conversation stands (the seed's flows)."""
+        out, f = [], fold(reply)
+        if ctx.status == "verifying_identity" and not _ASKS_IDENTITY.search(f):
+            out.append(Finding("flow", "does not ask for the identity the flow needs first"))
+        elif ctx.action in ("chat", "clinic_info") and _ASKS_IDENTITY.search(f) and "?" in reply:
+            out.append(Finding("flow", "asks for identity papers nobody needs here"))
+        if ctx.action in _FLOW_ACTIONS and ctx.status != "confirmed":
+            if re.match(r"\W*listo\b", f):
+                out.append(Finding("flow", "says it is done while the flow is not"))
+            elif "?" not in reply and ctx.status != "identity_verified":
+                out.append(Finding("flow", "does not ask for the flow's next step"))
+        if _PICK.search(f) and (not find_times(reply) or ctx.action not in _FLOW_ACTIONS):
+            out.append(Finding("flow", "asks which slot without a booking or without offering any"))
+        if ctx.booking is not None and ctx.booking.specialty and _WHAT_FOR.search(f):
+            out.append(Finding("flow", "asks what the patient wants after they said it"))
         b = ctx.booking
         if b is not None and ctx.action == "schedule_appointment" and "?" in reply:
             step, f = b.step(self.facts), fold(reply)
