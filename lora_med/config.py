@@ -20,6 +20,8 @@ DEFAULT_EVAL = "data/medical_conversations_eval.json"
 DEFAULT_EVAL_FRACTION = 0.1
 DEFAULT_INTENTS = "configs/intents.yaml"
 DEFAULT_EMERGENCY = "configs/emergency.yaml"
+DEFAULT_FACTS = "configs/clinic.yaml"
+DEFAULT_REPLIES = "configs/replies.yaml"
 
 METHODS = ("lora", "qlora", "full")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -42,7 +44,16 @@ def shipped(path: str) -> Path:
     if (
         not p.exists()
         and not p.is_absolute()
-        and path in (DEFAULT_BASE, DEFAULT_DATA, DEFAULT_EVAL, DEFAULT_INTENTS, DEFAULT_EMERGENCY)
+        and path
+        in (
+            DEFAULT_BASE,
+            DEFAULT_DATA,
+            DEFAULT_EVAL,
+            DEFAULT_INTENTS,
+            DEFAULT_EMERGENCY,
+            DEFAULT_FACTS,
+            DEFAULT_REPLIES,
+        )
     ):
         return REPO_ROOT / path
     return p
@@ -394,6 +405,29 @@ class ServeConfig:
     idle_minutes: float = setting(30.0, "a message after this much silence starts a new conversation", above=0)
     intents: str = setting(DEFAULT_INTENTS, "rules deriving `action` and `params.status`")
     emergency: str = setting(DEFAULT_EMERGENCY, "the emergency guard's rules and reply")
+    # the clinic's facts (docs/facts.md)
+    facts: str = setting(
+        DEFAULT_FACTS,
+        "the clinic's facts (YAML): info answers and the booking are built from them, every model reply is "
+        "checked against them",
+    )
+    replies: str = setting(DEFAULT_REPLIES, "templates of the replies built from --facts")
+    check_replies: bool = setting(
+        True,
+        "hold every model reply to --facts and replace a wrong one with the facts' reply (off: the model's "
+        "words go out as written; for measuring a model, never for patients)",
+    )
+    words: list[str] = setting(
+        [DEFAULT_DATA],
+        "conversation files (comma-separated) whose words the reply checker knows: a model reply with a word "
+        "found in none of them, --facts, --replies or the conversation is rejected as garbled (give the "
+        "model's training data)",
+    )
+    now: str | None = setting(
+        None,
+        "answer as if it were this moment at the clinic, YYYY-MM-DD or YYYY-MM-DDTHH:MM (replays and tests) "
+        "[default: the clinic's clock, in --facts' timezone]",
+    )
     # limits
     max_message_chars: int = setting(1000, "longer messages get 422", min=1)
     rate_limit: int = setting(

@@ -134,7 +134,11 @@ def test_seed_postman_request_byte_for_byte(server):
     assert body["user_id"] == SEED_USER
     assert body["conversation_id"].startswith(f"conv_{SEED_USER}_")
     assert body["action"] == "schedule_appointment"
-    assert body["params"] == {"status": "collecting_info"}
+    # the seed's status, who wrote the reply, and the booking's fields (none given yet)
+    assert body["params"]["status"] == "collecting_info" and body["params"]["source"] in ("model", "facts")
+    assert {k: v for k, v in body["params"].items() if k not in ("status", "source")} == {
+        k: None for k in ("specialty", "doctor", "date", "time", "patient_name", "phone", "ci", "birth_date")
+    }
     assert isinstance(body["response"], str) and body["response"].strip()
 
 
@@ -248,7 +252,8 @@ def test_guard_before_the_model(server, message, emergency):
         assert r.headers["X-Prompt-Tokens"] == "0" and after == before  # the model was not called
     else:
         assert body["action"] != "emergency"
-        assert after == before + 1
+        # the model wrote it, or the clinic's facts answered it at once ("¿ya salieron mis resultados?")
+        assert after == before + 1 or (body["params"]["source"] == "facts" and r.headers["X-Prompt-Tokens"] == "0")
 
 
 # --------------------------------------------------------------------------- concurrency
@@ -575,7 +580,8 @@ def test_requests_join_the_running_batch_on_the_decode_graph(exported, tiny_base
     want = alone.decode(alone.generate([alone.prompt([Message("user", "quiero una cita")])])[0])
     alone.close()
     assert want
-    srv = Server(export, tmp_path / "g.db", tmp_path / "g.log", rate_limit=0).wait_ready()
+    # the talker's words are not Spanish: the reply checker is off, so the engine's own replies come back
+    srv = Server(export, tmp_path / "g.db", tmp_path / "g.log", rate_limit=0, check_replies=False).wait_ready()
     try:
         h = httpx.get(f"{srv.url}/health", timeout=10).json()
         assert h["batching"] == "continuous" and h["batch_wait_ms"] == 0 and h["prefix_cache_mb"] == 256

@@ -3,7 +3,9 @@
 ``serve(cfg)`` runs it (blocking); ``create_app(cfg, engine=None, store=None)`` returns the FastAPI app.
 Modules: config (settings), app (routes, request path), store (conversation memory), intents (action and
 status), guard (emergencies), matcher (the rules both use), batcher (queue and dynamic batching),
-replier (model folder, prompts, engine calls), limits (rate limit, per-user order), metrics, logs.
+replier (model folder, prompts, engine calls), limits (rate limit, per-user order), metrics, logs; the clinic's
+facts (docs/facts.md): facts (the file), referee (what they do to a turn), booking, answers, checker, audit,
+dates, lexicon.
 """
 
 from .config import ServeConfig

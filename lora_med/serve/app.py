@@ -26,6 +26,7 @@ from .http import BodyLimit, BodyTooLarge, StrictJSONRoute, content_length, prob
 from .intents import Intents
 from .logs import log, logging_config
 from .metrics import CONTENT_TYPE
+from .referee import load_referee
 from .replier import load_replier, resolve_model
 from .schemas import ChatResponse, request_model
 from .server import Server
@@ -58,6 +59,7 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
     check_exposure(cfg, keys)
     # Cheap things first, so their mistakes show before the model loads.
     guard, intents = Guard(resolve_path(cfg.emergency)), Intents(resolve_path(cfg.intents))
+    referee = load_referee(cfg.facts, cfg.replies, cfg.words, cfg.now, cfg.check_replies)
     source = resolve_model(cfg.model)  # a LoRA run or a half export is refused before the database is touched
     store = store if store is not None else open_store(cfg)
     try:
@@ -65,7 +67,7 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
     except BaseException:
         store.close()
         raise
-    server = Server(cfg, guard, intents, store, replier, keys)
+    server = Server(cfg, guard, intents, store, replier, keys, referee)
     app = FastAPI(
         title="lora-med serve",
         version="1",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,17 @@ def check(cfg: ServeConfig) -> None:
             f"EXPORT_DIR {cfg.model}: no such folder; give a `lora-med merge-export` output (exports/...) "
             "or a Hugging Face model folder"
         )
-    for field in ("intents", "emergency"):
+    for field in ("intents", "emergency", "facts", "replies"):
         if not resolve_path(getattr(cfg, field)).is_file():
             p.append(f"{describe(cfg, field)}: file not found")
+    missing = [w for w in cfg.words if not resolve_path(w).is_file()]
+    if missing:
+        p.append(f"{describe(cfg, 'words')}: file(s) not found: {', '.join(missing)}; give conversation files")
+    if cfg.now is not None:
+        try:
+            datetime.fromisoformat(cfg.now)
+        except ValueError:
+            p.append(f"{describe(cfg, 'now')}: not a date; write YYYY-MM-DD or YYYY-MM-DDTHH:MM")
     db = Path(cfg.db)
     if cfg.store:
         if not cfg.store.startswith(("postgresql://", "postgres://")):

@@ -119,6 +119,19 @@ class Metrics:
         self.empty_replies = Counter(
             "lora_med_empty_replies_total", "Model replies that were empty (the fallback reply was sent)."
         )
+        self.sources = Counter(
+            "lora_med_replies_total", "Replies by who wrote them: model, facts, guard or fallback.", "source"
+        )
+        self.replaced = Counter(
+            "lora_med_replaced_total",
+            "Model replies the checker rejected and the facts' reply replaced, by the first reason found.",
+            "reason",
+        )
+        self.fact_answers = Counter(
+            "lora_med_fact_answers_total",
+            "Replies built from the facts without asking the model (info, unavailable, summary).",
+            "why",
+        )
         self.prompt_tokens = Gauge(
             "lora_med_prompt_tokens_total",
             "Prompt tokens sent to the model (with the engine's prefix cache on).",
@@ -168,6 +181,9 @@ class Metrics:
             self.guard_hits,
             self.actions,
             self.empty_replies,
+            self.sources,
+            self.replaced,
+            self.fact_answers,
             self.prompt_tokens,
             self.reused_tokens,
         )

@@ -282,6 +282,7 @@ class Completion:
             reason = "length" if len(ids) >= self.max_new and not stopped else "stop"
             plan = s.dialog.finish(plan, text)
         s.metrics.actions.inc(plan.action)
+        s.metrics.sources.inc(plan.source)
         out = {
             "id": self.id,
             "object": "chat.completion",
@@ -344,6 +345,7 @@ class Completion:
             if rest:
                 yield self.chunk({"content": rest})
             s.metrics.actions.inc(plan.action)
+            s.metrics.sources.inc(plan.source)
             s.metrics.stream_checks.inc(outcome)
             self.fields.update(source=plan.source, outcome=outcome, completion_tokens=len(ids))
             yield self.chunk({}, reason, lora_med=self.extra(plan))

@@ -29,6 +29,7 @@ from .intents import Intents
 from .limits import RateLimiter, UserLocks
 from .logs import log
 from .metrics import Metrics
+from .referee import Referee
 from .replier import Replier
 from .schemas import ChatResponse, Params
 from .store import ConversationStore, StoreUnavailable
@@ -80,6 +81,7 @@ class Server:
         store: ConversationStore,
         replier: Replier,
         keys: list[bytes],
+        referee: Referee | None = None,
     ):
         self.cfg = cfg
         self.store = store
@@ -106,7 +108,7 @@ class Server:
             bound_s=cfg.request_timeout_s,
             metrics=self.metrics,
         )
-        self.dialog = Dialog(guard, intents, replier, self.metrics)
+        self.dialog = Dialog(guard, intents, replier, self.metrics, referee)
         # The same turn logic with metrics nobody reads: streamed text is checked sentence by sentence
         # (release.Gate) and those trial checks must not count as replies.
         self.trial = copy.copy(self.dialog)
@@ -260,6 +262,7 @@ class Server:
                 now=time.time(),
             )
             self.metrics.actions.inc(plan.action)
+            self.metrics.sources.inc(plan.source)
             body = ChatResponse(
                 response=plan.reply,
                 user_id=user_id,
@@ -279,6 +282,7 @@ class Server:
                 prompt_tokens=prompt_len,
                 batch=batch,
                 guard=plan.rule,
+                replaced=list(plan.reasons) or None,
                 **ids,
             )
         except Overloaded as e:
