@@ -18,7 +18,8 @@ import threading
 import click
 
 from . import __version__, settings
-from .config import DEFAULT_BASE, BenchConfig, ExportConfig, ServeConfig, TrainConfig
+from . import data as data_mod
+from .config import DEFAULT_BASE, BenchConfig, ExportConfig, ServeConfig, TrainConfig, shipped
 from .errors import LoraMedError
 
 CONFIG = click.option(
@@ -102,9 +103,7 @@ def data_check(file: str, tokenizer_name: str | None, max_length: int, fmt: str,
     lora-med data check mine.jsonl --max-length 128 --json
     lora-med data check mine.json --tokenizer microsoft/DialoGPT-medium
     """
-    from . import data as data_mod
-    from . import models
-    from .config import shipped
+    from . import models  # torch: loaded only when a tokenizer is needed
 
     tok = None
     name = tokenizer_name or (DEFAULT_BASE if shipped(DEFAULT_BASE).is_dir() else None)

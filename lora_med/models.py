@@ -124,7 +124,7 @@ def load_tokenizer(base: str, *, trust_remote_code: bool = False):
     return tok
 
 
-def load_config(base: str, *, trust_remote_code: bool = False):
+def load_model_config(base: str, *, trust_remote_code: bool = False):
     """A model's config (``AutoConfig``), without its weights.
 
     Raises:

@@ -22,6 +22,7 @@ import pytest
 
 from lora_med import runs, settings
 from lora_med.bench.main import bench
+from lora_med.cards import TrainCard
 from lora_med.config import BenchConfig, ExportConfig, TrainConfig
 from lora_med.errors import ConfigError, DatasetError, LoraMedError
 from lora_med.export.main import merge_export
@@ -678,12 +679,12 @@ def test_run_and_data_moved_together_are_still_found(trained, conversations_file
     (a / "run" / "run.json").write_text(json.dumps(card))
     b = tmp_path / "b"
     a.rename(b)  # the absolute path is gone; the path relative to the run still holds
-    card = runs.load_card(b / "run", "train")
-    assert runs.locate(card["data"]["eval"], b / "run", "held-out data") == b / "run" / "../convs.json"
-    assert len(runs.held_out(card, b / "run")) == 8
+    card = TrainCard.read(b / "run")
+    assert card.held_out_path() == b / "run" / "../convs.json"
+    assert len(card.held_out()) == 8
     (b / "convs.json").unlink()
     with pytest.raises(LoraMedError, match=rf"the held-out data is gone \(looked for {a / 'convs.json'} and"):
-        runs.held_out(card, b / "run")
+        card.held_out()
 
 
 def test_merge_export_and_bench_work_from_another_directory(trained, exported, tmp_path, monkeypatch):

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .. import models
+from ..cards import TrainCard
 from ..data import prompt_ids
 from ..engine import Engine, GenerationSettings, load_engine
 from ..engine.ort_backend import load_ort
@@ -122,7 +123,7 @@ def _graph_bytes(folder: str | Path) -> int:
 
 
 def _torch_peers(
-    runs: dict, model_dir: Path | None, shape: str | None, device: str
+    runs: dict[str, tuple[str, TrainCard]], model_dir: Path | None, shape: str | None, device: str
 ) -> tuple[list[Backend], list[dict]]:
     """PyTorch peers: eager fp32 (adapter unmerged where there is one), merged, and on CUDA fp16 (generate() as the
     seed's app runs it; and with a static cache compiled with CUDA graphs). Returns (backends, skipped)."""
@@ -131,9 +132,9 @@ def _torch_peers(
         src, what = str(model_dir), f"{shape} shape ({SPEED_ONLY})"
         out.append(Backend("torch-eager", device, "fp32", what, lambda: models.load_model(src).to(device)))
         fp32 = lambda: models.load_model(src)
-    elif "--run" in runs and runs["--run"][1]["artifact"] == "adapter":
+    elif "--run" in runs and runs["--run"][1].artifact == "adapter":
         run, card = runs["--run"]
-        base = card["base"]["name_or_path"]
+        base = card.base
         what = f"{run} (merged in memory)"
         out.append(
             Backend(
@@ -187,7 +188,7 @@ def _torch_peers(
 
 
 def available_backends(
-    runs: dict[str, tuple[str, dict]],
+    runs: dict[str, tuple[str, TrainCard]],
     exports: list[dict],
     device: str,
     *,

@@ -126,23 +126,22 @@ def _inputs(cfg: BenchConfig, found: Found, device: str, scratch: Path) -> Input
         )
     run_dir, card = found.runs.get("--run") or found.runs["--full-run"]
     tokenizer = models.load_tokenizer(run_dir)
-    convs = runs.held_out(card, run_dir)
-    fmt, max_len = card["data"]["format"], card["data"]["max_length"]
+    convs = card.held_out()
+    fmt, max_len = card.format, card.max_length
     examples, _ = data.encode_all(convs, tokenizer, max_length=max_len, fmt=fmt)
     from transformers import AutoConfig
 
-    n_positions = models.max_positions(AutoConfig.from_pretrained(card["base"]["name_or_path"])) or 1024
+    n_positions = models.max_positions(AutoConfig.from_pretrained(card.base)) or 1024
     prompts = held_out_prompts(convs, tokenizer, fmt, cfg.prompts, n_positions - max(64, cfg.new_tokens))
     stream = [t for e in examples for t in e.input_ids]
     while len(stream) < max(SCALING_CONTEXTS):
         stream = stream + stream
-    ev = card["data"]["eval"]
     return Inputs(
         prompts,
         tokenizer.eos_token_id,
         n_positions,
         stream,
-        f"{len(prompts)} held-out conversations ({ev['path']}), history up to the last user turn, format {fmt}",
+        f"{len(prompts)} held-out conversations ({card.eval.path}), history up to the last user turn, format {fmt}",
         tokenizer=tokenizer,
         examples=examples,
     )
@@ -156,13 +155,11 @@ def _perplexities(cfg: BenchConfig, found: Found, tokenizer, examples, device: s
     pad = tokenizer.pad_token_id
     cards = found.cards
     card = cards.get("--run") or cards.get("--full-run")
-    base = models.resolve_base(cfg.base) if cfg.base else card["base"]["name_or_path"]
+    base = models.resolve_base(cfg.base) if cfg.base else card.base
     todo: list[tuple[str, str, Callable[[], object]]] = [("base", base, lambda: models.load_model(base).to(device))]
     if "--run" in cards:
-        if cards["--run"]["artifact"] == "adapter":
-            todo.append(
-                ("lora", cfg.run, lambda: load_adapter(cards["--run"]["base"]["name_or_path"], cfg.run, device))
-            )
+        if cards["--run"].artifact == "adapter":
+            todo.append(("lora", cfg.run, lambda: load_adapter(cards["--run"].base, cfg.run, device)))
         else:
             todo.append(("lora", cfg.run, lambda: models.load_model(cfg.run).to(device)))
     if "--full-run" in cards:
@@ -365,7 +362,7 @@ def bench(cfg: BenchConfig) -> BenchResult:
             card = found.cards.get("--run") or found.cards["--full-run"]
             print(
                 f"Perplexity on {len(inp.examples)} held-out conversations "
-                f"({sum(e.tokens_cut > 0 for e in inp.examples)} cut at max length {card['data']['max_length']}):"
+                f"({sum(e.tokens_cut > 0 for e in inp.examples)} cut at max length {card.max_length}):"
             )
             ppl = _perplexities(cfg, found, inp.tokenizer, inp.examples, device)
         latency = _latency(cfg, backends, inp, notes, skipped)
@@ -384,7 +381,7 @@ def bench(cfg: BenchConfig) -> BenchResult:
         },
         "versions": models.library_versions(),
         "inputs": {
-            "runs": {k: v["config"]["method"] for k, v in found.cards.items()},
+            "runs": {k: v.method for k, v in found.cards.items()},
             "run_dirs": {k: str(Path(f).resolve()) for k, (f, _) in found.runs.items()},
             "exports": found.exports,
             "shape": inp.shape_info,

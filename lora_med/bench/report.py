@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..cards import TrainCard
+
 # Each engine row beside the peer it replaces, with issue 10's target for the p50 ratio (None: shown, no target):
 # on the CPU the engine against ORTModel + generate() (shipped model) and int8 against PyTorch eager
 # (DialoGPT-medium shape); on a GPU against transformers' generate() in fp16, what the seed's app runs.
@@ -41,14 +43,14 @@ def engine_vs_peers(latency: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------- from the run cards
 
 
-def training(cards: dict) -> dict | None:
+def training(cards: dict[str, TrainCard]) -> dict | None:
     """Training cost of each run, from its card (paired runs: same data, seed and budget)."""
     if not cards:
         return None
     out = {}
-    for flag, c in cards.items():
-        m = c.get("metrics", {})
-        out[c["config"]["method"]] = {
+    for flag, card in cards.items():
+        m, c = card.metrics, card.raw  # figures as the run recorded them
+        out[card.method] = {
             "run": flag,
             "steps": m.get("steps"),
             "tokens_seen": m.get("tokens_seen"),
@@ -63,9 +65,9 @@ def training(cards: dict) -> dict | None:
     return out
 
 
-def replies(cards: dict) -> list[dict] | None:
+def replies(cards: dict[str, TrainCard]) -> list[dict] | None:
     """The seed guide's base vs fine-tuned replies for the fixed Spanish prompts, from the run cards."""
-    by_method = {c["config"]["method"]: c.get("comparison") or [] for c in cards.values()}
+    by_method = {c.method: c.raw.get("comparison") or [] for c in cards.values()}
     rows = next((r for r in by_method.values() if r), None)
     if not rows:
         return None

@@ -33,8 +33,8 @@ import numpy as np
 
 from ..errors import LoraMedError, first_line
 from .graph_format import GRAPH_FILE
-from .loop import Engine
-from .prefix_cache import Entry, PrefixCache
+from .loop import Engine, Reuse
+from .prefix_cache import PrefixCache
 
 KV_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -290,7 +290,7 @@ class _OrtBackend:
         at: list[int],
         rows: list[list[int]],
         max_new_tokens: int,
-        reuse: list[tuple[Entry, int] | None] | None = None,
+        reuse: list[Reuse | None] | None = None,
     ) -> np.ndarray:
         slot = self.slot
         self.lens[at] = [len(r) for r in rows]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import modelcard, models, runs, settings
+from ..cards import TrainCard
 from ..config import TrainConfig
 from ..errors import ConfigError, LoraMedError
 from ..fileio import write_json
@@ -191,7 +192,7 @@ def _run(cfg: TrainConfig, setup: Setup, d: Data, mem: MemoryPlan, callbacks, t_
         )
         # The card goes down first (status running) so that --resume can check it is the same run.
         if cfg.resume:
-            card = {**runs.load_card(out, "train", complete=False), "status": "running"}
+            card = {**TrainCard.read(out, complete=False).raw, "status": "running"}
         else:
             if cfg.overwrite and runs.marker(out):
                 runs.clear(out)
@@ -341,7 +342,8 @@ def save_artifacts(model, tokenizer, out: Path, card: dict) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
-    modelcard.write(staging, card["artifact"], card)  # replaces PEFT's empty template
+    run = TrainCard.from_json(card, out)
+    modelcard.write(staging, run.artifact, run)  # replaces PEFT's empty template
     runs.record(out, *[f.name for f in staging.iterdir()])
     for f in staging.iterdir():
         os.replace(f, out / f.name)

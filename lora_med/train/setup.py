@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import data, models, runs, settings, weights
+from ..cards import TrainCard
 from ..config import DEFAULT_DATA, DEFAULT_EVAL, DEFAULT_EVAL_FRACTION, TrainConfig, shipped
 from ..errors import ConfigError, LoraMedError
 from ..fileio import sha256_file
@@ -77,7 +78,7 @@ def with_run_settings(cfg: TrainConfig) -> TrainConfig:
         return cfg
     folder = cfg.output_dir()
     try:
-        saved = runs.load_card(folder, "train", complete=False)["config"]
+        saved = settings.as_dict(TrainCard.read(folder, complete=False).config)
     except LoraMedError:
         return cfg  # resolve() reports it with the other problems
     given = settings.origins(cfg)
@@ -190,7 +191,7 @@ def resolve(cfg: TrainConfig, *, plan_only: bool = False) -> Setup:
             p += found
             if state == "owned" and not cfg.overwrite and not found and (out / "run.json").exists():
                 try:
-                    done = runs.load_card(out, "train", complete=False)["status"] == "complete"
+                    done = TrainCard.read(out, complete=False).status == "complete"
                 except LoraMedError:
                     done = False
                 what = "a finished run" if done else "an unfinished run (add --resume to continue it)"
@@ -207,7 +208,7 @@ def resolve(cfg: TrainConfig, *, plan_only: bool = False) -> Setup:
     model_config = shape = meta = targets = None
     if base is not None:
         try:
-            model_config = models.load_config(base, trust_remote_code=cfg.trust_remote_code)
+            model_config = models.load_model_config(base, trust_remote_code=cfg.trust_remote_code)
             shape, meta = plan.shape_from_config(model_config)
         except LoraMedError as e:
             if not p:
@@ -270,17 +271,17 @@ def _check_resume(cfg: TrainConfig, out: Path, p: list[str]) -> tuple[Path | Non
         p.append(f"{flag} {out}: in use by pid {holder}; wait for it to finish")
         return None, []
     try:
-        card = runs.load_card(out, "train", complete=False)
+        card = TrainCard.read(out, complete=False)
     except LoraMedError as e:
         p.append(f"{flag}: {e}")
         return None, []
-    if card["status"] == "complete":
+    if card.status == "complete":
         p.append(
             f"{flag} {out}: that run is finished; nothing to resume (train a new run with another --output, "
             "or replace it with --overwrite)"
         )
         return None, []
-    saved, mine = card["config"], settings.as_dict(cfg)
+    saved, mine = settings.as_dict(card.config), settings.as_dict(cfg)
     diff = [
         f"{k} (run: {saved.get(k)!r}, now: {mine[k]!r})"
         for k in mine
@@ -292,8 +293,7 @@ def _check_resume(cfg: TrainConfig, out: Path, p: list[str]) -> tuple[Path | Non
     # file would make a run that no data produced.
     train_path, eval_path = _data_paths(cfg, [])
     for part, path in (("train", train_path), ("eval", eval_path)):
-        record = card["data"].get(part)
-        known = record.get("sha256") if isinstance(record, dict) else None
+        known = card.train_sha256 if part == "train" else card.eval.sha256
         if path is not None and path.is_file() and known and sha256_file(path) != known:
             what = "training data" if part == "train" else "held-out data"
             p.append(
