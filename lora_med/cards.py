@@ -230,12 +230,15 @@ class ExportSource:
 
 @dataclass(frozen=True)
 class EngineGraph:
-    """The export's engine/ decode graph: built (for ``device``, in ``precision``), or why not."""
+    """The export's engine/ decode graph: built (for ``device``, in ``precision``), or why not (``reason``)."""
 
-    built: bool
-    device: str | None
+    device: str | None  # None: not built
     precision: str | None
     reason: str | None
+
+    @property
+    def built(self) -> bool:
+        return self.device is not None
 
 
 @dataclass(frozen=True)
@@ -274,7 +277,6 @@ class ExportCard:
                 max_length=f.get("source.max_length", int),
             ),
             engine=EngineGraph(
-                built=built,
                 device=f.get("engine.device", str) if built else None,
                 precision=f.get("engine.precision", str) if built else None,
                 reason=f.get("engine.reason", str, optional=True)

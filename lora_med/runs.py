@@ -158,7 +158,7 @@ def latest_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[str]]:
         m = re.fullmatch(r"checkpoint-(\d+)", d.name)
         if m and d.is_dir():
             found.append((int(m.group(1)), d))
-    skipped = []
+    skipped: list[str] = []
     for _, d in sorted(found, reverse=True):
         problem = checkpoint_problem(d)
         if problem is None:
@@ -360,7 +360,8 @@ class Lock:
     """One process at a time on ``path`` (``with Lock(folder / ".lock", "the run folder X"):``)."""
 
     def __init__(self, path: Path, what: str):
-        self.path, self.what, self.note = Path(path), what, None
+        self.path, self.what = Path(path), what
+        self.note: str | None = None  # set when a stale lock was taken over
 
     def __enter__(self) -> Lock:
         me = json.dumps({"pid": os.getpid(), "started": _start_time(os.getpid())})

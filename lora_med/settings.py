@@ -408,7 +408,7 @@ def click_options(cls, *, seed_names: tuple[str, ...] = ()):
                 continue
             dashed = flag_name(f.name)
             names = [dashed, *(["--" + f.name] if f.name in seed_names and "_" in f.name else []), *meta["aliases"]]
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = f.default_factory() if callable(f.default_factory) else f.default
             shown = ",".join(default) if isinstance(default, list) else default
             extra = f" [default: {shown}]" if default not in (None, "", []) else ""
             kw: dict[str, Any] = dict(default=None, help=meta["help"] + extra)

@@ -825,7 +825,7 @@ def test_mask():
 class BrokenBackend:
     """A step backend whose device fails: the engine, the app, uvicorn and the store around it are real."""
 
-    capacity, joins = 256, True
+    capacity, joins, restores_prefixes = 256, True, False
 
     def scope(self):
         return contextlib.nullcontext()
@@ -833,10 +833,13 @@ class BrokenBackend:
     def open(self, rows: int) -> None:
         pass
 
-    def prefill(self, at, rows, max_new_tokens):
+    def prefill(self, at, rows, max_new_tokens, reuse=None):
         raise RuntimeError("the device fell over")
 
     def step(self, tokens, active):
+        raise RuntimeError("the device fell over")
+
+    def snapshot(self, row, n):
         raise RuntimeError("the device fell over")
 
     def close(self) -> None:

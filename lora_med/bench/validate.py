@@ -37,7 +37,7 @@ def report_name(cfg: BenchConfig, device: str) -> str:
         if cfg.shape
         else "paired"
         if cfg.paired
-        else Path(cfg.run or cfg.full_run or cfg.export[0]).name
+        else Path(cfg.run or cfg.full_run or (cfg.export[0] if cfg.export else "")).name
     )
 
 

@@ -343,7 +343,7 @@ def _merge_export(cfg: ExportConfig, card: TrainCard, device: str, out: Path) ->
                     engine_note=engine_info.get("reason"),
                 )
             except GateError as e:
-                parity, failed = getattr(e, "figures", {}), e
+                parity, failed = e.figures, e
             finally:
                 if engine is not None:
                     engine.close()

@@ -224,13 +224,12 @@ def check_parity(
         "failures": failures,
     }
     if failures:
-        err = GateError(
+        raise GateError(
             "parity gate failed (exported graphs vs PyTorch, "
             f"{len(conversations)} held-out conversations, {precision}):",
             failures,
+            figures=figures,  # travel with the error to the manifest of the failed export
         )
-        err.figures = figures  # travel with the error to the manifest of the failed export
-        raise err
     return figures
 
 
@@ -282,7 +281,7 @@ def verify_export(export_dir: str | Path, provider: str | None = None) -> dict:
         session_options=session_options(spin=False),
     )
     graph = manifest.engine
-    engine = load_engine(d / "engine", device=graph.device, spin=False) if graph.built else None
+    engine = load_engine(d / "engine", device=graph.device, spin=False) if graph.device is not None else None
     try:
         return check_parity(
             onnx_model,

@@ -17,18 +17,18 @@ import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.config import JsonDict
 
 from ..errors import ConfigError
 from .batcher import Batcher, EngineFailed, QueueFull, ShuttingDown
 from .config import ServeConfig, check, resolve_path
 from .guard import Guard
-from .intents import ACTIONS, Intents
+from .intents import Action, Intents
 from .limits import RateLimiter, UserLocks
 from .logs import log, logging_config
 from .metrics import CONTENT_TYPE, Metrics
@@ -37,7 +37,7 @@ from .store import ConversationStore, SQLiteStore
 from .turn import Dialog
 
 USER_ID_PATTERN = r"^\+?[1-9][0-9]{6,14}$"  # a phone number, E.164 digits with or without '+'
-SEED_EXAMPLE = {"user_id": "+59170123456", "message": "Hola, necesito una cita"}
+SEED_EXAMPLE: JsonDict = {"user_id": "+59170123456", "message": "Hola, necesito una cita"}
 
 
 class Params(BaseModel):
@@ -50,24 +50,31 @@ class ChatResponse(BaseModel):
     response: str = Field(description="The assistant's reply.")
     user_id: str
     conversation_id: str = Field(description="conv_<user_id>_<id>, stable within a conversation.")
-    action: Literal[ACTIONS] = Field(description="What the message asks for (intent layer or emergency guard).")
+    action: Action = Field(description="What the message asks for (intent layer or emergency guard).")
     params: Params
 
 
-def _request_model(max_chars: int) -> type[BaseModel]:
-    class ChatRequest(BaseModel):
-        model_config = ConfigDict(json_schema_extra={"examples": [SEED_EXAMPLE]})
-        user_id: str = Field(pattern=USER_ID_PATTERN, description="The patient's phone number, e.g. +59170123456.")
+class ChatRequest(BaseModel):
+    """The seed guide's request; each app validates with its own subclass, which sets the message limit."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [SEED_EXAMPLE]})
+    user_id: str = Field(pattern=USER_ID_PATTERN, description="The patient's phone number, e.g. +59170123456.")
+    message: str = Field(min_length=1)
+
+    @field_validator("message")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("message is blank; send the patient's text")
+        return v
+
+
+def _request_model(max_chars: int) -> type[ChatRequest]:
+    class LimitedChatRequest(ChatRequest):
         message: str = Field(min_length=1, max_length=max_chars, description=f"At most {max_chars} characters.")
 
-        @field_validator("message")
-        @classmethod
-        def _not_blank(cls, v: str) -> str:
-            if not v.strip():
-                raise ValueError("message is blank; send the patient's text")
-            return v
-
-    return ChatRequest
+    LimitedChatRequest.__name__ = "ChatRequest"  # the name OpenAPI shows
+    return LimitedChatRequest
 
 
 class _Server:
@@ -132,7 +139,7 @@ class _Server:
     def finish(self, status: int, t0: float, body: dict, headers: dict | None = None, **fields) -> JSONResponse:
         """Count, log (no message text) and return one /chat/ response."""
         elapsed = time.perf_counter() - t0
-        self.metrics.requests.inc(status)
+        self.metrics.requests.inc(str(status))
         self.metrics.latency.observe(elapsed)
         log(
             "chat",
@@ -200,6 +207,7 @@ class _Server:
                         plan = self.dialog.plan(message, opened.history, urgent)
                         prompt_len, batch = len(plan.prompt or ()), 0
                         if plan.prompt is not None:
+                            assert ticket is not None, "a turn that needs the model took a place in the queue"
                             future = ticket.submit(plan.prompt)
                             # shield: a timeout or a client that leaves stops this wait, never the batch
                             generated = await asyncio.shield(future)
@@ -230,6 +238,7 @@ class _Server:
                 now=time.time(),
             )
             self.metrics.actions.inc(plan.action)
+            assert plan.reply is not None, "the guard, the rules or the model wrote the reply"
             body = ChatResponse(
                 response=plan.reply,
                 user_id=user_id,
@@ -310,9 +319,14 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
         description="The seed guide's /chat/ app on a model fine-tuned and exported with lora-med.",
     )
     app.state.server = server
-    ChatRequest = _request_model(cfg.max_message_chars)
 
-    @app.post(
+    async def chat(body: ChatRequest) -> JSONResponse:
+        """Answer one patient message (the seed guide's request and response)."""
+        return await server.chat(body.user_id, body.message)
+
+    # FastAPI validates the body with the annotation it finds when the route is added: this app's message limit.
+    chat.__annotations__["body"] = _request_model(cfg.max_message_chars)
+    app.post(
         "/chat/",
         response_model=ChatResponse,
         responses={
@@ -321,10 +335,7 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
             503: {"description": "Queue full"},
             504: {"description": "Timeout"},
         },
-    )
-    async def chat(body: ChatRequest) -> JSONResponse:  # type: ignore[valid-type]
-        """Answer one patient message (the seed guide's request and response)."""
-        return await server.chat(body.user_id, body.message)
+    )(chat)
 
     @app.get("/health")
     async def health() -> dict:

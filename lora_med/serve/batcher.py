@@ -22,7 +22,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
@@ -229,7 +229,7 @@ class Batcher:
                     take.append(job)
             return take
 
-    def _settle(self, outcomes: list[tuple[_Job, object]]) -> None:
+    def _settle(self, outcomes: Sequence[tuple[_Job, object]]) -> None:
         """Give each job its outcome (a result, or an exception) on the event loop: one wake-up for them all."""
 
         def settle() -> None:
@@ -241,4 +241,5 @@ class Batcher:
                 else:
                     job.future.set_result(outcome)
 
+        assert self._loop is not None, "the engine thread runs only after start() took the event loop"
         self._loop.call_soon_threadsafe(settle)

@@ -190,7 +190,7 @@ def load_replier(cfg: ServeConfig, engine=None, source: ModelSource | None = Non
     source = source or resolve_model(cfg.model)
     tokenizer = load_tokenizer(str(source.tokenizer_path))
     if engine is None and source.adapter_base:
-        engine = _merged_run_engine(source, tokenizer, cfg)
+        engine = _merged_run_engine(source.adapter_base, source, tokenizer, cfg)
     elif engine is None:
         engine = load_engine(
             source.engine_path, device=cfg.device, threads=cfg.threads, prefix_cache_mb=cfg.prefix_cache_mb
@@ -198,7 +198,7 @@ def load_replier(cfg: ServeConfig, engine=None, source: ModelSource | None = Non
     return Replier(engine, tokenizer, source, settings_from(cfg), cut_block=cfg.cut_block)
 
 
-def _merged_run_engine(source: ModelSource, tokenizer, cfg: ServeConfig):
+def _merged_run_engine(adapter_base: str, source: ModelSource, tokenizer, cfg: ServeConfig):
     """The engine's PyTorch path over a LoRA run's adapter merged onto its base (PEFT's safe merge)."""
     import torch
     from peft import PeftModel
@@ -206,6 +206,6 @@ def _merged_run_engine(source: ModelSource, tokenizer, cfg: ServeConfig):
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    base = load_model(source.adapter_base)
+    base = load_model(adapter_base)
     model = PeftModel.from_pretrained(base, str(source.engine_path)).merge_and_unload(safe_merge=True).eval()
     return torch_engine(model.to(device), eos_token_id=tokenizer.eos_token_id)

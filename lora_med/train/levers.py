@@ -183,7 +183,8 @@ def plan_memory(cfg, setup, d) -> MemoryPlan:
             allowed=allowed,
             required=required,
             **common,
-            **(dict(context_gb=0.0, fragmentation=0.0) if cpu else {}),
+            context_gb=0.0 if cpu else CUDA_CONTEXT_GB,
+            fragmentation=0.0 if cpu else FRAGMENTATION,
         )
         if not choice.fits:
             raise ConfigError(f"{describe(cfg, 'vram_gb')}: {cfg.method} does not fit even at batch 1: {choice.reason}")
@@ -235,11 +236,11 @@ def chunked_causal_lm_loss(lm_head, hidden, labels, num_items_in_batch=None, *, 
         return F.cross_entropy(lm_head(h_part).float(), y_part, ignore_index=IGNORE, reduction="sum")
 
     recompute = torch.is_grad_enabled()
-    total = None
+    parts = []
     for i in range(0, h.shape[0], chunk):
         args = (h[i : i + chunk], y[i : i + chunk])
-        part = checkpoint(piece, *args, use_reentrant=False) if recompute else piece(*args)
-        total = part if total is None else total + part
+        parts.append(checkpoint(piece, *args, use_reentrant=False) if recompute else piece(*args))
+    total = sum(parts[1:], parts[0])
     if num_items_in_batch is None:
         return total / (y != IGNORE).sum()
     return total / num_items_in_batch

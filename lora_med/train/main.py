@@ -20,6 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, overload
 
 from .. import modelcard, models, runs, settings
 from ..cards import TrainCard
@@ -54,6 +55,12 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------- the command
+
+
+@overload
+def train(cfg: TrainConfig, *, plan_only: Literal[False] = False, callbacks=()) -> TrainResult: ...
+@overload
+def train(cfg: TrainConfig, *, plan_only: Literal[True], callbacks=()) -> dict: ...
 
 
 def train(cfg: TrainConfig, *, plan_only: bool = False, callbacks=()) -> TrainResult | dict:
@@ -217,12 +224,12 @@ def _run(cfg: TrainConfig, setup: Setup, d: Data, mem: MemoryPlan, callbacks, t_
         mem.levers,
     )
     ckpt = setup.checkpoint
-    done = ckpt is not None and finished_checkpoint(ckpt)
     if ckpt is not None:
         trainer.continue_from(ckpt)
     t_train = time.perf_counter()
     try:
-        if done:  # killed after its last checkpoint (e.g. during the final evaluation): only finish
+        # killed after its last checkpoint (e.g. during the final evaluation): only finish
+        if ckpt is not None and finished_checkpoint(ckpt):
             if main:
                 print(f"Resuming from {ckpt}: training had finished; running the final evaluation")
             load_checkpoint_weights(model, ckpt)

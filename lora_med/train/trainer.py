@@ -111,6 +111,8 @@ class LoraMedTrainer(Trainer):
             ckpt
             and self.args.world_size > 1
             and self.args.device.type == "cpu"
+            and self.optimizer is not None
+            and self.lr_scheduler is not None
             and not self.is_fsdp_enabled
             and (ckpt / "optimizer.pt").is_file()
             and (ckpt / "scheduler.pt").is_file()
@@ -180,7 +182,7 @@ class Reporter(TrainerCallback):
 
     def __init__(self, metrics_file: Path):
         self.metrics_file = metrics_file
-        self.t0 = self.tokens0 = self.step0 = None
+        self.t0, self.tokens0, self.step0 = 0.0, 0, 0  # set when training begins
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.t0, self.tokens0, self.step0 = time.perf_counter(), state.num_input_tokens_seen, state.global_step
