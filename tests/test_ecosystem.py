@@ -8,6 +8,7 @@ re-run on an existing export, a chat-template format through train and export, e
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -18,29 +19,14 @@ from transformers import TrainerCallback
 
 from lora_med import data, models
 from lora_med.cards import TrainCard
-from lora_med.config import REPO_ROOT, ExportConfig, TrainConfig
+from lora_med.config import REPO_ROOT, ExportConfig
 from lora_med.errors import LoraMedError
 from lora_med.export.main import merge_export
 from lora_med.train.main import train
 
+from .conftest import tiny_train_config
 
-def tcfg(tiny_base, data_file, out, **kw) -> TrainConfig:
-    return TrainConfig(
-        **{
-            **dict(
-                data=str(data_file),
-                eval_data=str(data_file),
-                base=str(tiny_base),
-                output=str(out),
-                max_steps=2,
-                compare=False,
-                log_every=1,
-                r=4,
-                learning_rate=1e-2,
-            ),
-            **kw,
-        }
-    )
+tcfg = functools.partial(tiny_train_config, learning_rate=1e-2)
 
 
 # --------------------------------------------------------------------------- chat templates

@@ -113,6 +113,7 @@ def test_manifest_hashes_match_files(lora_export, runs):
     assert m["status"] == "complete" and "optimum-onnx" in m["versions"] and m["options"]["atol"] == 1e-4
 
 
+@pytest.mark.slow
 def test_fresh_process_reload_gives_same_logits(lora_export):
     code = f"""
 import torch

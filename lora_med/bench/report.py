@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..cards import TrainCard
 
-# Each engine row beside the peer it replaces, with issue 10's target for the p50 ratio (None: shown, no target):
+# Each engine row beside the peer it replaces, with the engine's target for the p50 ratio (None: shown, no target):
 # on the CPU the engine against ORTModel + generate() (shipped model) and int8 against PyTorch eager
 # (DialoGPT-medium shape); on a GPU against transformers' generate() in fp16, what the seed's app runs.
 ENGINE_PEERS = (
@@ -157,7 +157,7 @@ def markdown(r: dict) -> str:
             "",
             "## The engine beside its peers (same run)",
             "",
-            "Targets (issue 10): engine-cpu-fp32 <= 0.5x ort-cpu-fp32 (shipped model, 2 CPU cores); "
+            "Targets: engine-cpu-fp32 <= 0.5x ort-cpu-fp32 (shipped model, 2 CPU cores); "
             "engine-cpu-int8 <= 0.35x torch-eager (DialoGPT-medium shape); engine-cuda-fp16 <= 0.3x "
             "torch-eager-fp16 (GPU).",
             "",

@@ -22,7 +22,7 @@ from .latency import SPEED_ONLY
 
 # Model shapes for --shape: GPT-2 configs built locally with random weights (speed only).
 SHAPES = {
-    # microsoft/DialoGPT-medium's public config (FACTS.md): 354,823,168 parameters, tied lm_head.
+    # microsoft/DialoGPT-medium's public config: 354,823,168 parameters, tied lm_head.
     "dialogpt-medium": dict(
         n_layer=24, n_embd=1024, n_head=16, n_positions=1024, vocab_size=50257, bos_token_id=50256, eos_token_id=50256
     ),

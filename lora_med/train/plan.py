@@ -8,7 +8,8 @@ caching allocator's blocks; not the CUDA context) and the tensors' bytes on the 
 
 Every term below was derived from the libraries' code and checked by replaying the real step on the meta
 device under CUDA's autocast policy and the caching allocator's rules (``benchmarks/train_memory/simulate.py``,
-"the replay"): the replay reads within 0.1% of the five H200 measurements in ../shared/FACTS.md, and this
+"the replay"): the replay reads within 0.1% of the five peaks measured on an NVIDIA H200
+(benchmarks/results/h200-dialogpt-medium-shape/results.json), and this
 arithmetic is within -0.5% / +1.1% of the replay for LoRA, QLoRA and full at batch 4, 16 and 32 with and
 without gradient checkpointing, -0.5% / +4.6% with the levers (benchmarks/train_memory/replay-*.json,
 tests/test_plan.py). b = micro-batch, s = sequence,
