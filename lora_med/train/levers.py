@@ -257,9 +257,9 @@ CUDA_CONTEXT_GB = 0.5
 # shape with its rules (benchmarks/train_memory/replay-dialogpt-medium.json, "segments in use"), so 7%.
 FRAGMENTATION = 0.07
 # Fixed cost of a training step (kernel launches, Python, the optimizer's per-tensor loop) in tokens of
-# compute: rate ~ tokens / (overhead + tokens). The H200 figures (benchmarks/results/h200-dialogpt-medium-shape/) give ~1,300 (LoRA) to ~3,400
-# (full) tokens; an RTX 4060 Ti, ~40x slower at bf16 matmuls with a similar host, ~250-400. Only the ranking
-# of micro-batches depends on it.
+# compute: rate ~ tokens / (overhead + tokens). The H200 figures (benchmarks/results/h200-dialogpt-medium-shape/)
+# give ~1,300 (LoRA) to ~3,400 (full) tokens; an RTX 4060 Ti, ~40x slower at bf16 matmuls with a similar host,
+# ~250-400. Only the ranking of micro-batches depends on it.
 OVERHEAD_TOKENS = 256
 
 
