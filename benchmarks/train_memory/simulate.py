@@ -34,8 +34,8 @@ what the allocator cannot hand back under memory pressure. Added as a constant: 
 4-bit dequantisation buffers.
 
 This is a derivation from the libraries' code, not a GPU measurement. At the five H200 points of
-benchmarks/results/h200-dialogpt-medium-shape/ it reads 2.424 / 6.917 / 7.192 / 10.641 / 7.035 GB where the H200 read 2.42 / 6.92 / 7.19 /
-10.64 / 7.04 (LoRA r16 b4, b16; full b4, b16; QLoRA r8 b16). Its output at DialoGPT-medium's shape is
+benchmarks/results/h200-dialogpt-medium-shape/ it reads 2.424 / 6.917 / 7.192 / 10.641 / 7.035 GB where the H200
+read 2.42 / 6.92 / 7.19 / 10.64 / 7.04 (LoRA r16 b4, b16; full b4, b16; QLoRA r8 b16). Its output at DialoGPT-medium's shape is
 replay-dialogpt-medium.json (``--grid``), which tests/test_plan.py holds the planner to.
 
 Usage:

@@ -213,7 +213,7 @@ class Engine:
         return out
 
     def close(self) -> None:
-        """Free the backend (its ONNX Runtime session or model, device buffers). The engine cannot generate afterwards."""
+        """Free the backend (its ONNX Runtime session or model, device buffers); the engine cannot generate after."""
         self._backend.close()
 
     def __enter__(self) -> Engine:

@@ -1,7 +1,7 @@
 """The parity gate: an export's two graphs against the merged PyTorch model on held-out conversations.
 
-Optimum's exporter only logs a warning on a mismatch and carries on, so lora-med gates on its own figures. The reference is
-the merged model in fp32: its teacher-forced logits, and its greedy replies from transformers' ``generate()``
+Optimum's exporter only logs a warning on a mismatch and carries on, so lora-med gates on its own figures. The
+reference is the merged model in fp32: its teacher-forced logits, and its greedy replies from transformers' ``generate()``
 one prompt at a time (what a user of the plain model gets; the only ``generate()`` in the gate). Both
 exported graphs make their replies through the engine (:mod:`lora_med.engine`), the loop every reply in
 lora-med goes through:
