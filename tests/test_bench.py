@@ -170,6 +170,7 @@ def test_gate_fails_when_out_of_reach_and_says_by_how_much(runs, tmp_path):
     assert r["gate"]["passed"] is False and [x["backend"] for x in r["latency"]] == ["ort-cpu-fp32"]
 
 
+@pytest.mark.slow
 def test_cli_exit_code_follows_the_gate(runs, tmp_path, monkeypatch, capsys):
     config = tmp_path / "bench.yaml"
     config.write_text(
@@ -294,6 +295,7 @@ def test_paired_bad_train_config_is_named_before_training(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_shape_mode_measures_speed_only_with_the_graphs_an_export_ships(tmp_path):
     result = bench(BenchConfig(shape="tiny", out=str(tmp_path), max_latency_s=60.0, **{**FAST, "throughput": False}))
     r = result.report
