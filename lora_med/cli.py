@@ -18,7 +18,17 @@ import threading
 import click
 
 from . import __version__, settings
-from .config import DEFAULT_BASE, BenchConfig, ExportConfig, ServeConfig, TrainConfig
+from . import data as data_mod
+from .config import (
+    DEFAULT_BASE,
+    DEFAULT_DATA,
+    DEFAULT_EVAL,
+    BenchConfig,
+    ExportConfig,
+    ServeConfig,
+    TrainConfig,
+    shipped,
+)
 from .errors import LoraMedError
 
 CONFIG = click.option(
@@ -113,9 +123,7 @@ def data_check(
     lora-med data check mine.json --tokenizer microsoft/DialoGPT-medium
     lora-med data check --facts configs/clinic.yaml
     """
-    from . import data as data_mod
-    from . import models
-    from .config import DEFAULT_DATA, DEFAULT_EVAL, shipped
+    from . import models  # torch: loaded only when a tokenizer is needed
 
     if not files and not facts_file:
         raise click.UsageError("give FILE (a conversation file), or --facts to check the shipped data")
@@ -212,9 +220,12 @@ def train(config_file: str | None, plan_only: bool, as_json: bool, **kwargs) -> 
     """
     from .train.main import train as run_train
 
-    result = run_train(_load(TrainConfig, config_file, kwargs), plan_only=plan_only)
+    cfg = _load(TrainConfig, config_file, kwargs)
     if plan_only:
+        result = run_train(cfg, plan_only=True)
         click.echo(json.dumps(result, indent=2) if as_json else _plan_text(result))
+    else:
+        run_train(cfg)
 
 
 def _plan_text(p: dict) -> str:
@@ -379,11 +390,12 @@ class _CtrlC:
 
 def _interrupted(e: BaseException) -> bool:
     """Whether a KeyboardInterrupt is among the causes of ``e``."""
+    cause: BaseException | None = e
     for _ in range(16):  # a chain, not a cycle
-        e = e.__cause__ or e.__context__
-        if e is None:
+        cause = cause.__cause__ or cause.__context__ if cause is not None else None
+        if cause is None:
             return False
-        if isinstance(e, KeyboardInterrupt):
+        if isinstance(cause, KeyboardInterrupt):
             return True
     return False
 

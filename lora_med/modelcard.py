@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .cards import TrainCard
 from .models import is_local
 
 LIBRARY = {"adapter": "peft", "model": "transformers", "merged": "transformers", "onnx": "transformers"}
@@ -25,18 +26,17 @@ def _base_id(base: str) -> str:
     return Path(base).name if is_local(base) or base.startswith(("/", ".")) else base
 
 
-def write(folder: Path, what: str, run: dict, *, extra: dict | None = None) -> Path:
+def write(folder: Path, what: str, run: TrainCard, *, extra: dict | None = None) -> Path:
     """Write ``folder/README.md`` for ``what`` ("adapter", "model", "merged" or "onnx") from a run card.
 
     Returns the path written.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    method = run["config"]["method"]
-    m = run.get("metrics", {})
-    train_data, eval_data = run["data"]["train"], run["data"]["eval"]
+    method, m = run.method, run.metrics
+    train_data = run.raw["data"].get("train") or {}  # its figures, as the run recorded them
     card_data = ModelCardData(
-        base_model=_base_id(run["base"]["name_or_path"]),
+        base_model=_base_id(run.base),
         library_name=LIBRARY[what],
         pipeline_tag="text-generation",
         language=["es"],
@@ -48,9 +48,9 @@ def write(folder: Path, what: str, run: dict, *, extra: dict | None = None) -> P
         ("base model's held-out perplexity", m.get("base_eval_ppl")),
         ("train loss", m.get("train_loss")),
         ("steps", m.get("steps")),
-        ("training data sha256", train_data.get("sha256")),
-        ("held-out data sha256", eval_data.get("sha256")),
-        ("seed", run.get("seed")),
+        ("training data sha256", run.train_sha256),
+        ("held-out data sha256", run.eval.sha256),
+        ("seed", run.config.seed),
     ]
     rows += list((extra or {}).items())
     table = "\n".join(f"| {k} | {f'{v:.4g}' if isinstance(v, float) else v} |" for k, v in rows if v is not None)
@@ -58,7 +58,7 @@ def write(folder: Path, what: str, run: dict, *, extra: dict | None = None) -> P
         f"---\n{card_data.to_yaml()}\n---\n\n"
         f"# {folder.name}\n\n"
         f"{'LoRA adapter' if what == 'adapter' else 'Fine-tuned model'} made with lora-med "
-        f"({method} on {run['base']['name_or_path']}, {train_data.get('conversations')} conversations). "
+        f"({method} on {run.base}, {train_data.get('conversations')} conversations). "
         "Prompts use DialoGPT's format: every turn followed by the EOS token (the tokenizer's chat template "
         "reproduces it).\n\n"
         f"| | |\n|---|---|\n{table}\n\n"

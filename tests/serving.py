@@ -20,6 +20,7 @@ class SlowBackend:
     def __init__(self, inner, eos: int, delay_s: float, endless: bool = True):
         self.inner, self.eos, self.delay_s, self.endless = inner, eos, delay_s, endless
         self.capacity, self.joins = inner.capacity, inner.joins
+        self.restores_prefixes = False  # keeps no prefix cache: every prompt is prefilled whole
         self.steps = 0
 
     def scope(self):
@@ -35,8 +36,11 @@ class SlowBackend:
             logits[:, self.eos] = -np.inf
         return logits
 
-    def prefill(self, at, rows, max_new_tokens):
-        return self._slow(self.inner.prefill(at, rows, max_new_tokens))
+    def prefill(self, at, rows, max_new_tokens, reuse=None):
+        return self._slow(self.inner.prefill(at, rows, max_new_tokens, reuse=None))
+
+    def snapshot(self, row, n):
+        raise NotImplementedError("restores_prefixes is False: the engine never asks")
 
     def step(self, tokens, active):
         return self._slow(self.inner.step(tokens, active))

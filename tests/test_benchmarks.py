@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import pytest
+
 from lora_med import data, models
 
 from .conftest import REPO
@@ -34,6 +36,7 @@ def test_train_memory_examples_are_exactly_the_sequence_length(tmp_path):
     assert json.loads(eval_file.read_text(encoding="utf-8")) == rows[:2]
 
 
+@pytest.mark.slow
 def test_serve_load_runs_bounded_levels_against_a_live_server_and_checks_the_store(tiny_base, tmp_path):
     """The load generator end to end on the tiny model: it starts `lora-med serve`, runs its levels within their
     request bounds, every request answered and stored, and refuses bad bounds without starting anything."""

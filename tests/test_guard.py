@@ -78,7 +78,7 @@ def test_reply_is_the_emergency_instruction_never_a_booking_question(guard):
         "allergy",
         "fever_stiff_neck",
         "suicidal",
-    } <= rules  # the signs the fact sheet and the issue list
+    } <= rules  # the signs the clinic's fact sheet lists
 
 
 def test_long_message_is_fast(guard):

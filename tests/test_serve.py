@@ -126,6 +126,7 @@ def expected_prompt(tokenizer, *texts: str) -> int:
 # --------------------------------------------------------------------------- the seed's request
 
 
+@pytest.mark.slow
 def test_seed_postman_request_byte_for_byte(server):
     r = httpx.post(f"{server.url}/chat/", content=SEED_BODY, headers={"Content-Type": "application/json"}, timeout=30)
     assert r.status_code == 200, r.text
@@ -142,6 +143,7 @@ def test_seed_postman_request_byte_for_byte(server):
     assert isinstance(body["response"], str) and body["response"].strip()
 
 
+@pytest.mark.slow
 def test_multi_turn_memory_prompt_holds_the_first_exchange(server, tiny_tokenizer):
     user = "+59171000001"
     first, second = "Hola, necesito una cita", "con pediatria el lunes"
@@ -163,6 +165,7 @@ def test_multi_turn_memory_prompt_holds_the_first_exchange(server, tiny_tokenize
     assert mine[1][4] == mine[0][0] and mine[3][4] == mine[2][0]  # each reply points at its message
 
 
+@pytest.mark.slow
 def test_start_over_opens_a_new_conversation(server):
     user = "+59171000002"
     a = server.chat(user, "quiero una cita").json()["conversation_id"]
@@ -190,6 +193,7 @@ def test_start_over_opens_a_new_conversation(server):
         ("", 422, ["body", "empty"]),
     ],
 )
+@pytest.mark.slow
 def test_bad_bodies_name_the_field(server, content, status, names):
     r = httpx.post(f"{server.url}/chat/", content=content, headers={"Content-Type": "application/json"}, timeout=30)
     assert r.status_code == status, r.text
@@ -199,12 +203,14 @@ def test_bad_bodies_name_the_field(server, content, status, names):
     assert "x" * 50 not in r.text  # the offending message is not echoed back
 
 
+@pytest.mark.slow
 def test_message_of_exactly_the_limit_is_answered(server):
     r = server.chat("+59171000004", "hola " * 200)  # 1000 characters: far over the prompt budget, cut from the left
     assert r.status_code == 200
     assert int(r.headers["X-Prompt-Tokens"]) <= 256 - 40
 
 
+@pytest.mark.slow
 def test_rate_limit_429_with_retry_after_but_never_for_emergencies(server):
     user = "+59171000005"
     for _ in range(5):
@@ -217,6 +223,7 @@ def test_rate_limit_429_with_retry_after_but_never_for_emergencies(server):
     assert r.status_code == 200 and r.json()["action"] == "emergency"
 
 
+@pytest.mark.slow
 def test_get_on_chat_is_405(server):
     assert httpx.get(f"{server.url}/chat/", timeout=10).status_code == 405
 
@@ -239,6 +246,7 @@ def test_get_on_chat_is_405(server):
         ("no puedo ir el lunes, me cambias para el miercoles?", False),
     ],
 )
+@pytest.mark.slow
 def test_guard_before_the_model(server, message, emergency):
     before = server.metric("lora_med_engine_requests_total")
     r = server.chat(f"+5917200{zlib.crc32(message.encode()) % 10**4:04d}", message)
@@ -259,6 +267,7 @@ def test_guard_before_the_model(server, message, emergency):
 # --------------------------------------------------------------------------- concurrency
 
 
+@pytest.mark.slow
 def test_twenty_concurrent_requests_all_answered_in_batches(server):
     async def run():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
@@ -284,6 +293,7 @@ def test_twenty_concurrent_requests_all_answered_in_batches(server):
 # --------------------------------------------------------------------------- queue, timeout, kill -9, restart
 
 
+@pytest.mark.slow
 def test_timeout_504_and_an_emergency_never_waits(slow):
     results: dict[str, httpx.Response] = {}
 
@@ -321,6 +331,7 @@ def test_timeout_504_and_an_emergency_never_waits(slow):
     assert "con pediatria" in [t[3] for t in rows.values() if t[2] == "user"]  # stored, unanswered
 
 
+@pytest.mark.slow
 def test_a_client_that_leaves_does_not_break_the_batch(slow):
     time.sleep(1.2)  # let a batch window still open from the test before close (it would answer at once)
     with httpx.Client(base_url=slow.url, timeout=30) as client:
@@ -344,6 +355,7 @@ def test_a_client_that_leaves_does_not_break_the_batch(slow):
     assert httpx.get(f"{slow.url}/health", timeout=10).json()["in_flight"] == 0
 
 
+@pytest.mark.slow
 def test_kill_9_mid_request_loses_nothing_committed_and_history_survives_restart(servers, tiny_base, tiny_tokenizer):
     slow, user = servers["slow"], "+59175000001"
     first = slow.chat(user, "Hola, necesito una cita")
@@ -398,6 +410,7 @@ def test_kill_9_mid_request_loses_nothing_committed_and_history_survives_restart
 # --------------------------------------------------------------------------- health, metrics, docs, logs, CLI
 
 
+@pytest.mark.slow
 def test_health_metrics_docs(server):
     h = httpx.get(f"{server.url}/health", timeout=10).json()
     assert h["status"] == "ok" and h["engine"].startswith("engine-") and h["device"] == "cpu"
@@ -420,6 +433,7 @@ def test_health_metrics_docs(server):
     assert "/chat/" in httpx.get(f"{server.url}/openapi.json", timeout=10).json()["paths"]
 
 
+@pytest.mark.slow
 def test_logs_are_json_lines_without_message_text_or_numbers(server):
     lines = server.log.read_text(encoding="utf-8").splitlines()
     events = [json.loads(line) for line in lines]  # every line is JSON
@@ -549,6 +563,7 @@ def test_model_paths(tmp_path, tiny_base):
         resolve_model(str(half))
 
 
+@pytest.mark.slow
 def test_requests_join_the_running_batch_on_the_decode_graph(exported, tiny_base, tmp_path):
     """An export served on its decode graph: concurrent requests share the engine's running batch (continuous
     batching) and each gets the reply the engine gives its prompt alone; follow-ups reuse their conversation's
@@ -815,7 +830,7 @@ def test_mask():
 class BrokenBackend:
     """A step backend whose device fails: the engine, the app, uvicorn and the store around it are real."""
 
-    capacity, joins = 256, True
+    capacity, joins, restores_prefixes = 256, True, False
 
     def scope(self):
         return contextlib.nullcontext()
@@ -823,10 +838,13 @@ class BrokenBackend:
     def open(self, rows: int) -> None:
         pass
 
-    def prefill(self, at, rows, max_new_tokens):
+    def prefill(self, at, rows, max_new_tokens, reuse=None):
         raise RuntimeError("the device fell over")
 
     def step(self, tokens, active):
+        raise RuntimeError("the device fell over")
+
+    def snapshot(self, row, n):
         raise RuntimeError("the device fell over")
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ and peak/mean RSS. After the run the server's database is checked: one stored re
 ("nothing lost"). The load generator runs on the same machine and takes CPU from the server: the
 report says how much. Results: ``--out`` (results.json + results.md).
 
-Targets (issue 11): 0 accepted requests lost or unanswered; throughput with 8 clients >= 3x one client's.
+Targets: 0 accepted requests lost or unanswered; throughput with 8 clients >= 3x one client's.
 """
 
 from __future__ import annotations

@@ -6,10 +6,13 @@ no-repeat n-grams, the left cut of long prompts, batches of prompts of any lengt
 running batch). What computes the logits is a step backend over a KV cache of ``rows`` rows:
 
 - ``open(rows)``: a cache for that many rows;
-- ``prefill(at, prompts, max_new_tokens)``: run the prompts into rows ``at``, return the last prompt
-  position's logits per prompt (``float32 [len(at), vocab]``);
+- ``prefill(at, prompts, max_new_tokens, reuse=None)``: run the prompts into rows ``at``, return the last
+  prompt position's logits per prompt (``float32 [len(at), vocab]``); ``reuse[i]``, a prefix-cache entry and
+  a token count, gives prompt ``i``'s first positions from that entry (only where ``restores_prefixes``);
 - ``step(tokens, active)``: feed one new token to each of the first ``len(tokens)`` rows (only ``active``
-  rows advance), return their next logits.
+  rows advance), return their next logits;
+- ``snapshot(row, n)``: copies of a row's first ``n`` cached positions, kept by the prefix cache (only where
+  ``restores_prefixes``).
 
 Two backends exist: the ONNX decode graph written by :mod:`lora_med.export.decode_graph`, run by ONNX Runtime
 on the CPU or CUDA provider (:mod:`lora_med.engine.ort_backend`), and a Hugging Face causal LM with its KV cache
@@ -34,7 +37,7 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import LoraMedError
-from .prefix_cache import PrefixCache
+from .prefix_cache import Entry, PrefixCache
 from .sampling import NGramBans, Sampler
 
 
@@ -65,6 +68,9 @@ class GenerationSettings:
         if self.no_repeat_ngram_size < 0:
             out.append(f"no_repeat_ngram_size={self.no_repeat_ngram_size}: must be >= 0 (0 turns it off)")
         return out
+
+
+Reuse = tuple[Entry, int]  # a prefix-cache entry and how many of its positions a prompt takes
 
 
 @dataclass(frozen=True)
@@ -108,12 +114,17 @@ class StepBackend(Protocol):
 
     capacity: int
     joins: bool  # rows can be prefilled while others are decoding (continuous batching)
+    restores_prefixes: bool  # rows' caches can be copied out (snapshot) and back (prefill's reuse)
 
     def open(self, rows: int) -> None: ...
 
-    def prefill(self, at: list[int], rows: list[list[int]], max_new_tokens: int) -> np.ndarray: ...
+    def prefill(
+        self, at: list[int], rows: list[list[int]], max_new_tokens: int, reuse: list[Reuse | None] | None = None
+    ) -> np.ndarray: ...
 
     def step(self, tokens: np.ndarray, active: np.ndarray) -> np.ndarray: ...
+
+    def snapshot(self, row: int, n: int) -> list[np.ndarray]: ...
 
     def scope(self) -> contextlib.AbstractContextManager: ...
 
@@ -137,12 +148,12 @@ class Engine:
     ):
         self._backend = backend
         # Kept KV caches of finished replies (engine_prefix); only a backend that can restore rows takes one.
-        self.prefix_cache = prefix_cache if getattr(backend, "restores_prefixes", False) else None
+        self.prefix_cache = prefix_cache if backend.restores_prefixes else None
         self.name = name
         self.device = device
         self.precision = precision
         self.capacity = int(backend.capacity)
-        self.joins = bool(getattr(backend, "joins", False))
+        self.joins = bool(backend.joins)
         self.eos_token_id = int(eos_token_id)
         self.vocab_size = int(vocab_size)
         self.info = dict(info or {})  # what the engine runs: graph recipe, provider, threads (for reports)
@@ -238,7 +249,7 @@ class Engine:
         return out
 
     def close(self) -> None:
-        """Free the backend (sessions, device buffers). The engine cannot generate afterwards."""
+        """Free the backend (its ONNX Runtime session or model, device buffers); the engine cannot generate after."""
         self._backend.close()
 
     def __enter__(self) -> Engine:
@@ -266,7 +277,7 @@ class Finished:
 class _Row:
     handle: int
     prompt: list[int]
-    reuse: tuple | None  # (prefix-cache entry, tokens taken from it)
+    reuse: Reuse | None  # (prefix-cache entry, tokens taken from it)
     bans: NGramBans | None
     max_new: int = 0  # this row's new-token limit
     pick: Sampler | str | None = None  # RowSettings.choice: None = the stream's way
@@ -336,13 +347,10 @@ class Stream:
         rows = [[int(t) for t in p[-budget:]] for p in prompts]
         at = [b for b in range(self.rows) if b not in self._live][: len(rows)]
         cache, n = self._engine.prefix_cache, self.settings.no_repeat_ngram_size
-        reuse = [cache.lookup(r) for r in rows] if cache is not None else [None] * len(rows)
+        reuse: list[Reuse | None] = [cache.lookup(r) for r in rows] if cache is not None else [None] * len(rows)
         if not self._engine.joins:  # a whole batch: its cache sized to it (CUDA: the captured graph of its size)
             self._backend.open(len(rows))
-        if cache is not None:
-            logits = self._backend.prefill(at, rows, self.settings.max_new_tokens, reuse=reuse)
-        else:
-            logits = self._backend.prefill(at, rows, self.settings.max_new_tokens)
+        logits = self._backend.prefill(at, rows, self.settings.max_new_tokens, reuse=reuse)
         handles = []
         for b, r, re, rs in zip(at, rows, reuse, settings):
             self._live[b] = _Row(

@@ -31,7 +31,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
@@ -278,7 +278,7 @@ class Batcher:
                     take.append(job)
             return take
 
-    def _settle(self, outcomes: list[tuple[_Job, object]], news: list[tuple[_Job, list[int]]] = ()) -> None:
+    def _settle(self, outcomes: Sequence[tuple[_Job, object]], news: Sequence[tuple[_Job, list[int]]] = ()) -> None:
         """Hand listeners their new tokens, then give each job its outcome (a result, or an exception), on the
         event loop: one wake-up for them all."""
 
@@ -294,4 +294,5 @@ class Batcher:
                 else:
                     job.future.set_result(outcome)
 
+        assert self._loop is not None, "the engine thread runs only after start() took the event loop"
         self._loop.call_soon_threadsafe(settle)

@@ -36,6 +36,7 @@ class Guard:
         reply = spec.get("reply")
         if not isinstance(reply, str) or "118" not in reply:
             problems.append(f"{where}: 'reply' must be the emergency instruction text and name 118")
+            reply = ""  # refused below, with the other problems
         advice = spec.get("advice") or {}
         if not isinstance(advice, dict):
             problems.append(f"{where}: 'advice' must map rule names to one line each")

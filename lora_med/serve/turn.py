@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from ..data import Message
 from .guard import Guard
-from .intents import EMERGENCY_STATUS, Intents
+from .intents import EMERGENCY_STATUS, Action, Intents
 from .metrics import Metrics
 from .referee import Referee, View
 from .replier import Replier
@@ -40,7 +40,7 @@ class Urgent:
 class Plan:
     """A turn's answer, before or after the model. ``reply`` is None while the model still has to write it."""
 
-    action: str
+    action: Action
     status: str
     reply: str | None = None
     source: str = "model"  # who wrote the reply: model | facts | guard | fallback

@@ -20,8 +20,10 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, overload
 
 from .. import modelcard, models, runs, settings
+from ..cards import TrainCard
 from ..config import TrainConfig
 from ..errors import ConfigError, LoraMedError
 from ..fileio import write_json
@@ -53,6 +55,12 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------- the command
+
+
+@overload
+def train(cfg: TrainConfig, *, plan_only: Literal[False] = False, callbacks=()) -> TrainResult: ...
+@overload
+def train(cfg: TrainConfig, *, plan_only: Literal[True], callbacks=()) -> dict: ...
 
 
 def train(cfg: TrainConfig, *, plan_only: bool = False, callbacks=()) -> TrainResult | dict:
@@ -191,7 +199,7 @@ def _run(cfg: TrainConfig, setup: Setup, d: Data, mem: MemoryPlan, callbacks, t_
         )
         # The card goes down first (status running) so that --resume can check it is the same run.
         if cfg.resume:
-            card = {**runs.load_card(out, "train", complete=False), "status": "running"}
+            card = {**TrainCard.read(out, complete=False).raw, "status": "running"}
         else:
             if cfg.overwrite and runs.marker(out):
                 runs.clear(out)
@@ -216,12 +224,12 @@ def _run(cfg: TrainConfig, setup: Setup, d: Data, mem: MemoryPlan, callbacks, t_
         mem.levers,
     )
     ckpt = setup.checkpoint
-    done = ckpt is not None and finished_checkpoint(ckpt)
     if ckpt is not None:
         trainer.continue_from(ckpt)
     t_train = time.perf_counter()
     try:
-        if done:  # killed after its last checkpoint (e.g. during the final evaluation): only finish
+        # killed after its last checkpoint (e.g. during the final evaluation): only finish
+        if ckpt is not None and finished_checkpoint(ckpt):
             if main:
                 print(f"Resuming from {ckpt}: training had finished; running the final evaluation")
             load_checkpoint_weights(model, ckpt)
@@ -341,7 +349,8 @@ def save_artifacts(model, tokenizer, out: Path, card: dict) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
-    modelcard.write(staging, card["artifact"], card)  # replaces PEFT's empty template
+    run = TrainCard.from_json(card, out)
+    modelcard.write(staging, run.artifact, run)  # replaces PEFT's empty template
     runs.record(out, *[f.name for f in staging.iterdir()])
     for f in staging.iterdir():
         os.replace(f, out / f.name)
