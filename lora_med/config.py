@@ -19,7 +19,7 @@ DEFAULT_DATA = "data/medical_conversations.json"
 DEFAULT_EVAL = "data/medical_conversations_eval.json"
 DEFAULT_EVAL_FRACTION = 0.1
 DEFAULT_INTENTS = "configs/intents.yaml"
-DEFAULT_EMERGENCY = "configs/emergency.yaml"
+DEFAULT_EMERGENCY = "configs/triage.yaml"
 
 METHODS = ("lora", "qlora", "full")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -384,7 +384,9 @@ class ServeConfig:
     db: str = setting("lora-med-serve.db", "SQLite file (WAL mode) holding every turn; history survives restarts")
     idle_minutes: float = setting(30.0, "a message after this much silence starts a new conversation", above=0)
     intents: str = setting(DEFAULT_INTENTS, "rules deriving `action` and `params.status`")
-    emergency: str = setting(DEFAULT_EMERGENCY, "the emergency guard's rules and reply")
+    emergency: str = setting(
+        DEFAULT_EMERGENCY, "the triage file: emergency tiers, advice, carry-over and the learned layer (configs/triage.yaml)"
+    )
     # limits
     max_message_chars: int = setting(1000, "longer messages get 422", min=1)
     rate_limit: int = setting(

@@ -43,9 +43,10 @@ sys.path.insert(0, str(REPO))
 
 from lora_med.data import percentile  # noqa: E402
 from lora_med.serve.intents import FLOWS, Intents  # noqa: E402
+from lora_med.serve.metrics import Metrics  # noqa: E402
 from lora_med.serve.store import Turn  # noqa: E402
 from lora_med.serve.triage import Triage  # noqa: E402
-from lora_med.serve.triage.normalize import read  # noqa: E402
+from lora_med.serve.turn import Dialog  # noqa: E402
 
 REQUESTS = {
     "book": "schedule_appointment",
@@ -87,18 +88,15 @@ def check_round(r: object, path: Path) -> list[str]:
 
 
 class Local:
-    """The triage and intent layer as the server runs them, without a model (replies the model would write are
-    not measured here)."""
+    """The server's own turn logic (``Dialog.decide``: triage verdict, intent, params) without a model: the
+    replies the model would write are not measured here."""
 
     def __init__(self, triage: Triage, intents: Intents):
-        self.triage, self.intents = triage, intents
+        self.dialog = Dialog(triage, intents, None, Metrics(queue_depth=lambda: 0, in_flight=lambda: 0))
 
     def turn(self, message: str, history: list[Turn]) -> dict:
-        v = self.triage.verdict(message, history)
-        d = self.intents.decide(message, history)
-        action, status = ("emergency", "emergency_referred") if v.tier == "emergency" else (d.action, d.status)
-        reply = v.reply if v.reply is not None and v.tier == "emergency" else ""
-        return {"action": action, "status": status, "intent": d.action, "reply": reply, **v.params()}
+        plan = self.dialog.decide(message, history)
+        return {"action": plan.action, "status": plan.status, "reply": plan.reply or "", **plan.extra}
 
 
 class Served:

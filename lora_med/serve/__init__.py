@@ -1,9 +1,10 @@
 """``lora-med serve``: the seed guide's ``/chat/`` app on an exported model.
 
 ``serve(cfg)`` runs it (blocking); ``create_app(cfg, engine=None, store=None)`` returns the FastAPI app.
-Modules: config (settings), app (routes, request path), store (conversation memory), intents (action and
-status), guard (emergencies), matcher (the rules both use), batcher (queue and dynamic batching),
-replier (model folder, prompts, engine calls), limits (rate limit, per-user order), metrics, logs.
+Modules: config (settings), app (routes, request path), turn (what a message's turn says), store
+(conversation memory), intents (action and status), triage/ (emergency / caution / none before the model,
+carry-over, advice), matcher (the rules both use), batcher (queue and dynamic batching), replier (model
+folder, prompts, engine calls), limits (rate limit, per-user order), metrics, logs.
 """
 
 from .config import ServeConfig

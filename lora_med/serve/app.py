@@ -1,6 +1,6 @@
 """The seed guide's ``/chat/`` app on an exported model: FastAPI routes, the request path, and ``serve``.
 
-A message goes: validation (422) -> emergency guard (answered at once, never the model, never rate
+A message goes: validation (422) -> triage (an emergency is answered at once, never the model, never rate
 limited) -> per-user rate limit (429) -> a place in the queue (503) -> the user's conversation from the
 store (the message stored) -> ``action``/``params.status`` from the intent layer -> the prompt in the
 training format -> a batch through the engine -> the reply stored -> the response. A request that takes
@@ -27,13 +27,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..errors import ConfigError
 from .batcher import Batcher, EngineFailed, QueueFull, ShuttingDown
 from .config import ServeConfig, check, resolve_path
-from .guard import Guard
 from .intents import ACTIONS, Intents
 from .limits import RateLimiter, UserLocks
 from .logs import log, logging_config
 from .metrics import CONTENT_TYPE, Metrics
 from .replier import Replier, load_replier, resolve_model
 from .store import ConversationStore, SQLiteStore
+from .triage import Triage
 from .turn import Dialog
 
 USER_ID_PATTERN = r"^\+?[1-9][0-9]{6,14}$"  # a phone number, E.164 digits with or without '+'
@@ -50,7 +50,7 @@ class ChatResponse(BaseModel):
     response: str = Field(description="The assistant's reply.")
     user_id: str
     conversation_id: str = Field(description="conv_<user_id>_<id>, stable within a conversation.")
-    action: Literal[ACTIONS] = Field(description="What the message asks for (intent layer or emergency guard).")
+    action: Literal[ACTIONS] = Field(description="What the message asks for (intent layer, or the triage's emergency).")
     params: Params
 
 
@@ -73,7 +73,7 @@ def _request_model(max_chars: int) -> type[BaseModel]:
 class _Server:
     """Everything one running app holds (no module-level state)."""
 
-    def __init__(self, cfg: ServeConfig, guard: Guard, intents: Intents, store: ConversationStore, replier: Replier):
+    def __init__(self, cfg: ServeConfig, triage: Triage, intents: Intents, store: ConversationStore, replier: Replier):
         self.cfg = cfg
         self.store = store
         self.replier = replier
@@ -97,7 +97,7 @@ class _Server:
             queue_size=cfg.queue_size,
             metrics=self.metrics,
         )
-        self.dialog = Dialog(guard, intents, replier, self.metrics)
+        self.dialog = Dialog(triage, intents, replier, self.metrics)
         self.store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self.started = time.time()
         self.port: int | None = None  # set by serve() once the socket is bound
@@ -119,6 +119,8 @@ class _Server:
             device=eng.device,
             source=self.replier.source.kind,
             db=self.cfg.db,
+            triage_rules=self.dialog.triage.rules_version,
+            triage_model=self.dialog.triage.model.version,
         )
         try:
             yield
@@ -294,7 +296,7 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
     """
     check(cfg)
     # Cheap things first, so their mistakes show before the model loads.
-    guard, intents = Guard(resolve_path(cfg.emergency)), Intents(resolve_path(cfg.intents))
+    triage, intents = Triage(resolve_path(cfg.emergency)), Intents(resolve_path(cfg.intents))
     source = resolve_model(cfg.model)  # a LoRA run or a half export is refused before the database is touched
     store = store if store is not None else SQLiteStore(cfg.db)
     try:
@@ -302,7 +304,7 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
     except BaseException:
         store.close()
         raise
-    server = _Server(cfg, guard, intents, store, replier)
+    server = _Server(cfg, triage, intents, store, replier)
     app = FastAPI(
         title="lora-med serve",
         version="1",
@@ -328,7 +330,7 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
 
     @app.get("/health")
     async def health() -> dict:
-        """Model, engine, device, uptime and queue depth."""
+        """Model, engine, device, uptime, queue depth, and which triage rules and model run."""
         eng = server.replier.engine
         cache = getattr(eng, "prefix_cache", None)
         return {
@@ -349,6 +351,7 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
             "batch_wait_ms": server.batcher.wait_s * 1000,
             "cut_block": server.replier.cut_block,
             "prefix_cache_mb": cache.max_bytes / 2**20 if cache is not None else 0,
+            "triage": server.dialog.triage.versions(),
         }
 
     @app.get("/metrics", response_class=PlainTextResponse)
