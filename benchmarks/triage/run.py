@@ -231,8 +231,8 @@ def markdown_row(name: str, res: dict) -> str:
     return (
         f"| {name} | {res['when']} | {em['caught']}/{em['n']} = {100 * em['caught'] / em['n']:.1f}% | "
         f"{em['booking_or_identity']} | {od['emergency']}/{od['n']} | {od['caution']}/{od['n']} | "
-        f"{od['kept']}/{od['n']} | {carry} | {em['fit']['fits']}/{sum(em['fit'].values())} fit, "
-        f"{em['fit']['generic']} generic, {len(em['never'])} never | {tm['p50_ms']:.2f} / {tm['p95_ms']:.2f} ms |"
+        f"{od['kept']}/{od['n']} | {carry} | {em['fit'].get('fits', 0)}/{sum(em['fit'].values())} fit, "
+        f"{em['fit'].get('generic', 0)} generic, {len(em['never'])} never | {tm['p50_ms']:.2f} / {tm['p95_ms']:.2f} ms |"
     )
 
 

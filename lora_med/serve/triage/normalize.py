@@ -4,7 +4,7 @@ Patients write "pe\u200bcho" (a zero-width space pasted from another app), "38,5
 "tengo 30 semanas", "mi bebé de 3 semanitas", "la presión 16/11". The rules and the learned layer see plain
 words, so a number is read into a word beside it (``lectura...``) that rules can name:
 
-- ``lecturafiebre`` (38.0 or more with a word of fever or temperature in the message), ``lecturafiebrealta``
+- ``lecturafiebre`` (38.0 or more: with a decimal, or with a word of fever or temperature), ``lecturafiebrealta``
   (39.5 or more), ``lecturafebricula`` (37.5 to 37.9);
 - ``lecturaglucosabaja`` (a sugar reading under 70 mg/dl, or a meter showing LO), ``lecturaglucosaalta`` (300+);
 - ``lecturapresionmuyalta`` (160/110 or more; "16/11" is read as 160/110), ``lecturapresionalta`` (140/90),
@@ -83,8 +83,9 @@ def read(text: str) -> str:
         t += " lecturaglucosaalta"
     t = _SATURATION.sub(lambda m: _mark(m, "lecturasaturacionbaja" if 50 <= int(m.group(1)) <= 92 else ""), t)
     t = _read_ages(t)
-    if _FEVER_CONTEXT.search(t):
-        t = _TEMPERATURE.sub(_temperature, t)
+    context = _FEVER_CONTEXT.search(t) is not None
+    # "38,3" is a temperature on its own; a whole "38" only beside a word of fever ("38 años" is an age)
+    t = _TEMPERATURE.sub(lambda m: _temperature(m) if context or m.group(2) else m.group(0), t)
     return words_only(t)
 
 
