@@ -21,7 +21,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..data import Message
-from .intents import EMERGENCY_STATUS, Intents
+from .intents import EMERGENCY_STATUS, FLOWS, Intents
 from .metrics import Metrics
 from .replier import Replier
 from .store import Turn
@@ -91,8 +91,9 @@ class Dialog:
             rule = verdict.category or ""
             self.metrics.guard_hits.inc(rule or "unclear")
             return Plan("emergency", EMERGENCY_STATUS, reply=verdict.reply, source="guard", rule=rule, extra=extra)
-        if verdict.released and decision.action == "chat":  # "ya nos atendieron": acknowledged, nothing to serve
-            return Plan("chat", "answered", reply=_with(verdict.reply, verdict.note), source="guard", extra=extra)
+        if verdict.released and decision.action not in FLOWS:  # "ya nos atendieron": acknowledged
+            reply = _with(verdict.reply, verdict.note)
+            return Plan(decision.action, decision.status, reply=reply, source="guard", extra=extra)
         return Plan(decision.action, decision.status, extra=extra, note=verdict.note)
 
     def finish(self, plan: Plan, text: str) -> Plan:
