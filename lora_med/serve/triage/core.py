@@ -17,7 +17,7 @@ from ..store import Turn
 from .advice import Advice
 from .learned import LearnedModel
 from .normalize import read
-from .rules import LOWERS_TO, Findings, TriageRules
+from .rules import Findings, TriageRules
 
 TIERS = ("emergency", "caution", "none")
 
@@ -106,10 +106,12 @@ class Triage:
         text = read(message)
         f = self.rules.find(self.rules.rewrite(text))
         score = self.model.score(text)
-        lowering = {m for m in f.modifiers if m in LOWERS_TO} if "now" not in f.modifiers else set()
+        lowers_to = self.rules.lowers_to
+        now = "now" in f.modifiers
+        lowering = {m for m in f.modifiers if m in lowers_to and (not now or m in self.rules.timeless)}
 
         def level(name: str) -> str:
-            lows = {LOWERS_TO[m] for m in lowering if m in self.rules.categories[name].soften}
+            lows = {lowers_to[m] for m in lowering if m in self.rules.categories[name].soften}
             return "emergency" if not lows else "caution" if "caution" in lows else "none"
 
         emergency = {c for c in f.signs if level(c) == "emergency"}
@@ -119,7 +121,9 @@ class Triage:
             return Assessment("emergency", self.rules.resolve(emergency), by, score, f)
         if score >= self.model.emergency_at and not lowering:
             return Assessment("emergency", self.rules.resolve(f.signs | f.cautions), "model", score, f)
-        if caution or score >= self.model.caution_at:
+        # a figure of speech or a lab test ("prueba de embarazo en sangre") is no sign, whatever the model says
+        dismissed = any(lowers_to[m] == "none" for m in lowering) and not caution
+        if caution or (score >= self.model.caution_at and not dismissed):
             by = "rules" if caution else "model"
             return Assessment("caution", self.rules.resolve(caution) if caution else None, by, score, f)
         return Assessment("none", None, "", score, f)

@@ -12,15 +12,14 @@ from dataclasses import dataclass
 from ...errors import ConfigError
 from ..matcher import RuleSet
 
-MODIFIERS = ("now", "past", "mild", "hypothetical", "lab", "figurative")
-LOWERS_TO = {"past": "caution", "mild": "caution", "hypothetical": "caution", "lab": "none", "figurative": "none"}
+LOWER = ("caution", "none")  # what a modifier can lower an emergency sign to; `now` keeps it
 _ATTENDED = ("attended", "not_attended")
 
 
 @dataclass(frozen=True)
 class Category:
     name: str
-    soften: frozenset[str]  # modifiers that lower this category's emergency (to LOWERS_TO[modifier])
+    soften: frozenset[str]  # modifiers that lower this category's emergency (to the modifier's `lowers_to`)
     covers: frozenset[str]  # categories whose advice this one's line also fits, when both match
     parent: str | None  # the broader category a round may label it with (choking -> breathing)
 
@@ -31,7 +30,7 @@ class Findings:
 
     signs: frozenset[str]  # categories with an emergency sign
     cautions: frozenset[str]  # categories with a sign that only calls for caution
-    modifiers: frozenset[str]  # MODIFIERS found
+    modifiers: frozenset[str]  # modifier names found (`now` and those of the file's `modifiers`)
     attended: bool  # the message says they are being attended or are safe
 
 
@@ -45,9 +44,23 @@ class TriageRules:
             raise ConfigError(f"{where}: 'categories' must map category names to their rules")
         default_soften = spec.get("default_soften", [])
         mods = spec.get("modifiers") or {}
-        if not isinstance(mods, dict) or set(mods) != set(MODIFIERS):
-            problems.append(f"{where}: 'modifiers' must have exactly {', '.join(MODIFIERS)}")
+        self.lowers_to: dict[str, str] = {}  # modifier -> caution | none
+        self.timeless: set[str] = set()  # modifiers a word of now does not undo (a lab test, a figure of speech)
+        if not isinstance(mods, dict) or not isinstance(mods.get("now"), list):
+            problems.append(f"{where}: 'modifiers' must map `now` (a rule list) and each other modifier to "
+                            "{lowers_to: caution|none, rules: [...]}")
             mods = {}
+        rules_of: dict[str, list] = {}
+        for name, m in mods.items():
+            if name == "now":
+                rules_of[name] = m
+            elif isinstance(m, dict) and m.get("lowers_to") in LOWER and isinstance(m.get("rules"), list):
+                self.lowers_to[name] = m["lowers_to"]
+                rules_of[name] = m["rules"]
+                if m.get("despite_now"):
+                    self.timeless.add(name)
+            else:
+                problems.append(f"{where}: modifier {name!r} must be {{lowers_to: caution|none, rules: [...]}}")
         specs: list[tuple[str, list]] = []  # (rule-name prefix, rule list) in file order
         self.categories: dict[str, Category] = {}
         for name, c in cats.items():
@@ -58,8 +71,8 @@ class TriageRules:
             if unknown:
                 problems.append(f"{where}: category {name!r}: unknown key(s) {', '.join(sorted(unknown))}")
             soften = c.get("soften", default_soften)
-            if not isinstance(soften, list) or set(soften) - set(LOWERS_TO):
-                problems.append(f"{where}: category {name!r}: 'soften' must list some of {', '.join(LOWERS_TO)}")
+            if not isinstance(soften, list) or set(soften) - set(self.lowers_to):
+                problems.append(f"{where}: category {name!r}: 'soften' must list some of {', '.join(self.lowers_to)}")
                 soften = []
             self.categories[name] = Category(
                 name, frozenset(soften), frozenset(c.get("covers") or ()), c.get("parent")
@@ -71,8 +84,8 @@ class TriageRules:
             wrong = sorted((cat.covers | ({cat.parent} if cat.parent else set())) - set(self.categories))
             if wrong:
                 problems.append(f"{where}: category {name!r} names unknown categories in covers/parent: {wrong}")
-        for name in mods:
-            specs.append((f"mod:{name}", mods[name]))
+        for name, items in rules_of.items():
+            specs.append((f"mod:{name}", items))
         for name in _ATTENDED:
             if not isinstance(spec.get(name), list):
                 problems.append(f"{where}: '{name}' must be a list of rules")
