@@ -225,6 +225,17 @@ def timing(r: dict, triage: Triage, passes: int) -> dict:
     return {"messages": len(messages), "passes": passes, "p50_ms": percentile(times, 50), "p95_ms": percentile(times, 95)}
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the platform's word for it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def markdown_row(name: str, res: dict) -> str:
     em, od, co, tm = res["emergency"], res["ordinary"], res["carry_over"], res["timing"]
     carry = f"{co['kept']}/{co['kept_n']} kept, {co['released']}/{co['released_n']} released"
@@ -310,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     res["when"] = args.when
     res["round"] = {"file": str(args.round), "round": r.get("round"), "author": r.get("author"), "written_on": str(r.get("written_on"))}
     res["triage"] = triage.versions()
-    res["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    res["machine"] = f"{cpu_name()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     res["mode"] = "served export (model replies included)" if args.serve else "triage + intent layer (no model)"
     for part in res.values():
         if isinstance(part, dict):
