@@ -385,7 +385,8 @@ class ServeConfig:
     idle_minutes: float = setting(30.0, "a message after this much silence starts a new conversation", above=0)
     intents: str = setting(DEFAULT_INTENTS, "rules deriving `action` and `params.status`")
     emergency: str = setting(
-        DEFAULT_EMERGENCY, "the triage file: emergency tiers, advice, carry-over and the learned layer (configs/triage.yaml)"
+        DEFAULT_EMERGENCY,
+        "the triage file: emergency tiers, advice, carry-over and the learned layer (configs/triage.yaml)",
     )
     # limits
     max_message_chars: int = setting(1000, "longer messages get 422", min=1)

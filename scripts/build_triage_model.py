@@ -38,12 +38,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     text = RULES.read_text(encoding="utf-8")
     if args.pin and not PIN.search(text):
-        print(f"error: {RULES}: no `learned: {{file: triage-model.safetensors, sha256: ...}}` line to pin", file=sys.stderr)
+        print(
+            f"error: {RULES}: no `learned: {{file: triage-model.safetensors, sha256: ...}}` line to pin",
+            file=sys.stderr,
+        )
         return 2
     sha, meta = build(REPO, args.out)
     h = meta["held_out"]
     print(f"wrote {args.out} sha256 {sha}")
-    print(f"trained on {meta['trained_on']['emergency']} emergency / {meta['trained_on']['ordinary']} ordinary messages")
+    print(
+        f"trained on {meta['trained_on']['emergency']} emergency / {meta['trained_on']['ordinary']} ordinary messages"
+    )
     for name in ("emergency", "caution"):
         t = h[f"at_{name}_threshold"]
         print(

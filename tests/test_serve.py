@@ -295,7 +295,9 @@ def test_the_triage_decides_never_the_model(tiny_base, tmp_path):
         assert r["action"] == "schedule_appointment" and r["params"]["triage"] == "none"
         assert r["response"] == " ".join(triage["flow_replies"]["schedule_appointment"].split())
         assert s.metric("lora_med_model_replies_overridden_total") == 1
-        caution = s.chat("+59175550002", "hace tres semanas tuve un dolor de pecho que ya se paso, quiero control").json()
+        caution = s.chat(
+            "+59175550002", "hace tres semanas tuve un dolor de pecho que ya se paso, quiero control"
+        ).json()
         assert caution["params"]["triage"] == "caution" and caution["action"] == "schedule_appointment"
         assert caution["response"].startswith(" ".join(triage["flow_replies"]["schedule_appointment"].split()))
         assert "118" in caution["response"]  # the triage's own safety-net line, not the model's
@@ -310,8 +312,17 @@ def test_the_triage_decides_never_the_model(tiny_base, tmp_path):
             body = s.chat("+59175550003", message).json()
             assert body["action"] == action, (message, body)
         assert body["params"]["triage"] == "none" and "118" not in body["response"]
-        stored = [(t[5], t[7]) for t in turns(tmp_path / "a.db") if t[1].startswith("conv_+59175550003") and t[2] == "assistant"]
-        expected = [("emergency", "guard"), ("emergency", "guard"), ("clinic_info", "guard"), ("schedule_appointment", "flow")]
+        stored = [
+            (t[5], t[7])
+            for t in turns(tmp_path / "a.db")
+            if t[1].startswith("conv_+59175550003") and t[2] == "assistant"
+        ]
+        expected = [
+            ("emergency", "guard"),
+            ("emergency", "guard"),
+            ("clinic_info", "guard"),
+            ("schedule_appointment", "flow"),
+        ]
         assert stored == expected
         h = httpx.get(f"{s.url}/health", timeout=10).json()["triage"]
         assert h["rules"].startswith("triage.yaml@") and h["model"].startswith("ngram-lr@")
@@ -486,7 +497,9 @@ def test_health_metrics_docs(server):
     assert {"uptime_s", "queue_depth", "in_flight", "model"} <= set(h)
     assert h["prefix_cache_mb"] == 0  # a PyTorch model: the prefix cache is the CPU decode graph's
     assert h["batching"] == "whole batches" and h["batch_wait_ms"] == 20  # PyTorch: new prompts wait for a batch
-    assert h["triage"]["rules"].startswith("triage.yaml@") and 0 < h["triage"]["caution_at"] <= h["triage"]["emergency_at"]
+    assert (
+        h["triage"]["rules"].startswith("triage.yaml@") and 0 < h["triage"]["caution_at"] <= h["triage"]["emergency_at"]
+    )
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     for series in (
         'lora_med_requests_total{status="200"}',

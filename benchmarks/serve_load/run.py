@@ -111,7 +111,10 @@ def conversations(workload: str) -> list[list[str]]:
     the held-out conversations ("clinic"), or all their turns in one list ("long")."""
     triage = Triage(REPO / "configs" / "triage.yaml")
     convs = load_conversations(REPO / "data" / "medical_conversations_eval.json").conversations
-    per = [[m.content for m in c.messages if m.role == "user" and triage.assess(m.content).tier != "emergency"] for c in convs]
+    per = [
+        [m.content for m in c.messages if m.role == "user" and triage.assess(m.content).tier != "emergency"]
+        for c in convs
+    ]
     per = [turns for turns in per if turns]
     if workload == "long":
         return [list(dict.fromkeys(t for turns in per for t in turns))]

@@ -41,12 +41,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from lora_med.data import percentile  # noqa: E402
-from lora_med.serve.intents import FLOWS, Intents  # noqa: E402
-from lora_med.serve.metrics import Metrics  # noqa: E402
-from lora_med.serve.store import Turn  # noqa: E402
-from lora_med.serve.triage import Triage  # noqa: E402
-from lora_med.serve.turn import Dialog  # noqa: E402
+from lora_med.data import percentile
+from lora_med.serve.intents import FLOWS, Intents
+from lora_med.serve.metrics import Metrics
+from lora_med.serve.store import Turn
+from lora_med.serve.triage import Triage
+from lora_med.serve.turn import Dialog
 
 REQUESTS = {
     "book": "schedule_appointment",
@@ -80,10 +80,14 @@ def check_round(r: object, path: Path) -> list[str]:
     for i, conv in enumerate(r.get("carry_over") or []):
         turns = conv.get("turns") if isinstance(conv, dict) else None
         if not isinstance(turns, list) or not all(
-            isinstance(t, dict) and isinstance(t.get("text"), str) and t.get("expect") in ("emergency", "attended", "ordinary")
+            isinstance(t, dict)
+            and isinstance(t.get("text"), str)
+            and t.get("expect") in ("emergency", "attended", "ordinary")
             for t in turns
         ):
-            p.append(f"{path}: carry_over[{i}] needs 'turns', each with 'text' and 'expect' (emergency|attended|ordinary)")
+            p.append(
+                f"{path}: carry_over[{i}] needs 'turns', each with 'text' and 'expect' (emergency|attended|ordinary)"
+            )
     return p
 
 
@@ -132,7 +136,12 @@ class Served:
         if r.status_code != 200:
             sys.exit(f"error: the server answered {r.status_code}: {r.text[:300]}")
         body = r.json()
-        return {"action": body["action"], "status": body["params"]["status"], "reply": body["response"], **body["params"]}
+        return {
+            "action": body["action"],
+            "status": body["params"]["status"],
+            "reply": body["response"],
+            **body["params"],
+        }
 
     def metric(self, name: str) -> float:
         import httpx
@@ -164,12 +173,16 @@ def measure(r: dict, triage: Triage, run) -> dict:
         em["n"] += 1
         caught = out["action"] == "emergency"
         em["caught"] += caught
-        if out["action"] in FLOWS or out["status"] == "verifying_identity" or (
-            not caught and BOOKING_QUESTION.search(out["reply"] or "")
+        if (
+            out["action"] in FLOWS
+            or out["status"] == "verifying_identity"
+            or (not caught and BOOKING_QUESTION.search(out["reply"] or ""))
         ):
             em["booking_or_identity"] += 1
         if not caught:
-            em["missed"].append({"id": c.get("id"), "category": c.get("category"), "tier": out.get("triage"), "text": c["text"]})
+            em["missed"].append(
+                {"id": c.get("id"), "category": c.get("category"), "tier": out.get("triage"), "text": c["text"]}
+            )
             continue
         label, got = c.get("category"), out.get("triage_category")
         if label:
@@ -177,7 +190,16 @@ def measure(r: dict, triage: Triage, run) -> dict:
             em["fit"]["fits" if fits else "generic" if got is None else "other"] += 1
             if label in cats and triage.advice.forbidden(label, out["reply"] or ""):
                 em["never"].append({"id": c.get("id"), "category": label, "got": got})
-    od = {"n": 0, "emergency": 0, "caution": 0, "kept": 0, "intent_ok": 0, "intent_n": 0, "model_spoke": 0, "flagged": []}
+    od = {
+        "n": 0,
+        "emergency": 0,
+        "caution": 0,
+        "kept": 0,
+        "intent_ok": 0,
+        "intent_n": 0,
+        "model_spoke": 0,
+        "flagged": [],
+    }
     for c in r["ordinary"]:
         out = run(c["text"], None)
         od["n"] += 1
@@ -199,12 +221,18 @@ def measure(r: dict, triage: Triage, run) -> dict:
         for i, t in enumerate(conv["turns"]):
             out = run(t["text"], state)
             is_em = out["action"] == "emergency"
-            key = "opened" if i == 0 else {"emergency": "kept", "attended": "released", "ordinary": "resumed"}[t["expect"]]
+            key = (
+                "opened"
+                if i == 0
+                else {"emergency": "kept", "attended": "released", "ordinary": "resumed"}[t["expect"]]
+            )
             ok = is_em if t["expect"] == "emergency" else not is_em
             co[f"{key}_n"] += 1
             co[key] += ok
             if not ok:
-                co["wrong"].append({"id": conv.get("id"), "turn": i, "expect": t["expect"], "action": out["action"], "text": t["text"]})
+                co["wrong"].append(
+                    {"id": conv.get("id"), "turn": i, "expect": t["expect"], "action": out["action"], "text": t["text"]}
+                )
     return {"emergency": em, "ordinary": od, "carry_over": co}
 
 
@@ -222,7 +250,12 @@ def timing(r: dict, triage: Triage, passes: int) -> dict:
             triage.verdict(m, [])
             times.append(1000 * (time.perf_counter() - t0))
     times.sort()
-    return {"messages": len(messages), "passes": passes, "p50_ms": percentile(times, 50), "p95_ms": percentile(times, 95)}
+    return {
+        "messages": len(messages),
+        "passes": passes,
+        "p50_ms": percentile(times, 50),
+        "p95_ms": percentile(times, 95),
+    }
 
 
 def cpu_name() -> str:
@@ -257,7 +290,9 @@ HEADER = (
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("round", type=Path, help="the round's YAML file")
-    ap.add_argument("--serve", metavar="EXPORT_DIR", help="measure through `lora-med serve EXPORT_DIR` (model replies included)")
+    ap.add_argument(
+        "--serve", metavar="EXPORT_DIR", help="measure through `lora-med serve EXPORT_DIR` (model replies included)"
+    )
     ap.add_argument("--rules", default="configs/triage.yaml", help="triage file [default: configs/triage.yaml]")
     ap.add_argument("--intents", default="configs/intents.yaml", help="intent rules [default: configs/intents.yaml]")
     ap.add_argument("--out", type=Path, help="results folder [default: benchmarks/triage/results/<round file name>]")
@@ -319,7 +354,12 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
     res["timing"] = timing(r, triage, args.passes)
     res["when"] = args.when
-    res["round"] = {"file": str(args.round), "round": r.get("round"), "author": r.get("author"), "written_on": str(r.get("written_on"))}
+    res["round"] = {
+        "file": str(args.round),
+        "round": r.get("round"),
+        "author": r.get("author"),
+        "written_on": str(r.get("written_on")),
+    }
     res["triage"] = triage.versions()
     res["machine"] = f"{cpu_name()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     res["mode"] = "served export (model replies included)" if args.serve else "triage + intent layer (no model)"

@@ -230,9 +230,7 @@ class RuleSet:
         hits = [self.hits(w) for w in words(text)]
         present = frozenset().union(*hits)
         # Most rules have a slot no word of the message can fill: skip them before looking at positions.
-        return (
-            r for r in self.rules if all(not slot.isdisjoint(present) for slot in r.slots) and r.match(hits)
-        )
+        return (r for r in self.rules if all(not slot.isdisjoint(present) for slot in r.slots) and r.match(hits))
 
 
 def _variants(k: str) -> tuple[str, ...]:

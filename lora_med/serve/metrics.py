@@ -112,7 +112,9 @@ class Metrics:
         )
         self.engine_requests = Counter("lora_med_engine_requests_total", "Prompts sent to the model.")
         self.guard_hits = Counter(
-            "lora_med_guard_hits_total", "Emergency replies of the triage, by category (unclear: generic advice).", "rule"
+            "lora_med_guard_hits_total",
+            "Emergency replies of the triage, by category (unclear: generic advice).",
+            "rule",
         )
         self.triage = Counter("lora_med_triage_total", "Messages by triage tier (emergency, caution, none).", "tier")
         self.overridden = Counter(

@@ -69,7 +69,9 @@ class Triage:
         for key, needs in (("reply", "{advice}"), ("carry_reply", "{advice}"), ("attended_reply", "")):
             value = spec.get(key)
             if not isinstance(value, str) or (needs and needs not in value) or (needs and "118" not in value):
-                problems.append(f"{where}: '{key}' must be the reply text" + (" with {advice} and 118" if needs else ""))
+                problems.append(
+                    f"{where}: '{key}' must be the reply text" + (" with {advice} and 118" if needs else "")
+                )
                 continue
             texts[key] = " ".join(value.split())
         flows = spec.get("flow_replies") or {}

@@ -40,7 +40,9 @@ _AGE = re.compile(
     r"(?!\s+de (?:tratamiento|reposo|atraso))"
 )
 _AGE_WORDS = re.compile(r"\brecien nacid[oa]s?\b")
-_PAST = re.compile(r"(?:hace|desde hace|cada|por|dentro de|durante|hasta|despues de|en|hace unos|hace unas|unos|unas)\s*$")
+_PAST = re.compile(
+    r"(?:hace|desde hace|cada|por|dentro de|durante|hasta|despues de|en|hace unos|hace unas|unos|unas)\s*$"
+)
 _FEVER_CONTEXT = re.compile(r"fiebr|temperatura|calentur|termometr|grado|calient|afiebr|febril|[°º]")
 _TEMPERATURE = re.compile(
     r"(?<![\d/.,])(3[5-9]|4[0-3])(?:\s*[.,]\s*(\d))?(?![\d/])(?!\s*(?:anos?|semanas?|dias?|mes|kilos?|kg|minutos?|"
@@ -132,21 +134,29 @@ def _read_ages(t: str) -> str:
         after = t[m.end() : m.end() + 25]
         if _PAST.search(before) or re.match(r"\s*(?:seguid|sin |que |atras)", after):
             return m.group(0)  # "hace 3 semanas", "cada 3 meses": a time, not an age
-        baby = re.search(rf"{_BABY}\s+(?:de|tiene|tiene ya|con|que tiene|q tiene)?\s*$", before)
-        born = re.match(r"\s*(?:de nacid|de vida|de edad|nacid)", after)
-        if (baby or born) and not re.match(r"\s*de (?:embarazo|gestacion)", after):
-            return _mark(m, "lecturalactante lecturamenor3meses" if days < 90 else "lecturalactante" if days < 365 else "")
-        told = re.match(r"\s*(?:de embarazo|de gestacion|embarazada)", after) or re.search(
+        gestation = _mark(m, "lecturaembarazo lecturapretermino" if _weeks(n, unit, days) < 37 else "lecturaembarazo")
+        if re.match(r"\s*(?:de embarazo|de gestacion|embarazada)", after) or re.search(
             r"(?:embarazada de|estoy de|esta de|estas de)\s*$", before
-        )
+        ):
+            return gestation if 4 <= days <= 300 else m.group(0)
+        baby = _mark(m, "lecturalactante lecturamenor3meses" if days < 90 else "lecturalactante" if days < 365 else "")
+        if re.search(rf"{_BABY}(?:\s+(?:de|tiene|ya|con|que|q|solo|apenas|recien|cumple|cumplio)){{0,3}}\s*$", before):
+            return baby  # "mi bebé de 3 semanas", "la wawa ya tiene 2 meses"
+        if re.match(r"\s*(?:de nacid|de vida|de edad|nacid)", after):
+            return baby
         loose = re.search(r"(?:tengo|tiene|cumplo|cumple|con|voy por|va por|ya)\s*$", before)
-        if (told or (loose and (pregnant or unit.startswith("sem")))) and 4 <= days <= 300:
-            weeks = days / 7 if not unit.startswith("mes") else n * 4.3
-            return _mark(m, "lecturaembarazo lecturapretermino" if weeks < 37 else "lecturaembarazo")
+        if loose and (pregnant or unit.startswith("sem")) and 4 <= days <= 300:
+            return gestation
+        if re.search(_BABY, before[-35:]):
+            return baby  # "mi guagua tiene calentura y tiene 1 mes y medio"
         return m.group(0)
 
     t = _AGE.sub(one, t)
     return _AGE_WORDS.sub(lambda m: f"{m.group(0)} lecturalactante lecturamenor3meses", t)
+
+
+def _weeks(n: int, unit: str, days: int) -> float:
+    return n * 4.3 if unit.startswith("mes") else days / 7
 
 
 def _temperature(m: re.Match) -> str:

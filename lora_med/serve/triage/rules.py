@@ -47,8 +47,10 @@ class TriageRules:
         self.lowers_to: dict[str, str] = {}  # modifier -> caution | none
         self.timeless: set[str] = set()  # modifiers a word of now does not undo (a lab test, a figure of speech)
         if not isinstance(mods, dict) or not isinstance(mods.get("now"), list):
-            problems.append(f"{where}: 'modifiers' must map `now` (a rule list) and each other modifier to "
-                            "{lowers_to: caution|none, rules: [...]}")
+            problems.append(
+                f"{where}: 'modifiers' must map `now` (a rule list) and each other modifier to "
+                "{lowers_to: caution|none, rules: [...]}"
+            )
             mods = {}
         rules_of: dict[str, list] = {}
         for name, m in mods.items():
@@ -74,9 +76,7 @@ class TriageRules:
             if not isinstance(soften, list) or set(soften) - set(self.lowers_to):
                 problems.append(f"{where}: category {name!r}: 'soften' must list some of {', '.join(self.lowers_to)}")
                 soften = []
-            self.categories[name] = Category(
-                name, frozenset(soften), frozenset(c.get("covers") or ()), c.get("parent")
-            )
+            self.categories[name] = Category(name, frozenset(soften), frozenset(c.get("covers") or ()), c.get("parent"))
             specs.append((f"sign:{name}", c["rules"]))
             if c.get("caution_rules"):
                 specs.append((f"caution:{name}", c["caution_rules"]))

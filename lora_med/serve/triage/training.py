@@ -164,6 +164,12 @@ def build(repo: Path, out: Path) -> tuple[str, dict]:
             "at_caution_threshold": chosen["caution"],
         },
         "trained_on": {"emergency": sum(e.label for e in data), "ordinary": sum(1 - e.label for e in data)},
-        "settings": {"C": C, "min_df": MIN_DF, "recall": RECALL, "max_false": MAX_FALSE, "caution_recall": CAUTION_RECALL},
+        "settings": {
+            "C": C,
+            "min_df": MIN_DF,
+            "recall": RECALL,
+            "max_false": MAX_FALSE,
+            "caution_recall": CAUTION_RECALL,
+        },
     }
     return save(out, idx, wts, meta), meta
