@@ -136,7 +136,8 @@ def test_seed_postman_request_byte_for_byte(server):
     assert body["user_id"] == SEED_USER
     assert body["conversation_id"].startswith(f"conv_{SEED_USER}_")
     assert body["action"] == "schedule_appointment"
-    assert body["params"] == {"status": "collecting_info"}
+    # the seed's status first; the triage's tier and the message's intent beside it
+    assert body["params"] == {"status": "collecting_info", "triage": "none", "intent": "schedule_appointment"}
     assert isinstance(body["response"], str) and body["response"].strip()
 
 
@@ -384,7 +385,6 @@ def test_queue_full_503_and_timeout_504(slow):
 
     # A user's second message waits for the first reply (~1 s), then for its own batch window (1 s more):
     # past request_timeout_s (1.5 s) it gets 504, and the message stays stored, unanswered.
-    # An emergency from the same user meanwhile does not wait for either.
     user = "+59174000005"
     with httpx.Client(base_url=slow.url, timeout=30) as client:
         first = threading.Thread(target=send, args=("a", user, "quiero una cita"))
@@ -392,25 +392,39 @@ def test_queue_full_503_and_timeout_504(slow):
         time.sleep(0.1)
         late_thread = threading.Thread(target=send, args=("late", user, "con pediatria"))
         late_thread.start()
-        time.sleep(0.1)
-        urgent = client.post("/chat/", json={"user_id": user, "message": "mi hijo se trago lavandina"})
-        first_done_before = "a" in results  # the first message still waits for its batch (1 s window)
         first.join()
         late_thread.join()
     late = results["late"]
-    assert urgent.status_code == 200 and urgent.json()["action"] == "emergency"
-    assert not first_done_before  # answered while the user's earlier message was still waiting
     assert results["a"].status_code == 200
     assert late.status_code == 504 and "request_timeout_s" in late.json()["detail"]
     conv = results["a"].json()["conversation_id"]
-    assert urgent.json()["conversation_id"] == conv
     rows = {t[0]: t for t in turns(slow.db) if t[1] == conv}
     pairs = {rows[t[4]][3]: t[3] for t in rows.values() if t[2] == "assistant"}  # message -> its reply
-    assert pairs == {
-        "quiero una cita": results["a"].json()["response"],
-        "mi hijo se trago lavandina": urgent.json()["response"],
-    }
+    assert pairs == {"quiero una cita": results["a"].json()["response"]}
     assert "con pediatria" in [t[3] for t in rows.values() if t[2] == "user"]  # stored, unanswered
+
+    # An emergency from a user whose earlier message still waits does not wait for it; the message queued
+    # behind them is then answered by the emergency carried over (no model, no booking).
+    time.sleep(1.2)  # the late message's batch window closes
+    user = "+59174000006"
+    with httpx.Client(base_url=slow.url, timeout=30) as client:
+        first = threading.Thread(target=send, args=("b", user, "quiero una cita"))
+        first.start()
+        time.sleep(0.1)
+        behind_thread = threading.Thread(target=send, args=("behind", user, "con pediatria"))
+        behind_thread.start()
+        time.sleep(0.1)
+        urgent = client.post("/chat/", json={"user_id": user, "message": "mi hijo se trago lavandina"})
+        first_done_before = "b" in results  # the first message still waits for its batch (1 s window)
+        first.join()
+        behind_thread.join()
+    assert urgent.status_code == 200 and urgent.json()["action"] == "emergency"
+    assert not first_done_before  # answered while the user's earlier message was still waiting
+    assert (
+        results["b"].status_code == 200 and urgent.json()["conversation_id"] == results["b"].json()["conversation_id"]
+    )
+    behind = results["behind"].json()
+    assert behind["action"] == "emergency" and behind["params"]["triage_carried"] and "118" in behind["response"]
 
 
 def test_a_client_that_leaves_does_not_break_the_batch(slow):

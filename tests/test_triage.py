@@ -30,7 +30,7 @@ from lora_med.serve.turn import Dialog
 REPO = Path(__file__).resolve().parent.parent
 CASES = yaml.safe_load((REPO / "tests" / "data" / "guard_cases.yaml").read_text(encoding="utf-8"))
 PHRASINGS = yaml.safe_load((REPO / "tests" / "data" / "triage_phrasings.yaml").read_text(encoding="utf-8"))
-ISSUE_CATEGORIES = {
+LISTED_CATEGORIES = {
     "chest_pain", "breathing", "stroke", "bleeding_wound", "bleeding_pregnancy", "bleeding_postpartum",
     "vomiting_or_coughing_blood", "unconscious", "seizure", "poisoning_overdose", "anaphylaxis", "suicidal", "burn",
     "head_injury", "electrocution", "drowning", "bite_swelling", "infant_fever", "baby_lethargic_not_feeding",
@@ -57,7 +57,7 @@ def fits(triage: Triage, got: str | None, want: str) -> bool:
 
 
 def test_every_listed_category_has_rules_advice_and_five_phrasings(triage):
-    assert set(triage.rules.categories) >= ISSUE_CATEGORIES
+    assert set(triage.rules.categories) >= LISTED_CATEGORIES
     for name in triage.rules.categories:
         if name not in ("bleeding_unclear", "confusion", "help_call", "hyperglycaemia", "severe_hypertension"):
             assert len(PHRASINGS["emergency"].get(name, [])) >= 5, name
