@@ -29,14 +29,14 @@ _NUMBER_WORDS = {
     "dieciseis": 16, "diecisiete": 17, "dieciocho": 18, "diecinueve": 19, "veinte": 20, "veinticinco": 25,
     "treinta": 30, "cuarenta": 40, "cincuenta": 50, "sesenta": 60, "cien": 100,
 }  # fmt: skip
-_UNITS = r"(?:dias?|diitas?|semanas?|semanitas?|mes(?:es)?|mesecitos?|anos?|anitos?|horas?|minutos?|pastillas?)"
+_UNITS = r"(?:dias?|diitas?|semanas?|semanitas?|mes(?:es)?|mese?[cs]itos?|anos?|anitos?|horas?|minutos?|pastillas?)"
 _NUMBER_WORD = re.compile(rf"\b({'|'.join(_NUMBER_WORDS)})(?=\s+(?:y medio\s+)?{_UNITS}\b)")
 
-_BABY = r"(?:bebe|bebes|bebito|bebita|wawa|wawita|guagua|guaguita|nene|nena|hijo|hija|hijito|hijita|nieto|nieta|" \
+_BABY = r"(?:bebe|bebes|bebito|bebita|bb|wawa|wawita|guagua|guaguita|nene|nena|hijo|hija|hijito|hijita|nieto|nieta|" \
         r"nietito|nietita|sobrino|sobrina|recien nacid[oa]|nino|nina|ninito|ninita|chiquito|chiquita|criatura)"  # fmt: skip
 _PREGNANT = re.compile(r"embaraz|gestacion|prenatal|encinta|panza|barriga|placenta|fuente|bolsa|parto|bebe se mueve")
 _AGE = re.compile(
-    r"\b(\d{1,3})(?:\s+y medio)?\s*(dias?|diitas?|semanas?|semanitas?|sem|mes(?:es)?|mesecitos?)\b(?:\s+y medio\b)?"
+    r"\b(\d{1,3})(?:\s+y medio)?\s*(dias?|diitas?|semanas?|semanitas?|sem|mes(?:es)?|mese?[cs]itos?)\b(?:\s+y medio\b)?"
     r"(?!\s+de (?:tratamiento|reposo|atraso))"
 )
 _AGE_WORDS = re.compile(r"\brecien nacid[oa]s?\b")
@@ -136,7 +136,7 @@ def _read_ages(t: str) -> str:
             return m.group(0)  # "hace 3 semanas", "cada 3 meses": a time, not an age
         gestation = _mark(m, "lecturaembarazo lecturapretermino" if _weeks(n, unit, days) < 37 else "lecturaembarazo")
         if re.match(r"\s*(?:de embarazo|de gestacion|embarazada)", after) or re.search(
-            r"(?:embarazada de|estoy de|esta de|estas de)\s*$", before
+            r"(?:embarazada de|estoy de|esta de|estas de|toy de|toi de)\s*$", before
         ):
             return gestation if 4 <= days <= 300 else m.group(0)
         baby = _mark(m, "lecturalactante lecturamenor3meses" if days < 90 else "lecturalactante" if days < 365 else "")
