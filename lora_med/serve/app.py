@@ -44,6 +44,10 @@ class Params(BaseModel):
     # The seed's status, and whatever else the turn knows (lora_med.serve.turn.Plan.params).
     model_config = ConfigDict(extra="allow")
     status: str = Field(description="Where the conversation's flow stands (configs/intents.yaml lists them).")
+    triage: Literal["emergency", "caution", "none"] | None = Field(
+        None, description="The triage tier of the message (docs/triage.md); a caution's reply ends with a safety line."
+    )
+    intent: str | None = Field(None, description="The message's intent, kept whatever the tier (an action name).")
 
 
 class ChatResponse(BaseModel):
