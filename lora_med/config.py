@@ -20,7 +20,7 @@ DEFAULT_DATA = "data/medical_conversations.json"
 DEFAULT_EVAL = "data/medical_conversations_eval.json"
 DEFAULT_EVAL_FRACTION = 0.1
 DEFAULT_INTENTS = "configs/intents.yaml"
-DEFAULT_EMERGENCY = "configs/emergency.yaml"
+DEFAULT_EMERGENCY = "configs/triage.yaml"
 DEFAULT_FACTS = "configs/clinic.yaml"
 DEFAULT_REPLIES = "configs/replies.yaml"
 
@@ -405,7 +405,7 @@ class ServeConfig:
     store_pool: int = setting(4, "PostgreSQL connections kept per server (and store threads using them)", min=1)
     idle_minutes: float = setting(30.0, "a message after this much silence starts a new conversation", above=0)
     intents: str = setting(DEFAULT_INTENTS, "rules deriving `action` and `params.status`")
-    emergency: str = setting(DEFAULT_EMERGENCY, "the emergency guard's rules and reply")
+    emergency: str = setting(DEFAULT_EMERGENCY, "triage rules (emergency / caution / none), decided before the model")
     # the clinic's facts (docs/facts.md)
     facts: str = setting(
         DEFAULT_FACTS,

@@ -24,9 +24,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from lora_med.data import Message, prompt_ids
 from lora_med.errors import ConfigError, LoraMedError
+from lora_med.serve.intents import ACTIONS
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -135,9 +137,11 @@ def test_seed_postman_request_byte_for_byte(server):
     assert body["user_id"] == SEED_USER
     assert body["conversation_id"].startswith(f"conv_{SEED_USER}_")
     assert body["action"] == "schedule_appointment"
-    # the seed's status, who wrote the reply, and the booking's fields (none given yet)
+    # the seed's status, who wrote the reply, the triage's tier, the message's intent, and the booking's fields
+    # (none given yet)
     assert body["params"]["status"] == "collecting_info" and body["params"]["source"] in ("model", "facts")
-    assert {k: v for k, v in body["params"].items() if k not in ("status", "source")} == {
+    assert body["params"]["triage"] == "none" and body["params"]["intent"] == "schedule_appointment"
+    assert {k: v for k, v in body["params"].items() if k not in ("status", "source", "triage", "intent")} == {
         k: None for k in ("specialty", "doctor", "date", "time", "patient_name", "phone", "ci", "birth_date")
     }
     assert isinstance(body["response"], str) and body["response"].strip()
@@ -253,15 +257,96 @@ def test_guard_before_the_model(server, message, emergency):
     assert r.status_code == 200
     body = r.json()
     after = server.metric("lora_med_engine_requests_total")
+    assert body["params"]["intent"] in ACTIONS  # the message's intent is kept whatever the tier
     if emergency:
         assert body["action"] == "emergency" and body["params"]["status"] == "emergency_referred"
+        assert body["params"]["triage"] == "emergency"
         assert "118" in body["response"] and "sala de emergencias" in body["response"]
         assert "cita" not in body["response"].lower()  # never a booking question
         assert r.headers["X-Prompt-Tokens"] == "0" and after == before  # the model was not called
     else:
-        assert body["action"] != "emergency"
+        assert body["action"] != "emergency" and body["params"]["triage"] != "emergency"
         # the model wrote it, or the clinic's facts answered it at once ("¿ya salieron mis resultados?")
         assert after == before + 1 or (body["params"]["source"] == "facts" and r.headers["X-Prompt-Tokens"] == "0")
+
+
+def build_alarmist_model(tiny_base: Path, out: Path) -> Path:
+    """A tiny GPT-2 (the tiny base's tokenizer and shape) whose every reply is " 118 118 ...": its blocks add
+    nothing, so the next token depends on the last one only, and its untied output layer maps the prompt's last
+    token (EOS) and "18" to " 1", and " 1" to "18". A real model, served by the real engine, that speaks of 118
+    whatever the patient says."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    tok = GPT2TokenizerFast.from_pretrained(tiny_base)
+    one, eighteen = tok.encode(" 118")  # " 1", "18" in the tiny vocabulary
+    config = GPT2Config.from_pretrained(tiny_base, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("c_proj.weight", "c_proj.bias")) or "wpe" in name:
+                p.zero_()  # each block's output is zero: the residual stream is the token's embedding
+        unit = torch.nn.functional.layer_norm(model.transformer.wte.weight, (config.n_embd,))
+        head = torch.zeros_like(model.lm_head.weight)
+        for src, dst in ((tok.eos_token_id, one), (eighteen, one), (one, eighteen)):
+            head[dst] += 10 * unit[src]
+        model.lm_head.weight.copy_(head)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_the_triage_decides_never_the_model(tiny_base, tmp_path):
+    """A model that answers every message with 118: on messages the triage did not mark its reply is replaced by
+    the flow's own (plus the caution line where the tier says so) and counted; an emergency carries over a
+    booking request until the patient is attended, then booking resumes."""
+    triage = yaml.safe_load((REPO / "configs" / "triage.yaml").read_text(encoding="utf-8"))
+    model = build_alarmist_model(tiny_base, tmp_path / "alarmist")
+    s = Server(
+        model, tmp_path / "a.db", tmp_path / "a.log", no_repeat_ngram_size=0, max_new_tokens=6, check_replies=False
+    ).wait_ready()
+    try:
+        user = "+59175550001"
+        r = s.chat(user, "Hola, necesito una cita con el pediatra").json()
+        assert r["action"] == "schedule_appointment" and r["params"]["triage"] == "none"
+        assert r["response"] == " ".join(triage["flow_replies"]["schedule_appointment"].split())
+        assert s.metric("lora_med_model_replies_overridden_total") == 1
+        caution = s.chat(
+            "+59175550002", "hace tres semanas tuve un dolor de pecho que ya se paso, quiero control"
+        ).json()
+        assert caution["params"]["triage"] == "caution" and caution["action"] == "schedule_appointment"
+        assert caution["response"].startswith(" ".join(triage["flow_replies"]["schedule_appointment"].split()))
+        assert "118" in caution["response"]  # the triage's own safety-net line, not the model's
+        assert s.metric("lora_med_model_replies_overridden_total") == 2
+        steps = [
+            ("mi papa tiene dolor de pecho fuerte y suda frio", "emergency"),
+            ("no tenemos plata para la ambulancia, mejor dame una ficha para mañana", "emergency"),
+            ("ya llego la ambulancia, se lo estan llevando", "clinic_info"),  # acknowledged; its intent kept
+            ("cuando le den de alta quiero una cita con el cardiologo", "schedule_appointment"),
+        ]
+        for message, action in steps:
+            body = s.chat("+59175550003", message).json()
+            assert body["action"] == action, (message, body)
+        assert body["params"]["triage"] == "none" and "118" not in body["response"]
+        stored = [
+            (t[5], t[7])
+            for t in turns(tmp_path / "a.db")
+            if t[1].startswith("conv_+59175550003") and t[2] == "assistant"
+        ]
+        expected = [
+            ("emergency", "guard"),
+            ("emergency", "guard"),
+            ("clinic_info", "guard"),
+            ("schedule_appointment", "flow"),
+        ]
+        assert stored == expected
+        h = httpx.get(f"{s.url}/health", timeout=10).json()["triage"]
+        assert h["rules"].startswith("triage.yaml@") and h["model"].startswith("ngram-lr@")
+        ready = next(e for e in s.events() if e["event"] == "ready")
+        assert ready["triage_model"] == h["model"] and ready["triage_rules"] == h["rules"]
+    finally:
+        s.stop(signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------- concurrency
@@ -302,7 +387,6 @@ def test_timeout_504_and_an_emergency_never_waits(slow):
 
     # A user's second message waits for the first reply (~1 s), then for its own batch window (1 s more):
     # past request_timeout_s (1.5 s) it gets 504, and the message stays stored, unanswered.
-    # An emergency from the same user meanwhile does not wait for either.
     user = "+59174000005"
     with httpx.Client(base_url=slow.url, timeout=30) as client:
         first = threading.Thread(target=send, args=("a", user, "quiero una cita"))
@@ -310,25 +394,39 @@ def test_timeout_504_and_an_emergency_never_waits(slow):
         time.sleep(0.1)
         late_thread = threading.Thread(target=send, args=("late", user, "con pediatria"))
         late_thread.start()
-        time.sleep(0.1)
-        urgent = client.post("/chat/", json={"user_id": user, "message": "mi hijo se trago lavandina"})
-        first_done_before = "a" in results  # the first message still waits for its batch (1 s window)
         first.join()
         late_thread.join()
     late = results["late"]
-    assert urgent.status_code == 200 and urgent.json()["action"] == "emergency"
-    assert not first_done_before  # answered while the user's earlier message was still waiting
     assert results["a"].status_code == 200
     assert late.status_code == 504 and "request_timeout_s" in late.json()["detail"]
     conv = results["a"].json()["conversation_id"]
-    assert urgent.json()["conversation_id"] == conv
     rows = {t[0]: t for t in turns(slow.db) if t[1] == conv}
     pairs = {rows[t[4]][3]: t[3] for t in rows.values() if t[2] == "assistant"}  # message -> its reply
-    assert pairs == {
-        "quiero una cita": results["a"].json()["response"],
-        "mi hijo se trago lavandina": urgent.json()["response"],
-    }
+    assert pairs == {"quiero una cita": results["a"].json()["response"]}
     assert "con pediatria" in [t[3] for t in rows.values() if t[2] == "user"]  # stored, unanswered
+
+    # An emergency from a user whose earlier message still waits does not wait for it; the message queued
+    # behind them is then answered by the emergency carried over (no model, no booking).
+    time.sleep(1.2)  # the late message's batch window closes
+    user = "+59174000006"
+    with httpx.Client(base_url=slow.url, timeout=30) as client:
+        first = threading.Thread(target=send, args=("b", user, "quiero una cita"))
+        first.start()
+        time.sleep(0.1)
+        behind_thread = threading.Thread(target=send, args=("behind", user, "con pediatria"))
+        behind_thread.start()
+        time.sleep(0.1)
+        urgent = client.post("/chat/", json={"user_id": user, "message": "mi hijo se trago lavandina"})
+        first_done_before = "b" in results  # the first message still waits for its batch (1 s window)
+        first.join()
+        behind_thread.join()
+    assert urgent.status_code == 200 and urgent.json()["action"] == "emergency"
+    assert not first_done_before  # answered while the user's earlier message was still waiting
+    assert (
+        results["b"].status_code == 200 and urgent.json()["conversation_id"] == results["b"].json()["conversation_id"]
+    )
+    behind = results["behind"].json()
+    assert behind["action"] == "emergency" and behind["params"]["triage_carried"] and "118" in behind["response"]
 
 
 @pytest.mark.slow
@@ -418,6 +516,9 @@ def test_health_metrics_docs(server):
     assert {"uptime_s", "queue_depth", "in_flight", "model"} <= set(h)
     assert h["prefix_cache_mb"] == 0  # a PyTorch model: the prefix cache is the CPU decode graph's
     assert h["batching"] == "whole batches" and h["batch_wait_ms"] == 20  # PyTorch: new prompts wait for a batch
+    assert (
+        h["triage"]["rules"].startswith("triage.yaml@") and 0 < h["triage"]["caution_at"] <= h["triage"]["emergency_at"]
+    )
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     for series in (
         'lora_med_requests_total{status="200"}',
@@ -425,6 +526,9 @@ def test_health_metrics_docs(server):
         "lora_med_queue_depth",
         "lora_med_batch_size_bucket",
         "lora_med_guard_hits_total{rule=",
+        'lora_med_triage_total{tier="emergency"}',
+        'lora_med_triage_total{tier="none"}',
+        "lora_med_model_replies_overridden_total",
         'lora_med_requests_total{status="422"}',
         'lora_med_requests_total{status="429"}',
     ):

@@ -8,8 +8,8 @@ is a stream of patients, each holding one held-out conversation (data/medical_co
 user turns in order, a new user_id per conversation); ``--workload long``: each client is one patient sending
 every held-out user turn in one conversation that grows to hundreds of turns. A client sends the next message
 as soon as the previous reply arrives. A level stops after ``--requests`` requests or ``--duration-s`` seconds,
-whichever comes first. Only user turns the emergency guard lets through are sent, so every request reaches
-the model.
+whichever comes first. Only user turns the triage does not answer as an emergency are sent, so every request
+reaches the model.
 
 Reported per level: p50/p95/p99/max latency, throughput (answered requests per second), errors by kind
 (HTTP status or transport error), the engine's mean batch size, the server process's CPU (cores busy)
@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 
 from lora_med.data import load_conversations, percentile
 from lora_med.models import device_info, library_versions
-from lora_med.serve.guard import Guard
+from lora_med.serve.triage import Triage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from streaming import burst, openai_level
@@ -112,11 +112,14 @@ SURNAMES = [
 
 
 def conversations(workload: str) -> list[list[str]]:
-    """The user turns that reach the model (the guard's catches left out), grouped per patient conversation:
+    """The user turns that reach the model (the triage's emergencies left out), grouped per patient conversation:
     the held-out conversations ("clinic"), or all their turns in one list ("long")."""
-    guard = Guard(REPO / "configs" / "emergency.yaml")
+    triage = Triage(REPO / "configs" / "triage.yaml")
     convs = load_conversations(REPO / "data" / "medical_conversations_eval.json").conversations
-    per = [[m.content for m in c.messages if m.role == "user" and guard.check(m.content) is None] for c in convs]
+    per = [
+        [m.content for m in c.messages if m.role == "user" and triage.assess(m.content).tier != "emergency"]
+        for c in convs
+    ]
     per = [turns for turns in per if turns]
     if workload == "long":
         return [list(dict.fromkeys(t for turns in per for t in turns))]

@@ -21,7 +21,6 @@ from ..errors import ConfigError
 from . import openai_api
 from .auth import BearerAuth, check_exposure, load_keys
 from .config import ServeConfig, check, resolve_path
-from .guard import Guard
 from .http import BodyLimit, BodyTooLarge, StrictJSONRoute, content_length, problem, too_large_body
 from .intents import Intents
 from .logs import log, logging_config
@@ -31,6 +30,7 @@ from .replier import load_replier, resolve_model
 from .schemas import ChatResponse, request_model
 from .server import Server
 from .store import ConversationStore, SQLiteStore
+from .triage import Triage
 
 
 def open_store(cfg: ServeConfig) -> ConversationStore:
@@ -58,7 +58,7 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
     keys = load_keys(cfg)
     check_exposure(cfg, keys)
     # Cheap things first, so their mistakes show before the model loads.
-    guard, intents = Guard(resolve_path(cfg.emergency)), Intents(resolve_path(cfg.intents))
+    triage, intents = Triage(resolve_path(cfg.emergency)), Intents(resolve_path(cfg.intents))
     referee = load_referee(cfg.facts, cfg.replies, cfg.words, cfg.now, cfg.check_replies)
     source = resolve_model(cfg.model)  # a LoRA run or a half export is refused before the database is touched
     store = store if store is not None else open_store(cfg)
@@ -67,7 +67,7 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
     except BaseException:
         store.close()
         raise
-    server = Server(cfg, guard, intents, store, replier, keys, referee)
+    server = Server(cfg, triage, intents, store, replier, keys, referee)
     app = FastAPI(
         title="lora-med serve",
         version="1",
@@ -152,6 +152,7 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
             "request_timeout_s": cfg.request_timeout_s,
             "cut_block": server.replier.cut_block,
             "prefix_cache_mb": cache.max_bytes / 2**20 if cache is not None else 0,
+            "triage": server.dialog.triage.versions(),
             "store": "postgresql" if cfg.store else "sqlite",
             "ready": readiness,
             "api_keys": len(keys),

@@ -1,6 +1,6 @@
 """The intent layer: ``action`` and ``params.status`` of a reply, from rules over the message and the
 conversation so far (the model only writes text). Rules and the status flow are documented in
-``configs/intents.yaml``; the emergency action is decided earlier, by the guard.
+``configs/intents.yaml``; the emergency action is decided by the triage (lora_med/serve/triage).
 """
 
 from __future__ import annotations

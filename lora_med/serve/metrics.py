@@ -113,14 +113,24 @@ class Metrics:
         )
         self.engine_requests = Counter("lora_med_engine_requests_total", "Prompts sent to the model.")
         self.guard_hits = Counter(
-            "lora_med_guard_hits_total", "Messages the emergency guard answered, by sign.", "rule"
+            "lora_med_guard_hits_total",
+            "Emergency replies of the triage, by category (unclear: generic advice).",
+            "rule",
+        )
+        self.triage = Counter("lora_med_triage_total", "Messages by triage tier (emergency, caution, none).", "tier")
+        self.overridden = Counter(
+            "lora_med_model_replies_overridden_total",
+            "Model replies that spoke of emergencies, 118 or ambulances on a message the triage did not mark "
+            "(replaced by the flow's own reply).",
         )
         self.actions = Counter("lora_med_actions_total", "Replies by action.", "action")
         self.empty_replies = Counter(
             "lora_med_empty_replies_total", "Model replies that were empty (the fallback reply was sent)."
         )
         self.sources = Counter(
-            "lora_med_replies_total", "Replies by who wrote them: model, facts, guard or fallback.", "source"
+            "lora_med_replies_total",
+            "Replies by who wrote them: model, facts, guard (the triage), fallback or flow (the model overridden).",
+            "source",
         )
         self.replaced = Counter(
             "lora_med_replaced_total",
@@ -179,6 +189,8 @@ class Metrics:
             self.generate_seconds,
             self.engine_requests,
             self.guard_hits,
+            self.triage,
+            self.overridden,
             self.actions,
             self.empty_replies,
             self.sources,

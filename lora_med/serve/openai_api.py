@@ -1,7 +1,7 @@
 """The OpenAI-compatible API: ``GET /v1/models`` and ``POST /v1/chat/completions`` (streamed or not).
 
 Same engine, same turn as ``/chat/`` (:mod:`lora_med.serve.turn`): the last message (role ``user``) gets the
-emergency guard's first look (an emergency is answered by the guard, never by the model, never refused), the
+triage's first look (an emergency is answered by the triage, never by the model, never refused), the
 flow's ``action``/``status`` from the conversation, the prompt in the training format, and ``finish`` over the
 model's text. Like OpenAI's, the API is stateless: the client sends the conversation in ``messages`` (system
 and tool messages are left out of the prompt: the model was trained on patient/assistant turns) and nothing

@@ -68,7 +68,7 @@ MIGRATIONS: list[list[str]] = [
             reply_to        BIGINT UNIQUE REFERENCES turns (id),  -- assistant turns: the user turn answered
             action          TEXT,
             status          TEXT,
-            source          TEXT,                                  -- model | guard | fallback
+            source          TEXT,                                  -- model | facts | guard | fallback | flow
             request_id      TEXT
         )""",
         "CREATE INDEX turns_conversation ON turns (conversation_id, id)",

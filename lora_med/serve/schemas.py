@@ -18,13 +18,17 @@ class Params(BaseModel):
     # The seed's status, and whatever else the turn knows (lora_med.serve.turn.Plan.params).
     model_config = ConfigDict(extra="allow")
     status: str = Field(description="Where the conversation's flow stands (configs/intents.yaml lists them).")
+    triage: Literal["emergency", "caution", "none"] | None = Field(
+        None, description="The triage tier of the message (docs/triage.md); a caution's reply ends with a safety line."
+    )
+    intent: str | None = Field(None, description="The message's intent, kept whatever the tier (an action name).")
 
 
 class ChatResponse(BaseModel):
     response: str = Field(description="The assistant's reply.")
     user_id: str
     conversation_id: str = Field(description="conv_<user_id>_<id>, stable within a conversation.")
-    action: Literal[ACTIONS] = Field(description="What the message asks for (intent layer or emergency guard).")
+    action: Literal[ACTIONS] = Field(description="What the message asks for (intent layer, or the triage's emergency).")
     params: Params
 
 

@@ -1,6 +1,6 @@
 """One running server: what it holds (engine, store, limits, metrics) and the ``/chat/`` request path.
 
-A message goes: validation (422) -> emergency guard (answered at once, never the model, never rate limited,
+A message goes: validation (422) -> triage (an emergency is answered at once, never the model, never rate limited,
 never refused) -> per-user rate limit (429) -> admission by expected wait (503 when the wait for the model
 would pass ``request_timeout_s``) -> the user's conversation from the store (the message stored) ->
 ``action``/``params.status`` from the intent layer -> the prompt in the training format -> a batch through the
@@ -24,7 +24,6 @@ from fastapi.responses import JSONResponse
 
 from .batcher import Batcher, EngineFailed, Overloaded, ShuttingDown
 from .config import ServeConfig
-from .guard import Guard
 from .intents import Intents
 from .limits import RateLimiter, UserLocks
 from .logs import log
@@ -33,6 +32,7 @@ from .referee import Referee
 from .replier import Replier
 from .schemas import ChatResponse, Params
 from .store import ConversationStore, StoreUnavailable
+from .triage import Triage
 from .turn import Dialog, Urgent
 
 READY_TIMEOUT_S = 2.0  # the readiness probe's store query
@@ -76,7 +76,7 @@ class Server:
     def __init__(
         self,
         cfg: ServeConfig,
-        guard: Guard,
+        triage: Triage,
         intents: Intents,
         store: ConversationStore,
         replier: Replier,
@@ -108,7 +108,7 @@ class Server:
             bound_s=cfg.request_timeout_s,
             metrics=self.metrics,
         )
-        self.dialog = Dialog(guard, intents, replier, self.metrics, referee)
+        self.dialog = Dialog(triage, intents, replier, self.metrics, referee)
         # The same turn logic with metrics nobody reads: streamed text is checked sentence by sentence
         # (release.Gate) and those trial checks must not count as replies.
         self.trial = copy.copy(self.dialog)
@@ -155,6 +155,8 @@ class Server:
             source=self.replier.source.kind,
             store="postgresql" if self.cfg.store else self.cfg.db,
             api_keys=len(self.keys),
+            triage_rules=self.dialog.triage.rules_version,
+            triage_model=self.dialog.triage.model.version,
         )
         try:
             yield

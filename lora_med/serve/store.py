@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS turns (
     reply_to        INTEGER REFERENCES turns (id),   -- assistant turns: the user turn answered
     action          TEXT,
     status          TEXT,
-    source          TEXT,                            -- assistant turns: model | guard | fallback
+    source          TEXT,                            -- assistant turns: model | facts | guard | fallback | flow
     request_id      TEXT
 );
 CREATE INDEX IF NOT EXISTS turns_conversation ON turns (conversation_id, id);
