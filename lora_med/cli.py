@@ -18,7 +18,17 @@ import threading
 import click
 
 from . import __version__, settings
-from .config import DEFAULT_BASE, BenchConfig, ExportConfig, ServeConfig, TrainConfig
+from . import data as data_mod
+from .config import (
+    DEFAULT_BASE,
+    DEFAULT_DATA,
+    DEFAULT_EVAL,
+    BenchConfig,
+    ExportConfig,
+    ServeConfig,
+    TrainConfig,
+    shipped,
+)
 from .errors import LoraMedError
 
 CONFIG = click.option(
@@ -66,7 +76,7 @@ def data() -> None:
 
 
 @data.command("check")
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("files", metavar="[FILE]...", nargs=-1, type=click.Path(dir_okay=False))
 @click.option(
     "--tokenizer",
     "tokenizer_name",
@@ -90,22 +100,39 @@ def data() -> None:
     show_default=True,
     help="How conversations are formatted (as in training).",
 )
+@click.option(
+    "--facts",
+    "facts_file",
+    default=None,
+    help="The clinic's facts (e.g. configs/clinic.yaml): also list every assistant turn that contradicts them; "
+    "without FILE, checks the shipped training and held-out files.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def data_check(file: str, tokenizer_name: str | None, max_length: int, fmt: str, as_json: bool) -> None:
+def data_check(
+    files: tuple[str, ...], tokenizer_name: str | None, max_length: int, fmt: str, facts_file: str | None, as_json: bool
+) -> None:
     """Validate FILE: counts, turns, token lengths, cuts, duplicates and every problem.
 
     Exits 2 when the file has problems that would make `lora-med train` fail (malformed rows, a last reply
-    longer than --max-length); duplicates are warnings.
+    longer than --max-length) or, with --facts, assistant turns that contradict the clinic's facts (each named
+    by file, row and turn); duplicates are warnings.
 
     \b
     lora-med data check data/medical_conversations.json
     lora-med data check mine.jsonl --max-length 128 --json
     lora-med data check mine.json --tokenizer microsoft/DialoGPT-medium
+    lora-med data check --facts configs/clinic.yaml
     """
-    from . import data as data_mod
-    from . import models
-    from .config import shipped
+    from . import models  # torch: loaded only when a tokenizer is needed
 
+    if not files and not facts_file:
+        raise click.UsageError("give FILE (a conversation file), or --facts to check the shipped data")
+    paths = list(files) or [str(shipped(DEFAULT_DATA)), str(shipped(DEFAULT_EVAL))]
+    facts = None
+    if facts_file:
+        from .serve.facts import load_facts
+
+        facts = load_facts(facts_file)
     tok = None
     name = tokenizer_name or (DEFAULT_BASE if shipped(DEFAULT_BASE).is_dir() else None)
     if name:
@@ -113,13 +140,32 @@ def data_check(file: str, tokenizer_name: str | None, max_length: int, fmt: str,
             tok = models.load_tokenizer(models.resolve_base(name if tokenizer_name else str(shipped(name))))
         except LoraMedError as e:
             raise LoraMedError(f"--tokenizer {name}: {str(e).removeprefix(f'--base {name}: ')}") from None
-    report = data_mod.check(file, tok, max_length=max_length, fmt=fmt)
+    reports = []
+    for file in paths:
+        report = data_mod.check(file, tok, max_length=max_length, fmt=fmt)
+        if facts is not None:
+            from .serve.audit import audit
+
+            report["facts"] = str(facts.path)
+            report["contradictions"] = audit(file, facts)
+        reports.append(report)
+        if not as_json:
+            _print_check(report)
     if as_json:
-        click.echo(json.dumps(report, indent=2, ensure_ascii=False))
-    else:
-        _print_check(report)
-    if report["problems"]:
-        raise LoraMedError(f"{file}: {len(report['problems'])} problem(s) that would make training fail (listed above)")
+        click.echo(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2, ensure_ascii=False))
+    # contradictions are listed one per finding; count the turns they are in
+    bad = [
+        (r["file"], len(r["problems"]), len({c.split(": ")[0] for c in r.get("contradictions", [])})) for r in reports
+    ]
+    if any(p for _, p, _ in bad):
+        raise LoraMedError(
+            "; ".join(f"{f}: {p} problem(s) that would make training fail" for f, p, _ in bad if p) + " (listed above)"
+        )
+    if any(c for _, _, c in bad):
+        raise LoraMedError(
+            "; ".join(f"{f}: {c} assistant turn(s) contradict {facts_file}" for f, _, c in bad if c)
+            + " (listed above); correct the data or the facts"
+        )
 
 
 def _print_check(report: dict) -> None:
@@ -137,7 +183,10 @@ def _print_check(report: dict) -> None:
     else:
         click.echo("  tokens            (no tokenizer: pass --tokenizer for token lengths)")
     click.echo(f"  duplicates        {len(report['duplicates'])}")
-    for title, rows in (("problems", report["problems"]), ("warnings", report["warnings"])):
+    sections = [("problems", report["problems"]), ("warnings", report["warnings"])]
+    if "contradictions" in report:
+        sections.append(("contradictions", report["contradictions"]))
+    for title, rows in sections:
         if rows:
             click.echo(f"  {title} ({len(rows)}):")
             for row in rows:
@@ -171,9 +220,12 @@ def train(config_file: str | None, plan_only: bool, as_json: bool, **kwargs) -> 
     """
     from .train.main import train as run_train
 
-    result = run_train(_load(TrainConfig, config_file, kwargs), plan_only=plan_only)
+    cfg = _load(TrainConfig, config_file, kwargs)
     if plan_only:
+        result = run_train(cfg, plan_only=True)
         click.echo(json.dumps(result, indent=2) if as_json else _plan_text(result))
+    else:
+        run_train(cfg)
 
 
 def _plan_text(p: dict) -> str:
@@ -338,11 +390,12 @@ class _CtrlC:
 
 def _interrupted(e: BaseException) -> bool:
     """Whether a KeyboardInterrupt is among the causes of ``e``."""
+    cause: BaseException | None = e
     for _ in range(16):  # a chain, not a cycle
-        e = e.__cause__ or e.__context__
-        if e is None:
+        cause = cause.__cause__ or cause.__context__ if cause is not None else None
+        if cause is None:
             return False
-        if isinstance(e, KeyboardInterrupt):
+        if isinstance(cause, KeyboardInterrupt):
             return True
     return False
 

@@ -1,15 +1,16 @@
 """The settings of every command, declared once (see ``settings.py`` for how they become flags, YAML
 keys and checks). Light on purpose: ``lora-med --help`` imports this module and nothing heavy.
 
-Defaults live here and only here. A field's help is its ``--help`` line; ``choices``/``min``/... are
-checked by ``settings.check`` for flags, YAML and Python alike; ``aliases`` are the Hugging Face
-argument names users already know (``--num_train_epochs``, ``--lora_r``, ...).
+Defaults live here and only here. A field's help is its ``--help`` line; its type (a ``Literal[...]`` names the
+choices) and ``min``/``max``/... are checked by ``settings.check`` for flags, YAML and Python alike; ``aliases``
+are the Hugging Face argument names users already know (``--num_train_epochs``, ``--lora_r``, ...).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 from .settings import setting
 
@@ -19,16 +20,24 @@ DEFAULT_DATA = "data/medical_conversations.json"
 DEFAULT_EVAL = "data/medical_conversations_eval.json"
 DEFAULT_EVAL_FRACTION = 0.1
 DEFAULT_INTENTS = "configs/intents.yaml"
-DEFAULT_EMERGENCY = "configs/emergency.yaml"
+DEFAULT_EMERGENCY = "configs/triage.yaml"
+DEFAULT_FACTS = "configs/clinic.yaml"
+DEFAULT_REPLIES = "configs/replies.yaml"
 
-METHODS = ("lora", "qlora", "full")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
-FORMATS = ("auto", "dialogpt", "chat-template")
-DEVICES = ("auto", "cpu", "cuda")
-REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
-ATTENTIONS = ("auto", "sdpa", "eager")
-OPTIMIZERS = ("auto", "adamw", "adamw_8bit")
+# The choices of settings, as types: a field typed with one accepts exactly these values (settings.check).
+Method = Literal["lora", "qlora", "full"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"]
+Format = Literal["auto", "dialogpt", "chat-template"]
+Device = Literal["auto", "cpu", "cuda"]
+ReportTo = Literal["tensorboard", "wandb", "mlflow", "none"]
+Attention = Literal["auto", "sdpa", "eager"]
+Optimizer = Literal["auto", "adamw", "adamw_8bit"]
+TrainOn = Literal["assistant", "all"]
+TrainTokens = Literal["none", "data"]
+QuantBits = Literal[4, 8]
+METHODS: tuple[str, ...] = get_args(Method)
+FORMATS: tuple[str, ...] = get_args(Format)
 # The lossy (fp16/int8) export gate, shared by merge-export and bench --paired.
 GATE_MIN_TOP1 = 0.99  # top-1 token agreement with PyTorch fp32
 GATE_MIN_SAME_REPLIES = 0.95  # share of greedy replies identical to PyTorch fp32
@@ -52,7 +61,16 @@ def shipped(path: str) -> Path:
     if (
         not p.exists()
         and not p.is_absolute()
-        and path in (DEFAULT_BASE, DEFAULT_DATA, DEFAULT_EVAL, DEFAULT_INTENTS, DEFAULT_EMERGENCY)
+        and path
+        in (
+            DEFAULT_BASE,
+            DEFAULT_DATA,
+            DEFAULT_EVAL,
+            DEFAULT_INTENTS,
+            DEFAULT_EMERGENCY,
+            DEFAULT_FACTS,
+            DEFAULT_REPLIES,
+        )
     ):
         return REPO_ROOT / path
     return p
@@ -82,15 +100,13 @@ class TrainConfig:
         "held-out; the card and every report then say so)",
     )
     max_length: int = setting(256, "tokens per conversation; longer ones lose their oldest turns", min=8)
-    format: str = setting(
+    format: Format = setting(
         "auto",
         "auto: the tokenizer's chat template if it has one, else DialoGPT's (each turn ends with EOS)",
-        choices=FORMATS,
     )
-    train_on: str = setting(
+    train_on: TrainOn = setting(
         "assistant",
         "assistant: loss on the replies and the EOS ending each; all: every token",
-        choices=("assistant", "all"),
     )
     # model
     base: str = setting(
@@ -100,7 +116,7 @@ class TrainConfig:
     )
     trust_remote_code: bool = setting(False, "run code shipped with the base model (only for bases you trust)")
     # method
-    method: str = setting("lora", "lora, qlora (bitsandbytes 4/8-bit base) or full (the baseline)", choices=METHODS)
+    method: Method = setting("lora", "lora, qlora (bitsandbytes 4/8-bit base) or full (the baseline)")
     r: int = setting(8, "LoRA rank", min=1, aliases=("--lora_r",))
     alpha: int = setting(16, "LoRA alpha (scale = alpha / r)", min=1, aliases=("--lora_alpha",))
     dropout: float = setting(0.05, "LoRA dropout", min=0, below=1, aliases=("--lora_dropout",))
@@ -109,11 +125,10 @@ class TrainConfig:
         "layers LoRA adapts (comma-separated); default per architecture (GPT-2: c_attn,c_proj,c_fc); "
         "lm_head and embeddings are never targets",
     )
-    quant_bits: int = setting(4, "QLoRA: 4 (NF4, double quant) or 8", choices=(4, 8))
-    train_tokens: str = setting(
+    quant_bits: QuantBits = setting(4, "QLoRA: 4 (NF4, double quant) or 8")
+    train_tokens: TrainTokens = setting(
         "none",
         "data: also train the embedding rows (tied lm_head too) of the tokens the training data uses",
-        choices=("none", "data"),
     )
     # optimisation
     epochs: float = setting(3.0, "passes over the training data", above=0, aliases=("--num_train_epochs",))
@@ -129,14 +144,14 @@ class TrainConfig:
     learning_rate: float | None = setting(
         None, "peak learning rate [default: 2e-4 for LoRA/QLoRA, 5e-5 for full]", above=0
     )
-    scheduler: str = setting("linear", "learning-rate schedule", choices=SCHEDULERS, aliases=("--lr_scheduler_type",))
+    scheduler: Scheduler = setting("linear", "learning-rate schedule", aliases=("--lr_scheduler_type",))
     warmup_ratio: float = setting(0.05, "share of the steps spent warming up", min=0, below=1)
     weight_decay: float = setting(0.0, "AdamW weight decay", min=0)
     max_grad_norm: float = setting(1.0, "gradient clipping norm", above=0)
     max_steps: int = setting(-1, "> 0: stop after this many optimizer steps (overrides --epochs)", min=-1)
     seed: int = setting(42, "seed of data order, split, dropout and initialisation", min=0)
-    precision: str = setting("auto", "auto: bf16 (or fp16) on CUDA, fp32 on the CPU", choices=PRECISIONS)
-    device: str = setting("auto", "where to train", choices=DEVICES)
+    precision: Precision = setting("auto", "auto: bf16 (or fp16) on CUDA, fp32 on the CPU")
+    device: Device = setting("auto", "where to train")
     # memory: the levers (lora_med/levers.py). Unset: off, unless --vram-gb needs them to fit; --no-X rules X out.
     vram_gb: float | None = setting(
         None,
@@ -149,11 +164,10 @@ class TrainConfig:
     gradient_checkpointing: bool | None = setting(
         None, "recompute activations in the backward pass (less memory; +28% compute at DialoGPT-medium's shape)"
     )
-    attention: str = setting(
+    attention: Attention = setting(
         "auto",
         "sdpa: fused attention, no score matrices kept; eager: transformers' own (keeps "
         "them); auto: sdpa where the model has it",
-        choices=ATTENTIONS,
     )
     chunked_ce: bool | None = setting(
         None,
@@ -161,11 +175,10 @@ class TrainConfig:
         "backward, so the full-vocabulary fp32 logits never exist (+5% compute)",
     )
     loss_chunk: int = setting(256, "tokens per chunk of --chunked-ce", min=1)
-    optim: str = setting(
+    optim: Optimizer = setting(
         "auto",
         "adamw (torch) or adamw_8bit (bitsandbytes' 8-bit states; full fine-tune only); "
         "auto: adamw, or adamw_8bit when --vram-gb needs it",
-        choices=OPTIMIZERS,
     )
     # logging and checkpoints
     log_every: int = setting(50, "steps between log lines (the seed's 50)", min=1, aliases=("--logging_steps",))
@@ -175,8 +188,8 @@ class TrainConfig:
     save_every: int | None = setting(
         None, "steps between checkpoints [default: every epoch]", min=1, aliases=("--save_steps",)
     )
-    report_to: list[str] = setting(
-        ["tensorboard"], "where metrics go: tensorboard, wandb, mlflow or none (installed ones)", choices=REPORT_TO
+    report_to: list[ReportTo] = setting(
+        ["tensorboard"], "where metrics go: tensorboard, wandb, mlflow or none (installed ones)"
     )
     output: str | None = setting(None, "run folder [default: adapters/<run name>]", aliases=("--output_dir",))
     run_name: str | None = setting(None, "run name [default: <method>-<base name>]")
@@ -203,7 +216,10 @@ class TrainConfig:
         return Path("adapters") / name
 
 
-EXPORT_DEVICES = ("cpu", "cuda")
+ExportDevice = Literal["cpu", "cuda"]
+ExportDtype = Literal["fp32", "fp16"]
+Optimize = Literal["none", "O1", "O2", "O3", "O4"]
+Quantize = Literal["none", "int8"]
 
 
 @dataclass
@@ -212,26 +228,22 @@ class ExportConfig:
 
     run_dir: str = setting("", "a `lora-med train` run folder (adapter or full model)", hidden=True)
     output: str | None = setting(None, "export folder [default: exports/<run name>-<device>-<dtype>[-int8]]")
-    device: str = setting(
+    device: ExportDevice = setting(
         "cpu",
         "cpu, or cuda (CUDAExecutionProvider with IO binding; the engine's fp16 decode graph)",
-        choices=EXPORT_DEVICES,
     )
-    dtype: str = setting(
+    dtype: ExportDtype = setting(
         "fp32",
         "fp32, or fp16 (needs --device cuda): both graphs, fp16 converted from the fp32 export",
-        choices=("fp32", "fp16"),
     )
-    optimize: str = setting(
+    optimize: Optimize = setting(
         "none",
         "ONNX Runtime graph optimisation of the Optimum graph (O4 = O3 + fp16, CUDA only)",
-        choices=("none", "O1", "O2", "O3", "O4"),
     )
-    quantize: str = setting(
+    quantize: Quantize = setting(
         "none",
         "int8: dynamic int8 for the CPU provider (one recipe for both graphs: MatMul "
         "weights per channel, embeddings float)",
-        choices=("none", "int8"),
     )
     atol: float = setting(1e-4, "fp32 gate: max abs difference of teacher-forced logits, ONNX vs PyTorch", above=0)
     ppl_rtol: float = setting(0.005, "fp32 gate: relative difference of held-out perplexity", above=0)
@@ -267,7 +279,7 @@ class ExportConfig:
 # What bench can time. engine-*: lora-med's engine on the export's decode graph (what serve runs); the rest are
 # peers measured on purpose with transformers' generate(): PyTorch (eager fp32, merged, fp16 on CUDA, fp16 with
 # a static cache and CUDA graphs) and ONNX Runtime through Optimum's ORTModelForCausalLM.
-BACKENDS = (
+BackendName = Literal[
     "engine-cpu-fp32",
     "engine-cpu-int8",
     "engine-cuda-fp32",
@@ -280,8 +292,10 @@ BACKENDS = (
     "ort-cpu-int8",
     "ort-cuda-fp32",
     "ort-cuda-fp16",
-)
-SHAPE_NAMES = ("dialogpt-medium", "tiny")
+]
+BACKENDS: tuple[str, ...] = get_args(BackendName)
+ShapeName = Literal["dialogpt-medium", "tiny"]
+GateStat = Literal["p50", "p95", "p99"]
 
 
 @dataclass
@@ -297,7 +311,7 @@ class BenchConfig:
         None, "merge-export folders (comma-separated); each gives ONNX Runtime backends", metavar="DIR,DIR,..."
     )
     base: str | None = setting(None, "base model for the base perplexity [default: the run card's base]")
-    shape: str | None = setting(None, "random weights of this model's shape: latency only", choices=SHAPE_NAMES)
+    shape: ShapeName | None = setting(None, "random weights of this model's shape: latency only")
     paired: bool = setting(False, "train LoRA and full on the same split/seed/budget, merge-export both, then bench")
     lora_config: str | None = setting(None, "--paired: train YAML for the LoRA run (e.g. configs/default.yaml)")
     full_config: str | None = setting(None, "--paired: train YAML for the full fine-tune (e.g. configs/full.yaml)")
@@ -321,10 +335,8 @@ class BenchConfig:
         max=1,
     )
     # latency
-    backends: list[str] | None = setting(
-        None, "subset of the backends to time [default: all available]", choices=BACKENDS
-    )
-    device: str = setting("auto", "where the PyTorch backends run (CUDA ONNX backends need cuda)", choices=DEVICES)
+    backends: list[BackendName] | None = setting(None, "subset of the backends to time [default: all available]")
+    device: Device = setting("auto", "where the PyTorch backends run (CUDA ONNX backends need cuda)")
     new_tokens: int = setting(
         32, "tokens every backend generates per reply (EOS cannot stop it early)", min=1, aliases=("--new_tokens",)
     )
@@ -344,7 +356,7 @@ class BenchConfig:
         "torch-merged, torch-eager",
         aliases=("--gate_backend",),
     )
-    gate_stat: str = setting("p50", "reply-time statistic for the latency gate", choices=("p50", "p95", "p99"))
+    gate_stat: GateStat = setting("p50", "reply-time statistic for the latency gate")
     max_latency_s: float = setting(
         0.2, "reply-time limit in seconds on the gate backend; <= 0: no latency gate", aliases=("--max_latency_s",)
     )
@@ -374,7 +386,7 @@ class ServeConfig:
         "a merge-export folder (its engine/ or merged/) or a Hugging Face model folder; the positional EXPORT_DIR",
         hidden=True,
     )
-    device: str = setting("auto", "where replies are computed", choices=DEVICES)
+    device: Device = setting("auto", "where replies are computed")
     threads: int | None = setting(None, "CPU threads for generation [default: the engine's]", min=1)
     max_new_tokens: int = setting(40, "longest reply in tokens; a reply stops earlier at EOS", min=1)
     no_repeat_ngram_size: int = setting(
@@ -401,10 +413,42 @@ class ServeConfig:
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 exposes it to the network)")
     port: int = setting(8000, 'TCP port; 0 picks a free one (logged in the "ready" line)', min=0, max=65535)
     # conversations
-    db: str = setting("lora-med-serve.db", "SQLite file (WAL mode) holding every turn; history survives restarts")
+    db: str = setting(
+        "lora-med-serve.db", "SQLite file (WAL mode, created 0600) holding every turn; history survives restarts"
+    )
+    store: str | None = setting(
+        None,
+        "a postgresql://user@host/db URL: conversations in PostgreSQL, shared by several replicas (needs "
+        "`pip install lora-med[postgres]`); default: the SQLite file --db",
+        metavar="URL",
+    )
+    store_pool: int = setting(4, "PostgreSQL connections kept per server (and store threads using them)", min=1)
     idle_minutes: float = setting(30.0, "a message after this much silence starts a new conversation", above=0)
     intents: str = setting(DEFAULT_INTENTS, "rules deriving `action` and `params.status`")
-    emergency: str = setting(DEFAULT_EMERGENCY, "the emergency guard's rules and reply")
+    emergency: str = setting(DEFAULT_EMERGENCY, "triage rules (emergency / caution / none), decided before the model")
+    # the clinic's facts (docs/facts.md)
+    facts: str = setting(
+        DEFAULT_FACTS,
+        "the clinic's facts (YAML): info answers and the booking are built from them, every model reply is "
+        "checked against them",
+    )
+    replies: str = setting(DEFAULT_REPLIES, "templates of the replies built from --facts")
+    check_replies: bool = setting(
+        True,
+        "hold every model reply to --facts and replace a wrong one with the facts' reply (off: the model's "
+        "words go out as written; for measuring a model, never for patients)",
+    )
+    words: list[str] = setting(
+        [DEFAULT_DATA],
+        "conversation files (comma-separated) whose words the reply checker knows: a model reply with a word "
+        "found in none of them, --facts, --replies or the conversation is rejected as garbled (give the "
+        "model's training data)",
+    )
+    now: str | None = setting(
+        None,
+        "answer as if it were this moment at the clinic, YYYY-MM-DD or YYYY-MM-DDTHH:MM (replays and tests) "
+        "[default: the clinic's clock, in --facts' timezone]",
+    )
     # limits
     max_message_chars: int = setting(1000, "longer messages get 422", min=1)
     rate_limit: int = setting(
@@ -420,6 +464,28 @@ class ServeConfig:
         min=0,
         max=1000,
     )
-    queue_size: int = setting(64, "requests waiting for the model beyond this get 503", min=1)
-    request_timeout_s: float = setting(30.0, "a reply not ready by then gets 504", above=0)
+    request_timeout_s: float = setting(
+        30.0,
+        "a reply not ready by then gets 504; a request whose expected wait for the model is longer is "
+        "refused at once (503 with Retry-After; emergencies never are)",
+        above=0,
+    )
+    max_body_bytes: int = setting(64 * 1024, "larger request bodies get 413 before any of it is parsed", min=1024)
+    # access
+    api_key_file: str | None = setting(
+        None,
+        "file of API keys, one per line (several: rotation); every route but /health/live and /health/ready "
+        "then needs `Authorization: Bearer KEY` (the LORA_MED_API_KEY variable gives one key too)",
+        metavar="FILE",
+    )
+    insecure_no_auth: bool = setting(
+        False, "allow a --host beyond this machine without an API key (anyone reaching the port reads patients' chats)"
+    )
+    # the OpenAI-compatible API (/v1)
+    model_id: str | None = setting(None, "the model's name on /v1/models [default: the EXPORT_DIR folder's name]")
+    stream_release: Literal["sentence", "reply"] = setting(
+        "sentence",
+        "when streamed text leaves the server: sentence (each complete sentence once the reply so far has passed "
+        "the checks) or reply (the whole checked reply at once, exactly what /chat/ would say)",
+    )
     log_file: str | None = setting(None, "JSON-lines log file [default: stderr]")

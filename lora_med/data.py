@@ -19,7 +19,7 @@ import json
 import random
 import re
 import shlex
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -420,7 +420,7 @@ def split(
 # --------------------------------------------------------------------------- check
 
 
-def percentile(values: list[float], q: float) -> float:
+def percentile(values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100) of a non-empty list."""
     s = sorted(values)
     return s[min(len(s) - 1, max(0, int(round(q / 100 * (len(s) - 1)))))]

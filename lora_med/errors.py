@@ -34,4 +34,9 @@ class ConfigError(LoraMedError):
 
 
 class GateError(LoraMedError):
-    """A check (parity, quality or latency gate) failed. The message carries the figures."""
+    """A check (parity, quality or latency gate) failed. The message carries the figures; ``figures`` holds them
+    as measured, for the record of what failed (a failed export's manifest)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None, *, figures: dict | None = None):
+        super().__init__(message, problems)
+        self.figures = dict(figures or {})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .cards import TrainCard
 from .models import is_local
 
 LIBRARY = {"adapter": "peft", "model": "transformers", "merged": "transformers", "onnx": "transformers"}
@@ -25,39 +26,37 @@ def _base_id(base: str) -> str:
     return Path(base).name if is_local(base) or base.startswith(("/", ".")) else base
 
 
-def write(folder: Path, what: str, run: dict, *, extra: dict | None = None) -> Path:
+def write(folder: Path, what: str, run: TrainCard, *, extra: dict | None = None) -> Path:
     """Write ``folder/README.md`` for ``what`` ("adapter", "model", "merged" or "onnx") from a run card.
 
     Returns the path written.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    method = run["config"]["method"]
-    m = run.get("metrics", {})
-    train_data, eval_data = run["data"]["train"], run["data"]["eval"]
+    method, m = run.method, run.metrics
+    train_data = run.raw["data"].get("train") or {}  # its figures, as the run recorded them
     card_data = ModelCardData(
-        base_model=_base_id(run["base"]["name_or_path"]),
+        base_model=_base_id(run.base),
         library_name=LIBRARY[what],
         pipeline_tag="text-generation",
         language=["es"],
         tags=["lora-med", method, "conversational"] + (["onnx"] if what == "onnx" else []),
     )
-    overlap = (eval_data.get("overlap") or {}).get("conversations")
-    held = "eval-set (NOT held-out, see below)" if overlap else "held-out"
+    held = "eval-set (NOT held-out, see below)" if run.eval.overlap else "held-out"
     rows = [
         ("method", method),
         (f"{held} perplexity (assistant tokens)", m.get("eval_ppl")),
         (f"base model's {held} perplexity", m.get("base_eval_ppl")),
         ("train loss", m.get("train_loss")),
         ("steps", m.get("steps")),
-        ("training data sha256", train_data.get("sha256")),
-        ("held-out data sha256", eval_data.get("sha256")),
-        ("seed", run.get("seed")),
+        ("training data sha256", run.train_sha256),
+        ("held-out data sha256", run.eval.sha256),
+        ("seed", run.config.seed),
         (
             "evaluation overlap",
-            f"{overlap} of {eval_data['overlap'].get('of')} evaluation conversations are also training "
+            f"{run.eval.overlap} of {run.eval.overlap_of} evaluation conversations are also training "
             "conversations (--allow-eval-overlap): the eval figures are not held-out"
-            if overlap
+            if run.eval.overlap
             else None,
         ),
     ]
@@ -67,7 +66,7 @@ def write(folder: Path, what: str, run: dict, *, extra: dict | None = None) -> P
         f"---\n{card_data.to_yaml()}\n---\n\n"
         f"# {folder.name}\n\n"
         f"{'LoRA adapter' if what == 'adapter' else 'Fine-tuned model'} made with lora-med "
-        f"({method} on {run['base']['name_or_path']}, {train_data.get('conversations')} conversations). "
+        f"({method} on {run.base}, {train_data.get('conversations')} conversations). "
         "Prompts use DialoGPT's format: every turn followed by the EOS token (the tokenizer's chat template "
         "reproduces it).\n\n"
         f"| | |\n|---|---|\n{table}\n\n"

@@ -11,6 +11,7 @@ import os
 import platform
 import resource
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -124,7 +125,7 @@ def load_tokenizer(base: str, *, trust_remote_code: bool = False):
     return tok
 
 
-def load_config(base: str, *, trust_remote_code: bool = False):
+def load_model_config(base: str, *, trust_remote_code: bool = False):
     """A model's config (``AutoConfig``), without its weights.
 
     Raises:
@@ -263,7 +264,7 @@ def resolve_device(device: str = "auto") -> str:
 
 def device_info(device: str) -> dict:
     """What the run ran on, for run cards and reports."""
-    info = {
+    info: dict[str, Any] = {
         "device": device,
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),

@@ -2,8 +2,8 @@
 
 * **Cards.** Every output folder holds a small JSON card (``run.json`` for train, ``manifest.json`` for
   merge-export, ``report.json`` for bench): what produced it, with which settings, data and versions,
-  and what was measured. ``load_card`` is the one reader: it checks the kind, the shape and the status
-  and says what to do when one is off.
+  and what was measured. ``load_card`` reads one and checks its folder, kind and status, saying what to do
+  when one is off; ``cards.py`` gives it to the readers typed, every field checked.
 * **Ownership.** Every folder lora-med creates holds a marker (``.lora-med``) naming its kind and the
   entries lora-med wrote there. ``--overwrite`` removes exactly those entries and only from a folder of
   the right kind; it refuses the working directory, an input (the data, the base, the run being exported),
@@ -21,13 +21,11 @@ import shlex
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any
 
-from . import data
 from .errors import ConfigError, LoraMedError
 from .fileio import read_json, write_json
 from .integrity import size_problems
-from .weights import adapter_problems, safetensors_problem, weights_problems
+from .weights import safetensors_problem
 
 MARKER = ".lora-med"
 LOCK = ".lock"
@@ -44,47 +42,14 @@ def problems_error(what: str, problems: list[str], cls=ConfigError) -> LoraMedEr
 
 # --------------------------------------------------------------------------- cards
 
-_SHAPE = {  # dotted path -> expected type, per card kind (what the next stages read)
-    "train": {
-        "status": str,
-        "config": dict,
-        "config.method": str,
-        "base.name_or_path": str,
-        "artifact": str,
-        "data.format": str,
-        "data.max_length": int,
-        "data.eval": dict,
-        "data.eval.path": str,
-        "data.eval.sha256": str,
-        "data.eval.source": str,
-    },
-    "export": {
-        "status": str,
-        "options": dict,
-        "source": dict,
-        "source.run_dir": str,
-        "source.format": str,
-        "source.max_length": int,
-    },
-    "bench": {},
-}
-
-
-def _get(card: dict, dotted: str) -> Any:
-    cur: Any = card
-    for part in dotted.split("."):
-        if not isinstance(cur, dict) or part not in cur:
-            return None
-        cur = cur[part]
-    return cur
-
 
 def load_card(folder: str | Path, kind: str, *, complete: bool = True) -> dict:
-    """The card of a ``kind`` folder ("train", "export" or "bench"), checked.
+    """The JSON card of a ``kind`` folder ("train", "export" or "bench"), its folder checked; readers take it
+    typed and its fields checked through ``cards.py`` (``TrainCard.read``, ...).
 
     Raises:
-        LoraMedError: the folder or card is missing, unreadable, of another kind, missing a field the next
-            stage needs, or (``complete``) the run/export did not finish; the message says what to do.
+        LoraMedError: the folder or card is missing, unreadable, of another kind, (``complete``) the run/export
+            did not finish, or an export's files changed since; the message says what to do.
     """
     folder = Path(folder)
     word, maker = WORDS[kind], MAKERS[kind]
@@ -109,13 +74,6 @@ def load_card(folder: str | Path, kind: str, *, complete: bool = True) -> dict:
         and isinstance(card.get("status"), str)
     ):
         raise LoraMedError(_unfinished(folder, kind, card))
-    for dotted, tp in _SHAPE[kind].items():
-        v = _get(card, dotted)
-        if not isinstance(v, tp) or isinstance(v, bool):
-            raise LoraMedError(
-                f"{path}: field {dotted!r} is {'missing' if v is None else 'of the wrong type'}; the "
-                f"card is damaged: restore it, or run `{maker}` again"
-            )
     if kind == "export" and complete and (changed := size_problems(folder, card.get("files"))):
         raise LoraMedError(
             f"{folder}: the export's files differ from its manifest ({'; '.join(changed[:3])}): it "
@@ -139,7 +97,7 @@ def _unfinished(folder: Path, kind: str, card: dict) -> str:
     return f"{folder}: the run did not finish ({why}); continue it with `lora-med train --resume {shlex.quote(str(folder))}`"
 
 
-# --------------------------------------------------------------------------- held-out data
+# --------------------------------------------------------------------------- data files, as a card records them
 
 
 def data_record(path: str | Path, run_dir: Path) -> dict:
@@ -148,88 +106,7 @@ def data_record(path: str | Path, run_dir: Path) -> dict:
     return {"path": str(p), "relative_to_run": os.path.relpath(p, run_dir.resolve())}
 
 
-def locate(record: dict, run_dir: Path, what: str) -> Path:
-    """The data file a card names: its absolute path, else its path relative to the run folder.
-
-    Raises:
-        LoraMedError: neither exists; names both.
-    """
-    tried = []
-    for p in (record.get("path"), record.get("relative_to_run") and run_dir / record["relative_to_run"]):
-        if p:
-            tried.append(str(p))
-            if Path(p).is_file():
-                return Path(p)
-    raise LoraMedError(
-        f"{run_dir / 'run.json'}: the {what} is gone (looked for {' and '.join(tried)}); restore the file, or retrain"
-    )
-
-
-def overlap_note(card: dict) -> str | None:
-    """None when the run's evaluation set is held out; else the line every card and report carries: how many of
-    its conversations the run also trained on (allowed only by ``--allow-eval-overlap``)."""
-    overlap = card.get("data", {}).get("eval", {}).get("overlap")
-    if not isinstance(overlap, dict) or not overlap.get("conversations"):
-        return None
-    return (
-        f"NOT held out: {overlap['conversations']} of the {overlap.get('of', '?')} evaluation conversations are also "
-        "training conversations (trained with --allow-eval-overlap); perplexity on them flatters the model"
-    )
-
-
-def held_out(card: dict, run_dir: str | Path) -> list[data.Conversation]:
-    """The run's held-out conversations: its eval file, or its seeded split of the training file."""
-    ev = card["data"]["eval"]
-    path = locate(ev, Path(run_dir), "held-out data")
-    ds = data.load_conversations(path)
-    if ds.sha256 != ev["sha256"]:
-        raise LoraMedError(
-            f"{path} changed since training (sha256 differs); held-out figures would not be "
-            "comparable. Restore the file or retrain."
-        )
-    if ev["source"] == "split":
-        idx, n = ev.get("indices"), len(ds.conversations)
-        if (
-            not isinstance(idx, list)
-            or not idx
-            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in idx)
-        ):
-            raise LoraMedError(
-                f"{Path(run_dir) / 'run.json'}: field 'data.eval.indices' does not list held-out rows "
-                f"of {path} ({n} conversations); the card is damaged: restore it, or retrain"
-            )
-        return [ds.conversations[i] for i in idx]
-    return ds.conversations
-
-
-# --------------------------------------------------------------------------- weights, run folders, checkpoints
-
-
-def run_problems(folder: Path, card: dict) -> list[str]:
-    """What stops a finished run from loading: its weights (whole), its adapter, its tokenizer, its base."""
-    folder, p = Path(folder), []
-    if card["artifact"] == "adapter":
-        p += weights_problems(folder, "adapter_model", "adapter")
-        p += (
-            adapter_problems(folder)
-            if (folder / "adapter_config.json").is_file()
-            else [f"{folder / 'adapter_config.json'}: missing; copy the whole run folder, or retrain"]
-        )
-        base = card["base"]["name_or_path"]
-        if Path(base).is_dir():
-            p += weights_problems(Path(base), "model", "base model")
-        elif base.startswith(("/", ".", "~")):
-            p.append(
-                f"{folder / 'run.json'}: its base {base} no longer exists; restore that folder (the adapter is "
-                "applied to it)"
-            )
-    else:
-        p += weights_problems(folder, "model", "fine-tuned model")
-    needed = ["tokenizer_config.json"] + (["config.json"] if card["artifact"] == "model" else [])
-    for f in needed:
-        if not (folder / f).is_file():
-            p.append(f"{folder / f}: missing; copy the whole run folder, or retrain")
-    return p
+# --------------------------------------------------------------------------- checkpoints
 
 
 def checkpoint_problem(ckpt: Path) -> str | None:
@@ -265,7 +142,7 @@ def latest_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[str]]:
         m = re.fullmatch(r"checkpoint-(\d+)", d.name)
         if m and d.is_dir():
             found.append((int(m.group(1)), d))
-    skipped = []
+    skipped: list[str] = []
     for _, d in sorted(found, reverse=True):
         problem = checkpoint_problem(d)
         if problem is None:
@@ -467,7 +344,8 @@ class Lock:
     """One process at a time on ``path`` (``with Lock(folder / ".lock", "the run folder X"):``)."""
 
     def __init__(self, path: Path, what: str):
-        self.path, self.what, self.note = Path(path), what, None
+        self.path, self.what = Path(path), what
+        self.note: str | None = None  # set when a stale lock was taken over
 
     def __enter__(self) -> Lock:
         me = json.dumps({"pid": os.getpid(), "started": _start_time(os.getpid())})

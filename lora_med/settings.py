@@ -1,7 +1,8 @@
 """Settings declared once, checked the same from flags, YAML and Python.
 
-Every command's settings are a dataclass (``lora_med/config.py``) whose fields carry their help,
-allowed values, bounds and aliases as field metadata (PEFT's style), built with ``setting()``.
+Every command's settings are a dataclass (``lora_med/config.py``) whose fields carry their help, bounds
+and aliases as field metadata (PEFT's style), built with ``setting()``; a field's allowed values are its
+type (``Literal["lora", "qlora", "full"]``, or a list of such names).
 From that one declaration come the click options (``click_options``), the YAML keys
 (``load_config``) and the checks (``check``): a value is coerced and checked by the same code
 whether it came from ``--learning-rate 2e-4``, ``learning_rate: 2e-4`` in a YAML file (a string to
@@ -17,6 +18,7 @@ import dataclasses
 import math
 import re
 import reprlib
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,6 @@ def setting(
     default: Any,
     help: str,
     *,
-    choices: tuple | None = None,
     min: float | None = None,
     max: float | None = None,
     above: float | None = None,
@@ -47,7 +48,6 @@ def setting(
     Args:
         default: the default value (lists are copied per instance).
         help: one line for ``--help``.
-        choices: the allowed values.
         min / max: inclusive bounds; above / below: exclusive bounds (for numbers).
         aliases: extra flag spellings (``--num_train_epochs``); also accepted as YAML keys without dashes.
         hidden: not offered as a flag (e.g. a positional argument).
@@ -56,7 +56,6 @@ def setting(
     """
     meta = dict(
         help=help,
-        choices=choices,
         min=min,
         max=max,
         above=above,
@@ -75,21 +74,45 @@ def setting(
 # --------------------------------------------------------------------------- types
 
 
-def _kind(tp) -> tuple[str, bool]:
-    """('int' | 'float' | 'bool' | 'str' | 'list', nullable) of a field's resolved type."""
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """A setting as its declaration gives it: the field (help, bounds, aliases in its metadata), the kind of
+    value, whether it may be None, and the allowed values (the ``Literal[...]`` of its type, or of its items)."""
+
+    field: dataclasses.Field
+    kind: str  # 'int' | 'float' | 'bool' | 'str' | 'list'
+    nullable: bool
+    choices: tuple | None
+
+    @property
+    def name(self) -> str:
+        return self.field.name
+
+    @property
+    def meta(self) -> Any:
+        return self.field.metadata
+
+
+def _kind(tp) -> tuple[str, bool, tuple | None]:
+    """(kind, nullable, choices) of a field's resolved type: ``Literal["a", "b"]`` is text (or whole numbers)
+    with those choices; ``list[Literal[...]]`` a list of names with them."""
     args = typing.get_args(tp)
-    nullable = type(None) in args
+    nullable = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args
     if nullable:
         tp = next(a for a in args if a is not type(None))
     if typing.get_origin(tp) is list:
-        return "list", nullable
-    return {int: "int", float: "float", bool: "bool", str: "str"}[tp], nullable
+        item = typing.get_args(tp)[0]
+        return "list", nullable, typing.get_args(item) if typing.get_origin(item) is typing.Literal else None
+    if typing.get_origin(tp) is typing.Literal:
+        choices = typing.get_args(tp)
+        return ("int" if all(type(c) is int for c in choices) else "str"), nullable, choices
+    return {int: "int", float: "float", bool: "bool", str: "str"}[tp], nullable, None
 
 
-def fields(cls) -> list[tuple[dataclasses.Field, str, bool]]:
-    """(field, kind, nullable) for every setting of a config dataclass."""
+def fields(cls) -> list[Spec]:
+    """Every setting of a config dataclass, in declaration order."""
     hints = typing.get_type_hints(cls)
-    return [(f, *_kind(hints[f.name])) for f in dataclasses.fields(cls)]
+    return [Spec(f, *_kind(hints[f.name])) for f in dataclasses.fields(cls)]
 
 
 _TYPE_WORDS = {
@@ -173,12 +196,13 @@ def coerce(value: Any, kind: str, nullable: bool) -> tuple[Any, str | None]:
     return names, None
 
 
-def _bounds(value, meta: dict) -> str | None:
-    if meta["choices"] is not None:
+def _bounds(value, spec: Spec) -> str | None:
+    meta = spec.meta
+    if spec.choices is not None:
         values = value if isinstance(value, list) else [value]
-        wrong = [v for v in values if v not in meta["choices"]]
+        wrong = [v for v in values if v not in spec.choices]
         if wrong:
-            return f"use one of {', '.join(map(str, meta['choices']))}"
+            return f"use one of {', '.join(map(str, spec.choices))}"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         lo, hi, above, below = meta["min"], meta["max"], meta["above"], meta["below"]
         if above is not None and below is not None and not above < value < below:
@@ -242,17 +266,17 @@ def check(cfg) -> list[str]:
     Returns one problem per bad setting (type, choice or bound), each naming the setting as the user gave it.
     """
     problems = []
-    for f, kind, nullable in fields(type(cfg)):
-        raw = getattr(cfg, f.name)
-        value, problem = coerce(raw, kind, nullable)
+    for spec in fields(type(cfg)):
+        raw = getattr(cfg, spec.name)
+        value, problem = coerce(raw, spec.kind, spec.nullable)
         if problem is None and value is not None:
-            problem = _bounds(value, f.metadata)
-            if problem and f.metadata.get("hint") and (why := f.metadata["hint"](value)):
+            problem = _bounds(value, spec)
+            if problem and spec.meta.get("hint") and (why := spec.meta["hint"](value)):
                 problem += f"; {why}"
         if problem:
-            problems.append(f"{describe(cfg, f.name, raw)}: {problem}")
+            problems.append(f"{describe(cfg, spec.name, raw)}: {problem}")
         else:
-            setattr(cfg, f.name, value)
+            setattr(cfg, spec.name, value)
     return problems
 
 
@@ -278,7 +302,8 @@ def as_dict(cfg) -> dict:
 def _alias_keys(cls) -> dict[str, str]:
     """Every spelling of every setting (YAML keys and flags without dashes) -> field name."""
     out = {}
-    for f, _, _ in fields(cls):
+    for spec in fields(cls):
+        f = spec.field
         for spelling in (f.name, f.name.replace("_", "-"), *(a.lstrip("-") for a in f.metadata["aliases"])):
             out[spelling] = f.name
     return out
@@ -361,8 +386,8 @@ def yaml_load(path: Path):
         raise ConfigError(f"--config {path}: invalid YAML: {e}") from None
 
 
-def _meta(cls, field: str) -> dict:
-    return next(f.metadata for f, _, _ in fields(cls) if f.name == field)
+def _meta(cls, field: str) -> Any:
+    return next(spec.meta for spec in fields(cls) if spec.name == field)
 
 
 def _typed_flags(cls, argv: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -370,7 +395,8 @@ def _typed_flags(cls, argv: list[str]) -> tuple[dict[str, str], list[str]]:
     different values under different spellings (``--num_train_epochs 2 --epochs 3``: click would silently keep the
     last; which one the user meant cannot be known). One spelling repeated is an override: the last wins."""
     spelled, kinds = {}, {}
-    for f, kind, nullable in fields(cls):
+    for spec in fields(cls):
+        f, kind, nullable = spec.field, spec.kind, spec.nullable
         for s in (flag_name(f.name), "--" + f.name, *f.metadata["aliases"]):
             spelled[s] = f.name
         spelled["--no-" + f.name.replace("_", "-")] = f.name
@@ -411,13 +437,13 @@ def click_options(cls, *, seed_names: tuple[str, ...] = ()):
     import click
 
     def decorate(fn):
-        for f, kind, _nullable in reversed(fields(cls)):
-            meta = f.metadata
+        for spec in reversed(fields(cls)):
+            f, kind, meta = spec.field, spec.kind, spec.meta
             if meta["hidden"]:
                 continue
             dashed = flag_name(f.name)
             names = [dashed, *(["--" + f.name] if f.name in seed_names and "_" in f.name else []), *meta["aliases"]]
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = f.default_factory() if callable(f.default_factory) else f.default
             shown = ",".join(default) if isinstance(default, list) else default
             extra = f" [default: {shown}]" if default not in (None, "", []) else ""
             kw: dict[str, Any] = dict(default=None, help=meta["help"] + extra)
@@ -426,8 +452,8 @@ def click_options(cls, *, seed_names: tuple[str, ...] = ()):
             else:
                 kw["type"] = str
                 kw["metavar"] = meta["metavar"] or (
-                    "[" + "|".join(map(str, meta["choices"])) + "]"
-                    if meta["choices"]
+                    "[" + "|".join(map(str, spec.choices)) + "]"
+                    if spec.choices
                     else {"int": "INT", "float": "FLOAT", "str": "TEXT", "list": "A,B,..."}[kind]
                 )
             kw.update(meta["click"])

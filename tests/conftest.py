@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,29 +109,46 @@ def tiny_tokenizer(tiny_base):
 # --------------------------------------------------------------------------- trained runs and exports, shared
 
 
-def train_tiny(tiny_base: Path, data: Path, out: Path, method: str, **kw) -> Path:
-    """A few steps of `lora-med train` on the tiny base. lr 1e-2: PEFT starts LoRA B at zero, so a few steps at
-    the default lr leave the adapter ~0 and "merged == adapter" would pass trivially."""
+def tiny_train_config(tiny_base: Path, data_file: Path, out: Path, /, **kw):
+    """Settings of a few `lora-med train` steps on the tiny base, its data as the held-out set too; a test gives
+    what it is about on top (``kw``)."""
     from lora_med.config import TrainConfig
-    from lora_med.train.main import train
 
     settings = dict(
-        data=str(data),
-        eval_data=str(data),
+        data=str(data_file),
+        eval_data=str(data_file),
         allow_eval_overlap=True,  # the tiny runs evaluate on their 8 training conversations
         base=str(tiny_base),
         output=str(out),
-        method=method,
-        max_steps=4,
+        max_steps=2,
         log_every=1,
         compare=False,
         r=4,
-        alpha=8,
-        batch_size=4,
-        seed=0,
-        learning_rate=1e-2 if method != "full" else 1e-3,
     )
-    return train(TrainConfig(**{**settings, **kw})).output
+    return TrainConfig(**{**settings, **kw})
+
+
+def train_tiny(tiny_base: Path, data: Path, out: Path, method: str, **kw) -> Path:
+    """A few steps of `lora-med train` on the tiny base. lr 1e-2: PEFT starts LoRA B at zero, so a few steps at
+    the default lr leave the adapter ~0 and "merged == adapter" would pass trivially."""
+    from lora_med.train.main import train
+
+    settings = dict(
+        method=method, max_steps=4, alpha=8, batch_size=4, seed=0, learning_rate=1e-2 if method != "full" else 1e-3
+    )
+    return train(tiny_train_config(tiny_base, data, out, **{**settings, **kw})).output
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """`lora-med ARGS` in this process, as the console script runs it: (exit code, stdout + stderr)."""
+    from lora_med.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lora-med", *args])
+    with pytest.raises(SystemExit) as e:
+        main()
+        sys.exit(0)
+    out = capsys.readouterr()
+    return e.value.code, out.out + out.err
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ the CLI exit code), the shape mode builds the graphs an export ships and refuses
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,11 @@ import torch
 
 from lora_med.bench import main as bench_mod
 from lora_med.bench.main import bench
+from lora_med.cards import BenchCard
 from lora_med.config import BenchConfig
 from lora_med.errors import ConfigError, GateError, LoraMedError
+
+from .conftest import run_cli
 
 CPU_BACKENDS = {"torch-eager", "torch-merged", "ort-cpu-fp32", "ort-cpu-int8", "engine-cpu-fp32", "engine-cpu-int8"}
 # Small and bounded: 1 thread (the CI CPU is shared; 2 spinning torch threads on a busy 2-core machine
@@ -49,6 +51,7 @@ def report(runs, tmp_path_factory):
     return result
 
 
+@pytest.mark.slow
 def test_every_cpu_backend_runs_and_is_reported(report):
     r = report.report
     assert {x["backend"] for x in r["latency"]} == CPU_BACKENDS
@@ -66,6 +69,7 @@ def test_every_cpu_backend_runs_and_is_reported(report):
     assert "CUDA only" in skipped["torch-eager-fp16"] and "CUDA only" in skipped["torch-cudagraph-fp16"]
 
 
+@pytest.mark.slow
 def test_engine_rows_beside_their_peers_with_batch_throughput(report):
     r = report.report
     rows = {x["backend"]: x for x in r["latency"]}
@@ -88,6 +92,7 @@ def test_engine_rows_beside_their_peers_with_batch_throughput(report):
     assert "## Engine throughput by batch" in md and "not measured: not built: ONNX Runtime's CUDA" in md
 
 
+@pytest.mark.slow
 def test_perplexity_is_paired_and_onnx_matches_the_adapter(report):
     ppl = report.report["perplexity"]
     assert list(ppl)[:3] == ["base", "lora", "full"] and len(ppl) == 5
@@ -101,6 +106,7 @@ def test_perplexity_is_paired_and_onnx_matches_the_adapter(report):
     assert set(report.report["training"]) == {"lora", "full"}
 
 
+@pytest.mark.slow
 def test_report_files_are_written_and_parse(report):
     out = report.out_dir
     assert sorted(p.name for p in out.iterdir()) == [
@@ -112,6 +118,8 @@ def test_report_files_are_written_and_parse(report):
         "scaling.png",
     ]
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report.report, default=str))
+    card = BenchCard.read(out)  # what a reader of the report gets: typed, its settings checked
+    assert card.passed and card.settings.scaling and card.settings.backends is None and card.name == "lora"
     md = (out / "report.md").read_text()
     for heading in ("## Held-out perplexity", "## Reply latency", "## Scaling", "## Training", "## Gate"):
         assert heading in md
@@ -122,6 +130,7 @@ def test_report_files_are_written_and_parse(report):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and matplotlib.image.imread(png).shape[0] > 100
 
 
+@pytest.mark.slow
 def test_scaling_is_measured_at_every_length_that_fits(report):
     # Structure only: how reply time grows is a benchmark's finding (one timed sample per length orders
     # nothing on a loaded machine), not a test's.
@@ -134,6 +143,7 @@ def test_scaling_is_measured_at_every_length_that_fits(report):
         assert list(x["scaling"]["context_s"]) == [32, 64, 128]  # 256 + 64 new tokens > n_positions 256
 
 
+@pytest.mark.slow
 def test_gate_passes_when_met(report):
     gate = report.report["gate"]
     assert gate["passed"] and gate["backend"] == "engine-cpu-int8"  # auto: the engine first
@@ -160,17 +170,7 @@ def test_gate_fails_when_out_of_reach_and_says_by_how_much(runs, tmp_path):
     assert r["gate"]["passed"] is False and [x["backend"] for x in r["latency"]] == ["ort-cpu-fp32"]
 
 
-def _cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    from lora_med.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["lora-med", "bench", *args])
-    with pytest.raises(SystemExit) as e:
-        main()
-        sys.exit(0)
-    out = capsys.readouterr()
-    return e.value.code, out.out + out.err
-
-
+@pytest.mark.slow
 def test_cli_exit_code_follows_the_gate(runs, tmp_path, monkeypatch, capsys):
     config = tmp_path / "bench.yaml"
     config.write_text(
@@ -178,9 +178,10 @@ def test_cli_exit_code_follows_the_gate(runs, tmp_path, monkeypatch, capsys):
         "threads: 1\nprompts: 1\nrepeats: 1\nwarmup: 0\nnew_tokens: 4\nscaling: false\n"
         "backends: [ort-cpu-fp32]\ngate_backend: ort-cpu-fp32\n"
     )
-    code, out = _cli(
+    code, out = run_cli(
         monkeypatch,
         capsys,
+        "bench",
         "--config",
         str(config),
         "--out",
@@ -191,9 +192,10 @@ def test_cli_exit_code_follows_the_gate(runs, tmp_path, monkeypatch, capsys):
         "0.01",
     )
     assert code != 0 and "FAILED latency" in out and "FAILED ppl-ratio" in out and "Traceback" not in out
-    code, out = _cli(
+    code, out = run_cli(
         monkeypatch,
         capsys,
+        "bench",
         "--config",
         str(config),
         "--out",
@@ -209,6 +211,7 @@ def test_cli_exit_code_follows_the_gate(runs, tmp_path, monkeypatch, capsys):
     assert (tmp_path / "b" / "report.json").is_file()
 
 
+@pytest.mark.slow
 def test_paired_trains_exports_and_benches_both_methods(tiny_base, conversations_file, tmp_path):
     # Each method keeps its own settings from its train YAML; data, seed, steps and batch are shared.
     (tmp_path / "lora.yaml").write_text("learning_rate: 2.0e-2\nr: 4\ntrain_tokens: data\nbatch_size: 1\n")
@@ -252,6 +255,7 @@ def test_paired_trains_exports_and_benches_both_methods(tiny_base, conversations
     assert f"**USUARIO:** {r['replies'][0]['prompt']}" in (tmp_path / "r" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_paired_leaves_out_a_refused_int8_export(tiny_base, conversations_file, tmp_path):
     result = bench(
         BenchConfig(
@@ -293,6 +297,7 @@ def test_paired_bad_train_config_is_named_before_training(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_shape_mode_measures_speed_only_with_the_graphs_an_export_ships(tmp_path):
     result = bench(BenchConfig(shape="tiny", out=str(tmp_path), max_latency_s=60.0, **{**FAST, "throughput": False}))
     r = result.report
@@ -322,7 +327,7 @@ def test_shape_mode_refuses_perplexity(extra, tmp_path):
 
 
 def test_shape_refusal_through_the_cli(monkeypatch, capsys):
-    code, out = _cli(monkeypatch, capsys, "--shape", "dialogpt-medium", "--max-ppl-ratio", "1.05")
+    code, out = run_cli(monkeypatch, capsys, "bench", "--shape", "dialogpt-medium", "--max-ppl-ratio", "1.05")
     assert code == 2 and "error:" in out and "perplexity" in out and "Traceback" not in out
 
 
@@ -331,7 +336,9 @@ def test_dialogpt_medium_shape_is_the_public_config():
 
     with torch.device("meta"):
         model = GPT2LMHeadModel(GPT2Config(**bench_mod.SHAPES["dialogpt-medium"]))
-    assert sum(p.numel() for p in model.parameters()) == 354_823_168  # FACTS.md: tied lm_head counted once
+    assert (
+        sum(p.numel() for p in model.parameters()) == 354_823_168
+    )  # microsoft/DialoGPT-medium's published count: tied lm_head counted once
 
 
 def test_config_problems_are_reported_together(tmp_path):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import pytest
+
 from lora_med import data, models
 
 from .conftest import REPO
@@ -34,6 +36,7 @@ def test_train_memory_examples_are_exactly_the_sequence_length(tmp_path):
     assert json.loads(eval_file.read_text(encoding="utf-8")) == rows[:2]
 
 
+@pytest.mark.slow
 def test_serve_load_runs_bounded_levels_against_a_live_server_and_checks_the_store(tiny_base, tmp_path):
     """The load generator end to end on the tiny model: it starts `lora-med serve`, runs its levels within their
     request bounds, every request answered and stored, and refuses bad bounds without starting anything."""
@@ -86,3 +89,49 @@ def test_serve_load_runs_bounded_levels_against_a_live_server_and_checks_the_sto
     )
     assert bad.returncode == 2 and "--clients 0" in bad.stderr and "--requests 0" in bad.stderr
     assert "only targets 127.0.0.1" in bad.stderr
+
+
+def test_serve_load_openai_streaming_and_a_burst(tiny_base, tmp_path):
+    """The OpenAI-streaming workload (time to first token) and a burst: every request accepted is answered,
+    no emergency refused; the report says so."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "serve_load" / "run.py"),
+            "--model",
+            str(tiny_base),
+            "--workload",
+            "openai-stream",
+            "--clients",
+            "2",
+            "--requests",
+            "6",
+            "--warmup",
+            "2",
+            "--burst",
+            "20",
+            "--set",
+            "threads=1",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    (lv,) = report["levels"]
+    assert lv["requests"] == lv["answered_200"] == 6 and lv["ttft_p50_ms"] <= lv["p50_ms"]
+    b = report["burst"]
+    assert b["clients"] == 20 and b["emergencies"] == 2 and b["emergencies_refused"] == 0 and b["ok"]
+    assert b["accepted"] == b["accepted_answered_200"] == 20 - b["refused_503"]
+    assert report["targets"]["replies_stored_for_every_200"] is True
+    md = (out / "results.md").read_text(encoding="utf-8")
+    assert "first token p50 ms" in md and "Burst: 20 clients" in md

@@ -270,7 +270,7 @@ def test_missing_file_and_directory(tmp_path):
 # --------------------------------------------------------------------------- CLI
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli_process(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "lora_med", *args],
         capture_output=True,
@@ -280,9 +280,10 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_data_check_bad_file_exits_nonzero_without_traceback(tmp_path, tiny_base):
     p = write(tmp_path, "bad.json", '[{"user": "hola", "assistant": null}]')
-    r = run_cli("data", "check", str(p), "--tokenizer", str(tiny_base))
+    r = run_cli_process("data", "check", str(p), "--tokenizer", str(tiny_base))
     assert r.returncode == 2
     assert "field 'assistant' is null" in r.stderr and "Traceback" not in r.stderr
 
@@ -317,7 +318,6 @@ def test_cli_data_check_prints_stats(conversations_file, tiny_base, monkeypatch,
     assert report["cut_by_max_length"] >= 1
 
 
-@pytest.mark.skipif(not (REPO / "data/medical_conversations.json").exists(), reason="dataset not written yet")
 @pytest.mark.parametrize("name,minimum", [("medical_conversations.json", 200), ("medical_conversations_eval.json", 40)])
 def test_shipped_datasets_are_valid(name, minimum):
     ds = load_conversations(REPO / "data" / name)
@@ -328,8 +328,6 @@ def test_shipped_datasets_are_valid(name, minimum):
 
 def test_eval_set_does_not_overlap_training_set():
     train_path, eval_path = REPO / "data/medical_conversations.json", REPO / "data/medical_conversations_eval.json"
-    if not (train_path.exists() and eval_path.exists()):
-        pytest.skip("dataset not written yet")
     train = {c.key() for c in load_conversations(train_path).conversations}
     train_first = {c.key()[0] for c in load_conversations(train_path).conversations}
     for c in load_conversations(eval_path).conversations:

@@ -24,6 +24,8 @@ from lora_med.train.main import train
 
 from .conftest import REPO
 
+pytestmark = pytest.mark.slow  # several processes each
+
 # With chunked cross-entropy: its loss runs outside the DDP-wrapped forward, which must still sync gradients.
 SETTINGS = dict(
     max_steps=4,
@@ -150,7 +152,6 @@ def test_two_processes_save_the_same_adapter_shapes(two_runs):
     assert "rng_state_0.pth" in ckpt and "rng_state_1.pth" in ckpt  # each process's, written before the rename
 
 
-@pytest.mark.slow
 def test_two_processes_resume_after_a_kill(two_runs, tiny_base, conversations_file, tmp_path):
     """Rank 0 killed with SIGKILL at step 3 (after checkpoint-2): torchrun stops the other; a resume with two
     processes finishes the run as the uninterrupted one did. Before the kill, both processes hold the same

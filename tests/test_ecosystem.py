@@ -8,6 +8,7 @@ re-run on an existing export, a chat-template format through train and export, e
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -16,31 +17,16 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from lora_med import data, models, runs
-from lora_med.config import REPO_ROOT, ExportConfig, TrainConfig
+from lora_med import data, models
+from lora_med.cards import TrainCard
+from lora_med.config import REPO_ROOT, ExportConfig
 from lora_med.errors import LoraMedError
 from lora_med.export.main import merge_export
 from lora_med.train.main import train
 
+from .conftest import tiny_train_config
 
-def tcfg(tiny_base, data_file, out, **kw) -> TrainConfig:
-    return TrainConfig(
-        **{
-            **dict(
-                data=str(data_file),
-                eval_data=str(data_file),
-                allow_eval_overlap=True,
-                base=str(tiny_base),
-                output=str(out),
-                max_steps=2,
-                compare=False,
-                log_every=1,
-                r=4,
-                learning_rate=1e-2,
-            ),
-            **kw,
-        }
-    )
+tcfg = functools.partial(tiny_train_config, learning_rate=1e-2)
 
 
 # --------------------------------------------------------------------------- chat templates
@@ -84,11 +70,11 @@ def test_model_cards_carry_hub_metadata(trained, exported, where, library, tag):
 
     folder = trained["lora"] if where == "run" else exported["fp32"] / where
     card = ModelCard.load(folder / "README.md")
-    run = runs.load_card(trained["lora"], "train")
+    run = TrainCard.read(trained["lora"])
     assert card.data.library_name == library
-    assert card.data.base_model == Path(run["base"]["name_or_path"]).name  # a local base: its folder name
+    assert card.data.base_model == Path(run.base).name  # a local base: its folder name
     assert {"lora-med", tag} <= set(card.data.tags) and card.data.pipeline_tag == "text-generation"
-    assert run["data"]["train"]["sha256"] in card.text and f"{run['metrics']['eval_ppl']:.4g}" in card.text
+    assert run.train_sha256 and run.train_sha256 in card.text and f"{run.metrics['eval_ppl']:.4g}" in card.text
 
 
 # --------------------------------------------------------------------------- what training really does

@@ -322,6 +322,7 @@ def shipped_fp32(shipped_sequences, tmp_path_factory):
         return out, [engine.teacher_forced_logits(s) for s in seqs]
 
 
+@pytest.mark.slow
 def test_int8_decode_graph_agrees_with_fp32(shipped_sequences, shipped_fp32, tmp_path):
     from lora_med.export.decode_graph import build_decode_graph
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_med import runs as runs_mod
+from lora_med.cards import ExportCard, TrainCard
 from lora_med.config import ExportConfig
 from lora_med.errors import ConfigError, GateError, LoraMedError
 from lora_med.export.main import merge_export
@@ -23,7 +23,7 @@ from lora_med.fileio import sha256_file
 
 
 def load_export(d):
-    return runs_mod.load_card(d, "export")
+    return ExportCard.read(d).raw
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +40,9 @@ def _held_out_batch(run_dir: Path):
     from lora_med import data, models
     from lora_med.perplexity import batches
 
-    card = runs_mod.load_card(run_dir, "train")
+    card = TrainCard.read(run_dir)
     tok = models.load_tokenizer(str(run_dir))
-    ex, _ = data.encode_all(
-        runs_mod.held_out(card, run_dir), tok, max_length=card["data"]["max_length"], fmt=card["data"]["format"]
-    )
+    ex, _ = data.encode_all(card.held_out(), tok, max_length=card.max_length, fmt=card.format)
     ids, mask, _ = next(batches(ex, 8, tok.pad_token_id))
     return card, ids, mask
 
@@ -115,6 +113,7 @@ def test_manifest_hashes_match_files(lora_export, runs):
     assert m["status"] == "complete" and "optimum-onnx" in m["versions"] and m["options"]["atol"] == 1e-4
 
 
+@pytest.mark.slow
 def test_fresh_process_reload_gives_same_logits(lora_export):
     code = f"""
 import torch

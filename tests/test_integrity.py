@@ -18,11 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lora_med import runs
 from lora_med.errors import LoraMedError
 
-from .conftest import CONVERSATIONS, REPO
-from .test_reliability import cli, snapshot
+from .conftest import CONVERSATIONS, REPO, run_cli
+from .test_reliability import snapshot
 
 ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
@@ -108,7 +107,7 @@ def test_serve_states_what_the_verification_cost(exported, tmp_path):
 
 def test_bench_on_a_damaged_onnx_names_the_file(trained, exported, tmp_path, monkeypatch, capsys):
     export = damaged_copy(exported["fp32"], tmp_path / "exp", "onnx/model.onnx")
-    code, out = cli(
+    code, out = run_cli(
         monkeypatch,
         capsys,
         "bench",
@@ -193,14 +192,14 @@ def test_two_spellings_of_one_setting_with_different_values_is_an_error(
     tiny_base, conversations_file, monkeypatch, capsys, flags, named
 ):
     common = ["--data", str(conversations_file), "--eval-data", "split", "--base", str(tiny_base), "--plan"]
-    code, out = cli(monkeypatch, capsys, "train", *common, *flags)
+    code, out = run_cli(monkeypatch, capsys, "train", *common, *flags)
     assert code == 2 and "Traceback" not in out
     assert f"{named}: one setting" in out and "given different values" in out
 
 
 def test_two_spellings_with_the_same_value_are_one_setting(tiny_base, conversations_file, monkeypatch, capsys):
     common = ["--data", str(conversations_file), "--eval-data", "split", "--base", str(tiny_base), "--plan"]
-    code, out = cli(monkeypatch, capsys, "train", *common, "--lora_r", "8", "--r", "8.0", "--json")
+    code, out = run_cli(monkeypatch, capsys, "train", *common, "--lora_r", "8", "--r", "8.0", "--json")
     assert code == 0, out
 
 
@@ -219,7 +218,7 @@ def test_eval_data_that_overlaps_the_training_data_is_refused(
     other = {"user": "¿Atienden los domingos?", "assistant": "No, de lunes a sábado."}
     ev = conversations_file if shared == 8 else _write(tmp_path / "ev.json", [*CONVERSATIONS[:2], other])
     out_dir = tmp_path / "run"
-    code, out = cli(
+    code, out = run_cli(
         monkeypatch,
         capsys,
         "train",
@@ -234,7 +233,7 @@ def test_eval_data_that_overlaps_the_training_data_is_refused(
 
 def test_a_split_that_holds_duplicates_of_training_rows_is_refused(tiny_base, tmp_path, monkeypatch, capsys):
     data = _write(tmp_path / "d.json", CONVERSATIONS * 2)  # every conversation twice: a split shares them
-    code, out = cli(
+    code, out = run_cli(
         monkeypatch,
         capsys,
         "train",
@@ -248,7 +247,7 @@ def test_an_allowed_overlap_is_stated_by_the_card_the_model_card_and_bench(train
     card = json.loads((run / "run.json").read_text())
     assert card["data"]["eval"]["overlap"] == {"conversations": 8, "of": 8, "allowed": True}
     assert "NOT held-out" in (run / "README.md").read_text()
-    code, out = cli(
+    code, out = run_cli(
         monkeypatch,
         capsys,
         "bench",
@@ -333,8 +332,13 @@ def test_an_engine_that_keeps_failing_with_nothing_in_flight_is_given_up(exporte
         assert body["status"] == "not ready" and f"failed {IDLE_RETRIES} times in a row" in body["error"]
         time.sleep(1.0)  # no more attempts after giving up
         assert events.count("engine_error") == IDLE_RETRIES and events.count("engine_stopped") == 1
+        ready = httpx.get(f"{url}/health/ready", timeout=10)
+        assert ready.status_code == 503 and ready.json()["reason"] == "engine", ready.text
         r = httpx.post(f"{url}/chat/", json={"user_id": "+59177000001", "message": "quiero una cita"}, timeout=30)
         assert r.status_code == 503 and r.json()["detail"].startswith("not ready: the engine failed")
+        ask = {"model": exported["fp32"].name, "messages": [{"role": "user", "content": "quiero una cita"}]}
+        r = httpx.post(f"{url}/v1/chat/completions", json=ask, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_stopped", r.text
         r = httpx.post(f"{url}/chat/", json={"user_id": "+59177000001", "message": "me quiero morir"}, timeout=30)
         assert r.status_code == 200 and r.json()["action"] == "emergency"
     finally:
@@ -392,7 +396,7 @@ def test_data_check_reports_an_over_long_message_without_tokenizing_it(tiny_base
     ]
     f = _write(tmp_path / "big.json", rows)
     t0 = time.perf_counter()
-    code, out = cli(monkeypatch, capsys, "data", "check", str(f), "--tokenizer", str(tiny_base))
+    code, out = run_cli(monkeypatch, capsys, "data", "check", str(f), "--tokenizer", str(tiny_base))
     assert code == 2 and "Traceback" not in out
     assert f"{f} row 2 (index 1) messages[0]: field 'content' is too long: {len(long):,} characters" in out
     assert time.perf_counter() - t0 < 60
@@ -400,7 +404,7 @@ def test_data_check_reports_an_over_long_message_without_tokenizing_it(tiny_base
 
 def test_a_user_turn_of_nul_characters_is_not_text(tmp_path, monkeypatch, capsys):
     f = _write(tmp_path / "nul.json", [CONVERSATIONS[0], {"user": "\x00\x00\x00", "assistant": "¿Perdón?"}])
-    code, out = cli(monkeypatch, capsys, "data", "check", str(f))
+    code, out = run_cli(monkeypatch, capsys, "data", "check", str(f))
     assert code == 2 and "row 2 (index 1): field 'user' holds only control characters" in out
 
 
@@ -408,10 +412,10 @@ def test_a_broken_jsonl_line_is_broken_not_truncated(tmp_path, monkeypatch, caps
     row = json.dumps(CONVERSATIONS[0], ensure_ascii=False)
     f = tmp_path / "f.jsonl"
     f.write_text('{"user": "hola", "assistant": \n' + row + "\n", encoding="utf-8")
-    code, out = cli(monkeypatch, capsys, "data", "check", str(f))
+    code, out = run_cli(monkeypatch, capsys, "data", "check", str(f))
     assert code == 2 and f"{f}:1:" in out and "truncated" not in out and "cut short or malformed" in out
     f.write_text(row + "\n" + row[:20], encoding="utf-8")  # the last line, cut by a copy
-    code, out = cli(monkeypatch, capsys, "data", "check", str(f))
+    code, out = run_cli(monkeypatch, capsys, "data", "check", str(f))
     assert code == 2 and f"{f}:2:" in out and "the file looks truncated" in out
 
 
@@ -429,7 +433,7 @@ def _interrupted(trained, tmp_path) -> Path:
 def test_yaml_resume_true_continues_the_run(trained, tmp_path, monkeypatch, capsys):
     run = _interrupted(trained, tmp_path)
     (tmp_path / "c.yaml").write_text(f"resume: true\noutput: {run}\n")
-    code, out = cli(monkeypatch, capsys, "train", "--config", str(tmp_path / "c.yaml"))
+    code, out = run_cli(monkeypatch, capsys, "train", "--config", str(tmp_path / "c.yaml"))
     assert code == 0 and "Traceback" not in out and "training had finished" in out, out[-2000:]
     assert json.loads((run / "run.json").read_text())["status"] == "complete"
 
@@ -441,7 +445,7 @@ def test_a_damaged_run_card_is_named_not_called_unfinished(
     shutil.copytree(trained["lora"], run)
     (run / "run.json").write_text('{"kind": "lora-med.tr')
     before = snapshot(run)
-    code, out = cli(
+    code, out = run_cli(
         monkeypatch,
         capsys,
         "train",
@@ -457,7 +461,7 @@ def test_resume_with_another_data_file_says_so(trained, tmp_path, monkeypatch, c
     run = _interrupted(trained, tmp_path)
     other = _write(tmp_path / "other.json", CONVERSATIONS[:5])
     before = snapshot(run)
-    code, out = cli(monkeypatch, capsys, "train", "--resume", str(run), "--data", str(other))
+    code, out = run_cli(monkeypatch, capsys, "train", "--resume", str(run), "--data", str(other))
     assert code == 2 and "changed since" not in out
     assert f"--data {other}: not the training data the run in {run} was trained with" in out
     assert snapshot(run) == before
@@ -466,7 +470,7 @@ def test_resume_with_another_data_file_says_so(trained, tmp_path, monkeypatch, c
 @pytest.mark.slow
 def test_next_commands_are_shell_quoted(trained, tiny_base, conversations_file, tmp_path, monkeypatch, capsys):
     out_dir = tmp_path / "my run"
-    code, out = cli(
+    code, out = run_cli(
         monkeypatch,
         capsys,
         "train",
@@ -477,7 +481,7 @@ def test_next_commands_are_shell_quoted(trained, tiny_base, conversations_file, 
     line = next(x for x in out.splitlines() if x.startswith("Next: "))
     assert shlex.split(line[6:]) == ["lora-med", "merge-export", str(out_dir)]
     exp = tmp_path / "my export"
-    code, out = cli(monkeypatch, capsys, "merge-export", str(out_dir), "--output", str(exp), "--n-parity", "1")
+    code, out = run_cli(monkeypatch, capsys, "merge-export", str(out_dir), "--output", str(exp), "--n-parity", "1")
     assert code == 0, out
     line = next(x for x in out.splitlines() if x.startswith("Next: "))[6:]
     bench_cmd, serve_cmd = (shlex.split(c) for c in line.split("   or   "))
@@ -486,8 +490,11 @@ def test_next_commands_are_shell_quoted(trained, tiny_base, conversations_file, 
 
 
 def test_a_host_that_is_not_an_address_is_named_as_the_host(exported, tmp_path, monkeypatch, capsys):
-    code, out = cli(
-        monkeypatch, capsys, "serve", str(exported["fp32"]), "--host", "999.1.1.1", "--db", str(tmp_path / "c.db")
+    # --insecure-no-auth: past the API-key check (a host beyond loopback needs a key), so the address is tried
+    code, out = run_cli(
+        monkeypatch,
+        capsys,
+        *["serve", str(exported["fp32"]), "--host", "999.1.1.1", "--db", str(tmp_path / "c.db"), "--insecure-no-auth"],
     )
     assert code == 2 and "--host 999.1.1.1: not an address or a name this machine can resolve" in out
     assert "--port" not in out and "another server" not in out
@@ -502,7 +509,7 @@ def test_a_host_that_is_not_an_address_is_named_as_the_host(exported, tmp_path, 
     ],
 )
 def test_vram_gb_is_bounded_by_the_largest_gpu(tiny_base, conversations_file, monkeypatch, capsys, value, hint):
-    code, out = cli(
+    code, out = run_cli(
         monkeypatch,
         capsys,
         "train",
@@ -512,6 +519,16 @@ def test_vram_gb_is_bounded_by_the_largest_gpu(tiny_base, conversations_file, mo
     assert code == 2 and f"--vram-gb {value}: must be in (0, 288]" in out and hint in out
 
 
-def test_runs_overlap_note_is_silent_without_overlap():
-    assert runs.overlap_note({"data": {"eval": {"overlap": {"conversations": 0, "of": 8}}}}) is None
-    assert runs.overlap_note({"data": {"eval": {}}}) is None
+def test_the_overlap_note_is_silent_without_overlap(trained):
+    import copy
+
+    from lora_med.cards import TrainCard
+
+    card = TrainCard.read(trained["lora"])
+    assert card.overlap_note() and "8 of the 8 evaluation conversations" in card.overlap_note()
+    for overlap in ({"conversations": 0, "of": 8}, None):
+        raw = copy.deepcopy(card.raw)
+        raw["data"]["eval"].pop("overlap")
+        if overlap is not None:
+            raw["data"]["eval"]["overlap"] = overlap
+        assert TrainCard.from_json(raw, card.folder).overlap_note() is None

@@ -7,7 +7,7 @@ Floors (a module may import its own folder and any lower floor, never a higher o
     3  bench/                       (the paired run trains and exports)
     2  train/  export/  serve/      (stages; none imports another)
     1  engine/                      (one token loop, its backends)
-    0  the foundation: errors, fileio, settings, config, weights, models, runs, data, modelcard, perplexity
+    0  the foundation: errors, fileio, settings, config, cards, weights, models, runs, data, modelcard, perplexity
 
 Imports inside functions count too: a circle hidden in a function is still a circle.
 """

@@ -7,6 +7,7 @@ Chunked cross-entropy equals the model's own loss and gradients; training with i
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -16,31 +17,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from lora_med.config import TrainConfig
 from lora_med.errors import ConfigError
 from lora_med.train import levers, plan
 from lora_med.train.main import train
 
-from .conftest import REPO
+from .conftest import REPO, tiny_train_config
 
-
-def cfg_for(tiny_base, conversations_file, out, **kw) -> TrainConfig:
-    base = dict(
-        data=str(conversations_file),
-        eval_data=str(conversations_file),
-        allow_eval_overlap=True,
-        base=str(tiny_base),
-        output=str(out),
-        max_steps=3,
-        log_every=1,
-        compare=False,
-        r=4,
-        alpha=8,
-        batch_size=2,
-        learning_rate=1e-2,
-        seed=0,
-    )
-    return TrainConfig(**{**base, **kw})
+cfg_for = functools.partial(tiny_train_config, max_steps=3, alpha=8, batch_size=2, learning_rate=1e-2, seed=0)
 
 
 # --------------------------------------------------------------------------- chunked cross-entropy
@@ -278,6 +261,7 @@ def test_vram_budget_picks_levers_among_those_allowed(medium_shape, conversation
     assert forced["choice"]["relative_speed"] < lora["choice"]["relative_speed"]  # each costs compute
 
 
+@pytest.mark.slow
 def test_plan_text_names_parts_moments_and_levers(medium_shape, conversations_file):
     r = subprocess.run(
         [

@@ -3,7 +3,8 @@
 * CPU, fp32: the activation term against what autograd saves (saved-tensor hooks; the per-layer figure is
   the difference between a 4-layer and a 2-layer model, so embeddings and logits drop out).
 * CUDA, bf16: the planner's arithmetic at microsoft/DialoGPT-medium's shape (built on the meta device)
-  against the H200 measurements in ../shared/FACTS.md, and against the replay of the real training step
+  against the peaks measured on an NVIDIA H200 (benchmarks/results/h200-dialogpt-medium-shape/results.json), and
+  against the replay of the real training step
   under CUDA's autocast policy (benchmarks/train_memory/simulate.py) at small shapes, where the per-layer
   terms and the logits weigh alike.
 * The lever chooser and the estimate's monotonicity.
@@ -23,13 +24,11 @@ from .conftest import REPO
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 DIALOGPT_MEDIUM = dict(n_layer=24, n_embd=1024, n_head=16, n_positions=1024, vocab_size=50257)
-# torch.cuda.max_memory_allocated on an NVIDIA H200, bf16, seq 128, AdamW (../shared/FACTS.md, 2026-11-26).
+# torch.cuda.max_memory_allocated on an NVIDIA H200, bf16, seq 128, AdamW (2026-11-26): the committed figures.
+H200_RESULTS = REPO / "benchmarks" / "results" / "h200-dialogpt-medium-shape" / "results.json"
 H200 = [
-    ("lora", 16, 4, 2.42),
-    ("lora", 16, 16, 6.92),
-    ("full", None, 4, 7.19),
-    ("full", None, 16, 10.64),
-    ("qlora", 8, 16, 7.04),
+    (row["method"], row["r"], row["batch"], row["peak_gb"])
+    for row in json.loads(H200_RESULTS.read_text(encoding="utf-8"))["training_memory"]["rows"]
 ]
 
 
@@ -109,7 +108,7 @@ def medium():
 
 def test_shape_is_dialogpt_medium(medium):
     shape = medium[0]
-    assert shape.params == 354_823_168  # FACTS.md, tied lm_head counted once
+    assert shape.params == 354_823_168  # microsoft/DialoGPT-medium's published count: tied lm_head counted once
     assert shape.buffer_bytes == 24 * 1024 * 1024 + 24 * 4  # GPT-2's bool causal masks (+ masked_bias scalars)
     assert shape.embedding_params == (50257 + 1024) * 1024 and shape.mlp == 4096
 

@@ -1,7 +1,7 @@
 """Nothing lost, no tracebacks: every class of careless use, with its exit code or error, its message, and the
 bytes on disk before and after.
 
-Classes (issue 12): destructive --overwrite; outputs that are inputs; YAML/flag/Python types; bounds that depend
+Classes: destructive --overwrite; outputs that are inputs; YAML/flag/Python types; bounds that depend
 on the model; one run per folder (locks, stale locks); truncated checkpoints (test_train.py); corrupt or
 wrong-shaped cards; a read-only output; a FIFO or /dev/zero as data; a merge-export killed mid-way; bench inputs
 that do not belong together; data check's exit code.
@@ -22,10 +22,13 @@ import pytest
 
 from lora_med import runs, settings
 from lora_med.bench.main import bench
+from lora_med.cards import TrainCard
 from lora_med.config import BenchConfig, ExportConfig, TrainConfig
 from lora_med.errors import ConfigError, DatasetError, LoraMedError
 from lora_med.export.main import merge_export
 from lora_med.train.main import train
+
+from .conftest import run_cli, tiny_train_config
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -33,37 +36,6 @@ def snapshot(root: Path) -> dict[str, str]:
     root = Path(root)
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     return {str(p.relative_to(root.parent)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-
-
-def cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    """`lora-med ARGS` in this process: (exit code, stdout + stderr)."""
-    from lora_med.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["lora-med", *args])
-    with pytest.raises(SystemExit) as e:
-        main()
-        sys.exit(0)
-    out = capsys.readouterr()
-    return e.value.code, out.out + out.err
-
-
-def tcfg(tiny_base, data, out, **kw) -> TrainConfig:
-    return TrainConfig(
-        **{
-            **dict(
-                data=str(data),
-                eval_data=str(data),
-                allow_eval_overlap=True,
-                base=str(tiny_base),
-                output=str(out),
-                max_steps=2,
-                compare=False,
-                log_every=1,
-                r=4,
-            ),
-            **kw,
-        }
-    )
 
 
 # --------------------------------------------------------------------------- destructive overwrite
@@ -78,7 +50,7 @@ def test_overwrite_never_empties_a_folder_lora_med_did_not_write(tiny_base, tmp_
     (proj / "notes.txt").write_text("mis notas")
     before = snapshot(proj)
     monkeypatch.chdir(tmp_path)
-    code, out = cli(
+    code, out = run_cli(
         monkeypatch,
         capsys,
         "train",
@@ -105,7 +77,7 @@ def test_overwrite_of_the_working_directory_is_refused(tiny_base, conversations_
     (work / "keep.txt").write_text("x")
     before = snapshot(work)
     monkeypatch.chdir(work)
-    code, out = cli(
+    code, out = run_cli(
         monkeypatch,
         capsys,
         "train",
@@ -127,7 +99,7 @@ def test_output_that_is_the_base_is_refused(tiny_base, conversations_file, tmp_p
     with pytest.raises(
         ConfigError, match=r"TrainConfig.output \S+/base: is the base model .*an output may not be an input"
     ):
-        train(tcfg(base, conversations_file, base, method="full"))
+        train(tiny_train_config(base, conversations_file, base, method="full"))
     assert snapshot(base) == before
 
 
@@ -137,14 +109,14 @@ def test_overwrite_names_foreign_files_in_a_run_folder(trained, tiny_base, conve
     (run / "my-notes.md").write_text("apuntes")
     before = snapshot(run)
     with pytest.raises(ConfigError, match=r"holds files lora-med did not write \(my-notes.md\)"):
-        train(tcfg(tiny_base, conversations_file, run, overwrite=True))
+        train(tiny_train_config(tiny_base, conversations_file, run, overwrite=True))
     assert snapshot(run) == before
 
 
 def test_overwrite_of_a_run_lora_med_wrote_replaces_only_its_entries(tiny_base, conversations_file, tmp_path):
     run = tmp_path / "run"
-    first = train(tcfg(tiny_base, conversations_file, run, max_steps=1))
-    second = train(tcfg(tiny_base, conversations_file, run, max_steps=2, overwrite=True))
+    first = train(tiny_train_config(tiny_base, conversations_file, run, max_steps=1))
+    second = train(tiny_train_config(tiny_base, conversations_file, run, max_steps=2, overwrite=True))
     assert second.run["metrics"]["steps"] == 2 and first.run["metrics"]["steps"] == 1
     assert runs.foreign_entries(run) == []
     assert [
@@ -166,7 +138,7 @@ def test_overwrite_never_follows_a_marker_out_of_its_folder(trained, tiny_base, 
     m["entries"] += ["../victim", str(tmp_path / "abs"), ".."]  # hand-edited or damaged
     (run / ".lora-med").write_text(json.dumps(m))
     before = {**snapshot(proj / "victim"), **snapshot(tmp_path / "abs")}
-    train(tcfg(tiny_base, conversations_file, run, max_steps=1, overwrite=True))
+    train(tiny_train_config(tiny_base, conversations_file, run, max_steps=1, overwrite=True))
     assert {**snapshot(proj / "victim"), **snapshot(tmp_path / "abs")} == before
 
 
@@ -176,7 +148,7 @@ def test_a_damaged_marker_makes_the_folder_foreign(trained, tiny_base, conversat
     (run / ".lora-med").write_text(json.dumps({"kind": "lora-med.train", "entries": [{"x": 1}]}))
     before = snapshot(run)
     with pytest.raises(ConfigError, match="lora-med did not write it"):
-        train(tcfg(tiny_base, conversations_file, run, overwrite=True))
+        train(tiny_train_config(tiny_base, conversations_file, run, overwrite=True))
     assert snapshot(run) == before
 
 
@@ -216,7 +188,7 @@ def test_resume_of_a_finished_run_changes_nothing(trained, tmp_path, monkeypatch
     run = tmp_path / "done"
     shutil.copytree(trained["lora"], run)
     before = snapshot(run)
-    code, out = cli(monkeypatch, capsys, "train", "--resume", str(run))
+    code, out = run_cli(monkeypatch, capsys, "train", "--resume", str(run))
     assert code == 2 and "that run is finished; nothing to resume" in out and snapshot(run) == before
 
 
@@ -229,9 +201,10 @@ def _interrupted_copy(trained, tmp_path, status="running") -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_a_copied_run_resumes_where_it_is(trained, tmp_path, monkeypatch, capsys):
     run = _interrupted_copy(trained, tmp_path)
-    code, out = cli(monkeypatch, capsys, "train", "--resume", str(run))
+    code, out = run_cli(monkeypatch, capsys, "train", "--resume", str(run))
     assert code == 0 and "training had finished; running the final evaluation" in out, out
     assert json.loads((run / "run.json").read_text())["status"] == "complete"
 
@@ -246,7 +219,7 @@ def test_resume_refuses_training_data_edited_since(trained, tmp_path, monkeypatc
     card["config"].update(data=str(data), eval_data=str(data))
     (run / "run.json").write_text(json.dumps(card))
     before = snapshot(run)
-    code, out = cli(monkeypatch, capsys, "train", "--resume", str(run))
+    code, out = run_cli(monkeypatch, capsys, "train", "--resume", str(run))
     assert code == 2 and f"the training data {data} changed since the run started" in out, out
     assert snapshot(run) == before
 
@@ -319,21 +292,21 @@ def test_a_yaml_alias_bomb_gives_a_short_message(tmp_path):
 def test_yaml_problems_reach_the_user_as_errors_not_tracebacks(tiny_base, tmp_path, monkeypatch, capsys):
     f = tmp_path / "c.yaml"
     f.write_text("learning_rate: [1]\nr: null\nbatch_size: many\nlm: 1\n")
-    code, out = cli(monkeypatch, capsys, "train", "--config", str(f))
+    code, out = run_cli(monkeypatch, capsys, "train", "--config", str(f))
     assert code == 2 and "unknown setting(s): lm" in out and "Traceback" not in out
     f.write_text("learning_rate: [1]\nr: null\nbatch_size: many\n")
-    code, out = cli(monkeypatch, capsys, "train", "--config", str(f), "--base", str(tiny_base))
+    code, out = run_cli(monkeypatch, capsys, "train", "--config", str(f), "--base", str(tiny_base))
     assert code == 2 and "3 problem(s)" in out and "Traceback" not in out
     f.write_text("- just\n- a list\n")
-    code, out = cli(monkeypatch, capsys, "train", "--config", str(f))
+    code, out = run_cli(monkeypatch, capsys, "train", "--config", str(f))
     assert code == 2 and "expected a mapping of settings" in out
     f.write_text("r: [unclosed\n")
-    code, out = cli(monkeypatch, capsys, "train", "--config", str(f))
+    code, out = run_cli(monkeypatch, capsys, "train", "--config", str(f))
     assert code == 2 and "invalid YAML" in out
 
 
 def test_flags_name_the_spelling_typed(tiny_base, conversations_file, monkeypatch, capsys):
-    code, out = cli(
+    code, out = run_cli(
         monkeypatch,
         capsys,
         "train",
@@ -363,7 +336,7 @@ def test_flags_name_the_spelling_typed(tiny_base, conversations_file, monkeypatc
 def test_python_api_gets_the_same_checks(tiny_base, conversations_file, tmp_path):
     with pytest.raises(ConfigError) as e:
         train(
-            tcfg(
+            tiny_train_config(
                 tiny_base,
                 conversations_file,
                 tmp_path / "x",
@@ -394,12 +367,16 @@ def test_python_api_gets_the_same_checks(tiny_base, conversations_file, tmp_path
 )
 def test_bounds_that_depend_on_the_model_or_other_settings(tiny_base, conversations_file, tmp_path, kw, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        train(tcfg(tiny_base, conversations_file, tmp_path / "x", **kw))
+        train(tiny_train_config(tiny_base, conversations_file, tmp_path / "x", **kw))
     assert not (tmp_path / "x").exists()
 
 
 def test_eval_fraction_is_honoured_without_an_eval_file(tiny_base, conversations_file, tmp_path):
-    res = train(tcfg(tiny_base, conversations_file, tmp_path / "x", eval_data="split", eval_fraction=0.25, max_steps=1))
+    res = train(
+        tiny_train_config(
+            tiny_base, conversations_file, tmp_path / "x", eval_data="split", eval_fraction=0.25, max_steps=1
+        )
+    )
     ev = res.run["data"]["eval"]
     assert ev["source"] == "split" and ev["conversations"] == 2 and len(ev["indices"]) == 2  # 25% of 8
 
@@ -411,11 +388,12 @@ def test_plan_for_a_gpu_from_a_machine_without_one(tiny_base, conversations_file
         if f.name != "model.safetensors":  # config and tokenizer only: planning reads the shape
             shutil.copy(f, shape_only / f.name)
     plan = train(
-        tcfg(shape_only, conversations_file, tmp_path / "p", device="cuda", precision="bf16", vram_gb=8), plan_only=True
+        tiny_train_config(shape_only, conversations_file, tmp_path / "p", device="cuda", precision="bf16", vram_gb=8),
+        plan_only=True,
     )
     assert plan["device"] == "cuda" and plan["precision"] == "bf16" and plan["total_gb"] > 0
     assert not (tmp_path / "p").exists()
-    # The command of issue 13, as JSON: the estimate per part, the moments, the micro-batch, the levers and why.
+    # The planner's command, as JSON: the estimate per part, the moments, the micro-batch, the levers and why.
     flags = [
         "train",
         "--plan",
@@ -434,7 +412,7 @@ def test_plan_for_a_gpu_from_a_machine_without_one(tiny_base, conversations_file
         "--output",
         str(tmp_path / "p"),
     ]
-    code, out = cli(monkeypatch, capsys, *flags, "--json")
+    code, out = run_cli(monkeypatch, capsys, *flags, "--json")
     assert code == 0, out
     p = json.loads(out[out.index("{") :])
     assert p["batch_size"] * p["grad_accum"] == p["effective_batch"] == 16 and p["levers"] == ["sdpa"]
@@ -442,14 +420,14 @@ def test_plan_for_a_gpu_from_a_machine_without_one(tiny_base, conversations_file
     assert {"weights_gb", "optimizer_gb", "activations_gb", "logits_gb", "cublas_workspace_gb"} <= set(p)
     assert p["peak_at"] in p["moments"] and p["moments"][p["peak_at"]] == pytest.approx(p["total_gb"], abs=2e-3)
     assert p["choice"]["fits"] and p["choice"]["needed_gb"] <= 8 and "within 8 GB" in p["choice"]["reason"]
-    code, out = cli(monkeypatch, capsys, *flags)
+    code, out = run_cli(monkeypatch, capsys, *flags)
     assert code == 0 and "micro-batch 16 x grad-accum 1" in out and "levers: sdpa" in out and "each moment" in out
     assert not (tmp_path / "p").exists()
 
 
 def test_vram_budget_too_small_is_named(tiny_base, conversations_file, tmp_path):
     with pytest.raises(ConfigError, match=r"TrainConfig.vram_gb=1e-06: lora does not fit even at batch 1"):
-        train(tcfg(tiny_base, conversations_file, tmp_path / "x", vram_gb=1e-6), plan_only=True)
+        train(tiny_train_config(tiny_base, conversations_file, tmp_path / "x", vram_gb=1e-6), plan_only=True)
 
 
 def test_base_folder_without_a_tokenizer(tiny_base, conversations_file, tmp_path):
@@ -458,7 +436,7 @@ def test_base_folder_without_a_tokenizer(tiny_base, conversations_file, tmp_path
     for f in ("config.json", "model.safetensors"):
         shutil.copy(tiny_base / f, base / f)
     with pytest.raises(ConfigError, match="no tokenizer there"):
-        train(tcfg(base, conversations_file, tmp_path / "x"))
+        train(tiny_train_config(base, conversations_file, tmp_path / "x"))
 
 
 @pytest.mark.parametrize(
@@ -483,7 +461,7 @@ def test_a_damaged_base_folder_is_named(tiny_base, conversations_file, tmp_path,
     shutil.copytree(tiny_base, base)
     damage(base)
     with pytest.raises(LoraMedError, match=message):
-        train(tcfg(base, conversations_file, tmp_path / "x", max_steps=1))
+        train(tiny_train_config(base, conversations_file, tmp_path / "x", max_steps=1))
     assert not (tmp_path / "x").exists()
 
 
@@ -496,9 +474,9 @@ def test_base_or_tokenizer_that_is_not_a_model_folder(
         path.write_text("[]")  # transformers would read it as a config
     elif what == "empty folder":
         path.mkdir()
-    code, out = cli(monkeypatch, capsys, "data", "check", str(conversations_file), "--tokenizer", str(path))
+    code, out = run_cli(monkeypatch, capsys, "data", "check", str(conversations_file), "--tokenizer", str(path))
     assert code == 2 and f"--tokenizer {path}" in out and "Traceback" not in out, out
-    code, out = cli(monkeypatch, capsys, "train", "--data", str(conversations_file), "--base", str(path))
+    code, out = run_cli(monkeypatch, capsys, "train", "--data", str(conversations_file), "--base", str(path))
     assert code == 2 and "Traceback" not in out and str(path) in out, out
 
 
@@ -506,7 +484,7 @@ def test_names_the_system_refuses_are_errors(tiny_base, conversations_file, tmp_
     monkeypatch.chdir(tmp_path)
     os.symlink("loop", tmp_path / "loop")
     for args in (["--data", "x" * 300], ["--output", "x" * 300], ["--data", "loop"], ["--output", "loop"]):
-        code, out = cli(
+        code, out = run_cli(
             monkeypatch, capsys, "train", "--data", str(conversations_file), "--base", str(tiny_base), *args
         )
         assert code == 2 and "Traceback" not in out, out
@@ -521,6 +499,7 @@ def _holder() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 
 
+@pytest.mark.slow
 def test_a_second_train_on_the_same_folder_is_refused_while_the_first_runs(tiny_base, conversations_file, tmp_path):
     out = tmp_path / "run"
     runs.claim(out, "train", "run.json")  # what a run in progress holds: its marker, its card, its lock
@@ -531,13 +510,14 @@ def test_a_second_train_on_the_same_folder_is_refused_while_the_first_runs(tiny_
         before = snapshot(out)
         for kw in (dict(), dict(overwrite=True), dict(resume=str(out), output=None)):
             with pytest.raises(LoraMedError, match=f"in use by pid {proc.pid}"):
-                train(tcfg(tiny_base, conversations_file, out, **kw))
+                train(tiny_train_config(tiny_base, conversations_file, out, **kw))
         assert snapshot(out) == before
     finally:
         proc.kill()
         proc.wait()
 
 
+@pytest.mark.slow
 def test_a_stale_lock_is_taken_over(tiny_base, conversations_file, tmp_path, capsys):
     out = tmp_path / "run"
     runs.claim(out, "train")  # a folder lora-med made, whose process was killed before it wrote more
@@ -545,7 +525,7 @@ def test_a_stale_lock_is_taken_over(tiny_base, conversations_file, tmp_path, cap
     proc.kill()
     proc.wait()
     (out / ".lock").write_text(json.dumps({"pid": proc.pid, "started": "1"}))
-    res = train(tcfg(tiny_base, conversations_file, out, max_steps=1))
+    res = train(tiny_train_config(tiny_base, conversations_file, out, max_steps=1))
     assert res.run["status"] == "complete" and "took over a stale lock" in capsys.readouterr().out
     assert not (out / ".lock").exists()
 
@@ -559,7 +539,7 @@ def test_a_run_that_dies_is_marked_failed_with_the_reason(tiny_base, conversatio
 
     out = tmp_path / "run"
     with pytest.raises(RuntimeError):
-        train(tcfg(tiny_base, conversations_file, out), callbacks=[Boom()])
+        train(tiny_train_config(tiny_base, conversations_file, out), callbacks=[Boom()])
     card = json.loads((out / "run.json").read_text())
     assert card["status"] == "failed" and card["failure"]["reason"] == "RuntimeError: disk on fire"
     with pytest.raises(LoraMedError, match="it failed: RuntimeError: disk on fire.*--resume"):
@@ -569,6 +549,7 @@ def test_a_run_that_dies_is_marked_failed_with_the_reason(tiny_base, conversatio
 # --------------------------------------------------------------------------- Ctrl-C
 
 
+@pytest.mark.slow
 def test_ctrl_c_dropped_in_a_finalizer_still_stops_the_command():
     from .conftest import REPO
 
@@ -679,12 +660,12 @@ def test_run_and_data_moved_together_are_still_found(trained, conversations_file
     (a / "run" / "run.json").write_text(json.dumps(card))
     b = tmp_path / "b"
     a.rename(b)  # the absolute path is gone; the path relative to the run still holds
-    card = runs.load_card(b / "run", "train")
-    assert runs.locate(card["data"]["eval"], b / "run", "held-out data") == b / "run" / "../convs.json"
-    assert len(runs.held_out(card, b / "run")) == 8
+    card = TrainCard.read(b / "run")
+    assert card.held_out_path() == b / "run" / "../convs.json"
+    assert len(card.held_out()) == 8
     (b / "convs.json").unlink()
     with pytest.raises(LoraMedError, match=rf"the held-out data is gone \(looked for {a / 'convs.json'} and"):
-        runs.held_out(card, b / "run")
+        card.held_out()
 
 
 def test_merge_export_and_bench_work_from_another_directory(trained, exported, tmp_path, monkeypatch):
@@ -727,16 +708,18 @@ def test_fifo_or_dev_zero_as_data_is_a_clear_error(tiny_base, tmp_path, kind, mo
         from lora_med.data import load_conversations
 
         load_conversations(path)
-    code, out = cli(monkeypatch, capsys, "data", "check", str(path), "--tokenizer", str(tiny_base))
+    code, out = run_cli(monkeypatch, capsys, "data", "check", str(path), "--tokenizer", str(tiny_base))
     assert code == 2 and "not a regular file" in out
     with pytest.raises(ConfigError, match=r"TrainConfig.data=.*: not a regular file"):
-        train(tcfg(tiny_base, path, tmp_path / "x", eval_data="split"))
-    code, out = cli(monkeypatch, capsys, "train", "--config", str(path))
+        train(tiny_train_config(tiny_base, path, tmp_path / "x", eval_data="split"))
+    code, out = run_cli(monkeypatch, capsys, "train", "--config", str(path))
     assert code == 2 and "not a regular file" in out and "Traceback" not in out
 
 
 def test_data_check_names_the_tokenizer_flag(conversations_file, tmp_path, monkeypatch, capsys):
-    code, out = cli(monkeypatch, capsys, "data", "check", str(conversations_file), "--tokenizer", str(tmp_path / "no"))
+    code, out = run_cli(
+        monkeypatch, capsys, "data", "check", str(conversations_file), "--tokenizer", str(tmp_path / "no")
+    )
     assert code == 2 and f"--tokenizer {tmp_path / 'no'}" in out and "Traceback" not in out
 
 
@@ -866,7 +849,9 @@ def test_bench_compares_bases_by_content_not_by_name(trained, tiny_base, convers
         model.transformer.h[0].mlp.c_fc.weight.add_(1.0)
     model.save_pretrained(other, safe_serialization=True)
     full = train(
-        tcfg(other, conversations_file, tmp_path / "full", method="full", max_steps=1, seed=0, batch_size=4, alpha=8)
+        tiny_train_config(
+            other, conversations_file, tmp_path / "full", method="full", max_steps=1, seed=0, batch_size=4, alpha=8
+        )
     ).output
     with pytest.raises(ConfigError, match="start from different bases .*config and weights differ"):
         bench(BenchConfig(run=str(trained["lora"]), full_run=str(full), out=str(tmp_path / "r")))

@@ -2,8 +2,8 @@
 GPT-2 folder (conftest's ``tiny_base``), talked to with httpx.
 
 Two servers start in parallel once per module: ``server`` (ordinary settings, a low rate limit) and
-``slow`` (a 1 s batch window and a queue of 2, so queueing, 503, 504 and a kill -9 mid-request happen on
-cue). They run ``lora_med.serve.serve`` in a subprocess (what ``lora-med serve`` calls, without the
+``slow`` (a 1 s batch window, so waiting, 504 and a kill -9 mid-request happen on cue). Admission (503),
+the API key, the body limit and the probes are in test_serve_production.py. They run ``lora_med.serve.serve`` in a subprocess (what ``lora-med serve`` calls, without the
 CLI's import of the training stack); the server restarted after kill -9 runs through the CLI itself.
 """
 
@@ -24,9 +24,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from lora_med.data import Message, prompt_ids
 from lora_med.errors import ConfigError, LoraMedError
+from lora_med.serve.intents import ACTIONS
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -101,7 +103,7 @@ def turns(db: Path) -> list[tuple]:
 def servers(tiny_base, tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
     main = Server(tiny_base, d / "main.db", d / "main.log", rate_limit=5, batch_wait_ms=20)
-    slow = Server(tiny_base, d / "slow.db", d / "slow.log", batch_wait_ms=1000, queue_size=2, request_timeout_s=1.5)
+    slow = Server(tiny_base, d / "slow.db", d / "slow.log", batch_wait_ms=1000, request_timeout_s=1.5)
     yield {"main": main.wait_ready(), "slow": slow.wait_ready(), "dir": d}
     for s in (main, slow):
         s.stop(signal.SIGKILL)
@@ -126,6 +128,7 @@ def expected_prompt(tokenizer, *texts: str) -> int:
 # --------------------------------------------------------------------------- the seed's request
 
 
+@pytest.mark.slow
 def test_seed_postman_request_byte_for_byte(server):
     r = httpx.post(f"{server.url}/chat/", content=SEED_BODY, headers={"Content-Type": "application/json"}, timeout=30)
     assert r.status_code == 200, r.text
@@ -134,10 +137,17 @@ def test_seed_postman_request_byte_for_byte(server):
     assert body["user_id"] == SEED_USER
     assert body["conversation_id"].startswith(f"conv_{SEED_USER}_")
     assert body["action"] == "schedule_appointment"
-    assert body["params"] == {"status": "collecting_info"}
+    # the seed's status, who wrote the reply, the triage's tier, the message's intent, and the booking's fields
+    # (none given yet)
+    assert body["params"]["status"] == "collecting_info" and body["params"]["source"] in ("model", "facts")
+    assert body["params"]["triage"] == "none" and body["params"]["intent"] == "schedule_appointment"
+    assert {k: v for k, v in body["params"].items() if k not in ("status", "source", "triage", "intent")} == {
+        k: None for k in ("specialty", "doctor", "date", "time", "patient_name", "phone", "ci", "birth_date")
+    }
     assert isinstance(body["response"], str) and body["response"].strip()
 
 
+@pytest.mark.slow
 def test_multi_turn_memory_prompt_holds_the_first_exchange(server, tiny_tokenizer):
     user = "+59171000001"
     first, second = "Hola, necesito una cita", "con pediatria el lunes"
@@ -159,6 +169,7 @@ def test_multi_turn_memory_prompt_holds_the_first_exchange(server, tiny_tokenize
     assert mine[1][4] == mine[0][0] and mine[3][4] == mine[2][0]  # each reply points at its message
 
 
+@pytest.mark.slow
 def test_start_over_opens_a_new_conversation(server):
     user = "+59171000002"
     a = server.chat(user, "quiero una cita").json()["conversation_id"]
@@ -186,6 +197,7 @@ def test_start_over_opens_a_new_conversation(server):
         ("", 422, ["body", "empty"]),
     ],
 )
+@pytest.mark.slow
 def test_bad_bodies_name_the_field(server, content, status, names):
     r = httpx.post(f"{server.url}/chat/", content=content, headers={"Content-Type": "application/json"}, timeout=30)
     assert r.status_code == status, r.text
@@ -195,12 +207,14 @@ def test_bad_bodies_name_the_field(server, content, status, names):
     assert "x" * 50 not in r.text  # the offending message is not echoed back
 
 
+@pytest.mark.slow
 def test_message_of_exactly_the_limit_is_answered(server):
     r = server.chat("+59171000004", "hola " * 200)  # 1000 characters: far over the prompt budget, cut from the left
     assert r.status_code == 200
     assert int(r.headers["X-Prompt-Tokens"]) <= 256 - 40
 
 
+@pytest.mark.slow
 def test_rate_limit_429_with_retry_after_but_never_for_emergencies(server):
     user = "+59171000005"
     for _ in range(5):
@@ -213,6 +227,7 @@ def test_rate_limit_429_with_retry_after_but_never_for_emergencies(server):
     assert r.status_code == 200 and r.json()["action"] == "emergency"
 
 
+@pytest.mark.slow
 def test_get_on_chat_is_405(server):
     assert httpx.get(f"{server.url}/chat/", timeout=10).status_code == 405
 
@@ -235,25 +250,109 @@ def test_get_on_chat_is_405(server):
         ("no puedo ir el lunes, me cambias para el miercoles?", False),
     ],
 )
+@pytest.mark.slow
 def test_guard_before_the_model(server, message, emergency):
     before = server.metric("lora_med_engine_requests_total")
     r = server.chat(f"+5917200{zlib.crc32(message.encode()) % 10**4:04d}", message)
     assert r.status_code == 200
     body = r.json()
     after = server.metric("lora_med_engine_requests_total")
+    assert body["params"]["intent"] in ACTIONS  # the message's intent is kept whatever the tier
     if emergency:
         assert body["action"] == "emergency" and body["params"]["status"] == "emergency_referred"
+        assert body["params"]["triage"] == "emergency"
         assert "118" in body["response"] and "sala de emergencias" in body["response"]
         assert "cita" not in body["response"].lower()  # never a booking question
         assert r.headers["X-Prompt-Tokens"] == "0" and after == before  # the model was not called
     else:
-        assert body["action"] != "emergency"
-        assert after == before + 1
+        assert body["action"] != "emergency" and body["params"]["triage"] != "emergency"
+        # the model wrote it, or the clinic's facts answered it at once ("¿ya salieron mis resultados?")
+        assert after == before + 1 or (body["params"]["source"] == "facts" and r.headers["X-Prompt-Tokens"] == "0")
+
+
+def build_alarmist_model(tiny_base: Path, out: Path) -> Path:
+    """A tiny GPT-2 (the tiny base's tokenizer and shape) whose every reply is " 118 118 ...": its blocks add
+    nothing, so the next token depends on the last one only, and its untied output layer maps the prompt's last
+    token (EOS) and "18" to " 1", and " 1" to "18". A real model, served by the real engine, that speaks of 118
+    whatever the patient says."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    tok = GPT2TokenizerFast.from_pretrained(tiny_base)
+    one, eighteen = tok.encode(" 118")  # " 1", "18" in the tiny vocabulary
+    config = GPT2Config.from_pretrained(tiny_base, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("c_proj.weight", "c_proj.bias")) or "wpe" in name:
+                p.zero_()  # each block's output is zero: the residual stream is the token's embedding
+        unit = torch.nn.functional.layer_norm(model.transformer.wte.weight, (config.n_embd,))
+        head = torch.zeros_like(model.lm_head.weight)
+        for src, dst in ((tok.eos_token_id, one), (eighteen, one), (one, eighteen)):
+            head[dst] += 10 * unit[src]
+        model.lm_head.weight.copy_(head)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_the_triage_decides_never_the_model(tiny_base, tmp_path):
+    """A model that answers every message with 118: on messages the triage did not mark its reply is replaced by
+    the flow's own (plus the caution line where the tier says so) and counted; an emergency carries over a
+    booking request until the patient is attended, then booking resumes."""
+    triage = yaml.safe_load((REPO / "configs" / "triage.yaml").read_text(encoding="utf-8"))
+    model = build_alarmist_model(tiny_base, tmp_path / "alarmist")
+    s = Server(
+        model, tmp_path / "a.db", tmp_path / "a.log", no_repeat_ngram_size=0, max_new_tokens=6, check_replies=False
+    ).wait_ready()
+    try:
+        user = "+59175550001"
+        r = s.chat(user, "Hola, necesito una cita con el pediatra").json()
+        assert r["action"] == "schedule_appointment" and r["params"]["triage"] == "none"
+        assert r["response"] == " ".join(triage["flow_replies"]["schedule_appointment"].split())
+        assert s.metric("lora_med_model_replies_overridden_total") == 1
+        caution = s.chat(
+            "+59175550002", "hace tres semanas tuve un dolor de pecho que ya se paso, quiero control"
+        ).json()
+        assert caution["params"]["triage"] == "caution" and caution["action"] == "schedule_appointment"
+        assert caution["response"].startswith(" ".join(triage["flow_replies"]["schedule_appointment"].split()))
+        assert "118" in caution["response"]  # the triage's own safety-net line, not the model's
+        assert s.metric("lora_med_model_replies_overridden_total") == 2
+        steps = [
+            ("mi papa tiene dolor de pecho fuerte y suda frio", "emergency"),
+            ("no tenemos plata para la ambulancia, mejor dame una ficha para mañana", "emergency"),
+            ("ya llego la ambulancia, se lo estan llevando", "clinic_info"),  # acknowledged; its intent kept
+            ("cuando le den de alta quiero una cita con el cardiologo", "schedule_appointment"),
+        ]
+        for message, action in steps:
+            body = s.chat("+59175550003", message).json()
+            assert body["action"] == action, (message, body)
+        assert body["params"]["triage"] == "none" and "118" not in body["response"]
+        stored = [
+            (t[5], t[7])
+            for t in turns(tmp_path / "a.db")
+            if t[1].startswith("conv_+59175550003") and t[2] == "assistant"
+        ]
+        expected = [
+            ("emergency", "guard"),
+            ("emergency", "guard"),
+            ("clinic_info", "guard"),
+            ("schedule_appointment", "flow"),
+        ]
+        assert stored == expected
+        h = httpx.get(f"{s.url}/health", timeout=10).json()["triage"]
+        assert h["rules"].startswith("triage.yaml@") and h["model"].startswith("ngram-lr@")
+        ready = next(e for e in s.events() if e["event"] == "ready")
+        assert ready["triage_model"] == h["model"] and ready["triage_rules"] == h["rules"]
+    finally:
+        s.stop(signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------- concurrency
 
 
+@pytest.mark.slow
 def test_twenty_concurrent_requests_all_answered_in_batches(server):
     async def run():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
@@ -279,31 +378,15 @@ def test_twenty_concurrent_requests_all_answered_in_batches(server):
 # --------------------------------------------------------------------------- queue, timeout, kill -9, restart
 
 
-def test_queue_full_503_and_timeout_504(slow):
-    with httpx.Client(base_url=slow.url, timeout=30) as client:
-        results: dict[str, httpx.Response] = {}
+@pytest.mark.slow
+def test_timeout_504_and_an_emergency_never_waits(slow):
+    results: dict[str, httpx.Response] = {}
 
-        def send(key: str, user: str, message: str) -> None:
-            results[key] = client.post("/chat/", json={"user_id": user, "message": message})
-
-        # Two requests fill the queue (queue_size 2) while the batch window (1 s) is open.
-        threads = [threading.Thread(target=send, args=(k, f"+5917400000{k}", "quiero una cita")) for k in "12"]
-        for t in threads:
-            t.start()
-        time.sleep(0.4)
-        full = client.post("/chat/", json={"user_id": "+59174000003", "message": "quiero una cita"})
-        urgent = client.post("/chat/", json={"user_id": "+59174000004", "message": "no puede respirar"})
-        for t in threads:
-            t.join()
-    assert full.status_code == 503 and full.headers["Retry-After"] == "1"
-    assert "queue_size" in full.json()["detail"]
-    assert urgent.status_code == 200 and urgent.json()["action"] == "emergency"  # emergencies never queue
-    assert results["1"].status_code == results["2"].status_code == 200
-    assert float(results["1"].headers["X-Batch-Size"]) == 2
+    def send(key: str, user: str, message: str) -> None:
+        results[key] = httpx.post(f"{slow.url}/chat/", json={"user_id": user, "message": message}, timeout=30)
 
     # A user's second message waits for the first reply (~1 s), then for its own batch window (1 s more):
     # past request_timeout_s (1.5 s) it gets 504, and the message stays stored, unanswered.
-    # An emergency from the same user meanwhile does not wait for either.
     user = "+59174000005"
     with httpx.Client(base_url=slow.url, timeout=30) as client:
         first = threading.Thread(target=send, args=("a", user, "quiero una cita"))
@@ -311,27 +394,42 @@ def test_queue_full_503_and_timeout_504(slow):
         time.sleep(0.1)
         late_thread = threading.Thread(target=send, args=("late", user, "con pediatria"))
         late_thread.start()
-        time.sleep(0.1)
-        urgent = client.post("/chat/", json={"user_id": user, "message": "mi hijo se trago lavandina"})
-        first_done_before = "a" in results  # the first message still waits for its batch (1 s window)
         first.join()
         late_thread.join()
     late = results["late"]
-    assert urgent.status_code == 200 and urgent.json()["action"] == "emergency"
-    assert not first_done_before  # answered while the user's earlier message was still waiting
     assert results["a"].status_code == 200
     assert late.status_code == 504 and "request_timeout_s" in late.json()["detail"]
     conv = results["a"].json()["conversation_id"]
-    assert urgent.json()["conversation_id"] == conv
     rows = {t[0]: t for t in turns(slow.db) if t[1] == conv}
     pairs = {rows[t[4]][3]: t[3] for t in rows.values() if t[2] == "assistant"}  # message -> its reply
-    assert pairs == {
-        "quiero una cita": results["a"].json()["response"],
-        "mi hijo se trago lavandina": urgent.json()["response"],
-    }
+    assert pairs == {"quiero una cita": results["a"].json()["response"]}
     assert "con pediatria" in [t[3] for t in rows.values() if t[2] == "user"]  # stored, unanswered
 
+    # An emergency from a user whose earlier message still waits does not wait for it; the message queued
+    # behind them is then answered by the emergency carried over (no model, no booking).
+    time.sleep(1.2)  # the late message's batch window closes
+    user = "+59174000006"
+    with httpx.Client(base_url=slow.url, timeout=30) as client:
+        first = threading.Thread(target=send, args=("b", user, "quiero una cita"))
+        first.start()
+        time.sleep(0.1)
+        behind_thread = threading.Thread(target=send, args=("behind", user, "con pediatria"))
+        behind_thread.start()
+        time.sleep(0.1)
+        urgent = client.post("/chat/", json={"user_id": user, "message": "mi hijo se trago lavandina"})
+        first_done_before = "b" in results  # the first message still waits for its batch (1 s window)
+        first.join()
+        behind_thread.join()
+    assert urgent.status_code == 200 and urgent.json()["action"] == "emergency"
+    assert not first_done_before  # answered while the user's earlier message was still waiting
+    assert (
+        results["b"].status_code == 200 and urgent.json()["conversation_id"] == results["b"].json()["conversation_id"]
+    )
+    behind = results["behind"].json()
+    assert behind["action"] == "emergency" and behind["params"]["triage_carried"] and "118" in behind["response"]
 
+
+@pytest.mark.slow
 def test_a_client_that_leaves_does_not_break_the_batch(slow):
     time.sleep(1.2)  # let a batch window still open from the test before close (it would answer at once)
     with httpx.Client(base_url=slow.url, timeout=30) as client:
@@ -355,6 +453,7 @@ def test_a_client_that_leaves_does_not_break_the_batch(slow):
     assert httpx.get(f"{slow.url}/health", timeout=10).json()["in_flight"] == 0
 
 
+@pytest.mark.slow
 def test_kill_9_mid_request_loses_nothing_committed_and_history_survives_restart(servers, tiny_base, tiny_tokenizer):
     slow, user = servers["slow"], "+59175000001"
     first = slow.chat(user, "Hola, necesito una cita")
@@ -409,6 +508,7 @@ def test_kill_9_mid_request_loses_nothing_committed_and_history_survives_restart
 # --------------------------------------------------------------------------- health, metrics, docs, logs, CLI
 
 
+@pytest.mark.slow
 def test_health_metrics_docs(server):
     h = httpx.get(f"{server.url}/health", timeout=10).json()
     assert h["status"] == "ok" and h["engine"].startswith("engine-") and h["device"] == "cpu"
@@ -416,6 +516,9 @@ def test_health_metrics_docs(server):
     assert {"uptime_s", "queue_depth", "in_flight", "model"} <= set(h)
     assert h["prefix_cache_mb"] == 0  # a PyTorch model: the prefix cache is the CPU decode graph's
     assert h["batching"] == "whole batches" and h["batch_wait_ms"] == 20  # PyTorch: new prompts wait for a batch
+    assert (
+        h["triage"]["rules"].startswith("triage.yaml@") and 0 < h["triage"]["caution_at"] <= h["triage"]["emergency_at"]
+    )
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     for series in (
         'lora_med_requests_total{status="200"}',
@@ -423,6 +526,9 @@ def test_health_metrics_docs(server):
         "lora_med_queue_depth",
         "lora_med_batch_size_bucket",
         "lora_med_guard_hits_total{rule=",
+        'lora_med_triage_total{tier="emergency"}',
+        'lora_med_triage_total{tier="none"}',
+        "lora_med_model_replies_overridden_total",
         'lora_med_requests_total{status="422"}',
         'lora_med_requests_total{status="429"}',
     ):
@@ -431,6 +537,7 @@ def test_health_metrics_docs(server):
     assert "/chat/" in httpx.get(f"{server.url}/openapi.json", timeout=10).json()["paths"]
 
 
+@pytest.mark.slow
 def test_logs_are_json_lines_without_message_text_or_numbers(server):
     lines = server.log.read_text(encoding="utf-8").splitlines()
     events = [json.loads(line) for line in lines]  # every line is JSON
@@ -560,6 +667,7 @@ def test_model_paths(tmp_path, tiny_base):
         resolve_model(str(half))
 
 
+@pytest.mark.slow
 def test_requests_join_the_running_batch_on_the_decode_graph(exported, tiny_base, tmp_path):
     """An export served on its decode graph: concurrent requests share the engine's running batch (continuous
     batching) and each gets the reply the engine gives its prompt alone; follow-ups reuse their conversation's
@@ -592,7 +700,8 @@ def test_requests_join_the_running_batch_on_the_decode_graph(exported, tiny_base
     want = alone.decode(alone.generate([alone.prompt([Message("user", "quiero una cita")])])[0])
     alone.close()
     assert want
-    srv = Server(export, tmp_path / "g.db", tmp_path / "g.log", rate_limit=0).wait_ready()
+    # the talker's words are not Spanish: the reply checker is off, so the engine's own replies come back
+    srv = Server(export, tmp_path / "g.db", tmp_path / "g.log", rate_limit=0, check_replies=False).wait_ready()
     try:
         h = httpx.get(f"{srv.url}/health", timeout=10).json()
         assert h["batching"] == "continuous" and h["batch_wait_ms"] == 0 and h["prefix_cache_mb"] == 256
@@ -826,7 +935,7 @@ def test_mask():
 class BrokenBackend:
     """A step backend whose device fails: the engine, the app, uvicorn and the store around it are real."""
 
-    capacity, joins = 256, True
+    capacity, joins, restores_prefixes = 256, True, False
 
     def scope(self):
         return contextlib.nullcontext()
@@ -834,10 +943,13 @@ class BrokenBackend:
     def open(self, rows: int) -> None:
         pass
 
-    def prefill(self, at, rows, max_new_tokens):
+    def prefill(self, at, rows, max_new_tokens, reuse=None):
         raise RuntimeError("the device fell over")
 
     def step(self, tokens, active):
+        raise RuntimeError("the device fell over")
+
+    def snapshot(self, row, n):
         raise RuntimeError("the device fell over")
 
     def close(self) -> None:

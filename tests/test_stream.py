@@ -131,3 +131,34 @@ def test_stream_settings_are_checked(engine):
         with pytest.raises(LoraMedError, match="prompt 0 is empty"):
             st.add([[]])
         assert st.free() == 2 and not st.busy  # nothing was added
+
+
+def test_rows_with_their_own_settings_beside_the_streams(engine):
+    """RowSettings: a row's own max_new_tokens, a seeded sampler (same seed, same reply; alone or in company),
+    greedy rows in a sampling stream; bad row settings add nothing; tokens() shows a reply in flight."""
+    from lora_med.engine import RowSettings
+
+    vocab = engine.vocab_size
+    p = _prompts(vocab, [5, 9, 7], seed=3)
+    greedy = GenerationSettings(max_new_tokens=12)
+    alone = engine.generate(p, greedy)
+    with engine.stream(greedy, rows=4) as s:
+        done: dict = {}
+        hs = s.add(p, [RowSettings(max_new_tokens=3), None, RowSettings(temperature=0.8, seed=7)])
+        first = s.tokens(hs[1])
+        assert first == alone[1][:1]  # the first token is chosen when the prompt is added
+        _drain(s, done)
+        assert s.tokens(hs[1]) is None  # finished
+        with pytest.raises(LoraMedError, match="max_new_tokens=13"):
+            s.add(p[:1], [RowSettings(max_new_tokens=13)])
+        assert s.free() == 4
+    assert done[hs[0]].ids == alone[0][:3]  # a row's own limit, the stream's choice of tokens
+    assert done[hs[1]].ids == alone[1]
+    sampled = done[hs[2]].ids
+    # The same seed alone in a stream that samples with other settings: the same reply.
+    with engine.stream(GenerationSettings(max_new_tokens=12, do_sample=True, temperature=1.5, seed=1), rows=2) as s:
+        again: dict = {}
+        h = s.add([p[2], p[0]], [RowSettings(temperature=0.8, seed=7), RowSettings(temperature=0)])
+        _drain(s, again)
+    assert again[h[0]].ids == sampled
+    assert again[h[1]].ids == alone[0]  # temperature 0: greedy inside a sampling stream

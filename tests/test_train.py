@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -18,29 +19,14 @@ from lora_med.errors import ConfigError, LoraMedError
 from lora_med.runs import latest_checkpoint as _latest
 from lora_med.train.main import train
 
-from .conftest import REPO
+from .conftest import REPO, tiny_train_config
 
 
 def latest_checkpoint(run_dir):
     return _latest(run_dir)[0]
 
 
-def cfg_for(tiny_base, conversations_file, out: Path, **kw) -> TrainConfig:
-    base = dict(
-        data=str(conversations_file),
-        eval_data=str(conversations_file),
-        allow_eval_overlap=True,
-        base=str(tiny_base),
-        output=str(out),
-        max_steps=6,
-        log_every=1,
-        compare=False,
-        r=4,
-        alpha=8,
-        batch_size=4,
-        learning_rate=1e-2,
-    )
-    return TrainConfig(**{**base, **kw})
+cfg_for = functools.partial(tiny_train_config, max_steps=6, alpha=8, batch_size=4, learning_rate=1e-2)
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +103,7 @@ def test_only_lora_weights_change(lora_run, tiny_base):
             assert torch.equal(p, original[key]), name
 
 
+@pytest.mark.slow
 def test_adapter_reloads_with_stock_peft_in_a_fresh_process(lora_run, tiny_base, conversations_file):
     code = f"""
 import json, torch
@@ -315,6 +302,7 @@ def _assert_same_adapter(a: Path, b: Path) -> None:
         torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted_run(uninterrupted, tiny_base, conversations_file, tmp_path):
     b = tmp_path / "b"
     killed = _train_in_child(tiny_base, conversations_file, b, kill="step:13")
@@ -343,6 +331,7 @@ def test_resume_after_kill_equals_uninterrupted_run(uninterrupted, tiny_base, co
     assert card["metrics"]["steps"] == ref["metrics"]["steps"] == 20
 
 
+@pytest.mark.slow
 def test_kill_during_the_final_evaluation_resumes_into_the_evaluation(
     uninterrupted, tiny_base, conversations_file, tmp_path
 ):
@@ -360,6 +349,7 @@ def test_kill_during_the_final_evaluation_resumes_into_the_evaluation(
     assert card["metrics"]["eval_ppl"] == pytest.approx(ref["metrics"]["eval_ppl"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_falls_back_past_a_truncated_checkpoint(uninterrupted, tmp_path):
     import shutil
 
@@ -484,6 +474,7 @@ def test_plan_picks_the_largest_batch_that_fits(tiny_base, conversations_file, t
     assert not (tmp_path / "p").exists()
 
 
+@pytest.mark.slow
 def test_cli_plan_and_bad_flag(tiny_base, conversations_file, monkeypatch, capsys):
     from lora_med.cli import main
 

@@ -8,8 +8,8 @@ is a stream of patients, each holding one held-out conversation (data/medical_co
 user turns in order, a new user_id per conversation); ``--workload long``: each client is one patient sending
 every held-out user turn in one conversation that grows to hundreds of turns. A client sends the next message
 as soon as the previous reply arrives. A level stops after ``--requests`` requests or ``--duration-s`` seconds,
-whichever comes first. Only user turns the emergency guard lets through are sent, so every request reaches
-the model.
+whichever comes first. Only user turns the triage does not answer as an emergency are sent, so every request
+reaches the model.
 
 Reported per level: p50/p95/p99/max latency, throughput (answered requests per second), errors by kind
 (HTTP status or transport error), the engine's mean batch size, the server process's CPU (cores busy)
@@ -17,7 +17,7 @@ and peak/mean RSS. After the run the server's database is checked: one stored re
 ("nothing lost"). The load generator runs on the same machine and takes CPU from the server: the
 report says how much. Results: ``--out`` (results.json + results.md).
 
-Targets (issue 11): 0 accepted requests lost or unanswered; throughput with 8 clients >= 3x one client's.
+Targets: 0 accepted requests lost or unanswered; throughput with 8 clients >= 3x one client's.
 """
 
 from __future__ import annotations
@@ -46,7 +46,10 @@ sys.path.insert(0, str(REPO))
 
 from lora_med.data import load_conversations, percentile
 from lora_med.models import device_info, library_versions
-from lora_med.serve.guard import Guard
+from lora_med.serve.triage import Triage
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from streaming import burst, openai_level
 
 DEFAULT_MODEL = "exports/clinic-lora-cpu-fp32"
 MAX_REQUESTS, MAX_DURATION_S, MAX_CLIENTS = 20_000, 900, 256  # hard bounds: this is a benchmark, not a flood
@@ -57,6 +60,8 @@ WORKLOADS = {
     "a new user_id each), as the clinic sees them",
     "long": "each client one patient sending every held-out user turn in one conversation that grows to hundreds "
     "of turns (a stress test of the long-conversation cut and the prefix cache)",
+    "openai-stream": "as clinic, through the OpenAI-compatible API streamed (POST /v1/chat/completions, stream: "
+    "true; the client keeps the conversation): time to first token and to the last",
 }
 
 
@@ -107,11 +112,14 @@ SURNAMES = [
 
 
 def conversations(workload: str) -> list[list[str]]:
-    """The user turns that reach the model (the guard's catches left out), grouped per patient conversation:
+    """The user turns that reach the model (the triage's emergencies left out), grouped per patient conversation:
     the held-out conversations ("clinic"), or all their turns in one list ("long")."""
-    guard = Guard(REPO / "configs" / "emergency.yaml")
+    triage = Triage(REPO / "configs" / "triage.yaml")
     convs = load_conversations(REPO / "data" / "medical_conversations_eval.json").conversations
-    per = [[m.content for m in c.messages if m.role == "user" and guard.check(m.content) is None] for c in convs]
+    per = [
+        [m.content for m in c.messages if m.role == "user" and triage.assess(m.content).tier != "emergency"]
+        for c in convs
+    ]
     per = [turns for turns in per if turns]
     if workload == "long":
         return [list(dict.fromkeys(t for turns in per for t in turns))]
@@ -340,8 +348,15 @@ def markdown(report: dict) -> str:
         "| errors |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
+    if report["workload"]["name"] == "openai-stream":
+        lines[-2] = lines[-2].replace("| mean batch ", "| first token p50 ms | first token p95 ms ")
+        lines[-1] = lines[-1].replace(
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", "| ---: " * 10 + "|", 1
+        )
     for r in report["levels"]:
         errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "none"
+        if report["workload"]["name"] == "openai-stream":
+            r = {**r, "mean_batch": f"{r['ttft_p50_ms']} | {r['ttft_p95_ms']}"}
         lines.append(
             f"| {r['clients']} | {r['requests']} | {r['answered_200']} | {r['throughput_rps']} "
             f"| {r['p50_ms']} "
@@ -349,13 +364,26 @@ def markdown(report: dict) -> str:
             f"| {r.get('prompt_reused_pct')}% | {r['server_cpu_cores']} | {r.get('generator_cpu_cores')} "
             f"| {r['server_rss_peak_mb']} | {errors} |"
         )
+    b = report.get("burst")
+    if b:
+        lines += [
+            "",
+            f"Burst: {b['clients']} clients sending one /chat/ message each at once ({b['emergencies']} emergencies), "
+            f"request_timeout_s {report['health'].get('request_timeout_s')}: {b['accepted']} accepted, "
+            f"{b['accepted_answered_200']} of them answered; {b['refused_503']} refused with 503, "
+            f"{b['refused_past_the_bound']} of those past the expected-wait bound; emergencies refused: "
+            f"{b['emergencies_refused']}; answered p50 {b['p50_ms']} ms, p95 {b['p95_ms']} ms, max {b['max_ms']} ms "
+            f"(all in {b['duration_s']} s). Outcomes: {b['outcomes']}.",
+        ]
     t = report["targets"]
     lines += [
         "",
         f"- Lost or unanswered: {t['lost']} (target 0); a stored reply for every 200: "
         f"{t['replies_stored_for_every_200']}; store: {report['store']}.",
         f"- Throughput with 8 clients / 1 client: {t['scaling_8_vs_1']}x (target >= 3x): "
-        f"{'met' if t['scaling_met'] else 'not met'}.",
+        f"{'met' if t['scaling_met'] else 'not met'}."
+        if t["scaling_8_vs_1"] is not None
+        else "- Throughput with 8 clients / 1 client: not measured (needs levels 1 and 8).",
         "",
     ]
     return "\n".join(lines)
@@ -391,6 +419,12 @@ def main(argv: list[str] | None = None) -> int:
         "--model gives the tokenizer and the prompt budget",
     )
     ap.add_argument("--precision", choices=("int8", "fp32"), default="int8", help="--shape's graph (default int8)")
+    ap.add_argument(
+        "--burst",
+        type=int,
+        default=0,
+        help="after the levels, N clients sending one /chat/ message each at once (every tenth an emergency)",
+    )
     ap.add_argument("--out", help="results folder (default benchmarks/results/serve-load-<model>-<device>-<workload>)")
     a = ap.parse_args(argv)
 
@@ -398,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     problems = []
     if not levels or not all(1 <= c <= MAX_CLIENTS for c in levels):
         problems.append(f"--clients {a.clients}: each level in 1..{MAX_CLIENTS}")
+    if not 0 <= a.burst <= MAX_CLIENTS:
+        problems.append(f"--burst {a.burst}: must be in 0..{MAX_CLIENTS}")
     if not 1 <= a.requests <= MAX_REQUESTS:
         problems.append(f"--requests {a.requests}: must be in 1..{MAX_REQUESTS}")
     if not 0 < a.duration_s <= MAX_DURATION_S:
@@ -438,6 +474,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         health = httpx.get(f"{url}/health", timeout=30).json()
         warm = asyncio.run(level(url, 1, a.warmup, 60, convs, "0"))  # first calls allocate and warm caches
+        streamed = a.workload == "openai-stream"
+        model_id = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"] if streamed else ""
+
+        def run_level(c: int, tag: str) -> dict:
+            if streamed:
+                return asyncio.run(openai_level(url, model_id, c, a.requests, a.duration_s, convs, tag))
+            return asyncio.run(level(url, c, a.requests, a.duration_s, convs, tag))
+
         results = []
         for i, c in enumerate(levels):
             before = prompt_tokens(url)
@@ -445,30 +489,39 @@ def main(argv: list[str] | None = None) -> int:
             cpu_me = sum(me.cpu_times()[:2])
             if server:
                 with Sampler(server.proc.pid) as sampler:
-                    r = asyncio.run(level(url, c, a.requests, a.duration_s, convs, str(i + 1)))
+                    r = run_level(c, str(i + 1))
                 rss = sampler.rss or [0]
                 r["server_cpu_cores"] = round(sampler.cpu_s / sampler.wall_s, 2)
                 r["server_rss_peak_mb"] = round(max(rss) / 2**20, 1)
                 r["server_rss_mean_mb"] = round(sum(rss) / len(rss) / 2**20, 1)
             else:  # a server started elsewhere: its process is not ours to sample
-                r = asyncio.run(level(url, c, a.requests, a.duration_s, convs, str(i + 1)))
+                r = run_level(c, str(i + 1))
                 r["server_cpu_cores"] = r["server_rss_peak_mb"] = r["server_rss_mean_mb"] = None
             # The generator shares the machine: what it took is what the server could not have.
             r["generator_cpu_cores"] = round((sum(me.cpu_times()[:2]) - cpu_me) / (time.perf_counter() - t_me), 2)
             total, reused = (b - a for a, b in zip(before, prompt_tokens(url)))
             r["prompt_tokens"], r["prompt_tokens_reused"] = int(total), int(reused)
             r["prompt_reused_pct"] = round(100 * reused / total, 1) if total else None
+            ttft = f", first token p50 {r['ttft_p50_ms']} ms p95 {r['ttft_p95_ms']} ms" if streamed else ""
             print(
                 f"{c:3d} clients: {r['answered_200']}/{r['requests']} answered, {r['throughput_rps']} req/s, "
-                f"p50 {r['p50_ms']} ms, p95 {r['p95_ms']} ms, p99 {r['p99_ms']} ms, errors {r['errors'] or 'none'}",
+                f"p50 {r['p50_ms']} ms, p95 {r['p95_ms']} ms, p99 {r['p99_ms']} ms{ttft}, errors {r['errors'] or 'none'}",
                 flush=True,
             )
             results.append(r)
+        bursts = asyncio.run(burst(url, a.burst, convs)) if a.burst else None
+        if bursts:
+            print(f"burst of {a.burst}: {json.dumps({k: v for k, v in bursts.items() if k != 'outcomes'})}", flush=True)
     finally:
         if server:
             server.stop()
     store = check_store(server.db) if server else None
-    answered = sum(r["answered_200"] for r in results) + warm["answered_200"]
+    chat_levels = [] if streamed else results  # /v1 is stateless: only /chat/ stores turns
+    answered = (
+        sum(r["answered_200"] for r in chat_levels)
+        + warm["answered_200"]
+        + (bursts or {}).get("accepted_answered_200", 0)
+    )
     lost = sum(v for r in results for k, v in r["errors"].items() if not k.isdigit())  # no HTTP response at all
     by = {r["clients"]: r["throughput_rps"] for r in results}
     scaling = round(by[8] / by[1], 2) if by.get(1) and 8 in by else None
@@ -486,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "limits": {"requests_per_level": a.requests, "duration_s_per_level": a.duration_s},
         "levels": results,
+        "burst": bursts,
         "store": store,
         "targets": {
             "lost": lost,

@@ -642,7 +642,12 @@ def main() -> None:
         "--warmup", type=int, default=None, help="first steps left out of tokens/s (default: 1 on the CPU, 4 on CUDA)"
     )
     ap.add_argument("--r", type=int, default=16, help="LoRA rank")
-    ap.add_argument("--qlora-r", type=int, default=8, help="QLoRA rank (8: as the H200 reference in FACTS.md)")
+    ap.add_argument(
+        "--qlora-r",
+        type=int,
+        default=8,
+        help="QLoRA rank (8: as the H200 reference in benchmarks/results/h200-dialogpt-medium-shape/)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--cases",

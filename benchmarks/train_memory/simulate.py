@@ -34,8 +34,8 @@ what the allocator cannot hand back under memory pressure. Added as a constant: 
 4-bit dequantisation buffers.
 
 This is a derivation from the libraries' code, not a GPU measurement. At the five H200 points of
-../shared/FACTS.md it reads 2.424 / 6.917 / 7.192 / 10.641 / 7.035 GB where the H200 read 2.42 / 6.92 / 7.19 /
-10.64 / 7.04 (LoRA r16 b4, b16; full b4, b16; QLoRA r8 b16). Its output at DialoGPT-medium's shape is
+benchmarks/results/h200-dialogpt-medium-shape/ it reads 2.424 / 6.917 / 7.192 / 10.641 / 7.035 GB where the H200
+read 2.42 / 6.92 / 7.19 / 10.64 / 7.04 (LoRA r16 b4, b16; full b4, b16; QLoRA r8 b16). Its output at DialoGPT-medium's shape is
 replay-dialogpt-medium.json (``--grid``), which tests/test_plan.py holds the planner to.
 
 Usage:
@@ -710,7 +710,7 @@ def markdown(rows: list[dict]) -> str:
         "benchmarks/train_memory/simulate.py: the real step on the meta device under CUDA's autocast policy "
         "and the caching allocator's rules, cuBLAS workspaces (sm90) added. Derived, not measured; the H200 "
         "measured 2.42 / 6.92 / 7.19 / 10.64 / 7.04 GB for LoRA r16 b4, b16, full b4, b16, QLoRA r8 b16 "
-        "(../shared/FACTS.md).",
+        "(benchmarks/results/h200-dialogpt-medium-shape/).",
         "",
         "| method | r | batch | levers | max allocated GB | peak at | segments in use GB | reserved GB | "
         "planner GB | planner / replay |",
@@ -752,7 +752,7 @@ def main() -> None:
     ap.add_argument(
         "--grid",
         action="store_true",
-        help="every method x batch 4/16/32 x gradient checkpointing (QLoRA at r 8, as in FACTS.md), then the levers",
+        help="every method x batch 4/16/32 x gradient checkpointing (QLoRA at r 8, as on the H200), then the levers",
     )
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     a = ap.parse_args()

@@ -8,6 +8,7 @@ __all__ = ["bench"]
 
 
 def __getattr__(name: str):
+    # Loaded on use: importing one bench module (shapes, report) need not load every stage bench drives.
     if name == "bench":
         from .main import bench
 

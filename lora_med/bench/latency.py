@@ -17,17 +17,19 @@ Two kinds of backend:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .. import models
+from ..cards import TrainCard
 from ..data import prompt_ids
 from ..engine import Engine, GenerationSettings, load_engine
 from ..engine.ort_backend import load_ort
@@ -122,18 +124,19 @@ def _graph_bytes(folder: str | Path) -> int:
 
 
 def _torch_peers(
-    runs: dict, model_dir: Path | None, shape: str | None, device: str
+    runs: dict[str, tuple[str, TrainCard]], model_dir: Path | None, shape: str | None, device: str
 ) -> tuple[list[Backend], list[dict]]:
     """PyTorch peers: eager fp32 (adapter unmerged where there is one), merged, and on CUDA fp16 (generate() as the
     seed's app runs it; and with a static cache compiled with CUDA graphs). Returns (backends, skipped)."""
-    out, skipped = [], []
+    out: list[Backend] = []
+    skipped: list[dict] = []
     if model_dir is not None:  # --shape
         src, what = str(model_dir), f"{shape} shape ({SPEED_ONLY})"
         out.append(Backend("torch-eager", device, "fp32", what, lambda: models.load_model(src).to(device)))
         fp32 = lambda: models.load_model(src)
-    elif "--run" in runs and runs["--run"][1]["artifact"] == "adapter":
+    elif "--run" in runs and runs["--run"][1].artifact == "adapter":
         run, card = runs["--run"]
-        base = card["base"]["name_or_path"]
+        base = card.base
         what = f"{run} (merged in memory)"
         out.append(
             Backend(
@@ -155,9 +158,10 @@ def _torch_peers(
         )
         fp32 = lambda: _load_merged(base, run, "cpu")
     else:
-        run = (runs.get("--run") or runs.get("--full-run") or (None,))[0]
-        if not run:
+        given = runs.get("--run") or runs.get("--full-run")
+        if given is None:
             return out, skipped
+        run = given[0]
         what = f"{run} (PyTorch)"
         out.append(
             Backend("torch-eager", device, "fp32", f"{run} (PyTorch eager)", lambda: models.load_model(run).to(device))
@@ -187,12 +191,12 @@ def _torch_peers(
 
 
 def available_backends(
-    runs: dict[str, tuple[str, dict]],
+    runs: dict[str, tuple[str, TrainCard]],
     exports: list[dict],
     device: str,
     *,
     threads: int,
-    wanted: list[str] | None,
+    wanted: Sequence[str] | None,
     model_dir: Path | None = None,
     shape: str | None = None,
     engines: list[dict] | None = None,
@@ -227,7 +231,7 @@ def available_backends(
                     dev,
                     ex["precision"],
                     ex.get("label", ex["path"]),
-                    lambda ex=ex, dev=dev: load_ort(ex["onnx_dir"], dev, threads),
+                    functools.partial(load_ort, ex["onnx_dir"], dev, threads),
                     weight_bytes=_graph_bytes(ex["onnx_dir"]),
                 ),
                 ex["path"],
@@ -244,7 +248,7 @@ def available_backends(
                 dev,
                 eng["precision"],
                 eng["label"],
-                lambda eng=eng, dev=dev: load_engine(eng["dir"], device=dev, threads=threads),
+                functools.partial(load_engine, eng["dir"], device=dev, threads=threads),
                 kind="engine",
                 weight_bytes=_graph_bytes(eng["dir"]),
             ),
@@ -385,22 +389,9 @@ def time_backend(b: Backend, cfg: Timing, prompts: list[list[int]], eos: int, sc
     model = b.load()
     load_s = time.perf_counter() - t0
     timer = _Timer(cuda)
-    gen = _replier(b, model, eos)
     try:
         with torch.inference_mode():
-            for i in range(cfg.warmup):
-                gen(prompts[i % len(prompts)], cfg.new_tokens)
-            replies, ttft = [], []
-            for ids in prompts:
-                for _ in range(cfg.repeats):
-                    n = [0]
-                    replies.append(timer(lambda n=n, ids=ids: n.__setitem__(0, gen(ids, cfg.new_tokens))))
-                    if n[0] != cfg.new_tokens:
-                        raise LoraMedError(f"{b.name} generated {n[0]} tokens instead of {cfg.new_tokens}")
-                    # Time to first token: a 1-token reply (prompt prefill + the first greedy step).
-                    ttft.append(timer(lambda ids=ids: gen(ids, 1)))
-            scaling = _scaling(gen, timer, cfg, scaling_prompts) if scaling_prompts else None
-            throughput = _throughput(model, timer, cfg, prompts[0]) if cfg.throughput and b.kind == "engine" else None
+            replies, ttft, scaling, throughput = _measure(b, model, timer, cfg, prompts, eos, scaling_prompts)
         weights = _weight_bytes(b, model)
         if cuda:
             peak = {
@@ -412,9 +403,7 @@ def time_backend(b: Backend, cfg: Timing, prompts: list[list[int]], eos: int, sc
     finally:
         if isinstance(model, Engine):
             model.close()
-        # Rebound rather than deleted: the `gen` closure above reads this name. Either way the last reference
-        # goes before the memory is released.
-        model = gen = None
+        del model  # the last reference goes before the memory is released
         models.release_memory()
     rep, first = _stats(replies), _stats(ttft)
     decode = (rep["p50"] - first["p50"]) / max(cfg.new_tokens - 1, 1)
@@ -435,6 +424,33 @@ def time_backend(b: Backend, cfg: Timing, prompts: list[list[int]], eos: int, sc
         "scaling": scaling,
         "throughput": throughput,
     }
+
+
+def _measure(
+    b: Backend,
+    model: object,
+    timer: _Timer,
+    cfg: Timing,
+    prompts: list[list[int]],
+    eos: int,
+    scaling_prompts: dict | None,
+) -> tuple[list[float], list[float], dict | None, dict | None]:
+    """Warm-up, then the timed replies, times to first token, scaling points and (engine) batch throughput."""
+    gen = _replier(b, model, eos)
+    for i in range(cfg.warmup):
+        gen(prompts[i % len(prompts)], cfg.new_tokens)
+    replies, ttft = [], []
+    for ids in prompts:
+        for _ in range(cfg.repeats):
+            n = [0]
+            replies.append(timer(lambda n=n, ids=ids: n.__setitem__(0, gen(ids, cfg.new_tokens))))
+            if n[0] != cfg.new_tokens:
+                raise LoraMedError(f"{b.name} generated {n[0]} tokens instead of {cfg.new_tokens}")
+            # Time to first token: a 1-token reply (prompt prefill + the first greedy step).
+            ttft.append(timer(lambda ids=ids: gen(ids, 1)))
+    scaling = _scaling(gen, timer, cfg, scaling_prompts) if scaling_prompts else None
+    throughput = _throughput(model, timer, cfg, prompts[0]) if cfg.throughput and isinstance(model, Engine) else None
+    return replies, ttft, scaling, throughput
 
 
 def _throughput(engine: Engine, timer, cfg: Timing, prompt: list[int]) -> dict:

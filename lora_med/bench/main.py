@@ -24,6 +24,7 @@ loads), ``--paired`` training, ``_inputs`` (prompts and held-out examples, or th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import os
 import tempfile
@@ -37,7 +38,7 @@ import torch
 from .. import data, models, runs, settings
 from ..config import BenchConfig
 from ..engine.ort_backend import load_ort, ort_logits_fn
-from ..errors import GateError, LoraMedError
+from ..errors import GateError, LoraMedError, first_line
 from ..fileio import write_json, write_text
 from ..perplexity import perplexity, torch_logits_fn
 from ..settings import describe
@@ -126,23 +127,22 @@ def _inputs(cfg: BenchConfig, found: Found, device: str, scratch: Path) -> Input
         )
     run_dir, card = found.runs.get("--run") or found.runs["--full-run"]
     tokenizer = models.load_tokenizer(run_dir)
-    convs = runs.held_out(card, run_dir)
-    fmt, max_len = card["data"]["format"], card["data"]["max_length"]
+    convs = card.held_out()
+    fmt, max_len = card.format, card.max_length
     examples, _ = data.encode_all(convs, tokenizer, max_length=max_len, fmt=fmt)
     from transformers import AutoConfig
 
-    n_positions = models.max_positions(AutoConfig.from_pretrained(card["base"]["name_or_path"])) or 1024
+    n_positions = models.max_positions(AutoConfig.from_pretrained(card.base)) or 1024
     prompts = held_out_prompts(convs, tokenizer, fmt, cfg.prompts, n_positions - max(64, cfg.new_tokens))
     stream = [t for e in examples for t in e.input_ids]
     while len(stream) < max(SCALING_CONTEXTS):
         stream = stream + stream
-    ev = card["data"]["eval"]
     return Inputs(
         prompts,
         tokenizer.eos_token_id,
         n_positions,
         stream,
-        f"{len(prompts)} held-out conversations ({ev['path']}), history up to the last user turn, format {fmt}",
+        f"{len(prompts)} held-out conversations ({card.eval.path}), history up to the last user turn, format {fmt}",
         tokenizer=tokenizer,
         examples=examples,
     )
@@ -154,19 +154,18 @@ def _inputs(cfg: BenchConfig, found: Found, device: str, scratch: Path) -> Input
 def _perplexities(cfg: BenchConfig, found: Found, tokenizer, examples, device: str) -> dict:
     """Paired perplexity of base, LoRA, full and every export on the same encoded examples."""
     pad = tokenizer.pad_token_id
-    cards = found.cards
-    card = cards.get("--run") or cards.get("--full-run")
-    base = models.resolve_base(cfg.base) if cfg.base else card["base"]["name_or_path"]
+    first = next(iter(found.cards.values()))  # --run, else --full-run: perplexity needs one (validated)
+    base = models.resolve_base(cfg.base) if cfg.base else first.base
     todo: list[tuple[str, str, Callable[[], object]]] = [("base", base, lambda: models.load_model(base).to(device))]
-    if "--run" in cards:
-        if cards["--run"]["artifact"] == "adapter":
-            todo.append(
-                ("lora", cfg.run, lambda: load_adapter(cards["--run"]["base"]["name_or_path"], cfg.run, device))
-            )
+    if (lora := found.runs.get("--run")) is not None:
+        lora_dir, lora_card = lora
+        if lora_card.artifact == "adapter":
+            todo.append(("lora", lora_dir, functools.partial(load_adapter, lora_card.base, lora_dir, device)))
         else:
-            todo.append(("lora", cfg.run, lambda: models.load_model(cfg.run).to(device)))
-    if "--full-run" in cards:
-        todo.append(("full", cfg.full_run, lambda: models.load_model(cfg.full_run).to(device)))
+            todo.append(("lora", lora_dir, lambda: models.load_model(lora_dir).to(device)))
+    if (full := found.runs.get("--full-run")) is not None:
+        full_dir = full[0]
+        todo.append(("full", full_dir, lambda: models.load_model(full_dir).to(device)))
     threads = thread_count(cfg.threads)
     for ex in found.exports:
         if ex["precision"] == "fp16" and device != "cuda":
@@ -176,7 +175,7 @@ def _perplexities(cfg: BenchConfig, found: Found, tokenizer, examples, device: s
             (
                 f"onnx:{Path(ex['path']).name}:{ex['precision']}",
                 ex["path"],
-                lambda ex=ex, dev=dev: load_ort(ex["onnx_dir"], dev, threads),
+                functools.partial(load_ort, ex["onnx_dir"], dev, threads),
             )
         )
     out = {}
@@ -208,10 +207,10 @@ def _latency(cfg: BenchConfig, backends, inp: Inputs, notes: list[str], skipped:
     # Contexts that fit with the largest new-token count: n_positions bounds the cache.
     room = inp.n_positions - max(max(SCALING_NEW_TOKENS), cfg.new_tokens)
     scaling_prompts = {"base": inp.stream[:32], "contexts": {c: inp.stream[:c] for c in SCALING_CONTEXTS if c <= room}}
-    skipped = [c for c in SCALING_CONTEXTS if c > room]
-    if skipped:
+    too_long = [c for c in SCALING_CONTEXTS if c > room]
+    if too_long:
         notes.append(
-            f"scaling contexts {skipped} left out: they do not fit n_positions {inp.n_positions} with "
+            f"scaling contexts {too_long} left out: they do not fit n_positions {inp.n_positions} with "
             f"{max(SCALING_NEW_TOKENS)} new tokens"
         )
     timing = Timing(
@@ -235,7 +234,7 @@ def _latency(cfg: BenchConfig, backends, inp: Inputs, notes: list[str], skipped:
         except Exception as e:
             if not b.may_fail:
                 raise
-            reason = f"could not run here: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            reason = f"could not run here: {first_line(e)}"
             skipped.append({"backend": b.name, "reason": reason})
             print(f"  {b.name:<22} {reason}")
             models.release_memory()
@@ -349,7 +348,7 @@ def _bench(cfg: BenchConfig, found: Found, device: str, t_start: float, load_sta
     for ex in found.exports:
         print(f"Verified {ex['path']}: {ex['verified']}")
     for flag, card in found.cards.items():
-        if note := runs.overlap_note(card):
+        if note := card.overlap_note():
             print(f"note: {flag} {found.runs[flag][0]}: {note}")
             notes.append(f"{flag}: {note}")
 
@@ -380,10 +379,10 @@ def _bench(cfg: BenchConfig, found: Found, device: str, t_start: float, load_sta
         ppl = None
         if inp.examples is not None:
             card = found.cards.get("--run") or found.cards["--full-run"]
-            held = "evaluation (NOT held-out, see the note)" if runs.overlap_note(card) else "held-out"
+            held = "evaluation (NOT held-out, see the note)" if card.overlap_note() else "held-out"
             print(
                 f"Perplexity on {len(inp.examples)} {held} conversations "
-                f"({sum(e.tokens_cut > 0 for e in inp.examples)} cut at max length {card['data']['max_length']}):"
+                f"({sum(e.tokens_cut > 0 for e in inp.examples)} cut at max length {card.max_length}):"
             )
             ppl = _perplexities(cfg, found, inp.tokenizer, inp.examples, device)
         latency = _latency(cfg, backends, inp, notes, skipped)
@@ -402,7 +401,7 @@ def _bench(cfg: BenchConfig, found: Found, device: str, t_start: float, load_sta
         },
         "versions": models.library_versions(),
         "inputs": {
-            "runs": {k: v["config"]["method"] for k, v in found.cards.items()},
+            "runs": {k: v.method for k, v in found.cards.items()},
             "run_dirs": {k: str(Path(f).resolve()) for k, (f, _) in found.runs.items()},
             "exports": found.exports,
             "shape": inp.shape_info,

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from .. import settings
-from ..config import BenchConfig, ExportConfig, TrainConfig
+from ..config import BenchConfig, ExportConfig, ExportDevice, ExportDtype, Quantize, TrainConfig
 from ..errors import GateError
 from ..export.main import merge_export
 from ..train.main import train
@@ -45,7 +45,7 @@ def paired_runs(cfg: BenchConfig, name_: str, device: str) -> tuple[str, str, li
         t0 = time.perf_counter()
         trained[method] = str(train(tcfg).output)
         timings[f"train_{method}_s"] = round(time.perf_counter() - t0, 2)
-        variants = [("cpu", "fp32", "none"), ("cpu", "fp32", "int8")]
+        variants: list[tuple[ExportDevice, ExportDtype, Quantize]] = [("cpu", "fp32", "none"), ("cpu", "fp32", "int8")]
         if device == "cuda":
             variants.append(("cuda", "fp16", "none"))
         for dev, dtype, quant in variants:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# Each engine row beside the peer it replaces, with issue 10's target for the p50 ratio (None: shown, no target):
+from ..cards import TrainCard
+
+# Each engine row beside the peer it replaces, with the engine's target for the p50 ratio (None: shown, no target):
 # on the CPU the engine against ORTModel + generate() (shipped model) and int8 against PyTorch eager
 # (DialoGPT-medium shape); on a GPU against transformers' generate() in fp16, what the seed's app runs.
 ENGINE_PEERS = (
@@ -41,14 +43,14 @@ def engine_vs_peers(latency: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------- from the run cards
 
 
-def training(cards: dict) -> dict | None:
+def training(cards: dict[str, TrainCard]) -> dict | None:
     """Training cost of each run, from its card (paired runs: same data, seed and budget)."""
     if not cards:
         return None
     out = {}
-    for flag, c in cards.items():
-        m = c.get("metrics", {})
-        out[c["config"]["method"]] = {
+    for flag, card in cards.items():
+        m, c = card.metrics, card.raw  # figures as the run recorded them
+        out[card.method] = {
             "run": flag,
             "steps": m.get("steps"),
             "tokens_seen": m.get("tokens_seen"),
@@ -63,9 +65,9 @@ def training(cards: dict) -> dict | None:
     return out
 
 
-def replies(cards: dict) -> list[dict] | None:
+def replies(cards: dict[str, TrainCard]) -> list[dict] | None:
     """The seed guide's base vs fine-tuned replies for the fixed Spanish prompts, from the run cards."""
-    by_method = {c["config"]["method"]: c.get("comparison") or [] for c in cards.values()}
+    by_method = {c.method: c.raw.get("comparison") or [] for c in cards.values()}
     rows = next((r for r in by_method.values() if r), None)
     if not rows:
         return None
@@ -155,7 +157,7 @@ def markdown(r: dict) -> str:
             "",
             "## The engine beside its peers (same run)",
             "",
-            "Targets (issue 10): engine-cpu-fp32 <= 0.5x ort-cpu-fp32 (shipped model, 2 CPU cores); "
+            "Targets: engine-cpu-fp32 <= 0.5x ort-cpu-fp32 (shipped model, 2 CPU cores); "
             "engine-cpu-int8 <= 0.35x torch-eager (DialoGPT-medium shape); engine-cuda-fp16 <= 0.3x "
             "torch-eager-fp16 (GPU).",
             "",

@@ -11,6 +11,7 @@ fp16 with a GPU), without the parity check that random weights have no use for.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from .latency import SPEED_ONLY
 
 # Model shapes for --shape: GPT-2 configs built locally with random weights (speed only).
 SHAPES = {
-    # microsoft/DialoGPT-medium's public config (FACTS.md): 354,823,168 parameters, tied lm_head.
+    # microsoft/DialoGPT-medium's public config: 354,823,168 parameters, tied lm_head.
     "dialogpt-medium": dict(
         n_layer=24, n_embd=1024, n_head=16, n_positions=1024, vocab_size=50257, bos_token_id=50256, eos_token_id=50256
     ),
@@ -31,7 +32,7 @@ SHAPES = {
 
 
 def build_shape(
-    name: str, work: Path, device: str, *, seed: int, backends: list[str] | None
+    name: str, work: Path, device: str, *, seed: int, backends: Sequence[str] | None
 ) -> tuple[Path, list[dict], list[dict], dict]:
     """A randomly initialised GPT-2 of shape ``name``, saved, with the graphs the wanted backends need.
 
@@ -59,20 +60,20 @@ def build_shape(
         return out
 
     exports = []
-    backends = {
+    by_precision = {
         "fp32": {"ort-cpu-fp32", "ort-cuda-fp32"},
         "int8": {"ort-cpu-int8"},
         "fp16": {"ort-cuda-fp16"} if cuda else set(),
     }
-    if wanted & set().union(*backends.values()):
+    if wanted & set().union(*by_precision.values()):
         fp32 = work / "onnx-fp32"
         timed("export_fp32", lambda: optimum.export_fp32(model_dir, fp32))
-        if wanted & backends["fp32"]:
+        if wanted & by_precision["fp32"]:
             exports.append(_optimum(fp32, "fp32", "Optimum export"))
-        if wanted & backends["int8"]:
+        if wanted & by_precision["int8"]:
             recipe = timed("quantize_int8", lambda: optimum.to_int8(fp32, work / "onnx-int8"))
             exports.append(_optimum(work / "onnx-int8", "int8", f"the int8 recipe ({recipe['tool']})"))
-        if wanted & backends["fp16"]:
+        if wanted & by_precision["fp16"]:
             timed("convert_fp16", lambda: optimum.to_fp16(fp32, work / "onnx-fp16"))
             exports.append(_optimum(work / "onnx-fp16", "fp16", "fp16 converted from the fp32 export"))
     engines = []

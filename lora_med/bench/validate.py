@@ -7,14 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import models, runs, settings
+from ..cards import ExportCard, TrainCard
 from ..config import BACKENDS, BenchConfig, TrainConfig
 from ..errors import LoraMedError
 from ..fileio import sha256_file
 from ..integrity import verify_export
 from ..settings import describe, name
-from .latency import (
-    SPEED_ONLY,
-)
+from .latency import SPEED_ONLY
 from .shapes import SHAPES
 
 
@@ -22,11 +21,11 @@ from .shapes import SHAPES
 class Found:
     """What validation read: the run cards (by flag) with their folders, and the exports."""
 
-    runs: dict  # "--run" / "--full-run" -> (folder, card)
+    runs: dict[str, tuple[str, TrainCard]]  # "--run" / "--full-run" -> (folder as given, card)
     exports: list[dict]
 
     @property
-    def cards(self) -> dict:
+    def cards(self) -> dict[str, TrainCard]:
         return {k: card for k, (_, card) in self.runs.items()}
 
 
@@ -39,7 +38,7 @@ def report_name(cfg: BenchConfig, device: str) -> str:
         if cfg.shape
         else "paired"
         if cfg.paired
-        else Path(cfg.run or cfg.full_run or cfg.export[0]).name
+        else Path(cfg.run or cfg.full_run or (cfg.export[0] if cfg.export else "")).name
     )
 
 
@@ -94,9 +93,9 @@ def validate(cfg: BenchConfig) -> tuple[list[str], Found]:
     for f in ("run", "full_run"):
         if getattr(cfg, f):
             try:
-                card = runs.load_card(getattr(cfg, f), "train")
+                card = TrainCard.read(getattr(cfg, f))
                 found.runs[f"--{f.replace('_', '-')}"] = (getattr(cfg, f), card)
-                p += runs.run_problems(Path(getattr(cfg, f)), card)  # weights whole, base present, before loading
+                p += card.problems()  # weights whole, base present, before loading
             except LoraMedError as e:
                 p.append(f"{name(cfg, f)}: {e}")
     p += _check_pair(cfg, found)
@@ -130,36 +129,35 @@ def _positions(cfg: BenchConfig, found: Found) -> int | None:
         return SHAPES[cfg.shape]["n_positions"]
     card = next(iter(found.cards.values()), None)
     try:
-        return models.max_positions(models.load_config(card["base"]["name_or_path"])) if card else None
+        return models.max_positions(models.load_model_config(card.base)) if card else None
     except LoraMedError:
-        return None  # a base that is gone is named by runs.run_problems
+        return None  # a base that is gone is named by TrainCard.problems
 
 
 def _check_pair(cfg: BenchConfig, found: Found) -> list[str]:
     cards, p = found.cards, []
     if "--run" in cards and "--full-run" in cards:
         a, b = cards["--run"], cards["--full-run"]
-        same = lambda k: a["data"]["eval"].get(k) == b["data"]["eval"].get(k)
         if (
-            not (same("sha256") and same("indices"))
-            or a["data"]["max_length"] != b["data"]["max_length"]
-            or a["data"]["format"] != b["data"]["format"]
+            (a.eval.sha256, a.eval.indices) != (b.eval.sha256, b.eval.indices)
+            or a.max_length != b.max_length
+            or a.format != b.format
         ):
             p.append(
                 f"--run {cfg.run} and --full-run {cfg.full_run} were not evaluated on the same held-out set "
                 "(eval file, split, max length or format differ): perplexity would not be paired. Train both "
                 "with the same data, seed and --max-length (or use --paired)"
             )
-        fa, fb = (models.fingerprint(c["base"]["name_or_path"], c["base"].get("sha256")) for c in (a, b))
+        fa, fb = (models.fingerprint(c.base, c.base_sha256) for c in (a, b))
         if fa != fb:
             p.append(
-                f"--run and --full-run start from different bases ({a['base']['name_or_path']} vs "
-                f"{b['base']['name_or_path']}: their config and weights differ)"
+                f"--run and --full-run start from different bases ({a.base} vs {b.base}: their config and weights "
+                "differ)"
             )
-    if "--full-run" in cards and cards["--full-run"]["artifact"] != "model":
+    if "--full-run" in cards and cards["--full-run"].artifact != "model":
         p.append(
-            f"--full-run {cfg.full_run}: that run is a {cards['--full-run']['config']['method']} adapter, not a "
-            "full fine-tune; pass it as --run"
+            f"--full-run {cfg.full_run}: that run is a {cards['--full-run'].method} adapter, not a full fine-tune; "
+            "pass it as --run"
         )
     return p
 
@@ -171,41 +169,32 @@ def _read_export(path: Path, found: Found) -> dict:
     folder = path
     if not (path / "manifest.json").is_file() and (path.parent / "manifest.json").is_file():
         folder = path.parent  # an onnx/ folder given: its export's manifest decides
-    manifest = runs.load_card(folder, "export")  # refuses a failed or unfinished export
+    manifest = ExportCard.read(folder)  # refuses a failed or unfinished export
     onnx_dir = folder / "onnx"
     if not (onnx_dir / "model.onnx").is_file():
         raise LoraMedError(f"{onnx_dir / 'model.onnx'}: missing; export again with `lora-med merge-export`")
-    src = manifest["source"]
+    src = manifest.source
     mine = {Path(f).resolve(): sha256_file(Path(f) / "run.json") for f, _ in found.runs.values()}
-    if mine and Path(src["run_dir"]).resolve() not in mine and src.get("run_json_sha256") not in mine.values():
+    if mine and Path(src.run_dir).resolve() not in mine and src.run_json_sha256 not in mine.values():
         raise LoraMedError(
-            f"{folder}: exported from the run {src['run_dir']}, which is neither --run nor --full-run; "
+            f"{folder}: exported from the run {src.run_dir}, which is neither --run nor --full-run; "
             "its perplexity would not be comparable. Give that run, or export these runs"
         )
-    opts = manifest["options"]
-    precision = (
-        "int8"
-        if opts.get("quantize") == "int8"
-        else "fp16"
-        if opts.get("optimize") == "O4"
-        else opts.get("dtype", "fp32")
-    )
-    out = {
+    out: dict = {
         "path": str(folder),
         "onnx_dir": str(onnx_dir),
-        "precision": precision,
-        "device": opts.get("device", "cpu"),
-        "source_run": src["run_dir"],
+        "precision": manifest.options.precision(),
+        "device": manifest.options.device,
+        "source_run": src.run_dir,
     }
-    section = manifest.get("engine") or {}
-    built = section.get("status") == "built" and (folder / "engine" / "engine.json").is_file()
+    built = manifest.engine.built and (folder / "engine" / "engine.json").is_file()
     # The graphs bench runs, proven byte for byte (a damaged graph of the right size loads and measures nonsense).
-    out["verified"] = verify_export(folder, manifest, ("onnx", "engine") if built else ("onnx",)).line()
+    out["verified"] = verify_export(folder, manifest.raw, ("onnx", "engine") if built else ("onnx",)).line()
     if built:
         out["engine"] = {
             "dir": str(folder / "engine"),
             "path": str(folder),
-            "precision": section["precision"],
+            "precision": manifest.engine.precision,
             "label": f"{folder} (engine/, decode graph)",
         }
     return out

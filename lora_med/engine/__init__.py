@@ -12,16 +12,25 @@ from pathlib import Path
 
 import torch
 
-from .. import runs
+from ..cards import ExportCard
 from ..errors import LoraMedError
 from ..integrity import export_root, verify_export
 from ..models import load_model, resolve_device
 from .graph_format import ENGINE_FILE, GRAPH_FILE
-from .loop import Engine, GenerationSettings, StepBackend, Stream
+from .loop import Engine, GenerationSettings, RowSettings, StepBackend, Stream
 from .ort_backend import ort_engine
 from .torch_backend import torch_engine
 
-__all__ = ["ENGINE_FILE", "GRAPH_FILE", "Engine", "GenerationSettings", "StepBackend", "Stream", "load_engine"]
+__all__ = [
+    "ENGINE_FILE",
+    "GRAPH_FILE",
+    "Engine",
+    "GenerationSettings",
+    "RowSettings",
+    "StepBackend",
+    "Stream",
+    "load_engine",
+]
 
 
 def load_engine(
@@ -50,9 +59,9 @@ def load_engine(
     folder = Path(path)
     verified = None
     if root := export_root(folder):
-        card = runs.load_card(root[0], "export", complete=False)
-        if card["status"] == "complete":  # a failed export's graph still loads, for inspection
-            verified = verify_export(root[0], card, (root[1],)).as_dict()
+        card = ExportCard.read(root[0], complete=False)
+        if card.status == "complete":  # a failed export's graph still loads, for inspection
+            verified = verify_export(root[0], card.raw, (root[1],)).as_dict()
     engine = _load(folder, device, threads, spin, prefix_cache_mb)
     if verified is not None:
         engine.info["verified"] = verified

@@ -6,10 +6,13 @@ no-repeat n-grams, the left cut of long prompts, batches of prompts of any lengt
 running batch). What computes the logits is a step backend over a KV cache of ``rows`` rows:
 
 - ``open(rows)``: a cache for that many rows;
-- ``prefill(at, prompts, max_new_tokens)``: run the prompts into rows ``at``, return the last prompt
-  position's logits per prompt (``float32 [len(at), vocab]``);
+- ``prefill(at, prompts, max_new_tokens, reuse=None)``: run the prompts into rows ``at``, return the last
+  prompt position's logits per prompt (``float32 [len(at), vocab]``); ``reuse[i]``, a prefix-cache entry and
+  a token count, gives prompt ``i``'s first positions from that entry (only where ``restores_prefixes``);
 - ``step(tokens, active)``: feed one new token to each of the first ``len(tokens)`` rows (only ``active``
-  rows advance), return their next logits.
+  rows advance), return their next logits;
+- ``snapshot(row, n)``: copies of a row's first ``n`` cached positions, kept by the prefix cache (only where
+  ``restores_prefixes``).
 
 Two backends exist: the ONNX decode graph written by :mod:`lora_med.export.decode_graph`, run by ONNX Runtime
 on the CPU or CUDA provider (:mod:`lora_med.engine.ort_backend`), and a Hugging Face causal LM with its KV cache
@@ -34,7 +37,7 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import LoraMedError
-from .prefix_cache import PrefixCache
+from .prefix_cache import Entry, PrefixCache
 from .sampling import NGramBans, Sampler
 
 
@@ -67,17 +70,61 @@ class GenerationSettings:
         return out
 
 
+Reuse = tuple[Entry, int]  # a prefix-cache entry and how many of its positions a prompt takes
+
+
+@dataclass(frozen=True)
+class RowSettings:
+    """One reply's own choices inside a stream (a server's request asking for them); None keeps the stream's.
+
+    ``max_new_tokens`` may only lower the stream's (the prompt budget was set for it). Sampling on
+    (``temperature`` > 0 or ``do_sample``) gives the row its own sampler, seeded by ``seed`` when given."""
+
+    max_new_tokens: int | None = None
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def problems(self, stream: GenerationSettings) -> list[str]:
+        out = []
+        if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= stream.max_new_tokens:
+            out.append(f"max_new_tokens={self.max_new_tokens}: must be between 1 and {stream.max_new_tokens}")
+        if self.temperature is not None and self.temperature < 0:
+            out.append(f"temperature={self.temperature}: must be >= 0 (0: greedy)")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            out.append(f"top_p={self.top_p}: must be in (0, 1]")
+        return out
+
+    def choice(self, stream: GenerationSettings) -> Sampler | str | None:
+        """How the row picks tokens: ``"greedy"``, its own Sampler, or None (the stream's way)."""
+        sampling = self.do_sample if self.do_sample is not None else stream.do_sample
+        if self.temperature is not None:
+            sampling = self.temperature > 0 and self.do_sample is not False
+        if not sampling:
+            return "greedy" if stream.do_sample else None
+        if self.temperature is None and self.top_p is None and self.seed is None and stream.do_sample:
+            return None
+        temperature = self.temperature if self.temperature is not None else stream.temperature
+        return Sampler(temperature, self.top_p if self.top_p is not None else stream.top_p, self.seed)
+
+
 class StepBackend(Protocol):
     """What computes logits for the loop (see the module docstring)."""
 
     capacity: int
     joins: bool  # rows can be prefilled while others are decoding (continuous batching)
+    restores_prefixes: bool  # rows' caches can be copied out (snapshot) and back (prefill's reuse)
 
     def open(self, rows: int) -> None: ...
 
-    def prefill(self, at: list[int], rows: list[list[int]], max_new_tokens: int) -> np.ndarray: ...
+    def prefill(
+        self, at: list[int], rows: list[list[int]], max_new_tokens: int, reuse: list[Reuse | None] | None = None
+    ) -> np.ndarray: ...
 
     def step(self, tokens: np.ndarray, active: np.ndarray) -> np.ndarray: ...
+
+    def snapshot(self, row: int, n: int) -> list[np.ndarray]: ...
 
     def scope(self) -> contextlib.AbstractContextManager: ...
 
@@ -101,12 +148,12 @@ class Engine:
     ):
         self._backend = backend
         # Kept KV caches of finished replies (engine_prefix); only a backend that can restore rows takes one.
-        self.prefix_cache = prefix_cache if getattr(backend, "restores_prefixes", False) else None
+        self.prefix_cache = prefix_cache if backend.restores_prefixes else None
         self.name = name
         self.device = device
         self.precision = precision
         self.capacity = int(backend.capacity)
-        self.joins = bool(getattr(backend, "joins", False))
+        self.joins = bool(backend.joins)
         self.eos_token_id = int(eos_token_id)
         self.vocab_size = int(vocab_size)
         self.info = dict(info or {})  # what the engine runs: graph recipe, provider, threads (for reports)
@@ -207,7 +254,7 @@ class Engine:
         return int(fn(rows)) if fn is not None else None
 
     def close(self) -> None:
-        """Free the backend (sessions, device buffers). The engine cannot generate afterwards."""
+        """Free the backend (its ONNX Runtime session or model, device buffers); the engine cannot generate after."""
         self._backend.close()
 
     def __enter__(self) -> Engine:
@@ -235,8 +282,10 @@ class Finished:
 class _Row:
     handle: int
     prompt: list[int]
-    reuse: tuple | None  # (prefix-cache entry, tokens taken from it)
+    reuse: Reuse | None  # (prefix-cache entry, tokens taken from it)
     bans: NGramBans | None
+    max_new: int = 0  # this row's new-token limit
+    pick: Sampler | str | None = None  # RowSettings.choice: None = the stream's way
     out: list[int] = field(default_factory=list)
     fed: list[int] = field(default_factory=list)  # tokens fed after the prompt (their KV is in the cache)
     last: int = 0  # the token chosen last, fed at the next step
@@ -281,15 +330,20 @@ class Stream:
             return self.rows - len(self._live)
         return 0 if self._live else self.rows
 
-    def add(self, prompts: list[list[int]]) -> list[int]:
+    def add(self, prompts: list[list[int]], settings: list[RowSettings | None] | None = None) -> list[int]:
         """Prefill ``prompts`` into free rows and choose their first tokens; one handle per prompt.
 
         A prompt longer than ``capacity - max_new_tokens`` is cut from the left, as in ``generate``.
+        ``settings``: per prompt, its own choices (:class:`RowSettings`), or None for the stream's.
 
         Raises:
-            LoraMedError: a bad prompt (nothing is added), or more prompts than :meth:`free` rows.
+            LoraMedError: a bad prompt or row setting (nothing is added), or more prompts than :meth:`free` rows.
         """
         self._engine._check_prompts(prompts)
+        settings = list(settings) if settings is not None else [None] * len(prompts)
+        bad = [p for rs in settings if rs is not None for p in rs.problems(self.settings)]
+        if len(settings) != len(prompts) or bad:
+            raise LoraMedError(f"{self._engine.name}: cannot add", bad or ["give one RowSettings (or None) per prompt"])
         if len(prompts) > self.free():
             raise LoraMedError(
                 f"{self._engine.name}: {len(prompts)} prompts for {self.free()} free rows; add at most free() prompts"
@@ -298,18 +352,22 @@ class Stream:
         rows = [[int(t) for t in p[-budget:]] for p in prompts]
         at = [b for b in range(self.rows) if b not in self._live][: len(rows)]
         cache, n = self._engine.prefix_cache, self.settings.no_repeat_ngram_size
-        reuse = [cache.lookup(r) for r in rows] if cache is not None else [None] * len(rows)
+        reuse: list[Reuse | None] = [cache.lookup(r) for r in rows] if cache is not None else [None] * len(rows)
         if not self._engine.joins:  # a whole batch: its cache sized to it (CUDA: the captured graph of its size)
             self._backend.open(len(rows))
-        if cache is not None:
-            logits = self._backend.prefill(at, rows, self.settings.max_new_tokens, reuse=reuse)
-        else:
-            logits = self._backend.prefill(at, rows, self.settings.max_new_tokens)
+        logits = self._backend.prefill(at, rows, self.settings.max_new_tokens, reuse=reuse)
         handles = []
-        for b, r, re in zip(at, rows, reuse):
+        for b, r, re, rs in zip(at, rows, reuse, settings):
             self._live[b] = _Row(
-                self._handles, r, re, NGramBans(r, n) if n > 0 else None, rows_seen=len(rows), steps=1
-            )  # its prefill ran with the prompts added with it
+                self._handles,
+                r,
+                re,
+                NGramBans(r, n) if n > 0 else None,
+                max_new=rs.max_new_tokens or self.settings.max_new_tokens if rs else self.settings.max_new_tokens,
+                pick=rs.choice(self.settings) if rs else None,
+                rows_seen=len(rows),  # its prefill ran with the prompts added with it
+                steps=1,
+            )
             handles.append(self._handles)
             self._handles += 1
         if not self._engine.joins:
@@ -337,6 +395,13 @@ class Stream:
         out, self._finished = self._finished, []
         return out
 
+    def tokens(self, handle: int) -> list[int] | None:
+        """The new token ids of a reply still in flight so far (a copy); None once it finished or was dropped."""
+        for r in self._live.values():
+            if r.handle == handle:
+                return list(r.out)
+        return None
+
     def drop(self, handle: int) -> None:
         """Stop a reply nobody waits for any more (its row is free at once); unknown handles are ignored."""
         for b, r in list(self._live.items()):
@@ -353,7 +418,16 @@ class Stream:
                 logits[i, eos] = -np.inf
             if r.bans is not None:
                 r.bans.apply(logits[i])
-        nxt = self._sampler.choose(logits) if self._sampler is not None else logits.argmax(axis=1)
+        if self._sampler is not None:
+            nxt = self._sampler.choose(logits)  # the stream samples (rows that asked for greedy are redone below)
+        else:
+            nxt = logits.argmax(axis=1)
+        for i, b in enumerate(at):
+            pick = self._live[b].pick
+            if isinstance(pick, Sampler):
+                nxt[i] = pick.choose(logits[i : i + 1])[0]
+            elif pick == "greedy" and self._sampler is not None:
+                nxt[i] = int(logits[i].argmax())
         for b, tok in zip(at, nxt.tolist()):
             r = self._live[b]
             if tok != eos:
@@ -361,7 +435,7 @@ class Stream:
                 r.last = tok
                 if r.bans is not None:
                     r.bans.add(tok)
-            if tok == eos or len(r.out) >= s.max_new_tokens:
+            if tok == eos or len(r.out) >= r.max_new:
                 self._finish(b)
 
     def _finish(self, b: int) -> None:

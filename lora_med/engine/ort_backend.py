@@ -33,8 +33,8 @@ import numpy as np
 
 from ..errors import LoraMedError, first_line
 from .graph_format import GRAPH_FILE
-from .loop import Engine
-from .prefix_cache import Entry, PrefixCache
+from .loop import Engine, Reuse
+from .prefix_cache import PrefixCache
 
 KV_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -140,7 +140,7 @@ class _Slot:
         b = backend
         shape = (batch, b.n_head, b.capacity, b.head_dim)
         if b.device == "cpu":  # each OrtValue shares a numpy array: its own, or the first rows of ``arena``'s
-            self.kv_host = (
+            self.kv_host: list[np.ndarray] = (
                 [a[:batch] for a in arena.kv_host]
                 if arena is not None
                 else [np.zeros(shape, b.kv_dtype) for _ in range(2 * b.n_layer)]
@@ -150,7 +150,9 @@ class _Slot:
             zeros = np.zeros(shape, b.kv_dtype)  # but zeros keep a stray read finite)
             self.kv = [b.device_value(zeros) for _ in range(2 * b.n_layer)]
             del zeros
-        self.logits_host = arena.logits_host[:batch] if arena is not None else np.zeros((batch, b.vocab), np.float32)
+        self.logits_host: np.ndarray = (
+            arena.logits_host[:batch] if arena is not None else np.zeros((batch, b.vocab), np.float32)
+        )
         self.logits = b.device_value(self.logits_host)
         # Decode inputs: host arrays (shared by the OrtValue on the CPU, copied in on CUDA).
         self.ids = np.zeros((batch, 1), np.int64)
@@ -211,6 +213,7 @@ class _OrtBackend:
         import onnxruntime as ort
 
         self.ort = ort
+        self.folder = Path(folder)
         self.device = device
         self.capacity = int(info["capacity"])
         self.n_layer, self.n_head, self.head_dim = int(info["n_layer"]), int(info["n_head"]), int(info["head_dim"])
@@ -281,6 +284,12 @@ class _OrtBackend:
                 self.slots[batch] = _Slot(self, batch)
         return self.slots[batch]
 
+    def _opened(self) -> _Slot:
+        """The cache ``open`` made (the loop opens one before any prefill, step or snapshot)."""
+        if self.slot is None:
+            raise LoraMedError(f"{self.folder}: the decode graph's cache is not open; call open(rows) first")
+        return self.slot
+
     # -- the backend protocol
 
     @contextlib.contextmanager
@@ -297,9 +306,9 @@ class _OrtBackend:
         at: list[int],
         rows: list[list[int]],
         max_new_tokens: int,
-        reuse: list[tuple[Entry, int] | None] | None = None,
+        reuse: list[Reuse | None] | None = None,
     ) -> np.ndarray:
-        slot = self.slot
+        slot = self._opened()
         self.lens[at] = [len(r) for r in rows]
         if self.device != "cpu":  # one launch: on a GPU the padding costs little, and the kernels need the
             assert at == list(range(len(rows))), "CUDA takes a whole batch at once"  # whole batch's buffers
@@ -321,10 +330,11 @@ class _OrtBackend:
             group = []
             if i == len(rows):
                 break
-            if reuse[i] is None:
+            cached_prefix = reuse[i]
+            if cached_prefix is None:
                 group.append(i)
                 continue
-            entry, n = reuse[i]
+            entry, n = cached_prefix
             for a, cached in zip(slot.kv_host, entry.kv):
                 a[at[i], :, :n] = cached[:, :n]
             self._prefill_rows(slot, [rows[i][n:]], at[i], offset=n)
@@ -363,12 +373,12 @@ class _OrtBackend:
 
     def snapshot(self, row: int, n: int) -> list[np.ndarray]:
         """Copies of row ``row``'s first ``n`` cached positions, per layer key and value (CPU)."""
-        return [a[row, :, :n].copy() for a in self.slot.kv_host]
+        return [a[row, :, :n].copy() for a in self._opened().kv_host]
 
     def step(self, tokens: np.ndarray, active: np.ndarray) -> np.ndarray:
         width = len(tokens)
         # CPU: the first ``width`` rows of the arena (views); CUDA: the whole bucket its captured graph was made for.
-        slot = self._slot_for(width) if self.device == "cpu" else self.slot
+        slot = self._slot_for(width) if self.device == "cpu" else self._opened()
         lens = self.lens[: slot.batch]
         slot.ids[:width, 0] = tokens
         slot.ids[width:, 0] = 0

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .loop import Engine
+from .loop import Engine, Reuse
 
 
 class _TorchBackend:
@@ -63,12 +63,16 @@ class _TorchBackend:
         return rows * (2 * cfg.num_hidden_layers * kv_heads * head_dim * self.capacity * itemsize + 4 * cfg.vocab_size)
 
     joins = False  # the HF cache is one left-padded batch: new prompts wait for the batch to finish
+    restores_prefixes = False  # rows' caches are not copied out: the engine gives this backend no prefix cache
 
     def open(self, rows: int) -> None:
         self.cache = None  # the batch is sized by its prompts at prefill
 
-    def prefill(self, at: list[int], rows: list[list[int]], max_new_tokens: int) -> np.ndarray:
+    def prefill(
+        self, at: list[int], rows: list[list[int]], max_new_tokens: int, reuse: list[Reuse | None] | None = None
+    ) -> np.ndarray:
         assert at == list(range(len(rows))), "the PyTorch backend takes a whole batch at once"
+        assert not any(reuse or ()), "the PyTorch backend restores no prefixes"
         batch, width = len(rows), max(len(r) for r in rows)
         ids = torch.zeros((batch, width), dtype=torch.long)
         # The mask covers the whole reply up front; each step exposes one more column of it (a view).
@@ -104,6 +108,9 @@ class _TorchBackend:
         )
         self.cache = out.past_key_values
         return self._logits(out.logits)
+
+    def snapshot(self, row: int, n: int) -> list[np.ndarray]:
+        raise NotImplementedError("the PyTorch backend restores no prefixes (restores_prefixes is False)")
 
     def _logits(self, logits) -> np.ndarray:
         # [batch, 1, vocab] -> float32 numpy (a view on the CPU in fp32; one copy from a GPU)

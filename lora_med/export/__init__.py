@@ -10,6 +10,7 @@ __all__ = ["merge_export"]
 
 
 def __getattr__(name: str):
+    # Loaded on use: importing one export module (precision, decode_graph) need not load Optimum and PEFT.
     if name == "merge_export":
         from .main import merge_export
 

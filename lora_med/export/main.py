@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import data, modelcard, models, runs, settings, weights
+from ..cards import TrainCard
 from ..config import ExportConfig
 from ..engine import load_engine
 from ..engine.ort_backend import ort_model, session_options
@@ -53,7 +54,7 @@ class ExportResult:
 # --------------------------------------------------------------------------- validation
 
 
-def validate(cfg: ExportConfig) -> tuple[dict, str, Path]:
+def validate(cfg: ExportConfig) -> tuple[TrainCard, str, Path]:
     """Every problem with the settings, the run folder and the output, raised together before any weights load.
 
     Returns:
@@ -95,12 +96,12 @@ def validate(cfg: ExportConfig) -> tuple[dict, str, Path]:
         raise runs.problems_error("with the export; nothing was loaded", p)
     run_dir = Path(cfg.run_dir)
     try:
-        card = runs.load_card(run_dir, "train")
+        card = TrainCard.read(run_dir)
     except LoraMedError as e:
         raise runs.problems_error("with the export; nothing was loaded", [*p, str(e)]) from None
 
-    base = card["base"]["name_or_path"]
-    if card["artifact"] == "adapter":
+    base = card.base
+    if card.artifact == "adapter":
         cfg_file = run_dir / "adapter_config.json"
         p += weights.weights_problems(run_dir, "adapter_model", "adapter")
         if not cfg_file.is_file():
@@ -125,19 +126,17 @@ def validate(cfg: ExportConfig) -> tuple[dict, str, Path]:
                 f"{run_dir / 'run.json'}: its base {base} no longer exists; restore that folder (the adapter is "
                 "merged onto it)"
             )
-    elif card["artifact"] == "model":
+    else:  # a full fine-tune's model (TrainCard knows no other artifact)
         p += weights.weights_problems(run_dir, "model", "fine-tuned model")
         if not (run_dir / "config.json").is_file():
             p.append(f"{run_dir / 'config.json'}: missing; copy the whole run folder, or retrain")
-    else:
-        p.append(f"{run_dir / 'run.json'}: unknown artifact {card['artifact']!r}; retrain with lora-med")
     for f in TOKENIZER_FILES:
         if not (run_dir / f).is_file():
             p.append(
                 f"{run_dir / f}: missing; the tokenizer is saved with every run: copy the whole run folder, or retrain"
             )
     try:
-        eval_path = runs.locate(card["data"]["eval"], run_dir, "held-out data")
+        eval_path = card.held_out_path()
     except LoraMedError as e:
         p.append(str(e))
         eval_path = None
@@ -237,7 +236,7 @@ def merge_export(cfg: ExportConfig) -> ExportResult:
         return _merge_export(cfg, card, device, out)
 
 
-def _merge_export(cfg: ExportConfig, card: dict, device: str, out: Path) -> ExportResult:
+def _merge_export(cfg: ExportConfig, card: TrainCard, device: str, out: Path) -> ExportResult:
     t0 = time.perf_counter()
     run_dir = Path(cfg.run_dir)
     timings: dict[str, float] = {}
@@ -253,20 +252,20 @@ def _merge_export(cfg: ExportConfig, card: dict, device: str, out: Path) -> Expo
         print(f"      {what} done in {timings[f'{what}_s']:.1f}s", flush=True)
 
     tokenizer = models.load_tokenizer(str(run_dir), trust_remote_code=cfg.trust_remote_code)
-    fmt, max_length = card["data"]["format"], card["data"]["max_length"]
-    convs = runs.held_out(card, run_dir)[: cfg.n_parity]
+    fmt, max_length = card.format, card.max_length
+    convs = card.held_out()[: cfg.n_parity]
     examples, _ = data.encode_all(convs, tokenizer, max_length=max_length, fmt=fmt)
-    if note := runs.overlap_note(card):
+    if note := card.overlap_note():
         print(f"note: {note}")
     print(
-        f"Run: {run_dir} ({card['config']['method']}, base {card['base']['name_or_path']}) -> {out} | "
+        f"Run: {run_dir} ({card.method}, base {card.base}) -> {out} | "
         f"device {device} | {cfg.precision()} | optimise {cfg.optimize} | {len(convs)} held-out conversations"
     )
 
     with step(
         "merge",
         "fp32 base + adapter, merged logits must equal the adapter's"
-        if card["artifact"] == "adapter"
+        if card.artifact == "adapter"
         else "full fine-tune: nothing to merge",
     ):
         model, merge_figures = merge(
@@ -306,9 +305,9 @@ def _merge_export(cfg: ExportConfig, card: dict, device: str, out: Path) -> Expo
             "source": {
                 "run_dir": str(run_dir.resolve()),
                 "run_json_sha256": sha256_file(run_dir / "run.json"),
-                "method": card["config"]["method"],
-                "artifact": card["artifact"],
-                "base": card["base"]["name_or_path"],
+                "method": card.method,
+                "artifact": card.artifact,
+                "base": card.base,
                 "format": fmt,
                 "max_length": max_length,
             },
@@ -347,7 +346,7 @@ def _merge_export(cfg: ExportConfig, card: dict, device: str, out: Path) -> Expo
                     engine_note=engine_info.get("reason"),
                 )
             except GateError as e:
-                parity, failed = getattr(e, "figures", {}), e
+                parity, failed = e.figures, e
             finally:
                 if engine is not None:
                     engine.close()

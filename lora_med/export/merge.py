@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .. import data, models
+from ..cards import TrainCard
 from ..errors import GateError, LoraMedError
 from ..perplexity import batches, torch_logits_fn
 
@@ -28,7 +29,7 @@ def _tied(model) -> bool:
 
 
 def merge(
-    card: dict,
+    card: TrainCard,
     run_dir: Path,
     examples: list[data.Example],
     pad_id: int,
@@ -43,7 +44,7 @@ def merge(
         LoraMedError: the adapter does not fit the base, merging produced NaN/inf, or merged logits
             differ from the unmerged adapter's (atol = rtol = 1e-4).
     """
-    if card["artifact"] == "model":
+    if card.artifact == "model":
         model = models.load_model(str(run_dir), trust_remote_code=trust_remote_code).to(device)
         return model, {
             "kind": "full fine-tune: the run's model is the merged model (nothing to merge)",
@@ -52,11 +53,10 @@ def merge(
 
     from peft import PeftModel
 
-    base_name = card["base"]["name_or_path"]
-    method = card["config"]["method"]
+    base_name = card.base
     note = None
-    if method == "qlora":
-        bits = card["config"].get("quant_bits", 4)
+    if card.method == "qlora":
+        bits = card.config.quant_bits
         note = (
             f"QLoRA: the adapter was trained on a {bits}-bit base; it is merged onto {base_name} reloaded in "
             "full precision (fp32), never into quantised weights"
@@ -89,7 +89,7 @@ def merge(
     after = model.state_dict()
     delta = max(float((after[k].float() - v.float()).abs().max()) for k, v in before.items() if k in after)
     figures = {
-        "kind": f"{method} adapter merged with PEFT merge_and_unload(safe_merge=True)",
+        "kind": f"{card.method} adapter merged with PEFT merge_and_unload(safe_merge=True)",
         "base": base_name,
         "base_precision": "fp32",
         "note": note,

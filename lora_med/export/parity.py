@@ -1,7 +1,7 @@
 """The parity gate: an export's two graphs against the merged PyTorch model on held-out conversations.
 
-Optimum itself only warns on a mismatch (FACTS.md), so lora-med gates on its own figures. The reference is
-the merged model in fp32: its teacher-forced logits, and its greedy replies from transformers' ``generate()``
+Optimum's exporter only logs a warning on a mismatch and carries on, so lora-med gates on its own figures. The
+reference is the merged model in fp32: its teacher-forced logits, and its greedy replies from transformers' ``generate()``
 one prompt at a time (what a user of the plain model gets; the only ``generate()`` in the gate). Both
 exported graphs make their replies through the engine (:mod:`lora_med.engine`), the loop every reply in
 lora-med goes through:
@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .. import data, models, runs
+from .. import data, models
+from ..cards import ExportCard, TrainCard
 from ..config import ExportConfig
 from ..engine import Engine, GenerationSettings, load_engine
 from ..engine.ort_backend import ort_logits_fn, ort_model, session_options
@@ -223,13 +224,12 @@ def check_parity(
         "failures": failures,
     }
     if failures:
-        err = GateError(
+        raise GateError(
             "parity gate failed (exported graphs vs PyTorch, "
             f"{len(conversations)} held-out conversations, {precision}):",
             failures,
+            figures=figures,  # travel with the error to the manifest of the failed export
         )
-        err.figures = figures  # travel with the error to the manifest of the failed export
-        raise err
     return figures
 
 
@@ -269,10 +269,9 @@ def verify_export(export_dir: str | Path, provider: str | None = None) -> dict:
     a complete export or its run folder is gone.
     """
     d = Path(export_dir)
-    manifest = runs.load_card(d, "export")
-    cfg = ExportConfig(**{k: v for k, v in manifest["options"].items() if k in ExportConfig.__dataclass_fields__})
-    run_dir = Path(manifest["source"]["run_dir"])
-    card = runs.load_card(run_dir, "train")
+    manifest = ExportCard.read(d)
+    cfg = manifest.options
+    card = TrainCard.read(manifest.source.run_dir)
     device = models.resolve_device(cfg.device)
     reference = models.load_model(str(d / "merged"), trust_remote_code=cfg.trust_remote_code).to(device)
     tokenizer = models.load_tokenizer(str(d / "merged"), trust_remote_code=cfg.trust_remote_code)
@@ -281,19 +280,19 @@ def verify_export(export_dir: str | Path, provider: str | None = None) -> dict:
         provider or ("CUDAExecutionProvider" if device == "cuda" else None),
         session_options=session_options(spin=False),
     )
-    section = manifest.get("engine") or {"status": "not built", "reason": "exported before lora-med wrote engine/"}
-    engine = load_engine(d / "engine", device=section["device"], spin=False) if section["status"] == "built" else None
+    graph = manifest.engine
+    engine = load_engine(d / "engine", device=graph.device, spin=False) if graph.device is not None else None
     try:
         return check_parity(
             onnx_model,
             reference,
             tokenizer,
-            runs.held_out(card, run_dir)[: cfg.n_parity],
-            fmt=card["data"]["format"],
-            max_length=card["data"]["max_length"],
+            card.held_out()[: cfg.n_parity],
+            fmt=card.format,
+            max_length=card.max_length,
             cfg=cfg,
             engine=engine,
-            engine_note=section.get("reason"),
+            engine_note=graph.reason,
         )
     finally:
         if engine is not None:

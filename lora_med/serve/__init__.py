@@ -1,9 +1,13 @@
 """``lora-med serve``: the seed guide's ``/chat/`` app on an exported model.
 
 ``serve(cfg)`` runs it (blocking); ``create_app(cfg, engine=None, store=None)`` returns the FastAPI app.
-Modules: config (settings), app (routes, request path), store (conversation memory), intents (action and
-status), guard (emergencies), matcher (the rules both use), batcher (queue and dynamic batching),
-replier (model folder, prompts, engine calls), limits (rate limit, per-user order), metrics, logs.
+Modules: config (settings), app (routes) and server (the /chat/ request path), openai_api (/v1), auth, http
+(body limits), schemas, turn (what a message's turn says), store and postgres (conversation memory), intents
+(action and status), triage/ (emergency / caution / none before the model, carry-over, advice), matcher (the
+rules both use), batcher (admission and continuous batching), release (streamed text, checked), replier (model
+folder, prompts, engine calls), limits (rate limit, per-user order), metrics, logs; the clinic's facts
+(docs/facts.md): facts (the file), referee (what they do to a turn), booking, answers, checker, audit, dates,
+lexicon.
 """
 
 from .config import ServeConfig

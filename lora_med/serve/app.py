@@ -1,346 +1,138 @@
-"""The seed guide's ``/chat/`` app on an exported model: FastAPI routes, the request path, and ``serve``.
+"""The server's FastAPI app: routes, the HTTP edge, and ``serve``.
 
-A message goes: validation (422) -> emergency guard (answered at once, never the model, never rate
-limited) -> per-user rate limit (429) -> a place in the queue (503) -> the user's conversation from the
-store (the message stored) -> ``action``/``params.status`` from the intent layer -> the prompt in the
-training format -> a batch through the engine -> the reply stored -> the response. A request that takes
-longer than ``request_timeout_s`` gets 504 (a message already stored stays, unanswered).
+Routes: the seed guide's ``POST /chat/`` (its request path is :mod:`lora_med.serve.server`), the OpenAI-compatible
+``/v1`` (:mod:`lora_med.serve.openai_api`), ``/health/live`` and ``/health/ready`` (probes, always open),
+``/health`` (details) and ``/metrics``. In front of them, outermost first: the API key (:mod:`.auth`, when keys
+are set), the body limit (:mod:`.http`, 413 before parsing). Bodies are parsed by ``StrictJSONRoute``, so every
+malformed body is a 422 naming the field, logged and counted, deeply nested JSON included.
 
 (No ``from __future__ import annotations`` here: FastAPI reads the route's body annotation at runtime, and
 the request model is built per app, with that app's message limit.)
 """
 
-import asyncio
-import contextlib
 import errno
-import logging
 import socket
 import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
+from collections.abc import MutableMapping
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import ConfigError
-from .batcher import Batcher, EngineFailed, EngineStopped, QueueFull, ShuttingDown
+from . import openai_api
+from .auth import BearerAuth, check_exposure, load_keys
 from .config import ServeConfig, check, resolve_path
-from .guard import Guard
-from .intents import ACTIONS, Intents
-from .limits import RateLimiter, UserLocks
+from .http import BodyLimit, BodyTooLarge, StrictJSONRoute, content_length, problem, too_large_body
+from .intents import Intents
 from .logs import log, logging_config
-from .metrics import CONTENT_TYPE, Metrics
-from .replier import Replier, load_replier, resolve_model
+from .metrics import CONTENT_TYPE
+from .referee import load_referee
+from .replier import load_replier, resolve_model
+from .schemas import ChatResponse, request_model
+from .server import Server
 from .store import ConversationStore, SQLiteStore
-from .turn import Dialog
-
-USER_ID_PATTERN = r"^\+?[1-9][0-9]{6,14}$"  # a phone number, E.164 digits with or without '+'
-SEED_EXAMPLE = {"user_id": "+59170123456", "message": "Hola, necesito una cita"}
+from .triage import Triage
 
 
-class Params(BaseModel):
-    # The seed's status, and whatever else the turn knows (lora_med.serve.turn.Plan.params).
-    model_config = ConfigDict(extra="allow")
-    status: str = Field(description="Where the conversation's flow stands (configs/intents.yaml lists them).")
+def open_store(cfg: ServeConfig) -> ConversationStore:
+    """``cfg.store`` (a PostgreSQL URL) when set, else the SQLite file ``cfg.db``.
 
+    Raises:
+        ConfigError: the database cannot be opened or reached (named, with the fix).
+    """
+    if cfg.store:
+        from .postgres import PostgresStore
 
-class ChatResponse(BaseModel):
-    response: str = Field(description="The assistant's reply.")
-    user_id: str
-    conversation_id: str = Field(description="conv_<user_id>_<id>, stable within a conversation.")
-    action: Literal[ACTIONS] = Field(description="What the message asks for (intent layer or emergency guard).")
-    params: Params
-
-
-def _request_model(max_chars: int) -> type[BaseModel]:
-    class ChatRequest(BaseModel):
-        model_config = ConfigDict(json_schema_extra={"examples": [SEED_EXAMPLE]})
-        user_id: str = Field(pattern=USER_ID_PATTERN, description="The patient's phone number, e.g. +59170123456.")
-        message: str = Field(min_length=1, max_length=max_chars, description=f"At most {max_chars} characters.")
-
-        @field_validator("message")
-        @classmethod
-        def _not_blank(cls, v: str) -> str:
-            if not v.strip():
-                raise ValueError("message is blank; send the patient's text")
-            return v
-
-    return ChatRequest
-
-
-class _Server:
-    """Everything one running app holds (no module-level state)."""
-
-    def __init__(self, cfg: ServeConfig, guard: Guard, intents: Intents, store: ConversationStore, replier: Replier):
-        self.cfg = cfg
-        self.store = store
-        self.replier = replier
-        self.limiter = RateLimiter(cfg.rate_limit, cfg.rate_window_s)
-        self.locks = UserLocks()
-        self.in_flight = 0
-        cache = getattr(replier.engine, "prefix_cache", None)
-        self.metrics = Metrics(
-            queue_depth=lambda: self.batcher.depth(),
-            in_flight=lambda: self.in_flight,
-            prompt_tokens=lambda: cache.prompt_tokens if cache is not None else 0,
-            reused_tokens=lambda: cache.reused_tokens if cache is not None else 0,
-        )
-        # A request joins a running batch at the next step where the engine allows it, so waiting for company
-        # only delays it; where batches run whole, a few ms let a burst start together.
-        wait_ms = cfg.batch_wait_ms if cfg.batch_wait_ms is not None else (0.0 if replier.engine.joins else 5.0)
-        self.batcher = Batcher(
-            replier.stream,
-            max_batch=cfg.max_batch,
-            wait_s=wait_ms / 1000,
-            queue_size=cfg.queue_size,
-            metrics=self.metrics,
-        )
-        self.dialog = Dialog(guard, intents, replier, self.metrics)
-        self.store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
-        self.started = time.time()
-        self.port: int | None = None  # set by serve() once the socket is bound
-
-    async def db(self, fn, *args, **kwargs):
-        """Run a store call on the store thread (SQLite blocks; the event loop must not)."""
-        return await asyncio.get_running_loop().run_in_executor(self.store_thread, lambda: fn(*args, **kwargs))
-
-    @contextlib.asynccontextmanager
-    async def lifespan(self, app: FastAPI):
-        self.batcher.start()
-        eng = self.replier.engine
-        log(
-            "ready",
-            host=self.cfg.host,
-            port=self.port,
-            model=self.cfg.model,
-            engine=eng.name,
-            device=eng.device,
-            source=self.replier.source.kind,
-            db=self.cfg.db,
-        )
-        try:
-            yield
-        finally:
-            await self.batcher.close()
-            await self.db(self.store.close)
-            self.store_thread.shutdown(wait=True)
-            self.replier.close()
-            log("stopped", uptime_s=round(time.time() - self.started, 1))
-
-    def finish(self, status: int, t0: float, body: dict, headers: dict | None = None, **fields) -> JSONResponse:
-        """Count, log (no message text) and return one /chat/ response."""
-        elapsed = time.perf_counter() - t0
-        self.metrics.requests.inc(status)
-        self.metrics.latency.observe(elapsed)
-        log(
-            "chat",
-            logging.INFO if status < 500 else logging.ERROR,
-            status=status,
-            ms=round(1000 * elapsed, 1),
-            **fields,
-        )
-        return JSONResponse(body, status_code=status, headers=headers)
-
-    async def chat(self, user_id: str, message: str) -> JSONResponse:
-        t0 = time.perf_counter()
-        rid = uuid.uuid4().hex[:12]
-        cfg = self.cfg
-        ids = {"request_id": rid, "user": user_id}
-        headers = {"X-Request-Id": rid}
-        self.in_flight += 1
-        ticket = None
-        future = None
-        try:
-            urgent = self.dialog.first_look(message)
-            if urgent is None:
-                wait = self.limiter.check(user_id, time.monotonic())
-                if wait is not None:
-                    return self.finish(
-                        429,
-                        t0,
-                        {
-                            "detail": f"rate limit: at most {cfg.rate_limit} messages per "
-                            f"{cfg.rate_window_s:g} s per user; retry in {wait} s"
-                        },
-                        {**headers, "Retry-After": str(wait)},
-                        error="rate_limited",
-                        **ids,
-                    )
-                try:
-                    ticket = self.batcher.reserve()
-                except QueueFull:
-                    return self.finish(
-                        503,
-                        t0,
-                        {
-                            "detail": f"busy: {cfg.queue_size} requests are waiting for the "
-                            "model (queue_size); retry shortly"
-                        },
-                        {**headers, "Retry-After": "1"},
-                        error="queue_full",
-                        **ids,
-                    )
-            try:
-                async with asyncio.timeout(cfg.request_timeout_s):
-                    # A user's messages are answered in order, but an emergency never waits behind one.
-                    async with self.locks.hold(user_id) if urgent is None else contextlib.nullcontext():
-                        restart = self.dialog.wants_restart(message, urgent)
-                        opened = await self.db(
-                            self.store.begin,
-                            user_id,
-                            message,
-                            now=time.time(),
-                            idle_s=cfg.idle_minutes * 60,
-                            restart=restart,
-                            request_id=rid,
-                        )
-                        ids["conversation"] = opened.conversation_id
-                        plan = self.dialog.plan(message, opened.history, urgent)
-                        prompt_len, batch = len(plan.prompt or ()), 0
-                        if plan.prompt is not None:
-                            future = ticket.submit(plan.prompt)
-                            # shield: a timeout or a client that leaves stops this wait, never the batch
-                            generated = await asyncio.shield(future)
-                            batch = generated.batch_size
-                            plan = self.dialog.finish(plan, self.replier.decode(generated.ids))
-            except TimeoutError:
-                if future is not None:
-                    future.cancel()  # still queued: skipped; already in the engine: its row is dropped
-                return self.finish(
-                    504,
-                    t0,
-                    {
-                        "detail": f"timeout: no reply within {cfg.request_timeout_s:g} s "
-                        "(request_timeout_s); send the message again"
-                    },
-                    headers,
-                    error="timeout",
-                    **ids,
-                )
-            await self.db(
-                self.store.answer,
-                opened.conversation_id,
-                opened.turn_id,
-                plan.reply,
-                action=plan.action,
-                status=plan.status,
-                source=plan.source,
-                now=time.time(),
-            )
-            self.metrics.actions.inc(plan.action)
-            body = ChatResponse(
-                response=plan.reply,
-                user_id=user_id,
-                conversation_id=opened.conversation_id,
-                action=plan.action,
-                params=Params(**plan.params()),
-            ).model_dump()
-            return self.finish(
-                200,
-                t0,
-                body,
-                {**headers, "X-Prompt-Tokens": str(prompt_len), "X-Batch-Size": f"{batch:g}"},
-                action=plan.action,
-                params_status=plan.status,
-                source=plan.source,
-                new_conversation=opened.new,
-                prompt_tokens=prompt_len,
-                batch=batch,
-                guard=plan.rule,
-                **ids,
-            )
-        except EngineStopped as e:
-            return self.finish(
-                503,
-                t0,
-                {"detail": f"not ready: {e}; the server log has the error"},
-                headers,
-                error="engine_stopped",
-                **ids,
-            )
-        except ShuttingDown:
-            return self.finish(
-                503,
-                t0,
-                {"detail": "the server is shutting down; retry shortly"},
-                {**headers, "Retry-After": "1"},
-                error="shutting_down",
-                **ids,
-            )
-        except EngineFailed as e:
-            return self.finish(
-                500,
-                t0,
-                {"detail": f"generation failed ({e}); request id {rid} in the server log"},
-                headers,
-                error="engine",
-                **ids,
-            )
-        except Exception as e:
-            log("chat_error", logging.ERROR, exc_info=e, request_id=rid, error=type(e).__name__)
-            return self.finish(
-                500,
-                t0,
-                {"detail": f"internal error; request id {rid} in the server log"},
-                headers,
-                error="internal",
-                **ids,
-            )
-        finally:
-            if ticket is not None:
-                ticket.release()
-            self.in_flight -= 1
+        return PostgresStore(cfg.store, pool_size=cfg.store_pool)
+    return SQLiteStore(cfg.db)
 
 
 def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = None) -> FastAPI:
     """The FastAPI app for ``cfg``. Loads the model (unless ``engine`` is given) and opens the store
-    (``cfg.db`` as SQLite unless ``store`` is given); run it with uvicorn, or call :func:`serve`.
+    (``cfg.store`` or the SQLite file ``cfg.db``, unless ``store`` is given); run it with uvicorn, or call
+    :func:`serve`.
 
     Raises:
-        ConfigError: a setting, the model folder, the rule files or the database is unusable.
+        ConfigError: a setting, the API keys, the model folder, the rule files or the database is unusable.
     """
     check(cfg)
+    keys = load_keys(cfg)
+    check_exposure(cfg, keys)
     # Cheap things first, so their mistakes show before the model loads.
-    guard, intents = Guard(resolve_path(cfg.emergency)), Intents(resolve_path(cfg.intents))
+    triage, intents = Triage(resolve_path(cfg.emergency)), Intents(resolve_path(cfg.intents))
+    referee = load_referee(cfg.facts, cfg.replies, cfg.words, cfg.now, cfg.check_replies)
     source = resolve_model(cfg.model)  # a LoRA run or a half export is refused before the database is touched
-    store = store if store is not None else SQLiteStore(cfg.db)
+    store = store if store is not None else open_store(cfg)
     try:
         replier = load_replier(cfg, engine, source)
     except BaseException:
         store.close()
         raise
-    server = _Server(cfg, guard, intents, store, replier)
+    server = Server(cfg, triage, intents, store, replier, keys, referee)
     app = FastAPI(
         title="lora-med serve",
         version="1",
         lifespan=server.lifespan,
-        description="The seed guide's /chat/ app on a model fine-tuned and exported with lora-med.",
+        description="The seed guide's /chat/ app, and an OpenAI-compatible /v1, on a model fine-tuned and "
+        "exported with lora-med.",
     )
     app.state.server = server
-    ChatRequest = _request_model(cfg.max_message_chars)
+    app.router.route_class = StrictJSONRoute  # before any route: deep JSON is a 422, not FastAPI's bare 400
+
+    def too_large(scope: MutableMapping[str, Any], length: int | None) -> None:
+        server.metrics.refused.inc("too_large")
+        log("too_large", path=scope.get("path"), content_length=length, max_body_bytes=cfg.max_body_bytes)
+
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes, refused=too_large)
+
+    @app.exception_handler(BodyTooLarge)
+    async def over_limit(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        """A body that passed the limit while a route read it (chunked, or a lying Content-Length)."""
+        too_large(request.scope, content_length(request.scope))
+        return JSONResponse(too_large_body(exc.max_bytes), status_code=413, headers={"Connection": "close"})
+
+    if keys:  # added last: outermost, so a request without the key is refused before its body is read
+        app.add_middleware(BearerAuth, keys=keys, refused=server.metrics.refused.inc)
+    ChatRequest = request_model(cfg.max_message_chars)
 
     @app.post(
         "/chat/",
         response_model=ChatResponse,
         responses={
+            401: {"description": "No API key or a wrong one (when the server has keys)"},
+            413: {"description": "Body larger than max_body_bytes"},
             422: {"description": "Invalid body (the field and the limit are named)"},
             429: {"description": "Rate limit (Retry-After)"},
-            503: {"description": "Queue full"},
+            503: {"description": "Busy: the expected wait passes request_timeout_s (Retry-After; Spanish and English)"},
             504: {"description": "Timeout"},
         },
     )
     async def chat(body: ChatRequest) -> JSONResponse:  # type: ignore[valid-type]
         """Answer one patient message (the seed guide's request and response)."""
-        return await server.chat(body.user_id, body.message)
+        return await server.chat(body.user_id, body.message)  # type: ignore[attr-defined]
+
+    openai_api.install(app, server)
+
+    @app.get("/health/live")
+    async def live() -> dict:
+        """The process answers (no key needed)."""
+        return {"status": "alive"}
+
+    @app.get("/health/ready")
+    async def ready() -> JSONResponse:
+        """200 when the engine serves and the store answers a query now; 503 otherwise (no key needed)."""
+        ok, body = await server.ready()
+        return JSONResponse(body, status_code=200 if ok else 503, headers=None if ok else {"Retry-After": "1"})
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        """Model, engine, device, uptime and queue depth; 503 and "not ready" once the engine was given up."""
+        """Model, engine, device, uptime, queue, admission and store (behind the key when there is one); 503 and
+        "not ready" once the engine was given up."""
         eng = server.replier.engine
         cache = getattr(eng, "prefix_cache", None)
+        _, readiness = await server.ready()
         broken = server.batcher.broken
         body = {
             "status": "ok" if broken is None else "not ready",
@@ -356,11 +148,21 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
             "uptime_s": round(time.time() - server.started, 1),
             "queue_depth": server.batcher.depth(),
             "in_flight": server.in_flight,
+            "engine_rows": server.batcher.running(),
             "max_batch": cfg.max_batch,
             "batching": "continuous" if eng.joins else "whole batches",
             "batch_wait_ms": server.batcher.wait_s * 1000,
+            "expected_wait_s": round(server.batcher.expected_wait(), 3),
+            "engine_s_per_reply": round(server.batcher.service_s, 4),
+            "store_s_per_call": round(server.store_s, 4),
+            "request_timeout_s": cfg.request_timeout_s,
             "cut_block": server.replier.cut_block,
             "prefix_cache_mb": cache.max_bytes / 2**20 if cache is not None else 0,
+            "triage": server.dialog.triage.versions(),
+            "store": "postgresql" if cfg.store else "sqlite",
+            "ready": readiness,
+            "api_keys": len(keys),
+            "stream_release": cfg.stream_release,
         }
         return JSONResponse(body, status_code=200 if broken is None else 503)
 
@@ -371,11 +173,20 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [_problem(e, cfg.max_message_chars) for e in exc.errors()]
+        v1 = request.url.path.startswith("/v1/")
+        example = openai_api.V1_EXAMPLE if v1 else None
+        problems = [problem(e, cfg.max_message_chars, *([example] if example else [])) for e in exc.errors()]
         # The offending input is not echoed back or logged: it may be the patient's message.
         detail = [
             {"loc": list(e.get("loc", ())), "type": e.get("type"), "msg": p} for e, p in zip(exc.errors(), problems)
         ]
+        server.metrics.refused.inc("invalid_body")
+        if v1:
+            param = ".".join(str(x) for x in exc.errors()[0].get("loc", ()) if x != "body") or None
+            err = openai_api.ApiError(422, "; ".join(problems), "invalid_body", param)
+            server.metrics.openai_requests.inc(422)
+            log("completion", status=422, error="invalid_body", problems=[d["type"] for d in detail])
+            return JSONResponse({**err.body, "detail": detail}, status_code=422)
         return server.finish(
             422,
             time.perf_counter(),
@@ -385,27 +196,6 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
         )
 
     return app
-
-
-def _problem(err: dict, max_chars: int) -> str:
-    """One line naming the field and what is wrong with it."""
-    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-    field = ".".join(loc) or "body"
-    kind = err.get("type", "")
-    if kind == "json_invalid":
-        return (
-            f"body: not valid JSON ({err.get('ctx', {}).get('error', 'decode error')}); send "
-            '{"user_id": "+59170123456", "message": "..."}'
-        )
-    if kind == "missing":
-        if field == "body":
-            return 'body: empty; send {"user_id": "+59170123456", "message": "..."}'
-        return f"{field}: required field is missing"
-    if field == "message" and kind == "string_too_long":
-        return f"message: at most {max_chars} characters (max_message_chars)"
-    if field == "user_id" and kind == "string_pattern_mismatch":
-        return "user_id: must be a phone number such as +59170123456 (7 to 15 digits, optional +)"
-    return f"{field}: {err.get('msg', 'invalid')}"
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -439,13 +229,14 @@ def serve(cfg: ServeConfig) -> None:
     """Run the server until interrupted (SIGINT/SIGTERM finish the requests in flight, then stop).
 
     Raises:
-        ConfigError: settings, model, rules, database or port unusable (before anything is served).
+        ConfigError: settings, keys, model, rules, database or port unusable (before anything is served).
     """
     import logging.config
 
     import uvicorn
 
     check(cfg)
+    check_exposure(cfg, load_keys(cfg))  # before binding: an open port without a key is never opened
     logging.config.dictConfig(logging_config(cfg.log_file))
     sock = _bind(cfg.host, cfg.port)
     try:

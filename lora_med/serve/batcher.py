@@ -1,4 +1,4 @@
-"""Continuous batching: requests wait in a bounded queue and join the engine's running batch.
+"""Continuous batching: requests wait in a queue and join the engine's running batch.
 
 One engine thread holds an :meth:`Engine.stream <lora_med.engine.Engine.stream>` of ``max_batch`` rows for
 the server's life. Between decode steps it takes waiting prompts into free rows (their prompts run, then
@@ -14,8 +14,16 @@ flight (its stream cannot even be opened: memory gone, device lost) is retried `
 growing pause, then given up: ``broken`` says why, waiting and new requests fail with ``EngineStopped`` and the
 server reports itself not ready.
 
-The bound counts prompts waiting plus requests holding a ticket (accepted, prompt being built), so a
-burst cannot overshoot it between acceptance and submission.
+Admission is by expected wait, not by queue length: ``reserve`` refuses a request (``Overloaded``) only when
+the time it would wait for its reply, estimated from the requests ahead of it (queued, holding a ticket, or
+in the engine) and the engine's recent cost per reply, passes ``bound_s`` (the request timeout). The estimate:
+``cost * (ahead + 1)`` plus the batch window when the engine is idle, with ``cost`` a moving average of a
+reply's engine time divided by the rows decoded beside it (the engine time it alone takes). It assumes no gain
+from batching more rows than were seen: on a CPU a full batch costs nearly as much per row as the rows seen,
+and a refusal must only come past the bound. Before the first reply nothing is refused.
+
+A request may listen to its reply as it is made (``submit(..., listener=...)``): after each decode step the
+new tokens of every listening row are handed to the event loop in the same wake-up as the finished replies.
 """
 
 from __future__ import annotations
@@ -23,19 +31,32 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
 
+from ..engine import RowSettings
 from .logs import log
 from .metrics import Metrics
 
+SERVICE_EWMA = 0.2  # weight of the newest reply in the moving average of engine time per reply
 
-class QueueFull(Exception):
-    """The queue holds ``queue_size`` requests already (answered with 503)."""
+
+class Overloaded(Exception):
+    """The request's expected wait passes the bound (answered with 503 and Retry-After)."""
+
+    def __init__(self, expected_s: float, bound_s: float):
+        super().__init__(f"expected wait {expected_s:.1f} s > {bound_s:g} s")
+        self.expected_s, self.bound_s = expected_s, bound_s
+
+    @property
+    def retry_after(self) -> int:
+        """Seconds until the requests ahead have drained enough for a new one to fit the bound."""
+        return max(1, math.ceil(self.expected_s - self.bound_s))
 
 
 class ShuttingDown(Exception):
@@ -64,6 +85,9 @@ class Generated:
 class _Job:
     prompt: list[int]
     future: asyncio.Future
+    settings: RowSettings | None = None
+    listener: Callable[[list[int]], None] | None = None  # called on the event loop with each step's new tokens
+    sent: int = 0  # tokens handed to the listener (engine thread)
     t0: float = 0.0  # when it joined the engine
 
     def gone(self) -> bool:
@@ -77,12 +101,19 @@ class Ticket:
         self._batcher = batcher
         self._held = True
 
-    def submit(self, prompt: list[int]) -> asyncio.Future:
+    def submit(
+        self,
+        prompt: list[int],
+        settings: RowSettings | None = None,
+        listener: Callable[[list[int]], None] | None = None,
+    ) -> asyncio.Future:
+        """Queue the prompt; the future gets its ``Generated`` (cancel it to drop the row).
+        ``listener(tokens)`` is called on the event loop with the reply's new tokens after each step."""
         if not self._held:
             raise RuntimeError("ticket already used")
         self._held = False
         self._batcher._reserved -= 1
-        return self._batcher._enqueue(prompt)
+        return self._batcher._enqueue(_Job(prompt, None, settings, listener))  # type: ignore[arg-type]
 
     def release(self) -> None:
         if self._held:
@@ -97,11 +128,12 @@ class Batcher:
         *,
         max_batch: int,
         wait_s: float,
-        queue_size: int,
+        bound_s: float,
         metrics: Metrics | None = None,
     ):
         self._open = open_stream  # rows -> a context manager yielding an engine Stream
-        self.max_batch, self.wait_s, self.queue_size = max_batch, wait_s, queue_size
+        self.max_batch, self.wait_s, self.bound_s = max_batch, wait_s, bound_s
+        self.service_s = 0.0  # moving average of a reply's engine time per row beside it (0: none seen yet)
         self.metrics = metrics
         self._jobs: collections.deque[_Job] = collections.deque()  # guarded by _cv
         self._cv = threading.Condition()
@@ -123,11 +155,17 @@ class Batcher:
     def running(self) -> int:
         return self._running
 
-    def reserve(self) -> Ticket:
-        """A place in the queue.
+    def expected_wait(self) -> float:
+        """Seconds a request arriving now would wait for its reply (see the module docstring)."""
+        ahead = self.depth() + self._running
+        idle = self.wait_s if ahead == 0 else 0.0
+        return idle + self.service_s * (ahead + 1)
+
+    def reserve(self, extra_s: float = 0.0) -> Ticket:
+        """A place in the queue; ``extra_s``: what the request waits for besides the engine (the store).
 
         Raises:
-            QueueFull: ``queue_size`` requests are waiting already.
+            Overloaded: the expected wait passes ``bound_s``.
             EngineStopped: the engine was given up (it kept failing with nothing in flight).
             ShuttingDown: the server is stopping.
         """
@@ -135,18 +173,22 @@ class Batcher:
             raise EngineStopped(self.broken)
         if self._closing:
             raise ShuttingDown()
-        if self.depth() >= self.queue_size:
-            raise QueueFull()
+        expected = self.expected_wait() + extra_s
+        if expected > self.bound_s:
+            raise Overloaded(expected, self.bound_s)
         self._reserved += 1
         return Ticket(self)
 
-    def _enqueue(self, prompt: list[int]) -> asyncio.Future:
-        fut = asyncio.get_running_loop().create_future()
-        if self.broken is not None or self._closing:
-            fut.set_exception(EngineStopped(self.broken) if self.broken is not None else ShuttingDown())
+    def _enqueue(self, job: _Job) -> asyncio.Future:
+        fut = job.future = asyncio.get_running_loop().create_future()
+        if self.broken is not None:
+            fut.set_exception(EngineStopped(self.broken))
+            return fut
+        if self._closing:
+            fut.set_exception(ShuttingDown())
             return fut
         with self._cv:
-            self._jobs.append(_Job(prompt, fut))
+            self._jobs.append(job)
             self._cv.notify()
         return fut
 
@@ -213,6 +255,7 @@ class Batcher:
                 if job.gone():
                     stream.drop(h)
                     del live[h]
+            self._running = stream.live  # before _take may wait for work
             take = self._take(stream, live)
             if take is None:
                 return
@@ -221,21 +264,30 @@ class Batcher:
                 for job in take:
                     job.t0 = t0
                 self._joining = take  # failed with the live rows if the engine raises while taking them
-                live.update(zip(stream.add([j.prompt for j in take]), take))
+                live.update(zip(stream.add([j.prompt for j in take], [j.settings for j in take]), take))
                 self._joining = []
                 if self.metrics is not None:
                     self.metrics.engine_requests.inc(by=len(take))
             self._running = stream.live
-            done = []
+            done: list[tuple[_Job, object]] = []
             for f in stream.step():
                 job = live.pop(f.handle)
                 dt = time.perf_counter() - job.t0
+                cost = dt / max(f.batch, 1.0)  # the engine's time this reply took, its batch-mates' share left out
+                self.service_s = (
+                    cost if not self.service_s else (1 - SERVICE_EWMA) * self.service_s + SERVICE_EWMA * cost
+                )
                 if self.metrics is not None:
                     self.metrics.batch_size.observe(f.batch)
                     self.metrics.generate_seconds.observe(dt)
                 done.append((job, Generated(list(f.ids), round(f.batch, 2), dt)))
-            if done:
-                self._settle(done)
+            news = []
+            for h, job in live.items():
+                if job.listener is not None and (toks := stream.tokens(h)) and len(toks) > job.sent:
+                    news.append((job, toks[job.sent :]))
+                    job.sent = len(toks)
+            if done or news:
+                self._settle(done, news)
             self._running = stream.live
 
     def _take(self, stream, live: dict[int, _Job]) -> list[_Job] | None:
@@ -261,10 +313,14 @@ class Batcher:
                     take.append(job)
             return take
 
-    def _settle(self, outcomes: list[tuple[_Job, object]]) -> None:
-        """Give each job its outcome (a result, or an exception) on the event loop: one wake-up for them all."""
+    def _settle(self, outcomes: Sequence[tuple[_Job, object]], news: Sequence[tuple[_Job, list[int]]] = ()) -> None:
+        """Hand listeners their new tokens, then give each job its outcome (a result, or an exception), on the
+        event loop: one wake-up for them all."""
 
         def settle() -> None:
+            for job, tokens in news:
+                if not job.future.done() and job.listener is not None:
+                    job.listener(tokens)
             for job, outcome in outcomes:
                 if job.future.done():
                     continue
@@ -273,4 +329,5 @@ class Batcher:
                 else:
                     job.future.set_result(outcome)
 
+        assert self._loop is not None, "the engine thread runs only after start() took the event loop"
         self._loop.call_soon_threadsafe(settle)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,25 @@ def check(cfg: ServeConfig) -> None:
             f"EXPORT_DIR {cfg.model}: no such folder; give a `lora-med merge-export` output (exports/...) "
             "or a Hugging Face model folder"
         )
-    for field in ("intents", "emergency"):
+    for field in ("intents", "emergency", "facts", "replies"):
         if not resolve_path(getattr(cfg, field)).is_file():
             p.append(f"{describe(cfg, field)}: file not found")
+    missing = [w for w in cfg.words if not resolve_path(w).is_file()]
+    if missing:
+        p.append(f"{describe(cfg, 'words')}: file(s) not found: {', '.join(missing)}; give conversation files")
+    if cfg.now is not None:
+        try:
+            datetime.fromisoformat(cfg.now)
+        except ValueError:
+            p.append(f"{describe(cfg, 'now')}: not a date; write YYYY-MM-DD or YYYY-MM-DDTHH:MM")
     db = Path(cfg.db)
-    if db.is_dir():
+    if cfg.store:
+        if not cfg.store.startswith(("postgresql://", "postgres://")):
+            p.append(
+                f"{name(cfg, 'store')}: give a PostgreSQL URL, postgresql://user:password@host:5432/dbname "
+                "(or leave it unset for the SQLite file --db)"
+            )
+    elif db.is_dir():
         p.append(f"{describe(cfg, 'db')}: is a directory; give a file path such as {db / 'serve.db'}")
     elif not db.parent.resolve().is_dir():
         p.append(f"{describe(cfg, 'db')}: folder {db.parent} does not exist; create it first")

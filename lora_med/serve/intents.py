@@ -1,6 +1,6 @@
 """The intent layer: ``action`` and ``params.status`` of a reply, from rules over the message and the
 conversation so far (the model only writes text). Rules and the status flow are documented in
-``configs/intents.yaml``; the emergency action is decided earlier, by the guard.
+``configs/intents.yaml``; the emergency action is decided by the triage (lora_med/serve/triage).
 """
 
 from __future__ import annotations
@@ -8,13 +8,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 from ..errors import ConfigError
 from .config import read_yaml
 from .matcher import RuleSet, normalize
 from .store import Turn
 
-ACTIONS = (
+Action = Literal[
     "schedule_appointment",
     "reschedule_appointment",
     "cancel_appointment",
@@ -22,9 +23,17 @@ ACTIONS = (
     "clinic_info",
     "emergency",
     "chat",
-)
-FLOWS = ("schedule_appointment", "reschedule_appointment", "cancel_appointment", "lab_results")
-NEEDS_IDENTITY = ("reschedule_appointment", "cancel_appointment", "lab_results")
+]
+ACTIONS: tuple[Action, ...] = get_args(Action)
+FLOWS: tuple[Action, ...] = ("schedule_appointment", "reschedule_appointment", "cancel_appointment", "lab_results")
+NEEDS_IDENTITY: tuple[Action, ...] = ("reschedule_appointment", "cancel_appointment", "lab_results")
+
+
+def as_action(value: object) -> Action | None:
+    """``value`` as one of the actions (from YAML or the store, where it is plain text), or None."""
+    return next((a for a in ACTIONS if a == value), None)
+
+
 EMERGENCY_STATUS = "emergency_referred"
 
 # Identity as the fact sheet's verification asks: a CI-like number and a date of birth.
@@ -37,7 +46,7 @@ _DATE = re.compile(
 
 @dataclass(frozen=True)
 class Decision:
-    action: str
+    action: Action
     status: str
 
 
@@ -49,10 +58,10 @@ class Intents:
         where = str(path)
         concepts = spec.get("concepts")
         problems = []
-        self.intents: list[tuple[str, RuleSet]] = []
+        self.intents: list[tuple[Action, RuleSet]] = []
         for i, item in enumerate(spec.get("intents") or []):
-            action = item.get("action") if isinstance(item, dict) else None
-            if action not in ACTIONS or action in ("emergency", "chat"):
+            action = as_action(item.get("action") if isinstance(item, dict) else None)
+            if action is None or action in ("emergency", "chat"):
                 problems.append(
                     f"{where} intents[{i}]: action must be one of "
                     f"{', '.join(a for a in ACTIONS if a not in ('emergency', 'chat'))}"
@@ -64,6 +73,7 @@ class Intents:
         fallback = spec.get("fallback_reply")
         if not isinstance(fallback, str) or not fallback.strip():
             problems.append(f"{where}: 'fallback_reply' must be the text sent when the model's reply is empty")
+            fallback = ""  # refused below, with the other problems
         if problems:
             raise ConfigError(f"{where}: invalid intent rules", problems)
         self.restart = RuleSet.from_spec(spec.get("restart"), concepts, f"{where} restart")
@@ -77,7 +87,7 @@ class Intents:
         """True when the patient asks to start the conversation over."""
         return self.restart.first(message) is not None
 
-    def intent(self, message: str) -> str | None:
+    def intent(self, message: str) -> Action | None:
         """The first action whose rules match ``message``, or None."""
         return next((action for action, rules in self.intents if rules.first(message)), None)
 
@@ -85,7 +95,8 @@ class Intents:
         """``action`` and ``params.status`` for ``message`` after ``history`` (this conversation's earlier turns)."""
         flow, flow_start = _active_flow(history)
         detected = self.intent(message)
-        if detected in FLOWS:
+        action: Action
+        if detected is not None and detected in FLOWS:
             action = detected
         elif detected is None and flow is not None:
             action = flow  # "el martes a las 10" continues the booking
@@ -103,19 +114,21 @@ class Intents:
         return Decision(action, "collecting_info")
 
 
-def _active_flow(history: list[Turn]) -> tuple[str | None, int]:
+def _active_flow(history: list[Turn]) -> tuple[Action | None, int]:
     """The booking flow the conversation is in (the latest flow action not yet confirmed) and the index of
     its first turn. Information questions in between do not end it; a confirmation or an emergency does."""
-    flow, start = None, 0
+    flow: Action | None = None
+    start = 0
     for i in range(len(history) - 1, -1, -1):
         t = history[i]
         if t.role != "assistant" or t.action in (None, "clinic_info", "chat"):
             continue
-        if t.action not in FLOWS or t.status == "confirmed":
+        action = as_action(t.action)
+        if action is None or action not in FLOWS or t.status == "confirmed":
             break
         if flow is None:
-            flow = t.action
-        elif t.action != flow:
+            flow = action
+        elif action != flow:
             break
         start = max(0, i - 1)  # the user turn that opened this reply
     return flow, start

@@ -79,5 +79,7 @@ def logging_config(log_file: str | None) -> dict:
             "uvicorn": {"handlers": ["json"], "level": "INFO", "propagate": False},
             "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
             LOGGER: {"handlers": ["json"], "level": "INFO", "propagate": False},
+            # the PostgreSQL pool's reconnect failures (--store), in the same JSON lines
+            "psycopg": {"handlers": ["json"], "level": "WARNING", "propagate": False},
         },
     }

@@ -3,13 +3,16 @@
 Patients write "kiero una sita", "me duele el pexo", "se desmallo", "combulsiones". Rules are written
 once in their plain spelling (in YAML under configs/) and matched on a phonetic key of every word:
 
-1. ``normalize``: lower case, accents and tildes dropped, anything but letters and digits is a space;
+1. ``normalize``: Unicode format characters (category Cf: zero-width spaces, soft hyphens) removed, lower case,
+   accents and tildes dropped, anything but letters and digits is a space;
 2. ``key``: the spellings Spanish speakers swap sound alike, so they get one key: ch -> x (pecho = pexo),
    qu/c(a,o,u)/k -> k, c(e,i)/z/s -> s, v -> b, ll -> y, a silent h dropped, doubled letters single
    (kiero = quiero, sita = cita, desmallo = desmayo, rrespirar = respirar);
 3. words whose key has 5 or more letters also match at one typo (Damerau-Levenshtein distance 1:
    one letter added, dropped, changed or two swapped); shorter words must match exactly, or "cara"
    would match "para". Prefixes of 6+ letters allow the same typo; 5-letter prefixes only a changed letter.
+   A ``protected`` word (a common word one typo away from a rule's word: "mamar" from "matar", "contar"
+   from "cortar") is never read as a typo: it matches only itself and prefixes it starts with.
 
 A rule is a list of slots; a slot is ``alt|alt|...`` where an alternative is a word, a prefix ending in
 ``*`` (``respir*``), or ``@name`` for a list of alternatives declared once under ``concepts``.
@@ -33,7 +36,9 @@ DEFAULT_GAP = 2
 
 
 def normalize(text: str) -> str:
-    """Lower case, no accents (ñ -> n), letters and digits only, single spaces."""
+    """No format characters, lower case, no accents (ñ -> n), letters and digits only, single spaces."""
+    # A format character (zero-width space, soft hyphen) inside a word would split it: drop it, never space it.
+    text = "".join(c for c in text if unicodedata.category(c) != "Cf")
     text = unicodedata.normalize("NFKD", text.casefold())
     text = "".join(c for c in text if not unicodedata.combining(c))
     return " ".join(re.sub(r"[^a-z0-9]+", " ", text).split())
@@ -74,10 +79,12 @@ class _Alt:
     prefix: bool
     at_least: int | None = None  # ``#N``: any number >= N
 
-    def matches(self, w: str) -> bool:
+    def matches(self, w: str, fuzzy: bool = True) -> bool:
         if self.at_least is not None:
             return w.isdigit() and int(w) >= self.at_least
         k = self.key
+        if not fuzzy:
+            return w.startswith(k) if self.prefix else w == k
         if not self.prefix:
             return w == k or (len(k) >= FUZZY_MIN and within_one(w, k))
         if w.startswith(k):
@@ -117,33 +124,57 @@ class Rule:
 class RuleSet:
     """Named rules checked in order; built from YAML by ``from_spec``.
 
-    Every alternative is indexed once (exact keys in a dict, fuzzy ones by length, prefixes in a list)
-    and each distinct word's matches are cached, so a 1,000-character message costs about a millisecond.
+    Every alternative is indexed once: exact keys in a dict; the keys of fuzzy words and of prefixes with each
+    one-letter deletion (a word one typo away from a key shares one of these strings with it), so a new word is
+    checked against a handful of candidates, not every alternative. Each distinct word's matches are cached.
+    ``protected``: phonetic keys of words never read as a typo of another (see the module docstring).
     """
 
-    def __init__(self, rules: list[tuple[str, str, int, list[list[_Alt]]]]):
+    def __init__(self, rules: list[tuple[str, str, int, list[list[_Alt]]]], protected: frozenset[str] = frozenset()):
         ids: dict[_Alt, int] = {}
         self.rules = [
             Rule(name, tuple(frozenset(ids.setdefault(a, len(ids)) for a in slot) for slot in slots), mode, span)
             for name, mode, span, slots in rules
         ]
         self._exact: dict[str, list[int]] = {}
-        self._fuzzy: list[tuple[int, _Alt]] = []
+        self._numbers: list[tuple[int, _Alt]] = []
+        self._words: dict[str, set[int]] = {}  # fuzzy word keys and their one-deletion variants -> ids
+        self._prefixes: dict[str, set[int]] = {}  # prefix keys (and, 5+ letters, their deletion variants) -> ids
+        self._prefix_lengths: set[int] = set()
         for alt, i in ids.items():
-            if alt.prefix or alt.at_least is not None or len(alt.key) >= FUZZY_MIN:
-                self._fuzzy.append((i, alt))
+            if alt.at_least is not None:
+                self._numbers.append((i, alt))
+            elif alt.prefix:
+                for v in _variants(alt.key) if len(alt.key) >= FUZZY_MIN else (alt.key,):
+                    self._prefixes.setdefault(v, set()).add(i)
+                self._prefix_lengths.update(range(max(1, len(alt.key) - 1), len(alt.key) + 2))
+            elif len(alt.key) >= FUZZY_MIN:
+                for v in _variants(alt.key):
+                    self._words.setdefault(v, set()).add(i)
             else:
                 self._exact.setdefault(alt.key, []).append(i)
+        self._alts = {i: alt for alt, i in ids.items()}
+        self.protected = protected
         self.hits = lru_cache(maxsize=20_000)(self._hits)
 
     def _hits(self, w: str) -> frozenset[int]:
         found = set(self._exact.get(w, ()))
-        found.update(i for i, alt in self._fuzzy if alt.matches(w))
+        if w.isdigit():
+            found.update(i for i, alt in self._numbers if alt.matches(w))
+        fuzzy = w not in self.protected
+        candidates: set[int] = set()
+        for v in _variants(w) if fuzzy else (w,):
+            candidates |= self._words.get(v, set())
+        for n in self._prefix_lengths:
+            if n <= len(w):
+                for v in _variants(w[:n]) if fuzzy else (w[:n],):
+                    candidates |= self._prefixes.get(v, set())
+        found.update(i for i in candidates if self._alts[i].matches(w, fuzzy))
         return frozenset(found)
 
     @classmethod
-    def from_spec(cls, rules: object, concepts: object, where: str) -> RuleSet:
-        """Build rules from their YAML form (see the module docstring).
+    def from_spec(cls, rules: object, concepts: object, where: str, protected: object = None) -> RuleSet:
+        """Build rules from their YAML form (see the module docstring); ``protected``: a list of words.
 
         Raises:
             ConfigError: a rule or concept is malformed (every problem listed, naming ``where``).
@@ -159,7 +190,7 @@ class RuleSet:
             raise ConfigError(f"{where}: no rules (give a list)", problems)
         built = []
         for i, spec in enumerate(rules):
-            name = f"{where} rule {i + 1}"
+            name = f"{where} rule {i + 1}" + (f" ({spec['name']})" if isinstance(spec, dict) and "name" in spec else "")
             if not isinstance(spec, dict) or len({"near", "seq"} & set(spec)) != 1:
                 problems.append(f"{name}: give exactly one of 'near' or 'seq' (a list of slots)")
                 continue
@@ -179,19 +210,32 @@ class RuleSet:
                     problems.append(f"{name}: {bad}")
                 slots.append(alts)
             built.append((str(spec.get("name", name)), mode, span, slots))
+        if protected is not None and (
+            not isinstance(protected, list) or not all(isinstance(x, str) and x.strip() for x in protected)
+        ):
+            problems.append(f"{where}: 'protected' must be a list of words")
         if problems:
             raise ConfigError(f"{where}: {len(problems)} problem(s) in the rules", problems)
-        return cls(built)
+        return cls(built, frozenset(key(normalize(w)) for w in protected or ()))
 
     def first(self, text: str) -> Rule | None:
         """The first rule that matches ``text``, or None."""
-        hits = [self.hits(w) for w in words(text)]
-        return next((r for r in self.rules if r.match(hits)), None)
+        return next(iter(self._candidates(text)), None)
 
     def matching(self, text: str) -> list[Rule]:
         """Every rule that matches ``text``, in file order."""
+        return list(self._candidates(text))
+
+    def _candidates(self, text: str):
         hits = [self.hits(w) for w in words(text)]
-        return [r for r in self.rules if r.match(hits)]
+        present = frozenset().union(*hits)
+        # Most rules have a slot no word of the message can fill: skip them before looking at positions.
+        return (r for r in self.rules if all(not slot.isdisjoint(present) for slot in r.slots) and r.match(hits))
+
+
+def _variants(k: str) -> tuple[str, ...]:
+    """``k`` and every string one deletion away from it."""
+    return (k, *{k[:i] + k[i + 1 :] for i in range(len(k))})
 
 
 def _slot(spec: str, concepts: dict) -> tuple[list[_Alt], str | None]:

@@ -40,12 +40,12 @@ class Counter(_Series):
         self.label = label
         self.values: dict[tuple, float] = {} if label else {(): 0.0}
 
-    def inc(self, label_value: str | None = None, by: float = 1.0) -> None:
+    def inc(self, label_value: str | int | None = None, by: float = 1.0) -> None:
         key = ((self.label, str(label_value)),) if self.label else ()
         with self.lock:
             self.values[key] = self.values.get(key, 0.0) + by
 
-    def get(self, label_value: str | None = None) -> float:
+    def get(self, label_value: str | int | None = None) -> float:
         key = ((self.label, str(label_value)),) if self.label else ()
         return self.values.get(key, 0.0)
 
@@ -95,6 +95,7 @@ class Metrics:
         in_flight: Callable[[], float],
         prompt_tokens: Callable[[], float] = lambda: 0.0,
         reused_tokens: Callable[[], float] = lambda: 0.0,
+        expected_wait: Callable[[], float] = lambda: 0.0,
     ):
         self.requests = Counter("lora_med_requests_total", "POST /chat/ requests by HTTP status.", "status")
         self.latency = Histogram(
@@ -112,11 +113,34 @@ class Metrics:
         )
         self.engine_requests = Counter("lora_med_engine_requests_total", "Prompts sent to the model.")
         self.guard_hits = Counter(
-            "lora_med_guard_hits_total", "Messages the emergency guard answered, by sign.", "rule"
+            "lora_med_guard_hits_total",
+            "Emergency replies of the triage, by category (unclear: generic advice).",
+            "rule",
+        )
+        self.triage = Counter("lora_med_triage_total", "Messages by triage tier (emergency, caution, none).", "tier")
+        self.overridden = Counter(
+            "lora_med_model_replies_overridden_total",
+            "Model replies that spoke of emergencies, 118 or ambulances on a message the triage did not mark "
+            "(replaced by the flow's own reply).",
         )
         self.actions = Counter("lora_med_actions_total", "Replies by action.", "action")
         self.empty_replies = Counter(
             "lora_med_empty_replies_total", "Model replies that were empty (the fallback reply was sent)."
+        )
+        self.sources = Counter(
+            "lora_med_replies_total",
+            "Replies by who wrote them: model, facts, guard (the triage), fallback or flow (the model overridden).",
+            "source",
+        )
+        self.replaced = Counter(
+            "lora_med_replaced_total",
+            "Model replies the checker rejected and the facts' reply replaced, by the first reason found.",
+            "reason",
+        )
+        self.fact_answers = Counter(
+            "lora_med_fact_answers_total",
+            "Replies built from the facts without asking the model (info, unavailable, summary).",
+            "why",
         )
         self.prompt_tokens = Gauge(
             "lora_med_prompt_tokens_total",
@@ -130,8 +154,34 @@ class Metrics:
             reused_tokens,
             kind="counter",
         )
+        self.openai_requests = Counter(
+            "lora_med_openai_requests_total", "POST /v1/chat/completions requests by HTTP status.", "status"
+        )
+        self.refused = Counter(
+            "lora_med_refused_total",
+            "Requests refused at the door, by reason: unauthorized (401), too_large (413), invalid_body (422), "
+            "overloaded (503: expected wait past request_timeout_s).",
+            "reason",
+        )
+        self.expected_wait = Gauge(
+            "lora_med_expected_wait_seconds", "What a request arriving now would wait for the model.", expected_wait
+        )
+        self.stream_checks = Counter(
+            "lora_med_stream_checks_total",
+            "Streamed replies by what the checks did: kept (the model's text), replaced (nothing of it had been "
+            "sent: the check's reply was), cut (sentences already sent, the rest withheld).",
+            "outcome",
+        )
+        self.client_gone = Counter(
+            "lora_med_client_gone_total", "Requests whose client left before the reply; their engine row was freed."
+        )
         self._all = (
             self.requests,
+            self.openai_requests,
+            self.refused,
+            self.expected_wait,
+            self.stream_checks,
+            self.client_gone,
             self.latency,
             self.queue_depth,
             self.in_flight,
@@ -139,8 +189,13 @@ class Metrics:
             self.generate_seconds,
             self.engine_requests,
             self.guard_hits,
+            self.triage,
+            self.overridden,
             self.actions,
             self.empty_replies,
+            self.sources,
+            self.replaced,
+            self.fact_answers,
             self.prompt_tokens,
             self.reused_tokens,
         )

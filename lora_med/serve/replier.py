@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import runs
+from ..cards import ExportCard, TrainCard
 from ..data import Message, prompt_ids
 from ..engine import ENGINE_FILE, GenerationSettings, load_engine
 from ..engine.torch_backend import torch_engine
@@ -67,8 +67,8 @@ def resolve_model(path: str) -> ModelSource:
             "(exports/...) or a Hugging Face model folder"
         )
     if (p / "manifest.json").is_file():
-        card = runs.load_card(p, "export")
-        source = card.get("source", {})
+        manifest = ExportCard.read(p)
+        source = manifest.source
         engine = p / "engine"
         if (engine / ENGINE_FILE).is_file():
             target, kind = engine, "export decode graph (ONNX Runtime)"
@@ -77,42 +77,29 @@ def resolve_model(path: str) -> ModelSource:
         else:
             raise ConfigError(f"EXPORT_DIR {path}: the export has neither engine/ nor merged/; export it again")
         tok = p / "merged" if (p / "merged" / "tokenizer_config.json").is_file() else p / "onnx"
-        verified = verify_export(p, card, tuple(sorted({target.name, tok.name})))
-        fmt = source.get("format") or "dialogpt"
-        return ModelSource(target, tok, fmt, source.get("max_length"), kind, verified=verified)
+        proven = verify_export(p, manifest.raw, tuple(sorted({target.name, tok.name})))
+        return ModelSource(target, tok, source.format, source.max_length, kind, verified=proven)
     if (p / "adapter_config.json").is_file():
         # A LoRA run: its adapter merged onto its base in memory, on PyTorch (merge-export it for the decode graph).
-        card = runs.load_card(p, "train")
-        base = card["base"]["name_or_path"]
+        card = TrainCard.read(p)
+        base = card.base
         if base.startswith(("/", ".")) and not Path(base).is_dir():
             raise ConfigError(f"EXPORT_DIR {path}: its base {base} is gone; restore it, or serve a merge-export")
-        if problems := runs.run_problems(p, card):  # a pickle adapter_model.bin is named here, before any load
+        if problems := card.problems():  # a pickle adapter_model.bin is named here, before any load
             raise runs.problems_error(f"with EXPORT_DIR {path}; nothing was loaded", problems)
         return ModelSource(
-            p,
-            p,
-            card["data"]["format"],
-            card["data"]["max_length"],
-            "training run, adapter merged in memory (PyTorch)",
-            adapter_base=base,
+            p, p, card.format, card.max_length, "training run, adapter merged in memory (PyTorch)", adapter_base=base
         )
     if (p / "config.json").is_file():
-        fmt, max_length, verified = "dialogpt", None, None
+        verified: Verified | None = None
         if root := export_root(p):  # an export's merged/: proven against the export's manifest
-            verified = verify_export(root[0], runs.load_card(root[0], "export"), (root[1],))
+            verified = verify_export(root[0], ExportCard.read(root[0]).raw, (root[1],))
         elif problems := weights_problems(p, "model", "model"):
             raise runs.problems_error(f"with EXPORT_DIR {path}; nothing was loaded", problems)
-        run = p / "run.json"  # a full fine-tune run folder records how it was trained
-        if run.is_file():
-            try:
-                card = json.loads(run.read_text(encoding="utf-8")).get("data", {})
-                fmt, max_length = card.get("format") or fmt, card.get("max_length")
-            except (ValueError, AttributeError):
-                raise ConfigError(
-                    f"EXPORT_DIR {path}: run.json is not valid JSON; restore it or serve the "
-                    "model from a folder without it"
-                ) from None
-        return ModelSource(p, p, fmt, max_length, "model folder (PyTorch)", verified=verified)
+        if (p / "run.json").is_file():  # a full fine-tune run folder records how it was trained
+            run = TrainCard.read(p)
+            return ModelSource(p, p, run.format, run.max_length, "model folder (PyTorch)", verified=verified)
+        return ModelSource(p, p, "dialogpt", None, "model folder (PyTorch)", verified=verified)
     raise ConfigError(f"EXPORT_DIR {path}: neither a merge-export (manifest.json) nor a model folder (config.json)")
 
 
@@ -227,7 +214,7 @@ def load_replier(cfg: ServeConfig, engine=None, source: ModelSource | None = Non
     tokenizer = load_tokenizer(str(source.tokenizer_path))
     owned = engine is None  # closed here if the replier cannot be made; a caller's engine stays the caller's
     if engine is None and source.adapter_base:
-        engine = _merged_run_engine(source, tokenizer, cfg)
+        engine = _merged_run_engine(source.adapter_base, source, tokenizer, cfg)
     elif engine is None:
         engine = load_engine(
             source.engine_path, device=cfg.device, threads=cfg.threads, prefix_cache_mb=cfg.prefix_cache_mb
@@ -268,7 +255,7 @@ def check_cache_memory(engine, cfg: ServeConfig, free: int | None = None) -> Non
     )
 
 
-def _merged_run_engine(source: ModelSource, tokenizer, cfg: ServeConfig):
+def _merged_run_engine(adapter_base: str, source: ModelSource, tokenizer, cfg: ServeConfig):
     """The engine's PyTorch path over a LoRA run's adapter merged onto its base (PEFT's safe merge)."""
     import torch
     from peft import PeftModel
@@ -276,6 +263,6 @@ def _merged_run_engine(source: ModelSource, tokenizer, cfg: ServeConfig):
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    base = load_model(source.adapter_base)
+    base = load_model(adapter_base)
     model = PeftModel.from_pretrained(base, str(source.engine_path)).merge_and_unload(safe_merge=True).eval()
     return torch_engine(model.to(device), eos_token_id=tokenizer.eos_token_id)

@@ -1,11 +1,11 @@
 """Conversation memory: every turn, behind one small interface.
 
-``ConversationStore`` is all the server uses (two calls per message, plus ``close``). ``SQLiteStore``
-is the embedded default: one file in WAL mode with ``synchronous=FULL``, so a committed turn survives a
-``kill -9`` and a power cut, and readers never block the writer. Several replicas need one shared store:
-implement the same three methods over PostgreSQL or Redis with the same guarantees (``begin`` picks or
-opens the conversation and stores the user turn atomically; ``answer`` stores the reply) and pass it to
-``create_app(cfg, store=...)``.
+``ConversationStore`` is all the server uses (two calls per message, plus ``health`` and ``close``).
+``SQLiteStore`` is the embedded default: one file in WAL mode with ``synchronous=FULL``, so a committed turn
+survives a ``kill -9`` and a power cut, and readers never block the writer; the file and its WAL/SHM files
+are created readable by their owner only (0600: they hold patients' names and numbers). Several replicas
+share one PostgreSQL database instead (``--store postgresql://...``, :mod:`lora_med.serve.postgres`), with the
+same guarantees; ``app.open_store`` picks one from the settings.
 
 A user turn is stored as soon as the message is accepted; the reply is stored with ``reply_to`` pointing
 at it. The prompt history holds answered exchanges only: a message whose reply never came (the server was
@@ -15,10 +15,12 @@ sees user/assistant turns alternating, as in training.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -44,7 +46,7 @@ CREATE TABLE IF NOT EXISTS turns (
     reply_to        INTEGER REFERENCES turns (id),   -- assistant turns: the user turn answered
     action          TEXT,
     status          TEXT,
-    source          TEXT,                            -- assistant turns: model | guard | fallback
+    source          TEXT,                            -- assistant turns: model | facts | guard | fallback | flow
     request_id      TEXT
 );
 CREATE INDEX IF NOT EXISTS turns_conversation ON turns (conversation_id, id);
@@ -88,7 +90,15 @@ class ConversationStore(Protocol):
         """Store the reply to user turn ``turn_id``."""
         ...
 
+    def health(self, timeout: float = 2.0) -> dict:
+        """One query, for the readiness probe: ``{"ok": bool, "ms": float, "error": str (when not ok), ...}``."""
+        ...
+
     def close(self) -> None: ...
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached now (a shared database down or out of connections): answered 503, retried."""
 
 
 class SQLiteStore:
@@ -108,6 +118,7 @@ class SQLiteStore:
         self.history_turns = history_turns
         self._lock = threading.Lock()
         try:
+            _create_private(self.path)
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT), nothing implicit.
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
             refuse_foreign_database(self._db, self.path)  # before anything below changes the file
@@ -185,12 +196,36 @@ class SQLiteStore:
             out += [Turn("user", user), Turn("assistant", reply, action, status)]
         return out
 
+    def health(self, timeout: float = 2.0) -> dict:
+        t0 = time.perf_counter()
+        try:
+            if not self._lock.acquire(timeout=timeout):
+                raise TimeoutError(f"the store was busy for {timeout:g} s")
+            try:
+                self._db.execute("SELECT id FROM conversations LIMIT 1").fetchall()
+            finally:
+                self._lock.release()
+            out: dict = {"ok": True}
+        except (sqlite3.Error, TimeoutError) as e:
+            out = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        return {**out, "kind": "sqlite", "ms": round(1000 * (time.perf_counter() - t0), 2)}
+
     def _transaction(self):
         return _Transaction(self._db)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file readable by its owner only; SQLite gives its -wal and -shm files the same mode."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass  # an existing database keeps the mode its owner gave it
+    except OSError as e:
+        raise sqlite3.DatabaseError(e.strerror or str(e)) from None
 
 
 # What lora-med creates in its file, read from SCHEMA (so a table added there is never taken for a foreign one), and

@@ -183,7 +183,8 @@ def plan_memory(cfg, setup, d) -> MemoryPlan:
             allowed=allowed,
             required=required,
             **common,
-            **(dict(context_gb=0.0, fragmentation=0.0) if cpu else {}),
+            context_gb=0.0 if cpu else CUDA_CONTEXT_GB,
+            fragmentation=0.0 if cpu else FRAGMENTATION,
         )
         if not choice.fits:
             raise ConfigError(f"{describe(cfg, 'vram_gb')}: {cfg.method} does not fit even at batch 1: {choice.reason}")
@@ -235,11 +236,11 @@ def chunked_causal_lm_loss(lm_head, hidden, labels, num_items_in_batch=None, *, 
         return F.cross_entropy(lm_head(h_part).float(), y_part, ignore_index=IGNORE, reduction="sum")
 
     recompute = torch.is_grad_enabled()
-    total = None
+    parts = []
     for i in range(0, h.shape[0], chunk):
         args = (h[i : i + chunk], y[i : i + chunk])
-        part = checkpoint(piece, *args, use_reentrant=False) if recompute else piece(*args)
-        total = part if total is None else total + part
+        parts.append(checkpoint(piece, *args, use_reentrant=False) if recompute else piece(*args))
+    total = sum(parts[1:], parts[0])
     if num_items_in_batch is None:
         return total / (y != IGNORE).sum()
     return total / num_items_in_batch
@@ -256,9 +257,9 @@ CUDA_CONTEXT_GB = 0.5
 # shape with its rules (benchmarks/train_memory/replay-dialogpt-medium.json, "segments in use"), so 7%.
 FRAGMENTATION = 0.07
 # Fixed cost of a training step (kernel launches, Python, the optimizer's per-tensor loop) in tokens of
-# compute: rate ~ tokens / (overhead + tokens). The H200 figures in FACTS.md give ~1,300 (LoRA) to ~3,400
-# (full) tokens; an RTX 4060 Ti, ~40x slower at bf16 matmuls with a similar host, ~250-400. Only the ranking
-# of micro-batches depends on it.
+# compute: rate ~ tokens / (overhead + tokens). The H200 figures (benchmarks/results/h200-dialogpt-medium-shape/)
+# give ~1,300 (LoRA) to ~3,400 (full) tokens; an RTX 4060 Ti, ~40x slower at bf16 matmuls with a similar host,
+# ~250-400. Only the ranking of micro-batches depends on it.
 OVERHEAD_TOKENS = 256
 
 

@@ -22,8 +22,10 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, overload
 
 from .. import modelcard, models, runs, settings
+from ..cards import TrainCard
 from ..config import TrainConfig
 from ..errors import ConfigError, LoraMedError
 from ..fileio import write_json
@@ -56,6 +58,12 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------- the command
+
+
+@overload
+def train(cfg: TrainConfig, *, plan_only: Literal[False] = False, callbacks=()) -> TrainResult: ...
+@overload
+def train(cfg: TrainConfig, *, plan_only: Literal[True], callbacks=()) -> dict: ...
 
 
 def train(cfg: TrainConfig, *, plan_only: bool = False, callbacks=()) -> TrainResult | dict:
@@ -136,7 +144,7 @@ def _start_card(cfg: TrainConfig, setup: Setup, d: Data, mem: MemoryPlan, total:
                 "source": d.eval_source,
                 "split_seed": cfg.seed if d.eval_source == "split" else None,
                 "indices": d.eval_idx,
-                # evaluation conversations also trained on: 0, or allowed by --allow-eval-overlap (runs.overlap_note)
+                # evaluation conversations also trained on: 0, or allowed by --allow-eval-overlap (TrainCard.overlap_note)
                 "overlap": {"conversations": d.overlap, "of": len(d.eval_convs), "allowed": cfg.allow_eval_overlap},
             },
             "format": d.fmt,
@@ -201,7 +209,7 @@ def _run(cfg: TrainConfig, setup: Setup, d: Data, mem: MemoryPlan, callbacks, t_
         )
         # The card goes down first (status running) so that --resume can check it is the same run.
         if cfg.resume:
-            card = {**runs.load_card(out, "train", complete=False), "status": "running"}
+            card = {**TrainCard.read(out, complete=False).raw, "status": "running"}
         else:
             if cfg.overwrite and runs.marker(out):
                 runs.clear(out)
@@ -233,7 +241,7 @@ def _run(cfg: TrainConfig, setup: Setup, d: Data, mem: MemoryPlan, callbacks, t_
         if cfg.resume and main and not done:  # what the dead process logged after its checkpoint is written again
             rewind_metrics(out / "metrics.jsonl", ckpt)
         t_train = time.perf_counter()
-        if done:  # killed after its last checkpoint (e.g. during the final evaluation): only finish
+        if done and ckpt is not None:  # killed after its last checkpoint (e.g. during the final evaluation): finish
             if main:
                 print(f"Resuming from {ckpt}: training had finished; running the final evaluation")
             load_checkpoint_weights(model, ckpt)
@@ -325,7 +333,7 @@ def _finish(cfg, setup: Setup, d: Data, model, trainer, card: dict, ckpt, train_
         + (f", reserved {metrics['peak_memory_reserved_gb']:.2f} GB" if "peak_memory_reserved_gb" in metrics else "")
         + (f" | {metrics['tokens_per_s']:,.0f} tok/s" if metrics["tokens_per_s"] else "")
     )
-    if note := runs.overlap_note(card):
+    if note := TrainCard.from_json(card, out).overlap_note():
         print(f"note: {note}")
     for row in comparison:
         print(f"\nUSUARIO: {row['prompt']}\n  BASE:       {row['base']}\n  FINE-TUNED: {row['fine_tuned']}")
@@ -361,7 +369,8 @@ def save_artifacts(model, tokenizer, out: Path, card: dict) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
-    modelcard.write(staging, card["artifact"], card)  # replaces PEFT's empty template
+    run = TrainCard.from_json(card, out)
+    modelcard.write(staging, run.artifact, run)  # replaces PEFT's empty template
     runs.record(out, *[f.name for f in staging.iterdir()])
     for f in staging.iterdir():
         os.replace(f, out / f.name)

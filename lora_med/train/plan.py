@@ -8,7 +8,8 @@ caching allocator's blocks; not the CUDA context) and the tensors' bytes on the 
 
 Every term below was derived from the libraries' code and checked by replaying the real step on the meta
 device under CUDA's autocast policy and the caching allocator's rules (``benchmarks/train_memory/simulate.py``,
-"the replay"): the replay reads within 0.1% of the five H200 measurements in ../shared/FACTS.md, and this
+"the replay"): the replay reads within 0.1% of the five peaks measured on an NVIDIA H200
+(benchmarks/results/h200-dialogpt-medium-shape/results.json), and this
 arithmetic is within -0.5% / +1.1% of the replay for LoRA, QLoRA and full at batch 4, 16 and 32 with and
 without gradient checkpointing, -0.5% / +4.6% with the levers (benchmarks/train_memory/replay-*.json,
 tests/test_plan.py). b = micro-batch, s = sequence,
@@ -111,6 +112,10 @@ are these strings. They are the interface with lora_med.train, which acts on eac
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: --plan and --help must not wait for torch
+    import torch
 
 GB = 1e9
 MIB = 1024**2
@@ -175,7 +180,7 @@ class Estimate:
         }  # GB
 
 
-def shape_from_config(config) -> tuple[Shape, object]:
+def shape_from_config(config) -> tuple[Shape, torch.nn.Module]:
     """Shape of a model from its config alone, via a weightless (meta device) instance.
 
     Returns the shape and the meta model (whose module names let callers check LoRA targets).
@@ -256,6 +261,7 @@ def _cuda_layer_bytes(
     h, f, a = shape.hidden, shape.mlp, shape.heads
     qlora = method == "qlora"
     common = 6 * h + 2 * h + 4 * a + 2 * h + 8 * h + (16 if qlora else 14) * f
+    own: float
     if method == "full":
         own = 2 * h + 2 * h + 2 * f
     else:
@@ -320,6 +326,7 @@ def estimate(
             ce_chunk=ce_chunk,
         )
     half = precision in ("bf16", "fp16")
+    weights: float  # bytes (a 4-bit weight is half a byte)
     if method == "full":
         weights = shape.params * 4
     elif method == "lora":
@@ -372,6 +379,7 @@ def _estimate_cuda(
 ) -> Estimate:
     P, L, V, h, n, T = shape.params, shape.linear_params, shape.vocab, shape.hidden, shape.n_layer, trainable
     t = b * s
+    weights: float  # bytes
     if method == "full":
         weights = 4 * P
     elif method == "lora":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-# In each checkpoint: the loss sum so far (the Trainer keeps only this session's) and metrics.jsonl's length then.
+# In each checkpoint: the loss sum so far (the Trainer keeps only this process's) and metrics.jsonl's length then.
 STATE_FILE = "lora_med_state.json"
 
 

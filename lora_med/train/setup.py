@@ -10,14 +10,20 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import data, models, runs, settings, weights
+from ..cards import TrainCard
 from ..config import DEFAULT_DATA, DEFAULT_EVAL, DEFAULT_EVAL_FRACTION, TrainConfig, shipped
 from ..errors import ConfigError, LoraMedError
 from ..fileio import sha256_file
 from ..settings import describe, flag_name, name
 from . import levers, plan
 from .trainer import is_main_process
+
+if TYPE_CHECKING:  # annotations only: the CLI's --help and --plan must not wait for torch
+    import torch
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 # Settings that may differ between an interrupted run and its resume; all others must match.
 # (--vram-gb is not: it picks the micro-batch and the optimizer, which the checkpoint's state depends on.)
@@ -41,9 +47,9 @@ class Setup:
     device: str
     precision: str
     out: Path
-    model_config: object
+    model_config: PretrainedConfig
     shape: plan.Shape
-    meta: object  # the base on the meta device: module names and shapes, no weights
+    meta: torch.nn.Module  # the base on the meta device: module names and shapes, no weights
     targets: list[str] | None
     checkpoint: Path | None = None
     notes: tuple[str, ...] = ()
@@ -51,7 +57,7 @@ class Setup:
 
 @dataclass
 class Data:
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     fmt: str
     train_path: Path
     eval_path: Path
@@ -83,13 +89,14 @@ def with_run_settings(cfg: TrainConfig) -> TrainConfig:
         return cfg
     folder = cfg.output_dir()
     try:
-        saved = runs.load_card(folder, "train", complete=False)["config"]
+        saved = settings.as_dict(TrainCard.read(folder, complete=False).config)
     except LoraMedError:
         return cfg  # resolve() reports it with the other problems
     given = settings.origins(cfg)
     changes = {}
+    defaults = TrainConfig()
     for f in dataclasses.fields(cfg):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = getattr(defaults, f.name)
         # The folder is the one being resumed, wherever the run was when it started (copied, moved).
         if f.name in saved and f.name not in given and f.name != "output" and getattr(cfg, f.name) == default:
             changes[f.name] = saved[f.name]
@@ -176,7 +183,8 @@ def resolve(cfg: TrainConfig, *, plan_only: bool = False) -> Setup:
     if cfg.method == "qlora":
         p += _check_bitsandbytes(cfg)
 
-    out, checkpoint, notes = cfg.output_dir(), None, []
+    out, checkpoint = cfg.output_dir(), None
+    notes: list[str] = []
     if not plan_only and not is_main_process():
         # Distributed: rank 0 checks the folder and holds its lock while the others start; they only train.
         checkpoint = runs.latest_checkpoint(out)[0] if cfg.resume else None
@@ -196,7 +204,7 @@ def resolve(cfg: TrainConfig, *, plan_only: bool = False) -> Setup:
             p += found
             if state == "owned" and not cfg.overwrite and not found and (out / "run.json").exists():
                 try:
-                    done = runs.load_card(out, "train", complete=False)["status"] == "complete"
+                    done = TrainCard.read(out, complete=False).status == "complete"
                     what = "a finished run" if done else "an unfinished run (add --resume to continue it)"
                 except LoraMedError as e:  # a damaged card cannot be resumed: say what is wrong with it
                     what = f"a run whose card cannot be read ({str(e).splitlines()[0]})"
@@ -210,10 +218,13 @@ def resolve(cfg: TrainConfig, *, plan_only: bool = False) -> Setup:
             f"folder, use {name(cfg, 'output')}"
         )
 
-    model_config = shape = meta = targets = None
+    model_config: PretrainedConfig | None = None
+    shape: plan.Shape | None = None
+    meta: torch.nn.Module | None = None
+    targets: list[str] | None = None
     if base is not None:
         try:
-            model_config = models.load_config(base, trust_remote_code=cfg.trust_remote_code)
+            model_config = models.load_model_config(base, trust_remote_code=cfg.trust_remote_code)
             shape, meta = plan.shape_from_config(model_config)
         except LoraMedError as e:
             if not p:
@@ -224,7 +235,7 @@ def resolve(cfg: TrainConfig, *, plan_only: bool = False) -> Setup:
                 f"{name(cfg, 'base')} {base}: its config.json does not describe a model it can build "
                 f"({type(e).__name__}: {e}); copy the base folder again"
             )
-    if meta is not None:
+    if meta is not None and model_config is not None:
         positions = models.max_positions(model_config)
         if positions and cfg.max_length > positions:
             p.append(f"{describe(cfg, 'max_length')}: the base reads at most {positions} positions; use <= {positions}")
@@ -257,6 +268,8 @@ def resolve(cfg: TrainConfig, *, plan_only: bool = False) -> Setup:
     p += levers.problems(cfg, meta, plan_only=plan_only)
     if p:
         raise runs.problems_error("with the settings; nothing was loaded", p)
+    # Each way of not reading the base's shape above adds a problem: none means all of it is here.
+    assert base is not None and model_config is not None and shape is not None and meta is not None
     return Setup(base, device, precision, out, model_config, shape, meta, targets, checkpoint, tuple(notes))
 
 
@@ -276,17 +289,17 @@ def _check_resume(cfg: TrainConfig, out: Path, p: list[str]) -> tuple[Path | Non
         p.append(f"{flag} {out}: in use by pid {holder}; wait for it to finish")
         return None, []
     try:
-        card = runs.load_card(out, "train", complete=False)
+        card = TrainCard.read(out, complete=False)
     except LoraMedError as e:
         p.append(f"{flag}: {e}")
         return None, []
-    if card["status"] == "complete":
+    if card.status == "complete":
         p.append(
             f"{flag} {out}: that run is finished; nothing to resume (train a new run with another --output, "
             "or replace it with --overwrite)"
         )
         return None, []
-    saved, mine = card["config"], settings.as_dict(cfg)
+    saved, mine = settings.as_dict(card.config), settings.as_dict(cfg)
     data_fields = {"data", "eval_data"}  # compared by content below: a moved copy of the same file is the same data
     diff = [
         f"{k} (run: {saved.get(k)!r}, now: {mine[k]!r})"
@@ -298,12 +311,11 @@ def _check_resume(cfg: TrainConfig, out: Path, p: list[str]) -> tuple[Path | Non
     # The checkpoint was trained on what the card hashed: resuming on other bytes would make a run no data produced.
     train_path, eval_path = _data_paths(cfg, [])
     for part, field, path in (("train", "data", train_path), ("eval", "eval_data", eval_path)):
-        record = card["data"].get(part)
-        known = record.get("sha256") if isinstance(record, dict) else None
+        known = card.train_sha256 if part == "train" else card.eval.sha256
         if path is None or not path.is_file() or not known or sha256_file(path) == known:
             continue
         what = "training data" if part == "train" else "held-out data"
-        recorded = record.get("path") if isinstance(record, dict) else None
+        recorded = card.train_path if part == "train" else card.eval.path
         theirs = {runs.real(x) for x in (recorded, saved.get(field)) if isinstance(x, str) and x}
         if field in settings.origins(cfg) and runs.real(path) not in theirs:  # another file named, not an edit
             p.append(
@@ -344,9 +356,10 @@ def load_data(cfg: TrainConfig, setup: Setup) -> Data:
         train_convs, eval_convs, eval_idx = data.split(train_ds.conversations, fraction, cfg.seed)
         eval_path, eval_sha = train_path, train_ds.sha256
     overlap = _overlap(cfg, train_convs, eval_convs, eval_idx is None)
-    enc = dict(max_length=cfg.max_length, fmt=fmt, train_on=cfg.train_on)
-    train_ex, train_cut = data.encode_all(train_convs, tokenizer, **enc)
-    eval_ex, eval_cut = data.encode_all(eval_convs, tokenizer, **{**enc, "train_on": "assistant"})
+    train_ex, train_cut = data.encode_all(
+        train_convs, tokenizer, max_length=cfg.max_length, fmt=fmt, train_on=cfg.train_on
+    )
+    eval_ex, eval_cut = data.encode_all(eval_convs, tokenizer, max_length=cfg.max_length, fmt=fmt, train_on="assistant")
     return Data(
         tokenizer,
         fmt,

@@ -80,14 +80,14 @@ class LoraMedTrainer(Trainer):
     loss_chunk: int | None = None  # tokens per chunk of the chunked cross-entropy; None: the model's own loss
 
     def continue_from(self, ckpt: Path) -> None:
-        """Carry the loss sum of the steps before ``ckpt`` (each checkpoint stores it) into this session."""
+        """Carry the loss sum of the steps before ``ckpt`` (each checkpoint stores it) into this process."""
         state = ckpt / STATE_FILE
         self.loss_sum = json.loads(state.read_text())["loss_sum"] if state.is_file() else 0.0
 
     @property
     def run_loss(self) -> float | None:
         """Mean training loss per optimizer step over the whole run, resumes included (the Trainer's own figure
-        divides this session's losses by every step, so a resumed run looked better than it was)."""
+        divides this process's losses by every step, so a resumed run looked better than it was)."""
         steps = self.state.global_step
         return self.loss_sum / steps if steps else None
 
@@ -111,6 +111,8 @@ class LoraMedTrainer(Trainer):
             ckpt
             and self.args.world_size > 1
             and self.args.device.type == "cpu"
+            and self.optimizer is not None
+            and self.lr_scheduler is not None
             and not self.is_fsdp_enabled
             and (ckpt / "optimizer.pt").is_file()
             and (ckpt / "scheduler.pt").is_file()
@@ -184,7 +186,7 @@ class Reporter(TrainerCallback):
 
     def __init__(self, metrics_file: Path):
         self.metrics_file = metrics_file
-        self.t0 = self.tokens0 = self.step0 = None
+        self.t0, self.tokens0, self.step0 = 0.0, 0, 0  # set when training begins
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.t0, self.tokens0, self.step0 = time.perf_counter(), state.num_input_tokens_seen, state.global_step

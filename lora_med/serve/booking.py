@@ -1,0 +1,366 @@
+"""The booking as the patient gives it: specialty, doctor, date, time, name, phone, CI, date of birth.
+
+Nothing is stored for it: the booking is read again from the stored conversation on every message (its user
+turns in order, each read against the reply before it, so "la primera" picks the first slot that reply
+offered), so any conversation store with the server's schema serves it. Every date and hour is checked
+against the facts: a day the doctor does not work, an hour the clinic or the doctor is not open, a holiday or
+a day gone by is not taken, and ``problem`` says why, for the reply to tell the patient.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import date, datetime
+
+from .dates import clock, find_dates, find_times, fold, part_of_day
+from .facts import Doctor, Facts
+from .lexicon import tokens
+
+FIELDS = ("specialty", "doctor", "date", "time", "patient_name", "phone", "ci", "birth_date")
+_PHONE = re.compile(r"(?<![\d])(?:\+?\s*591[\s-]*)?([67](?:[\s-]?\d){7})(?![\d])")
+_DEPARTMENTS = "sc|lp|cb|or|pt|tj|ch|be|pd|pa"
+_CI = re.compile(
+    rf"\b(?:ci|c\.i\.?|carnet(?: de identidad)?|cedula)\b\D{{0,12}}?(\d{{5,9}})(?:\s*-?\s*({_DEPARTMENTS})\b)?"
+    rf"|\b(\d{{5,9}})\s*-?\s*({_DEPARTMENTS})\b"
+)
+_ANY_DOCTOR = re.compile(
+    r"\b(?:primer[oa]?|cualquier[ao]?|el que (?:sea|este|haya))\b.{0,12}\b(?:disponible|doctor|doctora|medico|medica|libre|hay)\b|\bcualquiera\b|\bel que sea\b|\bme da igual\b"
+)
+_FIRST = re.compile(r"\b(?:la|el)\s+(?:primer[oa]?|1)\b|\bprimera\b")
+_SECOND = re.compile(r"\b(?:la|el)\s+(?:segund[oa]|otr[oa]|ultim[oa]|2)\b|\bsegunda\b")
+_YES = re.compile(r"^\W*(?:si+|dale|ok[a-z]*|esa|ese|perfecto|bueno|listo|me sirve|esta bien|de acuerdo|claro)\b")
+_NAME_MARKERS = re.compile(
+    r"\b(?:a nombre de|se llama|me llamo|mi nombre es|nombre(?: completo)?(?: es)?:?|soy)\s+", re.I
+)
+_NAME_STOP = re.compile(
+    r"\s*(?:,|;|\d|\+|\by\s+(?:mi|el|su|la)\b|\bmi\b|\bcel\b|\bcelular\b|\bn[uú]mero\b|\btel[eé]fono\b|\bci\b|\bcarnet\b|\bwhats)",
+    re.I,
+)
+_NOT_NAME = frozenset(
+    [
+        "hola",
+        "buenas",
+        "buenos",
+        "dias",
+        "tardes",
+        "noches",
+        "quiero",
+        "quisiera",
+        "necesito",
+        "cita",
+        "ficha",
+        "turno",
+        "consulta",
+        "gracias",
+        "si",
+        "no",
+        "ok",
+        "dale",
+        "para",
+        "por",
+        "favor",
+        "porfa",
+        "manana",
+        "hoy",
+        "lunes",
+        "martes",
+        "miercoles",
+        "jueves",
+        "viernes",
+        "sabado",
+        "domingo",
+        "las",
+        "los",
+        "el",
+        "la",
+        "a",
+        "las",
+        "doctor",
+        "doctora",
+        "dr",
+        "dra",
+        "medico",
+        "medica",
+        "con",
+        "de",
+        "en",
+        "que",
+        "mejor",
+        "esta",
+        "bien",
+        "puede",
+        "ser",
+        "hay",
+        "tengo",
+        "mi",
+        "hija",
+        "hijo",
+        "primera",
+        "primero",
+        "segunda",
+        "segundo",
+        "otra",
+        "otro",
+        "ultima",
+        "esa",
+        "ese",
+        "confirmo",
+        "correcto",
+        "perfecto",
+        "listo",
+        "claro",
+        "bueno",
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why what the patient asked for cannot be booked."""
+
+    kind: str  # not_offered | past | closed | day | time
+    day: date | None = None
+    minutes: int | None = None
+    doctor: str | None = None  # the doctor it was checked against, when one was
+    thing: str | None = None  # not_offered: what was asked for; closed: the holiday's name
+
+
+@dataclass
+class Booking:
+    specialty: str | None = None
+    doctor: str | None = None  # the doctor's name as in the facts
+    any_doctor: bool = False  # "el primero disponible"
+    date: date | None = None
+    time: int | None = None  # minutes after midnight
+    part: str | None = None  # mañana | tarde, when asked for
+    patient_name: str | None = None
+    phone: str | None = None
+    ci: str | None = None
+    birth_date: date | None = None
+    problem: Problem | None = None  # from the latest message
+    near: int | None = None  # the hour asked for last (slots are offered close to it)
+    asked_day: date | None = None  # the day asked for last, even when it could not be taken
+    offered: list[tuple[date, int, str | None]] = field(default_factory=list)  # slots in the reply before
+
+    def params(self) -> dict:
+        """The booking's fields for the response's ``params`` (null where not given yet)."""
+        return {
+            "specialty": self.specialty,
+            "doctor": self.doctor,
+            "date": self.date.isoformat() if self.date else None,
+            "time": f"{self.time // 60:02d}:{self.time % 60:02d}" if self.time is not None else None,
+            "patient_name": self.patient_name,
+            "phone": self.phone,
+            "ci": self.ci,
+            "birth_date": self.birth_date.isoformat() if self.birth_date else None,
+        }
+
+    def candidates(self, facts: Facts) -> list[Doctor]:
+        """The doctors the booking may still be with."""
+        if self.doctor:
+            return [d for d in facts.doctors if d.name == self.doctor]
+        if self.specialty:
+            return list(facts.specialties[self.specialty].doctors)
+        return facts.doctors
+
+    def step(self, facts: Facts) -> str:
+        """Where the seed's flow stands: specialty -> doctor -> slot -> contact -> confirm."""
+        if not self.specialty:
+            return "specialty"
+        many = len(facts.specialties[self.specialty].doctors) > 1
+        if not self.doctor and many and not self.any_doctor and not (self.date and self.time is not None):
+            return "doctor"
+        if self.date is None or self.time is None:
+            return "slot"
+        if not self.patient_name or not self.phone:
+            return "contact"
+        return "confirm"
+
+
+def read_booking(facts: Facts, exchanges: list[tuple[str, str | None]], now: datetime) -> Booking:
+    """The booking after ``exchanges``: (patient message, the reply before it) in order, the last one being the
+    message being answered. ``problem`` is the last message's."""
+    b = Booking()
+    for message, before in exchanges:
+        b.problem = None
+        _read(facts, b, message, before, now)
+    return b
+
+
+def _read(facts: Facts, b: Booking, message: str, before: str | None, now: datetime) -> None:
+    today = now.date()
+    step = b.step(facts)
+    toks = tokens(message)
+    f = fold(message)
+    b.offered = _offered(facts, before, today, b) if before else []
+    # what: specialty, doctor, or something the clinic does not have
+    specs = [h.id for h in facts.find("specialty", toks)]
+    docs = [h.id for h in facts.find_doctors(toks) if not h.id.startswith("?")]
+    missing = [h.id for h in facts.find("not_offered", toks)]
+    if missing and not specs and not docs:
+        b.problem = Problem("not_offered", thing=missing[0])
+    if specs and specs[-1] != b.specialty:
+        b.specialty, b.doctor, b.any_doctor = specs[-1], None, False
+    if docs:
+        doc = facts.doctor(docs[-1])
+        b.doctor, b.specialty = doc.name, doc.specialty
+    if b.specialty and len(facts.specialties[b.specialty].doctors) == 1:
+        b.doctor = facts.specialties[b.specialty].doctors[0].name
+    if _ANY_DOCTOR.search(f) and not b.doctor:
+        b.any_doctor = True
+    # contact details and identity
+    _contact(b, message, f, step, today)
+    # when: the first date and the first hour the message gives ("a las 7 ... entro a trabajar a las 8")
+    dates = [d for d in find_dates(message, today) if d.day and not d.year_given and not d.plural]
+    times = [t.minutes for t in find_times(message) if not _inside_date(t.start, message, today)]
+    part = part_of_day(message)
+    if part:
+        b.part = part
+    day = dates[0].day if dates else None
+    minutes = times[0] if times else None
+    if day is None and minutes is None and b.offered:
+        pick = _pick(f, b.offered, step)
+        if pick:
+            day, minutes, name = pick
+            if name and not b.doctor:
+                b.doctor = name
+    elif day is None and minutes is not None and b.date is None:
+        day = next((d for d, t, _ in b.offered if t == minutes), None)
+    if day is not None:
+        b.asked_day = day
+        problem = _day_problem(facts, b, day, today)
+        if problem:
+            b.problem = b.problem or problem
+            b.near = minutes
+            return  # an hour given with a day that cannot be taken goes with it
+        if b.date != day:
+            b.date = day
+            if b.time is not None and not any(facts.bookable(d, day, b.time) for d in b.candidates(facts)):
+                b.time = None
+    if minutes is not None:
+        b.near = minutes
+        problem = _time_problem(facts, b, minutes)
+        if problem:
+            b.problem = b.problem or problem
+        else:
+            b.time = minutes
+    _settle_doctor(facts, b)
+
+
+def _day_problem(facts: Facts, b: Booking, day: date, today: date) -> Problem | None:
+    if day < today:
+        return Problem("past", day=day)
+    if facts.open_hours(day) is None:
+        return Problem("closed", day=day, thing=facts.holiday(day))
+    docs = b.candidates(facts)
+    if not any(facts.doctor_hours(d, day) for d in docs):
+        return Problem("day", day=day, doctor=docs[0].name if len(docs) == 1 else None)
+    return None
+
+
+def _time_problem(facts: Facts, b: Booking, minutes: int) -> Problem | None:
+    docs = b.candidates(facts)
+    if b.date is not None:
+        if any(facts.bookable(d, b.date, minutes) for d in docs):
+            return None
+        return Problem("time", day=b.date, minutes=minutes, doctor=docs[0].name if len(docs) == 1 else None)
+    if any(facts.bookable(d, wd, minutes) for d in docs for wd in range(7) if _works(facts, d, wd)):
+        return None
+    return Problem("time", minutes=minutes, doctor=docs[0].name if len(docs) == 1 else None)
+
+
+def _works(facts: Facts, doc: Doctor, wd: int) -> bool:
+    return facts.doctor_hours(doc, wd) is not None
+
+
+def _settle_doctor(facts: Facts, b: Booking) -> None:
+    """A specialty with several doctors: the one working at the chosen hour, or in the part of the day asked
+    for once a day is chosen."""
+    if b.doctor or not b.specialty:
+        return
+    docs = list(facts.specialties[b.specialty].doctors)
+    if b.date and b.time is not None:
+        fit = [d for d in docs if facts.bookable(d, b.date, b.time)]
+    elif b.date and b.part:
+        fit = [d for d in docs if (h := facts.doctor_hours(d, b.date)) and (h[0] < 13 * 60) == (b.part == "mañana")]
+    else:
+        return
+    if len(fit) == 1:
+        b.doctor = fit[0].name
+
+
+def _inside_date(pos: int, message: str, today: date) -> bool:
+    return any(d.start <= pos < d.end for d in find_dates(message, today))
+
+
+def _offered(facts: Facts, reply: str, today: date, b: Booking) -> list[tuple[date, int, str | None]]:
+    """The slots a reply offered: each hour with the day named before it (or the booking's day)."""
+    days = [(d.start, d.day) for d in find_dates(reply, today) if d.day and not d.plural]
+    toks = tokens(reply)
+    docs = [(toks[h.first].start, h.id) for h in facts.find_doctors(toks) if not h.id.startswith("?")]
+    out = []
+    for t in find_times(reply):
+        day = next((d for s, d in reversed(days) if s < t.start), b.date or (days[0][1] if days else None))
+        doc = next((n for s, n in docs if abs(s - t.start) < 40), None)
+        if day is not None:
+            out.append((day, t.minutes, doc))
+    return out
+
+
+def _pick(f: str, offered: list, step: str) -> tuple | None:
+    if _SECOND.search(f) and len(offered) > 1:
+        return offered[1]
+    if _FIRST.search(f) or (step == "slot" and re.search(r"\bprimer[oa]? disponible\b", f)):
+        return offered[0]
+    if _YES.search(f) and len(offered) == 1:
+        return offered[0]
+    return None
+
+
+def _contact(b: Booking, message: str, f: str, step: str, today: date) -> None:
+    for m in _PHONE.finditer(message):
+        if not re.search(r"(?:ci|carnet|cedula)\W{0,12}$", f[: m.start()]):
+            b.phone = "+591" + re.sub(r"\D", "", m.group(1))
+    m = _CI.search(f)
+    if m:
+        number, dept = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+        if not (len(number) == 8 and number[0] in "67" and not dept and not m.group(1)):
+            b.ci = f"{number} {dept.upper()}" if dept else number
+    for d in find_dates(message, today):
+        if d.year_given and d.day and d.day.year < today.year:
+            b.birth_date = d.day
+    name = _name(message, step)
+    if name:
+        b.patient_name = name
+
+
+def _name(message: str, step: str) -> str | None:
+    """The patient's name: after "a nombre de", "me llamo", "soy" ...; or, when the flow asked for it, a
+    message (or its first part) that is only a name of two to six words."""
+    m = _NAME_MARKERS.search(message)
+    if m:
+        rest = message[m.end() :]
+        cut = _NAME_STOP.search(rest)
+        words = (rest[: cut.start()] if cut else rest).split()
+        words = [w.strip(".!?") for w in words if w.strip(".!?")]
+        if 1 <= len(words) <= 6 and all(w.replace("-", "").isalpha() for w in words):
+            return " ".join(words)
+    if step not in ("contact", "confirm"):
+        return None
+    cut = _NAME_STOP.search(message)
+    words = [w.strip(".!?") for w in (message[: cut.start()] if cut else message).split() if w.strip(".!?")]
+    plain = 2 <= len(words) <= 6 and all(w.replace("-", "").isalpha() for w in words)
+    if plain and not any(fold(w) in _NOT_NAME for w in words if fold(w) not in ("de", "del", "la", "los")):
+        return " ".join(words)
+    return None
+
+
+def describe_slot(facts: Facts, doc: Doctor | None, day: date, minutes: int, with_doctor: bool) -> str:
+    """ "el martes 8 de diciembre a las 10:00" (+ " con el Dr. Jorge Salinas")."""
+    from .dates import spoken_date
+
+    text = f"el {spoken_date(day)} a las {clock(minutes)}"
+    if with_doctor and doc is not None:
+        text += f" con {'la' if doc.name.startswith('Dra') else 'el'} {doc.name}"
+    return text

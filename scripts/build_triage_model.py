@@ -1,0 +1,65 @@
+"""Rebuild the triage's learned layer (configs/triage-model.safetensors) from the project's messages.
+
+    .venv/bin/python scripts/build_triage_model.py            # write the model, print its sha256 and thresholds
+    .venv/bin/python scripts/build_triage_model.py --pin      # ... and pin that sha256 in configs/triage.yaml
+    .venv/bin/python scripts/build_triage_model.py --out X    # write elsewhere (the shipped file is untouched)
+
+Deterministic: the same messages give the same bytes (tests/test_triage.py rebuilds it and compares).
+Sources and how the thresholds are chosen: lora_med/serve/triage/training.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from lora_med.serve.triage.training import build  # noqa: E402
+
+SHIPPED = REPO / "configs" / "triage-model.safetensors"
+RULES = REPO / "configs" / "triage.yaml"
+PIN = re.compile(r"^(learned: \{file: triage-model\.safetensors, sha256: )([0-9a-f]{64}|pending)(\})$", re.M)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=SHIPPED, help="model file to write [default: the shipped one]")
+    ap.add_argument("--pin", action="store_true", help="write the new sha256 into configs/triage.yaml")
+    args = ap.parse_args(argv)
+    if not args.out.parent.is_dir():
+        print(f"error: --out {args.out}: folder {args.out.parent} does not exist; create it first", file=sys.stderr)
+        return 2
+    if args.pin and args.out.resolve() != SHIPPED.resolve():
+        print("error: --pin pins the shipped model only; drop --out or --pin", file=sys.stderr)
+        return 2
+    text = RULES.read_text(encoding="utf-8")
+    if args.pin and not PIN.search(text):
+        print(
+            f"error: {RULES}: no `learned: {{file: triage-model.safetensors, sha256: ...}}` line to pin",
+            file=sys.stderr,
+        )
+        return 2
+    sha, meta = build(REPO, args.out)
+    h = meta["held_out"]
+    print(f"wrote {args.out} sha256 {sha}")
+    print(
+        f"trained on {meta['trained_on']['emergency']} emergency / {meta['trained_on']['ordinary']} ordinary messages"
+    )
+    for name in ("emergency", "caution"):
+        t = h[f"at_{name}_threshold"]
+        print(
+            f"{name}_at {t['threshold']}: held-out ({', '.join(h['rounds'])}) recall {100 * t['recall']:.1f}% of "
+            f"{h['emergency']}, ordinary marked {100 * t['false']:.1f}% of {h['ordinary']}"
+        )
+    if args.pin:
+        RULES.write_text(PIN.sub(lambda m: m.group(1) + sha + m.group(3), text), encoding="utf-8")
+        print(f"pinned in {RULES}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""The clinic's facts: the file and the fact sheet agree, mistakes in the file are named, and the pieces built on
+it (dates, the booking, the info answers, the reply checker, the training-data audit) say what the facts say.
+No server here (tests/test_facts_serve.py runs one)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from datetime import date, datetime
+
+import pytest
+
+from lora_med.errors import ConfigError
+from lora_med.serve.answers import Answers
+from lora_med.serve.audit import audit
+from lora_med.serve.booking import read_booking
+from lora_med.serve.checker import Context
+from lora_med.serve.dates import clock, find_dates, find_times
+from lora_med.serve.facts import describe_days, load_facts
+from lora_med.serve.intents import Decision
+from lora_med.serve.referee import load_referee
+from lora_med.serve.store import Turn
+
+from .conftest import REPO
+
+CLINIC = REPO / "configs/clinic.yaml"
+OTHER = REPO / "tests/data/clinic_other.yaml"
+NOW = datetime(2026, 12, 3, 0, 0)  # a Thursday
+
+
+@pytest.fixture(scope="module")
+def facts():
+    return load_facts(CLINIC)
+
+
+@pytest.fixture(scope="module")
+def referee():
+    return load_referee(
+        CLINIC, REPO / "configs/replies.yaml", [str(REPO / "data/medical_conversations.json")], NOW.isoformat()
+    )
+
+
+# --------------------------------------------------------------------------- the file and the fact sheet
+
+
+def test_the_fact_sheet_says_what_the_facts_file_holds(facts):
+    sheet = (REPO / "data/FACTSHEET.md").read_text(encoding="utf-8")
+    lines = sheet.splitlines()
+    for spec in facts.specialties.values():
+        for doc in spec.doctors:
+            line = next((x for x in lines if doc.name in x), "")
+            assert spec.name in line, f"{doc.name} is not listed under {spec.name} in the fact sheet"
+            days = describe_days(doc.days).removeprefix("de ").removeprefix("los ")
+            assert days.replace("sábados", "sábado").replace("miércoles", "miércoles") in line.replace(
+                "sábados", "sábado"
+            ), (doc.name, days)
+            if doc.shift:
+                assert doc.shift in line
+            elif doc.hours:
+                assert f"{clock(doc.hours[0])}-{clock(doc.hours[1])}" in line
+    for item in facts.prices.values():
+        assert f"Bs {item.bs}" in sheet, item.name
+        assert item.name.split()[0].split("(")[0].lower() in sheet.lower()
+    for _wd, (a, b) in facts.hours.items():
+        assert f"{clock(a)} a {clock(b)}" in sheet
+    assert f"{clock(facts.lab_hours[0])}-{clock(facts.lab_hours[1])}" in sheet
+    for name, (a, b) in facts.shifts.items():
+        assert f"{name} {clock(a)}-{clock(b)}" in sheet
+    for insurer in facts.insurers_taken:
+        assert insurer in sheet
+    assert "Caja Nacional de Salud" in sheet and "NOT covered" in sheet
+    for phone in facts.raw["phones"].values():
+        assert phone in sheet
+    assert facts.raw["address"]["street"] in sheet
+    assert "NO emergency room" in sheet and facts.raw["emergency"]["number"] in sheet
+    for way in ("efectivo", "QR", "transferencia"):
+        assert way in sheet
+
+
+def test_a_facts_file_with_mistakes_is_refused_naming_each(tmp_path):
+    text = CLINIC.read_text(encoding="utf-8")
+    text = text.replace('lunes: "07:30-19:00"', 'lunes: "7.30 a 19"', 1)
+    text = text.replace("days: [martes, jueves]", "days: [martis, jueves]")
+    text = text.replace("bs: 60,", "bs: sesenta,")
+    text = text.replace(
+        "price: especialidad\n    doctors:\n      - {name: Dr. Jorge",
+        "price: cardio\n    doctors:\n      - {name: Dr. Jorge",
+    )
+    bad = tmp_path / "clinic.yaml"
+    bad.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        load_facts(bad)
+    message = str(e.value) + "\n".join(getattr(e.value, "problems", []) or [])
+    full = message + " ".join(map(str, e.value.args))
+    assert "hours.lunes" in full and "HH:MM-HH:MM" in full
+    assert "specialties.cardiologia.doctors[0].days" in full and "'martis' is not a weekday" in full
+    assert "prices.hemograma.bs" in full
+    assert "specialties.cardiologia.price" in full
+    with pytest.raises(ConfigError, match="--facts"):
+        load_facts(tmp_path / "missing.yaml")
+
+
+# --------------------------------------------------------------------------- dates and times
+
+
+@pytest.mark.parametrize(
+    "text,day,minutes",
+    [
+        ("mañana en la mañana", "2026-12-04", None),
+        ("pasado mañana a las 4", "2026-12-05", 16 * 60),
+        ("el martes a las 10 y media", "2026-12-08", 10 * 60 + 30),
+        ("el 3 de mayo a las 9", "2027-05-03", 9 * 60),
+        ("para el 9/12, 15:30", "2026-12-09", 15 * 60 + 30),
+        ("el jueves", "2026-12-10", None),
+        ("a las 7 y media de la noche", None, 19 * 60 + 30),
+        ("a las 8 de la mañana", None, 8 * 60),
+    ],
+)
+def test_spanish_dates_and_hours_resolve_against_the_reference_day(text, day, minutes):
+    dates = [d for d in find_dates(text, NOW.date()) if d.day]
+    times = find_times(text)
+    assert (dates[0].day.isoformat() if dates else None) == day
+    assert (times[0].minutes if times else None) == minutes
+
+
+def test_bare_numbers_are_not_times():
+    assert find_times("Bs 150, 15 minutos antes, resultados en 24-48 h, CI 6543210") == []
+
+
+# --------------------------------------------------------------------------- the booking
+
+
+def _booking(facts, *messages, replies=None):
+    replies = replies or [None] * len(messages)
+    return read_booking(facts, list(zip(messages, replies)), NOW)
+
+
+def test_the_booking_gathers_what_the_patient_gives_over_the_turns(facts):
+    b = _booking(facts, "quiero cita con pediatría", "el lunes a las 9", "Soy Lucía Pérez Rojas, mi cel 7 123 4567")
+    assert b.params() == {
+        "specialty": "pediatria",
+        "doctor": "Dra. Carmen Vaca",
+        "date": "2026-12-07",
+        "time": "09:00",
+        "patient_name": "Lucía Pérez Rojas",
+        "phone": "+59171234567",
+        "ci": None,
+        "birth_date": None,
+    }
+    b = _booking(facts, "cita con medicina general", "en la tarde el viernes", "CI 6543210 SC, nací el 12/08/1990")
+    assert b.doctor == "Dr. Luis Fernández" and b.date == date(2026, 12, 4)
+    assert b.ci == "6543210 SC" and b.birth_date == date(1990, 8, 12)
+
+
+@pytest.mark.parametrize(
+    "messages,kind",
+    [
+        (["cita con el cardiólogo", "el lunes"], "day"),  # Dr. Salinas: martes y jueves
+        (["cita con pediatría", "el martes a las 4 de la tarde"], "time"),  # 8:00-13:00
+        (["cita con el dentista", "el domingo"], "closed"),
+        (["cita con el dentista", "el 25 de diciembre"], "closed"),  # Navidad
+        (["cita con traumatología", "mañana a las 9"], "time"),  # tardes only
+        (["quiero cita con el neurólogo"], "not_offered"),
+    ],
+)
+def test_a_date_or_hour_that_cannot_be_booked_is_not_taken_and_says_why(facts, messages, kind):
+    b = _booking(facts, *messages)
+    assert b.problem is not None and b.problem.kind == kind
+    assert b.time is None
+    if kind in ("day", "closed"):
+        assert b.date is None
+
+
+def test_a_slot_offered_in_the_reply_before_is_taken_by_its_place(facts):
+    reply = (
+        "Te puedo ofrecer el martes 8 de diciembre a las 10:00 o el jueves 10 de diciembre a las 9:00. ¿Cuál prefieres?"
+    )
+    b = _booking(facts, "cita con cardiología", "la segunda", replies=[None, reply])
+    assert (b.date, b.time) == (date(2026, 12, 10), 9 * 60)
+
+
+# --------------------------------------------------------------------------- info answers and flow replies
+
+
+@pytest.mark.parametrize(
+    "question,must,must_not",
+    [
+        ("¿a qué hora abren los sábados?", ["8:00", "13:00"], []),
+        ("¿cuánto cuesta la consulta con la ginecóloga?", ["Bs 250"], ["Bs 150"]),
+        ("¿aceptan seguro de la CNS?", ["No trabajamos"], ["Sí"]),
+        ("¿tienen endocrinólogo?", ["no tenemos Endocrinología"], ["Salinas", "Sí"]),
+        ("¿el cardiólogo atiende los lunes?", ["No", "martes y jueves"], ["Sí"]),
+        ("¿la dermatóloga atiende el sábado?", ["Sí", "Suárez"], []),
+        ("¿cuál es el número de WhatsApp?", ["+591 71234567"], []),
+        ("¿hasta qué hora toman muestras en el laboratorio?", ["11:00"], []),
+    ],
+)
+def test_info_answers_are_built_from_the_facts(referee, question, must, must_not):
+    reply = referee.answers.info(question, NOW)
+    assert reply and all(m in reply for m in must) and not any(m in reply for m in must_not), reply
+    assert not referee.checker.check(reply, Context(question), style=False)
+    assert 1 <= len(re.findall(r"[.!?](?:\s|$)", reply)) <= 3
+
+
+def test_the_same_templates_answer_with_another_clinic_s_facts():
+    other = Answers(load_facts(OTHER), REPO / "configs/replies.yaml")
+    assert "Bs 210" in other.info("¿cuánto cuesta el cardiólogo?", NOW)
+    assert "Villca" in other.info("¿quién es el cardiólogo?", NOW)
+    assert "cerrada" in other.info("¿atienden los sábados?", NOW)
+    assert "no tenemos Odontología" in other.info("¿tienen dentista?", NOW)
+
+
+# --------------------------------------------------------------------------- the checker
+
+
+@pytest.mark.parametrize(
+    "message,reply,reason",
+    [
+        (
+            "quiero cita con cardiología",
+            "Con gusto, la Dra. Patricia Rojas te atiende el martes a las 10:00.",
+            "doctor",
+        ),
+        ("quiero cita con pediatría", "La Dra. Carmen Vaca atiende el sábado a las 9:00.", "day"),
+        ("quiero cita con traumatología", "El Dr. Marco Antonio Quiroga tiene el lunes a las 9:00.", "time"),
+        ("¿a qué hora abren?", "Atendemos de lunes a viernes de 8:00 a 20:00.", "time"),
+        ("¿cuánto cuesta la consulta general?", "La consulta general cuesta Bs 250.", "price"),
+        ("¿aceptan seguro de la CNS?", "Sí.", "insurer"),
+        ("¿con qué seguros trabajan?", "Trabajamos con la Caja Nacional de Salud.", "insurer"),
+        ("¿cuál es el teléfono?", "Llámanos al 77889900.", "phone"),
+        ("¿tienen endocrinólogo?", "Sí, el Dr. Jorge Salinas te puede atender.", "specialty"),
+        ("hola", "La Dra. Elena Suábado a las 8:00.", "doctor"),
+        ("hola", "¡Hola! ¿En qué te puedo ayudar con tu cita de hoy", "cut_off"),
+        ("hola", "¡Hola! Bienvenido al Centro Médico. Bienvenido al Centro Médico.", "garbled"),
+        ("quiero una cita", "Llama al 118 de inmediato.", "emergency_talk"),
+        ("quiero cita con cardiología", "¡Claro! ¿Me das tu nombre completo y tu celular?", "flow"),  # no day yet
+        ("quiero cita con pediatría", "Con gusto. ¿Me das tu CI y tu fecha de nacimiento?", "flow"),
+        ("quiero cita con pediatría", "¡Listo, el Dr.", "cut_off"),
+        ("quiero cita con pediatría", "¡Listo, como pagar en CAÑADA DEL CARMEN.", "flow"),  # nothing is done yet
+        ("gracias, eso era todo", "¡Hola! Con gusto te ayudo a las 9:30. ¿Cuál prefieres?", "flow"),  # no booking
+        ("hola", "¿Me das tu nombre completo y tu nombre y tu celular?", "garbled"),
+    ],
+)
+def test_the_checker_rejects_a_reply_that_contradicts_the_facts(referee, facts, message, reply, reason):
+    b = read_booking(facts, [(message, None)], NOW)
+    ctx = Context(message, message, b, "schedule_appointment" if b.specialty else "chat", "collecting_info", NOW.date())
+    found = referee.checker.check(reply, ctx)
+    assert reason in {f.reason for f in found}, found
+
+
+@pytest.mark.parametrize(
+    "message,reply",
+    [
+        ("quiero cita con cardiología", "El Dr. Jorge Salinas atiende los martes y jueves. ¿Qué día prefieres?"),
+        (
+            "¿atienden el domingo?",
+            "Los domingos y feriados estamos cerrados. De lunes a viernes atendemos de 7:30 a 19:00.",
+        ),
+        ("¿aceptan la CNS?", "No trabajamos con la Caja Nacional de Salud; puedes atenderte como particular."),
+        (
+            "cita con medicina general",
+            "Tengo hoy a las 16:00 con el Dr. Luis Fernández o mañana a las 9:00 con la Dra. Patricia Rojas. ¿Cuál prefieres?",
+        ),
+        ("¿cuánto cuestan el hemograma y la glucosa?", "El hemograma cuesta Bs 60 y la glucosa Bs 30, en total Bs 90."),
+    ],
+)
+def test_the_checker_keeps_a_reply_that_agrees_with_the_facts(referee, facts, message, reply):
+    b = read_booking(facts, [(message, None)], NOW)
+    ctx = Context(message, message, b, "schedule_appointment" if b.specialty else "chat", "collecting_info", NOW.date())
+    assert referee.checker.check(reply, ctx, style=False) == []
+    found = referee.checker.check(reply, ctx)
+    assert not found or {f.reason for f in found} == {"garbled"}  # a word the model never saw ("total")
+
+
+def test_a_rejected_model_reply_is_replaced_by_the_flow_s_reply_from_the_facts(referee):
+    history = [
+        Turn("user", "quiero cita con cardiología"),
+        Turn("assistant", "¿Qué día?", "schedule_appointment", "collecting_info"),
+    ]
+    view = referee.plan("el martes por favor", history, Decision("schedule_appointment", "collecting_info"))
+    assert view.reply is None and view.params["doctor"] == "Dr. Jorge Salinas" and view.params["date"] == "2026-12-08"
+    kept = "Perfecto, el martes con el Dr. Jorge Salinas. ¿A qué hora prefieres?"
+    assert referee.finish(view, kept)[:2] == (kept, "model")
+    reply, source, findings = referee.finish(view, "Perfecto, el martes con la Dra. Sofía Méndez.")
+    assert source == "facts" and findings[0].reason == "doctor"
+    assert "Salinas" in reply and "Méndez" not in reply and "8 de diciembre" in reply
+
+
+# --------------------------------------------------------------------------- training data held to the facts
+
+
+def test_the_shipped_data_agrees_with_the_facts(facts):
+    for name in ("medical_conversations.json", "medical_conversations_eval.json"):
+        assert audit(REPO / "data" / name, facts) == []
+
+
+def test_data_check_names_each_turn_that_contradicts_the_facts(tmp_path):
+    rows = json.loads((REPO / "data/medical_conversations.json").read_text(encoding="utf-8"))[:40]
+    rows[3] = {"user": "¿Cuánto cuesta la consulta general?", "assistant": "La consulta general cuesta Bs 200."}
+    rows[7] = {
+        "messages": [
+            {"role": "user", "content": "Quiero cita con cardiología"},
+            {"role": "assistant", "content": "Con gusto. El Dr. Jorge Salinas atiende los lunes y viernes."},
+        ]
+    }
+    rows[9] = {"user": "¿Quién es el traumatólogo?", "assistant": "Es la Dra. Carmen Vaca, de Traumatología."}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    r = subprocess.run(
+        [sys.executable, "-m", "lora_med", "data", "check", str(bad), "--facts", str(CLINIC)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "3 assistant turn(s) contradict" in r.stderr and "Traceback" not in r.stderr
+    for row, reason in ((4, "price"), (8, "day"), (10, "doctor")):
+        assert re.search(rf"row {row} \(index {row - 1}\) assistant turn 1: {reason}:", r.stdout), r.stdout

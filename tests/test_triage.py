@@ -1,0 +1,432 @@
+"""The triage (configs/triage.yaml, lora_med/serve/triage): tiers, categories, advice, carry-over, the learned
+layer's file, and the matcher under the rules.
+
+The phrasings are in tests/data/triage_phrasings.yaml (written by hand for these tests, never trained on) and
+tests/data/guard_cases.yaml (the former guard's lists; rounds 1-4). Measured figures come from blind rounds
+(benchmarks/triage/run.py), never from here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import unicodedata
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lora_med.errors import ConfigError
+from lora_med.serve.intents import Intents
+from lora_med.serve.matcher import RuleSet, key, normalize, within_one
+from lora_med.serve.metrics import Metrics
+from lora_med.serve.store import Turn
+from lora_med.serve.triage import Triage
+from lora_med.serve.triage.learned import LearnedModel
+from lora_med.serve.triage.normalize import read
+from lora_med.serve.turn import Dialog
+
+REPO = Path(__file__).resolve().parent.parent
+CASES = yaml.safe_load((REPO / "tests" / "data" / "guard_cases.yaml").read_text(encoding="utf-8"))
+PHRASINGS = yaml.safe_load((REPO / "tests" / "data" / "triage_phrasings.yaml").read_text(encoding="utf-8"))
+LISTED_CATEGORIES = {
+    "chest_pain", "breathing", "stroke", "bleeding_wound", "bleeding_pregnancy", "bleeding_postpartum",
+    "vomiting_or_coughing_blood", "unconscious", "seizure", "poisoning_overdose", "anaphylaxis", "suicidal", "burn",
+    "head_injury", "electrocution", "drowning", "bite_swelling", "infant_fever", "baby_lethargic_not_feeding",
+    "dehydration_severe", "hypoglycaemia", "fever_stiff_neck_confusion", "pregnancy_danger", "acute_abdomen",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def triage() -> Triage:
+    return Triage(REPO / "configs" / "triage.yaml")
+
+
+@pytest.fixture(scope="module")
+def dialog(triage) -> Dialog:
+    return Dialog(triage, Intents(REPO / "configs" / "intents.yaml"), None, Metrics(lambda: 0, lambda: 0))
+
+
+def fits(triage: Triage, got: str | None, want: str) -> bool:
+    """The advice given fits ``want``: its own line, its parent's, or the generic instruction."""
+    return got is None or got == want or triage.rules.categories[got].parent == want
+
+
+# --------------------------------------------------------------------------- tiers and categories
+
+
+def test_every_listed_category_has_rules_advice_and_five_phrasings(triage):
+    assert set(triage.rules.categories) >= LISTED_CATEGORIES
+    for name in triage.rules.categories:
+        if name not in ("bleeding_unclear", "confusion", "help_call", "hyperglycaemia", "severe_hypertension"):
+            assert len(PHRASINGS["emergency"].get(name, [])) >= 5, name
+
+
+@pytest.mark.parametrize("category", sorted(PHRASINGS["emergency"]))
+def test_each_category_is_an_emergency_with_advice_that_fits(triage, category):
+    for message in PHRASINGS["emergency"][category]:
+        a = triage.assess(message)
+        assert a.tier == "emergency", (message, a)
+        assert fits(triage, a.category, category), (message, a.category)
+        reply = triage.emergency_reply(a.category)
+        assert "118" in reply and "sala de emergencias" in reply
+        assert triage.advice.advice(a.category) in reply
+
+
+@pytest.mark.parametrize("tier", ["caution", "none"])
+def test_signs_told_as_past_mild_or_a_question_are_not_emergencies(triage, tier):
+    for message in PHRASINGS[tier]:
+        assert triage.assess(message).tier == tier, (message, triage.assess(message))
+
+
+def test_the_former_guard_lists(triage):
+    """Every emergency of the former guard's lists stays one; no ordinary message becomes one (a sign told as
+    past is a caution now, so recall_first_emergency's message may be either)."""
+    for name, messages in CASES.items():
+        for m in messages:
+            tier = triage.assess(m).tier
+            if name == "recall_first_emergency":
+                assert tier in ("caution", "emergency"), m
+            elif name.endswith("emergency"):
+                assert tier == "emergency", (name, m)
+            else:
+                assert tier != "emergency", (name, m)
+
+
+def test_spelling_does_not_change_the_tier(triage):
+    """Accents dropped, SHOUTED, or the phonetic swaps patients make: the same tier."""
+
+    def strip(s: str) -> str:
+        return "".join(c for c in unicodedata.normalize("NFKD", s) if not unicodedata.combining(c))
+
+    swaps = (("qu", "k"), ("ll", "y"), ("ch", "x"), ("ci", "si"), ("v", "b"))
+    messages = [m for ms in PHRASINGS["emergency"].values() for m in ms] + PHRASINGS["none"]
+    for m in messages:
+        want = triage.assess(m).tier == "emergency"
+        for v in (strip(m), m.upper(), *(m.replace(a, b) for a, b in swaps)):
+            assert (triage.assess(v).tier == "emergency") == want, (m, v)
+
+
+def test_format_characters_do_not_hide_a_sign(triage):
+    for cf in ("\u200b", "\u00ad", "\u2060", "\ufeff", "\u200d", "\u200e"):
+        for m in (f"me duele mucho el pe{cf}cho", f"mi hijo esta convul{cf}sionando", f"se tra{cf}go lavan{cf}dina"):
+            assert triage.assess(m).tier == "emergency", repr(m)
+        assert normalize(f"pe{cf}cho") == "pecho" and read(f"pe{cf}cho") == "pecho"
+
+
+def test_numbers_with_units_are_read():
+    assert "lecturafiebre" in read("tiene 38,5 de fiebre") and "lecturafiebre" not in read("tiene 37,2 de fiebre")
+    assert "lecturafiebrealta" in read("fiebre de 39.5")
+    assert "lecturafiebre" not in read("tiene 38 años y fiebre")  # an age, not a temperature
+    assert "lecturaglucosabaja" in read("el azúcar en 40") and "lecturaglucosabaja" not in read("glucosa 110")
+    assert "lecturaglucosabaja" in read("el glucómetro dice LO") and "lecturaglucosabaja" not in read("no lo sé")
+    assert "lecturaembarazo lecturapretermino" in read("tengo 30 semanas") and "lecturaembarazo" not in read(
+        "hace 30 semanas"
+    )
+    assert "lecturamenor3meses" in read("mi bebé de 3 semanitas") and "lecturamenor3meses" in read("bebe de dos meses")
+    assert "lecturamenor3meses" not in read("mi bebé de 5 meses") and "lecturalactante" in read("mi bebé de 5 meses")
+    assert "lecturapresionmuyalta" in read("la presion en 16/11") and "lecturapresionmuyalta" not in read("el 16/11")
+
+
+def test_numbers_decide_categories(triage):
+    assert triage.assess("mi bebe de 2 meses tiene 38,3").category == "infant_fever"
+    assert triage.assess("mi hijo de 2 años tiene 38,3, hay pediatra hoy?").tier != "emergency"
+    assert triage.assess("mi mama diabetica tiene el azucar en 40 y esta sudando").category == "hypoglycaemia"
+    assert triage.assess("tengo 30 semanas y se me rompio la fuente").category == "pregnancy_danger"
+
+
+# --------------------------------------------------------------------------- advice
+
+
+def test_advice_table_never_pairs(triage):
+    adv = triage.advice
+    never = {
+        "unconscious": "siéntate",
+        "hypoglycaemia": "nada de comer ni de beber",
+        "dehydration_severe": "nada de comer ni de beber",
+        "bleeding_pregnancy": "presiona la herida",
+    }
+    for category, phrase in never.items():
+        assert phrase not in adv.advice(category).lower()
+        assert adv.forbidden(category, phrase) is not None  # the table lists the pair
+    assert "adrenalina" not in adv.advice("bite_swelling") and "suicid" not in adv.advice("baby_lethargic_not_feeding")
+    for message, category, phrase in (
+        ("mi mama se desmayo y no despierta", "unconscious", "sient"),
+        ("mi hijo tiene diarrea, ya no hace pis y tiene los ojos hundidos", "dehydration_severe", "nada de comer"),
+        ("mi abuelo diabetico esta sudando y confundido, se puso insulina", "hypoglycaemia", "nada de comer"),
+        ("estoy embarazada de 20 semanas y estoy sangrando mucho", "bleeding_pregnancy", "herida"),
+        ("me mordio una vibora en el pie", "bite_swelling", "adrenalina"),
+        ("mi bebe no quiere mamar y esta muy decaido", "baby_lethargic_not_feeding", "suicid"),
+    ):
+        a = triage.assess(message)
+        assert a.category == category, (message, a.category)
+        assert phrase not in triage.emergency_reply(a.category).lower()
+
+
+def test_two_categories_that_do_not_cover_each_other_get_only_the_generic_instruction(triage):
+    a = triage.assess("mi hijo se corto las venas y se tomo todas las pastillas")  # bleeding + suicidal + poisoning
+    assert a.tier == "emergency" and a.category is None
+    assert triage.emergency_reply(None).endswith(triage.advice.generic)
+    assert "118" in triage.emergency_reply(None) and "No manejes" in triage.advice.generic
+
+
+def test_an_advice_line_the_never_table_forbids_is_refused(tmp_path):
+    for name in ("triage.yaml", "triage-model.safetensors"):
+        (tmp_path / name).write_bytes((REPO / "configs" / name).read_bytes())
+    spec = yaml.safe_load((REPO / "configs" / "triage-advice.yaml").read_text(encoding="utf-8"))
+    spec["categories"]["unconscious"]["advice"] = "Siéntalo y dale agua."
+    (tmp_path / "triage-advice.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        Triage(tmp_path / "triage.yaml")
+    assert any("unconscious.advice" in p and "never" in p for p in e.value.problems)
+
+
+# --------------------------------------------------------------------------- protected words, the matcher
+
+
+@pytest.mark.parametrize(
+    "message, not_category",
+    [
+        ("mi bebe no quiere mamar", "suicidal"),  # mamar is one letter from matar
+        ("te quiero contar que mi hijo ya esta mejor", "suicidal"),  # contar / cortar
+        ("tengo dolor fuerte de muela, hay dentista?", "suicidal"),  # fuerte / muerte, muela / muera
+        ("mi hijo trago mucha agua del grifo", "poisoning_overdose"),  # agua / aguja
+        ("se me cayo el cabello, hay dermatologo?", "trauma"),  # cabello / caballo
+        ("me pico un zancudo y tengo una roncha", "anaphylaxis"),  # roncha / ronca
+    ],
+)
+def test_protected_words_are_never_read_as_a_danger_word(triage, message, not_category):
+    f = triage.assess(message).findings
+    assert not_category not in f.signs | f.cautions, message
+
+
+def test_protected_words_match_only_themselves():
+    rs = RuleSet.from_spec([{"name": "die", "near": ["matar|cortar"]}], {}, "t", ["mamar"])
+    assert rs.first("lo quiero matar") is not None and rs.first("quiero mamar") is None
+    assert rs.first("me voy a cortar") is not None and rs.first("me voy a kortar") is not None  # spelling kept
+    assert RuleSet.from_spec([{"near": ["matar"]}], {}, "t").first("mamar") is not None  # without the list
+    with pytest.raises(ConfigError, match="protected"):
+        RuleSet.from_spec([{"near": ["matar"]}], {}, "t", "mamar")
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ("quiero", "kiero"),
+        ("cita", "sita"),
+        ("pecho", "pexo"),
+        ("desmayo", "desmallo"),
+        ("respirar", "rrespirar"),
+        ("convulsiones", "combulsiones"),
+        ("hinchado", "inchado"),
+        ("inconsciente", "inconsiente"),
+        ("vez", "bes"),
+    ],
+)
+def test_phonetic_key(a, b):
+    assert key(normalize(a)) == key(normalize(b)) or within_one(key(normalize(a)), key(normalize(b)))
+
+
+@pytest.mark.parametrize(
+    "a, b, close",
+    [
+        ("respirar", "respriar", True),
+        ("sangrando", "sangrado", True),
+        ("dolor", "color", True),
+        ("infarto", "infartos", True),
+        ("pecho", "techos", False),
+        ("morir", "mover", False),
+    ],
+)
+def test_within_one(a, b, close):
+    assert within_one(a, b) == close
+
+
+def test_normalize():
+    assert normalize("¿Me DUELE el Pécho?!  ") == "me duele el pecho"
+    assert normalize("Ñandú, CAÑADA") == "nandu canada"
+
+
+def test_rule_syntax_errors_are_listed():
+    with pytest.raises(ConfigError) as e:
+        RuleSet.from_spec(
+            [{"near": ["@nope"]}, {"seq": "a b"}, {"foo": 1}, {"near": ["x"], "window": -1}], {"ok": ["a"]}, "test.yaml"
+        )
+    text = "\n".join(e.value.problems)
+    assert "unknown concept '@nope'" in text and "one word per alternative" in text
+    assert "exactly one of 'near' or 'seq'" in text and "window/gap" in text
+
+
+def test_rule_modes_and_numbers():
+    rs = RuleSet.from_spec(
+        [
+            {"name": "order", "seq": ["no", "puedo", "respir*"], "gap": 1},
+            {"name": "many", "seq": ["tome", "#5", "pastillas"], "gap": 1},
+            {"name": "near", "near": ["pecho", "dolor"], "window": 2},
+        ],
+        {},
+        "t",
+    )
+    assert rs.first("no puedo casi respirar").name == "order"
+    assert rs.first("puedo no respirar") is None  # seq keeps the order
+    assert rs.first("me tome 20 pastillas").name == "many"
+    assert rs.first("me tome 2 pastillas") is None
+    assert rs.first("dolor de pecho").name == "near"
+    assert rs.first("pecho hoy y ayer y dolor") is None  # farther than the window
+
+
+# --------------------------------------------------------------------------- carry-over, the turn
+
+
+def _after(turns: list[tuple[str, str]]) -> list[Turn]:
+    out = []
+    for message, action in turns:
+        out += [Turn("user", message), Turn("assistant", "...", action, "x")]
+    return out
+
+
+def test_an_emergency_carries_over_until_the_patient_is_attended(triage, dialog):
+    history = _after([("mi papa tiene dolor de pecho fuerte y suda frio", "emergency")])
+    for message in (
+        "no tenemos plata para la ambulancia, mejor dame una ficha para mañana con el cardiologo",
+        "ya se le esta pasando un poco creo, esperamos a mañana?",
+        "todavia no llega la ambulancia",
+        "cuanto cuesta la consulta?",
+    ):
+        plan = dialog.decide(message, history)
+        assert plan.action == "emergency" and plan.extra["triage_carried"], message
+        assert "118" in plan.reply and not any(w in plan.reply.lower() for w in ("agend", "carnet", "fecha de nac"))
+        assert triage.advice.advice("chest_pain") in plan.reply  # the carried category's advice
+    booking = dialog.decide("mejor dame una ficha para mañana", history)
+    assert booking.extra["intent"] == "schedule_appointment"  # the request is kept in params
+
+
+def test_the_carried_emergency_ends_when_they_are_attended(dialog):
+    history = _after([("mi hijo esta convulsionando", "emergency"), ("dame cita", "emergency")])
+    for message in ("ya estamos en el hospital", "ya llego la ambulancia, se lo estan llevando", "ya lo atendieron"):
+        plan = dialog.decide(message, history)
+        assert plan.action != "emergency" and plan.extra["triage_released"], message
+    released = history + _after([("ya lo atendieron en emergencias", "chat")])
+    plan = dialog.decide("quiero una cita con el pediatra para el lunes", released)
+    assert plan.action == "schedule_appointment" and plan.extra["triage"] == "none" and plan.reply is None
+
+
+def test_intent_is_kept_whatever_the_tier(dialog):
+    plan = dialog.decide("quiero una cita con cardiologia, me duele mucho el pecho ahorita", [])
+    assert plan.action == "emergency" and plan.extra == {
+        "triage": "emergency",
+        "triage_category": "chest_pain",
+        "intent": "schedule_appointment",
+    }
+    plan = dialog.decide("hace un año tuve un infarto, quiero control con el cardiologo", [])
+    assert plan.action == "schedule_appointment" and plan.extra["triage"] == "caution" and plan.note
+
+
+def test_a_model_reply_about_emergencies_is_replaced_by_the_flow_and_counted(dialog, triage):
+    metrics = dialog.metrics
+    before = metrics.overridden.get()
+    plan = dialog.decide("quiero sacar ficha con el pediatra", [])
+    done = dialog.finish(plan, "Es una emergencia, llama al 118 de inmediato.")
+    assert done.reply == triage.flow_reply("schedule_appointment") and done.source == "flow"
+    assert metrics.overridden.get() == before + 1
+    assert dialog.finish(plan, "Con gusto, ¿qué día?").reply == "Con gusto, ¿qué día?"
+    caution = dialog.decide("la semana pasada me desmaye, ya estoy bien, quiero un chequeo", [])
+    done = dialog.finish(caution, "Te espero, llama a la ambulancia.")
+    assert done.reply == f"{triage.flow_reply(caution.action)} {caution.note}"
+
+
+# --------------------------------------------------------------------------- the learned layer's file
+
+
+def test_model_file_is_checked_when_it_loads(tmp_path):
+    model = REPO / "configs" / "triage-model.safetensors"
+    pinned = yaml.safe_load((REPO / "configs" / "triage.yaml").read_text(encoding="utf-8"))["learned"]["sha256"]
+    assert hashlib.sha256(model.read_bytes()).hexdigest() == pinned
+    with pytest.raises(ConfigError, match="sha256"):
+        LearnedModel.load(model, "0" * 64)
+    bad = tmp_path / "m.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(ConfigError, match="not a lora-med triage model"):
+        LearnedModel.load(bad, None)
+    with pytest.raises(ConfigError, match="cannot read"):
+        LearnedModel.load(tmp_path / "missing.safetensors", None)
+    header = json.loads(model.read_bytes()[8 : 8 + int.from_bytes(model.read_bytes()[:8], "little")])
+    meta = json.loads(header["__metadata__"]["triage"])
+    assert meta["format"] == "lora-med-triage-ngram/1" and 0 < meta["caution_at"] <= meta["emergency_at"] < 1
+
+
+@pytest.mark.slow
+def test_rebuilding_the_learned_layer_gives_the_same_file(tmp_path):
+    spec = importlib.util.spec_from_file_location("build_triage_model", REPO / "scripts" / "build_triage_model.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    out = tmp_path / "model.safetensors"
+    assert build.main(["--out", str(out)]) == 0
+    assert out.read_bytes() == (REPO / "configs" / "triage-model.safetensors").read_bytes()
+
+
+def test_versions_name_the_rules_and_the_model(triage):
+    v = triage.versions()
+    sha = hashlib.sha256((REPO / "configs" / "triage-model.safetensors").read_bytes()).hexdigest()
+    assert v["rules"].startswith("triage.yaml@") and v["model"] == f"ngram-lr@{sha[:12]}"
+
+
+def test_bad_triage_file_lists_its_problems(tmp_path):
+    spec = yaml.safe_load((REPO / "configs" / "triage.yaml").read_text(encoding="utf-8"))
+    spec["reply"] = "llama a alguien"
+    spec["categories"]["chest_pain"]["covers"] = ["nope"]
+    del spec["flow_replies"]["chat"]
+    for name in ("triage-advice.yaml", "triage-model.safetensors"):
+        (tmp_path / name).write_bytes((REPO / "configs" / name).read_bytes())
+    (tmp_path / "triage.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        Triage(tmp_path / "triage.yaml")
+    assert "unknown categories" in "\n".join(e.value.problems)
+    spec["categories"]["chest_pain"]["covers"] = []
+    (tmp_path / "triage.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        Triage(tmp_path / "triage.yaml")
+    text = "\n".join(e.value.problems)
+    assert "'reply'" in text and "118" in text and "flow_replies" in text and "chat" in text
+
+
+# --------------------------------------------------------------------------- the round benchmark
+
+
+def test_round_benchmark_writes_results_and_refuses_a_bad_round(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("triage_run", REPO / "benchmarks" / "triage" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    round_file = tmp_path / "round.yaml"
+    round_file.write_text(
+        yaml.safe_dump(
+            {
+                "round": 99,
+                "emergency": [{"id": "e1", "category": "seizure", "text": "mi hijo esta convulsionando"}],
+                "ordinary": [{"id": "o1", "request": "book", "text": "quiero una cita con el pediatra"}],
+                "carry_over": [
+                    {
+                        "id": "c1",
+                        "turns": [
+                            {"text": "mi papa se desmayo y no despierta", "expect": "emergency"},
+                            {"text": "dame ficha para mañana", "expect": "emergency"},
+                            {"text": "ya llego la ambulancia", "expect": "attended"},
+                            {"text": "quiero una cita para su control", "expect": "ordinary"},
+                        ],
+                    }
+                ],
+            }
+        ),
+        encoding="utf-8",
+    )
+    assert run.main([str(round_file), "--out", str(tmp_path / "out"), "--passes", "1"]) == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text(encoding="utf-8"))
+    assert res["emergency"]["caught"] == 1 and res["ordinary"]["emergency"] == 0 and res["ordinary"]["intent_ok"] == 1
+    assert res["carry_over"] == {**res["carry_over"], "kept": 1, "released": 1, "resumed": 1, "opened": 1}
+    assert res["timing"]["p50_ms"] > 0 and res["triage"]["model"].startswith("ngram-lr@")
+    assert "| round |" in (tmp_path / "out" / "results.md").read_text(encoding="utf-8")
+    round_file.write_text("emergency: []\n", encoding="utf-8")
+    assert run.main([str(round_file), "--out", str(tmp_path / "out2")]) == 2
+    assert "'emergency' must be a non-empty list" in capsys.readouterr().err
+    assert not (tmp_path / "out2").exists()
