@@ -93,7 +93,12 @@ def test_params_carry_the_booking_and_who_wrote_the_reply_and_metrics_count_repl
     kept = other.metric('lora_med_replies_total{source="model"}')
     assert replaced or kept, text  # every model reply was either kept or replaced, by reason
     info = other.chat("+59177007777", "¿a qué hora abren?").json()
-    assert info["action"] == "clinic_info" and info["params"] == {"status": "answered", "source": "facts"}
+    assert info["action"] == "clinic_info" and info["params"] == {
+        "status": "answered",
+        "source": "facts",
+        "triage": "none",  # the triage's tier and the intent ride along on every reply
+        "intent": "clinic_info",
+    }
 
 
 def test_a_broken_facts_file_stops_serve_before_anything_starts(tiny_base, tmp_path):

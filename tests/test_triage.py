@@ -80,6 +80,26 @@ def test_signs_told_as_past_mild_or_a_question_are_not_emergencies(triage, tier)
         assert triage.assess(message).tier == tier, (message, triage.assess(message))
 
 
+def test_a_sign_that_is_over_long_past_treated_or_taught_is_no_emergency_and_the_request_is_served(dialog):
+    for message in PHRASINGS["not_emergency"]:
+        plan = dialog.decide(message, [])
+        assert plan.extra["triage"] in ("caution", "none"), (message, plan.extra)
+        assert plan.action != "emergency" and plan.action == plan.extra["intent"], (message, plan.action)
+        assert plan.reply is None or "118" not in plan.reply.split(".")[0], message  # served, not referred
+
+
+def test_a_burn_with_a_sign_of_the_airway_stays_an_emergency(triage):
+    for message in (
+        "se quemo con la garrafa y tiene la voz ronquita, un poquito nomas",  # "un poquito" does not lower it
+        "hace un rato se quemo con agua hirviendo, poquito, pero respiro el humo y ahora tose negro",
+    ):
+        a = triage.assess(message)
+        assert a.tier == "emergency" and a.category == "burn_airway", (message, a)
+    mild = triage.assess("me queme un poquito el dedo con la olla, ya no me duele").tier
+    assert mild != "emergency"  # a small burn alone is still lowered
+    assert "mild" not in triage.assess("tiene la voz ronquita").findings.modifiers  # ronquita is no ronchita
+
+
 def test_the_former_guard_lists(triage):
     """Every emergency of the former guard's lists stays one; no ordinary message becomes one (a sign told as
     past is a caution now, so recall_first_emergency's message may be either)."""
@@ -127,6 +147,8 @@ def test_numbers_with_units_are_read():
     assert "lecturamenor3meses" in read("mi bebé de 3 semanitas") and "lecturamenor3meses" in read("bebe de dos meses")
     assert "lecturamenor3meses" not in read("mi bebé de 5 meses") and "lecturalactante" in read("mi bebé de 5 meses")
     assert "lecturapresionmuyalta" in read("la presion en 16/11") and "lecturapresionmuyalta" not in read("el 16/11")
+    assert "lecturaano" in read("tuvo un infarto en 2019") and "lecturaano" in read("desde el 2015 tiene asma")
+    assert "lecturaano" not in read("la consulta cuesta en 2000 bs") and "lecturaano" not in read("tome 2019 pastillas")
 
 
 def test_numbers_decide_categories(triage):
@@ -164,6 +186,65 @@ def test_advice_table_never_pairs(triage):
         assert phrase not in triage.emergency_reply(a.category).lower()
 
 
+@pytest.mark.parametrize(
+    "message, reading",
+    [
+        # a chest pain line ("siéntate") for someone electrocuted
+        (
+            "a mi primo le dio un corrientazo en la obra y ahora le duele el pecho y el corazon le late raro",
+            "electrocution",
+        ),
+        ("le dio el toque del enchufe a mi esposa y dice que le aprieta el pecho", "electrocution"),
+        # a chest pain or breathing line for a baby who does not feed
+        ("mi bebe de 1 mes no se prende al pecho, esta floja y casi no moja el panal", "baby_lethargic_not_feeding"),
+        ("la wawa de 3 semanas no quiere el pecho, se queja y respira rapidito", "baby_lethargic_not_feeding"),
+        # "nada de comer ni de beber" (stroke) for low sugar
+        ("mi abuelo diabetico tiene la boca torcida y habla raro, el azucar le salio 50", "hypoglycaemia"),
+        # "presiona la herida" for a pregnant woman who bleeds
+        ("estoy embarazada de 5 meses y me corte la mano con un vidrio, sangra mucho", "bleeding_pregnancy"),
+        # an adrenaline autoinjector for a snakebite
+        ("me mordio una vibora y se me esta hinchando la cara y los labios", "bite_swelling"),
+        # a seated position for someone who does not wake
+        ("a mi papa le dolia el pecho y ahora no despierta, respira raro", "unconscious"),
+        # only mentioned (no sign rule of that category fires): the line of the sign found would be unsafe
+        ("estaba arreglando el tomacorriente y ahora le duele el pecho y suda frio", "electrocution"),
+        ("mi bebe de 4 meses llora y se toca el pecho, le duele, casi no moja el panal", "baby_lethargic_not_feeding"),
+        (
+            "estoy embarazada de 6 meses y hoy en la cocina mientras picaba cebolla con el cuchillo nuevo me hice un "
+            "tajo hondo y sangra a chorros",
+            "bleeding_pregnancy",
+        ),  # fmt: skip
+        ("a mi papa le duele el pecho y ahora cuesta despertarlo", "unconscious"),
+        ("vi una vibora en el patio y ahora tengo la cara y los labios hinchados", "bite_swelling"),
+    ],
+)
+def test_a_line_goes_out_only_where_it_is_safe_for_every_reading_of_the_message(triage, message, reading):
+    """The `never` table decides: a category's line is sent only when it is safe for every category the message
+    may be about (signs, caution signs, mentions); otherwise the generic instruction."""
+    a = triage.assess(message)
+    assert a.tier == "emergency", (message, a)
+    assert reading in a.findings.readings, (message, a.findings)
+    reply = triage.emergency_reply(a.category)
+    for r in a.findings.readings:
+        assert triage.advice.forbidden(r, reply) is None, (message, a.category, r)
+
+
+def test_fitting_is_the_table_applied_to_the_readings(triage):
+    adv = triage.advice
+    assert adv.fitting("chest_pain", {"chest_pain"}) == "chest_pain"
+    assert adv.fitting("chest_pain", {"chest_pain", "breathing"}) == "chest_pain"  # no never pair between them
+    assert adv.fitting("chest_pain", {"chest_pain", "electrocution"}) is None  # "siéntate"
+    assert adv.fitting("breathing", {"breathing", "baby_lethargic_not_feeding"}) is None  # "erguido"
+    assert adv.fitting("stroke", {"stroke", "hypoglycaemia"}) is None  # "nada de comer"
+    assert adv.fitting("bleeding_wound", {"bleeding_wound", "bleeding_pregnancy"}) is None  # "presiona la herida"
+    assert adv.fitting("anaphylaxis", {"anaphylaxis", "bite_swelling"}) is None  # "adrenalina"
+    assert adv.fitting("acute_abdomen", {"acute_abdomen", "dehydration_severe"}) is None  # "ni bebas" / sips
+    assert adv.fitting("electrocution", {"electrocution", "chest_pain"}) == "electrocution"
+    assert adv.fitting(None, {"chest_pain"}) is None
+    for cat in triage.rules.categories:  # the generic lines are safe for every category
+        assert adv.forbidden(cat, adv.generic) is None and adv.forbidden(cat, adv.generic_caution) is None
+
+
 def test_two_categories_that_do_not_cover_each_other_get_only_the_generic_instruction(triage):
     a = triage.assess("mi hijo se corto las venas y se tomo todas las pastillas")  # bleeding + suicidal + poisoning
     assert a.tier == "emergency" and a.category is None
@@ -176,10 +257,24 @@ def test_an_advice_line_the_never_table_forbids_is_refused(tmp_path):
         (tmp_path / name).write_bytes((REPO / "configs" / name).read_bytes())
     spec = yaml.safe_load((REPO / "configs" / "triage-advice.yaml").read_text(encoding="utf-8"))
     spec["categories"]["unconscious"]["advice"] = "Siéntalo y dale agua."
+    spec["generic"] = "Que se siente tranquilo y llama al 118."
     (tmp_path / "triage-advice.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True), encoding="utf-8")
     with pytest.raises(ConfigError) as e:
         Triage(tmp_path / "triage.yaml")
     assert any("unconscious.advice" in p and "never" in p for p in e.value.problems)
+    assert any("'generic'" in p and "fit all" in p for p in e.value.problems)
+
+
+def test_a_category_may_not_cover_one_its_line_is_forbidden_for(tmp_path):
+    """`covers` says a line fits another category too; the `never` table must agree (no adrenaline for a bite)."""
+    for name in ("triage-advice.yaml", "triage-model.safetensors"):
+        (tmp_path / name).write_bytes((REPO / "configs" / name).read_bytes())
+    spec = yaml.safe_load((REPO / "configs" / "triage.yaml").read_text(encoding="utf-8"))
+    spec["categories"]["anaphylaxis"]["covers"] = ["breathing", "bite_swelling"]
+    (tmp_path / "triage.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        Triage(tmp_path / "triage.yaml")
+    assert any("anaphylaxis.advice" in p and "bite_swelling" in p and "covers" in p for p in e.value.problems)
 
 
 # --------------------------------------------------------------------------- protected words, the matcher
@@ -194,6 +289,9 @@ def test_an_advice_line_the_never_table_forbids_is_refused(tmp_path):
         ("mi hijo trago mucha agua del grifo", "poisoning_overdose"),  # agua / aguja
         ("se me cayo el cabello, hay dermatologo?", "trauma"),  # cabello / caballo
         ("me pico un zancudo y tengo una roncha", "anaphylaxis"),  # roncha / ronca
+        ("necesito panales y una crema para el pecho del bebe", "chest_pain"),  # panales / punal (a stabbing pain)
+        ("en la posta dijeron que se desmayo por el calor", "poisoning_overdose"),  # posta / pasta (the drug)
+        ("me corre un calambre por el brazo cuando hago ejercicio", "suicidal"),  # corre / corte, brazo / brazos
     ],
 )
 def test_protected_words_are_never_read_as_a_danger_word(triage, message, not_category):
@@ -310,6 +408,24 @@ def test_the_carried_emergency_ends_when_they_are_attended(dialog):
     released = history + _after([("ya lo atendieron en emergencias", "chat")])
     plan = dialog.decide("quiero una cita con el pediatra para el lunes", released)
     assert plan.action == "schedule_appointment" and plan.extra["triage"] == "none" and plan.reply is None
+
+
+def test_being_brought_to_a_hospital_or_treated_there_ends_the_carried_emergency(dialog):
+    history = _after([("a mi tio le mordio una vibora en el chaco y se le hincha la pierna", "emergency")])
+    for message in (
+        "ya lo trasladaron al hospital de Warnes",
+        "lo llevaron a la clinica del norte, le estan poniendo suero",
+        "ya la internaron, le estan pasando oxigeno",
+    ):
+        plan = dialog.decide(message, history)
+        assert plan.action != "emergency" and plan.extra["triage_released"], message
+    for message in (
+        "todavia no llegamos al hospital, no hay movilidad",
+        "lo llevaron al hospital pero no lo atienden",
+        "quiero una ficha para mañana",
+    ):
+        plan = dialog.decide(message, history)
+        assert plan.action == "emergency" and plan.extra["triage_carried"], message
 
 
 def test_intent_is_kept_whatever_the_tier(dialog):

@@ -2,7 +2,12 @@
 
 The file names the first-aid reference the lines were written from; its ``never`` table lists phrases a
 category's line must not contain (a seated position for someone unconscious, "nothing to eat or drink" for low
-sugar or dehydration, "press the wound" for bleeding in pregnancy), checked here when the file loads.
+sugar or dehydration, "press the wound" for bleeding in pregnancy). The table is the mechanism, not a note:
+
+- when the file loads, no category's line may contain a phrase forbidden for itself or for a category it
+  ``covers`` (configs/triage.yaml: the rules say its line fits them too), and the generic lines none at all;
+- for each message (``fitting``), a category's line goes out only when it is safe for every category the message
+  may be about (its ``readings``: signs, caution signs, mentions); otherwise the generic instruction does.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ class Lines:
 class Advice:
     """The advice lines of every category, the generic ones, and the ``never`` table."""
 
-    def __init__(self, path: Path, categories: set[str]):
+    def __init__(self, path: Path, categories: set[str], covers: dict[str, frozenset[str]] | None = None):
         spec = read_yaml(path, "--emergency (advice)")
         where = str(path)
         problems: list[str] = []
@@ -53,9 +58,19 @@ class Advice:
                 continue
             self.never.append((frozenset(cats), tuple(fold(p) for p in phrases)))
         for name, line in self.lines.items():
-            bad = self.forbidden(name, line.advice)
+            for other in sorted({name} | set((covers or {}).get(name, ()))):
+                bad = self.forbidden(other, line.advice)
+                if bad and other == name:
+                    problems.append(f"{where}: {name}.advice says {bad!r}, which the 'never' table forbids for it")
+                elif bad:
+                    problems.append(
+                        f"{where}: {name}.advice says {bad!r}, which the 'never' table forbids for {other}, a "
+                        f"category {name} covers in the rules; change the line or drop {other} from its covers"
+                    )
+        for key, text in (("generic", self.generic), ("generic_caution", self.generic_caution)):
+            bad = next((b for c in categories if (b := self.forbidden(c, text))), None)
             if bad:
-                problems.append(f"{where}: {name}.advice says {bad!r}, which the 'never' table forbids for it")
+                problems.append(f"{where}: '{key}' says {bad!r}, which the 'never' table forbids (it must fit all)")
         if problems:
             raise ConfigError(f"{where}: invalid advice file", problems)
 
@@ -68,6 +83,14 @@ class Advice:
                     if p in folded:
                         return p
         return None
+
+    def fitting(self, category: str | None, readings: frozenset[str] | set[str]) -> str | None:
+        """``category`` when its line is safe for every one of ``readings`` (the categories the message may be
+        about), else None: the generic instruction, never a line the ``never`` table forbids for any of them."""
+        if category not in self.lines:
+            return None
+        line = self.lines[category].advice
+        return None if any(self.forbidden(r, line) for r in readings if r != category) else category
 
     def advice(self, category: str | None) -> str:
         """The line for ``category``; the generic instruction when the category is unclear (None)."""

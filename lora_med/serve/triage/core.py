@@ -27,7 +27,7 @@ class Assessment:
     """One message's triage, without the conversation."""
 
     tier: str  # emergency | caution | none
-    category: str | None  # the category whose advice fits; None: none, or unclear (generic advice)
+    category: str | None  # the category whose advice fits; None: none, or unclear or unsafe (generic advice)
     by: str  # who raised the tier: rules | model | rules+model | "" (none)
     score: float  # the learned layer's probability
     findings: Findings
@@ -89,7 +89,8 @@ class Triage:
         self.flow_replies = {a: " ".join(v.split()) for a, v in flows.items()}
         self.must_not_say = RuleSet.from_spec(spec.get("model_must_not_say"), {}, f"{where} model_must_not_say")
         advice_path = path.parent / spec["advice"]
-        self.advice = Advice(advice_path, set(self.rules.categories))
+        covers = {n: c.covers for n, c in self.rules.categories.items()}
+        self.advice = Advice(advice_path, set(self.rules.categories), covers)
         self.model = LearnedModel.load(path.parent / learned["file"], learned.get("sha256"))
         digest = hashlib.sha256(path.read_bytes() + advice_path.read_bytes()).hexdigest()
         self.rules_version = f"{path.name}@{digest[:12]}"
@@ -120,15 +121,20 @@ class Triage:
         caution = {c for c in f.signs | f.cautions if level(c) != "none"} - emergency
         if emergency:
             by = "rules+model" if score >= self.model.emergency_at else "rules"
-            return Assessment("emergency", self.rules.resolve(emergency), by, score, f)
+            return Assessment("emergency", self._clear(emergency, f), by, score, f)
         if score >= self.model.emergency_at and not lowering:
-            return Assessment("emergency", self.rules.resolve(f.signs | f.cautions), "model", score, f)
+            return Assessment("emergency", self._clear(f.signs | f.cautions, f), "model", score, f)
         # a figure of speech or a lab test ("prueba de embarazo en sangre") is no sign, whatever the model says
         dismissed = any(lowers_to[m] == "none" for m in lowering) and not caution
         if caution or (score >= self.model.caution_at and not dismissed):
             by = "rules" if caution else "model"
             return Assessment("caution", self.rules.resolve(caution) if caution else None, by, score, f)
         return Assessment("none", None, "", score, f)
+
+    def _clear(self, names: set[str] | frozenset[str], f: Findings) -> str | None:
+        """The emergency's category when it is clear: one category covers the others (``resolve``) and its
+        advice line is safe for every category the message may be about; else None (the generic instruction)."""
+        return self.advice.fitting(self.rules.resolve(names), f.readings)
 
     def verdict(self, message: str, history: list[Turn], assessment: Assessment | None = None) -> Verdict:
         """The triage of ``message`` after ``history`` (this conversation's earlier answered turns)."""

@@ -11,7 +11,8 @@ words, so a number is read into a word beside it (``lectura...``) that rules can
   ``lecturapresionbaja`` (systolic under 90); ``lecturasaturacionbaja`` (oxygen 92% or less);
 - ``lecturamenor3meses``: a baby's age under 3 months ("3 semanitas", "40 días", "mes y medio"), and
   ``lecturalactante`` under a year;
-- ``lecturaembarazo`` and ``lecturapretermino``: weeks or months of pregnancy (under 37 weeks: preterm).
+- ``lecturaembarazo`` and ``lecturapretermino``: weeks or months of pregnancy (under 37 weeks: preterm);
+- ``lecturaano``: a year told as a date ("en 2019", "el 2020", "desde el 2015"): an event in the past.
 
 Number words before a unit are read as digits first ("dos meses" -> "2 meses").
 """
@@ -55,6 +56,10 @@ _GLUCOSE_LO = re.compile(r"(?i:azucar|glucosa|glucometro|glicemia)[^.]{0,40}?\b(
 _GLUCOSE_HI = re.compile(r"(?i:azucar|glucosa|glucometro|glicemia)[^.]{0,40}?\b(HI|HIGH|high)\b")
 _PRESSURE = re.compile(r"(?<![\d/])(\d{2,3})\s*(?:/|sobre|con)\s*(\d{1,3})(?![\d/])")
 _PRESSURE_CONTEXT = re.compile(r"presion|tension|arterial|\bpa\b")
+_YEAR = re.compile(
+    r"\b(?:en|el|del|desde|durante|ano|anio)\s+(?:el\s+|del\s+)?(?:19[5-9]\d|20\d\d)\b"
+    r"(?!\s*(?:bs|bolivianos?|pesos|dolares|\$|mg|ml|metros|kilos?|pastillas?))"
+)
 _SATURATION = re.compile(r"\b(?:saturacion|saturando|satura|saturaba|oxigeno|oximetro|spo2|sat)\b\D{0,20}?(\d{2,3})\b")
 
 
@@ -85,6 +90,7 @@ def read(text: str) -> str:
         t += " lecturaglucosaalta"
     t = _SATURATION.sub(lambda m: _mark(m, "lecturasaturacionbaja" if 50 <= int(m.group(1)) <= 92 else ""), t)
     t = _read_ages(t)
+    t = _YEAR.sub(lambda m: f"{m.group(0)} lecturaano", t)
     context = _FEVER_CONTEXT.search(t) is not None
     # "38,3" is a temperature on its own; a whole "38" only beside a word of fever ("38 años" is an age)
     t = _TEMPERATURE.sub(lambda m: _temperature(m) if context or m.group(2) else m.group(0), t)

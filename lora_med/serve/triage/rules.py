@@ -32,6 +32,13 @@ class Findings:
     cautions: frozenset[str]  # categories with a sign that only calls for caution
     modifiers: frozenset[str]  # modifier names found (`now` and those of the file's `modifiers`)
     attended: bool  # the message says they are being attended or are safe
+    mentions: frozenset[str] = frozenset()  # categories only mentioned (never a tier; see `readings`)
+
+    @property
+    def readings(self) -> frozenset[str]:
+        """Every category the message may be about: a sign, a caution sign or a mention. An advice line must
+        be safe for all of them (configs/triage-advice.yaml, `never`)."""
+        return self.signs | self.cautions | self.mentions
 
 
 class TriageRules:
@@ -69,7 +76,7 @@ class TriageRules:
             if not isinstance(c, dict) or not isinstance(c.get("rules"), list):
                 problems.append(f"{where}: category {name!r} must have 'rules' (a list)")
                 continue
-            unknown = set(c) - {"rules", "caution_rules", "soften", "covers", "parent"}
+            unknown = set(c) - {"rules", "caution_rules", "mentions", "soften", "covers", "parent"}
             if unknown:
                 problems.append(f"{where}: category {name!r}: unknown key(s) {', '.join(sorted(unknown))}")
             soften = c.get("soften", default_soften)
@@ -80,6 +87,8 @@ class TriageRules:
             specs.append((f"sign:{name}", c["rules"]))
             if c.get("caution_rules"):
                 specs.append((f"caution:{name}", c["caution_rules"]))
+            if c.get("mentions"):
+                specs.append((f"mention:{name}", c["mentions"]))
         for name, cat in self.categories.items():
             wrong = sorted((cat.covers | ({cat.parent} if cat.parent else set())) - set(self.categories))
             if wrong:
@@ -114,18 +123,21 @@ class TriageRules:
 
     def find(self, text: str) -> Findings:
         """The categories, modifiers and attended words in ``text`` (read and rewritten)."""
-        signs, cautions, modifiers, seen = set(), set(), set(), set()
+        found: dict[str, set[str]] = {"sign": set(), "caution": set(), "mention": set(), "mod": set()}
+        seen = set()
         for rule in self.rules.matching(text):
             kind, name, _ = rule.name.split(":")
-            if kind == "sign":
-                signs.add(name)
-            elif kind == "caution":
-                cautions.add(name)
-            elif kind == "mod":
-                modifiers.add(name)
+            if kind in found:
+                found[kind].add(name)
             else:
                 seen.add(kind)
-        return Findings(frozenset(signs), frozenset(cautions), frozenset(modifiers), seen == {"attended"})
+        return Findings(
+            frozenset(found["sign"]),
+            frozenset(found["caution"]),
+            frozenset(found["mod"]),
+            seen == {"attended"},
+            frozenset(found["mention"]),
+        )
 
     def resolve(self, names: set[str] | frozenset[str]) -> str | None:
         """The one category whose advice fits all of ``names`` (one that covers the others), or None."""
