@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -94,7 +94,7 @@ class Engine:
         name: str,
         device: str,
         precision: str,
-        eos_token_id: int,
+        eos_token_id: int | Sequence[int],
         vocab_size: int,
         info: dict | None = None,
         prefix_cache: PrefixCache | None = None,
@@ -107,7 +107,13 @@ class Engine:
         self.precision = precision
         self.capacity = int(backend.capacity)
         self.joins = bool(getattr(backend, "joins", False))
-        self.eos_token_id = int(eos_token_id)
+        # Every token that ends a reply (a chat model's end-of-turn marker beside its EOS: Qwen2.5's <|im_end|>
+        # and <|endoftext|>); the first is what idle rows are fed.
+        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        if not ids:
+            raise LoraMedError(f"{name}: no end-of-reply token id; the engine needs one to end replies")
+        self.eos_token_ids = tuple(dict.fromkeys(int(t) for t in ids))
+        self.eos_token_id = self.eos_token_ids[0]
         self.vocab_size = int(vocab_size)
         self.info = dict(info or {})  # what the engine runs: graph recipe, provider, threads (for reports)
         # A backend holds one KV cache: calls from several threads (a server) take turns; batch them instead.
@@ -121,7 +127,7 @@ class Engine:
     ) -> list[list[int]]:
         """New token ids for each prompt (a batch: several prompts, any lengths).
 
-        A row stops at EOS (not included in its ids) or after ``settings.max_new_tokens`` tokens. A prompt
+        A row stops at an EOS id (``eos_token_ids``; not included in its ids) or after ``settings.max_new_tokens`` tokens. A prompt
         longer than ``capacity - max_new_tokens`` is cut from the left (the oldest turns go first, as in
         training). This is a :meth:`stream` that takes every prompt at once and steps until all have finished.
 
@@ -260,6 +266,7 @@ class Stream:
         self._handles = 0
         s = settings
         self._sampler = Sampler(s.temperature, s.top_p, s.seed) if s.do_sample else None
+        self._stop = frozenset(engine.eos_token_ids)
 
     @property
     def busy(self) -> bool:
@@ -341,22 +348,24 @@ class Stream:
 
     def _choose(self, at: list[int], logits: np.ndarray) -> None:
         """Pick the next token of rows ``at`` from their logits (``[len(at), vocab]``, rows in that order)."""
-        s, eos = self.settings, self._engine.eos_token_id
+        s, eos = self.settings, self._engine.eos_token_ids
+        stop = self._stop
         for i, b in enumerate(at):
             r = self._live[b]
             if len(r.out) < s.min_new_tokens:
-                logits[i, eos] = -np.inf
+                logits[i, list(eos)] = -np.inf
             if r.bans is not None:
                 r.bans.apply(logits[i])
         nxt = self._sampler.choose(logits) if self._sampler is not None else logits.argmax(axis=1)
         for b, tok in zip(at, nxt.tolist()):
             r = self._live[b]
-            if tok != eos:
+            ended = tok in stop
+            if not ended:
                 r.out.append(tok)
                 r.last = tok
                 if r.bans is not None:
                     r.bans.add(tok)
-            if tok == eos or len(r.out) >= s.max_new_tokens:
+            if ended or len(r.out) >= s.max_new_tokens:
                 self._finish(b)
 
     def _finish(self, b: int) -> None:

@@ -37,6 +37,7 @@ from .loop import Engine
 from .prefix_cache import Entry, PrefixCache
 
 KV_DTYPES = {"float32": np.float32, "float16": np.float16}
+PRECISIONS = ("fp32", "fp16", "int8", "int4")  # what a decode graph's engine.json may say
 
 
 def session_options(threads: int | None = None, *, spin: bool = True):
@@ -82,7 +83,7 @@ def ort_engine(
 ) -> Engine:
     """An :class:`~lora_med.engine.Engine` over a decode-graph folder (see ``load_engine``)."""
     precision = info.get("precision")
-    if info.get("format") != "lora-med-decode-graph" or precision not in ("fp32", "fp16", "int8"):
+    if info.get("format") != "lora-med-decode-graph" or precision not in PRECISIONS:
         raise LoraMedError(
             f"{folder}/engine.json is not a lora-med decode graph description; rebuild the folder "
             f"with lora_med.export.decode_graph.build_decode_graph"
@@ -97,7 +98,7 @@ def ort_engine(
         name=f"engine-{dev}-{precision}",
         device=dev,
         precision=precision,
-        eos_token_id=int(info["eos_token_id"]),
+        eos_token_id=[int(t) for t in info.get("eos_token_ids") or [info["eos_token_id"]]],
         vocab_size=int(info["vocab_size"]),
         prefix_cache=cache,
         info={
@@ -121,7 +122,7 @@ def _pick_device(folder: Path, precision: str, device: str) -> str:
         if precision != "fp16":
             raise LoraMedError(
                 f"{folder}: a {precision} decode graph runs on the CPU (ONNX Runtime's CUDA "
-                f"GroupQueryAttention is fp16/bf16 only, and dynamic int8 has no CUDA kernels); "
+                f"GroupQueryAttention is fp16/bf16 only, and the int8/int4 recipes are CPU kernels); "
                 f"build it with precision='fp16' for CUDA, or load it with device='cpu'"
             )
         if not cuda_available():
@@ -138,7 +139,7 @@ class _Slot:
     def __init__(self, backend: _OrtBackend, batch: int, arena: _Slot | None = None):
         self.batch = batch
         b = backend
-        shape = (batch, b.n_head, b.capacity, b.head_dim)
+        shape = (batch, b.n_kv_head, b.capacity, b.head_dim)
         if b.device == "cpu":  # each OrtValue shares a numpy array: its own, or the first rows of ``arena``'s
             self.kv_host = (
                 [a[:batch] for a in arena.kv_host]
@@ -214,6 +215,8 @@ class _OrtBackend:
         self.device = device
         self.capacity = int(info["capacity"])
         self.n_layer, self.n_head, self.head_dim = int(info["n_layer"]), int(info["n_head"]), int(info["head_dim"])
+        # Grouped-query attention (the Llama family) keeps fewer heads in the cache than it queries with.
+        self.n_kv_head = int(info.get("n_kv_head", self.n_head))
         self.vocab = int(info["vocab_size"])
         self.kv_dtype = KV_DTYPES[info["kv_dtype"]]
         self.io = info["io"]
