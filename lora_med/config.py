@@ -389,6 +389,11 @@ class ServeConfig:
     do_sample: bool = setting(False, "sample instead of greedy decoding")
     temperature: float = setting(1.0, "sampling only", above=0)
     top_p: float = setting(1.0, "sampling only", above=0, max=1)
+    system_prompt: str | None = setting(
+        None,
+        "a system message put first in every prompt, in the model's training format (its chat template, or a "
+        "first DialoGPT turn); never cut when a long conversation is",
+    )
     prefix_cache_mb: float = setting(
         256.0,
         "memory for keeping conversations' KV cache between turns, so that a "

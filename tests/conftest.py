@@ -140,7 +140,9 @@ def build_tiny_family(out: Path, kind: str) -> Path:
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(
         _corpus(),
-        trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
     )
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
