@@ -276,9 +276,12 @@ class ExportConfig:
 # What bench can time. engine-*: lora-med's engine on the export's decode graph (what serve runs); the rest are
 # peers measured on purpose with transformers' generate(): PyTorch (eager fp32, merged, fp16 on CUDA, fp16 with
 # a static cache and CUDA graphs) and ONNX Runtime through Optimum's ORTModelForCausalLM.
+# genai-*: onnxruntime-genai's own generator on its model builder's graph of the same model (an optional peer,
+# installed by scripts/setup-genai.sh).
 BACKENDS = (
     "engine-cpu-fp32",
     "engine-cpu-int8",
+    "engine-cpu-int4",
     "engine-cuda-fp32",
     "engine-cuda-fp16",
     "torch-eager",
@@ -287,10 +290,14 @@ BACKENDS = (
     "torch-cudagraph-fp16",
     "ort-cpu-fp32",
     "ort-cpu-int8",
+    "ort-cpu-int4",
     "ort-cuda-fp32",
     "ort-cuda-fp16",
+    "genai-cpu-fp32",
+    "genai-cpu-int4",
+    "genai-cuda-fp16",
 )
-SHAPE_NAMES = ("dialogpt-medium", "tiny")
+SHAPE_NAMES = ("dialogpt-medium", "qwen2.5-0.5b", "llama-3.2-1b", "tiny", "tiny-qwen2")
 
 
 @dataclass
@@ -340,6 +347,17 @@ class BenchConfig:
     scaling: bool = setting(True, "reply time vs new tokens (8..64) and context (32..512)")
     scaling_repeats: int = setting(3, "timed replies per scaling point (the median is reported)", min=1)
     throughput: bool = setting(True, "engine backends: tokens/s with batches of 1, 4 and 16 prompts")
+    concurrent: int = setting(
+        8,
+        "engine and genai backends: useful tokens/s of this many prompts arriving together, each wanting a reply "
+        "of its own length (1/4 to 2x --new-tokens); 0: off",
+        min=0,
+    )
+    genai_python: str | None = setting(
+        None,
+        "the interpreter of the separate environment holding onnxruntime-genai's model builder, which builds the "
+        "genai-* peers' graphs [default: .venv-genai/bin/python in the checkout; scripts/setup-genai.sh makes it]",
+    )
     threads: int | None = setting(None, "intra-op threads for PyTorch and ONNX Runtime [default: one per core]", min=1)
     ppl_batch_size: int = setting(8, "perplexity batch (does not change the figure: token-weighted)", min=1)
     # gate
