@@ -107,6 +107,10 @@ CHAT_TEMPLATES = {
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     ),
+    "qwen3": (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
     "llama": (
         "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
         "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
@@ -120,6 +124,7 @@ CHAT_TEMPLATES = {
 }
 SPECIAL_TOKENS = {  # bos, eos, others
     "qwen2": (None, "<|endoftext|>", ["<|im_start|>", "<|im_end|>"]),
+    "qwen3": (None, "<|endoftext|>", ["<|im_start|>", "<|im_end|>"]),
     "llama": ("<|begin_of_text|>", "<|end_of_text|>", ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
     "mistral": ("<s>", "</s>", ["[INST]", "[/INST]"]),
 }
@@ -128,10 +133,18 @@ SPECIAL_TOKENS = {  # bos, eos, others
 def build_tiny_family(out: Path, kind: str) -> Path:
     """A local Llama-family base in ``out``: 2 layers, hidden 64, 4 query heads sharing 2 KV heads (head size
     16), SwiGLU 128 wide, a byte-level BPE tokenizer with the family's chat template. ``qwen2``: q/k/v biases
-    and a tied head (as Qwen2.5-0.5B); ``llama`` and ``mistral``: untied heads. Norm weights and biases are
+    and a tied head (as Qwen2.5-0.5B); ``qwen3``: per-head q/k norms and a tied head; ``llama`` and ``mistral``:
+    untied heads. Norm weights and biases are
     drawn away from their init so that the graphs' handling of each is checked."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
+    from transformers import (
+        AutoModelForCausalLM,
+        LlamaConfig,
+        MistralConfig,
+        PreTrainedTokenizerFast,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     bos, eos, others = SPECIAL_TOKENS[kind]
     specials = [t for t in (bos, eos) if t] + others
@@ -165,6 +178,7 @@ def build_tiny_family(out: Path, kind: str) -> Path:
     )
     config = {
         "qwen2": lambda: Qwen2Config(**shape, tie_word_embeddings=True),
+        "qwen3": lambda: Qwen3Config(**shape, head_dim=16, tie_word_embeddings=True),
         "llama": lambda: LlamaConfig(**shape, tie_word_embeddings=False),
         "mistral": lambda: MistralConfig(**shape, tie_word_embeddings=False, sliding_window=None),
     }[kind]()
@@ -183,7 +197,8 @@ def build_tiny_family(out: Path, kind: str) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_family(tmp_path_factory) -> dict[str, Path]:
-    """One tiny base of each Llama-family type the decode graph builds: qwen2 (tied, biases), llama, mistral."""
+    """One tiny base of each Llama-family type the decode graph builds: qwen2 (tied, biases), qwen3 (q/k norms),
+    llama, mistral."""
     root = tmp_path_factory.mktemp("tiny-family")
     return {kind: build_tiny_family(root / kind, kind) for kind in CHAT_TEMPLATES}
 

@@ -1,5 +1,6 @@
 """The Llama family end to end, on tiny random models built offline (conftest's ``build_tiny_family``: Qwen2 with
-q/k/v biases and a tied head, Llama and Mistral with untied heads, each with its family's chat template):
+q/k/v biases and a tied head, Qwen3 with per-head q/k norms, Llama and Mistral with untied heads, each with its
+family's chat template):
 
 train LoRA with ``--format chat-template`` -> merge-export -> ``engine/`` decode graph of that ``model_type`` ->
 the parity gate (fp32 exact; int8 and int4 by their gates) -> the server's reply equals PyTorch greedy. Also the
@@ -25,8 +26,8 @@ from lora_med.errors import LoraMedError
 from .conftest import train_tiny
 from .test_serve import Server
 
-KINDS = ("qwen2", "llama", "mistral")
-END_OF_TURN = {"qwen2": "<|im_end|>", "llama": "<|eot_id|>", "mistral": "</s>"}
+KINDS = ("qwen2", "qwen3", "llama", "mistral")
+END_OF_TURN = {"qwen2": "<|im_end|>", "qwen3": "<|im_end|>", "llama": "<|eot_id|>", "mistral": "</s>"}
 TINY_GATE = {"n_parity": 3, "max_new_tokens": 8, "min_top1": 0.6, "min_same_replies": 0.0}
 
 
@@ -86,8 +87,8 @@ def test_quantised_exports_pass_their_gates(family_runs, family_exports, kind, p
     q = r.manifest["engine"]["recipe"]["quantization"]
     if precision == "int4":
         assert q["block_size"] == 32 and q["matmulnbits_nodes"] == 2 * 5 + 1  # qkv, o, gate, up, down per layer + head
-        # Qwen2's tied head: its int4 weight serves the embedding too; the untied ones keep a float embedding.
-        assert q["embeddings"].startswith("int4") == (kind == "qwen2")
+        # Qwen's tied heads: the int4 weight serves the embedding too; the untied ones keep a float embedding.
+        assert q["embeddings"].startswith("int4") == kind.startswith("qwen")
         assert size < 0.5 * fp32
     else:
         assert size < 0.6 * fp32
@@ -154,6 +155,27 @@ def qwen2_graph(tiny_family, tmp_path_factory):
     out = tmp_path_factory.mktemp("qwen2-graph")
     build_decode_graph(tiny_family["qwen2"], out, capacity=96)
     return out
+
+
+def test_qwen3_graph_matches_pytorch(tiny_family, tmp_path):
+    """Qwen3's per-head q/k RMSNorm (split, normalised per head, three GQA inputs): fp32 logits and greedy replies."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_med.export.decode_graph import build_decode_graph
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_family["qwen3"]).eval()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_norm.weight.uniform_(0.5, 1.5)  # away from init: the norm counts
+    model.save_pretrained(tmp_path / "model")
+    build_decode_graph(tmp_path / "model", tmp_path / "g", capacity=64)
+    ids = torch.randint(5, model.config.vocab_size, (24,), generator=torch.Generator().manual_seed(5)).tolist()
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0, :-1].numpy()
+        reply = model.generate(torch.tensor([ids[:9]]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    with load_engine(tmp_path / "g", device="cpu") as engine:
+        assert np.abs(engine.teacher_forced_logits(ids) - want).max() < 1e-4
+        s = GenerationSettings(max_new_tokens=8, min_new_tokens=8)
+        assert engine.generate([ids[:9]], s)[0] == reply[0, 9:].tolist()
 
 
 def test_the_graph_matches_pytorch_with_its_cache_and_prefix_cache(tiny_family, qwen2_graph):

@@ -142,7 +142,7 @@ LAYER_IN_FLIGHT = 0.5
 ALLOCATOR_ROUNDING = 0.01
 
 LEVERS = ("sdpa", "chunked_ce", "adamw_8bit", "gradient_checkpointing")
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)

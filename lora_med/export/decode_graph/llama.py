@@ -1,5 +1,5 @@
-"""The decode graph of the Llama family (Llama 2/3, Mistral, Qwen2/2.5, SmolLM, TinyLlama ...), with the same
-inputs and outputs as the GPT-2 graph (``common.IO``), so the engine runs both alike.
+"""The decode graph of the Llama family (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM, TinyLlama ...), with the
+same inputs and outputs as the GPT-2 graph (``common.IO``), so the engine runs both alike.
 
 Written node by node from the merged weights, as onnxruntime-genai's model builder writes these models. Per
 layer 11 nodes (+1 Add for Qwen2's q/k/v biases; fp16 adds 4 Casts):
@@ -11,6 +11,9 @@ layer 11 nodes (+1 Add for Qwen2's q/k/v biases; fp16 adds 4 Casts):
 
 - RMSNorm is ``SimplifiedLayerNormalization`` (on the embeddings) and ``com.microsoft.SkipSimplified-
   LayerNormalization`` (residual add + RMSNorm in one node); an o_proj bias goes in as its ``bias`` input.
+- Qwen3 normalises each head's query and key before the rotary (q_norm, k_norm): the packed projection is
+  split, q and k go through ``SimplifiedLayerNormalization`` over the head size (reshaped per head), and
+  GroupQueryAttention takes q, k and v as three inputs (GQA's own q/k-norm inputs are CUDA-only).
 - Rotary positions are applied inside GroupQueryAttention (``do_rotary=1``, ``rotary_interleaved=0``:
   transformers' rotate_half), from cos/sin tables ``[capacity, head_dim / 2]`` computed by the model's own
   rotary module, so the rope type (default, linear, llama3, yarn) and its attention scaling are the model's.
@@ -41,7 +44,7 @@ from ...errors import ConfigError, LoraMedError
 from ...models import load_model, stop_ids
 from .common import IO, check_precision, io_values, model_opsets, write_graph, write_info
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # fixed tables; dynamic/longrope depend on the length
 # Tokens per row the KV cache holds unless asked: a row costs 2 x layers x kv_heads x head_dim x 4 bytes per
 # token in fp32 (Qwen2.5-0.5B: 24.6 KB, so 50 MB a row at 2048, 805 MB at its full 32768).
@@ -136,6 +139,8 @@ def llama_weights(model_dir: Path, capacity: int | None) -> tuple[dict, dict[str
         w[f"{i}.qkv"] = np.concatenate([sd[a + f"{x}_proj.weight"].T for x in "qkv"], axis=1)
         if a + "q_proj.bias" in sd:  # Qwen2
             w[f"{i}.qkv_bias"] = np.concatenate([sd[a + f"{x}_proj.bias"] for x in "qkv"])
+        if a + "q_norm.weight" in sd:  # Qwen3
+            w[f"{i}.q_norm"], w[f"{i}.k_norm"] = sd[a + "q_norm.weight"], sd[a + "k_norm.weight"]
         w[f"{i}.o"] = sd[a + "o_proj.weight"].T
         if a + "o_proj.bias" in sd:
             w[f"{i}.o_bias"] = sd[a + "o_proj.bias"]
@@ -231,13 +236,32 @@ def _graph(cfg: dict, w: dict[str, np.ndarray], dtype: str):
             node("Add", [qkv + "_mm", init(p + "self_attn.qkv_proj.bias", w[f"{i}.qkv_bias"])], [qkv], qkv + "/Add")
         else:
             qkv += "_mm"
+        qkv_in = [qkv, "", ""]
+        if f"{i}.q_norm" in w:  # Qwen3: RMSNorm over each head of q and k, before the rotary
+            split = init(f"{p}self_attn.qkv_split", np.array([nh * hd, nkv * hd, nkv * hd], np.int64), np.int64)
+            parts = [f"{q}/attn/{x}" for x in "qkv"]
+            node("Split", [qkv, split], parts, f"{q}/attn/Split", axis=-1)
+            per_head = init(f"{p}self_attn.per_head", np.array([0, 0, -1, hd], np.int64), np.int64)
+            flat = init(f"{p}self_attn.flat", np.array([0, 0, -1], np.int64), np.int64)
+            for x, part in zip("qk", parts):
+                name = f"{q}/attn/{x}_norm"
+                node("Reshape", [part, per_head], [name + "/heads"], name + "/Reshape")
+                node(
+                    "SimplifiedLayerNormalization",
+                    [name + "/heads", init(f"{p}self_attn.{x}_norm.weight", w[f"{i}.{x}_norm"])],
+                    [name + "/normed"],
+                    name + "/SimplifiedLayerNorm",
+                    epsilon=eps,
+                    axis=-1,
+                    stash_type=1,
+                )
+                node("Reshape", [name + "/normed", flat], [name], name + "/Reshape_back")
+            qkv_in = [f"{q}/attn/q_norm", f"{q}/attn/k_norm", parts[2]]
         attn = f"{q}/attn/out"
         node(
             "GroupQueryAttention",
             [
-                qkv,
-                "",
-                "",
+                *qkv_in,
                 IO["past_key"].format(i),
                 IO["past_value"].format(i),
                 IO["seqlens_k"],
