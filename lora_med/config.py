@@ -335,7 +335,7 @@ class BenchConfig:
     )
     # latency
     backends: list[str] | None = setting(
-        None, "subset of the backends to time [default: all available]", choices=BACKENDS
+        None, "subset of the backends to time, timed in this order [default: all available]", choices=BACKENDS
     )
     device: str = setting("auto", "where the PyTorch backends run (CUDA ONNX backends need cuda)", choices=DEVICES)
     new_tokens: int = setting(

@@ -289,7 +289,10 @@ def available_backends(
         first.setdefault(s["backend"], s)
     skipped = list(first.values())
     if wanted:
-        out = [b for b in out if b.name.split(":")[0] in wanted]
+        # Timed in the order asked: --backends engine-cpu-fp32,genai-cpu-fp32,... alternates the rows compared.
+        out = sorted(
+            (b for b in out if b.name.split(":")[0] in wanted), key=lambda b: wanted.index(b.name.split(":")[0])
+        )
         skipped = [
             s
             for s in skipped

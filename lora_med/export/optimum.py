@@ -10,7 +10,7 @@
   every node alike and is checked with ONNX's strict type inference before it is written.
 - ``engine/``: the engine's decode graph (:mod:`lora_med.export.decode_graph`), built from the merged weights;
   fp32, int8 and int4 (the same recipes) for the CPU, fp16 for CUDA. GPT-2 and the Llama family (llama,
-  mistral, qwen2); other bases get the Optimum graph alone and a note saying why (their replies run on
+  mistral, qwen2, qwen3); other bases get the Optimum graph alone and a note saying why (their replies run on
   ``merged/`` through the engine's PyTorch backend).
 
 merge-export and ``bench --shape`` both call these functions, so a shape benchmark measures exactly the

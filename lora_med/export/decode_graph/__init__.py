@@ -4,7 +4,7 @@ One builder module per architecture, all with the same inputs and outputs (``com
 ``engine.json``, so the engine runs every one of them alike:
 
 - :mod:`.gpt2`: GPT-2 (DialoGPT, the shipped gpt2-es-tiny);
-- :mod:`.llama`: the Llama family (``llama``, ``mistral``, ``qwen2``), grouped-query attention with rotary
+- :mod:`.llama`: the Llama family (``llama``, ``mistral``, ``qwen2``, ``qwen3``), grouped-query attention with rotary
   positions, RMSNorm, SwiGLU, Qwen2's q/k/v biases, tied and untied heads.
 
 Graphs are built from the weights with the ``onnx`` package, node by node (as onnxruntime-genai's model builder
