@@ -274,3 +274,23 @@ def test_rebuilding_into_the_same_folder_does_not_grow_external_data(tiny_family
         assert sizes[0] == sizes[1] > 0
         with load_engine(tmp_path / p, device="cpu") as engine:
             assert len(engine.generate([[5, 6, 7]], GenerationSettings(max_new_tokens=3))[0]) <= 3
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_fp16_graph_types_and_agrees_on_the_cpu_provider(tiny_family, kind, tmp_path):
+    """fp16 is for CUDA (no GPU here): ONNX Runtime's CPU provider has fp16 kernels for every node of the graph,
+    so its types (fp32 residual stream and RMSNorm, Casts at each boundary) and numerics are checked here."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_med.export.decode_graph import build_decode_graph
+
+    info = build_decode_graph(tiny_family[kind], tmp_path, precision="fp16", capacity=64)
+    assert info["kv_dtype"] == "float16" and info["devices"] == ["cuda"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_family[kind]).eval()
+    ids = torch.randint(5, model.config.vocab_size, (24,), generator=torch.Generator().manual_seed(2)).tolist()
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0, :-1].numpy()
+    with load_engine(tmp_path, device="cpu") as engine:
+        got = engine.teacher_forced_logits(ids)
+    assert got.dtype == np.float32 and np.abs(got - want).max() < 5e-3
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95
