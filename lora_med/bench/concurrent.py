@@ -2,8 +2,9 @@
 server's case (``--concurrent``, engine and genai rows).
 
 Replies of different lengths are what separates the two generators: the engine's stream retires a finished
-row at once (continuous batching: its place costs nothing from the next step on), while onnxruntime-genai's
-generator runs a static batch, left-padded to its longest prompt, until its longest reply is done. genai is
+row at once (continuous batching: the rows still in flight are moved down into its place, so the decode batch
+narrows), while onnxruntime-genai's generator runs a static batch, left-padded to its longest prompt, until its
+longest reply is done. genai is
 also timed one request at a time (what a server without batching does), and its better mode is its figure.
 Every reply is exactly its length (EOS cannot end one early: random weights have no say in it).
 """

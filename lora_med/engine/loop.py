@@ -113,7 +113,6 @@ class Engine:
         if not ids:
             raise LoraMedError(f"{name}: no end-of-reply token id; the engine needs one to end replies")
         self.eos_token_ids = tuple(dict.fromkeys(int(t) for t in ids))
-        self.eos_token_id = self.eos_token_ids[0]
         self.vocab_size = int(vocab_size)
         self.info = dict(info or {})  # what the engine runs: graph recipe, provider, threads (for reports)
         # A backend holds one KV cache: calls from several threads (a server) take turns; batch them instead.
@@ -121,6 +120,15 @@ class Engine:
 
     def __repr__(self) -> str:
         return f"Engine({self.name!r}, capacity={self.capacity})"
+
+    @property
+    def eos_token_id(self) -> int:
+        """The first end-of-reply id (what idle rows are fed); setting it makes it the only one."""
+        return self.eos_token_ids[0]
+
+    @eos_token_id.setter
+    def eos_token_id(self, value: int) -> None:
+        self.eos_token_ids = (int(value),)
 
     def generate(
         self, prompts: list[list[int]], settings: GenerationSettings = GenerationSettings()
@@ -325,6 +333,7 @@ class Stream:
         since the last call, in the order they finished."""
         if self._live:
             if self._engine.joins:
+                self._compact()
                 self._width = max(self._live) + 1  # rows above the highest busy one cost nothing
             feed = np.full(self._width, self._engine.eos_token_id, np.int64)  # idle rows: EOS, logits ignored
             active = np.zeros(self._width, bool)
@@ -338,6 +347,20 @@ class Stream:
             self._choose(at, logits if len(at) == self._width else logits[at])
         out, self._finished = self._finished, []
         return out
+
+    def _compact(self) -> None:
+        """Move the highest busy rows down into the free rows below them (their KV cache copied), so the decode
+        batch is as wide as the rows in flight: a long reply in the top row no longer keeps the finished rows
+        below it in every step. Only backends that move rows (the CPU decode graph) take part."""
+        move = getattr(self._backend, "move_row", None)
+        if move is None:
+            return
+        for dst in [b for b in range(max(self._live)) if b not in self._live]:
+            src = max(self._live)
+            if src < dst:
+                break
+            move(src, dst)
+            self._live[dst] = self._live.pop(src)
 
     def drop(self, handle: int) -> None:
         """Stop a reply nobody waits for any more (its row is free at once); unknown handles are ignored."""

@@ -357,6 +357,14 @@ class _OrtBackend:
             )
         self.session.run_with_iobinding(binding, self.prefill_options)
 
+    def move_row(self, src: int, dst: int) -> None:
+        """Move row ``src``'s cache (its tokens so far) and length to the free row ``dst`` (CPU: the arena's
+        arrays; a row holds 2 x layers x kv_heads x head_dim values per token, 24.6 KB at Qwen2.5-0.5B's shape)."""
+        n = int(self.lens[src])
+        for a in self.slot.kv_host:
+            a[dst, :, :n] = a[src, :, :n]
+        self.lens[dst] = n
+
     def snapshot(self, row: int, n: int) -> list[np.ndarray]:
         """Copies of row ``row``'s first ``n`` cached positions, per layer key and value (CPU)."""
         return [a[row, :, :n].copy() for a in self.slot.kv_host]
