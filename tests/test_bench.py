@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_med.bench import main as bench_mod
 from lora_med.bench.main import bench
 from lora_med.config import BenchConfig
 from lora_med.errors import ConfigError, GateError, LoraMedError
@@ -373,8 +372,10 @@ def test_shape_refusal_through_the_cli(monkeypatch, capsys):
 def test_dialogpt_medium_shape_is_the_public_config():
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from lora_med.bench.shapes import SHAPES
+
     with torch.device("meta"):
-        model = GPT2LMHeadModel(GPT2Config(**bench_mod.SHAPES["dialogpt-medium"]))
+        model = GPT2LMHeadModel(GPT2Config(**SHAPES["dialogpt-medium"]))
     assert sum(p.numel() for p in model.parameters()) == 354_823_168  # FACTS.md: tied lm_head counted once
 
 

@@ -307,7 +307,7 @@ def test_a_base_the_decode_graph_cannot_express_ships_the_optimum_graph_only(tin
         (dict(device="cuda", quantize="int8"), "do not run on the CUDA execution provider"),
         (dict(dtype="fp16"), "ExportConfig.dtype='fp16' on --device cpu"),
         (dict(optimize="O4"), "O4"),
-        (dict(quantize="int4"), "ExportConfig.quantize='int4': use one of none, int8"),
+        (dict(quantize="int2"), "ExportConfig.quantize='int2': use one of none, int8, int4"),
     ],
 )
 def test_refused_settings(runs, tmp_path, opts, reason):

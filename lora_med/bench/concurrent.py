@@ -59,8 +59,8 @@ def measure(kind: str, model, timer, prompts: list[list[int]], n: int, new_token
         t = med(lambda: _engine_run(model, batch, lengths))
         out["modes"] = {"continuous batching": {"s": t, "tokens_per_s": useful / t}}
     else:
-        static = med(lambda: genai.generate_batch(model, batch, max(lengths), pad))
-        single = med(lambda: [genai.generate(model, p, n) for p, n in zip(batch, lengths)])
+        static = med(lambda: genai.decode_batch(model, batch, max(lengths), pad))
+        single = med(lambda: [genai.decode(model, p, n) for p, n in zip(batch, lengths)])
         out["modes"] = {
             "static batch": {"s": static, "tokens_per_s": useful / static},
             "one at a time": {"s": single, "tokens_per_s": useful / single},

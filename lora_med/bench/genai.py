@@ -95,7 +95,7 @@ def load(folder: Path):
     return og.Model(str(folder))
 
 
-def generate(model, ids: list[int], n: int) -> int:
+def decode(model, ids: list[int], n: int) -> int:
     """Exactly ``n`` greedy new tokens after ``ids`` through genai's generator; returns how many it made."""
     import onnxruntime_genai as og
 
@@ -108,7 +108,7 @@ def generate(model, ids: list[int], n: int) -> int:
     return len(g.get_sequence(0)) - len(ids)
 
 
-def generate_batch(model, prompts: list[list[int]], n: int, pad: int) -> None:
+def decode_batch(model, prompts: list[list[int]], n: int, pad: int) -> None:
     """One static batch: the prompts left-padded with ``pad`` (genai masks pad positions), every row decoded
     until the batch has ``n`` new tokens (genai's generator cannot retire a row early)."""
     import onnxruntime_genai as og

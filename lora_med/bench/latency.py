@@ -354,7 +354,7 @@ def _replier(b: Backend, model, eos: int) -> Callable[[list[int], int], int]:
     if b.kind == "engine":
         return lambda ids, n: len(model.generate([ids], GenerationSettings(max_new_tokens=n, min_new_tokens=n))[0])
     if b.kind == "genai":
-        return lambda ids, n: genai.generate(model, ids, n)
+        return lambda ids, n: genai.decode(model, ids, n)
     return lambda ids, n: _generate(model, ids, n, eos, b.device, static=b.kind == "static-cache")
 
 

@@ -63,9 +63,9 @@ def validate(cfg: ExportConfig) -> tuple[dict, str, Path]:
         raise runs.problems_error("with the settings; nothing was loaded", p)
     if cfg.device == "cuda" and cfg.quantize in ("int8", "int4"):
         p.append(
-            f"{describe(cfg, 'quantize')} with {describe(cfg, 'device')}: the int8 and int4 recipes are CPU kernels "
-            "(MatMulInteger, MatMulNBits with int8 activations); use --dtype fp16 on CUDA, or --device cpu for "
-            f"{cfg.quantize}"
+            f"{describe(cfg, 'quantize')} with {describe(cfg, 'device')}: the int8 and int4 graphs (MatMulInteger, "
+            "MatMulNBits with int8 activations) do not run on the CUDA execution provider; use --dtype fp16 on "
+            f"CUDA, or --device cpu for {cfg.quantize}"
         )
     if cfg.dtype == "fp16" and cfg.device == "cpu":
         p.append(
