@@ -451,7 +451,7 @@ def build(
         Meta4bit = make_meta4bit_class()
         # transformers' bnb quantizer: the blocks' Conv1D / Linear -> Linear4bit (in, out), never lm_head; the
         # rest loads in fp16 (quantizer_bnb_4bit.update_dtype) and prepare_model_for_kbit_training casts it to fp32.
-        for name, module in list(model.named_modules()):
+        for module in list(model.modules()):
             for child_name, child in list(module.named_children()):
                 if isinstance(child, Conv1D):
                     n_in, n_out = child.weight.shape
