@@ -41,6 +41,13 @@ FORMATS: tuple[str, ...] = get_args(Format)
 # The lossy (fp16/int8) export gate, shared by merge-export and bench --paired.
 GATE_MIN_TOP1 = 0.99  # top-1 token agreement with PyTorch fp32
 GATE_MIN_SAME_REPLIES = 0.95  # share of greedy replies identical to PyTorch fp32
+GATE_LOSSY_RTOL = 0.1  # max abs logits difference as a share of the logits' spread
+# int4's own gate. Round-to-nearest 4-bit weights drift more than int8: on the shipped gpt2-es-tiny (64 held-out
+# conversations, 5,844 teacher-forced tokens, decode graph vs PyTorch fp32) int8 agrees on 99.3% of top-1 tokens
+# and 56/64 greedy 32-token replies, int4 (block 32) on 92.9% and 9/64, its largest logit difference 6.6% of the
+# spread. A reply of a few dozen tokens diverges somewhere under int4, so identical replies are recorded, not
+# gated; top-1 agreement and the logit bound are.
+GATE_INT4 = {"min_top1": 0.90, "min_same_replies": 0.0, "lossy_rtol": GATE_LOSSY_RTOL}
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 5e-5}  # full: the seed guide's 5e-5
 LARGEST_GPU_GB = 288  # the most memory one GPU sold has (AMD Instinct MI355X, NVIDIA B300: 288 GB)
 
@@ -219,7 +226,7 @@ class TrainConfig:
 ExportDevice = Literal["cpu", "cuda"]
 ExportDtype = Literal["fp32", "fp16"]
 Optimize = Literal["none", "O1", "O2", "O3", "O4"]
-Quantize = Literal["none", "int8"]
+Quantize = Literal["none", "int8", "int4"]
 
 
 @dataclass
@@ -243,17 +250,27 @@ class ExportConfig:
     quantize: Quantize = setting(
         "none",
         "int8: dynamic int8 for the CPU provider (one recipe for both graphs: MatMul "
-        "weights per channel, embeddings float)",
+        "weights per channel, embeddings float); int4: 4-bit MatMul weights for the CPU (MatMulNBits, "
+        "block 32; a tied head's int4 weight also serves the embedding), behind its own looser gate",
     )
     atol: float = setting(1e-4, "fp32 gate: max abs difference of teacher-forced logits, ONNX vs PyTorch", above=0)
     ppl_rtol: float = setting(0.005, "fp32 gate: relative difference of held-out perplexity", above=0)
-    min_top1: float = setting(GATE_MIN_TOP1, "fp16/int8 gate: top-1 token agreement with PyTorch fp32", above=0, max=1)
-    lossy_rtol: float = setting(
-        0.1, "fp16/int8 gate: max abs logits difference as a share of the logits' spread", above=0
+    min_top1: float | None = setting(
+        None,
+        f"fp16/int8/int4 gate: top-1 token agreement with PyTorch fp32 [default: {GATE_MIN_TOP1}; int4: "
+        f"{GATE_INT4['min_top1']}]",
+        above=0,
+        max=1,
     )
-    min_same_replies: float = setting(
-        GATE_MIN_SAME_REPLIES,
-        "fp16/int8 gate: share of the decode graph's greedy replies identical to PyTorch fp32",
+    lossy_rtol: float | None = setting(
+        None,
+        f"fp16/int8/int4 gate: max abs logits difference as a share of the logits' spread [default: {GATE_LOSSY_RTOL}]",
+        above=0,
+    )
+    min_same_replies: float | None = setting(
+        None,
+        "fp16/int8/int4 gate: share of the decode graph's greedy replies identical to PyTorch fp32 "
+        f"[default: {GATE_MIN_SAME_REPLIES}; int4: {GATE_INT4['min_same_replies']}, recorded only]",
         min=0,
         max=1,
     )
@@ -264,24 +281,36 @@ class ExportConfig:
     overwrite: bool = setting(False, "replace an export at --output (only a folder lora-med wrote)")
 
     def precision(self) -> str:
-        """What the ONNX graph computes in: fp32, fp16 or int8."""
-        if self.quantize == "int8":
-            return "int8"
+        """What the ONNX graph computes in: fp32, fp16, int8 or int4."""
+        if self.quantize in ("int8", "int4"):
+            return self.quantize
         return "fp16" if self.dtype == "fp16" or self.optimize == "O4" else "fp32"
+
+    def gate(self) -> dict:
+        """The lossy gate's thresholds for this precision: the settings given, else the declared defaults."""
+        defaults = (
+            GATE_INT4
+            if self.precision() == "int4"
+            else {"min_top1": GATE_MIN_TOP1, "min_same_replies": GATE_MIN_SAME_REPLIES, "lossy_rtol": GATE_LOSSY_RTOL}
+        )
+        return {k: getattr(self, k) if getattr(self, k) is not None else v for k, v in defaults.items()}
 
     def output_dir(self) -> Path:
         if self.output:
             return Path(self.output)
         name = f"{Path(self.run_dir.rstrip('/')).name}-{self.device}-{self.dtype}"
-        return Path("exports") / (name + ("-int8" if self.quantize == "int8" else ""))
+        return Path("exports") / (name + (f"-{self.quantize}" if self.quantize != "none" else ""))
 
 
 # What bench can time. engine-*: lora-med's engine on the export's decode graph (what serve runs); the rest are
 # peers measured on purpose with transformers' generate(): PyTorch (eager fp32, merged, fp16 on CUDA, fp16 with
 # a static cache and CUDA graphs) and ONNX Runtime through Optimum's ORTModelForCausalLM.
+# genai-*: onnxruntime-genai's own generator on its model builder's graph of the same model (an optional peer,
+# installed by scripts/setup-genai.sh).
 BackendName = Literal[
     "engine-cpu-fp32",
     "engine-cpu-int8",
+    "engine-cpu-int4",
     "engine-cuda-fp32",
     "engine-cuda-fp16",
     "torch-eager",
@@ -290,11 +319,15 @@ BackendName = Literal[
     "torch-cudagraph-fp16",
     "ort-cpu-fp32",
     "ort-cpu-int8",
+    "ort-cpu-int4",
     "ort-cuda-fp32",
     "ort-cuda-fp16",
+    "genai-cpu-fp32",
+    "genai-cpu-int4",
+    "genai-cuda-fp16",
 ]
 BACKENDS: tuple[str, ...] = get_args(BackendName)
-ShapeName = Literal["dialogpt-medium", "tiny"]
+ShapeName = Literal["dialogpt-medium", "qwen2.5-0.5b", "llama-3.2-1b", "tiny", "tiny-qwen2"]
 GateStat = Literal["p50", "p95", "p99"]
 
 
@@ -335,7 +368,9 @@ class BenchConfig:
         max=1,
     )
     # latency
-    backends: list[BackendName] | None = setting(None, "subset of the backends to time [default: all available]")
+    backends: list[BackendName] | None = setting(
+        None, "subset of the backends to time, timed in this order [default: all available]"
+    )
     device: Device = setting("auto", "where the PyTorch backends run (CUDA ONNX backends need cuda)")
     new_tokens: int = setting(
         32, "tokens every backend generates per reply (EOS cannot stop it early)", min=1, aliases=("--new_tokens",)
@@ -346,6 +381,17 @@ class BenchConfig:
     scaling: bool = setting(True, "reply time vs new tokens (8..64) and context (32..512)")
     scaling_repeats: int = setting(3, "timed replies per scaling point (the median is reported)", min=1)
     throughput: bool = setting(True, "engine backends: tokens/s with batches of 1, 4 and 16 prompts")
+    concurrent: int = setting(
+        8,
+        "engine and genai backends: useful tokens/s of this many prompts arriving together, each wanting a reply "
+        "of its own length (1/4 to 2x --new-tokens); 0: off",
+        min=0,
+    )
+    genai_python: str | None = setting(
+        None,
+        "the interpreter of the separate environment holding onnxruntime-genai's model builder, which builds the "
+        "genai-* peers' graphs [default: .venv-genai/bin/python in the checkout; scripts/setup-genai.sh makes it]",
+    )
     threads: int | None = setting(None, "intra-op threads for PyTorch and ONNX Runtime [default: one per core]", min=1)
     ppl_batch_size: int = setting(8, "perplexity batch (does not change the figure: token-weighted)", min=1)
     # gate
@@ -395,6 +441,11 @@ class ServeConfig:
     do_sample: bool = setting(False, "sample instead of greedy decoding")
     temperature: float = setting(1.0, "sampling only", above=0)
     top_p: float = setting(1.0, "sampling only", above=0, max=1)
+    system_prompt: str | None = setting(
+        None,
+        "a system message put first in every prompt, in the model's training format (its chat template, or a "
+        "first DialoGPT turn); never cut when a long conversation is",
+    )
     prefix_cache_mb: float = setting(
         256.0,
         "memory for keeping conversations' KV cache between turns, so that a "

@@ -482,3 +482,22 @@ def prompt_ids(history: list[Message], tokenizer, fmt: str) -> list[int]:
     msgs = [{"role": m.role, "content": m.content} for m in history]
     text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False, return_token_type_ids=False)["input_ids"]
+
+
+def turn_end_ids(tokenizer, fmt: str) -> list[int]:
+    """The token ids that end an assistant turn in ``fmt``, as training labels them: EOS, and with a chat template
+    the special token the template writes right after the assistant's text when that is not EOS (ChatML's
+    <|im_end|>, Llama 3's <|eot_id|>). A reply generated from a prompt of this format stops at any of them."""
+    out = [tokenizer.eos_token_id]
+    if fmt != "chat-template":
+        return out
+    text = "lora-med"
+    msgs = [{"role": "user", "content": "hola"}, {"role": "assistant", "content": text}]
+    prompt = tokenizer.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(msgs, tokenize=False)
+    reply = full[len(prompt) :] if full.startswith(prompt) else full
+    if text in reply:
+        after = _ids(tokenizer, reply[reply.index(text) + len(text) :])
+        if after and after[0] in tokenizer.all_special_ids and after[0] not in out:
+            out.append(after[0])
+    return out

@@ -246,6 +246,19 @@ def max_positions(config) -> int | None:
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
+def stop_ids(model) -> list[int]:
+    """The token ids that end a reply: the generation config's (several for chat models: Qwen2.5-Instruct's
+    ``[<|im_end|>, <|endoftext|>]``, Llama 3's three), then the model config's, without repeats. The decode
+    graph's builder records the same list in engine.json."""
+    out: list[int] = []
+    gen = getattr(model, "generation_config", None)
+    for eos in (getattr(gen, "eos_token_id", None), model.config.eos_token_id):
+        for t in eos if isinstance(eos, (list, tuple)) else [eos]:
+            if t is not None and int(t) not in out:
+                out.append(int(t))
+    return out
+
+
 def set_seed(seed: int) -> None:
     from transformers import set_seed as hf_set_seed
 

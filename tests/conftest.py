@@ -99,6 +99,111 @@ def tiny_base(tmp_path_factory) -> Path:
     return build_tiny_base(tmp_path_factory.mktemp("tiny-base"))
 
 
+# --------------------------------------------------------------------------- tiny Llama-family bases
+
+# Chat templates in the style of each family's instruct models. ChatML (Qwen2) ends a turn with <|im_end|>, a
+# token that is not the tokenizer's EOS (as in Qwen2.5's base models): the engine must stop on it.
+CHAT_TEMPLATES = {
+    "qwen2": (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+    "qwen3": (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+    "llama": (
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+    ),
+    "mistral": (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+        "{% elif m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]{% else %}{{ m['content'] }}{{ eos_token }}"
+        "{% endif %}{% endfor %}"
+    ),
+}
+SPECIAL_TOKENS = {  # bos, eos, others
+    "qwen2": (None, "<|endoftext|>", ["<|im_start|>", "<|im_end|>"]),
+    "qwen3": (None, "<|endoftext|>", ["<|im_start|>", "<|im_end|>"]),
+    "llama": ("<|begin_of_text|>", "<|end_of_text|>", ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
+    "mistral": ("<s>", "</s>", ["[INST]", "[/INST]"]),
+}
+
+
+def build_tiny_family(out: Path, kind: str) -> Path:
+    """A local Llama-family base in ``out``: 2 layers, hidden 64, 4 query heads sharing 2 KV heads (head size
+    16), SwiGLU 128 wide, a byte-level BPE tokenizer with the family's chat template. ``qwen2``: q/k/v biases
+    and a tied head (as Qwen2.5-0.5B); ``qwen3``: per-head q/k norms and a tied head; ``llama`` and ``mistral``:
+    untied heads. Norm weights and biases are
+    drawn away from their init so that the graphs' handling of each is checked."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        AutoModelForCausalLM,
+        LlamaConfig,
+        MistralConfig,
+        PreTrainedTokenizerFast,
+        Qwen2Config,
+        Qwen3Config,
+    )
+
+    bos, eos, others = SPECIAL_TOKENS[kind]
+    specials = [t for t in (bos, eos) if t] + others
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(
+        _corpus(),
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=bos,
+        eos_token=eos,
+        additional_special_tokens=others,
+        chat_template=CHAT_TEMPLATES[kind],
+        model_max_length=256,
+    )
+    shape = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    config = {
+        "qwen2": lambda: Qwen2Config(**shape, tie_word_embeddings=True),
+        "qwen3": lambda: Qwen3Config(**shape, head_dim=16, tie_word_embeddings=True),
+        "llama": lambda: LlamaConfig(**shape, tie_word_embeddings=False),
+        "mistral": lambda: MistralConfig(**shape, tie_word_embeddings=False, sliding_window=None),
+    }[kind]()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.8, 1.2)
+            elif name.endswith(".bias"):  # Qwen2's q/k/v biases start at zero
+                p.normal_(0, 0.1)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory) -> dict[str, Path]:
+    """One tiny base of each Llama-family type the decode graph builds: qwen2 (tied, biases), qwen3 (q/k norms),
+    llama, mistral."""
+    root = tmp_path_factory.mktemp("tiny-family")
+    return {kind: build_tiny_family(root / kind, kind) for kind in CHAT_TEMPLATES}
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_base):
     from lora_med.models import load_tokenizer

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_med.bench import main as bench_mod
 from lora_med.bench.main import bench
 from lora_med.cards import BenchCard
 from lora_med.config import BenchConfig
@@ -306,8 +305,10 @@ def test_shape_mode_measures_speed_only_with_the_graphs_an_export_ships(tmp_path
         "torch-eager",
         "ort-cpu-fp32",
         "ort-cpu-int8",
+        "ort-cpu-int4",
         "engine-cpu-fp32",
         "engine-cpu-int8",
+        "engine-cpu-int4",
     ]
     shape = r["inputs"]["shape"]
     assert shape["parameters"] > 0 and {"export_fp32_s", "quantize_int8_s", "engine_fp32_s", "engine_int8_s"} <= set(
@@ -315,8 +316,52 @@ def test_shape_mode_measures_speed_only_with_the_graphs_an_export_ships(tmp_path
     )
     assert r["gate"]["backend"] == "engine-cpu-int8"
     assert {c["peer"] for c in r["engine_vs_peers"]} == {"ort-cpu-fp32", "ort-cpu-int8", "torch-eager"}
+    skipped = {s["backend"]: s["reason"] for s in r["skipped_backends"]}
+    for g in ("genai-cpu-fp32", "genai-cpu-int4"):  # never a GPT-2 graph; or not installed here
+        assert "GPT-2" in skipped[g] or "setup-genai.sh" in skipped[g]
     assert "random weights, speed only" in (tmp_path / "report.md").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lora-med", "latency.png", "report.json", "report.md"]
+
+
+@pytest.mark.slow
+def test_llama_family_shape_with_int4_concurrency_and_the_genai_peers(tmp_path):
+    """A Qwen2-shaped model: the engine's int4 row, the concurrent workload, and onnxruntime-genai's rows beside
+    them with their ratios where it is installed (scripts/setup-genai.sh), else each skipped with the reason."""
+    from lora_med.bench import genai
+
+    wanted = ["engine-cpu-fp32", "engine-cpu-int4", "genai-cpu-fp32", "genai-cpu-int4"]
+    cfg = dict(FAST, throughput=False, concurrent=4)
+    r = bench(BenchConfig(shape="tiny-qwen2", out=str(tmp_path), max_latency_s=60.0, backends=wanted, **cfg)).report
+    rows = {x["backend"]: x for x in r["latency"]}
+    assert r["inputs"]["shape"]["model_type"] == "qwen2"
+    for name in ("engine-cpu-fp32", "engine-cpu-int4"):
+        c = rows[name]["concurrent"]
+        assert c["reply_tokens"] == [2, 7, 11, 16] and c["useful_tokens"] == 36  # 8 // 4 .. 2 x 8
+        assert c["best_mode"] == "continuous batching" and c["tokens_per_s"] > 0
+    why = genai.missing(genai.builder_python(None))
+    if why:
+        skipped = {s["backend"]: s["reason"] for s in r["skipped_backends"]}
+        assert skipped["genai-cpu-fp32"] == skipped["genai-cpu-int4"] == why and "setup-genai.sh" in why
+        return
+    for name in ("genai-cpu-fp32", "genai-cpu-int4"):
+        x = rows[name]
+        assert x["kind"] == "genai" and x["reply_s"]["n"] == 4 and x["weight_bytes"] > 0
+        assert set(x["concurrent"]["modes"]) == {"static batch", "one at a time"}
+    pairs = {(c["engine"], c["peer"]) for c in r["engine_vs_peers"]}
+    assert {("engine-cpu-fp32", "genai-cpu-fp32"), ("engine-cpu-int4", "genai-cpu-int4")} <= pairs
+    assert len(r["concurrent_vs_genai"]) == 2 and all(c["ratio"] > 0 for c in r["concurrent_vs_genai"])
+    assert "prompts arriving together" in (tmp_path / "report.md").read_text()
+
+
+def test_llama_family_shapes_are_the_public_configs():
+    from transformers import AutoModelForCausalLM
+
+    from lora_med.bench.shapes import shape_config
+
+    for name, params in (("qwen2.5-0.5b", 494_032_768), ("llama-3.2-1b", 1_235_814_400)):
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(shape_config(name))
+        assert sum(p.numel() for p in model.parameters()) == params  # tied head counted once
 
 
 @pytest.mark.parametrize("extra", [dict(max_ppl_ratio=1.1), dict(min_ppl_gain=2.0), dict(run="adapters/x")])
@@ -334,8 +379,10 @@ def test_shape_refusal_through_the_cli(monkeypatch, capsys):
 def test_dialogpt_medium_shape_is_the_public_config():
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from lora_med.bench.shapes import SHAPES
+
     with torch.device("meta"):
-        model = GPT2LMHeadModel(GPT2Config(**bench_mod.SHAPES["dialogpt-medium"]))
+        model = GPT2LMHeadModel(GPT2Config(**SHAPES["dialogpt-medium"]))
     assert (
         sum(p.numel() for p in model.parameters()) == 354_823_168
     )  # microsoft/DialoGPT-medium's published count: tied lm_head counted once

@@ -261,23 +261,16 @@ def test_tampered_decode_graph_gives_different_replies(tiny_graph, tiny_model, t
         assert good.generate(prompts, s) != bad.generate(prompts, s)
 
 
-def test_non_gpt2_models_and_bad_options_are_refused(tmp_path, tiny_base):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def test_other_model_types_and_bad_options_are_refused(tmp_path, tiny_base):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from lora_med.export.decode_graph import build_decode_graph
 
-    LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-        )
-    ).save_pretrained(tmp_path / "llama")
-    with pytest.raises(LoraMedError, match="built for GPT-2"):
-        build_decode_graph(tmp_path / "llama", tmp_path / "out")
+    GPTNeoXForCausalLM(
+        GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    ).save_pretrained(tmp_path / "neox")
+    with pytest.raises(LoraMedError, match="model_type 'gpt_neox'; the decode graph is built for gpt2, llama"):
+        build_decode_graph(tmp_path / "neox", tmp_path / "out")
     with pytest.raises(LoraMedError, match="precision='bf16'"):
         build_decode_graph(tiny_base, tmp_path / "out", precision="bf16")
     with pytest.raises(LoraMedError, match="capacity=1000"):

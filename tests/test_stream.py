@@ -162,3 +162,37 @@ def test_rows_with_their_own_settings_beside_the_streams(engine):
         _drain(s, again)
     assert again[h[0]].ids == sampled
     assert again[h[1]].ids == alone[0]  # temperature 0: greedy inside a sampling stream
+
+
+def test_finished_rows_below_a_long_reply_leave_the_decode_batch(engine):
+    """Rows are compacted: when the rows below the top one finish, the top row's cache moves down, so each
+    step decodes only the rows in flight, and every reply is still the one its prompt gets alone."""
+    prompts = _prompts(engine.vocab_size, (6, 9, 14, 20), seed=5)
+    lengths = [2, 3, 5, 12]  # the longest reply sits in the top row
+    longest = GenerationSettings(max_new_tokens=12, min_new_tokens=12)
+    alone = [engine.generate([p], longest)[0][:n] for p, n in zip(prompts, lengths)]
+    widths, step = [], engine._backend.step
+
+    def recorded(tokens, active):
+        widths.append(len(tokens))
+        return step(tokens, active)
+
+    engine._backend.step = recorded
+    done: dict = {}
+    try:
+        with engine.stream(longest, rows=4) as st:
+            handles = st.add(prompts)
+            have = dict.fromkeys(handles[:3], 1)  # the top row runs to its 12 tokens and finishes by itself
+            while st.busy:
+                done.update((f.handle, f.ids) for f in st.step())
+                for h, n in zip(handles, lengths):
+                    if h in have:
+                        have[h] += 1
+                        if have[h] >= n:
+                            st.drop(h)
+                            del have[h]
+    finally:
+        engine._backend.step = step
+    assert widths[:2] == [4, 3] and widths[-1] == 1  # the top row moved down as the rows below it finished
+    assert sum(widths) == sum(n - 1 for n in lengths)  # no step decoded a finished row
+    assert done[handles[3]] == alone[3]  # the moved row's reply is the one its prompt gets alone

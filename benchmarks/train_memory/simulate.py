@@ -424,28 +424,42 @@ def build(
     config: dict | None = None,
     quant_bits: int = 4,
 ):
-    """The model as ``lora_med.train._load_for_training`` builds it for CUDA bf16, on the meta device."""
+    """The model as ``lora_med.train._load_for_training`` builds it for CUDA bf16, on the meta device.
+
+    ``config``: GPT-2 settings (DialoGPT-medium's by default), or a Llama-family config with its ``model_type``
+    (llama, qwen2, mistral): nn.Linear layers, LoRA on q/k/v/o/gate/up/down (lora_med.models.TARGET_MODULES)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
     from transformers.pytorch_utils import Conv1D
 
-    cfg = GPT2Config(**(config or DIALOGPT_MEDIUM), use_cache=False)
+    config = dict(config or DIALOGPT_MEDIUM)
+    model_type = config.pop("model_type", "gpt2")
+    if model_type == "gpt2":
+        cfg, targets = GPT2Config(**config, use_cache=False), TARGETS
+    else:
+        from lora_med.models import TARGET_MODULES
+
+        cfg, targets = AutoConfig.for_model(model_type, **config, use_cache=False), TARGET_MODULES[model_type]
     cfg._attn_implementation = attn
     with torch.device("meta"):
-        model = GPT2LMHeadModel(cfg)
+        model = AutoModelForCausalLM.from_config(cfg)
     if method == "lora":  # the frozen base in the compute dtype
         model = model.to(torch.bfloat16)
     elif method == "qlora":
         if quant_bits != 4:
             raise SystemExit("the replay covers 4-bit QLoRA only")
         Meta4bit = make_meta4bit_class()
-        # transformers' bnb quantizer: Conv1D -> Linear4bit (in, out); the rest loads in fp16
-        # (quantizer_bnb_4bit.update_dtype) and prepare_model_for_kbit_training casts it to fp32.
+        # transformers' bnb quantizer: the blocks' Conv1D / Linear -> Linear4bit (in, out), never lm_head; the
+        # rest loads in fp16 (quantizer_bnb_4bit.update_dtype) and prepare_model_for_kbit_training casts it to fp32.
         for module in list(model.modules()):
             for child_name, child in list(module.named_children()):
                 if isinstance(child, Conv1D):
                     n_in, n_out = child.weight.shape
-                    setattr(module, child_name, Meta4bit(n_in, n_out, child.bias is not None, torch.bfloat16))
+                elif isinstance(child, torch.nn.Linear) and child_name != "lm_head":
+                    n_out, n_in = child.weight.shape
+                else:
+                    continue
+                setattr(module, child_name, Meta4bit(n_in, n_out, child.bias is not None, torch.bfloat16))
         for p in model.parameters():
             p.requires_grad_(False)
             if p.dtype != torch.uint8:
@@ -456,10 +470,10 @@ def build(
             r=r,
             lora_alpha=2 * r,
             lora_dropout=lora_dropout,
-            target_modules=TARGETS,
+            target_modules=targets,
             bias="none",
             task_type="CAUSAL_LM",
-            fan_in_fan_out=method == "lora",
+            fan_in_fan_out=method == "lora" and model_type == "gpt2",
         )
         import warnings
 
@@ -593,6 +607,15 @@ def simulate(
     def is_autocast_enabled(device_type=None):  # PEFT's 4-bit LoRA asks torch.is_autocast_enabled()
         return autocast.enabled if device_type in (None, "cuda") else real_is_enabled(device_type)
 
+    real_autocast = torch.autocast
+
+    def meta_autocast(device_type, dtype=None, enabled=True, cache_enabled=None):
+        # Llama's rotary module switches autocast off around its fp32 tables, naming the tensors' device: on
+        # meta tensors that is the replayed CUDA autocast's switch.
+        if device_type == "meta":
+            return autocast.region(enabled)
+        return real_autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
+
     model = build(
         method, r=r, lora_dropout=lora_dropout, gradient_checkpointing=gradient_checkpointing, attn=attn, config=config
     )
@@ -605,6 +628,7 @@ def simulate(
         tracker.track(t)
     weights = tracker.current
     torch.is_autocast_enabled = is_autocast_enabled
+    torch.autocast = meta_autocast
     try:
         with autocast, tracker:
             for _step in range(steps):
@@ -636,6 +660,7 @@ def simulate(
                 tracker.phase = "between steps"
     finally:
         torch.is_autocast_enabled = real_is_enabled
+        torch.autocast = real_autocast
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {
         "method": method,

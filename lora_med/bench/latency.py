@@ -12,7 +12,8 @@ Two kinds of backend:
   runs, so the figure is the speed users get;
 - the peers, measured on purpose with transformers' ``generate()``: PyTorch eager (fp32 with the unmerged
   adapter, merged, fp16 on CUDA as the seed's app runs it, fp16 with a static cache compiled with CUDA
-  graphs) and ONNX Runtime through Optimum's ``ORTModelForCausalLM`` (``ort-*``).
+  graphs) and ONNX Runtime through Optimum's ``ORTModelForCausalLM`` (``ort-*``);
+- ``genai-*``: onnxruntime-genai's own generator on its model builder's graph of the same model (``genai.py``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ..engine import Engine, GenerationSettings, load_engine
 from ..engine.ort_backend import load_ort
 from ..errors import LoraMedError
 from ..export.optimum import NO_CUDA_FP32
+from . import concurrent, genai
 
 # Scaling table: reply time against new tokens (32-token prompt) and against context length, for one backend
 # of each kind (PyTorch, ORT through Optimum, the engine on the CPU and on CUDA).
@@ -81,6 +83,7 @@ class Timing:
     scaling_repeats: int = 3  # timed replies per scaling / throughput point (median reported)
     threads: int = 1  # intra-op threads for PyTorch and ONNX Runtime
     throughput: bool = False  # engine backends: batches of THROUGHPUT_BATCHES
+    concurrent: int = 0  # engine and genai backends: prompts arriving together (concurrent.py); 0: off
 
 
 @dataclass
@@ -93,8 +96,10 @@ class Backend:
     source: str  # what is loaded (for the report)
     load: Callable[[], object]
     kind: str = "generate"  # engine: Engine.generate | generate: transformers' generate() | static-cache: + CUDA graphs
+    # | genai: onnxruntime-genai's generator
     weight_bytes: int | None = None  # ONNX graphs: the weight files; PyTorch: counted from the parameters at load
     may_fail: bool = False  # a peer that may not run here (torch.compile): a failure is reported, not raised
+    pad_token_id: int | None = None  # genai: what its static batches are padded with
 
 
 # --------------------------------------------------------------------------- loading
@@ -200,6 +205,7 @@ def available_backends(
     model_dir: Path | None = None,
     shape: str | None = None,
     engines: list[dict] | None = None,
+    genai_graphs: list[dict] | None = None,
 ) -> tuple[list[Backend], list[dict]]:
     """Every backend this machine and these inputs allow, and each one left out with the reason.
 
@@ -207,6 +213,7 @@ def available_backends(
         runs: "--run" / "--full-run" -> (run folder, run card).
         exports: Optimum graphs (path, onnx_dir, precision, label), from merge-export folders or ``--shape``.
         engines: decode graphs (dir, precision, label, path of the export or shape folder they belong to).
+        genai_graphs: onnxruntime-genai builder graphs (backend, dir, label, path, pad_token_id), built by bench.
         model_dir / shape: a random-weight model of a named shape (``--shape``) instead of runs.
     Returns:
         (backends, skipped): skipped entries are ``{"backend": name, "reason": why}``.
@@ -254,6 +261,20 @@ def available_backends(
             ),
             eng["path"],
         )
+    for g in genai_graphs or []:
+        add(
+            Backend(
+                g["backend"],
+                "cuda" if "cuda" in g["backend"] else "cpu",
+                g["backend"].rsplit("-", 1)[1],
+                g["label"],
+                lambda g=g: genai.load(Path(g["dir"])),
+                kind="genai",
+                weight_bytes=_graph_bytes(g["dir"]),
+                pad_token_id=g.get("pad_token_id"),
+            ),
+            g["path"],
+        )
     skipped.append({"backend": "engine-cuda-fp32", "reason": f"not built: {NO_CUDA_FP32}"})
     if not exports:
         skipped.append(
@@ -272,7 +293,10 @@ def available_backends(
         first.setdefault(s["backend"], s)
     skipped = list(first.values())
     if wanted:
-        out = [b for b in out if b.name.split(":")[0] in wanted]
+        # Timed in the order asked: --backends engine-cpu-fp32,genai-cpu-fp32,... alternates the rows compared.
+        out = sorted(
+            (b for b in out if b.name.split(":")[0] in wanted), key=lambda b: wanted.index(b.name.split(":")[0])
+        )
         skipped = [
             s
             for s in skipped
@@ -333,6 +357,8 @@ def _replier(b: Backend, model, eos: int) -> Callable[[list[int], int], int]:
     """(prompt, n) -> tokens generated, for whatever ``b`` loaded."""
     if b.kind == "engine":
         return lambda ids, n: len(model.generate([ids], GenerationSettings(max_new_tokens=n, min_new_tokens=n))[0])
+    if b.kind == "genai":
+        return lambda ids, n: genai.decode(model, ids, n)
     return lambda ids, n: _generate(model, ids, n, eos, b.device, static=b.kind == "static-cache")
 
 
@@ -392,6 +418,11 @@ def time_backend(b: Backend, cfg: Timing, prompts: list[list[int]], eos: int, sc
     try:
         with torch.inference_mode():
             replies, ttft, scaling, throughput = _measure(b, model, timer, cfg, prompts, eos, scaling_prompts)
+            together = None
+            if cfg.concurrent and b.kind in ("engine", "genai"):
+                together = concurrent.measure(
+                    b.kind, model, timer, prompts, cfg.concurrent, cfg.new_tokens, cfg.scaling_repeats, b.pad_token_id
+                )
         weights = _weight_bytes(b, model)
         if cuda:
             peak = {
@@ -423,6 +454,7 @@ def time_backend(b: Backend, cfg: Timing, prompts: list[list[int]], eos: int, sc
         "bandwidth_floor": bandwidth_floor(weights, cfg.new_tokens, rep["p50"]) if cuda else None,
         "scaling": scaling,
         "throughput": throughput,
+        "concurrent": together,
     }
 
 

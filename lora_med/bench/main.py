@@ -42,6 +42,7 @@ from ..errors import GateError, LoraMedError, first_line
 from ..fileio import write_json, write_text
 from ..perplexity import perplexity, torch_logits_fn
 from ..settings import describe
+from . import genai
 from .latency import (
     SCALING_BACKENDS,
     SCALING_CONTEXTS,
@@ -55,8 +56,8 @@ from .latency import (
     time_backend,
 )
 from .paired import paired_runs
-from .report import engine_vs_peers, gate_line, markdown, plots, replies, training
-from .shapes import SHAPES, build_shape
+from .report import concurrent_vs_genai, engine_vs_peers, gate_line, markdown, plots, replies, training
+from .shapes import build_shape, shape_facts
 from .validate import Found, out_dir, report_name, validate
 
 # "auto": the first present. The engine first: it is what serve runs.
@@ -108,7 +109,7 @@ def _inputs(cfg: BenchConfig, found: Found, device: str, scratch: Path) -> Input
         model_dir, shape_exports, shape_engines, info = build_shape(
             cfg.shape, scratch, device, seed=cfg.seed, backends=cfg.backends
         )
-        shape = SHAPES[cfg.shape]
+        shape = shape_facts(cfg.shape)
         gen = torch.Generator().manual_seed(cfg.seed)
         # Random token prompts of chat-like lengths (no tokenizer or data belongs to random weights).
         lengths = [(16, 24, 32, 48, 64)[i % 5] for i in range(cfg.prompts)]
@@ -146,6 +147,54 @@ def _inputs(cfg: BenchConfig, found: Found, device: str, scratch: Path) -> Input
         tokenizer=tokenizer,
         examples=examples,
     )
+
+
+# --------------------------------------------------------------------------- onnxruntime-genai's graphs
+
+
+def _genai_graphs(cfg: BenchConfig, inp: Inputs, found: Found, scratch: Path, device: str) -> tuple[list, list]:
+    """onnxruntime-genai's builder graphs of the measured model (the --shape model, or each export's merged/) for
+    the genai-* rows wanted, and each row left out with why. Returns (graphs, skipped)."""
+    wanted = [b for b in genai.BACKENDS if not cfg.backends or b in cfg.backends]
+    if not wanted:
+        return [], []
+    if device != "cuda" and "genai-cuda-fp16" in wanted:
+        wanted.remove("genai-cuda-fp16")
+        skipped = [{"backend": "genai-cuda-fp16", "reason": "no CUDA GPU (onnxruntime-genai-cuda on a GPU)"}]
+    else:
+        skipped = []
+    sources = [(inp.model_dir, f"{cfg.shape} shape ({SPEED_ONLY})", inp.model_dir)] if inp.model_dir else []
+    sources += [(Path(ex["path"]) / "merged", ex["path"], Path(ex["path"])) for ex in found.exports]
+    if not sources:
+        return [], skipped + [{"backend": "genai-*", "reason": "needs --shape or an --export (its merged/ model)"}]
+    python = genai.builder_python(cfg.genai_python)
+    if why := genai.missing(python):
+        return [], skipped + [{"backend": b, "reason": why} for b in wanted]
+    graphs = []
+    for model_dir, label, path in sources:
+        model_type = models.load_config(str(model_dir)).model_type
+        for b in wanted:
+            if model_type == "gpt2":
+                skipped.append({"backend": b, "reason": "onnxruntime-genai's model builder writes no GPT-2 graph"})
+                continue
+            out = scratch / f"genai-{len(graphs)}-{b}"
+            print(f"Building onnxruntime-genai's {b} graph of {model_dir} with {python} ...", flush=True)
+            try:
+                built = genai.build(model_dir, out, b, python, thread_count(cfg.threads))
+            except LoraMedError as e:
+                skipped.append({"backend": b, "reason": str(e)})
+                continue
+            graphs.append(
+                {
+                    "backend": b,
+                    "dir": str(out),
+                    "path": str(path),
+                    "label": f"onnxruntime-genai generator on its builder's graph of {label}",
+                    "pad_token_id": built["pad_token_id"],
+                    "build": built,
+                }
+            )
+    return graphs, skipped
 
 
 # --------------------------------------------------------------------------- perplexity
@@ -220,6 +269,7 @@ def _latency(cfg: BenchConfig, backends, inp: Inputs, notes: list[str], skipped:
         cfg.scaling_repeats,
         thread_count(cfg.threads),
         throughput=cfg.throughput,
+        concurrent=cfg.concurrent,
     )
     print(
         f"Latency: {len(inp.prompts)} prompts x {cfg.repeats} repeats, {cfg.new_tokens} new tokens, "
@@ -355,6 +405,7 @@ def _bench(cfg: BenchConfig, found: Found, device: str, t_start: float, load_sta
     with tempfile.TemporaryDirectory(prefix="lora-med-bench-") as scratch:
         inp = _inputs(cfg, found, device, Path(scratch))
         engines = [*inp.shape_engines, *(ex["engine"] for ex in found.exports if "engine" in ex)]
+        genai_graphs, genai_skipped = _genai_graphs(cfg, inp, found, Path(scratch), device)
         backends, skipped = available_backends(
             found.runs,
             [*inp.shape_exports, *found.exports],
@@ -364,7 +415,9 @@ def _bench(cfg: BenchConfig, found: Found, device: str, t_start: float, load_sta
             model_dir=inp.model_dir,
             shape=cfg.shape,
             engines=engines,
+            genai_graphs=genai_graphs,
         )
+        skipped += genai_skipped
         names = [b.name for b in backends]
         gate_backend = None
         if cfg.max_latency_s > 0:
@@ -408,10 +461,12 @@ def _bench(cfg: BenchConfig, found: Found, device: str, t_start: float, load_sta
             "paired": paired_info,
             "prompts": inp.prompt_source,
             "threads": thread_count(cfg.threads),
+            "genai_graphs": [{k: g[k] for k in ("backend", "path", "build")} for g in genai_graphs],
         },
         "perplexity": ppl,
         "latency": latency,
         "engine_vs_peers": engine_vs_peers(latency),
+        "concurrent_vs_genai": concurrent_vs_genai(latency),
         "skipped_backends": skipped,
         "training": training(found.cards),
         "replies": replies(found.cards),

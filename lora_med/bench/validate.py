@@ -14,7 +14,7 @@ from ..fileio import sha256_file
 from ..integrity import verify_export
 from ..settings import describe, name
 from .latency import SPEED_ONLY
-from .shapes import SHAPES
+from .shapes import shape_facts
 
 
 @dataclass
@@ -126,7 +126,7 @@ def validate(cfg: BenchConfig) -> tuple[list[str], Found]:
 def _positions(cfg: BenchConfig, found: Found) -> int | None:
     """How many positions the measured model reads (its config only), or None when that is not known yet."""
     if cfg.shape:
-        return SHAPES[cfg.shape]["n_positions"]
+        return shape_facts(cfg.shape)["n_positions"]
     card = next(iter(found.cards.values()), None)
     try:
         return models.max_positions(models.load_model_config(card.base)) if card else None

@@ -15,7 +15,7 @@ import torch
 from ..cards import ExportCard
 from ..errors import LoraMedError
 from ..integrity import export_root, verify_export
-from ..models import load_model, resolve_device
+from ..models import load_model, resolve_device, stop_ids
 from .graph_format import ENGINE_FILE, GRAPH_FILE
 from .loop import Engine, GenerationSettings, RowSettings, StepBackend, Stream
 from .ort_backend import ort_engine
@@ -77,13 +77,10 @@ def _load(folder: Path, device: str, threads: int | None, spin: bool, prefix_cac
         if threads:
             torch.set_num_threads(int(threads))
         model = load_model(str(folder)).to(dev)
-        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-        eos = eos if eos is not None else model.config.eos_token_id
-        if isinstance(eos, (list, tuple)):
-            eos = eos[0]
-        if eos is None:
+        eos = stop_ids(model)
+        if not eos:
             raise LoraMedError(f"{folder}/config.json has no eos_token_id; the engine needs one to end replies")
-        return torch_engine(model, eos_token_id=int(eos))
+        return torch_engine(model, eos_token_id=eos)
     raise LoraMedError(
         f"{folder}: neither a decode graph ({ENGINE_FILE} + model.onnx; build one with "
         f"lora_med.export.decode_graph.build_decode_graph) nor a Hugging Face model folder (config.json + "

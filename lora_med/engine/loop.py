@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -141,7 +141,7 @@ class Engine:
         name: str,
         device: str,
         precision: str,
-        eos_token_id: int,
+        eos_token_id: int | Sequence[int],
         vocab_size: int,
         info: dict | None = None,
         prefix_cache: PrefixCache | None = None,
@@ -154,7 +154,12 @@ class Engine:
         self.precision = precision
         self.capacity = int(backend.capacity)
         self.joins = bool(backend.joins)
-        self.eos_token_id = int(eos_token_id)
+        # Every token that ends a reply (a chat model's end-of-turn marker beside its EOS: Qwen2.5's <|im_end|>
+        # and <|endoftext|>); the first is what idle rows are fed.
+        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        if not ids:
+            raise LoraMedError(f"{name}: no end-of-reply token id; the engine needs one to end replies")
+        self.eos_token_ids = tuple(dict.fromkeys(int(t) for t in ids))
         self.vocab_size = int(vocab_size)
         self.info = dict(info or {})  # what the engine runs: graph recipe, provider, threads (for reports)
         # A backend holds one KV cache: calls from several threads (a server) take turns; batch them instead.
@@ -163,12 +168,21 @@ class Engine:
     def __repr__(self) -> str:
         return f"Engine({self.name!r}, capacity={self.capacity})"
 
+    @property
+    def eos_token_id(self) -> int:
+        """The first end-of-reply id (what idle rows are fed); setting it makes it the only one."""
+        return self.eos_token_ids[0]
+
+    @eos_token_id.setter
+    def eos_token_id(self, value: int) -> None:
+        self.eos_token_ids = (int(value),)
+
     def generate(
         self, prompts: list[list[int]], settings: GenerationSettings = GenerationSettings()
     ) -> list[list[int]]:
         """New token ids for each prompt (a batch: several prompts, any lengths).
 
-        A row stops at EOS (not included in its ids) or after ``settings.max_new_tokens`` tokens. A prompt
+        A row stops at an EOS id (``eos_token_ids``; not included in its ids) or after ``settings.max_new_tokens`` tokens. A prompt
         longer than ``capacity - max_new_tokens`` is cut from the left (the oldest turns go first, as in
         training). This is a :meth:`stream` that takes every prompt at once and steps until all have finished.
 
@@ -314,6 +328,7 @@ class Stream:
         self._handles = 0
         s = settings
         self._sampler = Sampler(s.temperature, s.top_p, s.seed) if s.do_sample else None
+        self._stop = frozenset(engine.eos_token_ids)
 
     @property
     def busy(self) -> bool:
@@ -381,6 +396,7 @@ class Stream:
         since the last call, in the order they finished."""
         if self._live:
             if self._engine.joins:
+                self._compact()
                 self._width = max(self._live) + 1  # rows above the highest busy one cost nothing
             feed = np.full(self._width, self._engine.eos_token_id, np.int64)  # idle rows: EOS, logits ignored
             active = np.zeros(self._width, bool)
@@ -402,6 +418,20 @@ class Stream:
                 return list(r.out)
         return None
 
+    def _compact(self) -> None:
+        """Move the highest busy rows down into the free rows below them (their KV cache copied), so the decode
+        batch is as wide as the rows in flight: a long reply in the top row no longer keeps the finished rows
+        below it in every step. Only backends that move rows (the CPU decode graph) take part."""
+        move = getattr(self._backend, "move_row", None)
+        if move is None:
+            return
+        for dst in [b for b in range(max(self._live)) if b not in self._live]:
+            src = max(self._live)
+            if src < dst:
+                break
+            move(src, dst)
+            self._live[dst] = self._live.pop(src)
+
     def drop(self, handle: int) -> None:
         """Stop a reply nobody waits for any more (its row is free at once); unknown handles are ignored."""
         for b, r in list(self._live.items()):
@@ -411,11 +441,12 @@ class Stream:
 
     def _choose(self, at: list[int], logits: np.ndarray) -> None:
         """Pick the next token of rows ``at`` from their logits (``[len(at), vocab]``, rows in that order)."""
-        s, eos = self.settings, self._engine.eos_token_id
+        s, eos = self.settings, self._engine.eos_token_ids
+        stop = self._stop
         for i, b in enumerate(at):
             r = self._live[b]
             if len(r.out) < s.min_new_tokens:
-                logits[i, eos] = -np.inf
+                logits[i, list(eos)] = -np.inf
             if r.bans is not None:
                 r.bans.apply(logits[i])
         if self._sampler is not None:
@@ -430,12 +461,13 @@ class Stream:
                 nxt[i] = int(logits[i].argmax())
         for b, tok in zip(at, nxt.tolist()):
             r = self._live[b]
-            if tok != eos:
+            ended = tok in stop
+            if not ended:
                 r.out.append(tok)
                 r.last = tok
                 if r.bans is not None:
                     r.bans.add(tok)
-            if tok == eos or len(r.out) >= r.max_new:
+            if ended or len(r.out) >= r.max_new:
                 self._finish(b)
 
     def _finish(self, b: int) -> None:

@@ -37,6 +37,7 @@ from .loop import Engine, Reuse
 from .prefix_cache import PrefixCache
 
 KV_DTYPES = {"float32": np.float32, "float16": np.float16}
+PRECISIONS = ("fp32", "fp16", "int8", "int4")  # what a decode graph's engine.json may say
 
 
 def session_options(threads: int | None = None, *, spin: bool = True):
@@ -82,7 +83,7 @@ def ort_engine(
 ) -> Engine:
     """An :class:`~lora_med.engine.Engine` over a decode-graph folder (see ``load_engine``)."""
     precision = info.get("precision")
-    if info.get("format") != "lora-med-decode-graph" or precision not in ("fp32", "fp16", "int8"):
+    if info.get("format") != "lora-med-decode-graph" or precision not in PRECISIONS:
         raise LoraMedError(
             f"{folder}/engine.json is not a lora-med decode graph description; rebuild the folder "
             f"with lora_med.export.decode_graph.build_decode_graph"
@@ -97,7 +98,7 @@ def ort_engine(
         name=f"engine-{dev}-{precision}",
         device=dev,
         precision=precision,
-        eos_token_id=int(info["eos_token_id"]),
+        eos_token_id=[int(t) for t in info.get("eos_token_ids") or [info["eos_token_id"]]],
         vocab_size=int(info["vocab_size"]),
         prefix_cache=cache,
         info={
@@ -121,7 +122,7 @@ def _pick_device(folder: Path, precision: str, device: str) -> str:
         if precision != "fp16":
             raise LoraMedError(
                 f"{folder}: a {precision} decode graph runs on the CPU (ONNX Runtime's CUDA "
-                f"GroupQueryAttention is fp16/bf16 only, and dynamic int8 has no CUDA kernels); "
+                f"GroupQueryAttention is fp16/bf16 only, and the int8/int4 recipes are CPU kernels); "
                 f"build it with precision='fp16' for CUDA, or load it with device='cpu'"
             )
         if not cuda_available():
@@ -138,7 +139,7 @@ class _Slot:
     def __init__(self, backend: _OrtBackend, batch: int, arena: _Slot | None = None):
         self.batch = batch
         b = backend
-        shape = (batch, b.n_head, b.capacity, b.head_dim)
+        shape = (batch, b.n_kv_head, b.capacity, b.head_dim)
         if b.device == "cpu":  # each OrtValue shares a numpy array: its own, or the first rows of ``arena``'s
             self.kv_host: list[np.ndarray] = (
                 [a[:batch] for a in arena.kv_host]
@@ -217,6 +218,8 @@ class _OrtBackend:
         self.device = device
         self.capacity = int(info["capacity"])
         self.n_layer, self.n_head, self.head_dim = int(info["n_layer"]), int(info["n_head"]), int(info["head_dim"])
+        # Grouped-query attention (the Llama family) keeps fewer heads in the cache than it queries with.
+        self.n_kv_head = int(info.get("n_kv_head", self.n_head))
         self.vocab = int(info["vocab_size"])
         self.kv_dtype = KV_DTYPES[info["kv_dtype"]]
         self.io = info["io"]
@@ -370,6 +373,14 @@ class _OrtBackend:
                 self.device_value(slot.logits_host[part]),
             )
         self.session.run_with_iobinding(binding, self.prefill_options)
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Move row ``src``'s cache (its tokens so far) and length to the free row ``dst`` (CPU: the arena's
+        arrays; a row holds 2 x layers x kv_heads x head_dim values per token, 24.6 KB at Qwen2.5-0.5B's shape)."""
+        n = int(self.lens[src])
+        for a in self.slot.kv_host:
+            a[dst, :, :n] = a[src, :, :n]
+        self.lens[dst] = n
 
     def snapshot(self, row: int, n: int) -> list[np.ndarray]:
         """Copies of row ``row``'s first ``n`` cached positions, per layer key and value (CPU)."""

@@ -125,7 +125,7 @@ def _precision_of(dtype) -> str:
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
 
 
-def torch_engine(model, *, eos_token_id: int, name: str | None = None) -> Engine:
+def torch_engine(model, *, eos_token_id: int | list[int], name: str | None = None) -> Engine:
     """The engine's loop over an in-memory Hugging Face causal LM (a PEFT model with its adapter works too).
 
     Used for the base vs fine-tuned comparison replies during training, before any export exists, and as
@@ -147,7 +147,7 @@ def torch_engine(model, *, eos_token_id: int, name: str | None = None) -> Engine
     )
 
 
-def optimum_engine(model, *, eos_token_id: int, name: str | None = None, precision: str = "fp32") -> Engine:
+def optimum_engine(model, *, eos_token_id: int | list[int], name: str | None = None, precision: str = "fp32") -> Engine:
     """The engine's loop over an export's standard Optimum graph (``ORTModelForCausalLM``, KV cache on).
 
     The parity gate checks that graph's cached path with it: the same loop, token choice and stopping as

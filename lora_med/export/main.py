@@ -6,9 +6,9 @@ Steps (each printed with its timing):
 2. save: ``merged/`` (transformers format, safetensors, tokenizer with a chat template, model card);
 3. export: Optimum's ``text-generation-with-past`` graph (``onnx/model.onnx``, what stock
    ``ORTModelForCausalLM`` loads), traced in fp32;
-4. optimise / quantise: ``ORTOptimizer`` (O1..O4), the one int8 recipe or the fp16 conversion (``optimum.py``);
+4. optimise / quantise: ``ORTOptimizer`` (O1..O4), the int8 or int4 recipe or the fp16 conversion (``optimum.py``);
 5. engine: the engine's decode graph (``engine/``) built from the merged weights, in the same precision
-   (GPT-2 models; other bases ship ``onnx/`` only, with the reason in the manifest);
+   (GPT-2 and the Llama family; other bases ship ``onnx/`` only, with the reason in the manifest);
 6. parity (``parity.py``): both graphs vs the merged PyTorch model on the run's held-out conversations.
 
 Everything is built in ``<output>.partial-<pid>`` and renamed to the output name only once the gate has
@@ -63,20 +63,20 @@ def validate(cfg: ExportConfig) -> tuple[TrainCard, str, Path]:
     p = settings.check(cfg)
     if p:
         raise runs.problems_error("with the settings; nothing was loaded", p)
-    if cfg.device == "cuda" and cfg.quantize == "int8":
+    if cfg.device == "cuda" and cfg.quantize in ("int8", "int4"):
         p.append(
-            f"{describe(cfg, 'quantize')} with {describe(cfg, 'device')}: dynamic int8 graphs (MatMulInteger / "
-            "DynamicQuantizeLinear) do not run on the CUDA execution provider; use --dtype fp16 on CUDA, or "
-            "--device cpu for int8"
+            f"{describe(cfg, 'quantize')} with {describe(cfg, 'device')}: the int8 and int4 graphs (MatMulInteger, "
+            "MatMulNBits with int8 activations) do not run on the CUDA execution provider; use --dtype fp16 on "
+            f"CUDA, or --device cpu for {cfg.quantize}"
         )
     if cfg.dtype == "fp16" and cfg.device == "cpu":
         p.append(
             f"{describe(cfg, 'dtype')} on --device cpu: ONNX Runtime's CPU provider has few fp16 kernels; use "
-            "fp32 (or --quantize int8) on the CPU, fp16 with --device cuda"
+            "fp32 (or --quantize int8/int4) on the CPU, fp16 with --device cuda"
         )
     if cfg.optimize == "O4" and cfg.device != "cuda":
         p.append(f"{describe(cfg, 'optimize')} is fp16 mixed precision for CUDA; use O1-O3 with --device cpu")
-    if cfg.quantize == "int8" and cfg.dtype == "fp16":
+    if cfg.quantize in ("int8", "int4") and cfg.dtype == "fp16":
         p.append(f"{describe(cfg, 'quantize')} quantises an fp32 graph; drop {name(cfg, 'dtype')} fp16")
     device = "cpu"
     if cfg.device == "cuda":
@@ -288,6 +288,12 @@ def _merge_export(cfg: ExportConfig, card: TrainCard, device: str, out: Path) ->
     runs.claim(work, "export")
     try:
         models.with_chat_template(tokenizer, fmt)
+        # The reply ends where training taught it to: with a chat template, at the template's end-of-turn token
+        # (ChatML's <|im_end|>), which a base model's EOS is not; transformers' generate() and the engine read
+        # the list from the generation config.
+        known = models.stop_ids(model)
+        stop = known + [t for t in data.turn_end_ids(tokenizer, fmt) if t not in known]
+        model.generation_config.eos_token_id = stop if len(stop) > 1 else stop[0]
         with step("save", "merged/ (safetensors + tokenizer)"):
             model.config.use_cache = True  # training turned it off; the app decodes with the cache
             model.save_pretrained(work / "merged", safe_serialization=True)

@@ -3,14 +3,15 @@
 - ``onnx/``: Optimum's standard ``text-generation-with-past`` graph, what stock ``ORTModelForCausalLM``
   loads. Always traced in fp32 on the CPU (the graph does not depend on the device it was traced on), then
   optionally optimised (``ORTOptimizer`` O1-O4), then for int8 the project's one int8 recipe
-  (:func:`lora_med.export.precision.quantize_int8`) and for fp16 :func:`lora_med.export.precision.fp16_from_fp32`.
+  (:func:`lora_med.export.precision.quantize_int8`), for int4 :func:`lora_med.export.precision.quantize_int4`
+  and for fp16 :func:`lora_med.export.precision.fp16_from_fp32`.
   Optimum's own fp16 export (tracing the model in half precision) gives a graph onnxruntime 1.31 refuses to
   load (LayerNormalization bound to fp16 data and an fp32 scale); the conversion of the fp32 graph types
   every node alike and is checked with ONNX's strict type inference before it is written.
 - ``engine/``: the engine's decode graph (:mod:`lora_med.export.decode_graph`), built from the merged weights;
-  fp32 and int8 (the same recipe) for the CPU, fp16 for CUDA. GPT-2 models only: other bases get the
-  Optimum graph alone and a note saying why (their replies run on ``merged/`` through the engine's
-  PyTorch backend).
+  fp32, int8 and int4 (the same recipes) for the CPU, fp16 for CUDA. GPT-2 and the Llama family (llama,
+  mistral, qwen2, qwen3); other bases get the Optimum graph alone and a note saying why (their replies run on
+  ``merged/`` through the engine's PyTorch backend).
 
 merge-export and ``bench --shape`` both call these functions, so a shape benchmark measures exactly the
 graphs an export ships.
@@ -26,8 +27,8 @@ from pathlib import Path
 
 from ..engine.graph_format import GRAPH_FILE as ONNX_FILE
 from ..errors import LoraMedError
-from .decode_graph import build_decode_graph
-from .precision import check_types, fp16_from_fp32, quantize_int8, save_onnx
+from .decode_graph import MODEL_TYPES, build_decode_graph
+from .precision import check_types, fp16_from_fp32, quantize_int4, quantize_int8, save_onnx
 
 CONFIG_SUFFIXES = (".json", ".txt", ".model")  # what ORTModelForCausalLM reads beside the graph
 # Why there is no CUDA fp32 decode graph (bench reports engine-cuda-fp32 as not built with this reason).
@@ -88,6 +89,14 @@ def to_int8(src: Path, out: Path) -> dict:
     return recipe
 
 
+def to_int4(src: Path, out: Path) -> dict:
+    """The int4 recipe on the fp32 Optimum graph in ``src``: ``out/model.onnx`` plus its configs."""
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = quantize_int4(_graph_of(src), out / ONNX_FILE)
+    _copy_configs(src, out)
+    return recipe
+
+
 def to_fp16(src: Path, out: Path) -> dict:
     """fp16 of the fp32 Optimum graph in ``src`` (inputs, KV cache and logits fp16, as ORTModelForCausalLM
     expects of an fp16 export), strictly type-checked: ``out/model.onnx`` plus its configs."""
@@ -135,7 +144,7 @@ def optimum_graph(
     """The standard graph of an export, as merge-export makes it: fp32 export, optimisation, int8 or fp16.
 
     Args:
-        precision: fp32, int8 or fp16 (fp16 comes from ``optimize="O4"`` or from the fp32 conversion).
+        precision: fp32, int8, int4 or fp16 (fp16 comes from ``optimize="O4"`` or from the fp32 conversion).
         step: a context-manager factory ``step(name, detail)`` that prints and times each stage (optional).
     Returns:
         What was done (for the manifest's ``export`` section).
@@ -152,7 +161,7 @@ def optimum_graph(
         x
         for x in (
             optimize if optimize != "none" else "",
-            "int8 recipe" if precision == "int8" else "",
+            f"{precision} recipe" if precision in ("int8", "int4") else "",
             "fp16 conversion" if half else "",
         )
         if x
@@ -164,9 +173,9 @@ def optimum_graph(
                 current = work / "optimized"
                 if optimize == "O4":
                     info["fp16"] = check_fp16(current)
-            if precision == "int8":
-                info["quantization"] = to_int8(current, work / "int8")
-                current = work / "int8"
+            if precision in ("int8", "int4"):
+                info["quantization"] = (to_int8 if precision == "int8" else to_int4)(current, work / precision)
+                current = work / precision
             elif half:
                 info["fp16"] = to_fp16(current, work / "fp16")
                 current = work / "fp16"
@@ -179,7 +188,7 @@ def optimum_graph(
 
 
 def engine_device(precision: str) -> str:
-    """Where a decode graph of ``precision`` runs: fp16 on CUDA, fp32 and int8 on the CPU."""
+    """Where a decode graph of ``precision`` runs: fp16 on CUDA, fp32, int8 and int4 on the CPU."""
     return "cuda" if precision == "fp16" else "cpu"
 
 
@@ -192,17 +201,17 @@ def engine_graph(merged_dir: Path, out: Path, precision: str, *, capacity: int |
         time) or "not built" (with ``reason``).
     """
     model_type = json.loads((Path(merged_dir) / "config.json").read_text(encoding="utf-8")).get("model_type")
-    if model_type != "gpt2":
+    if model_type not in MODEL_TYPES:
         return {
             "status": "not built",
-            "reason": f"the decode graph is written for GPT-2 models; this is a "
+            "reason": f"the decode graph is written for {', '.join(MODEL_TYPES)} models; this is a "
             f"{model_type!r} model, so the export ships the Optimum graph (onnx/) and serve runs merged/ on "
             f"PyTorch through the engine",
         }
     t0 = time.perf_counter()
     try:
         info = build_decode_graph(merged_dir, out, precision=precision, capacity=capacity)
-    except LoraMedError as e:  # a GPT-2 variant the graph cannot express (activation, head size, ...)
+    except LoraMedError as e:  # a variant the graph cannot express (activation, head size, rope type, ...)
         shutil.rmtree(out, ignore_errors=True)
         return {"status": "not built", "reason": str(e)}
     return {
@@ -211,6 +220,7 @@ def engine_graph(merged_dir: Path, out: Path, precision: str, *, capacity: int |
         "precision": precision,
         "device": engine_device(precision),
         "capacity": info["capacity"],
+        "model_type": info["model_type"],
         "format": f"{info['format']} v{info['version']}",
         "recipe": info["recipe"],
         "build_s": round(time.perf_counter() - t0, 2),

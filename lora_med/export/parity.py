@@ -13,9 +13,9 @@ lora-med goes through:
   token as a prompt, then one cached step per token), greedy replies one prompt at a time and all together.
 
 fp32: logits within ``atol``, every greedy reply identical (single and batched), perplexity within
-``ppl_rtol``. fp16 / int8: top-1 agreement >= ``min_top1``, logits within ``lossy_rtol`` x their spread;
-the decode graph's replies identical on >= ``min_same_replies`` of the prompts (the Optimum graph's are
-recorded). Always: no NaN/inf.
+``ppl_rtol``. fp16 / int8 / int4: top-1 agreement >= ``min_top1``, logits within ``lossy_rtol`` x their
+spread; the decode graph's replies identical on >= ``min_same_replies`` of the prompts (the Optimum graph's are
+recorded). int4 has its own defaults (``config.GATE_INT4``: it drifts more than int8). Always: no NaN/inf.
 """
 
 from __future__ import annotations
@@ -45,10 +45,11 @@ def _prompts(conversations: list[data.Conversation], tokenizer, fmt: str, limit:
 
 @torch.no_grad()
 def _reference_greedy(model, prompts: list[list[int]], tokenizer, max_new_tokens: int) -> list[list[int]]:
-    """The reference replies: transformers' ``generate()`` on each unpadded prompt, greedy, KV cache on. The EOS
-    that ends a reply is dropped, as the engine drops it."""
+    """The reference replies: transformers' ``generate()`` on each unpadded prompt, greedy, KV cache on, stopping
+    at any of the model's end-of-reply ids (its generation config's). The id that ends a reply is dropped, as the
+    engine drops it."""
     device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
+    eos = models.stop_ids(model)
     out = []
     for p in prompts:
         ids = torch.tensor([p], device=device)
@@ -62,7 +63,8 @@ def _reference_greedy(model, prompts: list[list[int]], tokenizer, max_new_tokens
             eos_token_id=eos,
             pad_token_id=tokenizer.pad_token_id,
         )[0, len(p) :].tolist()
-        out.append(new[: new.index(eos)] if eos in new else new)
+        end = next((i for i, t in enumerate(new) if t in eos), len(new))
+        out.append(new[:end])
     return out
 
 
@@ -90,12 +92,13 @@ def _logit_figures(pairs, lossy: bool, cfg: ExportConfig) -> dict:
         n_tok += ref.shape[0]
         lo, hi = min(lo, float(ref.min())), max(hi, float(ref.max()))
     spread = hi - lo
+    rtol = cfg.gate()["lossy_rtol"]
     return {
         "tokens": n_tok,
         "max_abs_diff": max_diff,
         "mean_abs_diff": sum_diff / max(n_vals, 1),
-        "bound": cfg.lossy_rtol * spread if lossy else cfg.atol,
-        "bound_kind": f"lossy_rtol {cfg.lossy_rtol} x logits spread" if lossy else "atol",
+        "bound": rtol * spread if lossy else cfg.atol,
+        "bound_kind": f"lossy_rtol {rtol} x logits spread" if lossy else "atol",
         "logits_spread": spread,
         "nonfinite": nonfinite,
         "top1_agreement": agree / max(n_tok, 1),
@@ -118,6 +121,7 @@ def _greedy_figures(engine: Engine, prompts: list[list[int]], want: list[list[in
 def _failures(f: dict, what: str, lossy: bool, cfg: ExportConfig, *, gate_replies: bool) -> list[str]:
     """What fails in one graph's figures, each line naming the graph."""
     out, g, n = [], f["greedy"], f["greedy"]["prompts"]
+    gate = cfg.gate()
     if f["nonfinite"]:
         out.append(f"{what}: {f['nonfinite']} NaN/inf logits")
     if f["max_abs_diff"] > f["bound"]:
@@ -125,12 +129,14 @@ def _failures(f: dict, what: str, lossy: bool, cfg: ExportConfig, *, gate_replie
             f"{what}: teacher-forced logits max abs diff {f['max_abs_diff']:.3g} > {f['bound']:.3g} ({f['bound_kind']})"
         )
     if lossy:
-        if f["top1_agreement"] < cfg.min_top1:
-            out.append(f"{what}: top-1 agreement {f['top1_agreement']:.2%} < {cfg.min_top1:.0%} ({f['tokens']} tokens)")
-        if gate_replies and g["identical_single"] < cfg.min_same_replies * n:
+        if f["top1_agreement"] < gate["min_top1"]:
+            out.append(
+                f"{what}: top-1 agreement {f['top1_agreement']:.2%} < {gate['min_top1']:.0%} ({f['tokens']} tokens)"
+            )
+        if gate_replies and g["identical_single"] < gate["min_same_replies"] * n:
             out.append(
                 f"{what}: greedy replies identical to PyTorch fp32 on {g['identical_single']}/{n} prompts "
-                f"< {cfg.min_same_replies:.0%}"
+                f"< {gate['min_same_replies']:.0%}"
             )
     else:
         for key, how in (("identical_single", "one prompt at a time"), ("identical_batched", "batched")):
@@ -173,7 +179,7 @@ def check_parity(
     precision = cfg.precision()
     lossy = precision != "fp32"
     examples, _ = data.encode_all(conversations, tokenizer, max_length=max_length, fmt=fmt)
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    pad, eos = tokenizer.pad_token_id, models.stop_ids(reference)
     ref_fn, ort_fn = torch_logits_fn(reference), ort_logits_fn(onnx_model)
     ref_logits = _reference_logits(ref_fn, examples, pad, cfg.batch_size)
     n_positions = models.max_positions(reference.config) or max_length + cfg.max_new_tokens

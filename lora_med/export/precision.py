@@ -1,6 +1,6 @@
-"""Graph precision recipes: the project's one int8 recipe and the fp16 conversion of an fp32 graph.
+"""Graph precision recipes: the project's one int8 recipe, its int4 recipe and the fp16 conversion of an fp32 graph.
 
-Both take an ONNX file and write another, for the decode graph (lora_med.export.decode_graph) and for
+Each takes an ONNX file and writes another, for the decode graph (lora_med.export.decode_graph) and for
 Optimum's standard ``text-generation-with-past`` export alike, so that merge-export and ``bench --shape``
 produce their int8 and fp16 graphs the same way.
 
@@ -13,6 +13,14 @@ produce their int8 and fp16 graphs the same way.
   graph and 99.56% on the decode graph. Keeping the head float (``keep_head_float=True``) adds at most 0.08
   points but reads the vocabulary matrix in fp32 every token: 18% more CPU per token at the DialoGPT-medium
   shape, where the head is 51M of the 354M weights.
+- :func:`quantize_int4`: weight-only 4-bit (``com.microsoft.MatMulNBits``) through onnxruntime's own
+  ``MatMulNBitsQuantizer``: every MatMul with a constant weight (the head included), blocks of 32 along the
+  input dimension, symmetric round-to-nearest, ``accuracy_level`` 4 (activations quantised to int8 inside the
+  kernel, the CPU's fastest path). A tied head's int4 weight also serves the embedding rows
+  (``com.microsoft.GatherBlockQuantized``), so the largest matrix is stored once, in 4 bits, as
+  onnxruntime-genai's model builder does. Decoding on the CPU reads every weight per token, so int4 is the
+  fastest precision per token; prompts are slower than int8's (MatMulNBits is tuned for one row at a time).
+  Needs the ``onnx-ir`` package (the quantiser imports it; onnxruntime does not declare it).
 - :func:`fp16_from_fp32`: ``onnxruntime.transformers.float16.convert_float_to_float16`` on an fp32 export.
   Optimum's own fp16 export (tracing the model in half precision) leaves LayerNormalization with fp16 data
   and an fp32 scale, which onnxruntime 1.31 refuses to load; converting the fp32 graph instead types every
@@ -54,13 +62,14 @@ def _head_nodes(model) -> list[str]:
     return out
 
 
-def _fold_weight_transposes(model) -> None:
+def _fold_weight_transposes(model) -> dict[str, str]:
     """Replace ``Transpose(initializer)`` by a transposed initializer, so that a MatMul fed by it (the decode
     graph's LM head on the tied embedding) has a constant weight the quantiser can see. The original
-    initializer stays for its other users (the embedding Gather)."""
+    initializer stays for its other users (the embedding Gather). Returns {transposed name: original name}."""
     from onnx import numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
+    folded = {}
     for node in list(model.graph.node):
         if node.op_type != "Transpose" or node.input[0] not in inits:
             continue
@@ -68,6 +77,8 @@ def _fold_weight_transposes(model) -> None:
         arr = numpy_helper.to_array(inits[node.input[0]])
         model.graph.initializer.append(numpy_helper.from_array(arr.transpose(perm).copy(), node.output[0]))
         model.graph.node.remove(node)
+        folded[node.output[0]] = node.input[0]
+    return folded
 
 
 def quantize_int8(src_onnx, dst_onnx, *, per_channel: bool = True, keep_head_float: bool = False) -> dict:
@@ -92,6 +103,7 @@ def quantize_int8(src_onnx, dst_onnx, *, per_channel: bool = True, keep_head_flo
         _fold_weight_transposes(model)
     exclude = _head_nodes(model) if keep_head_float else []
     size = sum(len(t.raw_data) for t in model.graph.initializer)
+    Path(str(dst) + EXTERNAL_DATA_SUFFIX).unlink(missing_ok=True)  # onnx appends to an existing data file
     # The quantiser logs a hint to run its pre-processing (shape inference and fusions meant for static
     # quantisation) on every call; dynamic MatMul weights do not need it, and users cannot act on it.
     previous = logging.root.manager.disable
@@ -123,6 +135,112 @@ def quantize_int8(src_onnx, dst_onnx, *, per_channel: bool = True, keep_head_flo
         "float_nodes": exclude,
         "embeddings": "float",
     }
+
+
+INT4_BLOCK = 32  # weights per scale: the block onnxruntime-genai's builder uses for the CPU
+INT4_ACCURACY_LEVEL = 4  # MatMulNBits computes with int8 activations (the CPU's fastest kernel)
+
+
+def quantize_int4(src_onnx, dst_onnx, *, block_size: int = INT4_BLOCK, share_embedding: bool = True) -> dict:
+    """Weight-only int4 of an fp32 ONNX graph for ONNX Runtime's CPU provider; returns the recipe.
+
+    Args:
+        src_onnx: an fp32 graph (a decode graph or an Optimum export's ``model.onnx``).
+        dst_onnx: where the int4 graph goes (its folder must exist).
+        block_size: weights sharing one scale, along each MatMul's input dimension.
+        share_embedding: a tied head's int4 weight also serves the embedding Gather (one copy of the
+            vocabulary matrix, in 4 bits); False keeps the float embedding.
+    Raises:
+        LoraMedError: an fp16 graph, or the quantiser is missing its ``onnx-ir`` dependency.
+    """
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ImportError as e:  # onnxruntime imports onnx_ir there without declaring it
+        raise LoraMedError(
+            f"int4 needs onnxruntime's MatMulNBitsQuantizer, which failed to import ({first_line(e)}); "
+            "pip install onnx-ir"
+        ) from None
+
+    src, dst = Path(src_onnx), Path(dst_onnx)
+    model = _load(src)
+    if any(init.data_type == 10 for init in model.graph.initializer):  # TensorProto.FLOAT16
+        raise LoraMedError(f"{src}: an fp16 graph; int4 quantisation starts from the fp32 graph")
+    folded = _fold_weight_transposes(model)
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        q = MatMulNBitsQuantizer(
+            model,
+            bits=4,
+            block_size=block_size,
+            is_symmetric=True,
+            accuracy_level=INT4_ACCURACY_LEVEL,
+            op_types_to_quantize=("MatMul",),
+        )
+        q.process()
+    finally:
+        logging.disable(previous)
+    out = q.model.model
+    shared = _share_int4_embedding(out, folded, block_size) if share_embedding else None
+    save_onnx(out, dst)
+    return {
+        "tool": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
+        "weights": "int4 (MatMulNBits), symmetric round-to-nearest",
+        "block_size": block_size,
+        "accuracy_level": INT4_ACCURACY_LEVEL,
+        "ops": ["MatMul"],
+        "matmulnbits_nodes": sum(n.op_type == "MatMulNBits" for n in out.graph.node),
+        "embeddings": f"int4, shared with the tied head ({shared})" if shared else "float",
+    }
+
+
+def _share_int4_embedding(model, folded: dict[str, str], block_size: int) -> str | None:
+    """Tied models: read the embedding rows from the head's int4 weight instead of a float copy.
+
+    The head's MatMulNBits weight ``[vocab, hidden / block, block / 2]`` (two 4-bit values a byte, symmetric:
+    zero point 8) is the embedding matrix quantised along ``hidden``: reshaped to ``[vocab, hidden / 2]`` it
+    is what ``GatherBlockQuantized(gather_axis=0, quantize_axis=1)`` reads, with the same scales. Returns the
+    replaced Gather's name, or None where the graph has no such pair (an untied head, a float head).
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    for head in (n for n in model.graph.node if n.op_type == "MatMulNBits"):
+        source = next((orig for t, orig in folded.items() if head.input[1].startswith(t)), None)
+        if source is None or source not in inits:
+            continue
+        users = [n for n in model.graph.node if source in n.input]
+        embed = inits[source]
+        vocab, hidden = embed.dims
+        if len(users) != 1 or users[0].op_type != "Gather" or users[0].input[0] != source or hidden % block_size:
+            continue
+        gather = users[0]
+        shape = numpy_helper.from_array(np.array([vocab, hidden // 2], np.int64), f"{source}/int4_shape")
+        model.graph.initializer.append(shape)
+        model.graph.initializer.remove(embed)
+        at = list(model.graph.node).index(gather)
+        model.graph.node.remove(gather)
+        packed = f"{source}/int4"
+        model.graph.node.insert(
+            at, helper.make_node("Reshape", [head.input[1], shape.name], [packed], name=f"{gather.name}/Reshape")
+        )
+        model.graph.node.insert(
+            at + 1,
+            helper.make_node(
+                "GatherBlockQuantized",
+                [packed, gather.input[1], head.input[2]],
+                list(gather.output),
+                name=f"{gather.name}/GatherBlockQuantized",
+                domain="com.microsoft",
+                bits=4,
+                block_size=block_size,
+                gather_axis=0,
+                quantize_axis=1,
+            ),
+        )
+        return gather.name
+    return None
 
 
 def fp16_from_fp32(src_onnx, dst_onnx, *, keep_io_types: bool = False) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .. import runs
 from ..cards import ExportCard, TrainCard
-from ..data import Message, prompt_ids
+from ..data import Message, prompt_ids, turn_end_ids
 from ..engine import ENGINE_FILE, GenerationSettings, load_engine
 from ..engine.torch_backend import torch_engine
 from ..errors import ConfigError
@@ -111,9 +111,20 @@ class Replier:
     Everything that touches the tokenizer runs on the caller's thread (the event loop).
     """
 
-    def __init__(self, engine, tokenizer, source: ModelSource, settings: GenerationSettings, *, cut_block: int):
+    def __init__(
+        self,
+        engine,
+        tokenizer,
+        source: ModelSource,
+        settings: GenerationSettings,
+        *,
+        cut_block: int,
+        system_prompt: str | None = None,
+    ):
         self.engine = engine
         self.cut_block = cut_block  # tokens; see prompt()
+        # The system message opens every prompt and is never cut (ServeConfig.system_prompt).
+        self.system = [Message("system", system_prompt)] if system_prompt else []
         # One message's ids in the DialoGPT format (its text + EOS), cached: each request renders the conversation
         # so far, mostly messages seen before.
         self._message_ids = functools.lru_cache(maxsize=8192)(
@@ -140,31 +151,33 @@ class Replier:
         at or after a multiple of ``cut_block`` tokens (counted from the conversation's start) past what must
         go. Its start then stays put while the conversation grows by up to ``cut_block`` tokens, so the
         engine's prefix cache can reuse the earlier turns' KV cache; the price is up to ``cut_block`` tokens
-        (plus one turn) more of old context left out than strictly needed."""
+        (plus one turn) more of old context left out than strictly needed. A system prompt comes first and
+        stays whatever is cut."""
         msgs = list(history)
         if self.fmt == "dialogpt":
             sizes = [len(self._message_ids(m.role, m.content)) for m in msgs]
+            head = [t for m in self.system for t in self._message_ids(m.role, m.content)]
             # Each turn is its own text + EOS, so per-turn ids concatenate to the whole prompt exactly.
-            first, total = 0, 0
+            first, total = 0, len(head)
             for i in range(len(msgs) - 1, -1, -1):
                 if i < len(msgs) - 1 and total + sizes[i] > self.budget:
                     first = i + 1
                     break
                 total += sizes[i]
             first = self._sticky(sizes, first)
-            ids = [t for m in msgs[first:] for t in self._message_ids(m.role, m.content)]
+            ids = head + [t for m in msgs[first:] for t in self._message_ids(m.role, m.content)]
         else:
             # A chat template renders the whole conversation; drop the oldest turn until it fits.
             first = 0
-            ids = prompt_ids(msgs, self.tokenizer, self.fmt)
+            ids = prompt_ids(self.system + msgs, self.tokenizer, self.fmt)
             while len(ids) > self.budget and first < len(msgs) - 1:
                 first += 1
-                ids = prompt_ids(msgs[first:], self.tokenizer, self.fmt)
+                ids = prompt_ids(self.system + msgs[first:], self.tokenizer, self.fmt)
             if first and self.cut_block > 0:
                 # Where turns start, roughly (the template's own tokens aside): enough to place the cut.
                 sizes = [len(self.tokenizer(m.content, add_special_tokens=False)["input_ids"]) + 4 for m in msgs]
                 if (start := self._sticky(sizes, first)) != first:
-                    ids = prompt_ids(msgs[start:], self.tokenizer, self.fmt)
+                    ids = prompt_ids(self.system + msgs[start:], self.tokenizer, self.fmt)
         return ids[-self.budget :]
 
     def _sticky(self, sizes: list[int], first: int) -> int:
@@ -221,7 +234,9 @@ def load_replier(cfg: ServeConfig, engine=None, source: ModelSource | None = Non
         )
     try:
         check_cache_memory(engine, cfg)
-        return Replier(engine, tokenizer, source, settings_from(cfg), cut_block=cfg.cut_block)
+        return Replier(
+            engine, tokenizer, source, settings_from(cfg), cut_block=cfg.cut_block, system_prompt=cfg.system_prompt
+        )
     except BaseException:
         if owned:
             engine.close()
@@ -265,4 +280,4 @@ def _merged_run_engine(adapter_base: str, source: ModelSource, tokenizer, cfg: S
         torch.set_num_threads(cfg.threads)
     base = load_model(adapter_base)
     model = PeftModel.from_pretrained(base, str(source.engine_path)).merge_and_unload(safe_merge=True).eval()
-    return torch_engine(model.to(device), eos_token_id=tokenizer.eos_token_id)
+    return torch_engine(model.to(device), eos_token_id=turn_end_ids(tokenizer, source.fmt))

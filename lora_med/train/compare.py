@@ -9,7 +9,7 @@ base vs fine-tuned comparison during training), an export's decode graph or its 
 
 from __future__ import annotations
 
-from ..data import Message, prompt_ids
+from ..data import Message, prompt_ids, turn_end_ids
 from ..engine import Engine, GenerationSettings
 from ..engine.torch_backend import torch_engine
 
@@ -29,10 +29,11 @@ COMPARISON_PROMPTS = [
 ]
 
 
-def engine_for(model, tokenizer) -> Engine:
-    """The engine over a Hugging Face model in memory (PyTorch, or PEFT with its adapter), ending replies at the
-    tokenizer's EOS. The model is put in eval mode for each reply and its mode restored afterwards."""
-    return torch_engine(model, eos_token_id=tokenizer.eos_token_id)
+def engine_for(model, tokenizer, fmt: str = "dialogpt") -> Engine:
+    """The engine over a Hugging Face model in memory (PyTorch, or PEFT with its adapter), ending replies where
+    training ends an assistant turn in ``fmt`` (EOS; with a chat template also its end-of-turn token). The model
+    is put in eval mode for each reply and its mode restored afterwards."""
+    return torch_engine(model, eos_token_id=turn_end_ids(tokenizer, fmt))
 
 
 def reply(

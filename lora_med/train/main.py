@@ -344,8 +344,8 @@ def _finish(cfg, setup: Setup, d: Data, model, trainer, card: dict, ckpt, train_
 def _compare(cfg, model, base_model, tokenizer, fmt: str, is_adapter: bool) -> list[dict]:
     """Base vs fine-tuned replies to the fixed prompts, through the engine (an adapter run: the same PEFT model
     with its adapter on, then disabled)."""
-    tuned_engine = compare.engine_for(model, tokenizer)
-    base_engine = tuned_engine if is_adapter else compare.engine_for(base_model, tokenizer)
+    tuned_engine = compare.engine_for(model, tokenizer, fmt)
+    base_engine = tuned_engine if is_adapter else compare.engine_for(base_model, tokenizer, fmt)
     n = cfg.compare_max_new_tokens
     rows = []
     for prompt in compare.COMPARISON_PROMPTS:

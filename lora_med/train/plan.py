@@ -86,6 +86,16 @@ measured with saved-tensor hooks: tests/test_plan.py, benchmarks/train_memory/sa
 logits 3 x 4tV. No autocast copies, workspaces or foreach step copy are counted there. CUDA in fp32 uses
 this arithmetic too (without the score term under SDPA): not replayed nor measured.
 
+## The Llama family (Llama, Mistral, Qwen2)
+
+RMSNorm, rotary positions, grouped KV heads and SwiGLU keep other tensors than GPT-2's: ``Shape`` carries the
+KV heads and whether the head is tied (an untied head is a second V x h matrix: in the parameters, the
+optimizer state and a full fine-tune's autocast copies), and the per-layer terms are the family's own
+(``_cuda_llama_layer_bytes``; ``LLAMA_CPU_VALUES`` on the CPU, measured with saved-tensor hooks). Checked
+against the replay (which runs transformers' Llama under CUDA's autocast rules) at a small shape: -3% / +15%
+(tests/test_plan.py). Their vocabularies (Qwen2.5's 151,936, Llama 3's 128,256) make the logits term the
+largest at ordinary batches, which is where ``chunked_ce`` pays.
+
 ## Levers
 
 ``LEVERS`` names what the trainer can switch to save memory; ``estimate`` models each (keyword arguments)
@@ -137,6 +147,7 @@ LAYER_IN_FLIGHT = 0.5
 ALLOCATOR_ROUNDING = 0.01
 
 LEVERS = ("sdpa", "chunked_ce", "adamw_8bit", "gradient_checkpointing")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -151,10 +162,22 @@ class Shape:
     ffn: int = 0  # MLP width (0: 4 x hidden, GPT-2's default)
     buffer_bytes: int = 0  # registered buffers (GPT-2: a bool causal mask per layer)
     embedding_params: int = 0  # nn.Embedding weights (tied lm_head once): 8-bit AdamW keeps them in fp32
+    kv_heads: int = 0  # grouped-query attention's key/value heads (0: as many as the query heads)
+    tied: bool = True  # lm_head shares the embedding matrix (an untied head is a second V x h matrix)
 
     @property
     def mlp(self) -> int:
         return self.ffn or 4 * self.hidden
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the keys (and of the values): hidden x kv_heads / heads."""
+        return self.hidden * (self.kv_heads or self.heads) // self.heads
+
+    @property
+    def llama_family(self) -> bool:
+        """RMSNorm, rotary positions, grouped KV heads and a SwiGLU MLP (Llama, Mistral, Qwen2)."""
+        return self.model_type in LLAMA_FAMILY
 
 
 @dataclass(frozen=True)
@@ -202,12 +225,27 @@ def shape_from_config(config) -> tuple[Shape, torch.nn.Module]:
     hidden = getattr(config, "n_embd", None) or config.hidden_size
     heads = getattr(config, "n_head", None) or config.num_attention_heads
     ffn = getattr(config, "n_inner", None) or getattr(config, "intermediate_size", None) or 4 * hidden
+    # Registered buffers the step keeps on the card (GPT-2's causal masks); rotary tables are not persistent.
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     embeddings = sum(
         {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding)}.values()
     )
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head = model.get_output_embeddings()
+    tied = head is None or head.weight is model.get_input_embeddings().weight
     return Shape(
-        n_layer, hidden, heads, config.vocab_size, params, linear, config.model_type, ffn, buffers, embeddings
+        n_layer,
+        hidden,
+        heads,
+        config.vocab_size,
+        params,
+        linear,
+        config.model_type,
+        ffn,
+        buffers,
+        embeddings,
+        kv_heads,
+        tied,
     ), model
 
 
@@ -260,6 +298,8 @@ def _cuda_layer_bytes(
     """Bytes autograd keeps per token per layer on CUDA under bf16 autocast (see the module docstring)."""
     h, f, a = shape.hidden, shape.mlp, shape.heads
     qlora = method == "qlora"
+    if shape.llama_family:
+        return _cuda_llama_layer_bytes(shape, method, seq_len, lora_width, lora_dropout, attention)
     common = 6 * h + 2 * h + 4 * a + 2 * h + 8 * h + (16 if qlora else 14) * f
     own: float
     if method == "full":
@@ -269,6 +309,34 @@ def _cuda_layer_bytes(
     if attention == "eager":  # the score matrices, and no flash output kept by frozen attn.c_proj's side
         common += 7 * a * seq_len - 4 * a - (0 if method == "full" else 2 * h)
     return common + own
+
+
+def _cuda_llama_layer_bytes(
+    shape: Shape, method: str, seq_len: int, lora_width: float, lora_dropout: bool, attention: str
+) -> float:
+    """The Llama family's layer under bf16 autocast (transformers' LlamaDecoderLayer; the replay's figures in
+    tests/test_plan.py): RMSNorm upcasts its input to fp32 and keeps it (4h; a full fine-tune's trained norm
+    weight also keeps the fp32 normalised input, 4h more); FlashAttention keeps q, the grouped keys and values
+    (2h + 2 x 2kv) and its output (2h) and log-sum-exp (4a); SwiGLU keeps SiLU's input and both factors of
+    the product (6f in bf16, 12f in fp32 for QLoRA, whose dequantised layers return fp32); a full fine-tune
+    keeps the bf16 casts of the inputs of q, k, v (one each: 6h), gate and up (4h) and down (2f); adapters
+    keep dropout's mask and lora_A's bf16 input (3 bytes per unit of input width, 2 without dropout)."""
+    h, f, a, kv = shape.hidden, shape.mlp, shape.heads, shape.kv_dim
+    attn = 2 * h + 4 * kv + 2 * h + 4 * a
+    if method == "full":
+        layer = 8 * h + 8 * h + 6 * h + 4 * h + 2 * f + 6 * f + attn
+    else:
+        layer = 4 * h + 4 * h + (12 if method == "qlora" else 6) * f + attn
+        layer += (3 if lora_dropout else 2) * lora_width * h
+    if attention == "eager":  # the score matrices: fp32 softmax + its bf16 copy (no dropout in these models)
+        layer += 6 * a * seq_len - 4 * a
+    return layer
+
+
+# Activation values (fp32) per token per layer the Llama family keeps on the CPU (saved-tensor hooks on
+# transformers' Llama and Qwen2, tests/test_plan.py): 10h + 4f + heads + 66 for a full fine-tune; LoRA adds
+# its dropout copies of the adapted layers' inputs (``lora_input_width``: 6h + f) and 2h.
+LLAMA_CPU_VALUES = (10, 4, 1, 66)  # x hidden, x MLP width, x heads, constant
 
 
 def estimate(
@@ -341,6 +409,10 @@ def estimate(
     # The CPU's SDPA with dropout runs the math path; fp32 on CUDA runs the memory-efficient kernel.
     scores = 0 if device.startswith("cuda") and attention == "sdpa" else 5 * a * s / h
     per_layer = s * b * h * (34 + UNFUSED_EXTRA.get(shape.model_type, 0) + scores + 2 * lora_dropout_width) * act_bytes
+    if shape.llama_family:  # no attention dropout: the CPU's SDPA keeps no score matrix
+        ch, cf, ca, c0 = LLAMA_CPU_VALUES
+        values = ch * h + cf * shape.mlp + ca * a + c0 + ((lora_dropout_width + 2) * h if lora_dropout_width else 0)
+        per_layer = s * b * values * 2 * act_bytes
     if gradient_checkpointing:
         activations = shape.n_layer * 2 * s * b * h * act_bytes + per_layer
     else:

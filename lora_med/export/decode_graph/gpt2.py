@@ -1,4 +1,4 @@
-"""The decode graph: a merged GPT-2 written directly as one ONNX graph built for token-by-token decoding.
+"""The decode graph of GPT-2 models (DialoGPT, the shipped gpt2-es-tiny).
 
 The graph is built from the merged model's weights with the ``onnx`` package, node by node, as
 onnxruntime-genai's model builder does, instead of tracing PyTorch: tracing gives thousands of small
@@ -28,7 +28,8 @@ Precisions: ``fp32`` (CPU; the CUDA provider has no fp32 GroupQueryAttention ker
 weights, matmuls, attention and GELU in fp16; the residual stream and LayerNorm in fp32, with a Cast at each
 boundary, because ORT's CUDA SkipLayerNormalization sums mean and variance in its input type; flash attention
 keeps its softmax in fp32), ``int8`` (CPU: the fp32 graph through
-:func:`lora_med.export.precision.quantize_int8`, the project's one int8 recipe).
+:func:`lora_med.export.precision.quantize_int8`, the project's one int8 recipe), ``int4`` (CPU:
+:func:`lora_med.export.precision.quantize_int4`; the head's int4 weight also serves the embedding rows).
 """
 
 from __future__ import annotations
@@ -39,53 +40,22 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine.graph_format import ENGINE_FILE, EXTERNAL_DATA_SUFFIX, GRAPH_FILE
-from ..errors import ConfigError, LoraMedError
-from ..fileio import sha256_file
-from ..models import load_model
-from .precision import quantize_int8, save_onnx
+from ...errors import ConfigError, LoraMedError
+from ...models import load_model, stop_ids
+from .common import IO, check_precision, io_values, model_opsets, write_graph, write_info
 
-FORMAT = "lora-med-decode-graph"
-FORMAT_VERSION = 1
-PRECISIONS = ("fp32", "fp16", "int8")
 # GPT-2 activations the graph can express: the tanh approximation (FastGelu) and the exact erf GELU (BiasGelu).
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 ERF_GELU = ("gelu",)
 
-IO = {
-    "input_ids": "input_ids",  # int64 [batch, seq]
-    "position_ids": "position_ids",  # int64 [batch, seq]
-    "seqlens_k": "seqlens_k",  # int32 [batch]: total length after this step - 1, per row
-    "total_sequence_length": "total_sequence_length",  # int32 scalar: batch max of seqlens_k + 1
-    "last_index": "last_index",  # int64 [batch, 1]: position in seq of each row's last real token
-    "past_key": "past_key_values.{}.key",  # T [batch, heads, capacity, head_dim]
-    "past_value": "past_key_values.{}.value",
-    "logits": "logits",  # float32 [batch, vocab]
-    "present_key": "present.{}.key",  # same buffer as past_key
-    "present_value": "present.{}.value",
-}
 
-
-def build_decode_graph(model_dir, out_dir, *, precision: str = "fp32", capacity: int | None = None) -> dict:
-    """Write ``out_dir/model.onnx`` (+ ``model.onnx.data`` when over ~1.8 GB) and ``out_dir/engine.json``.
-
-    Args:
-        model_dir: a merged Hugging Face GPT-2 folder (config.json + model.safetensors).
-        out_dir: where the graph goes (created).
-        precision: ``fp32`` (CPU), ``fp16`` (CUDA) or ``int8`` (CPU, dynamic int8 of the fp32 graph).
-        capacity: tokens per row the KV cache holds (prompt + reply); default and maximum: the model's
-            ``n_positions``.
-
-    Returns:
-        The info dict also written to engine.json (shape, capacity, io names, precision, recipe, files).
+def build(model_dir, out_dir, *, precision: str = "fp32", capacity: int | None = None) -> dict:
+    """Write the GPT-2 decode graph of ``model_dir`` into ``out_dir`` (see ``decode_graph.build_decode_graph``).
 
     Raises:
         LoraMedError: not a GPT-2 model, an activation the graph cannot express, a bad precision or capacity.
     """
-    if precision not in PRECISIONS:
-        raise ConfigError(
-            f"precision={precision!r}: use one of {', '.join(PRECISIONS)} (fp32 and int8 for the CPU, fp16 for CUDA)"
-        )
+    check_precision(precision)
     t0 = time.perf_counter()
     model_dir, out = Path(model_dir), Path(out_dir)
     cfg, weights = _gpt2_weights(model_dir)
@@ -96,52 +66,29 @@ def build_decode_graph(model_dir, out_dir, *, precision: str = "fp32", capacity:
             f"({cfg['n_positions']}; GPT-2 has no positions beyond it)"
         )
     out.mkdir(parents=True, exist_ok=True)
-    graph_dtype = "fp16" if precision == "fp16" else "fp32"
-    model = _graph(cfg, weights, cap, graph_dtype)
+    model = _graph(cfg, weights, cap, "fp16" if precision == "fp16" else "fp32")
     del weights
     recipe: dict = {
-        "builder": "lora_med.export.decode_graph",
+        "builder": "lora_med.export.decode_graph.gpt2",
         "attention": "com.microsoft.GroupQueryAttention (shared past/present buffer, right-padded rows)",
         "layernorm": "com.microsoft.SkipLayerNormalization",
         "gelu": "com.microsoft.FastGelu" if cfg["activation"] in TANH_GELU else "com.microsoft.BiasGelu",
         "lm_head": "MatMul by the tied embedding transposed (folded at load), last position per row only",
     }
-    if precision == "int8":
-        fp32_path = out / "model.fp32.onnx"
-        save_onnx(model, fp32_path)
-        del model
-        recipe["quantization"] = quantize_int8(fp32_path, out / GRAPH_FILE)
-        for f in (fp32_path, Path(str(fp32_path) + EXTERNAL_DATA_SUFFIX)):
-            f.unlink(missing_ok=True)
-    else:
-        save_onnx(model, out / GRAPH_FILE)
-        del model
-    info = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
+    write_graph(model, out, precision, recipe)
+    del model
+    shape = {
         "model_type": "gpt2",
-        "precision": precision,
-        "kv_dtype": "float16" if graph_dtype == "fp16" else "float32",
-        "devices": ["cuda"] if precision == "fp16" else ["cpu"],
         "capacity": cap,
         "n_layer": cfg["n_layer"],
         "n_head": cfg["n_head"],
+        "n_kv_head": cfg["n_head"],
         "head_dim": cfg["head_dim"],
         "hidden_size": cfg["n_embd"],
         "vocab_size": cfg["vocab_size"],
-        "eos_token_id": cfg["eos_token_id"],
-        "io": IO,
-        "recipe": recipe,
-        "source": str(model_dir.resolve()),
-        "files": {
-            f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-            for f in graph_files(out)
-            if f.name != ENGINE_FILE
-        },
-        "build_s": round(time.perf_counter() - t0, 2),
+        "eos_token_ids": cfg["eos_token_ids"],
     }
-    (out / ENGINE_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-    return info
+    return write_info(out, model_dir=model_dir, precision=precision, shape=shape, recipe=recipe, t0=t0)
 
 
 # --------------------------------------------------------------------------- weights
@@ -155,9 +102,7 @@ def _gpt2_weights(model_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
     raw = json.loads(cfg_file.read_text(encoding="utf-8"))
     if raw.get("model_type") != "gpt2":
         raise LoraMedError(
-            f"{model_dir}: model_type {raw.get('model_type')!r}; the decode graph is built for GPT-2 "
-            f"models (DialoGPT, the shipped gpt2-es-tiny) only. Use the PyTorch engine "
-            f"(lora_med.engine.load_engine on the folder) or the Optimum export for other models"
+            f"{model_dir}: model_type {raw.get('model_type')!r}; the decode graph is built for GPT-2 models here"
         )
     act = raw.get("activation_function", "gelu_new")
     if act not in TANH_GELU + ERF_GELU:
@@ -186,7 +131,7 @@ def _gpt2_weights(model_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
         "vocab_size": c.vocab_size,
         "n_positions": c.n_positions,
         "eps": float(c.layer_norm_epsilon),
-        "eos_token_id": int(c.eos_token_id if not isinstance(c.eos_token_id, list) else c.eos_token_id[0]),
+        "eos_token_ids": stop_ids(model),
         "activation": act,
         "scales": [float(scale / (i + 1) if c.scale_attn_by_inverse_layer_idx else scale) for i in range(c.n_layer)],
     }
@@ -338,27 +283,9 @@ def _graph(cfg: dict, w: dict[str, np.ndarray], capacity: int, dtype: str):
     if half:
         node("Cast", [logits_t], [IO["logits"]], "/lm_head/Cast", to=TensorProto.FLOAT)
 
-    kv_shape = ["batch", nh, capacity, hd]
-    inputs = [
-        helper.make_tensor_value_info(IO["input_ids"], TensorProto.INT64, ["batch", "seq"]),
-        helper.make_tensor_value_info(IO["position_ids"], TensorProto.INT64, ["batch", "seq"]),
-        helper.make_tensor_value_info(IO["seqlens_k"], TensorProto.INT32, ["batch"]),
-        helper.make_tensor_value_info(IO["total_sequence_length"], TensorProto.INT32, []),
-        helper.make_tensor_value_info(IO["last_index"], TensorProto.INT64, ["batch", 1]),
-    ]
-    outputs = [helper.make_tensor_value_info(IO["logits"], TensorProto.FLOAT, ["batch", V])]
-    for i in range(L):
-        for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(IO["past_" + kind].format(i), onnx_t, kv_shape))
-            outputs.append(helper.make_tensor_value_info(IO["present_" + kind].format(i), onnx_t, kv_shape))
+    inputs, outputs = io_values(L, ["batch", nh, capacity, hd], onnx_t, V)
     graph = helper.make_graph(nodes, "lora_med_gpt2_decode", inputs, outputs, inits)
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    opsets, ir_version = model_opsets()
     model = helper.make_model(graph, opset_imports=opsets, producer_name="lora-med")
-    model.ir_version = 9  # what onnxruntime >= 1.16 reads; newer IR adds nothing this graph uses
+    model.ir_version = ir_version
     return model
-
-
-def graph_files(out_dir) -> list[Path]:
-    """The files a decode-graph folder consists of (for manifests and copies)."""
-    out = Path(out_dir)
-    return [p for p in (out / GRAPH_FILE, out / (GRAPH_FILE + EXTERNAL_DATA_SUFFIX), out / ENGINE_FILE) if p.exists()]
