@@ -216,7 +216,8 @@ class RuleSet:
             problems.append(f"{where}: 'protected' must be a list of words")
         if problems:
             raise ConfigError(f"{where}: {len(problems)} problem(s) in the rules", problems)
-        return cls(built, frozenset(key(normalize(w)) for w in protected or ()))
+        kept = protected if isinstance(protected, list) else ()  # checked above: None or a list of words
+        return cls(built, frozenset(key(normalize(w)) for w in kept))
 
     def first(self, text: str) -> Rule | None:
         """The first rule that matches ``text``, or None."""
