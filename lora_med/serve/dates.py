@@ -198,6 +198,7 @@ def find_dates(text: str, today: date | None = None) -> list[DateMention]:
         if not free(m.start(), m.end()):
             continue
         wd = weekday_index(m.group(1))
+        assert wd is not None  # the pattern only matches weekday names
         plural = bool(m.group(2)) and m.group(1) not in ("lunes", "martes", "miercoles", "jueves")
         plural = plural or bool(re.search(r"\blos\s+$", f[max(0, m.start() - 5) : m.start()]))
         rng = re.match(rf"\s+(?:a|hasta|al)\s+({_WD})\b", f[m.end() :])
@@ -243,7 +244,8 @@ def _weekday_with_number(wd: int | None, day: int, today: date) -> date | None:
         if d is not None and d >= today:
             candidates.append(d)
     matching = [d for d in candidates if wd is None or d.weekday() == wd]
-    return (matching or candidates or [None])[0]
+    found = matching or candidates
+    return found[0] if found else None
 
 
 def _make(year: int | None, month: int, day: int) -> date | None:
