@@ -233,10 +233,17 @@ def _days(value: Any, where: str, problems: list[str]) -> frozenset[int]:
     if bad:
         problems.append(f"{where}: {', '.join(map(repr, bad))} is not a weekday; use {', '.join(WEEKDAYS)}")
         return frozenset()
+    days = [i for i in idx if i is not None]  # every one of them: the others were reported above
     if m:
-        a, b = idx
+        a, b = days
         return frozenset(range(a, b + 1)) if a <= b else frozenset()
-    return frozenset(idx)  # type: ignore[arg-type]
+    return frozenset(days)
+
+
+def _mapping(spec: dict, key: str) -> dict:
+    """``spec[key]`` when it is a mapping, else an empty one (the checks that follow report what is missing)."""
+    v = spec.get(key)
+    return v if isinstance(v, dict) else {}
 
 
 def _text(spec: dict, key: str, where: str, problems: list[str]) -> str:
@@ -269,7 +276,7 @@ def load_facts(path: str | Path) -> Facts:
     spec = read_yaml(path, "--facts")
     where = str(path)
     p: list[str] = []
-    clinic = spec.get("clinic") if isinstance(spec.get("clinic"), dict) else {}
+    clinic = _mapping(spec, "clinic")
     if not clinic:
         p.append(f"{where} clinic: give the clinic's name, short_name and timezone")
     name = _text(clinic, "name", f"{where} clinic", p) if clinic else ""
@@ -365,7 +372,7 @@ def load_facts(path: str | Path) -> Facts:
     if not specialties:
         p.append(f"{where} specialties: list the specialties with their doctors")
 
-    lab = spec.get("laboratory") if isinstance(spec.get("laboratory"), dict) else {}
+    lab = _mapping(spec, "laboratory")
     lab_days = _days(lab.get("days"), f"{where} laboratory.days", p)
     lab_hours = _interval(lab.get("hours"), f"{where} laboratory.hours", p) or (0, 0)
     for k in ("fasting", "results_hours", "delivery"):
@@ -374,8 +381,9 @@ def load_facts(path: str | Path) -> Facts:
     lex["lab"].add("lab", [lab.get("name") or "laboratorio", *_words(lab, f"{where} laboratory", p)])
     lex["culture"].add("culture", lab.get("cultures_words") or ["cultivo"])
 
-    ins = spec.get("insurance") if isinstance(spec.get("insurance"), dict) else {}
-    taken, not_taken = [], []
+    ins = _mapping(spec, "insurance")
+    taken: list[str] = []
+    not_taken: list[str] = []
     for group, out in (("taken", taken), ("not_taken", not_taken)):
         for i, x in enumerate(ins.get(group) or []):
             w = f"{where} insurance.{group}[{i}]"
@@ -390,10 +398,10 @@ def load_facts(path: str | Path) -> Facts:
         n = _text(x, "name", w, p)
         lex["not_offered"].add(n, [n, *_words(x, w, p)])
 
-    phones = spec.get("phones") if isinstance(spec.get("phones"), dict) else {}
+    phones = _mapping(spec, "phones")
     if not phones:
         p.append(f"{where} phones: give the clinic's numbers (whatsapp, landline)")
-    emergency = spec.get("emergency") if isinstance(spec.get("emergency"), dict) else {}
+    emergency = _mapping(spec, "emergency")
     if not str(emergency.get("number") or "").strip():
         p.append(f"{where} emergency.number: give the ambulance number (118 in Bolivia)")
     for k in ("street", "city"):
