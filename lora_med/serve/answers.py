@@ -59,7 +59,9 @@ class Answers:
         spec = read_yaml(path, "--replies")
         problems = []
         for section, keys in NEEDED.items():
-            got = spec.get(section) if isinstance(spec.get(section), dict) else {}
+            got = spec.get(section)
+            if not isinstance(got, dict):
+                got = {}
             for k in keys.split():
                 if not isinstance(got.get(k), str) or not got[k].strip():
                     problems.append(f"{path} {section}.{k}: missing; give the reply's template as text")
