@@ -122,6 +122,7 @@ class BearerAuth:
             if why == "missing"
             else "wrong API key: the key sent is not one of the server's keys"
         )
+        body: dict[str, object]
         if scope["path"].startswith("/v1/"):  # the OpenAI clients read error.message / error.code
             body = {
                 "error": {"message": message, "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}
