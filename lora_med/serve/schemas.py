@@ -6,12 +6,12 @@ request model is built per app, with that app's message limit.)
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
-from .intents import ACTIONS
+from .intents import Action
 
 USER_ID_PATTERN = r"^\+?[1-9][0-9]{6,14}$"  # a phone number, E.164 digits with or without '+'
-SEED_EXAMPLE = {"user_id": "+59170123456", "message": "Hola, necesito una cita"}
+SEED_EXAMPLE: dict[str, JsonValue] = {"user_id": "+59170123456", "message": "Hola, necesito una cita"}
 
 
 class Params(BaseModel):
@@ -28,7 +28,7 @@ class ChatResponse(BaseModel):
     response: str = Field(description="The assistant's reply.")
     user_id: str
     conversation_id: str = Field(description="conv_<user_id>_<id>, stable within a conversation.")
-    action: Literal[ACTIONS] = Field(description="What the message asks for (intent layer, or the triage's emergency).")
+    action: Action = Field(description="What the message asks for (intent layer, or the triage's emergency).")
     params: Params
 
 
