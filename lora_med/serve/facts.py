@@ -110,8 +110,8 @@ class Facts:
         start, end = max(clinic[0], doc.hours[0]), min(clinic[1], doc.hours[1])
         return (start, end) if start < end else None
 
-    def bookable(self, doc: Doctor, d: date, minutes: int) -> bool:
-        """An appointment with ``doc`` may start on ``d`` at ``minutes``."""
+    def bookable(self, doc: Doctor, d: date | int, minutes: int) -> bool:
+        """An appointment with ``doc`` may start on ``d`` (a day or a weekday) at ``minutes``."""
         h = self.doctor_hours(doc, d)
         return h is not None and h[0] <= minutes <= h[1] - self.appointment_minutes
 
