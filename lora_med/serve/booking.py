@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from datetime import date as Date  # inside Booking, whose field ``date`` hides the type
 
 from .dates import clock, find_dates, find_times, fold, part_of_day
 from .facts import Doctor, Facts
@@ -131,17 +132,17 @@ class Booking:
     specialty: str | None = None
     doctor: str | None = None  # the doctor's name as in the facts
     any_doctor: bool = False  # "el primero disponible"
-    date: date | None = None
+    date: Date | None = None
     time: int | None = None  # minutes after midnight
     part: str | None = None  # mañana | tarde, when asked for
     patient_name: str | None = None
     phone: str | None = None
     ci: str | None = None
-    birth_date: date | None = None
+    birth_date: Date | None = None
     problem: Problem | None = None  # from the latest message
     near: int | None = None  # the hour asked for last (slots are offered close to it)
-    asked_day: date | None = None  # the day asked for last, even when it could not be taken
-    offered: list[tuple[date, int, str | None]] = field(default_factory=list)  # slots in the reply before
+    asked_day: Date | None = None  # the day asked for last, even when it could not be taken
+    offered: list[tuple[Date, int, str | None]] = field(default_factory=list)  # slots in the reply before
 
     def params(self) -> dict:
         """The booking's fields for the response's ``params`` (null where not given yet)."""
@@ -204,6 +205,7 @@ def _read(facts: Facts, b: Booking, message: str, before: str | None, now: datet
         b.specialty, b.doctor, b.any_doctor = specs[-1], None, False
     if docs:
         doc = facts.doctor(docs[-1])
+        assert doc is not None  # find_doctors' ids without "?" are the names of the facts' doctors
         b.doctor, b.specialty = doc.name, doc.specialty
     if b.specialty and len(facts.specialties[b.specialty].doctors) == 1:
         b.doctor = facts.specialties[b.specialty].doctors[0].name
@@ -322,10 +324,10 @@ def _contact(b: Booking, message: str, f: str, step: str, today: date) -> None:
     for m in _PHONE.finditer(message):
         if not re.search(r"(?:ci|carnet|cedula)\W{0,12}$", f[: m.start()]):
             b.phone = "+591" + re.sub(r"\D", "", m.group(1))
-    m = _CI.search(f)
-    if m:
-        number, dept = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
-        if not (len(number) == 8 and number[0] in "67" and not dept and not m.group(1)):
+    ci = _CI.search(f)
+    if ci:
+        number, dept = (ci.group(1), ci.group(2)) if ci.group(1) else (ci.group(3), ci.group(4))
+        if not (len(number) == 8 and number[0] in "67" and not dept and not ci.group(1)):
             b.ci = f"{number} {dept.upper()}" if dept else number
     for d in find_dates(message, today):
         if d.year_given and d.day and d.day.year < today.year:
