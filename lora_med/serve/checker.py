@@ -182,6 +182,7 @@ class Checker:
                 out.append(Finding("doctor", f"{h.id[1:]}: no such doctor at the clinic"))
                 continue
             doc = facts.doctor(h.id)
+            assert doc is not None  # find_doctors' ids without "?" are the names of the facts' doctors
             beside = {s.id for s in specs if toks[s.first].sentence == toks[h.first].sentence}
             if beside and doc.specialty not in beside:
                 out.append(Finding("doctor", f"{doc.name} is not of {', '.join(sorted(beside))}"))
@@ -208,7 +209,9 @@ class Checker:
             after = [h for h in docs if at < h.first <= at + 5]
             before = [h for h in docs if h.first <= at]
             chosen = after[0] if after else before[-1] if before else docs[0]
-            return [facts.doctor(chosen.id)], "doctor"
+            doc = facts.doctor(chosen.id)
+            assert doc is not None  # find_doctors' ids without "?" are the names of the facts' doctors
+            return [doc], "doctor"
         words = " ".join(t.norm for t in toks if t.sentence == sentence)
         if _LAB_WORDS.search(words) and not re.search(r"\b(?:cita|consulta|turno)\b", words):
             return None, "lab"
@@ -254,7 +257,7 @@ class Checker:
                 continue
             who, what = self._subjects(toks, i, ctx)
             day = self._day_for(dates, t.start, reply, ctx)
-            if is_range:
+            if nxt is not None and is_range:
                 if not self._known_range((t.minutes, nxt.minutes), who, what):
                     out.append(
                         Finding(
