@@ -188,6 +188,7 @@ class Answers:
             when = _when(day)
             if works:
                 hours = facts.doctor_hours(works[0], day.day or day.weekday)
+                assert hours is not None  # works: the doctors with hours on that day
                 return self._say(
                     "info", "doctor_day_yes", doctor=_the(works[0]), day=when, hours=describe_interval(hours)
                 )
@@ -283,8 +284,9 @@ class Answers:
 
     def _week_text(self) -> str:
         week = {self.facts.hours.get(d) for d in range(5)}
-        if len(week) == 1 and None not in week:
-            return describe_interval(next(iter(week)))
+        only = next(iter(week))
+        if len(week) == 1 and only is not None:
+            return describe_interval(only)
         return "; ".join(
             f"el {WEEKDAYS[d]} {describe_interval(h)}" for d, h in sorted(self.facts.hours.items()) if d < 5
         )
@@ -332,14 +334,15 @@ class Answers:
         if step == "specialty":
             return self._say("booking", "ask_specialty")
         if step == "doctor":
+            assert b.specialty is not None  # step() asks for the specialty until there is one
             spec = facts.specialties[b.specialty]
             doctors = _join([f"{_the(d)} ({d.shift or describe_doctor_hours(facts, d)})" for d in spec.doctors])
             return self._say("booking", "ask_doctor", specialty=spec.name, doctors=doctors)
         summary = self.summary(b)
         if step == "contact":
-            if not b.patient_name and not b.phone:
-                return self._say("booking", "ask_contact", summary=summary)
             if not b.phone:
+                if not b.patient_name:
+                    return self._say("booking", "ask_contact", summary=summary)
                 return self._say("booking", "ask_phone", first_name=b.patient_name.split()[0])
             return self._say("booking", "ask_name")
         if status == "confirmed":
@@ -347,6 +350,8 @@ class Answers:
         return self._say("booking", "confirm", summary=summary, name=b.patient_name, phone=_phone(b.phone))
 
     def summary(self, b: Booking) -> str:
+        # past the "slot" step (the only caller): the specialty, day and hour are chosen
+        assert b.specialty is not None and b.date is not None and b.time is not None
         doc = self.facts.doctor(b.doctor) if b.doctor else None
         spec = self.facts.specialties[b.specialty].name
         return (
@@ -390,8 +395,9 @@ class Answers:
                     h = facts.open_hours(p.day) if p.day else None
                     who, hours = (
                         "la clínica",
-                        (f"el {spoken_date(p.day)} " + describe_interval(h)) if h else self._week_text(),
+                        (f"el {spoken_date(p.day)} " + describe_interval(h)) if h and p.day else self._week_text(),
                     )
+                assert p.minutes is not None  # a "time" problem always carries the hour asked for
                 lead = self._say("booking", "problem_time", time=clock(p.minutes), who=who, hours=hours)
         elif len(docs) == 1 and b.date is None:
             lead = self._say(
