@@ -384,11 +384,10 @@ class Answers:
                     specialty=facts.specialties[b.specialty].name if b.specialty else "",
                 )
             elif p.kind == "time":
-                if doc and p.day:
-                    who, hours = (
-                        _the(doc),
-                        f"el {spoken_date(p.day)} " + describe_interval(facts.doctor_hours(doc, p.day)),
-                    )
+                # the day's hours; none when the hour was asked of a doctor who does not work that day
+                day_hours = facts.doctor_hours(doc, p.day) if doc and p.day else None
+                if doc and p.day and day_hours:
+                    who, hours = _the(doc), f"el {spoken_date(p.day)} " + describe_interval(day_hours)
                 elif doc:
                     who, hours = _the(doc), describe_doctor_hours(facts, doc)
                 else:
