@@ -116,7 +116,8 @@ def _exchanges(history: list[Turn], message: str) -> list[tuple[str, str | None]
     for i, t in enumerate(history):
         if t.role == "assistant" and (t.action == "emergency" or t.status == "confirmed"):
             start = i + 1
-    out, before = [], None
+    out: list[tuple[str, str | None]] = []
+    before: str | None = None
     for t in history[start:]:
         if t.role == "user":
             out.append((t.content, before))
