@@ -85,6 +85,7 @@ class Triage:
             problems.append(f"{where}: 'advice' must name the advice file")
         if problems:
             raise ConfigError(f"{where}: invalid triage file", problems)
+        assert isinstance(learned, dict)  # checked above: a mapping naming the model file
         self.texts = texts
         self.flow_replies = {a: " ".join(v.split()) for a, v in flows.items()}
         self.must_not_say = RuleSet.from_spec(spec.get("model_must_not_say"), {}, f"{where} model_must_not_say")
