@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from typing import Any
 
 from ..errors import ConfigError
 from .store import Opened, StoreUnavailable, Turn
@@ -150,7 +151,7 @@ class PostgresStore:
                 "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, "
                 "applied DOUBLE PRECISION NOT NULL)"
             )
-            version = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+            version = _scalar(conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version"))
             if version > SCHEMA_VERSION:
                 raise ConfigError(
                     f"the PostgreSQL database was written by a newer lora-med (schema {version}, "
@@ -206,17 +207,20 @@ class PostgresStore:
                 )
                 history: list[Turn] = []
             else:
+                assert row is not None  # not new: the user's open conversation
                 conv = row[0]
                 history = self._history(conn, conv)
                 # GREATEST: a replica whose clock is behind never moves last_active back
                 conn.execute(
                     "UPDATE conversations SET last_active = GREATEST(last_active, %s) WHERE id = %s", (now, conv)
                 )
-            turn_id = conn.execute(
-                "INSERT INTO turns (conversation_id, role, content, ts, request_id) "
-                "VALUES (%s, 'user', %s, %s, %s) RETURNING id",
-                (conv, message, now, request_id),
-            ).fetchone()[0]
+            turn_id = _scalar(
+                conn.execute(
+                    "INSERT INTO turns (conversation_id, role, content, ts, request_id) "
+                    "VALUES (%s, 'user', %s, %s, %s) RETURNING id",
+                    (conv, message, now, request_id),
+                )
+            )
             return Opened(conv, new, history, int(turn_id))
 
     def _answer(
@@ -252,7 +256,7 @@ class PostgresStore:
         try:
             with self._pool.connection(timeout=timeout) as conn, conn.transaction():
                 conn.execute(f"SET LOCAL statement_timeout = {int(timeout * 1000)}")
-                version = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+                version = _scalar(conn.execute("SELECT MAX(version) FROM schema_version"))
             ok, error = version == SCHEMA_VERSION, None if version == SCHEMA_VERSION else f"schema {version}"
         except (PoolTimeout, psycopg.Error) as e:
             ok, version, error = False, None, f"{type(e).__name__}: {str(e).strip()[:200]}"
@@ -272,6 +276,13 @@ class PostgresStore:
         self._pool.close()
 
 
+def _scalar(cur: psycopg.Cursor[Any]) -> Any:
+    """The one value of a query that always returns one row (an aggregate, an INSERT ... RETURNING)."""
+    row = cur.fetchone()
+    assert row is not None  # such a query always has its row
+    return row[0]
+
+
 def _configure(conn: psycopg.Connection) -> None:
     """READ COMMITTED whatever the database's default: begin relies on each statement's fresh snapshot after the
     user's row lock (under REPEATABLE READ/SERIALIZABLE a second writer for the user would fail instead)."""
@@ -285,4 +296,4 @@ def _safe(dsn: str) -> str:
     except psycopg.ProgrammingError:
         return "(unparsable DSN)"
     params.pop("password", None)
-    return psycopg.conninfo.make_conninfo(**params)
+    return psycopg.conninfo.make_conninfo("", **params)
