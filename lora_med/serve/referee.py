@@ -22,7 +22,7 @@ from .booking import Booking, read_booking
 from .checker import Checker, Context, Finding, known_words
 from .dates import find_dates, find_times, fold, now_in
 from .facts import Facts, load_facts
-from .intents import FLOWS, Decision
+from .intents import FLOWS, Action, Decision
 from .lexicon import tokens
 from .store import Turn
 
@@ -41,7 +41,7 @@ class View:
     """The facts' side of one turn: the plan's action and status, the booking, and the reply if the facts
     decided it (``why``: info | unavailable | summary), else what the model's reply is checked against."""
 
-    action: str
+    action: Action
     status: str
     booking: Booking | None
     context: Context
