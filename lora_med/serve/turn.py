@@ -108,6 +108,7 @@ class Dialog:
             self.metrics.guard_hits.inc(rule or "unclear")
             return Plan("emergency", EMERGENCY_STATUS, reply=verdict.reply, source="guard", rule=rule, extra=extra)
         if verdict.released and decision.action not in FLOWS:  # "ya nos atendieron": acknowledged
+            assert verdict.reply is not None  # a released verdict carries the attended reply
             reply = _with(verdict.reply, verdict.note)
             return Plan(decision.action, decision.status, reply=reply, source="guard", extra=extra)
         view = self.referee.plan(message, history, decision) if self.referee is not None else None
