@@ -378,7 +378,7 @@ class _OrtBackend:
         """Move row ``src``'s cache (its tokens so far) and length to the free row ``dst`` (CPU: the arena's
         arrays; a row holds 2 x layers x kv_heads x head_dim values per token, 24.6 KB at Qwen2.5-0.5B's shape)."""
         n = int(self.lens[src])
-        for a in self.slot.kv_host:
+        for a in self._opened().kv_host:
             a[dst, :, :n] = a[src, :, :n]
         self.lens[dst] = n
 
