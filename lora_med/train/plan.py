@@ -324,7 +324,7 @@ def _cuda_llama_layer_bytes(
     h, f, a, kv = shape.hidden, shape.mlp, shape.heads, shape.kv_dim
     attn = 2 * h + 4 * kv + 2 * h + 4 * a
     if method == "full":
-        layer = 8 * h + 8 * h + 6 * h + 4 * h + 2 * f + 6 * f + attn
+        layer: float = 8 * h + 8 * h + 6 * h + 4 * h + 2 * f + 6 * f + attn
     else:
         layer = 4 * h + 4 * h + (12 if method == "qlora" else 6) * f + attn
         layer += (3 if lora_dropout else 2) * lora_width * h
