@@ -170,9 +170,9 @@ def _genai_graphs(cfg: BenchConfig, inp: Inputs, found: Found, scratch: Path, de
     python = genai.builder_python(cfg.genai_python)
     if why := genai.missing(python):
         return [], skipped + [{"backend": b, "reason": why} for b in wanted]
-    graphs = []
+    graphs: list[dict] = []
     for model_dir, label, path in sources:
-        model_type = models.load_config(str(model_dir)).model_type
+        model_type = models.load_model_config(str(model_dir)).model_type
         for b in wanted:
             if model_type == "gpt2":
                 skipped.append({"backend": b, "reason": "onnxruntime-genai's model builder writes no GPT-2 graph"})
