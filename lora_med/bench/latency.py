@@ -268,7 +268,7 @@ def available_backends(
                 "cuda" if "cuda" in g["backend"] else "cpu",
                 g["backend"].rsplit("-", 1)[1],
                 g["label"],
-                lambda g=g: genai.load(Path(g["dir"])),
+                functools.partial(genai.load, Path(g["dir"])),
                 kind="genai",
                 weight_bytes=_graph_bytes(g["dir"]),
                 pad_token_id=g.get("pad_token_id"),
