@@ -12,6 +12,7 @@ Every reply is exactly its length (EOS cannot end one early: random weights have
 from __future__ import annotations
 
 import statistics
+from typing import Any
 
 from ..engine import Engine, GenerationSettings
 from . import genai
@@ -54,7 +55,12 @@ def measure(kind: str, model, timer, prompts: list[list[int]], n: int, new_token
         fn()  # warm-up: buffers for this batch size
         return statistics.median(timer(fn) for _ in range(repeats))
 
-    out = {"prompts": n, "prompt_tokens": [len(p) for p in batch], "reply_tokens": lengths, "useful_tokens": useful}
+    out: dict[str, Any] = {
+        "prompts": n,
+        "prompt_tokens": [len(p) for p in batch],
+        "reply_tokens": lengths,
+        "useful_tokens": useful,
+    }
     if kind == "engine":
         t = med(lambda: _engine_run(model, batch, lengths))
         out["modes"] = {"continuous batching": {"s": t, "tokens_per_s": useful / t}}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,7 +25,7 @@ from .latency import SPEED_ONLY
 
 # Model shapes for --shape: public configs built locally with random weights (speed only); the model type is
 # SHAPE_TYPES' (GPT-2 where not named).
-SHAPES = {
+SHAPES: dict[str, dict[str, Any]] = {
     # microsoft/DialoGPT-medium's public config: 354,823,168 parameters, tied lm_head.
     "dialogpt-medium": dict(
         n_layer=24, n_embd=1024, n_head=16, n_positions=1024, vocab_size=50257, bos_token_id=50256, eos_token_id=50256
