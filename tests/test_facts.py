@@ -181,6 +181,18 @@ def test_a_slot_offered_in_the_reply_before_is_taken_by_its_place(facts):
     assert (b.date, b.time) == (date(2026, 12, 10), 9 * 60)
 
 
+def test_an_hour_asked_of_a_doctor_who_does_not_work_the_booked_day_gives_the_doctor_s_week(referee):
+    # the day (Monday, Dra. Méndez's) stays booked; Dr. Salinas works on Tuesdays and Thursdays only
+    b = _booking(
+        referee.facts,
+        "quiero una cita con la Dra. Sofía Méndez el lunes a las 10",
+        "mejor con el Dr. Jorge Salinas a las 10",
+    )
+    assert b.problem is not None and b.problem.kind == "time" and b.problem.day == date(2026, 12, 7)
+    reply = referee.answers.booking(b, "collecting_info", NOW)
+    assert "A las 10:00 no es posible" in reply and "martes y jueves" in reply, reply
+
+
 # --------------------------------------------------------------------------- info answers and flow replies
 
 
