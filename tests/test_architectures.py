@@ -110,10 +110,13 @@ def test_gpt2_int4_export(trained, tmp_path):
 @pytest.mark.slow
 def test_the_servers_reply_equals_pytorch_greedy(family_exports, tmp_path):
     """A real uvicorn per family, serving the export's decode graph with a system prompt from its settings: the
-    reply is transformers' greedy reply to the same conversation rendered by the merged model's template."""
+    reply is transformers' greedy reply to the same conversation rendered by the merged model's template.
+
+    The message is one the model answers (a greeting: no facts reply, no flow), and the fact checker is off: a
+    tiny random model's words would be replaced by the flow's reply, which is not what is compared here."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    system, message = "Eres el asistente de la clínica.", "¿Cuál es el horario?"
+    system, message = "Eres el asistente de la clínica.", "Hola"
     servers = {
         k: Server(
             r.output,
@@ -122,6 +125,7 @@ def test_the_servers_reply_equals_pytorch_greedy(family_exports, tmp_path):
             system_prompt=system,
             no_repeat_ngram_size=0,
             max_new_tokens=16,
+            check_replies=False,
         )
         for k, r in family_exports.items()
     }
