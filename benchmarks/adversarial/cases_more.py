@@ -165,6 +165,9 @@ KILLED_AT_EPOCH = Bg(
 OTHER = {"user": "¿Atienden los domingos?", "assistant": "No, de lunes a sábado."}
 
 
+KEY = "adversarial-key-0123456789abcdef\n"  # one API key, as --api-key-file reads it
+
+
 def serve_flag(name: str, flags: list[str], says: tuple[str, ...]) -> Case:
     return serve(name, ["{exp}", "--port", "0", "--db", "chat.db", *flags], says)
 
@@ -262,15 +265,27 @@ MORE: list[Case] = [
         ["{base}", "--port", "0", "--db", "chat.db", "--max-batch", "10000000"],
         ("--max-batch 10000000", "KV cache", "GiB"),
     ),
-    serve_flag("--host 999.1.1.1", ["--host", "999.1.1.1"], ("--host 999.1.1.1", "resolve")),
-    serve_flag("--host not on this machine", ["--host", "10.254.254.1"], ("--host 10.254.254.1", "not an address")),
+    # With a key, so the address itself is what is refused (without one, an open bind is refused first).
+    serve(
+        "--host 999.1.1.1",
+        ["{exp}", "--port", "0", "--db", "chat.db", "--api-key-file", "keys.txt", "--host", "999.1.1.1"],
+        ("--host 999.1.1.1", "resolve"),
+        (write("keys.txt", KEY),),
+    ),
+    serve(
+        "--host not on this machine",
+        ["{exp}", "--port", "0", "--db", "chat.db", "--api-key-file", "keys.txt", "--host", "10.254.254.1"],
+        ("--host 10.254.254.1", "not an address"),
+        (write("keys.txt", KEY),),
+    ),
+    serve_flag("--host without a key", ["--host", "10.254.254.1"], ("--host 10.254.254.1", "API key")),
     serve_flag("--host with a space", ["--host", "exa mple"], ("--host exa mple",)),
     serve_flag("--port -1", ["--port", "-1"], ("--port -1",)),
     serve_flag("--max-new-tokens beyond the window", ["--max-new-tokens", "100000"], ("--max-new-tokens 100000",)),
     serve_flag("--top-p 0", ["--top-p", "0"], ("--top-p 0",)),
     serve_flag("--top-p 1.5", ["--top-p", "1.5"], ("--top-p 1.5",)),
     serve_flag("--temperature nan", ["--temperature", "nan"], ("--temperature nan", "finite")),
-    serve_flag("--queue-size 0", ["--queue-size", "0"], ("--queue-size 0",)),
+    serve_flag("--queue-size 0 (a setting that is gone)", ["--queue-size", "0"], ("--queue-size",)),
     serve_flag("--request-timeout-s 0", ["--request-timeout-s", "0"], ("--request-timeout-s 0",)),
     serve_flag("--batch-wait-ms 5000", ["--batch-wait-ms", "5000"], ("--batch-wait-ms 5000",)),
     serve_flag("--idle-minutes 0", ["--idle-minutes", "0"], ("--idle-minutes 0",)),
