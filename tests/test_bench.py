@@ -149,6 +149,7 @@ def test_gate_passes_when_met(report):
     assert {c["gate"] for c in gate["checks"]} == {"latency", "ppl-ratio", "ppl-gain"}
 
 
+@pytest.mark.slow
 def test_gate_fails_when_out_of_reach_and_says_by_how_much(runs, tmp_path):
     with pytest.raises(GateError) as e:
         bench(

@@ -91,6 +91,7 @@ def test_serve_load_runs_bounded_levels_against_a_live_server_and_checks_the_sto
     assert "only targets 127.0.0.1" in bad.stderr
 
 
+@pytest.mark.slow
 def test_serve_load_openai_streaming_and_a_burst(tiny_base, tmp_path):
     """The OpenAI-streaming workload (time to first token) and a burst: every request accepted is answered,
     no emergency refused; the report says so."""

@@ -303,11 +303,13 @@ def test_a_rejected_model_reply_is_replaced_by_the_flow_s_reply_from_the_facts(r
 # --------------------------------------------------------------------------- training data held to the facts
 
 
+@pytest.mark.slow
 def test_the_shipped_data_agrees_with_the_facts(facts):
     for name in ("medical_conversations.json", "medical_conversations_eval.json"):
         assert audit(REPO / "data" / name, facts) == []
 
 
+@pytest.mark.slow
 def test_data_check_names_each_turn_that_contradicts_the_facts(tmp_path):
     rows = json.loads((REPO / "data/medical_conversations.json").read_text(encoding="utf-8"))[:40]
     rows[3] = {"user": "¿Cuánto cuesta la consulta general?", "assistant": "La consulta general cuesta Bs 200."}

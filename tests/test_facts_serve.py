@@ -47,6 +47,7 @@ def other(clinics):
     return clinics["other"]
 
 
+@pytest.mark.slow
 def test_the_same_export_answers_with_each_clinic_s_facts(clinics):
     question = "¿cuánto cuesta la consulta general?"
     assert "Bs 150" in clinics["shipped"].chat("+59177001111", question).json()["response"]
@@ -101,6 +102,7 @@ def test_params_carry_the_booking_and_who_wrote_the_reply_and_metrics_count_repl
     }
 
 
+@pytest.mark.slow
 def test_a_broken_facts_file_stops_serve_before_anything_starts(tiny_base, tmp_path):
     """Checked at start: the problem named by its key and the fix, exit 2, no traceback, no database made."""
     bad = tmp_path / "clinic.yaml"

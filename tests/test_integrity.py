@@ -290,6 +290,7 @@ def test_the_cache_check_names_the_largest_batch_that_fits(exported):
             check_cache_memory(engine, cfg, free=int(32 * row / 0.9) - 10)
 
 
+@pytest.mark.slow
 def test_an_engine_that_keeps_failing_with_nothing_in_flight_is_given_up(exported, tmp_path):
     """The real engine, closed before the server starts: every attempt to open its stream fails. The server stops
     trying after a few attempts, says so once, reports not ready (503), and still answers emergencies."""

@@ -135,6 +135,7 @@ def test_unreachable_server_is_a_config_error_without_the_password():
     assert "secret" not in str(e.value) and time.monotonic() - t0 < 10
 
 
+@pytest.mark.slow
 def test_health_fails_fast_while_the_server_is_down_and_recovers():
     # not tmp_path: pytest makes it 0700, which the server's user (nobody, when root) cannot enter
     server = start_pg()

@@ -297,6 +297,7 @@ def build_alarmist_model(tiny_base: Path, out: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_the_triage_decides_never_the_model(tiny_base, tmp_path):
     """A model that answers every message with 118: on messages the triage did not mark its reply is replaced by
     the flow's own (plus the caution line where the tier says so) and counted; an emergency carries over a
