@@ -931,6 +931,8 @@ def test_mask():
     assert mask("CI 6543210 SC") == "CI *****10 SC"
     assert mask("+591 7012-3456") == "+*** ****-**56"
     assert mask("127.0.0.1 port 8000") == "127.0.0.1 port 8000"
+    assert mask("ci6543210") == "ci*****10"
+    assert mask("triage.yaml@350909e685ce sha 0a1234567b") == "triage.yaml@350909e685ce sha 0a1234567b"
 
 
 class BrokenBackend:

@@ -13,8 +13,9 @@ import re
 import time
 
 LOGGER = "lora_med.serve"
-# 6+ digits, maybe split by spaces or dashes (+591 7012-3456); dots and slashes are left alone (IPs, dates)
-_NUMBER = re.compile(r"\+?\d(?:[ -]?\d){5,}")
+# 6+ digits, maybe split by spaces or dashes (+591 7012-3456); dots and slashes are left alone (IPs, dates), and
+# so are digits inside a hex token (the triage's "triage.yaml@350909e685ce", a SHA-256), which are no person's
+_NUMBER = re.compile(r"(?<![0-9a-fA-F])\+?\d(?:[ -]?\d){5,}(?![0-9A-Za-z])")
 
 
 def mask(text: str) -> str:
