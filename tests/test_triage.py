@@ -428,6 +428,51 @@ def test_being_brought_to_a_hospital_or_treated_there_ends_the_carried_emergency
         assert plan.action == "emergency" and plan.extra["triage_carried"], message
 
 
+def test_signs_told_while_in_care_release_and_a_plan_to_come_here_does_not(dialog):
+    """A carried emergency is released by a message that says they are in care even when it names signs (the
+    same emergency being treated); being driven to a hospital by someone else counts; bringing the patient to
+    this clinic (no emergency room) does not."""
+    history = _after([("me duele muchisimo la barriga abajo a la derecha y tengo fiebre", "emergency")])
+    for message in (
+        "ya estoy internado, dicen que es apendicitis y me van a operar",
+        "ya nos llevo el vecino en su auto al hospital de niños, ya le pusieron oxigeno",
+    ):
+        plan = dialog.decide(message, history)
+        assert plan.action != "emergency" and plan.extra["triage_released"], message
+    for message in ("tienen pediatra ahora? lo llevo a su clinica", "me duele mas, estoy en mi casa"):
+        plan = dialog.decide(message, history)
+        assert plan.action == "emergency", message
+    # without a carried emergency, signs beside a hospital word are still an emergency
+    assert dialog.decide("estoy en el hospital y me duele el pecho fuerte, sudo frio", []).action == "emergency"
+
+
+def test_a_child_named_with_a_possessive_is_not_the_writer_s_childhood(triage):
+    """ "de niño" / "cuando era chico" tell the writer's past; "de mi wawa" names the child it is about."""
+    burn = "se volco la olla de agua hirviendo encima de mi wawa de 1 año, tiene ampollas grandes en el pecho"
+    assert triage.assess(burn).tier == "emergency"
+    assert triage.assess("de niño me queme la mano, quiero ver la cicatriz con el dermatologo").tier == "caution"
+    # a sign told in the present after a rescue is now
+    drowning = "casi se ahoga en el rio, ya lo sacaron y respira rapidito y le sale espuma por la boca"
+    assert triage.assess(drowning).tier == "emergency"
+
+
+def test_a_farewell_inside_a_cancellation_is_an_emergency_and_a_trip_is_not(triage):
+    farewell = "queria cancelar mi cita del viernes porque ya no voy a estar, deje todo arreglado para mis hijos"
+    assert (triage.assess(farewell).tier, triage.assess(farewell).category) == ("emergency", "suicidal")
+    for ordinary in (
+        "cancelo mi cita del viernes porque ya no voy a estar en santa cruz, viajo a cochabamba, gracias",
+        "deje todo listo para la cirugia, que documentos llevo?",
+        "ya no voy a estar disponible el lunes, gracias, me cambia la cita?",
+    ):
+        assert triage.assess(ordinary).tier == "none", ordinary
+
+
+def test_denied_bleeding_and_nothing_wrong_are_not_signs(triage):
+    assert triage.assess("cuanto cuesta la eco obstetrica? tengo 8 semanas, sin sangrado ni nada").tier != "emergency"
+    assert triage.assess("estoy embarazada de 20 semanas y estoy sangrando mucho").tier == "emergency"
+    assert triage.assess("le sangra la herida a chorros y no para").tier == "emergency"
+
+
 def test_intent_is_kept_whatever_the_tier(dialog):
     plan = dialog.decide("quiero una cita con cardiologia, me duele mucho el pecho ahorita", [])
     assert plan.action == "emergency" and plan.extra == {

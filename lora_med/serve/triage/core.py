@@ -140,14 +140,17 @@ class Triage:
     def verdict(self, message: str, history: list[Turn], assessment: Assessment | None = None) -> Verdict:
         """The triage of ``message`` after ``history`` (this conversation's earlier answered turns)."""
         a = assessment or self.assess(message)
-        if a.tier == "emergency":
-            return Verdict("emergency", a.category, reply=self.emergency_reply(a.category))
         carried = self._carried(history)
+        # Signs told while saying they are being attended ("ya estoy internado, dicen que es apendicitis") are
+        # the same emergency in care: released. A new message with signs and no care stays an emergency.
+        if a.tier == "emergency" and not (carried is not None and a.findings.attended):
+            return Verdict("emergency", a.category, reply=self.emergency_reply(a.category))
         if carried is not None:
             if not a.findings.attended:
                 return Verdict("emergency", carried or None, reply=self.carry_reply(carried or None), carried=True)
-            note = self.advice.caution(a.category) if a.tier == "caution" else None
-            return Verdict(a.tier, a.category, reply=self.texts["attended_reply"], note=note, released=True)
+            tier = "caution" if a.tier == "emergency" else a.tier  # signs in care: the safety-net line
+            note = self.advice.caution(a.category) if tier == "caution" else None
+            return Verdict(tier, a.category, reply=self.texts["attended_reply"], note=note, released=True)
         note = self.advice.caution(a.category) if a.tier == "caution" else None
         return Verdict(a.tier, a.category, note=note)
 
