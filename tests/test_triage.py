@@ -467,6 +467,49 @@ def test_a_farewell_inside_a_cancellation_is_an_emergency_and_a_trip_is_not(tria
         assert triage.assess(ordinary).tier == "none", ordinary
 
 
+def test_diminutives_about_to_faint_and_a_discharge(triage):
+    """A parent's diminutives name the same signs; feeling about to faint is now; a discharge ends the episode."""
+    seizure = "la wawa se puso a temblar con los ojitos para arriba y echa espumita por la boca"
+    assert triage.assess(seizure).tier == "emergency"
+    assert triage.assess("mi bebe tiene los ojitos rojos y con lagañas, quiero pediatra").tier == "none"
+    ectopic = (
+        "mi prueba salio positiva hace 2 semanas, hoy dolor horrible abajo a la derecha, siento q me voy a desmayar"
+    )
+    assert triage.assess(ectopic).tier == "emergency"
+    assert triage.assess("a veces cuando me paro rapido siento que me voy a desmayar, quiero cardiologo").tier != (
+        "emergency"
+    )
+    discharged = "a mi papa lo dieron de alta despues de un derrame, ahora necesita fisioterapia, tienen?"
+    assert triage.assess(discharged).tier == "caution"
+
+
+def test_care_told_in_many_ways_releases_a_carried_emergency(dialog):
+    history = _after([("mi hijo no despierta y respira raro", "emergency")])
+    for message in (
+        "estoy en la posta, me pusieron una inyeccion y suero",
+        "el pediatra de guardia ya la reviso, se queda en observacion",
+        "los paramedicos ya le pusieron suero con glucosa aqui en la casa",
+        "un bombero le dio oxigeno y ahora vamos en la ambulancia",
+    ):
+        plan = dialog.decide(message, history)
+        assert plan.action != "emergency" and plan.extra["triage_released"], message
+    for message in ("mi hermana me va a llevar al hospital mas tarde", "no tenemos suero en casa, que le doy?"):
+        assert dialog.decide(message, history).action == "emergency", message
+
+
+def test_a_word_one_typo_from_a_joke_marker_is_not_a_joke(triage):
+    """ "brota" is one letter from "broma": a wound whose blood spurts is no figure of speech."""
+    wound = "se corto con un vidrio, corte hondo en la muñeca, la sangre brota y no para aunq aprieto"
+    assert triage.assess(wound).tier == "emergency"
+    assert triage.assess("me salio un brote en la piel, quiero dermatologo").tier == "none"
+
+
+def test_a_farewell_after_no_longer_coping_is_an_emergency(triage):
+    farewell = "ya no aguanto mas, tengo todo listo para irme, solo queria decir gracias a la doctora del año pasado"
+    assert triage.assess(farewell).tier == "emergency"
+    assert triage.assess("tengo todo listo para irme de viaje, cancelo mi cita").tier == "none"
+
+
 def test_denied_bleeding_and_nothing_wrong_are_not_signs(triage):
     assert triage.assess("cuanto cuesta la eco obstetrica? tengo 8 semanas, sin sangrado ni nada").tier != "emergency"
     assert triage.assess("estoy embarazada de 20 semanas y estoy sangrando mucho").tier == "emergency"
