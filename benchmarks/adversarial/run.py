@@ -442,7 +442,9 @@ def judge(
 
 
 def machine() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")  # noqa: SIM115
+    from lora_med.models import cpu_model
+
+    cpu = cpu_model()
     import torch
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout

@@ -34,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from lora_med.bench import concurrent, genai
 from lora_med.bench.shapes import build_shape, shape_facts
 from lora_med.engine import GenerationSettings, load_engine
+from lora_med.models import cpu_model
 
 
 def idle_share(window: float = 0.5) -> float:
@@ -151,7 +152,7 @@ def markdown(r: dict, shape: str) -> str:
     lines = [
         f"# {shape} shape (random weights, speed only): alternating rounds",
         "",
-        f"{os.cpu_count()}-core {_cpu()}, no GPU; {r['threads']} intra-op threads; {r['rounds']} rounds, each backend "
+        f"{os.cpu_count()}-core {cpu_model()}, no GPU; {r['threads']} intra-op threads; {r['rounds']} rounds, each backend "
         f"once per round after waiting for >= 85% idle cores; 1-min load average by round: "
         f"{', '.join(f'{x:.2f}' for x in r['load_1m'])}.",
         "",
@@ -201,13 +202,6 @@ def markdown(r: dict, shape: str) -> str:
                 )
                 lines.append(f"\n{e} / {g}: {ratios}")
     return "\n".join(lines) + "\n"
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "CPU"
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from lora_med.data import percentile
+from lora_med.models import cpu_model
 from lora_med.serve.intents import FLOWS, Intents
 from lora_med.serve.metrics import Metrics
 from lora_med.serve.store import Turn
@@ -258,17 +259,6 @@ def timing(r: dict, triage: Triage, passes: int) -> dict:
     }
 
 
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else the platform's word for it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def markdown_row(name: str, res: dict) -> str:
     em, od, co, tm = res["emergency"], res["ordinary"], res["carry_over"], res["timing"]
     carry = f"{co['kept']}/{co['kept_n']} kept, {co['released']}/{co['released_n']} released"
@@ -361,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         "written_on": str(r.get("written_on")),
     }
     res["triage"] = triage.versions()
-    res["machine"] = f"{cpu_name()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    res["machine"] = f"{cpu_model()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     res["mode"] = "served export (model replies included)" if args.serve else "triage + intent layer (no model)"
     for part in res.values():
         if isinstance(part, dict):
