@@ -11,7 +11,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -295,14 +294,11 @@ def test_an_engine_that_keeps_failing_with_nothing_in_flight_is_given_up(exporte
     """The real engine, closed before the server starts: every attempt to open its stream fails. The server stops
     trying after a few attempts, says so once, reports not ready (503), and still answers emergencies."""
     import logging
-    import socket
-
-    import uvicorn
 
     from lora_med.engine import load_engine
     from lora_med.serve import ServeConfig, create_app
-    from lora_med.serve.batcher import IDLE_RETRIES
     from lora_med.serve.logs import LOGGER
+    from tests.serving import running
 
     events: list[str] = []
     handler = logging.Handler()
@@ -313,41 +309,38 @@ def test_an_engine_that_keeps_failing_with_nothing_in_flight_is_given_up(exporte
     engine = load_engine(exported["fp32"] / "engine", device="cpu")
     engine.close()
     app = create_app(ServeConfig(model=str(exported["fp32"]), db=str(tmp_path / "b.db")), engine=engine)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
     try:
-        deadline = time.monotonic() + 60
-        health = None
-        while time.monotonic() < deadline:
-            time.sleep(0.2)
-            if srv.started:
-                health = httpx.get(f"{url}/health", timeout=10)
-                if health.status_code == 503:
-                    break
-        assert health is not None and health.status_code == 503, health and health.text
-        body = health.json()
-        assert body["status"] == "not ready" and f"failed {IDLE_RETRIES} times in a row" in body["error"]
-        time.sleep(1.0)  # no more attempts after giving up
-        assert events.count("engine_error") == IDLE_RETRIES and events.count("engine_stopped") == 1
-        ready = httpx.get(f"{url}/health/ready", timeout=10)
-        assert ready.status_code == 503 and ready.json()["reason"] == "engine", ready.text
-        r = httpx.post(f"{url}/chat/", json={"user_id": "+59177000001", "message": "quiero una cita"}, timeout=30)
-        assert r.status_code == 503 and r.json()["detail"].startswith("not ready: the engine failed")
-        ask = {"model": exported["fp32"].name, "messages": [{"role": "user", "content": "quiero una cita"}]}
-        r = httpx.post(f"{url}/v1/chat/completions", json=ask, timeout=30)
-        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_stopped", r.text
-        r = httpx.post(f"{url}/chat/", json={"user_id": "+59177000001", "message": "me quiero morir"}, timeout=30)
-        assert r.status_code == 200 and r.json()["action"] == "emergency"
+        with running(app) as url:
+            _given_up(url, exported, events)
     finally:
-        srv.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
         logger.removeHandler(handler)
         logger.setLevel(old_level)
+
+
+def _given_up(url: str, exported, events: list[str]) -> None:
+    from lora_med.serve.batcher import IDLE_RETRIES
+
+    deadline = time.monotonic() + 60
+    health = None
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        health = httpx.get(f"{url}/health", timeout=10)
+        if health.status_code == 503:
+            break
+    assert health is not None and health.status_code == 503, health and health.text
+    body = health.json()
+    assert body["status"] == "not ready" and f"failed {IDLE_RETRIES} times in a row" in body["error"]
+    time.sleep(1.0)  # no more attempts after giving up
+    assert events.count("engine_error") == IDLE_RETRIES and events.count("engine_stopped") == 1
+    ready = httpx.get(f"{url}/health/ready", timeout=10)
+    assert ready.status_code == 503 and ready.json()["reason"] == "engine", ready.text
+    r = httpx.post(f"{url}/chat/", json={"user_id": "+59177000001", "message": "quiero una cita"}, timeout=30)
+    assert r.status_code == 503 and r.json()["detail"].startswith("not ready: the engine failed")
+    ask = {"model": exported["fp32"].name, "messages": [{"role": "user", "content": "quiero una cita"}]}
+    r = httpx.post(f"{url}/v1/chat/completions", json=ask, timeout=30)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_stopped", r.text
+    r = httpx.post(f"{url}/chat/", json={"user_id": "+59177000001", "message": "me quiero morir"}, timeout=30)
+    assert r.status_code == 200 and r.json()["action"] == "emergency"
 
 
 @pytest.mark.slow

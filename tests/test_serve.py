@@ -966,34 +966,17 @@ def BrokenEngine():
 
 
 def test_engine_failure_is_an_explicit_500_and_the_server_carries_on(tmp_path, tiny_base):
-    import socket
-
-    import uvicorn
-
     from lora_med.serve import ServeConfig, create_app
+    from tests.serving import running
 
     cfg = ServeConfig(model=str(tiny_base), db=str(tmp_path / "b.db"))
-    app = create_app(cfg, engine=BrokenEngine())
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not srv.started and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with running(create_app(cfg, engine=BrokenEngine())) as url:
         r = httpx.post(f"{url}/chat/", json={"user_id": "+59177000001", "message": "quiero una cita"}, timeout=30)
         assert r.status_code == 500 and r.json()["detail"].startswith("generation failed (RuntimeError)")
         assert r.headers["X-Request-Id"] in r.json()["detail"]
         r = httpx.post(f"{url}/chat/", json={"user_id": "+59177000001", "message": "me quiero morir"}, timeout=30)
         assert r.status_code == 200 and r.json()["action"] == "emergency"  # the guard never needs the model
         assert 'lora_med_requests_total{status="500"} 1' in httpx.get(f"{url}/metrics", timeout=10).text
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
     assert [(t[2], t[3]) for t in turns(tmp_path / "b.db")][0] == ("user", "quiero una cita")  # kept, unanswered
 
 
