@@ -205,6 +205,22 @@ SMALL_BENCH = [
 ]
 MOJIBAKE = json.dumps([{"user": "Hola", "assistant": "Centro MÃ©dico CAÃ‘ADA"}], ensure_ascii=False)
 ROW = {"user": "Hola, necesito una cita", "assistant": "Con gusto. ¿Para qué especialidad?"}
+# a bench that runs long enough to be interrupted or overlapped: 8 prompts x 200 repeats of 64 tokens
+LONG_BENCH = [
+    "--run",
+    "{run}",
+    "--export",
+    "{exp}",
+    "--out",
+    "rep",
+    *SMALL_BENCH[:-2],
+    "--prompts",
+    "8",
+    "--repeats",
+    "200",
+    "--new-tokens",
+    "64",
+]
 LONG = "x" * 300  # a name longer than the filesystem allows (255 bytes)
 # One setting whose value is 8 levels of 9 references to the level below: a few hundred bytes of YAML, 43M items
 # if anything walks it in full (a message quoting it, for one).
@@ -1196,21 +1212,7 @@ CASES: list[Case] = [
     *[
         bench(
             f"Ctrl-C at {at}",
-            [
-                "--run",
-                "{run}",
-                "--export",
-                "{exp}",
-                "--out",
-                "rep",
-                *SMALL_BENCH[:-2],
-                "--prompts",
-                "8",
-                "--repeats",
-                "200",
-                "--new-tokens",
-                "64",
-            ],
+            LONG_BENCH,
             expect=130,
             interrupt=f"stdout:{at}",
             after=nothing_at("rep"),

@@ -15,6 +15,7 @@ from pathlib import Path
 from cases import (
     FAST,
     KILLED,
+    LONG_BENCH,
     ROW,
     SMALL_BENCH,
     SMALL_EXPORT,
@@ -139,21 +140,6 @@ def each_step_logged_once(rel: str) -> Callable[[Path], str | None]:
 
 EXP_SERVE = ["e", "--port", "0", "--db", "chat.db"]  # serve a copy of the export, on a free port
 LONG_TRAIN = [*T, "--output", "out", "--max-steps", "100000", "--no-compare", "--r", "4", "--report-to", "none"]
-LONG_BENCH = [
-    "--run",
-    "{run}",
-    "--export",
-    "{exp}",
-    "--out",
-    "rep",
-    *SMALL_BENCH[:-2],
-    "--prompts",
-    "8",
-    "--repeats",
-    "200",
-    "--new-tokens",
-    "64",
-]
 # A run kill -9'ed near an epoch boundary: 8 conversations in batches of 4 (2 steps an epoch, 6 epochs), a checkpoint
 # every step, an evaluation every epoch; killed once checkpoint-2 (the end of the first epoch) is down.
 KILLED_AT_EPOCH = Bg(
