@@ -634,3 +634,40 @@ def test_round_benchmark_writes_results_and_refuses_a_bad_round(tmp_path, capsys
     assert run.main([str(round_file), "--out", str(tmp_path / "out2")]) == 2
     assert "'emergency' must be a non-empty list" in capsys.readouterr().err
     assert not (tmp_path / "out2").exists()
+
+
+def test_care_told_by_who_gives_it_or_what_they_do_ends_the_carried_emergency(dialog):
+    """Being attended is recognised by staff at work, a clinical act done by others, being in a care place or
+    the ambulance on its way with them, in wordings no single phrase covers; asking for a doctor, a plan, first
+    aid done at home, a blow or "estamos en una emergencia" keep the emergency."""
+    history = _after(
+        [("mi papa se cayo de la escalera, se golpeo la cabeza y vomito dos veces, esta confundido", "emergency")]
+    )
+    for message in (
+        "ahorita una enfermera le esta limpiando la herida y un medico lo esta revisando",
+        "ya vinieron los bomberos, le pusieron un collarin y lo subieron a la camilla",
+        "estamos con el paramedico, le esta tomando la presion",
+        "le estan haciendo puntos en la frente en la posta de mi barrio",
+        "lo conectaron al monitor y le estan sacando placas",
+        "vamos en la ambulancia con la sirena",
+        "sigue en observacion con suero",
+        "ya le hicieron una tomografia y dicen que esta estable",
+        "llego el 118 y lo estan subiendo",
+        "la doctora de turno lo esta examinando ahorita",
+    ):
+        plan = dialog.decide(message, history)
+        assert plan.action != "emergency" and plan.extra["triage_released"], message
+    for message in (
+        "hay doctor ahorita en su clinica?",
+        "estamos en una emergencia ayuda",
+        "mi esposo me esta pegando",
+        "se escucha la sirena pero no llega",
+        "le llevo al doctor?",
+        "me esta haciendo falta el aire",
+        "el doctor no viene",
+        "la enfermera del barrio dice que lo llevemos al hospital",
+        "le estoy poniendo hielo en la cabeza",
+        "ahorita en el hospital hay neurologo?",
+    ):
+        plan = dialog.decide(message, history)  # carried, or a new emergency ("me esta haciendo falta el aire")
+        assert plan.action == "emergency" and not plan.extra.get("triage_released"), message
