@@ -507,7 +507,8 @@ def test_a_word_one_typo_from_a_joke_marker_is_not_a_joke(triage):
 def test_a_farewell_after_no_longer_coping_is_an_emergency(triage):
     farewell = "ya no aguanto mas, tengo todo listo para irme, solo queria decir gracias a la doctora del año pasado"
     assert triage.assess(farewell).tier == "emergency"
-    assert triage.assess("tengo todo listo para irme de viaje, cancelo mi cita").tier == "none"
+    # a journey lowers a farewell to the caution line (the request is served), never to an emergency
+    assert triage.assess("tengo todo listo para irme de viaje, cancelo mi cita").tier == "caution"
 
 
 def test_denied_bleeding_and_nothing_wrong_are_not_signs(triage):
@@ -670,4 +671,56 @@ def test_care_told_by_who_gives_it_or_what_they_do_ends_the_carried_emergency(di
         "ahorita en el hospital hay neurologo?",
     ):
         plan = dialog.decide(message, history)  # carried, or a new emergency ("me esta haciendo falta el aire")
+        assert plan.action == "emergency" and not plan.extra.get("triage_released"), message
+
+
+def test_a_farewell_told_as_an_ending_is_suicidal_and_a_journey_is_a_caution(triage):
+    """A last night or day, no more need of the appointments, everything ready "para irme": an emergency, even
+    inside a cancellation and without a word of death; the same words about a journey only get the caution
+    line, and plain cancellations nothing."""
+    for farewell in (
+        "cancelen mis fichas por favor, ya no las voy a necesitar, esta es mi ultima noche, perdonen todo",
+        "ya decidi, hoy es mi ultimo dia, gracias por todo lo que hicieron por mi",
+        "queria anular el control del martes, ya no lo voy a necesitar, ya tengo todo preparado para irme",
+        "no se molesten en llamarme, ya no voy a necesitar nada, cuiden a mis hijos",
+        "gracias doctora, ya tengo todo listo para irme, esta noche por fin descanso",
+    ):
+        assert (triage.assess(farewell).tier, triage.assess(farewell).category) == ("emergency", "suicidal"), farewell
+    for journey in (
+        "ya tengo todo listo para irme de viaje esta noche, cancelo mi cita, gracias por todo",
+        "cancelo la ficha del lunes, me mudo a cochabamba, ya tengo todo listo para irme, gracias",
+    ):
+        assert triage.assess(journey).tier == "caution", journey
+    for plain in (
+        "ya no voy a necesitar la cita, ya me siento bien, gracias",
+        "es mi ultimo dia de vacaciones, quiero ficha para el lunes",
+    ):
+        assert triage.assess(plain).tier == "none", plain
+    # "terminar con todo" is not a journey: "terminar" is one letter from "terminal"
+    assert triage.assess("ya no aguanto mas, hoy voy a terminar con todo").tier == "emergency"
+
+
+def test_a_nosebleed_that_comes_and_goes_is_a_caution(triage):
+    for message in (
+        "a veces me sangra la nariz cuando hace frio, poquito y se para sola, tienen otorrino?",
+        "de vez en cuando me sale sangre de la nariz y se para sola, quiero consulta",
+    ):
+        assert triage.assess(message).tier == "caution", message
+    assert (
+        triage.assess("me sale sangre de la nariz hace una hora y no para, ya empape dos toallas").tier == "emergency"
+    )
+
+
+def test_being_in_the_emergency_room_or_with_the_staff_ends_the_carried_emergency(dialog):
+    history = _after([("mi hija tiene fiebre alta, el cuello tieso y esta como perdida, no me reconoce", "emergency")])
+    for message in (
+        "ya estamos con el oxigeno puesto en la sala de emergencias, esta mas tranquila",
+        "la tienen en la sala de observacion y los medicos estan con ella",
+        "le estan pasando antibiotico por la vena",
+        "los enfermeros siguen con ella, le bajaron la fiebre",
+    ):
+        plan = dialog.decide(message, history)
+        assert plan.action != "emergency" and plan.extra["triage_released"], message
+    for message in ("no hay nadie en la sala de emergencias", "la llevo a la sala de emergencias?"):
+        plan = dialog.decide(message, history)
         assert plan.action == "emergency" and not plan.extra.get("triage_released"), message
