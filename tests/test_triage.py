@@ -724,3 +724,94 @@ def test_being_in_the_emergency_room_or_with_the_staff_ends_the_carried_emergenc
     for message in ("no hay nadie en la sala de emergencias", "la llevo a la sala de emergencias?"):
         plan = dialog.decide(message, history)
         assert plan.action == "emergency" and not plan.extra.get("triage_released"), message
+
+
+def test_two_kinds_of_goodbye_cue_are_suicidal_and_one_is_not(triage):
+    """Being gone, a decision taken, things given away, thanks to everyone: any two kinds in one message are a
+    suicidal farewell, whatever request carries them; one kind alone is an ordinary goodbye."""
+    for farewell in (
+        "queria cancelar mi ficha del viernes, ya tome la decision, no me esperen",
+        "solo queria agradecer a la doctora, mi celular se lo deje a mi hermano, cuidense",
+        "ya no van a saber de mi, gracias por todo lo que hicieron",
+        "regale mi ropa y mis cosas, ya esta decidido, cuanto debo de la ultima consulta?",
+        "les escribo para decirles que fueron muy buenos conmigo, ya no voy a estar para el control, adios",
+    ):
+        assert (triage.assess(farewell).tier, triage.assess(farewell).category) == ("emergency", "suicidal"), farewell
+    for goodbye in (
+        "gracias por todo doctora, ya me siento bien, cancelo la cita del martes",
+        "ya tome la decision de operarme, quiero ficha con el cirujano",
+        "cuidense mucho, feliz navidad a todo el personal",
+        "ya no voy a estar en la ciudad el lunes, me cambia la cita?",
+    ):
+        assert triage.assess(goodbye).tier != "emergency", goodbye
+
+
+def test_a_test_named_by_its_body_part_is_no_sign_and_signs_beside_it_still_are(triage):
+    """ "ecografía de abdomen" names a test; a rigid belly and vomiting told beside it are an acute abdomen."""
+    for question in (
+        "cuanto cuesta la ecografia de abdomen?",
+        "quiero sacarme una prueba de embarazo en sangre",
+        "tienen analisis de orina y de sangre el sabado?",
+    ):
+        assert triage.assess(question).tier == "none", question
+    asked = "cuanto sale la eco de la panza? es para mi papa, la barriga dura como tabla, vomita y no aguanta el dolor"
+    assert triage.assess(asked).tier == "emergency"
+
+
+def test_a_journey_marked_by_exact_words_never_lowers_the_learned_layer(triage):
+    """ "bajando" is one typo from "viajando": a journey is read from exact words only, and it lowers only a
+    farewell's rules, never the learned layer's verdict."""
+    bleeding = "mi cuñada tiene 7 meses y le esta bajando sangre rojo vivo, harto, ya mancho la cama"
+    assert "trip" not in triage.assess(bleeding).findings.modifiers
+    assert triage.assess(bleeding).tier == "emergency"
+    assert (
+        triage.assess("me esta bajando harta sangre, estoy de viaje en la paz y tengo 30 semanas").tier == "emergency"
+    )
+
+
+def test_a_common_word_one_typo_from_a_sign_is_protected(triage):
+    assert triage.assess("quiero dejar una queja, el guardia me trato mal ayer").tier == "none"
+    assert triage.assess("se trago una pila de reloj hace un rato").tier == "emergency"
+
+
+def test_an_ingestion_weeks_ago_that_ended_is_a_caution_and_days_ago_is_not(triage):
+    for message in (
+        "el mes pasado mi nieto se trago un arete y lo boto al dia siguiente, ahora esta de lo mas bien, control?",
+        "hace 3 semanas mi hijo tomo lavandina, lo vieron en el hospital, quiero control con pediatra",
+    ):
+        assert triage.assess(message).tier == "caution", message
+    for message in (
+        "hace 2 dias mi esposo tomo veneno para ratas y hoy esta raro",
+        "el mes pasado me recetaron pastillas para dormir y anoche me tome toda la caja",
+    ):
+        assert triage.assess(message).tier == "emergency", message
+
+
+def test_company_ends_a_carried_suicidal_crisis_and_not_a_medical_emergency(dialog):
+    suicidal = _after([("ya no aguanto mas, mejor me despido de todos, ya no quiero vivir", "emergency")])
+    for message in (
+        "mi mama esta conmigo ahora, no me deja sola",
+        "vino mi amigo, se va a quedar conmigo esta noche",
+        "estoy acompañada de mi prima",
+        "llego mi hermano, ya no estoy solo",
+    ):
+        plan = dialog.decide(message, suicidal)
+        assert plan.action != "emergency" and plan.extra["triage_released"], message
+    for message in ("nadie esta conmigo", "estoy sola, no hay nadie", "mi hermana no contesta, estoy sola"):
+        assert dialog.decide(message, suicidal).action == "emergency", message
+    chest = _after([("mi papa tiene un dolor fuerte en el pecho y suda frio", "emergency")])
+    for message in ("mi hermana esta aqui conmigo", "ya llego mi mama, esta con el"):
+        assert dialog.decide(message, chest).action == "emergency", message
+
+
+def test_kept_in_care_on_treatment_or_on_the_way_ends_the_carried_emergency(dialog):
+    history = _after([("a mi hijo le mordio una serpiente en el pie y se le esta hinchando la pierna", "emergency")])
+    for message in (
+        "ahorita lo tienen monitoreado en la sala",
+        "ya lo tienen internado y le empezaron el suero",
+        "vamos camino al hospital con mi tio en su camioneta",
+    ):
+        plan = dialog.decide(message, history)
+        assert plan.action != "emergency" and plan.extra["triage_released"], message
+    for message in ("tenemos que ir al hospital pero no hay movilidad", "el hospital esta lejos, que hago?"):
+        assert dialog.decide(message, history).action == "emergency", message

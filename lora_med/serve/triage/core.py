@@ -123,7 +123,8 @@ class Triage:
         if emergency:
             by = "rules+model" if score >= self.model.emergency_at else "rules"
             return Assessment("emergency", self._clear(emergency, f), by, score, f)
-        if score >= self.model.emergency_at and not lowering:
+        # a `rules_only` modifier (a journey) lowers only the categories that list it, not the learned layer
+        if score >= self.model.emergency_at and not (lowering - self.rules.rules_only):
             return Assessment("emergency", self._clear(f.signs | f.cautions, f), "model", score, f)
         # a figure of speech or a lab test ("prueba de embarazo en sangre") is no sign, whatever the model says
         dismissed = any(lowers_to[m] == "none" for m in lowering) and not caution
@@ -141,12 +142,15 @@ class Triage:
         """The triage of ``message`` after ``history`` (this conversation's earlier answered turns)."""
         a = assessment or self.assess(message)
         carried = self._carried(history)
+        # Someone staying with them is the safety step of a suicidal crisis, not care for a medical emergency.
+        cat = self.rules.categories.get(carried or "")
+        in_care = a.findings.attended or bool(cat and cat.company_releases and a.findings.company)
         # Signs told while saying they are being attended ("ya estoy internado, dicen que es apendicitis") are
         # the same emergency in care: released. A new message with signs and no care stays an emergency.
-        if a.tier == "emergency" and not (carried is not None and a.findings.attended):
+        if a.tier == "emergency" and not (carried is not None and in_care):
             return Verdict("emergency", a.category, reply=self.emergency_reply(a.category))
         if carried is not None:
-            if not a.findings.attended:
+            if not in_care:
                 return Verdict("emergency", carried or None, reply=self.carry_reply(carried or None), carried=True)
             tier = "caution" if a.tier == "emergency" else a.tier  # signs in care: the safety-net line
             note = self.advice.caution(a.category) if tier == "caution" else None

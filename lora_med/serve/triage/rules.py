@@ -14,6 +14,7 @@ from ..matcher import RuleSet
 
 LOWER = ("caution", "none")  # what a modifier can lower an emergency sign to; `now` keeps it
 _ATTENDED = ("attended", "not_attended")
+_OPTIONAL = ("company",)  # someone stays with them: releases only the categories that list it (`released_by`)
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class Category:
     soften: frozenset[str]  # modifiers that lower this category's emergency (to the modifier's `lowers_to`)
     covers: frozenset[str]  # categories whose advice this one's line also fits, when both match
     parent: str | None  # the broader category a round may label it with (choking -> breathing)
+    company_releases: bool = False  # someone staying with them ends it when carried (suicidal: not left alone)
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class Findings:
     modifiers: frozenset[str]  # modifier names found (`now` and those of the file's `modifiers`)
     attended: bool  # the message says they are being attended or are safe
     mentions: frozenset[str] = frozenset()  # categories only mentioned (never a tier; see `readings`)
+    company: bool = False  # someone is with them now ("mi hermana está aquí conmigo"), and no word against it
 
     @property
     def readings(self) -> frozenset[str]:
@@ -53,6 +56,7 @@ class TriageRules:
         mods = spec.get("modifiers") or {}
         self.lowers_to: dict[str, str] = {}  # modifier -> caution | none
         self.timeless: set[str] = set()  # modifiers a word of now does not undo (a lab test, a figure of speech)
+        self.rules_only: set[str] = set()  # modifiers that lower the rules' categories, never the learned layer
         if not isinstance(mods, dict) or not isinstance(mods.get("now"), list):
             problems.append(
                 f"{where}: 'modifiers' must map `now` (a rule list) and each other modifier to "
@@ -68,6 +72,8 @@ class TriageRules:
                 rules_of[name] = m["rules"]
                 if m.get("despite_now"):
                     self.timeless.add(name)
+                if m.get("rules_only"):
+                    self.rules_only.add(name)
             else:
                 problems.append(f"{where}: modifier {name!r} must be {{lowers_to: caution|none, rules: [...]}}")
         specs: list[tuple[str, list]] = []  # (rule-name prefix, rule list) in file order
@@ -76,14 +82,20 @@ class TriageRules:
             if not isinstance(c, dict) or not isinstance(c.get("rules"), list):
                 problems.append(f"{where}: category {name!r} must have 'rules' (a list)")
                 continue
-            unknown = set(c) - {"rules", "caution_rules", "mentions", "soften", "covers", "parent"}
+            unknown = set(c) - {"rules", "caution_rules", "mentions", "soften", "covers", "parent", "company_releases"}
             if unknown:
                 problems.append(f"{where}: category {name!r}: unknown key(s) {', '.join(sorted(unknown))}")
             soften = c.get("soften", default_soften)
             if not isinstance(soften, list) or set(soften) - set(self.lowers_to):
                 problems.append(f"{where}: category {name!r}: 'soften' must list some of {', '.join(self.lowers_to)}")
                 soften = []
-            self.categories[name] = Category(name, frozenset(soften), frozenset(c.get("covers") or ()), c.get("parent"))
+            self.categories[name] = Category(
+                name,
+                frozenset(soften),
+                frozenset(c.get("covers") or ()),
+                c.get("parent"),
+                c.get("company_releases") is True,
+            )
             specs.append((f"sign:{name}", c["rules"]))
             if c.get("caution_rules"):
                 specs.append((f"caution:{name}", c["caution_rules"]))
@@ -100,6 +112,11 @@ class TriageRules:
                 problems.append(f"{where}: '{name}' must be a list of rules")
                 continue
             specs.append((f"{name}:", spec[name]))
+        for name in _OPTIONAL:
+            if not isinstance(spec.get(name, []), list):
+                problems.append(f"{where}: '{name}' must be a list of rules")
+                continue
+            specs.append((f"{name}:", spec.get(name, [])))
         self.rewrites: list[tuple[re.Pattern, str]] = []
         for i, pair in enumerate(spec.get("rewrites") or []):
             try:
@@ -135,8 +152,9 @@ class TriageRules:
             frozenset(found["sign"]),
             frozenset(found["caution"]),
             frozenset(found["mod"]),
-            seen == {"attended"},
+            "attended" in seen and "not_attended" not in seen,
             frozenset(found["mention"]),
+            "company" in seen and "not_attended" not in seen,
         )
 
     def resolve(self, names: set[str] | frozenset[str]) -> str | None:
