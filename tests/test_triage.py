@@ -815,3 +815,46 @@ def test_kept_in_care_on_treatment_or_on_the_way_ends_the_carried_emergency(dial
         assert plan.action != "emergency" and plan.extra["triage_released"], message
     for message in ("tenemos que ir al hospital pero no hay movilidad", "el hospital esta lejos, que hago?"):
         assert dialog.decide(message, history).action == "emergency", message
+
+
+def test_round_twelve_categories_words_that_will_not_come_out_spurting_blood_and_a_deep_burn(triage):
+    for message in (
+        "mi abuela de golpe no le salen las palabras, abre la boca y nada, hace 10 min",
+        "a mi papa se le cae la saliva de un costado y no puede levantar la mano",
+        "mi esposo se corto con la sierra y la sangre sale saltando del brazo",
+        "se le volco la sarten con aceite en el brazo, la piel esta blanca y acartonada y ya no le duele",
+    ):
+        assert triage.assess(message).tier == "emergency", message
+
+
+def test_goodbye_cues_told_in_other_words(triage):
+    farewell = "cancelen mis controles nomas, la doctora siempre fue muy buena conmigo, ya deje mis papeles en orden"
+    assert (triage.assess(farewell).tier, triage.assess(farewell).category) == ("emergency", "suicidal")
+    assert triage.assess("la doctora fue muy buena conmigo, quiero otra ficha con ella").tier == "none"
+
+
+def test_a_question_about_anyone_a_talk_a_discharge_and_greetings_are_not_emergencies(triage):
+    for message in (
+        "si a alguien le da un infarto q hay q hacer mientras llega la ambulancia?",
+        "somos del colegio, queremos una charla sobre quemaduras, cortes y primeros auxilios para los profes",
+        "mi mama salio del hospital despues de su infarto, ya esta en casa, quiero control con cardiologo",
+        "todo bien despues de la operacion, saludos a todo el personal",
+    ):
+        assert triage.assess(message).tier != "emergency", message
+    # a rescue "después de un rato" is not a discharge
+    rescued = "lo sacaron del agua despues de un rato, vomito agua y respira con ruido, esta medio dormido"
+    assert triage.assess(rescued).tier == "emergency"
+
+
+def test_canalized_a_running_drip_going_together_and_not_leaving_their_side(dialog):
+    history = _after([("mi hijo vomita todo y tiene diarrea desde ayer, no orina y esta muy decaido", "emergency")])
+    for message in (
+        "en el hospital ya lo canalizaron",
+        "ya le esta entrando el suero",
+        "vamos juntos con mi esposo a urgencias en un taxi",
+    ):
+        plan = dialog.decide(message, history)
+        assert plan.action != "emergency" and plan.extra["triage_released"], message
+    suicidal = _after([("ya no aguanto mas, mejor me despido de todos, ya no quiero vivir", "emergency")])
+    plan = dialog.decide("mi hermano vino y no se va a mover de mi lado", suicidal)
+    assert plan.action != "emergency" and plan.extra["triage_released"]
