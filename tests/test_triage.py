@@ -458,7 +458,7 @@ def test_a_child_named_with_a_possessive_is_not_the_writer_s_childhood(triage):
 
 def test_a_farewell_inside_a_cancellation_is_an_emergency_and_a_trip_is_not(triage):
     farewell = "queria cancelar mi cita del viernes porque ya no voy a estar, deje todo arreglado para mis hijos"
-    assert (triage.assess(farewell).tier, triage.assess(farewell).category) == ("emergency", "suicidal")
+    assert triage.assess(farewell).tier == "emergency" and fits(triage, triage.assess(farewell).category, "suicidal")
     for ordinary in (
         "cancelo mi cita del viernes porque ya no voy a estar en santa cruz, viajo a cochabamba, gracias",
         "deje todo listo para la cirugia, que documentos llevo?",
@@ -685,7 +685,9 @@ def test_a_farewell_told_as_an_ending_is_suicidal_and_a_journey_is_a_caution(tri
         "no se molesten en llamarme, ya no voy a necesitar nada, cuiden a mis hijos",
         "gracias doctora, ya tengo todo listo para irme, esta noche por fin descanso",
     ):
-        assert (triage.assess(farewell).tier, triage.assess(farewell).category) == ("emergency", "suicidal"), farewell
+        assert triage.assess(farewell).tier == "emergency" and fits(
+            triage, triage.assess(farewell).category, "suicidal"
+        ), farewell
     for journey in (
         "ya tengo todo listo para irme de viaje esta noche, cancelo mi cita, gracias por todo",
         "cancelo la ficha del lunes, me mudo a cochabamba, ya tengo todo listo para irme, gracias",
@@ -736,7 +738,9 @@ def test_two_kinds_of_goodbye_cue_are_suicidal_and_one_is_not(triage):
         "regale mi ropa y mis cosas, ya esta decidido, cuanto debo de la ultima consulta?",
         "les escribo para decirles que fueron muy buenos conmigo, ya no voy a estar para el control, adios",
     ):
-        assert (triage.assess(farewell).tier, triage.assess(farewell).category) == ("emergency", "suicidal"), farewell
+        assert triage.assess(farewell).tier == "emergency" and fits(
+            triage, triage.assess(farewell).category, "suicidal"
+        ), farewell
     for goodbye in (
         "gracias por todo doctora, ya me siento bien, cancelo la cita del martes",
         "ya tome la decision de operarme, quiero ficha con el cirujano",
@@ -829,7 +833,7 @@ def test_round_twelve_categories_words_that_will_not_come_out_spurting_blood_and
 
 def test_goodbye_cues_told_in_other_words(triage):
     farewell = "cancelen mis controles nomas, la doctora siempre fue muy buena conmigo, ya deje mis papeles en orden"
-    assert (triage.assess(farewell).tier, triage.assess(farewell).category) == ("emergency", "suicidal")
+    assert triage.assess(farewell).tier == "emergency" and fits(triage, triage.assess(farewell).category, "suicidal")
     assert triage.assess("la doctora fue muy buena conmigo, quiero otra ficha con ella").tier == "none"
 
 
