@@ -862,3 +862,30 @@ def test_canalized_a_running_drip_going_together_and_not_leaving_their_side(dial
     suicidal = _after([("ya no aguanto mas, mejor me despido de todos, ya no quiero vivir", "emergency")])
     plan = dialog.decide("mi hermano vino y no se va a mover de mi lado", suicidal)
     assert plan.action != "emergency" and plan.extra["triage_released"]
+
+
+def test_round_fourteen_categories(triage, dialog):
+    """Means at hand told as where they are, letters to each one, "mejor sin mí", a limb that will not move
+    among other words: emergencies. A febrile seizure asked about, one that did not come back, a heat that
+    "will kill me": not."""
+    for message in (
+        "jeje no se preocupen por mi, la cuerda ya esta colgada en el patio, era para saber el horario",
+        "cuanto cuesta el psicologo? mis hijos estarian mejor sin mi, ya les deje cartas",
+        "mi abuelo amanecio y no puede mover para nada la pierna ni el brazo izquierdo",
+    ):
+        assert triage.assess(message).tier == "emergency", message
+    for message in (
+        "si a un bebe le da fiebre alta que hay que hacer? es para saber",
+        "mi hija convulsiono el mes pasado y no le volvio a dar, quiero control con neurologo",
+        "este sol me va a matar, tienen sombra en la fila?",
+    ):
+        assert triage.assess(message).tier != "emergency", message
+    assert triage.assess("me siento mal desde hace semanas, ultimamente no quiero vivir").tier == "emergency"
+    history = _after([("mi hijo se golpeo la cabeza, vomita y esta muy dormido", "emergency")])
+    for message in (
+        "ya lo tienen en el hospital del norte",
+        "el doctor esta a su lado ahora",
+        "le estan haciendo una eco en la clinica",
+    ):
+        plan = dialog.decide(message, history)
+        assert plan.action != "emergency" and plan.extra["triage_released"], message
