@@ -889,3 +889,29 @@ def test_round_fourteen_categories(triage, dialog):
     ):
         plan = dialog.decide(message, history)
         assert plan.action != "emergency" and plan.extra["triage_released"], message
+
+
+def test_round_fifteen_categories(triage, dialog):
+    """A bitten tongue and shaking all over, standing on a bridge, "no es broma" after a laugh, cloths soaked
+    without a word of blood, "me voy para siempre": emergencies, even inside a price question. A talk about
+    any health subject and "parado" (not "pasado") are not past or signs."""
+    for message in (
+        "cuanto cuesta la consulta? mi papa temblaba enterito y se mordio la lengua, todavia no responde bien",
+        "estoy parada en el borde del puente, solo queria decir gracias",
+        "me quiero morir jaja no es broma, ya no aguanto",
+        "cuanto cobran la sutura? me rebane el dedo con la maquina de cortar carne, ya empape dos toallas y sigue",
+        "dejo pagado lo que debo, hoy me voy para siempre, ya no voy a estar para el control",
+    ):
+        assert triage.assess(message).tier == "emergency", message
+    assert triage.assess("queremos una charla sobre diabetes e infartos para el club de madres").tier != "emergency"
+    assert "past" not in triage.assess("estoy parado en la puerta de la clinica, esta abierto?").findings.modifiers
+    history = _after([("me duele horrible la barriga abajo a la derecha con fiebre y vomitos", "emergency")])
+    for message in (
+        "la estan preparando para quirofano",
+        "en la guardia ya le dieron algo para el dolor",
+    ):
+        plan = dialog.decide(message, history)
+        assert plan.action != "emergency" and plan.extra["triage_released"], message
+    suicidal = _after([("ya no quiero vivir, no le veo sentido a nada", "emergency")])
+    assert dialog.decide("estoy con mi hermana, ya estoy a salvo", suicidal).extra.get("triage_released")
+    assert dialog.decide("no estoy a salvo, estoy sola", suicidal).action == "emergency"
