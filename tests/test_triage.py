@@ -915,3 +915,37 @@ def test_round_fifteen_categories(triage, dialog):
     suicidal = _after([("ya no quiero vivir, no le veo sentido a nada", "emergency")])
     assert dialog.decide("estoy con mi hermana, ya estoy a salvo", suicidal).extra.get("triage_released")
     assert dialog.decide("no estoy a salvo, estoy sola", suicidal).action == "emergency"
+
+
+def test_the_learned_layer_s_emergency_is_not_lowered_by_a_laugh():
+    """The union decides: a modifier lowers the rules' signs, never the learned layer's emergency (its
+    threshold is set where no held-out ordinary message reaches). A laugh is how an emergency is played down.
+    The shipped threshold is set here to the message's own score, so the test does not depend on the weights."""
+    message = "jajaja mi suegro dice q esta bien pero no puede sonreir parejo, medio cachete no se le mueve"
+    fresh = Triage(REPO / "configs" / "triage.yaml")
+    fresh.model.emergency_at = fresh.model.score(read(message))
+    a = fresh.assess(message)
+    assert "figurative" in a.findings.modifiers  # the rules alone lower it (to none)
+    assert (a.tier, a.by) == ("emergency", "model")
+    fresh = Triage(REPO / "configs" / "triage.yaml")
+    fresh.model.emergency_at = fresh.model.score(read(message)) + 0.01
+    assert fresh.assess(message).tier == "none"
+
+
+def test_round_sixteen_categories(triage, dialog):
+    for message in (
+        "mi nieta nacio hace 3 semanas y esta hirviendo, 38 y medio",
+        "queria reservar la eco de 30 semanas pero ahorita veo luces, me duele la cabeza y tengo la cara hinchada",
+        "para el jueves ya no estoy, el perro se lo dejo a mi vecina, gracias por todo",
+        "no se preocupen, ya no van a tener que aguantarme, el rifle esta cargado",
+    ):
+        assert triage.assess(message).tier == "emergency", message
+    for message in (
+        "me operaron de la vesicula el mes pasado y estoy recuperandome bien, quiero mi control",
+        "hace dos años tuvo un derrame, ahora camina solito, queremos fisioterapia",
+        "ya no estoy tomando las pastillas de la presion, eso esta bien?",
+    ):
+        assert triage.assess(message).tier != "emergency", message
+    history = _after([("mi hijo se corto el brazo con un vidrio y sangra mucho", "emergency")])
+    plan = dialog.decide("lo llevamos caminando a la clinica? cuanto cobran por suturar", history)
+    assert plan.action == "emergency" and plan.extra["triage_carried"]  # "llevamos" is not "llegamos"

@@ -13,7 +13,8 @@ emergency, attended or ordinary). Measured:
   says what the `never` table forbids for the labelled category;
 - ordinary messages marked emergency, their caution rate, requests kept (not answered as an emergency) and the
   intent found for each labelled request;
-- carry-over: emergencies opened, kept on later turns, released when attended, ordinary turns served after;
+- carry-over: emergencies opened, kept on later turns, released when attended, ordinary turns served after,
+  and emergency turns (an opening, or one still unresolved) answered with a booking or identity question;
 - with --serve: model replies speaking of emergencies on messages the triage did not mark (after the override:
   should be none) and the override count from /metrics;
 - the triage's time per message (p50/p95, every cache cleared before each pass: the cost of words never seen).
@@ -165,6 +166,15 @@ class Served:
         self.err.close()
 
 
+def _asks(out: dict, caught: bool) -> bool:
+    """An answer that books or asks for identity (what an emergency must never get)."""
+    return (
+        out["action"] in FLOWS
+        or out["status"] == "verifying_identity"
+        or (not caught and BOOKING_QUESTION.search(out["reply"] or "") is not None)
+    )
+
+
 def measure(r: dict, triage: Triage, run) -> dict:
     """Every figure of the module docstring except timing; ``run(message, conversation)`` answers one turn."""
     cats = triage.rules.categories
@@ -174,11 +184,7 @@ def measure(r: dict, triage: Triage, run) -> dict:
         em["n"] += 1
         caught = out["action"] == "emergency"
         em["caught"] += caught
-        if (
-            out["action"] in FLOWS
-            or out["status"] == "verifying_identity"
-            or (not caught and BOOKING_QUESTION.search(out["reply"] or ""))
-        ):
+        if _asks(out, caught):
             em["booking_or_identity"] += 1
         if not caught:
             em["missed"].append(
@@ -216,7 +222,7 @@ def measure(r: dict, triage: Triage, run) -> dict:
             od["intent_n"] += 1
             od["intent_ok"] += out.get("intent", out["action"]) == REQUESTS[c["request"]]
     co = {"opened": 0, "opened_n": 0, "kept": 0, "kept_n": 0, "released": 0, "released_n": 0, "resumed": 0,
-          "resumed_n": 0, "wrong": []}  # fmt: skip
+          "resumed_n": 0, "booking_or_identity": 0, "wrong": []}  # fmt: skip
     for conv in r.get("carry_over") or []:
         state: dict = {}
         for i, t in enumerate(conv["turns"]):
@@ -228,6 +234,9 @@ def measure(r: dict, triage: Triage, run) -> dict:
                 else {"emergency": "kept", "attended": "released", "ordinary": "resumed"}[t["expect"]]
             )
             ok = is_em if t["expect"] == "emergency" else not is_em
+            # an emergency turn of a conversation (its opening, or one still unresolved) that books or asks for
+            # identity counts like one of the list
+            co["booking_or_identity"] += t["expect"] == "emergency" and _asks(out, is_em)
             co[f"{key}_n"] += 1
             co[key] += ok
             if not ok:
@@ -261,10 +270,14 @@ def timing(r: dict, triage: Triage, passes: int) -> dict:
 
 def markdown_row(name: str, res: dict) -> str:
     em, od, co, tm = res["emergency"], res["ordinary"], res["carry_over"], res["timing"]
-    carry = f"{co['kept']}/{co['kept_n']} kept, {co['released']}/{co['released_n']} released"
+    carry = (
+        f"{co['opened']}/{co['opened_n']} opened, {co['kept']}/{co['kept_n']} kept, "
+        f"{co['released']}/{co['released_n']} released"
+    )
     return (
         f"| {name} | {res['when']} | {em['caught']}/{em['n']} = {100 * em['caught'] / em['n']:.1f}% | "
-        f"{em['booking_or_identity']} | {od['emergency']}/{od['n']} | {od['caution']}/{od['n']} | "
+        f"{em['booking_or_identity']} (+{co.get('booking_or_identity', 0)} in conversations) | "
+        f"{od['emergency']}/{od['n']} | {od['caution']}/{od['n']} | "
         f"{od['kept']}/{od['n']} | {carry} | {em['fit'].get('fits', 0)}/{sum(em['fit'].values())} fit, "
         f"{em['fit'].get('generic', 0)} generic, {len(em['never'])} never | {tm['p50_ms']:.2f} / {tm['p95_ms']:.2f} ms |"
     )

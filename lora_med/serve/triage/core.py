@@ -123,8 +123,10 @@ class Triage:
         if emergency:
             by = "rules+model" if score >= self.model.emergency_at else "rules"
             return Assessment("emergency", self._clear(emergency, f), by, score, f)
-        # a `rules_only` modifier (a journey) lowers only the categories that list it, not the learned layer
-        if score >= self.model.emergency_at and not (lowering - self.rules.rules_only):
+        # The union decides: a modifier lowers the rules' signs, never the learned layer's emergency. Its
+        # threshold is set where no held-out ordinary message reaches it, jokes and past events included, and a
+        # laugh beside a sign ("jajaja ... no puede sonreir parejo") is how patients play an emergency down.
+        if score >= self.model.emergency_at:
             return Assessment("emergency", self._clear(f.signs | f.cautions, f), "model", score, f)
         # a figure of speech or a lab test ("prueba de embarazo en sangre") is no sign, whatever the model says
         dismissed = any(lowers_to[m] == "none" for m in lowering) and not caution

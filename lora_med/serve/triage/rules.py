@@ -56,7 +56,6 @@ class TriageRules:
         mods = spec.get("modifiers") or {}
         self.lowers_to: dict[str, str] = {}  # modifier -> caution | none
         self.timeless: set[str] = set()  # modifiers a word of now does not undo (a lab test, a figure of speech)
-        self.rules_only: set[str] = set()  # modifiers that lower the rules' categories, never the learned layer
         if not isinstance(mods, dict) or not isinstance(mods.get("now"), list):
             problems.append(
                 f"{where}: 'modifiers' must map `now` (a rule list) and each other modifier to "
@@ -72,8 +71,6 @@ class TriageRules:
                 rules_of[name] = m["rules"]
                 if m.get("despite_now"):
                     self.timeless.add(name)
-                if m.get("rules_only"):
-                    self.rules_only.add(name)
             else:
                 problems.append(f"{where}: modifier {name!r} must be {{lowers_to: caution|none, rules: [...]}}")
         specs: list[tuple[str, list]] = []  # (rule-name prefix, rule list) in file order
