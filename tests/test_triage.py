@@ -949,3 +949,16 @@ def test_round_sixteen_categories(triage, dialog):
     history = _after([("mi hijo se corto el brazo con un vidrio y sangra mucho", "emergency")])
     plan = dialog.decide("lo llevamos caminando a la clinica? cuanto cobran por suturar", history)
     assert plan.action == "emergency" and plan.extra["triage_carried"]  # "llevamos" is not "llegamos"
+
+
+def test_round_seventeen_categories(triage):
+    """A fainting told with its year and "ahora solo quiere chequeo", a morning cough from the season's smoke, a
+    thesis about snakebites, a pill taken after breakfast ("desayuno" is not "desmayo"): none is an emergency."""
+    for message in (
+        "mi mama se desmayo el año pasado por la presion, ahora solo quiere un chequeo, hay el lunes?",
+        "mi tio tose un poquito por las mañanas por el humo de las quemas, que jarabe me recomienda?",
+        "soy estudiante, hago una investigacion sobre quemaduras y mordeduras, puedo hablar con un medico?",
+        "tome el remedio despues del desayuno y no en ayunas, hay problema?",
+    ):
+        assert triage.assess(message).tier != "emergency", message
+    assert triage.assess("salio del incendio y tose negro, tiene la voz ronca").tier == "emergency"
