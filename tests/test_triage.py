@@ -962,3 +962,21 @@ def test_round_seventeen_categories(triage):
     ):
         assert triage.assess(message).tier != "emergency", message
     assert triage.assess("salio del incendio y tose negro, tiene la voz ronca").tier == "emergency"
+
+
+def test_round_eighteen_categories(triage):
+    """Means at hand and suffering are goodbye cues: beside another cue, a farewell; "gracias a Dios" is no
+    "adiós"; a blister from a spade rubs, it does not burn; "está bien ahorita" is a recovery."""
+    for message in (
+        "anulen mi control, ya esta todo decidido, las pastillas estan aqui a mi lado",
+        "ya no puedo mas, cuando ya no este cuiden a mi perro, a que hora cierran?",
+        "para reservar eco de 6 meses? me duele fuerte la boca del estomago y la presion me salio 165/110",
+    ):
+        assert triage.assess(message).tier == "emergency", message
+    for message in (
+        "el veneno de ratas esta aqui en la mesa, se lo puede comer el perro? a que veterinaria me recomiendan",
+        "reserveme una eco de control, estoy de 24 semanas y todo va bien gracias a dios",
+        "que hago si a mi hijo le da una crisis en el colegio? ya esta controlado, esta bien ahorita",
+        "me salio una ampolla en la mano de tanto usar la pala y me sigue doliendo un poquito",
+    ):
+        assert triage.assess(message).tier != "emergency", message

@@ -140,8 +140,9 @@ def _read_ages(t: str) -> str:
         after = t[m.end() : m.end() + 25]
         if re.search(r"naci(?:o|do|da|eron|mos)\s+hace\s*$", before) and days < 365:
             return _mark(m, "lecturalactante lecturamenor3meses" if days < 90 else "lecturalactante")  # born N ago
-        if re.search(r"(?:eco\w*|control\w*|chequeo|prenatal)\s+de\s*$", before) and unit.startswith("sem"):
-            return _mark(m, "lecturaembarazo lecturapretermino" if n < 37 else "lecturaembarazo")  # "eco de 32 semanas"
+        if re.search(r"(?:eco\w*|control\w*|chequeo|prenatal)\s+de\s*$", before) and 4 <= days <= 300:
+            weeks = _weeks(n, unit, days)  # "eco de 32 semanas", "ecografía de 7 meses"
+            return _mark(m, "lecturaembarazo lecturapretermino" if weeks < 37 else "lecturaembarazo")
         if _PAST.search(before) or re.match(r"\s*(?:seguid|sin |que |atras)", after):
             return m.group(0)  # "hace 3 semanas", "cada 3 meses": a time, not an age
         gestation = _mark(m, "lecturaembarazo lecturapretermino" if _weeks(n, unit, days) < 37 else "lecturaembarazo")
