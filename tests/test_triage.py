@@ -980,3 +980,15 @@ def test_round_eighteen_categories(triage):
         "me salio una ampolla en la mano de tanto usar la pala y me sigue doliendo un poquito",
     ):
         assert triage.assess(message).tier != "emergency", message
+
+
+def test_round_nineteen_categories(triage):
+    """Not keeping even water and not peeing is severe dehydration; a surname ("Choque"), blood drawn for a
+    test, and a student's work about a disease are not signs."""
+    assert triage.assess("vomito todo, no retengo ni el agua y no meo desde la mañana").tier == "emergency"
+    for message in (
+        "ya salieron los resultados? me saque sangre ayer, a nombre de Juan Choque",
+        "estoy haciendo una tarea sobre convulsiones y ataques cardiacos, tienen folletos?",
+    ):
+        assert triage.assess(message).tier != "emergency", message
+    assert triage.assess("tuvimos un choque en la moto, mi hermano no despierta").tier == "emergency"
