@@ -277,6 +277,17 @@ def test_a_category_may_not_cover_one_its_line_is_forbidden_for(tmp_path):
     assert any("anaphylaxis.advice" in p and "bite_swelling" in p and "covers" in p for p in e.value.problems)
 
 
+def test_company_releases_must_be_a_yes_or_no(tmp_path):
+    for name in ("triage-advice.yaml", "triage-model.safetensors"):
+        (tmp_path / name).write_bytes((REPO / "configs" / name).read_bytes())
+    spec = yaml.safe_load((REPO / "configs" / "triage.yaml").read_text(encoding="utf-8"))
+    spec["categories"]["farewell"]["company_releases"] = "si"
+    (tmp_path / "triage.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        Triage(tmp_path / "triage.yaml")
+    assert any("'farewell'" in p and "company_releases" in p and "true or false" in p for p in e.value.problems)
+
+
 # --------------------------------------------------------------------------- protected words, the matcher
 
 

@@ -14,7 +14,7 @@ from ..matcher import RuleSet
 
 LOWER = ("caution", "none")  # what a modifier can lower an emergency sign to; `now` keeps it
 _ATTENDED = ("attended", "not_attended")
-_OPTIONAL = ("company",)  # someone stays with them: releases only the categories that list it (`released_by`)
+_OPTIONAL = ("company",)  # someone stays with them: releases only categories with `company_releases: true`
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,8 @@ class TriageRules:
             unknown = set(c) - {"rules", "caution_rules", "mentions", "soften", "covers", "parent", "company_releases"}
             if unknown:
                 problems.append(f"{where}: category {name!r}: unknown key(s) {', '.join(sorted(unknown))}")
+            if not isinstance(c.get("company_releases", False), bool):
+                problems.append(f"{where}: category {name!r}: 'company_releases' must be true or false")
             soften = c.get("soften", default_soften)
             if not isinstance(soften, list) or set(soften) - set(self.lowers_to):
                 problems.append(f"{where}: category {name!r}: 'soften' must list some of {', '.join(self.lowers_to)}")
