@@ -1003,3 +1003,18 @@ def test_round_nineteen_categories(triage):
     ):
         assert triage.assess(message).tier != "emergency", message
     assert triage.assess("tuvimos un choque en la moto, mi hermano no despierta").tier == "emergency"
+
+
+def test_a_category_without_lines_speaks_with_its_parent_s(triage, tmp_path):
+    """`farewell` has no advice lines of its own: it gets `suicidal`'s. Without a parent with lines, the file is
+    refused, naming the category."""
+    assert triage.advice.advice("farewell") == triage.advice.advice("suicidal")
+    assert triage.advice.caution("farewell") == triage.advice.caution("suicidal")
+    for name in ("triage-advice.yaml", "triage-model.safetensors"):
+        (tmp_path / name).write_bytes((REPO / "configs" / name).read_bytes())
+    spec = yaml.safe_load((REPO / "configs" / "triage.yaml").read_text(encoding="utf-8"))
+    del spec["categories"]["farewell"]["parent"]
+    (tmp_path / "triage.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        Triage(tmp_path / "triage.yaml")
+    assert any("'farewell'" in p and "no 'advice'" in p for p in e.value.problems)

@@ -31,7 +31,13 @@ class Lines:
 class Advice:
     """The advice lines of every category, the generic ones, and the ``never`` table."""
 
-    def __init__(self, path: Path, categories: set[str], covers: dict[str, frozenset[str]] | None = None):
+    def __init__(
+        self,
+        path: Path,
+        categories: set[str],
+        covers: dict[str, frozenset[str]] | None = None,
+        parents: dict[str, str | None] | None = None,
+    ):
         spec = read_yaml(path, "--emergency (advice)")
         where = str(path)
         problems: list[str] = []
@@ -40,9 +46,10 @@ class Advice:
         lines = spec.get("categories") or {}
         self.lines: dict[str, Lines] = {}
         for name in sorted(categories):
-            item = lines.get(name)
+            # a category without lines of its own speaks with its parent's (farewell -> suicidal)
+            item = lines.get(name, lines.get((parents or {}).get(name) or ""))
             if not isinstance(item, dict):
-                problems.append(f"{where}: category {name!r} has no 'advice' and 'caution' lines")
+                problems.append(f"{where}: category {name!r} has no 'advice' and 'caution' lines (nor has its parent)")
                 continue
             advice = _line(item.get("advice"), f"{where}: {name}.advice", problems)
             caution = _line(item.get("caution"), f"{where}: {name}.caution", problems)

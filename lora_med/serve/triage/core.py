@@ -90,8 +90,9 @@ class Triage:
         self.flow_replies = {a: " ".join(v.split()) for a, v in flows.items()}
         self.must_not_say = RuleSet.from_spec(spec.get("model_must_not_say"), {}, f"{where} model_must_not_say")
         advice_path = path.parent / spec["advice"]
-        covers = {n: c.covers for n, c in self.rules.categories.items()}
-        self.advice = Advice(advice_path, set(self.rules.categories), covers)
+        cats = self.rules.categories
+        covers = {n: c.covers for n, c in cats.items()}
+        self.advice = Advice(advice_path, set(cats), covers, {n: c.parent for n, c in cats.items()})
         self.model = LearnedModel.load(path.parent / learned["file"], learned.get("sha256"))
         digest = hashlib.sha256(path.read_bytes() + advice_path.read_bytes()).hexdigest()
         self.rules_version = f"{path.name}@{digest[:12]}"
