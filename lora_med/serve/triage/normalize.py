@@ -138,19 +138,18 @@ def _read_ages(t: str) -> str:
             days += 15 if unit.startswith("mes") else 3
         before = t[max(0, m.start() - 40) : m.start()]
         after = t[m.end() : m.end() + 25]
-        if re.search(r"naci(?:o|do|da|eron|mos)\s+hace\s*$", before) and days < 365:
-            return _mark(m, "lecturalactante lecturamenor3meses" if days < 90 else "lecturalactante")  # born N ago
+        gestation = _mark(m, "lecturaembarazo lecturapretermino" if _weeks(n, unit, days) < 37 else "lecturaembarazo")
+        baby = _mark(m, "lecturalactante lecturamenor3meses" if days < 90 else "lecturalactante" if days < 365 else "")
+        if re.search(r"naci(?:o|do|da|eron|mos)\s+hace\s*$", before):
+            return baby  # "nació hace 40 días": an age, though told with "hace"
         if re.search(r"(?:eco\w*|control\w*|chequeo|prenatal)\s+de\s*$", before) and 4 <= days <= 300:
-            weeks = _weeks(n, unit, days)  # "eco de 32 semanas", "ecografía de 7 meses"
-            return _mark(m, "lecturaembarazo lecturapretermino" if weeks < 37 else "lecturaembarazo")
+            return gestation  # "eco de 32 semanas", "ecografía de 7 meses"
         if _PAST.search(before) or re.match(r"\s*(?:seguid|sin |que |atras)", after):
             return m.group(0)  # "hace 3 semanas", "cada 3 meses": a time, not an age
-        gestation = _mark(m, "lecturaembarazo lecturapretermino" if _weeks(n, unit, days) < 37 else "lecturaembarazo")
         if re.match(r"\s*(?:de embarazo|de gestacion|embarazada)", after) or re.search(
             r"(?:embarazada de|estoy de|esta de|estas de|toy de|toi de)\s*$", before
         ):
             return gestation if 4 <= days <= 300 else m.group(0)
-        baby = _mark(m, "lecturalactante lecturamenor3meses" if days < 90 else "lecturalactante" if days < 365 else "")
         if re.search(rf"{_BABY}(?:\s+(?:de|tiene|ya|con|que|q|solo|apenas|recien|cumple|cumplio)){{0,3}}\s*$", before):
             return baby  # "mi bebé de 3 semanas", "la wawa ya tiene 2 meses"
         if re.match(r"\s*(?:de nacid|de vida|de edad|nacid)", after):
