@@ -395,6 +395,13 @@ def _after(turns: list[tuple[str, str]]) -> list[Turn]:
     return out
 
 
+def assert_released(dialog, history: list[Turn], *messages: str) -> None:
+    """Each message, after ``history`` (a carried emergency), ends it: not an emergency, and released."""
+    for message in messages:
+        plan = dialog.decide(message, history)
+        assert plan.action != "emergency" and plan.extra["triage_released"], message
+
+
 def test_an_emergency_carries_over_until_the_patient_is_attended(triage, dialog):
     history = _after([("mi papa tiene dolor de pecho fuerte y suda frio", "emergency")])
     for message in (
@@ -413,9 +420,9 @@ def test_an_emergency_carries_over_until_the_patient_is_attended(triage, dialog)
 
 def test_the_carried_emergency_ends_when_they_are_attended(dialog):
     history = _after([("mi hijo esta convulsionando", "emergency"), ("dame cita", "emergency")])
-    for message in ("ya estamos en el hospital", "ya llego la ambulancia, se lo estan llevando", "ya lo atendieron"):
-        plan = dialog.decide(message, history)
-        assert plan.action != "emergency" and plan.extra["triage_released"], message
+    assert_released(
+        dialog, history, "ya estamos en el hospital", "ya llego la ambulancia, se lo estan llevando", "ya lo atendieron"
+    )
     released = history + _after([("ya lo atendieron en emergencias", "chat")])
     plan = dialog.decide("quiero una cita con el pediatra para el lunes", released)
     assert plan.action == "schedule_appointment" and plan.extra["triage"] == "none" and plan.reply is None
@@ -423,13 +430,13 @@ def test_the_carried_emergency_ends_when_they_are_attended(dialog):
 
 def test_being_brought_to_a_hospital_or_treated_there_ends_the_carried_emergency(dialog):
     history = _after([("a mi tio le mordio una vibora en el chaco y se le hincha la pierna", "emergency")])
-    for message in (
+    assert_released(
+        dialog,
+        history,
         "ya lo trasladaron al hospital de Warnes",
         "lo llevaron a la clinica del norte, le estan poniendo suero",
         "ya la internaron, le estan pasando oxigeno",
-    ):
-        plan = dialog.decide(message, history)
-        assert plan.action != "emergency" and plan.extra["triage_released"], message
+    )
     for message in (
         "todavia no llegamos al hospital, no hay movilidad",
         "lo llevaron al hospital pero no lo atienden",
@@ -444,12 +451,12 @@ def test_signs_told_while_in_care_release_and_a_plan_to_come_here_does_not(dialo
     same emergency being treated); being driven to a hospital by someone else counts; bringing the patient to
     this clinic (no emergency room) does not."""
     history = _after([("me duele muchisimo la barriga abajo a la derecha y tengo fiebre", "emergency")])
-    for message in (
+    assert_released(
+        dialog,
+        history,
         "ya estoy internado, dicen que es apendicitis y me van a operar",
         "ya nos llevo el vecino en su auto al hospital de niños, ya le pusieron oxigeno",
-    ):
-        plan = dialog.decide(message, history)
-        assert plan.action != "emergency" and plan.extra["triage_released"], message
+    )
     for message in ("tienen pediatra ahora? lo llevo a su clinica", "me duele mas, estoy en mi casa"):
         plan = dialog.decide(message, history)
         assert plan.action == "emergency", message
@@ -496,14 +503,14 @@ def test_diminutives_about_to_faint_and_a_discharge(triage):
 
 def test_care_told_in_many_ways_releases_a_carried_emergency(dialog):
     history = _after([("mi hijo no despierta y respira raro", "emergency")])
-    for message in (
+    assert_released(
+        dialog,
+        history,
         "estoy en la posta, me pusieron una inyeccion y suero",
         "el pediatra de guardia ya la reviso, se queda en observacion",
         "los paramedicos ya le pusieron suero con glucosa aqui en la casa",
         "un bombero le dio oxigeno y ahora vamos en la ambulancia",
-    ):
-        plan = dialog.decide(message, history)
-        assert plan.action != "emergency" and plan.extra["triage_released"], message
+    )
     for message in ("mi hermana me va a llevar al hospital mas tarde", "no tenemos suero en casa, que le doy?"):
         assert dialog.decide(message, history).action == "emergency", message
 
@@ -655,7 +662,9 @@ def test_care_told_by_who_gives_it_or_what_they_do_ends_the_carried_emergency(di
     history = _after(
         [("mi papa se cayo de la escalera, se golpeo la cabeza y vomito dos veces, esta confundido", "emergency")]
     )
-    for message in (
+    assert_released(
+        dialog,
+        history,
         "ahorita una enfermera le esta limpiando la herida y un medico lo esta revisando",
         "ya vinieron los bomberos, le pusieron un collarin y lo subieron a la camilla",
         "estamos con el paramedico, le esta tomando la presion",
@@ -666,9 +675,7 @@ def test_care_told_by_who_gives_it_or_what_they_do_ends_the_carried_emergency(di
         "ya le hicieron una tomografia y dicen que esta estable",
         "llego el 118 y lo estan subiendo",
         "la doctora de turno lo esta examinando ahorita",
-    ):
-        plan = dialog.decide(message, history)
-        assert plan.action != "emergency" and plan.extra["triage_released"], message
+    )
     for message in (
         "hay doctor ahorita en su clinica?",
         "estamos en una emergencia ayuda",
@@ -726,14 +733,14 @@ def test_a_nosebleed_that_comes_and_goes_is_a_caution(triage):
 
 def test_being_in_the_emergency_room_or_with_the_staff_ends_the_carried_emergency(dialog):
     history = _after([("mi hija tiene fiebre alta, el cuello tieso y esta como perdida, no me reconoce", "emergency")])
-    for message in (
+    assert_released(
+        dialog,
+        history,
         "ya estamos con el oxigeno puesto en la sala de emergencias, esta mas tranquila",
         "la tienen en la sala de observacion y los medicos estan con ella",
         "le estan pasando antibiotico por la vena",
         "los enfermeros siguen con ella, le bajaron la fiebre",
-    ):
-        plan = dialog.decide(message, history)
-        assert plan.action != "emergency" and plan.extra["triage_released"], message
+    )
     for message in ("no hay nadie en la sala de emergencias", "la llevo a la sala de emergencias?"):
         plan = dialog.decide(message, history)
         assert plan.action == "emergency" and not plan.extra.get("triage_released"), message
@@ -804,14 +811,14 @@ def test_an_ingestion_weeks_ago_that_ended_is_a_caution_and_days_ago_is_not(tria
 
 def test_company_ends_a_carried_suicidal_crisis_and_not_a_medical_emergency(dialog):
     suicidal = _after([("ya no aguanto mas, mejor me despido de todos, ya no quiero vivir", "emergency")])
-    for message in (
+    assert_released(
+        dialog,
+        suicidal,
         "mi mama esta conmigo ahora, no me deja sola",
         "vino mi amigo, se va a quedar conmigo esta noche",
         "estoy acompañada de mi prima",
         "llego mi hermano, ya no estoy solo",
-    ):
-        plan = dialog.decide(message, suicidal)
-        assert plan.action != "emergency" and plan.extra["triage_released"], message
+    )
     for message in ("nadie esta conmigo", "estoy sola, no hay nadie", "mi hermana no contesta, estoy sola"):
         assert dialog.decide(message, suicidal).action == "emergency", message
     chest = _after([("mi papa tiene un dolor fuerte en el pecho y suda frio", "emergency")])
@@ -821,13 +828,13 @@ def test_company_ends_a_carried_suicidal_crisis_and_not_a_medical_emergency(dial
 
 def test_kept_in_care_on_treatment_or_on_the_way_ends_the_carried_emergency(dialog):
     history = _after([("a mi hijo le mordio una serpiente en el pie y se le esta hinchando la pierna", "emergency")])
-    for message in (
+    assert_released(
+        dialog,
+        history,
         "ahorita lo tienen monitoreado en la sala",
         "ya lo tienen internado y le empezaron el suero",
         "vamos camino al hospital con mi tio en su camioneta",
-    ):
-        plan = dialog.decide(message, history)
-        assert plan.action != "emergency" and plan.extra["triage_released"], message
+    )
     for message in ("tenemos que ir al hospital pero no hay movilidad", "el hospital esta lejos, que hago?"):
         assert dialog.decide(message, history).action == "emergency", message
 
@@ -863,13 +870,13 @@ def test_a_question_about_anyone_a_talk_a_discharge_and_greetings_are_not_emerge
 
 def test_canalized_a_running_drip_going_together_and_not_leaving_their_side(dialog):
     history = _after([("mi hijo vomita todo y tiene diarrea desde ayer, no orina y esta muy decaido", "emergency")])
-    for message in (
+    assert_released(
+        dialog,
+        history,
         "en el hospital ya lo canalizaron",
         "ya le esta entrando el suero",
         "vamos juntos con mi esposo a urgencias en un taxi",
-    ):
-        plan = dialog.decide(message, history)
-        assert plan.action != "emergency" and plan.extra["triage_released"], message
+    )
     suicidal = _after([("ya no aguanto mas, mejor me despido de todos, ya no quiero vivir", "emergency")])
     plan = dialog.decide("mi hermano vino y no se va a mover de mi lado", suicidal)
     assert plan.action != "emergency" and plan.extra["triage_released"]
@@ -893,13 +900,13 @@ def test_round_fourteen_categories(triage, dialog):
         assert triage.assess(message).tier != "emergency", message
     assert triage.assess("me siento mal desde hace semanas, ultimamente no quiero vivir").tier == "emergency"
     history = _after([("mi hijo se golpeo la cabeza, vomita y esta muy dormido", "emergency")])
-    for message in (
+    assert_released(
+        dialog,
+        history,
         "ya lo tienen en el hospital del norte",
         "el doctor esta a su lado ahora",
         "le estan haciendo una eco en la clinica",
-    ):
-        plan = dialog.decide(message, history)
-        assert plan.action != "emergency" and plan.extra["triage_released"], message
+    )
 
 
 def test_round_fifteen_categories(triage, dialog):
@@ -917,12 +924,12 @@ def test_round_fifteen_categories(triage, dialog):
     assert triage.assess("queremos una charla sobre diabetes e infartos para el club de madres").tier != "emergency"
     assert "past" not in triage.assess("estoy parado en la puerta de la clinica, esta abierto?").findings.modifiers
     history = _after([("me duele horrible la barriga abajo a la derecha con fiebre y vomitos", "emergency")])
-    for message in (
+    assert_released(
+        dialog,
+        history,
         "la estan preparando para quirofano",
         "en la guardia ya le dieron algo para el dolor",
-    ):
-        plan = dialog.decide(message, history)
-        assert plan.action != "emergency" and plan.extra["triage_released"], message
+    )
     suicidal = _after([("ya no quiero vivir, no le veo sentido a nada", "emergency")])
     assert dialog.decide("estoy con mi hermana, ya estoy a salvo", suicidal).extra.get("triage_released")
     assert dialog.decide("no estoy a salvo, estoy sola", suicidal).action == "emergency"
