@@ -387,6 +387,12 @@ class BenchConfig:
         "of its own length (1/4 to 2x --new-tokens); 0: off",
         min=0,
     )
+    system_tokens: int = setting(
+        0,
+        "the concurrent workload's prompts all start with this many shared tokens, as a server's start with its "
+        "system prompt: the engine keeps them in its prefix cache (as serve does), genai in a generator it rewinds",
+        min=0,
+    )
     genai_python: str | None = setting(
         None,
         "the interpreter of the separate environment holding onnxruntime-genai's model builder, which builds the "

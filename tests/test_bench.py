@@ -331,14 +331,17 @@ def test_llama_family_shape_with_int4_concurrency_and_the_genai_peers(tmp_path):
     from lora_med.bench import genai
 
     wanted = ["engine-cpu-fp32", "engine-cpu-int4", "genai-cpu-fp32", "genai-cpu-int4"]
-    cfg = dict(FAST, throughput=False, concurrent=4)
+    cfg = dict(FAST, throughput=False, concurrent=4, system_tokens=24)
     r = bench(BenchConfig(shape="tiny-qwen2", out=str(tmp_path), max_latency_s=60.0, backends=wanted, **cfg)).report
     rows = {x["backend"]: x for x in r["latency"]}
     assert r["inputs"]["shape"]["model_type"] == "qwen2"
     for name in ("engine-cpu-fp32", "engine-cpu-int4"):
         c = rows[name]["concurrent"]
         assert c["reply_tokens"] == [2, 7, 11, 16] and c["useful_tokens"] == 36  # 8 // 4 .. 2 x 8
-        assert c["best_mode"] == "continuous batching" and c["tokens_per_s"] > 0
+        assert c["system_tokens"] == 24 and all(n > 24 for n in c["prompt_tokens"])
+        assert c["best_mode"] == "continuous batching, system prompt kept" and c["tokens_per_s"] > 0
+        assert c["reused_prompt_tokens"] == 4 * 24  # every prompt of a run took the shared start from the cache
+    assert "each starting with the same 24 (a system prompt)" in (tmp_path / "report.md").read_text()
     why = genai.missing(genai.builder_python(None))
     if why:
         skipped = {s["backend"]: s["reason"] for s in r["skipped_backends"]}
@@ -347,7 +350,8 @@ def test_llama_family_shape_with_int4_concurrency_and_the_genai_peers(tmp_path):
     for name in ("genai-cpu-fp32", "genai-cpu-int4"):
         x = rows[name]
         assert x["kind"] == "genai" and x["reply_s"]["n"] == 4 and x["weight_bytes"] > 0
-        assert set(x["concurrent"]["modes"]) == {"static batch", "one at a time"}
+        modes = {"static batch", "Engine, static batch", "one at a time", "one at a time, system prompt kept"}
+        assert set(x["concurrent"]["modes"]) == modes and x["concurrent"]["system_tokens"] == 24
     pairs = {(c["engine"], c["peer"]) for c in r["engine_vs_peers"]}
     assert {("engine-cpu-fp32", "genai-cpu-fp32"), ("engine-cpu-int4", "genai-cpu-int4")} <= pairs
     assert len(r["concurrent_vs_genai"]) == 2 and all(c["ratio"] > 0 for c in r["concurrent_vs_genai"])

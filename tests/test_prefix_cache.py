@@ -106,3 +106,34 @@ def test_a_next_turn_joining_a_running_batch_reuses_its_prefix(engines):
             done.update((f.handle, f.ids) for f in st.step())
     assert [done[h_other], done[h_follow]] == [plain.generate([other], s)[0], plain.generate([follow], s)[0]]
     assert cached.prefix_cache.reused_tokens - before >= len(first) + len(reply) - 1
+
+
+def test_a_kept_system_prompt_is_reused_by_the_first_prompts_after_it(engines, tiny_base):
+    """keep_prefix: what serve does with its system prompt at start. The prompts that follow prefill only their
+    own tokens and get the replies they get without the cache."""
+    plain, cached = engines
+    g = np.random.default_rng(7)
+    s = GenerationSettings(max_new_tokens=6)
+    system = _turn(g, plain.vocab_size, 24)
+    prompts = [system + _turn(g, plain.vocab_size, n) for n in (3, 9)]
+    cached.prefix_cache.clear()
+    assert (len(cached.prefix_cache), cached.prefix_cache.nbytes, cached.prefix_cache.hits) == (0, 0, 0)
+    assert cached.keep_prefix(system) == 24 and len(cached.prefix_cache) == 1
+    assert cached.prefix_cache.prompt_tokens == 0  # keeping is not a prompt
+    assert cached.generate(prompts, s) == plain.generate(prompts, s)
+    assert cached.prefix_cache.hits == 2 and cached.prefix_cache.reused_tokens == 2 * 24
+    assert cached.keep_prefix(system[:5]) == 0  # under the cache's minimum: nothing kept
+    assert plain.keep_prefix(system) == 0  # no prefix cache
+    with load_engine(tiny_base, device="cpu") as torch_side, torch_side.keeping_prefixes(2**20) as cache:
+        assert cache is None and torch_side.keep_prefix(system) == 0  # no rows to restore
+
+
+def test_keeping_prefixes_lends_a_cache_and_gives_the_old_one_back(engines):
+    plain, cached = engines
+    own = cached.prefix_cache
+    with plain.keeping_prefixes(2**20) as cache:
+        assert cache is not None and plain.prefix_cache is cache and cache.max_bytes == 2**20
+    assert plain.prefix_cache is None
+    with cached.keeping_prefixes(0) as cache:
+        assert cache is None and cached.prefix_cache is None  # 0 bytes: none in the block
+    assert cached.prefix_cache is own

@@ -987,3 +987,28 @@ def test_example_settings_file_loads():
     cfg = load_config(ServeConfig, REPO / "configs" / "serve.yaml", {"model": str(REPO / "models" / "gpt2-es-tiny")})
     check(cfg)
     assert cfg.max_batch == 8 and cfg.idle_minutes == 30.0 and cfg.rate_limit == 20
+
+
+def test_the_system_prompt_is_kept_in_the_prefix_cache_from_the_start(exported):
+    """A system prompt opens every prompt: load_replier keeps its KV cache at start, so the first patient after
+    a restart prefills only their own message, and gets the reply a replier without the cache gives."""
+    from lora_med.serve import ServeConfig
+    from lora_med.serve.replier import load_replier
+
+    system = "Eres el asistente de citas de la clínica Cañada del Carmen. Responde breve y en español."
+    kept = load_replier(ServeConfig(model=str(exported["fp32"]), threads=1, system_prompt=system))
+    cold = load_replier(ServeConfig(model=str(exported["fp32"]), threads=1, system_prompt=system, prefix_cache_mb=0))
+    plain = load_replier(ServeConfig(model=str(exported["fp32"]), threads=1))
+    try:
+        start = kept.shared_start()
+        assert start == kept.prompt([Message("system", system)])[: len(start)] and len(start) > 8
+        prompt = kept.prompt([Message("user", "quiero una cita para pediatría")])
+        assert prompt[: len(start)] == start and len(prompt) > len(start)
+        cache = kept.engine.prefix_cache
+        assert len(cache) == 1 and cache.hits == 0  # kept before any request
+        assert kept.generate([prompt]) == cold.generate([prompt])
+        assert cache.hits == 1 and cache.reused_tokens == len(start)
+        assert plain.shared_start() == [] and len(plain.engine.prefix_cache) == 0  # nothing to keep
+    finally:
+        for r in (kept, cold, plain):
+            r.close()

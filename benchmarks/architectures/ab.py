@@ -80,13 +80,13 @@ class Runner:
         total = time.perf_counter() - t0
         return {"total_s": total, "first_token_s": first, "step_ms": 1000 * (total - first) / (n - 1)}
 
-    def together(self, prompts: list[list[int]], n: int, new_tokens: int) -> dict:
+    def together(self, prompts: list[list[int]], n: int, new_tokens: int, system_tokens: int) -> dict:
         def timer(fn) -> float:
             t0 = time.perf_counter()
             fn()
             return time.perf_counter() - t0
 
-        return concurrent.measure(self.kind, self.model, timer, prompts, n, new_tokens, 1, self.pad)
+        return concurrent.measure(self.kind, self.model, timer, prompts, n, new_tokens, 1, self.pad, system_tokens)
 
 
 def main() -> None:
@@ -97,6 +97,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--concurrent", type=int, default=0)
+    ap.add_argument("--system-tokens", type=int, default=0, help="the concurrent prompts' shared start")
+    ap.add_argument("--batch1", type=int, default=1, help="0: the concurrent workload only")
     ap.add_argument("--work", default=None, help="where the graphs are built [default: a temporary folder]")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -120,24 +122,28 @@ def main() -> None:
     for i in range(a.rounds):
         for r in runners:
             rows[r.name]["idle"].append(round(wait_for_quiet(), 2))
-            rows[r.name]["batch1"].append(r.batch1(prompt, a.new_tokens))
+            if a.batch1:
+                rows[r.name]["batch1"].append(r.batch1(prompt, a.new_tokens))
             if a.concurrent and i < 2:  # two rounds of the (long) concurrent workload
-                rows[r.name]["together"].append(r.together(prompts, a.concurrent, a.new_tokens))
+                rows[r.name]["together"].append(r.together(prompts, a.concurrent, a.new_tokens, a.system_tokens))
         load.append(os.getloadavg()[0])
         print(f"round {i + 1}/{a.rounds} done, load {load[-1]:.2f}", flush=True)
     out = {"shape": info, "threads": a.threads, "new_tokens": a.new_tokens, "rounds": a.rounds, "load_1m": load}
+    out["system_tokens"] = a.system_tokens
     out["backends"] = {}
     for name, acc in rows.items():
-        tot = [x["total_s"] for x in acc["batch1"]]
-        best = min(acc["batch1"], key=lambda x: x["total_s"])
-        res = {
-            "total_ms_best": 1000 * best["total_s"],
-            "total_ms_median": 1000 * statistics.median(tot),
-            "first_token_ms_best": 1000 * min(x["first_token_s"] for x in acc["batch1"]),
-            "step_ms_best": min(x["step_ms"] for x in acc["batch1"]),
+        res: dict = {
             "idle_before_rounds": acc["idle"],
             "weight_bytes": sum(f.stat().st_size for f in folders[name].glob("model.onnx*")),
         }
+        if acc["batch1"]:
+            tot = [x["total_s"] for x in acc["batch1"]]
+            res.update(
+                total_ms_best=1000 * min(tot),
+                total_ms_median=1000 * statistics.median(tot),
+                first_token_ms_best=1000 * min(x["first_token_s"] for x in acc["batch1"]),
+                step_ms_best=min(x["step_ms"] for x in acc["batch1"]),
+            )
         if acc["together"]:
             res["together"] = max(acc["together"], key=lambda x: x["tokens_per_s"])
         out["backends"][name] = res
@@ -156,37 +162,41 @@ def markdown(r: dict, shape: str) -> str:
         f"once per round after waiting for >= 85% idle cores; 1-min load average by round: "
         f"{', '.join(f'{x:.2f}' for x in r['load_1m'])}.",
         "",
-        f"Batch 1, a 32-token prompt then {r['new_tokens']} greedy tokens:",
-        "",
-        "| backend | total ms (best) | total ms (median) | first token ms (best) | ms per step (best) | graph MB |",
-        "|---|---:|---:|---:|---:|---:|",
     ]
-    for name, x in r["backends"].items():
-        lines.append(
-            f"| {name} | {x['total_ms_best']:.0f} | {x['total_ms_median']:.0f} | {x['first_token_ms_best']:.0f} | "
-            f"{x['step_ms_best']:.1f} | {x['weight_bytes'] / 1e6:.0f} |"
-        )
     names = list(r["backends"])
     pairs = [
         (e, "genai-" + e[len("engine-") :])
         for e in names
         if e.startswith("engine-") and "genai-" + e[len("engine-") :] in names
     ]
-    if pairs:
-        lines += ["", "| engine / genai | total (best) | total (median) |", "|---|---:|---:|"]
-        for e, g in pairs:
-            a, b = r["backends"][e], r["backends"][g]
+    if any("total_ms_best" in x for x in r["backends"].values()):
+        lines += [
+            f"Batch 1, a 32-token prompt then {r['new_tokens']} greedy tokens:",
+            "",
+            "| backend | total ms (best) | total ms (median) | first token ms (best) | ms per step (best) | graph MB |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name, x in r["backends"].items():
             lines.append(
-                f"| {e} / {g} | {a['total_ms_best'] / b['total_ms_best']:.2f}x | "
-                f"{a['total_ms_median'] / b['total_ms_median']:.2f}x |"
+                f"| {name} | {x['total_ms_best']:.0f} | {x['total_ms_median']:.0f} | {x['first_token_ms_best']:.0f} | "
+                f"{x['step_ms_best']:.1f} | {x['weight_bytes'] / 1e6:.0f} |"
             )
+        if pairs:
+            lines += ["", "| engine / genai | total (best) | total (median) |", "|---|---:|---:|"]
+            for e, g in pairs:
+                a, b = r["backends"][e], r["backends"][g]
+                lines.append(
+                    f"| {e} / {g} | {a['total_ms_best'] / b['total_ms_best']:.2f}x | "
+                    f"{a['total_ms_median'] / b['total_ms_median']:.2f}x |"
+                )
     together = {n: x["together"] for n, x in r["backends"].items() if "together" in x}
     if together:
         c0 = next(iter(together.values()))
         lines += [
             "",
-            f"{c0['prompts']} prompts arriving together ({c0['prompt_tokens']} prompt tokens, replies of "
-            f"{c0['reply_tokens']} tokens, {c0['useful_tokens']} useful), best of 2 rounds:",
+            f"{c0['prompts']} prompts arriving together ({c0['prompt_tokens']} prompt tokens"
+            + (f", the first {c0['system_tokens']} shared by all" if c0.get("system_tokens") else "")
+            + f", replies of {c0['reply_tokens']} tokens, {c0['useful_tokens']} useful), best of 2 rounds:",
             "",
             "| backend | mode | seconds | useful tokens/s |",
             "|---|---|---:|---:|",

@@ -2,8 +2,10 @@
 (``genai-cpu-fp32``, ``genai-cpu-int4``; ``genai-cuda-fp16`` on a GPU).
 
 onnxruntime-genai writes decode graphs for Llama, Qwen2/3, Mistral, Phi, Gemma (not GPT-2) and runs them with a
-generator of its own (static batches, no continuous batching or prefix cache). It is the obvious peer for the
-engine on these models, and it is optional: nothing in lora-med needs it.
+generator of its own (static batches) and, since 0.18, an ``Engine`` of requests. The Engine's continuous
+batching and prefix cache need the builder's PagedAttention graph, which it writes for CUDA and WebGPU fp16 only:
+on the CPU the Engine batches statically, like the generator. It is the obvious peer for the engine on these
+models, and it is optional: nothing in lora-med needs it.
 
 Installing it (``scripts/setup-genai.sh``) takes two places, because its two halves want different things:
 
@@ -36,6 +38,7 @@ DEFAULT_PYTHON = REPO_ROOT / ".venv-genai" / "bin" / "python"
 # backend name -> (builder precision, builder execution provider)
 BACKENDS = {"genai-cpu-fp32": ("fp32", "cpu"), "genai-cpu-int4": ("int4", "cpu"), "genai-cuda-fp16": ("fp16", "cuda")}
 SETUP = "bash scripts/setup-genai.sh"
+ENGINE_ROWS = 64  # requests genai's Engine takes at once (the concurrent workload's --concurrent at most)
 BUILD_TIMEOUT_S = 1800
 
 
@@ -90,9 +93,13 @@ def build(model_dir: Path, out: Path, backend: str, python: Path, threads: int) 
 
 
 def load(folder: Path):
+    """genai's model for ``folder``, its static Engine allowed ``ENGINE_ROWS`` requests at once (its default is 4;
+    the cache is allocated per batch, not at load)."""
     import onnxruntime_genai as og
 
-    return og.Model(str(folder))
+    config = og.Config(str(folder))
+    config.overlay(json.dumps({"engine": {"static_batching": {"max_batch_size": ENGINE_ROWS}}}))
+    return og.Model(config)
 
 
 def decode(model, ids: list[int], n: int) -> int:
@@ -123,3 +130,70 @@ def decode_batch(model, prompts: list[list[int]], n: int, pad: int) -> None:
     g.append_tokens(ids)
     while not g.is_done():
         g.generate_next_token()
+
+
+def _greedy_turn(og, request, n: int):
+    opts = og.TurnOptions(request)
+    opts.set_do_sample(False)
+    opts.set_max_generated_tokens(n)
+    opts.set_min_generated_tokens(n)
+    return opts
+
+
+def engine_batch(engine, prompts: list[list[int]], lengths: list[int]) -> None:
+    """Every prompt as a Request to genai's ``og.Engine(model)``, each for exactly its length, run until all are
+    done. On the CPU this Engine batches statically (a row is released only with its batch): its continuous
+    batching and prefix cache need the builder's PagedAttention graph, which it writes for CUDA and WebGPU fp16
+    only.
+
+    Raises:
+        LoraMedError: the Engine reported a failed request.
+    """
+    import onnxruntime_genai as og
+
+    requests = []
+    for p, n in zip(prompts, lengths):
+        r = engine.create_request()
+        r.begin_turn(np.asarray(p, np.int32), _greedy_turn(og, r, n))
+        requests.append(r)
+    buffer, done = engine.create_event_buffer(256), 0
+    failed, finished = og.EngineEventFlags.FAILED.value, og.EngineEventFlags.TURN_FINISHED.value
+    try:
+        while done < len(requests):
+            for event in engine.run(buffer):
+                if event.flags.value & failed:
+                    raise LoraMedError(f"onnxruntime-genai's Engine failed a request ({event.error_code})")
+                done += bool(event.flags.value & finished)
+    finally:
+        for r in requests:
+            r.close()
+
+
+class KeptPrefix:
+    """One genai generator holding ``system`` (a start every prompt shares) in its KV cache: each prompt rewinds
+    to it and appends only what follows (``rewind_to``), one request at a time. genai's way of keeping a system
+    prompt on the CPU, where its Engine has no prefix cache."""
+
+    def __init__(self, model, system: list[int], longest: int):
+        import onnxruntime_genai as og
+
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(system) + longest, do_sample=False)
+        self.generator = og.Generator(model, params)
+        self.generator.append_tokens(np.array([system], np.int32))
+        self.kept = len(system)
+
+    def reply(self, rest: list[int], n: int) -> None:
+        """Exactly ``n`` greedy tokens after the kept start and ``rest``."""
+        g = self.generator
+        g.rewind_to(self.kept)
+        g.append_tokens(np.array([rest], np.int32))
+        for _ in range(n):
+            g.generate_next_token()
+
+
+def engine(model):
+    """genai's ``og.Engine`` on ``model`` (made once: a server keeps one)."""
+    import onnxruntime_genai as og
+
+    return og.Engine(model)

@@ -84,6 +84,7 @@ class Timing:
     threads: int = 1  # intra-op threads for PyTorch and ONNX Runtime
     throughput: bool = False  # engine backends: batches of THROUGHPUT_BATCHES
     concurrent: int = 0  # engine and genai backends: prompts arriving together (concurrent.py); 0: off
+    system_tokens: int = 0  # the concurrent prompts' shared start (a system prompt)
 
 
 @dataclass
@@ -421,7 +422,15 @@ def time_backend(b: Backend, cfg: Timing, prompts: list[list[int]], eos: int, sc
             together = None
             if cfg.concurrent and b.kind in ("engine", "genai"):
                 together = concurrent.measure(
-                    b.kind, model, timer, prompts, cfg.concurrent, cfg.new_tokens, cfg.scaling_repeats, b.pad_token_id
+                    b.kind,
+                    model,
+                    timer,
+                    prompts,
+                    cfg.concurrent,
+                    cfg.new_tokens,
+                    cfg.scaling_repeats,
+                    b.pad_token_id,
+                    cfg.system_tokens,
                 )
         weights = _weight_bytes(b, model)
         if cuda:

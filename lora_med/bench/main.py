@@ -270,6 +270,7 @@ def _latency(cfg: BenchConfig, backends, inp: Inputs, notes: list[str], skipped:
         thread_count(cfg.threads),
         throughput=cfg.throughput,
         concurrent=cfg.concurrent,
+        system_tokens=cfg.system_tokens,
     )
     print(
         f"Latency: {len(inp.prompts)} prompts x {cfg.repeats} repeats, {cfg.new_tokens} new tokens, "

@@ -29,8 +29,8 @@ CONCURRENT_TARGET = 2.0  # engine useful tokens/s over genai's best mode, prompt
 
 
 def concurrent_vs_genai(latency: list[dict]) -> list[dict]:
-    """Each engine row's concurrent throughput over the genai row of the same device and precision (its better
-    mode: a static batch or one request at a time)."""
+    """Each engine row's concurrent throughput over the genai row of the same device and precision (its best
+    mode: a static batch, its Engine, or one request at a time)."""
     rows = {r["backend"]: r for r in latency if r.get("concurrent")}
     out = []
     for e, peer, _ in ENGINE_PEERS:
@@ -207,10 +207,19 @@ def markdown(r: dict) -> str:
             "",
             f"## {c0['prompts']} prompts arriving together (useful tokens/s)",
             "",
-            f"Prompts of {c0['prompt_tokens']} tokens, replies of {c0['reply_tokens']} tokens "
-            f"({c0['useful_tokens']} useful tokens): the engine retires each row as its reply ends (continuous "
-            "batching); onnxruntime-genai runs them as one static batch (padded, until the longest reply ends) "
-            "or one at a time, and its better mode counts.",
+            f"Prompts of {c0['prompt_tokens']} tokens"
+            + (
+                f", each starting with the same {c0['system_tokens']} (a system prompt)"
+                if c0.get("system_tokens")
+                else ""
+            )
+            + f", replies of {c0['reply_tokens']} tokens ({c0['useful_tokens']} useful tokens): the engine retires "
+            "each row as its reply ends (continuous batching)"
+            + (" and keeps the shared start in its prefix cache" if c0.get("system_tokens") else "")
+            + "; onnxruntime-genai runs them as one static batch (padded, until the longest reply ends), through "
+            "its Engine (static on the CPU) or one at a time"
+            + (" (also rewinding one generator to the shared start)" if c0.get("system_tokens") else "")
+            + ", and its best mode counts.",
             "",
             "| backend | mode | seconds | useful tokens/s |",
             "|---|---|---:|---:|",
@@ -222,7 +231,7 @@ def markdown(r: dict) -> str:
         for c in r.get("concurrent_vs_genai") or []:
             modes = ", ".join(f"{v:.2f}x vs its {m}" for m, v in c["ratio_by_peer_mode"].items())
             lines.append(
-                f"\n{c['engine']} / {c['peer']}: **{c['ratio']:.2f}x** the useful tokens/s of genai's better mode "
+                f"\n{c['engine']} / {c['peer']}: **{c['ratio']:.2f}x** the useful tokens/s of genai's best mode "
                 f"({modes}; target >= {c['target']}x)"
             )
     floors = [x for x in r["latency"] if x.get("bandwidth_floor")]

@@ -106,6 +106,14 @@ def validate(cfg: BenchConfig) -> tuple[list[str], Found]:
             p.append(f"{name(cfg, 'export')}: {e}")
     if (positions := _positions(cfg, found)) and cfg.new_tokens >= positions:
         p.append(f"{describe(cfg, 'new_tokens')}: the model reads at most {positions} positions; use fewer")
+    elif positions and cfg.concurrent and cfg.system_tokens + 2 * cfg.new_tokens > positions // 2:
+        # Half the window: the prompts after the shared start need the rest.
+        most = max(positions // 2 - 2 * cfg.new_tokens, 0)
+        p.append(
+            f"{describe(cfg, 'system_tokens')}: with replies of up to {2 * cfg.new_tokens} tokens, a shared start of "
+            f"{cfg.system_tokens} leaves too little of the model's {positions} positions for the prompts; use at most "
+            f"{most}"
+        )
     if cfg.name is not None and (Path(cfg.name).name != cfg.name or cfg.name in ("", ".", "..")):
         p.append(
             f"{describe(cfg, 'name')}: a name, not a path (the report goes to reports/<name>); to choose the "

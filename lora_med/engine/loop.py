@@ -198,6 +198,31 @@ class Engine:
                 done.update((f.handle, f.ids) for f in s.step())
         return [done[h] for h in handles]
 
+    def keep_prefix(self, ids: list[int]) -> int:
+        """Put the KV cache of ``ids``, a start every later prompt shares (a server's system prompt), into the
+        prefix cache now, so that the first prompts after a start prefill only what follows it. Returns the
+        tokens kept: 0 without a prefix cache or for fewer than its minimum."""
+        cache = self.prefix_cache
+        if cache is None or len(ids) < max(cache.min_tokens, 1):
+            return 0
+        # One new token: the row's cache then holds exactly ``ids`` (the chosen token is never fed), which is
+        # what the finished row leaves in the prefix cache.
+        self.generate([list(ids)], GenerationSettings(max_new_tokens=1))
+        cache.prompt_tokens -= len(ids)  # not a request: the counters (/metrics) count prompts only
+        return len(ids)
+
+    @contextlib.contextmanager
+    def keeping_prefixes(self, max_bytes: int) -> Iterator[PrefixCache | None]:
+        """A prefix cache of ``max_bytes`` for the block's life, the engine's own restored after it (a benchmark
+        of the server's workload on an engine loaded without one); None (no prefix cache in the block) for 0 bytes
+        or where the backend cannot restore rows."""
+        old = self.prefix_cache
+        self.prefix_cache = PrefixCache(max_bytes) if max_bytes > 0 and self._backend.restores_prefixes else None
+        try:
+            yield self.prefix_cache
+        finally:
+            self.prefix_cache = old
+
     @contextlib.contextmanager
     def stream(self, settings: GenerationSettings = GenerationSettings(), *, rows: int) -> Iterator[Stream]:
         """Up to ``rows`` replies in flight at once (continuous batching); see :class:`Stream`.

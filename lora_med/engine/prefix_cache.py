@@ -52,6 +52,11 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def clear(self) -> None:
+        """Forget every entry and the counters (a benchmark's runs each start from the same state)."""
+        self._entries.clear()
+        self.nbytes = self.prompt_tokens = self.reused_tokens = self.hits = 0
+
     def lookup(self, row: list[int]) -> tuple[Entry, int] | None:
         """The entry sharing the longest prefix with ``row`` and that prefix's length, or None.
 

@@ -180,6 +180,15 @@ class Replier:
                     ids = prompt_ids(self.system + msgs[start:], self.tokenizer, self.fmt)
         return ids[-self.budget :]
 
+    def shared_start(self) -> list[int]:
+        """The token ids every prompt starts with: the system prompt as the training format renders it (the
+        common start of two one-message conversations); empty without a system prompt."""
+        if not self.system:
+            return []
+        a, b = (self.prompt([Message("user", text)]) for text in ("a", "b"))
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return a[:n]
+
     def _sticky(self, sizes: list[int], first: int) -> int:
         """The first message to keep of a conversation whose oldest ``first`` messages must go: the first
         message starting at or after the next multiple of ``cut_block`` tokens (never past the last message)."""
@@ -234,9 +243,14 @@ def load_replier(cfg: ServeConfig, engine=None, source: ModelSource | None = Non
         )
     try:
         check_cache_memory(engine, cfg)
-        return Replier(
+        replier = Replier(
             engine, tokenizer, source, settings_from(cfg), cut_block=cfg.cut_block, system_prompt=cfg.system_prompt
         )
+        # The system prompt's KV cache, kept from the start: the first patients after a restart (each a new
+        # conversation) prefill only their own message, as every later one does.
+        if kept := engine.keep_prefix(replier.shared_start()):
+            log("prefix_kept", tokens=kept)
+        return replier
     except BaseException:
         if owned:
             engine.close()
