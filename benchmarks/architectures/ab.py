@@ -9,9 +9,12 @@ CPU to be >= 85% idle, and the best and median rounds are reported. Random weigh
     .venv/bin/python benchmarks/architectures/ab.py qwen2.5-0.5b engine-cpu-fp32 genai-cpu-fp32 engine-cpu-int4 genai-cpu-int4
     .venv/bin/python benchmarks/architectures/ab.py dialogpt-medium engine-cpu-fp32 engine-cpu-int8 engine-cpu-int4
 
-Per backend: batch 1 (a 32-token prompt, 32 new tokens: total, prompt, per-step) and, with --concurrent N, N
-prompts arriving together with replies of 8..64 tokens (engine: its stream; genai: a static batch and one at a
-time, the better counted). Writes ab.json and ab.md into --out.
+    .venv/bin/python benchmarks/architectures/ab.py qwen2.5-0.5b engine-cpu-fp32 genai-cpu-fp32 engine-cpu-int4 genai-cpu-int4 --concurrent 8 --system-tokens 128 --batch1 0 --rounds 2
+
+Per backend: batch 1 (a 32-token prompt, 32 new tokens: total, prompt, per-step; --batch1 0 leaves it out) and,
+with --concurrent N, N prompts arriving together with replies of 8..64 tokens, after --system-tokens shared ones
+(engine: its stream, the shared start kept in its prefix cache; genai: every mode lora_med.bench.concurrent
+times, the best counted). Writes ab.json and ab.md into --out.
 """
 
 from __future__ import annotations
