@@ -132,7 +132,10 @@ def test_the_servers_reply_equals_pytorch_greedy(family_exports, tmp_path):
     try:
         for kind, server in servers.items():
             server.wait_ready()
+            # The system prompt's KV cache was kept at start: the first conversation takes it from the cache.
+            (kept,) = [e["tokens"] for e in server.events() if e["event"] == "prefix_kept"]
             got = server.chat("+59170000001", message).json()["response"]
+            assert server.metric("lora_med_prompt_tokens_reused_total") >= kept > 8
             merged = family_exports[kind].output / "merged"
             tok = AutoTokenizer.from_pretrained(merged)
             model = AutoModelForCausalLM.from_pretrained(merged).eval()
