@@ -395,6 +395,16 @@ def _after(turns: list[tuple[str, str]]) -> list[Turn]:
     return out
 
 
+def assert_emergency(triage, *messages: str) -> None:
+    for message in messages:
+        assert triage.assess(message).tier == "emergency", message
+
+
+def assert_not_emergency(triage, *messages: str) -> None:
+    for message in messages:
+        assert triage.assess(message).tier != "emergency", message
+
+
 def assert_released(dialog, history: list[Turn], *messages: str) -> None:
     """Each message, after ``history`` (a carried emergency), ends it: not an emergency, and released."""
     for message in messages:
@@ -802,11 +812,11 @@ def test_an_ingestion_weeks_ago_that_ended_is_a_caution_and_days_ago_is_not(tria
         "hace 3 semanas mi hijo tomo lavandina, lo vieron en el hospital, quiero control con pediatra",
     ):
         assert triage.assess(message).tier == "caution", message
-    for message in (
+    assert_emergency(
+        triage,
         "hace 2 dias mi esposo tomo veneno para ratas y hoy esta raro",
         "el mes pasado me recetaron pastillas para dormir y anoche me tome toda la caja",
-    ):
-        assert triage.assess(message).tier == "emergency", message
+    )
 
 
 def test_company_ends_a_carried_suicidal_crisis_and_not_a_medical_emergency(dialog):
@@ -840,13 +850,13 @@ def test_kept_in_care_on_treatment_or_on_the_way_ends_the_carried_emergency(dial
 
 
 def test_round_twelve_categories_words_that_will_not_come_out_spurting_blood_and_a_deep_burn(triage):
-    for message in (
+    assert_emergency(
+        triage,
         "mi abuela de golpe no le salen las palabras, abre la boca y nada, hace 10 min",
         "a mi papa se le cae la saliva de un costado y no puede levantar la mano",
         "mi esposo se corto con la sierra y la sangre sale saltando del brazo",
         "se le volco la sarten con aceite en el brazo, la piel esta blanca y acartonada y ya no le duele",
-    ):
-        assert triage.assess(message).tier == "emergency", message
+    )
 
 
 def test_goodbye_cues_told_in_other_words(triage):
@@ -856,13 +866,13 @@ def test_goodbye_cues_told_in_other_words(triage):
 
 
 def test_a_question_about_anyone_a_talk_a_discharge_and_greetings_are_not_emergencies(triage):
-    for message in (
+    assert_not_emergency(
+        triage,
         "si a alguien le da un infarto q hay q hacer mientras llega la ambulancia?",
         "somos del colegio, queremos una charla sobre quemaduras, cortes y primeros auxilios para los profes",
         "mi mama salio del hospital despues de su infarto, ya esta en casa, quiero control con cardiologo",
         "todo bien despues de la operacion, saludos a todo el personal",
-    ):
-        assert triage.assess(message).tier != "emergency", message
+    )
     # a rescue "después de un rato" is not a discharge
     rescued = "lo sacaron del agua despues de un rato, vomito agua y respira con ruido, esta medio dormido"
     assert triage.assess(rescued).tier == "emergency"
@@ -886,18 +896,18 @@ def test_round_fourteen_categories(triage, dialog):
     """Means at hand told as where they are, letters to each one, "mejor sin mí", a limb that will not move
     among other words: emergencies. A febrile seizure asked about, one that did not come back, a heat that
     "will kill me": not."""
-    for message in (
+    assert_emergency(
+        triage,
         "jeje no se preocupen por mi, la cuerda ya esta colgada en el patio, era para saber el horario",
         "cuanto cuesta el psicologo? mis hijos estarian mejor sin mi, ya les deje cartas",
         "mi abuelo amanecio y no puede mover para nada la pierna ni el brazo izquierdo",
-    ):
-        assert triage.assess(message).tier == "emergency", message
-    for message in (
+    )
+    assert_not_emergency(
+        triage,
         "si a un bebe le da fiebre alta que hay que hacer? es para saber",
         "mi hija convulsiono el mes pasado y no le volvio a dar, quiero control con neurologo",
         "este sol me va a matar, tienen sombra en la fila?",
-    ):
-        assert triage.assess(message).tier != "emergency", message
+    )
     assert triage.assess("me siento mal desde hace semanas, ultimamente no quiero vivir").tier == "emergency"
     history = _after([("mi hijo se golpeo la cabeza, vomita y esta muy dormido", "emergency")])
     assert_released(
@@ -913,14 +923,14 @@ def test_round_fifteen_categories(triage, dialog):
     """A bitten tongue and shaking all over, standing on a bridge, "no es broma" after a laugh, cloths soaked
     without a word of blood, "me voy para siempre": emergencies, even inside a price question. A talk about
     any health subject and "parado" (not "pasado") are not past or signs."""
-    for message in (
+    assert_emergency(
+        triage,
         "cuanto cuesta la consulta? mi papa temblaba enterito y se mordio la lengua, todavia no responde bien",
         "estoy parada en el borde del puente, solo queria decir gracias",
         "me quiero morir jaja no es broma, ya no aguanto",
         "cuanto cobran la sutura? me rebane el dedo con la maquina de cortar carne, ya empape dos toallas y sigue",
         "dejo pagado lo que debo, hoy me voy para siempre, ya no voy a estar para el control",
-    ):
-        assert triage.assess(message).tier == "emergency", message
+    )
     assert triage.assess("queremos una charla sobre diabetes e infartos para el club de madres").tier != "emergency"
     assert "past" not in triage.assess("estoy parado en la puerta de la clinica, esta abierto?").findings.modifiers
     history = _after([("me duele horrible la barriga abajo a la derecha con fiebre y vomitos", "emergency")])
@@ -951,19 +961,19 @@ def test_the_learned_layer_s_emergency_is_not_lowered_by_a_laugh():
 
 
 def test_round_sixteen_categories(triage, dialog):
-    for message in (
+    assert_emergency(
+        triage,
         "mi nieta nacio hace 3 semanas y esta hirviendo, 38 y medio",
         "queria reservar la eco de 30 semanas pero ahorita veo luces, me duele la cabeza y tengo la cara hinchada",
         "para el jueves ya no estoy, el perro se lo dejo a mi vecina, gracias por todo",
         "no se preocupen, ya no van a tener que aguantarme, el rifle esta cargado",
-    ):
-        assert triage.assess(message).tier == "emergency", message
-    for message in (
+    )
+    assert_not_emergency(
+        triage,
         "me operaron de la vesicula el mes pasado y estoy recuperandome bien, quiero mi control",
         "hace dos años tuvo un derrame, ahora camina solito, queremos fisioterapia",
         "ya no estoy tomando las pastillas de la presion, eso esta bien?",
-    ):
-        assert triage.assess(message).tier != "emergency", message
+    )
     history = _after([("mi hijo se corto el brazo con un vidrio y sangra mucho", "emergency")])
     plan = dialog.decide("lo llevamos caminando a la clinica? cuanto cobran por suturar", history)
     assert plan.action == "emergency" and plan.extra["triage_carried"]  # "llevamos" is not "llegamos"
@@ -972,43 +982,43 @@ def test_round_sixteen_categories(triage, dialog):
 def test_round_seventeen_categories(triage):
     """A fainting told with its year and "ahora solo quiere chequeo", a morning cough from the season's smoke, a
     thesis about snakebites, a pill taken after breakfast ("desayuno" is not "desmayo"): none is an emergency."""
-    for message in (
+    assert_not_emergency(
+        triage,
         "mi mama se desmayo el año pasado por la presion, ahora solo quiere un chequeo, hay el lunes?",
         "mi tio tose un poquito por las mañanas por el humo de las quemas, que jarabe me recomienda?",
         "soy estudiante, hago una investigacion sobre quemaduras y mordeduras, puedo hablar con un medico?",
         "tome el remedio despues del desayuno y no en ayunas, hay problema?",
-    ):
-        assert triage.assess(message).tier != "emergency", message
+    )
     assert triage.assess("salio del incendio y tose negro, tiene la voz ronca").tier == "emergency"
 
 
 def test_round_eighteen_categories(triage):
     """Means at hand and suffering are goodbye cues: beside another cue, a farewell; "gracias a Dios" is no
     "adiós"; a blister from a spade rubs, it does not burn; "está bien ahorita" is a recovery."""
-    for message in (
+    assert_emergency(
+        triage,
         "anulen mi control, ya esta todo decidido, las pastillas estan aqui a mi lado",
         "ya no puedo mas, cuando ya no este cuiden a mi perro, a que hora cierran?",
         "para reservar eco de 6 meses? me duele fuerte la boca del estomago y la presion me salio 165/110",
-    ):
-        assert triage.assess(message).tier == "emergency", message
-    for message in (
+    )
+    assert_not_emergency(
+        triage,
         "el veneno de ratas esta aqui en la mesa, se lo puede comer el perro? a que veterinaria me recomiendan",
         "reserveme una eco de control, estoy de 24 semanas y todo va bien gracias a dios",
         "que hago si a mi hijo le da una crisis en el colegio? ya esta controlado, esta bien ahorita",
         "me salio una ampolla en la mano de tanto usar la pala y me sigue doliendo un poquito",
-    ):
-        assert triage.assess(message).tier != "emergency", message
+    )
 
 
 def test_round_nineteen_categories(triage):
     """Not keeping even water and not peeing is severe dehydration; a surname ("Choque"), blood drawn for a
     test, and a student's work about a disease are not signs."""
     assert triage.assess("vomito todo, no retengo ni el agua y no meo desde la mañana").tier == "emergency"
-    for message in (
+    assert_not_emergency(
+        triage,
         "ya salieron los resultados? me saque sangre ayer, a nombre de Juan Choque",
         "estoy haciendo una tarea sobre convulsiones y ataques cardiacos, tienen folletos?",
-    ):
-        assert triage.assess(message).tier != "emergency", message
+    )
     assert triage.assess("tuvimos un choque en la moto, mi hermano no despierta").tier == "emergency"
 
 
