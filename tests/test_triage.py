@@ -1035,3 +1035,27 @@ def test_a_category_without_lines_speaks_with_its_parent_s(triage, tmp_path):
     with pytest.raises(ConfigError) as e:
         Triage(tmp_path / "triage.yaml")
     assert any("'farewell'" in p and "no 'advice'" in p for p in e.value.problems)
+
+
+def test_round_twenty_categories(triage, dialog):
+    """Bolivian words for a child, "toy" for "estoy", fast watery stools with fainting, and the now of an age, a
+    therapy or a denied urgency; a sting that swells only where it stung, wanting to talk to someone and "no
+    puedo más tarde" are no emergency and no despair."""
+    for message in (
+        "mi imillita se tomo las pastillas de la presion del abuelo, no se cuantas",
+        "el changuito se trago unas pastillas de la abuela, esta medio dormido",
+    ):
+        assert (triage.assess(message).tier, triage.assess(message).category) == ("emergency", "poisoning_overdose")
+    watery = triage.assess("vomito y diarrea como 15 veces desde anoche, me mareo al pararme y tengo calambres")
+    assert (watery.tier, watery.category) == ("emergency", "dehydration_severe")
+    assert_not_emergency(
+        triage,
+        "a los 2 años tuvo una convulsion con fiebre, ahora tiene 9 y nunca mas le volvio, quiero un certificado",
+        "no es urgente, ando con pena pero no me haria nada, quiero hablar con alguien de psicologia",
+        "mi papa tuvo un acv hace dos años y ahora va a sus terapias, quiero ficha con neurologia",
+        "le pico una avispa en la pierna, se le hincho ahi nomas, lo puede ver el pediatra?",
+    )
+    assert triage.assess("para el jueves a las 8 nomas, no puedo mas temprano").tier == "none"
+    assert triage.assess("ya no puedo mas con esto, nadie me extrañaria").tier == "emergency"
+    history = _after([("me duele la panza fuertisimo del lado derecho y tengo fiebre", "emergency")])
+    assert_released(dialog, history, "tamos en urgencias del hospital de niños")
