@@ -19,7 +19,7 @@ from lora_med.serve.booking import read_booking
 from lora_med.serve.checker import Context
 from lora_med.serve.dates import clock, find_dates, find_times
 from lora_med.serve.facts import describe_days, load_facts
-from lora_med.serve.intents import Decision
+from lora_med.serve.intents import Decision, Intents
 from lora_med.serve.referee import load_referee
 from lora_med.serve.store import Turn
 
@@ -116,6 +116,14 @@ def test_a_facts_file_with_mistakes_is_refused_naming_each(tmp_path):
         ("el jueves", "2026-12-10", None),
         ("a las 7 y media de la noche", None, 19 * 60 + 30),
         ("a las 8 de la mañana", None, 8 * 60),
+        # "tipo N", "a eso de las N", "como a las N": about that hour, read like any bare hour
+        ("el viernes tipo 10", "2026-12-04", 10 * 60),
+        ("tipo 4 de la tarde", None, 16 * 60),
+        ("a eso de las 9", None, 9 * 60),
+        # a day of the month alone: the next one with that number, today included
+        ("para el 15 como a las 11", "2026-12-15", 11 * 60),
+        ("el 2 a las 9 y media", "2027-01-02", 9 * 60 + 30),
+        ("pal 3 en la tarde", "2026-12-03", None),
     ],
 )
 def test_spanish_dates_and_hours_resolve_against_the_reference_day(text, day, minutes):
@@ -127,6 +135,13 @@ def test_spanish_dates_and_hours_resolve_against_the_reference_day(text, day, mi
 
 def test_bare_numbers_are_not_times():
     assert find_times("Bs 150, 15 minutos antes, resultados en 24-48 h, CI 6543210") == []
+
+
+@pytest.mark.parametrize(
+    "text", ["tiene diabetes tipo 2", "mi hijo tiene tipo 12 años", "le subió el 15 por ciento", "el 10% de descuento"]
+)
+def test_a_number_that_counts_something_is_not_a_day_or_an_hour(text):
+    assert find_times(text) == [] and [d for d in find_dates(text, NOW.date()) if d.day] == []
 
 
 # --------------------------------------------------------------------------- the booking
@@ -173,6 +188,46 @@ def test_a_date_or_hour_that_cannot_be_booked_is_not_taken_and_says_why(facts, m
         assert b.date is None
 
 
+def test_a_day_the_patient_turns_down_is_not_chosen(facts):
+    # Dra. Vaca (pediatría) works Monday to Friday: the Tuesday turned down is not taken, the Thursday is
+    b = _booking(facts, "cita con pediatría", "el martes no me sirve, mejor el jueves a las 9")
+    assert (b.date, b.time) == (date(2026, 12, 10), 9 * 60)
+    # the Monday booked before is dropped, and the Saturday wanted instead is not booked (no pediatrics then)
+    b = _booking(facts, "cita con pediatría", "el lunes a las 10", "no, el lunes no puedo, el sábado nomás")
+    assert b.date is None and b.problem is not None and b.problem.kind == "day"
+    b = _booking(facts, "cita con el cardiólogo", "ni el martes ni el jueves, el viernes")  # Salinas: martes, jueves
+    assert b.date is None and b.problem is not None and b.problem.day == date(2026, 12, 4)
+    b = _booking(facts, "cita con el cardiólogo", "el jueves a las 10 no?")  # asking, not turning it down
+    assert (b.date, b.time) == (date(2026, 12, 10), 10 * 60)
+
+
+def test_among_several_hours_the_one_wanted_is_taken_not_the_one_told_as_a_limit(facts):
+    b = _booking(
+        facts, "cita con medicina general", "el viernes, entro a trabajar a las 11 así que tiene que ser a las 9"
+    )
+    assert (b.date, b.time, b.doctor) == (date(2026, 12, 4), 9 * 60, "Dra. Patricia Rojas")
+    b = _booking(facts, "cita con medicina general", "el viernes a las 10 porque a las 12 entro al turno")
+    assert b.time == 10 * 60
+    # Dra. Vaca's last start is 12:30: the 12:45 wanted is not booked, nor the 13:15 the patient leaves school at
+    b = _booking(facts, "cita con pediatría", "el viernes 11, salgo del colegio a la 1 y cuarto, tiene que ser 12:45")
+    assert b.date == date(2026, 12, 11) and b.time is None
+    assert b.problem is not None and (b.problem.kind, b.problem.minutes) == ("time", 12 * 60 + 45)
+
+
+def test_a_name_is_stored_without_its_lead_in_and_with_the_phone_that_follows_it(facts):
+    b = _booking(facts, "cita con pediatría", "el lunes a las 9", "sería Julián Romero Saucedo")
+    assert b.patient_name == "Julián Romero Saucedo"
+    b = _booking(facts, "cita con traumatología", "para el 9 tipo 4", "Rodrigo Saucedo Antelo")  # a day number alone
+    assert (b.date, b.time, b.patient_name) == (date(2026, 12, 9), 16 * 60, "Rodrigo Saucedo Antelo")
+    # before any day is chosen: a full name followed by the phone gives both
+    b = _booking(facts, "cita con dermatología", "Marcela Ortiz Vargas, celular 76543210")
+    assert (b.patient_name, b.phone, b.date) == ("Marcela Ortiz Vargas", "+59176543210", None)
+    b = _booking(facts, "cita con pediatría", "Medicina General, 76543210")  # names what, not who
+    assert b.patient_name is None
+    b = _booking(facts, "cita con pediatría", "¿cómo se llama la clínica?")  # asks a name, gives none
+    assert b.patient_name is None
+
+
 def test_a_slot_offered_in_the_reply_before_is_taken_by_its_place(facts):
     reply = (
         "Te puedo ofrecer el martes 8 de diciembre a las 10:00 o el jueves 10 de diciembre a las 9:00. ¿Cuál prefieres?"
@@ -216,6 +271,29 @@ def test_info_answers_are_built_from_the_facts(referee, question, must, must_not
     assert 1 <= len(re.findall(r"[.!?](?:\s|$)", reply)) <= 3
 
 
+@pytest.mark.parametrize(
+    "message,must",
+    [
+        # an hours question, whatever its verb, is not a booking
+        ("¿y mañana hasta qué hora van a estar atendiendo?", ["viernes 4 de diciembre", "19:00"]),
+        # holidays of a month named: that month's, from the facts
+        ("¿qué feriados tienen en mayo? para planificar", ["1 de mayo", "Día del Trabajo"]),
+        ("¿este mes cierran algún feriado?", ["25 de diciembre", "Navidad"]),
+        ("¿hay algún feriado en marzo?", ["En marzo no hay feriados"]),
+        # where the clinic is, asked with a guess or for a ride: the real address
+        ("¿ustedes son los que están por el segundo anillo? voy en radiotaxi", ["Cañada del Carmen N.º 245"]),
+        # the clinic's name: its name and address, never a medicine reply
+        ("¿cuál es el nombre de la clínica? para ponerlo en el GPS", ["Centro Médico CAÑADA DEL CARMEN", "245"]),
+    ],
+)
+def test_questions_about_the_clinic_itself_are_answered_from_the_facts(referee, message, must):
+    decision = Intents(REPO / "configs/intents.yaml").decide(message, [])
+    view = referee.plan(message, [], decision)
+    assert view.action == "clinic_info" and view.reply, (decision, view.reply)
+    assert all(m in view.reply for m in must), view.reply
+    assert not referee.checker.check(view.reply, Context(message), style=False)
+
+
 def test_the_same_templates_answer_with_another_clinic_s_facts():
     other = Answers(load_facts(OTHER), REPO / "configs/replies.yaml")
     assert "Bs 210" in other.info("¿cuánto cuesta el cardiólogo?", NOW)
@@ -253,6 +331,8 @@ def test_the_same_templates_answer_with_another_clinic_s_facts():
         ("quiero cita con pediatría", "¡Listo, como pagar en CAÑADA DEL CARMEN.", "flow"),  # nothing is done yet
         ("gracias, eso era todo", "¡Hola! Con gusto te ayudo a las 9:30. ¿Cuál prefieres?", "flow"),  # no booking
         ("hola", "¿Me das tu nombre completo y tu nombre y tu celular?", "garbled"),
+        # the model's stock refusal, to a patient who asked about no medicine
+        ("¿me pasas el nombre de la clínica?", "No puedo recomendar medicamentos; un médico debe evaluarte.", "flow"),
     ],
 )
 def test_the_checker_rejects_a_reply_that_contradicts_the_facts(referee, facts, message, reply, reason):
@@ -276,6 +356,7 @@ def test_the_checker_rejects_a_reply_that_contradicts_the_facts(referee, facts, 
             "Tengo hoy a las 16:00 con el Dr. Luis Fernández o mañana a las 9:00 con la Dra. Patricia Rojas. ¿Cuál prefieres?",
         ),
         ("¿cuánto cuestan el hemograma y la glucosa?", "El hemograma cuesta Bs 60 y la glucosa Bs 30, en total Bs 90."),
+        ("¿qué le doy a mi hijo para la fiebre?", "No puedo recomendar medicamentos; un médico debe evaluarlo."),
     ],
 )
 def test_the_checker_keeps_a_reply_that_agrees_with_the_facts(referee, facts, message, reply):

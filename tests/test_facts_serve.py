@@ -19,7 +19,7 @@ from lora_med.serve.facts import load_facts
 from .conftest import REPO
 from .test_serve import Server
 
-ROUND = REPO / "tests/data/facts_round_01.yaml"
+ROUNDS = sorted((REPO / "tests/data").glob("facts_round_*.yaml"))
 OTHER = REPO / "tests/data/clinic_other.yaml"
 
 
@@ -129,12 +129,14 @@ def test_a_broken_facts_file_stops_serve_before_anything_starts(tiny_base, tmp_p
 
 
 @pytest.mark.slow
-def test_a_blind_round_every_reply_true_and_the_booking_in_params(tiny_base, tmp_path):
-    """tests/data/facts_round_01.yaml, written by someone who read only the fact sheet: 86 info questions and 28
-    bookings (14 asking for something impossible). Every info answer holds what it must and nothing it must
-    not, every booking's params hold the fields given so far, and every reply agrees with configs/clinic.yaml."""
+@pytest.mark.parametrize("round_file", ROUNDS, ids=lambda p: p.stem)
+def test_a_blind_round_every_reply_true_and_the_booking_in_params(tiny_base, tmp_path, round_file):
+    """Each tests/data/facts_round_*.yaml, written by someone who read only the fact sheet (round 1: 86 info
+    questions and 28 bookings, 14 impossible; round 2: 88 and 30, 15 impossible, another reference day). Every
+    info answer holds what it must and nothing it must not, every booking's params hold the fields given so far,
+    and every reply agrees with configs/clinic.yaml."""
     rounds = _rounds()
-    spec = yaml.safe_load(ROUND.read_text(encoding="utf-8"))
+    spec = yaml.safe_load(round_file.read_text(encoding="utf-8"))
     srv = Server(tiny_base, tmp_path / "r.db", tmp_path / "r.log", rate_limit=0, now=str(spec["reference_date"]))
     try:
         results = rounds.play(srv.wait_ready().url, spec, rounds.fact_checker())

@@ -1,8 +1,8 @@
 """Replies built from the clinic's facts with the templates of ``configs/replies.yaml``.
 
-``info`` answers what a message asks about the clinic (hours, a day, prices, address, phones, insurance,
-payment, laboratory, results, a doctor or a specialty, "¿tienen X?"), at most three sentences, each true by
-construction. ``flow`` is the reply for where a conversation stands (the booking's step, identity checks,
+``info`` answers what a message asks about the clinic (hours, a day, a month's holidays, prices, its name and
+address, phones, insurance, payment, laboratory, results, a doctor or a specialty, "¿tienen X?"), at most three
+sentences, each true by construction. ``flow`` is the reply for where a conversation stands (the booking's step, identity checks,
 greetings): what replaces a model reply the checker rejected.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from .booking import Booking, describe_slot
 from .config import read_yaml
-from .dates import WEEKDAYS, clock, find_dates, find_times, fold, part_of_day, spoken_date
+from .dates import MONTHS, WEEKDAYS, clock, find_dates, find_month, find_times, fold, part_of_day, spoken_date
 from .facts import Doctor, Facts, describe_days, describe_doctor_hours, describe_interval
 from .lexicon import tokens
 
@@ -33,12 +33,28 @@ NEEDED = {
     "flows": "verify_identity reschedule cancel cancelled rescheduled lab_results",
     "chat": "greeting thanks other",
 }
+# Templates a replies file may leave out (this wording is used then): added after the required ones, so that an
+# existing replies file keeps working.
+OPTIONAL = {
+    "info": {
+        "clinic_name": "Somos el {name}.",
+        "holidays_month": "{days} la clínica está cerrada por feriado.",
+        "no_holidays_month": "En {month} no hay feriados: la clínica atiende en su horario de siempre.",
+    },
+}
 
 _W = {
     "price": r"cuanto|cuesta|cuestan|precio|precios|costo|cuestan|cobran|vale|valen|sale|gratis|tarifa",
     "payment": r"pagar|pago|pagos|qr|tarjeta|efectivo|transferencia",
     "insurance": r"seguro|seguros|asegurado|asegurada|cubre|cobertura",
-    "address": r"direccion|donde|ubica\w*|queda|calle|calles|micro|linea|parqueo|estacionamiento|parking|ciudad|llegar|llego",
+    "address": r"direccion|donde|ubica\w*|queda|quedan|calle|calles|micro|linea|parqueo|estacionamiento|parking|ciudad"
+    r"|llegar|llego|taxi|trufi|maps|mapa|gps|anillo|avenida|zona|barrio",
+    # "¿ustedes están en el Plan 3000?", "la clínica es la que está en la Banzer?": where it is, asked with a guess
+    "place": r"(?:ustedes|clinica|centro|consultorio)\b[^?]{0,40}\b(?:esta|estan|queda|quedan)\s+(?:en|por|sobre|cerca)"
+    r"|^\W*(?:y\s+)?(?:estan|quedan)\s+(?:en|por|sobre|cerca)",
+    # the clinic's name: "¿cómo se llama la clínica?", "¿cuál es el nombre de la clínica?"
+    "name": r"(?:llama|llaman|nombre)\s+(?:(?:de\s+)?(?:la|el|su)\s+|del\s+|de\s+)?(?:clinica|centro|consultorio|ustedes)",
+    "holiday": r"feriados?|festivos?",
     "phone": r"numero|numeros|telefono|celular|whatsapp|wsp|fijo|contacto|llamar|llamo",
     "emergency": r"emergencia|emergencias|urgencia|urgencias|118|ambulancia",
     "results": r"resultado|resultados",
@@ -67,7 +83,7 @@ class Answers:
                     problems.append(f"{path} {section}.{k}: missing; give the reply's template as text")
         if problems:
             raise ConfigError(f"{path}: {len(problems)} reply template(s) missing", problems)
-        self.t = {s: dict(spec[s]) for s in NEEDED}
+        self.t = {s: {**OPTIONAL.get(s, {}), **spec[s]} for s in NEEDED}
         self.facts = facts
         raw = facts.raw
         f = facts
@@ -81,6 +97,8 @@ class Answers:
         try:  # every template must fill from these facts: a typo in a {name} shows at start, not mid-conversation
             self.flow(Booking(), "chat", "answered", "hola", datetime(2026, 1, 5, 9))
             self.info("horario precio direccion telefono seguro laboratorio resultados", datetime(2026, 1, 5, 9))
+            for key, fields in (("clinic_name", "name"), ("holidays_month", "days"), ("no_holidays_month", "month")):
+                self._say("info", key, **{fields: ""})  # an optional template given in the file: its fields
         except KeyError as e:
             raise ConfigError(f"{path}: a template names {e}, which no reply has; see docs/facts.md") from None
 
@@ -136,9 +154,14 @@ class Answers:
             )
         elif lab and not out:
             out.append(self._lab(dates, times))
+        month = find_month(message, now.date()) if has["holiday"] and not out else None
+        if month:
+            out.append(self._holidays(*month))
         if not out and (has["hours"] or dates or times):
             out.append(self._hours(dates, times, now))
-        if has["address"]:
+        if has["name"]:
+            out.append(self._say("info", "clinic_name", name=facts.name))
+        if has["address"] or has["place"] or has["name"]:
             a = facts.raw["address"]
             out.append(
                 self._say(
@@ -281,6 +304,15 @@ class Answers:
                     "info", "time_closed", time=clock(t), open_text=general[0].lower() + general[1:].rstrip(".")
                 )
         return general
+
+    def _holidays(self, year: int, month: int) -> str:
+        """The month's holidays ("El viernes 1 de enero (Año Nuevo) y ... la clínica está cerrada por feriado."),
+        then the usual hours."""
+        general = self._say("info", "hours", weekdays=self._week_text(), saturday=self._saturday_text())
+        days = [f"el {spoken_date(d)} ({name})" for d, name in self.facts.holidays_in(year, month)]
+        if not days:
+            return self._say("info", "no_holidays_month", month=MONTHS[month - 1]) + " " + general
+        return self._say("info", "holidays_month", days=_join(days)) + " " + general
 
     def _week_text(self) -> str:
         week = {self.facts.hours.get(d) for d in range(5)}

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from datetime import date as Date  # inside Booking, whose field ``date`` hides the type
 
-from .dates import clock, find_dates, find_times, fold, part_of_day
+from .dates import TimeMention, clock, find_dates, find_times, fold, part_of_day
 from .facts import Doctor, Facts
 from .lexicon import tokens
 
@@ -36,6 +36,13 @@ _NAME_MARKERS = re.compile(
 )
 _NAME_STOP = re.compile(
     r"\s*(?:,|;|\d|\+|\by\s+(?:mi|el|su|la)\b|\bmi\b|\bcel\b|\bcelular\b|\bn[uú]mero\b|\btel[eé]fono\b|\bci\b|\bcarnet\b|\bwhats)",
+    re.I,
+)
+# Before a name given alone: "es Ana Rojas", "sería Ana Rojas", "él es Mateo Rojas" (not part of the name).
+_LEAD_IN = re.compile(r"^\W*(?:(?:el|él|ella)\s+)?(?:es|soy|ser[ií]a|ser[aá])\s+", re.I)
+# Between a name and the phone that follows it: "Ana Rojas Gil, cel 71234567", "Ana Rojas - mi número es 7..."
+_TO_PHONE = re.compile(
+    r"[\s,;:.-]*(?:(?:y\s+)?(?:mi|su)\s+)?(?:cel\w*|n[uú]mero|tel[eé]fono|whats\w*|wsp|tel)?\.?\s*(?:es\b)?[\s,;:.+-]*",
     re.I,
 )
 _NOT_NAME = frozenset(
@@ -212,15 +219,18 @@ def _read(facts: Facts, b: Booking, message: str, before: str | None, now: datet
     if _ANY_DOCTOR.search(f) and not b.doctor:
         b.any_doctor = True
     # contact details and identity
-    _contact(b, message, f, step, today)
-    # when: the first date and the first hour the message gives ("a las 7 ... entro a trabajar a las 8")
+    _contact(facts, b, message, f, step, today)
+    # when: the first day the patient does not turn down, and the hour they want (not the one they leave work at)
     dates = [d for d in find_dates(message, today) if d.day and not d.year_given and not d.plural]
-    times = [t.minutes for t in find_times(message) if not _inside_date(t.start, message, today)]
+    rejected = {d.day for d in dates if _rejected(f, d.start, d.end)}
+    if b.date in rejected:
+        b.date = None  # "el miércoles no puedo": the day booked before is dropped
+    times = [t for t in find_times(message) if not _inside_date(t.start, message, today)]
     part = part_of_day(message)
     if part:
         b.part = part
-    day = dates[0].day if dates else None
-    minutes = times[0] if times else None
+    day = next((d.day for d in dates if d.day not in rejected), None)
+    minutes = _wanted_time(f, times)
     if day is None and minutes is None and b.offered:
         pick = _pick(f, b.offered, step)
         if pick:
@@ -248,6 +258,66 @@ def _read(facts: Facts, b: Booking, message: str, before: str | None, now: datet
         else:
             b.time = minutes
     _settle_doctor(facts, b)
+
+
+# Turning a day down: "el miércoles no puedo", "no me sirve el lunes", "no el martes", "ni el jueves".
+_SEGMENT = re.compile(r"[,;.!?]|\b(?:pero|xq|porque|por que|pq|ya que|asi que|entonces|mejor)\b")
+_REFUSE = (
+    r"(?:(?:no|tampoco|nunca)\s+(?:(?:me|nos|le|se|lo|la)\s+)?(?:puedo|podria|podre|podemos|puede|sirve|queda|conviene"
+    r"|va|acomoda|llego|alcanzo)\b|imposible\b|tampoco\b)"
+)
+_REFUSED_AFTER = re.compile(rf"^\s*(?:(?:[\w:]+)\s+){{0,4}}?{_REFUSE}|^\s*no\s*$")
+_REFUSED_BEFORE = re.compile(
+    rf"(?:{_REFUSE}\s+(?:[\w:]+\s+){{0,2}}?|\b(?:no|ni|menos|excepto|salvo)\s+)(?:el|la|los|este|esta)?\s*$"
+)
+# words between a day and "no puedo" that move the refusal elsewhere ("el lunes, otro día no puedo")
+_ELSEWHERE = re.compile(r"\b(?:otr[oa]s?|resto|demas|mas|solo|nomas|fuera|manana|tarde|noche|temprano)\b")
+# a refusal of part of the day only: "el lunes no puedo en la mañana", "el lunes no puedo antes de las 10"
+_PARTLY = re.compile(r"\W*(?:en|por|de)?\s*(?:la|las)?\s*(?:manana|tarde|noche|temprano|antes|despues|hasta|a las?\b)")
+# An hour told as a limit, not as the one wanted: "salgo del trabajo a las 6", "hasta las 11", "antes de las 10".
+_LIMIT = re.compile(
+    r"\b(?:salgo|sale|salimos|salir|salida|entro|entra|entramos|entrar|entrada|trabaj\w*|llego|llega|llegar|termino"
+    r"|termina|terminar|clases?|colegio|hasta|antes|despues|desde)\b"
+)
+_WANT = re.compile(
+    r"\b(?:tiene (?:q|que) ser|tendria (?:q|que) ser|quiero|quisiera|prefiero|que sea|q sea|puede ser|podria ser"
+    r"|seria|dame|deme)\b"
+)
+
+
+def _segment(f: str, start: int, end: int) -> tuple[int, int]:
+    """The stretch of ``f`` around [start, end) between commas, stops and "pero"/"porque"/"mejor"."""
+    a = max((m.end() for m in _SEGMENT.finditer(f, 0, start)), default=0)
+    b = next((m.start() for m in _SEGMENT.finditer(f, end)), len(f))
+    return a, b
+
+
+def _rejected(f: str, start: int, end: int) -> bool:
+    """The day at [start, end) of the folded message is one the patient turns down."""
+    a, b = _segment(f, start, end)
+    after = _REFUSED_AFTER.match(f[end:b])
+    if after and after.group().strip() == "no" and f[b : b + 1] not in (",", ";", "."):
+        after = None  # "el lunes a las 10 no?": asking, not turning it down
+    if after and not _ELSEWHERE.search(after.group()) and not _PARTLY.match(f, end + after.end(), b):
+        return True
+    before = _REFUSED_BEFORE.search(f[a:start])
+    return before is not None and not _ELSEWHERE.search(before.group())
+
+
+def _wanted_time(f: str, times: list[TimeMention]) -> int | None:
+    """The hour the patient asks for. One hour is that one; among several, the one said as wanted ("tiene que
+    ser 18:45", "quiero a las 10"), else the first not told as a limit ("salgo del trabajo a las 6 y media",
+    "xq a las 8 entro a trabajar"); none when every one is a limit."""
+    if len(times) <= 1:
+        return times[0].minutes if times else None
+    limits, wanted = [], []
+    for t in times:
+        a, b = _segment(f, t.start, t.end)
+        if _WANT.search(f, a, t.start):
+            wanted.append(t.minutes)
+        limits.append(bool(_LIMIT.search(f[a:b])))
+    free = [t.minutes for t, limit in zip(times, limits) if not limit]
+    return next(iter(wanted or free), None)
 
 
 def _day_problem(facts: Facts, b: Booking, day: date, today: date) -> Problem | None:
@@ -320,10 +390,12 @@ def _pick(f: str, offered: list, step: str) -> tuple | None:
     return None
 
 
-def _contact(b: Booking, message: str, f: str, step: str, today: date) -> None:
+def _contact(facts: Facts, b: Booking, message: str, f: str, step: str, today: date) -> None:
+    phone_at = None  # where the (first) phone of this message starts
     for m in _PHONE.finditer(message):
         if not re.search(r"(?:ci|carnet|cedula)\W{0,12}$", f[: m.start()]):
             b.phone = "+591" + re.sub(r"\D", "", m.group(1))
+            phone_at = m.start() if phone_at is None else phone_at
     ci = _CI.search(f)
     if ci:
         number, dept = (ci.group(1), ci.group(2)) if ci.group(1) else (ci.group(3), ci.group(4))
@@ -332,15 +404,18 @@ def _contact(b: Booking, message: str, f: str, step: str, today: date) -> None:
     for d in find_dates(message, today):
         if d.year_given and d.day and d.day.year < today.year:
             b.birth_date = d.day
-    name = _name(message, step)
+    name = _name(facts, message, step, phone_at)
     if name:
         b.patient_name = name
 
 
-def _name(message: str, step: str) -> str | None:
-    """The patient's name: after "a nombre de", "me llamo", "soy" ...; or, when the flow asked for it, a
-    message (or its first part) that is only a name of two to six words."""
+def _name(facts: Facts, message: str, step: str, phone_at: int | None) -> str | None:
+    """The patient's name: after "a nombre de", "me llamo", "soy" ...; or a message (or its first part) that is
+    only a name of two to six words, when the flow asked for it or when the phone follows it ("Ana Rojas Gil,
+    cel 71234567"). A lead-in ("es", "sería", "él es") is not part of the name."""
     m = _NAME_MARKERS.search(message)
+    if m and re.search(r"\b(?:como|cual|que|q)\s+$", fold(message[: m.start()])):
+        m = None  # "¿cómo se llama la clínica?" asks a name, it does not give one
     if m:
         rest = message[m.end() :]
         cut = _NAME_STOP.search(rest)
@@ -348,14 +423,21 @@ def _name(message: str, step: str) -> str | None:
         words = [w.strip(".!?") for w in words if w.strip(".!?")]
         if 1 <= len(words) <= 6 and all(w.replace("-", "").isalpha() for w in words):
             return " ".join(words)
-    if step not in ("contact", "confirm"):
+    lead = _LEAD_IN.match(message)
+    start = lead.end() if lead else 0
+    cut = _NAME_STOP.search(message, start)
+    end = cut.start() if cut else len(message)
+    then_phone = phone_at is not None and bool(_TO_PHONE.fullmatch(message[end:phone_at]))
+    if step not in ("contact", "confirm") and not then_phone:
         return None
-    cut = _NAME_STOP.search(message)
-    words = [w.strip(".!?") for w in (message[: cut.start()] if cut else message).split() if w.strip(".!?")]
+    words = [w.strip(".!?") for w in message[start:end].split() if w.strip(".!?")]
     plain = 2 <= len(words) <= 6 and all(w.replace("-", "").isalpha() for w in words)
-    if plain and not any(fold(w) in _NOT_NAME for w in words if fold(w) not in ("de", "del", "la", "los")):
-        return " ".join(words)
-    return None
+    if not plain or any(fold(w) in _NOT_NAME for w in words if fold(w) not in ("de", "del", "la", "los")):
+        return None
+    toks = tokens(" ".join(words))
+    if facts.find("specialty", toks) or facts.find("not_offered", toks) or facts.find_doctors(toks):
+        return None  # "Medicina General, 71234567" names what, not who
+    return " ".join(words)
 
 
 def describe_slot(facts: Facts, doc: Doctor | None, day: date, minutes: int, with_doctor: bool) -> str:

@@ -58,6 +58,18 @@ _FLOW_ACTIONS = ("schedule_appointment", "reschedule_appointment", "cancel_appoi
 _ASKS_IDENTITY = re.compile(r"\b(?:ci|carnet|cedula|fecha de nacimiento)\b")
 _ASKS_CONTACT = re.compile(r"\b(?:nombre|celular|telefono|numero de contacto)\b")
 _LAB_WORDS = re.compile(r"\b(?:laboratorio|muestras?|analisis|examen(?:es)?|ayunas)\b")
+# A refusal to advise on medicines is an answer only where the patient spoke of medicines or of being unwell; to
+# "¿cómo se llama la clínica?" it is the model's stock line, not a reply (the flow's reply from the facts is).
+_REFUSES_MEDICINE = re.compile(
+    r"\bno (?:te |le )?puedo (?:recomendar|recetar|indicar|sugerir|dar|decir)\w* (?:\w+ )?"
+    r"(?:medicamentos?|medicinas?|remedios?|dosis|pastillas?|tratamientos?)\b"
+)
+_SPEAKS_OF_MEDICINE = re.compile(
+    r"\b(?:medicament\w*|medicina\w*|remedio\w*|pastill\w*|pildora\w*|jarabe\w*|dosis|mg|ml|tom\w*|doy|dar|darle"
+    r"|recet\w*|antibiotic\w*|ibuprofeno|paracetamol|aspirina|crema\w*|pomada\w*|gotas|inyec\w*|ampolla\w*|vitamina\w*"
+    r"|calmante\w*|analgesic\w*|tratamiento\w*|cur\w*|alivi\w*|sirve|hago|hacer|duel\w*|dolor\w*|fiebre|tos"
+    r"|sintoma\w*|enferm\w*|mal|malestar|infecc\w*|gripe|resfri\w*)\b"
+)
 
 
 @dataclass(frozen=True)
@@ -123,6 +135,8 @@ class Checker:
         out += self._steps(reply, ctx)
         if ctx.action != "emergency" and _EMERGENCY.search(fold(reply)) and not _EMERGENCY.search(fold(ctx.message)):
             out.append(Finding("emergency_talk", "talks of emergencies to a patient who did not"))
+        if _REFUSES_MEDICINE.search(fold(reply)) and not _SPEAKS_OF_MEDICINE.search(fold(ctx.user_text or ctx.message)):
+            out.append(Finding("flow", "refuses medicine advice to a patient who asked for none"))
         return out
 
     def _steps(self, reply: str, ctx: Context) -> list[Finding]:

@@ -2,7 +2,8 @@
 
 "mañana", "pasado mañana", "hoy", "el martes", "este sábado", "la próxima semana el lunes", "el jueves 10 de
 diciembre", "3 de mayo", "9/12", "15/03/1990"; "a las 10", "10 y media", "a las 3 de la tarde", "15:30",
-"7 y media de la noche". Hours 1-6 with no "de la mañana" are afternoon (a clinic's "a las 4" is 16:00).
+"7 y media de la noche", "tipo 11" (about 11), "el 29" (the next 29th). Hours 1-6 with no "de la mañana" are
+afternoon (a clinic's "a las 4" is 16:00).
 Everything works on ``fold(text)``: the text lower-cased without accents, character for character, so every
 match's place is its place in the original text.
 """
@@ -32,6 +33,15 @@ MONTHS = (
 _WD = "lunes|martes|miercoles|jueves|viernes|sabado|domingo"
 _MONTH_RE = "|".join(MONTHS) + "|setiembre"
 _PART = r"(?:\s+(?:de|en|por)\s+la?s?\s*(manana|tarde|noche)|\s*(am|pm|a\.m\.|p\.m\.))?"
+# A number followed by one of these counts something: "tipo 2 años", "el 15 de fiebre" are not an hour or a day.
+_UNIT_AFTER = re.compile(
+    r"\s*(?:%|anos?\b|anitos?\b|kilos?\b|kg\b|grados?\b|bs\b|bolivianos?\b|pesos\b|minutos?\b|min\b|horas?\b"
+    r"|dias?\b|semanas?\b|mes(?:es)?\b|cm\b|mg\b|ml\b|veces\b|personas?\b|por ciento\b|de (?:fiebre|temperatura"
+    r"|presion|glucosa|azucar)\b)"
+)
+# "diabetes tipo 2", "sangre tipo 0": a type, not "around" an hour
+_TYPE_BEFORE = re.compile(r"\b(?:diabetes|sangre|grupo|sanguineo|factor|clase|nivel)\s+$")
+_ABOUT = re.compile(r"\btipo\s+$")
 
 
 def fold(text: str) -> str:
@@ -107,9 +117,9 @@ def _hour(h: int, minutes: int, part: str | None) -> int | None:
 _TIME_PATTERNS = (
     # 15:30, 9:00, 10h30, 7:30 de la noche
     re.compile(rf"(?<![\d/.:])(\d{{1,2}})(?::|h)(\d{{2}})(?![\d/]){_PART}"),
-    # a las 10, las 3 y media de la tarde, a la 1 y cuarto, 10 y media
+    # a las 10, las 3 y media de la tarde, a la 1 y cuarto, 10 y media, tipo 11 ("a eso de las 11" is "las 11")
     re.compile(
-        rf"(?:\bla?s?\s+|(?<![\d/.:])(?=\d{{1,2}}\s+y\s+(?:media|cuarto)))(\d{{1,2}})(?![\d/:.])"
+        rf"(?:\bla?s?\s+|\btipo\s+|(?<![\d/.:])(?=\d{{1,2}}\s+y\s+(?:media|cuarto)))(\d{{1,2}})(?![\d/:.])"
         rf"(?:\s+y\s+(media|cuarto)|\s+menos\s+(cuarto))?{_PART}"
     ),
     # 3 pm, 9am
@@ -126,6 +136,9 @@ def find_times(text: str) -> list[TimeMention]:
             if any(t.start <= m.start(1) < t.end for t in found.values()):
                 continue
             h = int(m.group(1))
+            about = _ABOUT.search(f, 0, m.start(1)) if i == 1 else None
+            if about and (_TYPE_BEFORE.search(f, 0, about.start()) or _UNIT_AFTER.match(f, m.end(1))):
+                continue  # "diabetes tipo 2", "tipo 30 años": not an hour
             if i == 0:
                 minutes, part = int(m.group(2)), m.group(3) or m.group(4)
                 if h >= 13:
@@ -146,11 +159,15 @@ def find_times(text: str) -> list[TimeMention]:
 _DATE_PATTERNS = {
     "dmy": re.compile(r"(?<![\d:])(\d{1,2})[/.-](\d{1,2})(?:[/.-](\d{2,4}))?(?![\d:])"),
     "long": re.compile(
-        rf"(?:\b(?:el\s+)?(?:{_WD})\s+)?\b(\d{{1,2}})\s+(?:de\s+)?({_MONTH_RE})\b(?:\s+(?:de|del)\s+(\d{{4}}))?"
+        rf"(?:\b(?:el\s+)?(?:{_WD})\s+)?\b(\d{{1,2}})(?:ro|o)?\s+(?:de\s+)?({_MONTH_RE})\b(?:\s+(?:de|del)\s+(\d{{4}}))?"
     ),
     "weekday": re.compile(rf"\b({_WD})(s?)\b(?:\s+(\d{{1,2}})\b(?!\s*(?::|y media|de la|am|pm|hs?\b)))?"),
     "relative": re.compile(r"\b(pasado\s+manana|manana|hoy)\b"),
+    # "el 29", "para el 29", "pal 29", "el dia 29": a day of the month alone
+    "day": re.compile(r"\b(?:el|pal)\s+(?:dia\s+)?(\d{1,2})(?![\d/:.,]\d)(?![\da-z])"),
 }
+# after a bare day: an hour ("el 10 y media", "el 3 de la tarde"), not a day
+_CLOCK_AFTER = re.compile(r"\s*(?::|h\b|hs\b|y media|y cuarto|menos cuarto|de la (?:manana|tarde|noche)|am\b|pm\b)")
 _MORNING_BEFORE = re.compile(r"(?:\b(?:la|las|en|por|de|esta|esa)\s+)$")
 _NEXT_WEEK = re.compile(r"(?:proxima|otra|siguiente)\s+semana|semana\s+que\s+viene")
 
@@ -222,6 +239,16 @@ def find_dates(text: str, today: date | None = None) -> list[DateMention]:
             )
         )
         taken.append((m.start(), m.end() + (rng.end() if rng else 0)))
+    for m in _DATE_PATTERNS["day"].finditer(f):
+        n = int(m.group(1))
+        if today is None or not 1 <= n <= 31 or not free(m.start(), m.end()):
+            continue
+        if _UNIT_AFTER.match(f, m.end()) or _CLOCK_AFTER.match(f, m.end()):
+            continue  # "el 15 de fiebre", "el 3 de la tarde"
+        d = _weekday_with_number(None, n, today)  # the next day with that number, today included
+        if d is not None:
+            out.append(DateMention(d, d.weekday(), m.start(), m.end()))
+            taken.append((m.start(), m.end()))
     for m in _DATE_PATTERNS["relative"].finditer(f):
         if not free(m.start(), m.end()):
             continue
@@ -253,6 +280,30 @@ def _make(year: int | None, month: int, day: int) -> date | None:
         return date(year or 2000, month, day)
     except ValueError:
         return None
+
+
+_MONTH_ALONE = re.compile(
+    rf"\b(?:(este|esta)\s+mes|(?:el\s+)?(?:(?:proximo|siguiente)\s+mes|mes\s+(?:que\s+viene|siguiente))|({_MONTH_RE}))\b"
+)
+
+
+def find_month(text: str, today: date) -> tuple[int, int] | None:
+    """(year, month) of a month the text names on its own: "en enero" (the next January, or this one while it
+    lasts), "este mes", "el próximo mes"; None when none is named or the month is only part of a date ("el 3
+    de mayo")."""
+    f = fold(text)
+    spans = [(d.start, d.end) for d in find_dates(text, today)]
+    for m in _MONTH_ALONE.finditer(f):
+        if any(a <= m.start() < b for a, b in spans):
+            continue
+        if m.group(1):
+            return today.year, today.month
+        if m.group(2):
+            month = MONTHS.index(m.group(2).replace("setiembre", "septiembre")) + 1
+            return (today.year if month >= today.month else today.year + 1), month
+        nxt = today.month % 12 + 1
+        return (today.year + (nxt == 1)), nxt
+    return None
 
 
 def part_of_day(text: str) -> str | None:

@@ -93,6 +93,18 @@ class Facts:
     def holiday(self, d: date) -> str | None:
         return self.holidays.get(d.isoformat()) or self.holidays.get(d.strftime("%m-%d"))
 
+    def holidays_in(self, year: int, month: int) -> list[tuple[date, str]]:
+        """The holidays of one month, in order: (day, name)."""
+        out = []
+        for k, name in self.holidays.items():
+            try:
+                d = date.fromisoformat(k if len(k) == 10 else f"{year}-{k}")  # the form is checked at load
+            except ValueError:
+                continue  # "02-29" in a year without one
+            if (d.year, d.month) == (year, month):
+                out.append((d, name))
+        return sorted(out)
+
     def open_hours(self, d: date | int) -> Interval | None:
         """The clinic's hours on a day (a date: holidays closed) or a weekday."""
         if isinstance(d, date):

@@ -57,6 +57,7 @@ class Intents:
         spec = read_yaml(path, "--intents")
         where = str(path)
         concepts = spec.get("concepts")
+        protected = spec.get("protected")  # words never read as a typo of a rule's word (matcher.py)
         problems = []
         self.intents: list[tuple[Action, RuleSet]] = []
         for i, item in enumerate(spec.get("intents") or []):
@@ -67,7 +68,9 @@ class Intents:
                     f"{', '.join(a for a in ACTIONS if a not in ('emergency', 'chat'))}"
                 )
                 continue
-            self.intents.append((action, RuleSet.from_spec(item.get("rules"), concepts, f"{where} {action}")))
+            self.intents.append(
+                (action, RuleSet.from_spec(item.get("rules"), concepts, f"{where} {action}", protected))
+            )
         if not self.intents:
             problems.append(f"{where}: 'intents' must list at least one action with its rules")
         fallback = spec.get("fallback_reply")
