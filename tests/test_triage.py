@@ -1059,3 +1059,20 @@ def test_round_twenty_categories(triage, dialog):
     assert triage.assess("ya no puedo mas con esto, nadie me extrañaria").tier == "emergency"
     history = _after([("me duele la panza fuertisimo del lado derecho y tengo fiebre", "emergency")])
     assert_released(dialog, history, "tamos en urgencias del hospital de niños")
+
+
+def test_round_twenty_one_categories(triage):
+    """A birth told first and much blood further on is a bleed after birth; consciousness not lost and an
+    obligation ("tiene que hacer") are no signs and no word of now."""
+    late = triage.assess(
+        "cuanto sale la consulta? me hicieron cesarea hace dos semanas, todo bien hasta hoy que me empezo a bajar "
+        "muchisima sangre y estoy palida"
+    )
+    assert (late.tier, late.category) == ("emergency", "bleeding_postpartum")
+    assert_not_emergency(
+        triage,
+        "a mi papa le dieron de alta del infarto y tiene que hacer rehabilitacion, quiero ficha",
+        "mi hija se pego en la cabeza ayer, no perdio el conocimiento, esta normal, quiero control",
+        "el abuelo se resbalo en el baño, no perdio el sentido, anda bien, le pueden dar ficha?",
+    )
+    assert triage.assess("se golpeo la cabeza y perdio el conocimiento un rato").tier == "emergency"
