@@ -346,6 +346,8 @@ def test_the_triage_decides_never_the_model(tiny_base, tmp_path):
         assert h["rules"].startswith("triage.yaml@") and h["model"].startswith("ngram-lr@")
         ready = next(e for e in s.events() if e["event"] == "ready")
         assert ready["triage_model"] == h["model"] and ready["triage_rules"] == h["rules"]
+        intents = httpx.get(f"{s.url}/health", timeout=10).json()["intents"]
+        assert intents.startswith("ngram-ovr@") and ready["intents_model"] == intents
     finally:
         s.stop(signal.SIGKILL)
 

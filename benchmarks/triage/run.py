@@ -364,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         "written_on": str(r.get("written_on")),
     }
     res["triage"] = triage.versions()
+    res["intents"] = intents.version
     res["machine"] = f"{cpu_model()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     res["mode"] = "served export (model replies included)" if args.serve else "triage + intent layer (no model)"
     for part in res.values():
@@ -383,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
 def summary(res: dict) -> str:
     em, od, co, tm = res["emergency"], res["ordinary"], res["carry_over"], res["timing"]
     lines = [
-        f"{res['mode']}; rules {res['triage']['rules']}, model {res['triage']['model']}",
+        f"{res['mode']}; rules {res['triage']['rules']}, model {res['triage']['model']}, "
+        f"intents {res.get('intents', 'rules only')}",
         f"emergency recall {em['caught']}/{em['n']} = {100 * em['caught'] / em['n']:.1f}%; "
         f"answered with booking/identity {em['booking_or_identity']}",
         f"ordinary marked emergency {od['emergency']}/{od['n']}; caution {od['caution']}/{od['n']}; "

@@ -159,6 +159,7 @@ def create_app(cfg: ServeConfig, engine=None, store: ConversationStore | None = 
             "cut_block": server.replier.cut_block,
             "prefix_cache_mb": cache.max_bytes / 2**20 if cache is not None else 0,
             "triage": server.dialog.triage.versions(),
+            "intents": server.dialog.intents.version,
             "store": "postgresql" if cfg.store else "sqlite",
             "ready": readiness,
             "api_keys": len(keys),

@@ -1,6 +1,8 @@
-"""The intent layer: ``action`` and ``params.status`` of a reply, from rules over the message and the
-conversation so far (the model only writes text). Rules and the status flow are documented in
-``configs/intents.yaml``; the emergency action is decided by the triage (lora_med/serve/triage).
+"""The intent layer: ``action`` and ``params.status`` of a reply, from the message and the conversation so far
+(the language model only writes text). The request a new message opens comes from the learned layer
+(``intent_model.py``) when the intent file pins one, else from the rules; inside a flow under way the rules
+decide. Rules and the status flow are documented in ``configs/intents.yaml``; the emergency action is decided
+by the triage (lora_med/serve/triage).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Literal, get_args
 
 from ..errors import ConfigError
 from .config import read_yaml
+from .intent_model import IntentModel
 from .matcher import RuleSet, normalize
 from .store import Turn
 
@@ -53,7 +56,8 @@ class Decision:
 class Intents:
     """Rules loaded from ``configs/intents.yaml``."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, learned: bool = True):
+        """``learned=False``: the rules alone, even where the file pins a learned layer (for measuring them)."""
         spec = read_yaml(path, "--intents")
         where = str(path)
         concepts = spec.get("concepts")
@@ -77,8 +81,13 @@ class Intents:
         if not isinstance(fallback, str) or not fallback.strip():
             problems.append(f"{where}: 'fallback_reply' must be the text sent when the model's reply is empty")
             fallback = ""  # refused below, with the other problems
+        pin = spec.get("learned")
+        if pin is not None and not (isinstance(pin, dict) and isinstance(pin.get("file"), str)):
+            problems.append(f"{where}: 'learned' must name the model 'file' and its 'sha256'")
         if problems:
             raise ConfigError(f"{where}: invalid intent rules", problems)
+        self.model = IntentModel.load(Path(path).parent / pin["file"], pin.get("sha256")) if pin and learned else None
+        self.version = self.model.version if self.model else "rules only"  # for /health and the ready line
         self.restart = RuleSet.from_spec(spec.get("restart"), concepts, f"{where} restart")
         self.confirm = RuleSet.from_spec(spec.get("confirm"), concepts, f"{where} confirm")
         self.asks_confirmation = RuleSet.from_spec(
@@ -94,10 +103,17 @@ class Intents:
         """The first action whose rules match ``message``, or None."""
         return next((action for action, rules in self.intents if rules.first(message)), None)
 
+    def opens(self, message: str) -> Action | None:
+        """The request ``message`` opens when no flow is under way: the learned layer's, else the rules'."""
+        if self.model is None:
+            return self.intent(message)
+        action = as_action(self.model.predict(message))
+        return None if action == "chat" else action
+
     def decide(self, message: str, history: list[Turn]) -> Decision:
         """``action`` and ``params.status`` for ``message`` after ``history`` (this conversation's earlier turns)."""
         flow, flow_start = _active_flow(history)
-        detected = self.intent(message)
+        detected = self.intent(message) if flow is not None else self.opens(message)
         action: Action
         if detected is not None and detected in FLOWS:
             action = detected

@@ -157,6 +157,7 @@ class Server:
             api_keys=len(self.keys),
             triage_rules=self.dialog.triage.rules_version,
             triage_model=self.dialog.triage.model.version,
+            intents_model=self.dialog.intents.version,
         )
         try:
             yield

@@ -1,10 +1,8 @@
 """The learned half of the triage: a character n-gram linear model over the read text.
 
-Features are hashed, so the file needs no vocabulary: for every word of the read text (``normalize.read``),
-its character n-grams (``n_min``..``n_max``, the word padded with a space on each side), the word itself and
-each pair of neighbouring words; CRC-32 of the feature's UTF-8 bytes, modulo ``n_features``, is its index.
-Counts are dampened (1 + log) and the vector scaled to unit length; the score is the logistic of its dot
-product with the weights plus the intercept.
+Features are the hashed character n-grams of the read text (``normalize.read``; ``..ngrams.Featurizer``, shared
+with the intents' learned layer); the score is the logistic of their dot product with the weights plus the
+intercept.
 
 The model is stored as safetensors (``indices`` int32 and ``weights`` float32, non-zero weights only) with
 one metadata entry, ``triage``, holding JSON: the feature settings, the intercept, the two thresholds and how
@@ -18,47 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import zlib
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from ...errors import ConfigError
+from ..ngrams import Featurizer, metadata
 
 FORMAT = "lora-med-triage-ngram/1"
-
-
-@dataclass(frozen=True)
-class Featurizer:
-    n_min: int = 2
-    n_max: int = 5
-    n_features: int = 2**20
-
-    def __post_init__(self) -> None:
-        # Each distinct word's hashed features are computed once per process.
-        object.__setattr__(self, "_word", lru_cache(maxsize=50_000)(self._word_features))
-
-    def _word_features(self, word: str) -> tuple[int, ...]:
-        padded = f" {word} "
-        grams = [padded[i : i + n] for n in range(self.n_min, self.n_max + 1) for i in range(len(padded) - n + 1)]
-        grams.append(f"w:{word}")
-        return tuple(zlib.crc32(g.encode()) % self.n_features for g in grams)
-
-    def __call__(self, text: str) -> dict[int, float]:
-        """Feature index -> value (dampened counts, unit length) of a read text."""
-        counts: dict[int, int] = {}
-        words = text.split()
-        for w in words:
-            for i in self._word(w):  # type: ignore[attr-defined]
-                counts[i] = counts.get(i, 0) + 1
-        for a, b in zip(words, words[1:]):
-            i = zlib.crc32(f"b:{a} {b}".encode()) % self.n_features
-            counts[i] = counts.get(i, 0) + 1
-        values = {i: 1.0 + math.log(c) for i, c in counts.items()}
-        norm = math.sqrt(sum(v * v for v in values.values())) or 1.0
-        return {i: v / norm for i, v in values.items()}
 
 
 class LearnedModel:
@@ -101,7 +66,7 @@ class LearnedModel:
             )
         try:
             tensors = load(data)
-            meta = json.loads(_metadata(data)["triage"])
+            meta = json.loads(metadata(data)["triage"])
             if meta.get("format") != FORMAT:
                 raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
             feat = Featurizer(int(meta["n_min"]), int(meta["n_max"]), int(meta["n_features"]))
@@ -112,12 +77,6 @@ class LearnedModel:
             return cls(feat, weights, float(meta["intercept"]), {**meta, "sha256": digest})
         except (SafetensorError, KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
             raise ConfigError(f"{path}: not a lora-med triage model ({e}); {fix}") from None
-
-
-def _metadata(data: bytes) -> dict:
-    """The ``__metadata__`` of a safetensors file's header (JSON after an 8-byte little-endian length)."""
-    n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + n]).get("__metadata__") or {}
 
 
 def save(path: Path, indices: np.ndarray, weights: np.ndarray, meta: dict) -> str:
