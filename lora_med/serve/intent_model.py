@@ -4,7 +4,7 @@ The rules of ``configs/intents.yaml`` name the words of each request, and patien
 ver el jueves?" books, "ya está lo de mi sangre?" asks for results, "no llego el martes, mejor el jueves?"
 reschedules. Measured on the blind triage rounds' ordinary messages (each labelled with the one request it
 makes: 1,235 in rounds 5-21), the rules alone found 66.7% of the requests; a linear model over the same hashed
-features as the triage's learned layer (``ngrams.Featurizer``), trained on the other rounds, found 91.2% of
+features as the triage's learned layer (``ngrams.Featurizer``), trained on the other rounds, found 91.3% of
 each round in turn (and 61 of round 21's 66 before that round was written into its training; the rules 38).
 So the model names the request that OPENS a conversation's flow; inside a flow under way the rules still decide
 ("el martes a las 10" continues a rescheduling, it does not book), as they do for restarts and confirmations.
