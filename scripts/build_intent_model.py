@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from lora_med.serve.intent_model import build  # noqa: E402
+from lora_med.serve.intents import Intents  # noqa: E402
 
 SHIPPED = REPO / "configs" / "intents-model.safetensors"
 RULES = REPO / "configs" / "intents.yaml"
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    sha, meta = build(REPO, args.out)
+    rules = Intents(RULES, learned=False)  # the rules alone, for the figure beside the model's
+    sha, meta = build(REPO, args.out, rules.intent)
     h = meta["held_out"]
     print(f"wrote {args.out} sha256 {sha}")
     print(f"trained on {sum(meta['trained_on'].values())} messages: {meta['trained_on']}")
