@@ -236,6 +236,73 @@ def test_a_slot_offered_in_the_reply_before_is_taken_by_its_place(facts):
     assert (b.date, b.time) == (date(2026, 12, 10), 9 * 60)
 
 
+@pytest.mark.parametrize(
+    "messages,params",
+    [
+        # a day told as when something happened is not the one wanted; "la próxima semana el jueves"; "d la" = "de la"
+        (
+            [
+                "cita con traumatología",
+                "se cayó de la bici el sábado, quisiera la próxima semana el jueves a las 4 d la tarde",
+            ],
+            {"date": "2026-12-10", "time": "16:00"},
+        ),
+        (
+            ["cita con pediatría", "la fiebre fue el lunes y sigue, mejor el viernes al mediodía"],
+            {"date": "2026-12-04", "time": "12:00"},
+        ),
+        # a day said to be a holiday is not wanted; the day told instead ("entonces", "mejor") wins
+        (
+            ["cita con pediatría", "cierto que el 25 es feriado, entonces el miércoles 23 a las 10"],
+            {"date": "2026-12-23"},
+        ),
+        (["cita con pediatría", "el lunes 7 o mejor el martes 8 a las 9"], {"date": "2026-12-08", "time": "09:00"}),
+        # a lone hour told as a limit is not booked; the day is
+        (["cita con pediatría", "el viernes, salgo de clases a las 10"], {"date": "2026-12-04", "time": None}),
+        (["cita con pediatría", "el viernes, trabajo hasta las 11"], {"date": "2026-12-04", "time": None}),
+        # the patient's name past a relative; the surname Rojas is not the doctor
+        (
+            ["cita con pediatría", "el lunes a las 9", "a nombre de mi hija Valeria Soliz Rojas, cel 76655443"],
+            {"patient_name": "Valeria Soliz Rojas", "doctor": "Dra. Carmen Vaca", "phone": "+59176655443"},
+        ),
+        # a phone corrected: the name stored stays, the words of the correction are no name
+        (
+            [
+                "cita con dermatología el sábado 12 a las 10, soy Lidia Arce Flores, cel 71112223",
+                "ay perdon me confundi, el numero correcto es 71112224",
+            ],
+            {"patient_name": "Lidia Arce Flores", "phone": "+59171112224"},
+        ),
+    ],
+)
+def test_the_day_hour_and_name_wanted_are_told_from_the_others_the_message_mentions(facts, messages, params):
+    got = _booking(facts, *messages).params()
+    assert {k: got[k] for k in params} == params, got
+
+
+def test_the_hours_a_reply_tells_are_not_slots_it_offers(referee):
+    b = _booking(referee.facts, "cita con medicina general")
+    reply = referee.answers.booking(b, "collecting_info", NOW)
+    assert "de 7:30 a 13:00" in reply and "de 14:00 a 19:00" in reply, reply  # each doctor's shift, with its hours
+    b = _booking(referee.facts, "cita con medicina general", "el primero disponible", replies=[None, reply])
+    assert b.time is None and b.date is None  # not the 7:30 the shift starts at
+
+
+def test_a_question_then_a_booking_request_opens_the_booking(referee):
+    message = "¿el cardiólogo viene el martes? quiero el jueves 10 a las 9"
+    view = referee.plan(message, [], Decision("clinic_info", "answered"))
+    assert view.action == "schedule_appointment", view.reply
+    assert (view.params["date"], view.params["time"]) == ("2026-12-10", "09:00")
+    history = [
+        Turn("user", message),
+        Turn("assistant", "¿Me das tu nombre?", "schedule_appointment", "collecting_info"),
+    ]
+    view = referee.plan(
+        "Rosa Quispe Mamani, telf 7-1234567", history, Decision("schedule_appointment", "collecting_info")
+    )
+    assert (view.params["patient_name"], view.params["phone"]) == ("Rosa Quispe Mamani", "+59171234567")
+
+
 def test_an_hour_asked_of_a_doctor_who_does_not_work_the_booked_day_gives_the_doctor_s_week(referee):
     # the day (Monday, Dra. Méndez's) stays booked; Dr. Salinas works on Tuesdays and Thursdays only
     b = _booking(
@@ -262,6 +329,9 @@ def test_an_hour_asked_of_a_doctor_who_does_not_work_the_booked_day_gives_the_do
         ("¿la dermatóloga atiende el sábado?", ["Sí", "Suárez"], []),
         ("¿cuál es el número de WhatsApp?", ["+591 71234567"], []),
         ("¿hasta qué hora toman muestras en el laboratorio?", ["11:00"], []),
+        # a doctor with a shift is told with the shift's hours; several prices asked together, with their sum
+        ("¿desde qué hora atiende el Dr. Fernández?", ["por las tardes", "14:00 a 19:00"], []),
+        ("¿cuánto me sale un perfil lipídico y una glucosa, todo junto?", ["Bs 90", "Bs 30", "en total Bs 120"], []),
     ],
 )
 def test_info_answers_are_built_from_the_facts(referee, question, must, must_not):

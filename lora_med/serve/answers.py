@@ -16,7 +16,7 @@ from ..errors import ConfigError
 from .booking import Booking, describe_slot
 from .config import read_yaml
 from .dates import MONTHS, WEEKDAYS, clock, find_dates, find_month, find_times, fold, part_of_day, spoken_date
-from .facts import Doctor, Facts, describe_days, describe_doctor_hours, describe_interval
+from .facts import Doctor, Facts, describe_days, describe_doctor_hours, describe_interval, describe_shift
 from .lexicon import tokens
 
 NEEDED = {
@@ -65,6 +65,8 @@ _W = {
     "asks_specialty": r"especialidad|que especialidad|q especialidad",
     "specialties": r"especialidades|especialistas|que doctores|que medicos",
 }
+# Several things priced together: "en total", "todo junto", "los dos", "¿cuánto sería todo?", "sumando".
+_TOTAL = re.compile(r"\b(?:total|todo junto|todo|junto|juntos|los dos|las dos|ambos|ambas|los tres|las tres|sum\w*)\b")
 _RX = {k: re.compile(rf"\b(?:{v})\b") for k, v in _W.items()}
 
 
@@ -191,11 +193,14 @@ class Answers:
             pid = facts.specialties[s].price
             if pid not in ids and not (pid == "especialidad" and "control" in ids):
                 ids.append(pid)
+        asked = bool(ids)  # what the patient named (not the whole price list given when nothing is named)
         if not ids:
             ids = list(dict.fromkeys(s.price for s in facts.specialties.values()))
         parts = [
             f"{_article(facts.prices[i].name)} {facts.prices[i].name} cuesta Bs {facts.prices[i].bs}" for i in ids[:4]
         ]
+        if asked and 2 <= len(ids) <= 4 and _TOTAL.search(f):  # "¿cuánto sería en total?": the sum, not only each
+            parts.append(f"en total Bs {sum(facts.prices[i].bs for i in ids)}")
         return self._say("info", "prices", items="; ".join(parts))
 
     def _doctor(self, specs: list[str], docs: list, dates: list, message: str, f: str, now: datetime) -> str:
@@ -368,7 +373,12 @@ class Answers:
         if step == "doctor":
             assert b.specialty is not None  # step() asks for the specialty until there is one
             spec = facts.specialties[b.specialty]
-            doctors = _join([f"{_the(d)} ({d.shift or describe_doctor_hours(facts, d)})" for d in spec.doctors])
+            doctors = _join(
+                [
+                    f"{_the(d)} ({describe_shift(d) if d.shift else describe_doctor_hours(facts, d)})"
+                    for d in spec.doctors
+                ]
+            )
             return self._say("booking", "ask_doctor", specialty=spec.name, doctors=doctors)
         summary = self.summary(b)
         if step == "contact":

@@ -17,6 +17,7 @@ from datetime import date as Date  # inside Booking, whose field ``date`` hides 
 from .dates import TimeMention, clock, find_dates, find_times, fold, part_of_day
 from .facts import Doctor, Facts
 from .lexicon import tokens
+from .names import read_name
 
 FIELDS = ("specialty", "doctor", "date", "time", "patient_name", "phone", "ci", "birth_date")
 _PHONE = re.compile(r"(?<![\d])(?:\+?\s*591[\s-]*)?([67](?:[\s-]?\d){7})(?![\d])")
@@ -31,96 +32,6 @@ _ANY_DOCTOR = re.compile(
 _FIRST = re.compile(r"\b(?:la|el)\s+(?:primer[oa]?|1)\b|\bprimera\b")
 _SECOND = re.compile(r"\b(?:la|el)\s+(?:segund[oa]|otr[oa]|ultim[oa]|2)\b|\bsegunda\b")
 _YES = re.compile(r"^\W*(?:si+|dale|ok[a-z]*|esa|ese|perfecto|bueno|listo|me sirve|esta bien|de acuerdo|claro)\b")
-_NAME_MARKERS = re.compile(
-    r"\b(?:a nombre de|se llama|me llamo|mi nombre es|nombre(?: completo)?(?: es)?:?|soy)\s+", re.I
-)
-_NAME_STOP = re.compile(
-    r"\s*(?:,|;|\d|\+|\by\s+(?:mi|el|su|la)\b|\bmi\b|\bcel\b|\bcelular\b|\bn[uú]mero\b|\btel[eé]fono\b|\bci\b|\bcarnet\b|\bwhats)",
-    re.I,
-)
-# Before a name given alone: "es Ana Rojas", "sería Ana Rojas", "él es Mateo Rojas" (not part of the name).
-_LEAD_IN = re.compile(r"^\W*(?:(?:el|él|ella)\s+)?(?:es|soy|ser[ií]a|ser[aá])\s+", re.I)
-# Between a name and the phone that follows it: "Ana Rojas Gil, cel 71234567", "Ana Rojas - mi número es 7..."
-_TO_PHONE = re.compile(
-    r"[\s,;:.-]*(?:(?:y\s+)?(?:mi|su)\s+)?(?:cel\w*|n[uú]mero|tel[eé]fono|whats\w*|wsp|tel)?\.?\s*(?:es\b)?[\s,;:.+-]*",
-    re.I,
-)
-_NOT_NAME = frozenset(
-    [
-        "hola",
-        "buenas",
-        "buenos",
-        "dias",
-        "tardes",
-        "noches",
-        "quiero",
-        "quisiera",
-        "necesito",
-        "cita",
-        "ficha",
-        "turno",
-        "consulta",
-        "gracias",
-        "si",
-        "no",
-        "ok",
-        "dale",
-        "para",
-        "por",
-        "favor",
-        "porfa",
-        "manana",
-        "hoy",
-        "lunes",
-        "martes",
-        "miercoles",
-        "jueves",
-        "viernes",
-        "sabado",
-        "domingo",
-        "las",
-        "los",
-        "el",
-        "la",
-        "a",
-        "las",
-        "doctor",
-        "doctora",
-        "dr",
-        "dra",
-        "medico",
-        "medica",
-        "con",
-        "de",
-        "en",
-        "que",
-        "mejor",
-        "esta",
-        "bien",
-        "puede",
-        "ser",
-        "hay",
-        "tengo",
-        "mi",
-        "hija",
-        "hijo",
-        "primera",
-        "primero",
-        "segunda",
-        "segundo",
-        "otra",
-        "otro",
-        "ultima",
-        "esa",
-        "ese",
-        "confirmo",
-        "correcto",
-        "perfecto",
-        "listo",
-        "claro",
-        "bueno",
-    ]
-)
 
 
 @dataclass(frozen=True)
@@ -229,7 +140,7 @@ def _read(facts: Facts, b: Booking, message: str, before: str | None, now: datet
     part = part_of_day(message)
     if part:
         b.part = part
-    day = next((d.day for d in dates if d.day not in rejected), None)
+    day = _wanted_day(f, message, [d for d in dates if d.day not in rejected])
     minutes = _wanted_time(f, times)
     if day is None and minutes is None and b.offered:
         pick = _pick(f, b.offered, step)
@@ -279,10 +190,74 @@ _LIMIT = re.compile(
     r"\b(?:salgo|sale|salimos|salir|salida|entro|entra|entramos|entrar|entrada|trabaj\w*|llego|llega|llegar|termino"
     r"|termina|terminar|clases?|colegio|hasta|antes|despues|desde)\b"
 )
+# The same, said of a lone hour: only a verb of leaving, entering or working ("hasta las 11", "después de las 3"
+# alone still say which hour, near enough to book).
+_LIMIT_ALONE = re.compile(
+    r"\b(?:salgo|sale|salimos|salir|entro|entra|entramos|entrar|trabaj\w*|termino|termina|terminar|clases?)\b"
+)
 _WANT = re.compile(
     r"\b(?:tiene (?:q|que) ser|tendria (?:q|que) ser|quiero|quisiera|prefiero|que sea|q sea|puede ser|podria ser"
     r"|seria|dame|deme)\b"
 )
+
+
+# A day told as when something happened, not as the one wanted: "se torció el tobillo el domingo", "fue el lunes".
+_PAST = re.compile(
+    r"\b(?:fue|fui|fuimos|estuve|estuvo|tuve|tuvo|hizo|hice|empezo|empece|comenzo|comence|cayo|cai|golpeo|golpee"
+    r"|torcio|torci|doblo|quebro|quebre|rompio|rompi|lastimo|lastime|quemo|queme|salio|sintio|senti|dolio|empeoro"
+    r"|amanecio|amaneci|vino|vine|ocurrio|sucedio|\w+(?:aron|ieron))\b"
+)
+_PAST_ACCENT = re.compile(r"\b\w{2,}ó\b", re.I)  # "se cayó", "empezó": a preterite when the accent is written
+_CLITICS = r"^\W*(?:(?:se|me|le|les|nos|lo|la|ya|recien)\s+)*"
+# "me dijo que el jueves", "se cayó y quiere que lo vean el martes": the day after "que"/"para" is not the event's
+_THAT = re.compile(r"\b(?:q|que|para|pa|pal|quiere|quiero|kiero|quisiera|necesita|necesito)\b")
+_SINCE = re.compile(r"\bdesde\s+(?:el|la|este|esta|hace)?\s*$")  # "desde el lunes tiene fiebre"
+# A day said to be closed: "el 22 es feriado", "el domingo está cerrado", "el viernes no atienden".
+_CLOSED_AFTER = re.compile(
+    r"^\W*(?:(?:es|era|sera|seria|esta|estan|cae|va a ser)\s+)?(?:un\s+)?(?:feriado|festivo|cerrad[oa]s?"
+    r"|no (?:atiende|atienden|abren|abre|hay atencion|trabajan|se puede)|imposible)\b"
+)
+# A day told instead of one named before it: "el 22 es feriado, entonces el jueves", "el lunes, mejor el martes".
+_INSTEAD = re.compile(r"\b(?:entonces|mejor|mas bien|pero|o sea|en vez|cambi\w*)\b")
+
+
+def _wanted_day(f: str, message: str, dates: list) -> date | None:
+    """The day the patient asks for among those the message names (none turned down): not one told as when
+    something happened or as closed; of several, the one told instead of the others, else the first."""
+    kept = [d for d in dates if not _past_event(f, message, d.start, d.end) and not _said_closed(f, d.start, d.end)]
+    asked = [d for d in kept if not _in_question(f, d.end)]
+    if asked and len(asked) < len(kept):  # "atiende miércoles no? kiero pal miércoles 27": the day asked for
+        kept = asked
+    chosen = kept[0] if kept else None
+    for d in kept:
+        before = max((o.end for o in dates if o.end <= d.start), default=None)
+        if before is not None and _INSTEAD.search(f, before, d.start):
+            chosen = d
+    return chosen.day if chosen else None
+
+
+def _past_event(f: str, message: str, start: int, end: int) -> bool:
+    """The day at [start, end) is when something happened: a preterite before it in its stretch (with no "que"
+    or "para" between), right after it, or "desde" before it."""
+    a, b = _segment(f, start, end)
+    verbs = [m.end() for m in _PAST.finditer(f, a, start)] + [m.end() for m in _PAST_ACCENT.finditer(message, a, start)]
+    if verbs and not _THAT.search(f, max(verbs), start):
+        return True
+    after = re.compile(_CLITICS + r"(?:" + _PAST.pattern + r")")
+    if after.match(f[end:b]) or re.match(_CLITICS + _PAST_ACCENT.pattern, message[end:b], re.I):
+        return True
+    return bool(_SINCE.search(f, a, start))
+
+
+def _in_question(f: str, end: int) -> bool:
+    """The day ending at ``end`` is in a sentence that ends with "?"."""
+    stop = re.compile(r"[.!?\n]").search(f, end)
+    return stop is not None and stop.group() == "?"
+
+
+def _said_closed(f: str, start: int, end: int) -> bool:
+    _, b = _segment(f, start, end)
+    return bool(_CLOSED_AFTER.match(f[end:b]))
 
 
 def _segment(f: str, start: int, end: int) -> tuple[int, int]:
@@ -308,8 +283,12 @@ def _wanted_time(f: str, times: list[TimeMention]) -> int | None:
     """The hour the patient asks for. One hour is that one; among several, the one said as wanted ("tiene que
     ser 18:45", "quiero a las 10"), else the first not told as a limit ("salgo del trabajo a las 6 y media",
     "xq a las 8 entro a trabajar"); none when every one is a limit."""
-    if len(times) <= 1:
-        return times[0].minutes if times else None
+    if not times:
+        return None
+    if len(times) == 1:  # one hour told as a limit ("salgo del mercado a las 12 y media") is not the one wanted
+        a, b = _segment(f, times[0].start, times[0].end)
+        limit = _LIMIT_ALONE.search(f, a, b) and not _WANT.search(f, a, times[0].start)
+        return None if limit else times[0].minutes
     limits, wanted = [], []
     for t in times:
         a, b = _segment(f, t.start, t.end)
@@ -366,13 +345,20 @@ def _inside_date(pos: int, message: str, today: date) -> bool:
     return any(d.start <= pos < d.end for d in find_dates(message, today))
 
 
+_INTERVAL = re.compile(r"\bde\s+\d{1,2}:\d{2}\s+a\s+\d{1,2}:\d{2}")
+
+
 def _offered(facts: Facts, reply: str, today: date, b: Booking) -> list[tuple[date, int, str | None]]:
     """The slots a reply offered: each hour with the day named before it (or the booking's day)."""
     days = [(d.start, d.day) for d in find_dates(reply, today) if d.day and not d.plural]
     toks = tokens(reply)
     docs = [(toks[h.first].start, h.id) for h in facts.find_doctors(toks) if not h.id.startswith("?")]
+    # "de 14:00 a 19:00" tells a doctor's hours, it offers no slot ("el primero" is not 14:00)
+    spans = [(m.start(), m.end()) for m in _INTERVAL.finditer(fold(reply))]
     out = []
     for t in find_times(reply):
+        if any(a <= t.start < b for a, b in spans):
+            continue
         day = next((d for s, d in reversed(days) if s < t.start), b.date or (days[0][1] if days else None))
         doc = next((n for s, n in docs if abs(s - t.start) < 40), None)
         if day is not None:
@@ -404,40 +390,9 @@ def _contact(facts: Facts, b: Booking, message: str, f: str, step: str, today: d
     for d in find_dates(message, today):
         if d.year_given and d.day and d.day.year < today.year:
             b.birth_date = d.day
-    name = _name(facts, message, step, phone_at)
+    name = read_name(facts, message, step, phone_at)
     if name:
         b.patient_name = name
-
-
-def _name(facts: Facts, message: str, step: str, phone_at: int | None) -> str | None:
-    """The patient's name: after "a nombre de", "me llamo", "soy" ...; or a message (or its first part) that is
-    only a name of two to six words, when the flow asked for it or when the phone follows it ("Ana Rojas Gil,
-    cel 71234567"). A lead-in ("es", "sería", "él es") is not part of the name."""
-    m = _NAME_MARKERS.search(message)
-    if m and re.search(r"\b(?:como|cual|que|q)\s+$", fold(message[: m.start()])):
-        m = None  # "¿cómo se llama la clínica?" asks a name, it does not give one
-    if m:
-        rest = message[m.end() :]
-        cut = _NAME_STOP.search(rest)
-        words = (rest[: cut.start()] if cut else rest).split()
-        words = [w.strip(".!?") for w in words if w.strip(".!?")]
-        if 1 <= len(words) <= 6 and all(w.replace("-", "").isalpha() for w in words):
-            return " ".join(words)
-    lead = _LEAD_IN.match(message)
-    start = lead.end() if lead else 0
-    cut = _NAME_STOP.search(message, start)
-    end = cut.start() if cut else len(message)
-    then_phone = phone_at is not None and bool(_TO_PHONE.fullmatch(message[end:phone_at]))
-    if step not in ("contact", "confirm") and not then_phone:
-        return None
-    words = [w.strip(".!?") for w in message[start:end].split() if w.strip(".!?")]
-    plain = 2 <= len(words) <= 6 and all(w.replace("-", "").isalpha() for w in words)
-    if not plain or any(fold(w) in _NOT_NAME for w in words if fold(w) not in ("de", "del", "la", "los")):
-        return None
-    toks = tokens(" ".join(words))
-    if facts.find("specialty", toks) or facts.find("not_offered", toks) or facts.find_doctors(toks):
-        return None  # "Medicina General, 71234567" names what, not who
-    return " ".join(words)
 
 
 def describe_slot(facts: Facts, doc: Doctor | None, day: date, minutes: int, with_doctor: bool) -> str:

@@ -32,7 +32,8 @@ MONTHS = (
 )
 _WD = "lunes|martes|miercoles|jueves|viernes|sabado|domingo"
 _MONTH_RE = "|".join(MONTHS) + "|setiembre"
-_PART = r"(?:\s+(?:de|en|por)\s+la?s?\s*(manana|tarde|noche)|\s*(am|pm|a\.m\.|p\.m\.))?"
+# "d la tarde" (chat writing) is "de la tarde".
+_PART = r"(?:\s+(?:de|d|en|por)\s+la?s?\s*(manana|tarde|noche)|\s*(am|pm|a\.m\.|p\.m\.))?"
 # A number followed by one of these counts something: "tipo 2 años", "el 15 de fiebre" are not an hour or a day.
 _UNIT_AFTER = re.compile(
     r"\s*(?:%|anos?\b|anitos?\b|kilos?\b|kg\b|grados?\b|bs\b|bolivianos?\b|pesos\b|minutos?\b|min\b|horas?\b"
@@ -126,11 +127,14 @@ _TIME_PATTERNS = (
     re.compile(r"(?<![\d/.:])(\d{1,2})\s*(am|pm)\b"),
 )
 
+_NOON = re.compile(r"\bmedio\s*dia\b")
+
 
 def find_times(text: str) -> list[TimeMention]:
-    """Clock times in ``text``, in order (a bare number is not a time: "15 minutos", "Bs 150")."""
+    """Clock times in ``text``, in order (a bare number is not a time: "15 minutos", "Bs 150"); "mediodía" is
+    12:00."""
     f = fold(text)
-    found: dict[int, TimeMention] = {}
+    found: dict[int, TimeMention] = {m.start(): TimeMention(12 * 60, m.start(), m.end()) for m in _NOON.finditer(f)}
     for i, pattern in enumerate(_TIME_PATTERNS):
         for m in pattern.finditer(f):
             if any(t.start <= m.start(1) < t.end for t in found.values()):
@@ -161,13 +165,13 @@ _DATE_PATTERNS = {
     "long": re.compile(
         rf"(?:\b(?:el\s+)?(?:{_WD})\s+)?\b(\d{{1,2}})(?:ro|o)?\s+(?:de\s+)?({_MONTH_RE})\b(?:\s+(?:de|del)\s+(\d{{4}}))?"
     ),
-    "weekday": re.compile(rf"\b({_WD})(s?)\b(?:\s+(\d{{1,2}})\b(?!\s*(?::|y media|de la|am|pm|hs?\b)))?"),
+    "weekday": re.compile(rf"\b({_WD})(s?)\b(?:\s+(\d{{1,2}})\b(?!\s*(?::|y media|de? la|am|pm|hs?\b)))?"),
     "relative": re.compile(r"\b(pasado\s+manana|manana|hoy)\b"),
     # "el 29", "para el 29", "pal 29", "el dia 29": a day of the month alone
     "day": re.compile(r"\b(?:el|pal)\s+(?:dia\s+)?(\d{1,2})(?![\d/:.,]\d)(?![\da-z])"),
 }
 # after a bare day: an hour ("el 10 y media", "el 3 de la tarde"), not a day
-_CLOCK_AFTER = re.compile(r"\s*(?::|h\b|hs\b|y media|y cuarto|menos cuarto|de la (?:manana|tarde|noche)|am\b|pm\b)")
+_CLOCK_AFTER = re.compile(r"\s*(?::|h\b|hs\b|y media|y cuarto|menos cuarto|de? la (?:manana|tarde|noche)|am\b|pm\b)")
 _MORNING_BEFORE = re.compile(r"(?:\b(?:la|las|en|por|de|esta|esa)\s+)$")
 _NEXT_WEEK = re.compile(r"(?:proxima|otra|siguiente)\s+semana|semana\s+que\s+viene")
 

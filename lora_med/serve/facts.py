@@ -465,11 +465,18 @@ def describe_interval(iv: Interval) -> str:
     return f"de {clock(iv[0])} a {clock(iv[1])}"
 
 
+def describe_shift(doc: Doctor) -> str:
+    """ "por las tardes, de 14:00 a 19:00" (a doctor with a shift; their hours are the shift's)."""
+    assert doc.shift is not None and doc.hours is not None  # load_facts sets both from the shift
+    return f"por las {doc.shift}, {describe_interval(doc.hours)}"
+
+
 def describe_doctor_hours(facts: Facts, doc: Doctor) -> str:
-    """ "de lunes a viernes por las mañanas", "los martes y jueves", "de lunes a viernes de 8:00 a 13:00"."""
+    """ "de lunes a viernes por las mañanas, de 7:30 a 13:00", "los martes y jueves", "de lunes a viernes de 8:00 a
+    13:00". A shift is told with its hours: "por las tardes" alone leaves the patient asking from when."""
     days = describe_days(doc.days)
     if doc.shift:
-        return f"{days} por las {doc.shift}"
+        return f"{days} {describe_shift(doc)}"
     if doc.hours:
         return f"{days} {describe_interval(doc.hours)}"
     return days

@@ -36,6 +36,22 @@ _BOOKING_WORDS = re.compile(
 )
 
 
+# A request for a booking: "kiero pal miércoles 27", "quisiera para el lunes", "agéndame el jueves".
+_REQUEST = re.compile(
+    r"\b(?:quiero|kiero|quisiera|queria|necesito|nesecito|dame|deme|agenda\w*|reserva\w*|anota\w*|separa\w*)\b"
+)
+
+
+def _asks_then_books(f: str) -> bool:
+    """A question followed by a booking request with a day or an hour: "la dermatóloga atiende miércoles no?
+    kiero pal miércoles 27 en la tarde tipo 5". What follows the last "?" is not a question, asks for a booking
+    and says when: the booking is under way (the question is answered by the booking's own reply)."""
+    tail = f[f.rfind("?") + 1 :] if "?" in f else ""
+    if not tail.strip() or _QUESTION.search(tail) or not _REQUEST.search(tail):
+        return False
+    return bool(find_dates(tail) or find_times(tail) or re.search(r"\b(?:manana|hoy|pasado)\b", tail))
+
+
 @dataclass
 class View:
     """The facts' side of one turn: the plan's action and status, the booking, and the reply if the facts
@@ -63,7 +79,7 @@ class Referee:
         exchanges = _exchanges(history, message)
         booking = read_booking(self.facts, exchanges, now)
         f = fold(message)
-        question = bool(_QUESTION.search(f))
+        question = bool(_QUESTION.search(f)) and not _asks_then_books(f)
         info = self.answers.info(message, now) if action not in ("schedule_appointment",) else None
         if action in ("chat", "clinic_info") and not question and self._gives_booking(message, f, booking):
             action, status, info = "schedule_appointment", "collecting_info", None
