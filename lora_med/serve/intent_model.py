@@ -23,8 +23,6 @@ Rebuild it (deterministic) with ``scripts/build_intent_model.py --pin``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +32,7 @@ import yaml
 
 from ..errors import ConfigError
 from .matcher import normalize
-from .ngrams import Featurizer, metadata
+from .ngrams import Featurizer, matrix, read_model, write_model
 
 FORMAT = "lora-med-intent-ngram/1"
 # The actions a new message may open; "chat" is none of them (a greeting, thanks, anything else).
@@ -83,34 +81,17 @@ class IntentModel:
         Raises:
             ConfigError: a missing, damaged or foreign file, or one whose hash is not the pinned one.
         """
-        from safetensors import SafetensorError
-        from safetensors.numpy import load
-
+        tensors, meta, feat = read_model(path, sha256, "intents", FORMAT, "intent model", "configs/intents.yaml", FIX)
         try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read the intent model ({e.strerror or e}); {FIX}") from None
-        digest = hashlib.sha256(data).hexdigest()
-        if sha256 is not None and digest != sha256:
-            raise ConfigError(
-                f"{path}: sha256 {digest[:12]}... is not the {str(sha256)[:12]}... configs/intents.yaml pins; {FIX}"
-            )
-        try:
-            tensors = load(data)
-            meta = json.loads(metadata(data)["intents"])
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
             idx, wts = tensors["indices"], tensors["weights"]
             actions = meta["actions"]
             if idx.ndim != 1 or wts.shape != (len(idx), len(actions)) or len(meta["intercepts"]) != len(actions):
                 raise ValueError("indices, weights and actions differ in shape")
             if any(a not in ACTIONS for a in actions):
                 raise ValueError(f"unknown actions {sorted(set(actions) - set(ACTIONS))}")
-            feat = Featurizer(int(meta["n_min"]), int(meta["n_max"]), int(meta["n_features"]))
             weights = dict(zip(idx.tolist(), wts.astype(np.float64)))
-            intercepts = np.asarray(meta["intercepts"], dtype=np.float64)
-            return cls(feat, weights, intercepts, {**meta, "sha256": digest})
-        except (SafetensorError, KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
+            return cls(feat, weights, np.asarray(meta["intercepts"], dtype=np.float64), meta)
+        except (KeyError, ValueError, TypeError) as e:
             raise ConfigError(f"{path}: not a lora-med intent model ({e}); {FIX}") from None
 
 
@@ -139,23 +120,11 @@ def examples(repo: Path) -> list[Example]:
     return [e for e in out if not (e.text in seen or seen.add(e.text))]  # type: ignore[func-returns-value]
 
 
-def _matrix(texts: list[str], featurizer: Featurizer):
-    from scipy.sparse import csr_matrix
-
-    rows, cols, vals = [], [], []
-    for r, t in enumerate(texts):
-        for c, v in featurizer(normalize(t)).items():
-            rows.append(r)
-            cols.append(c)
-            vals.append(v)
-    return csr_matrix((vals, (rows, cols)), shape=(len(texts), featurizer.n_features), dtype=np.float64)
-
-
 def fit(train: list[Example], featurizer: Featurizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Feature indices used by any action, their weights [features x actions] and the intercepts."""
     from sklearn.linear_model import LogisticRegression
 
-    x = _matrix([e.text for e in train], featurizer)
+    x = matrix([e.text for e in train], featurizer, normalize)
     y = np.array([ACTIONS.index(e.action) for e in train])
     coefs, intercepts = [], []
     for k in range(len(ACTIONS)):
@@ -189,8 +158,6 @@ def held_out(data: list[Example], featurizer: Featurizer, rules: Callable[[str],
 def build(repo: Path, out: Path, rules: Callable[[str], str | None]) -> tuple[str, dict]:
     """Train on every example, write ``out``; returns its sha256 and metadata (with the held-out figures, the
     model's and ``rules``')."""
-    from safetensors.numpy import save
-
     featurizer = Featurizer()
     data = examples(repo)
     idx, w, b = fit(data, featurizer)
@@ -206,13 +173,4 @@ def build(repo: Path, out: Path, rules: Callable[[str], str | None]) -> tuple[st
         "trained_on": counts,
         "held_out": held_out(data, featurizer, rules),
     }
-    order = np.argsort(idx, kind="stable")
-    tensors = {
-        "indices": np.ascontiguousarray(idx[order].astype(np.int32)),
-        "weights": np.ascontiguousarray(w[order].astype(np.float32)),
-    }
-    data_bytes = save(tensors, metadata={"intents": json.dumps(meta, sort_keys=True)})
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(data_bytes)
-    tmp.replace(out)
-    return hashlib.sha256(data_bytes).hexdigest(), meta
+    return write_model(out, idx, w, "intents", meta), meta

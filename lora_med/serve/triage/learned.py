@@ -13,15 +13,13 @@ its SHA-256 against the one the triage file pins. Training (``fit``, with scikit
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
 from ...errors import ConfigError
-from ..ngrams import Featurizer, metadata
+from ..ngrams import Featurizer, read_model, write_model
 
 FORMAT = "lora-med-triage-ngram/1"
 
@@ -50,47 +48,18 @@ class LearnedModel:
         Raises:
             ConfigError: missing file, another format, a hash that does not match, or a damaged file.
         """
-        from safetensors import SafetensorError
-        from safetensors.numpy import load
-
         fix = "rebuild it with `python scripts/build_triage_model.py` and pin its sha256 in the triage file"
+        tensors, meta, feat = read_model(path, sha256, "triage", FORMAT, "triage model", "the triage file", fix)
         try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read the triage model ({e.strerror or e}); {fix}") from None
-        digest = hashlib.sha256(data).hexdigest()
-        if sha256 is not None and digest != sha256:
-            raise ConfigError(
-                f"{path}: sha256 {digest[:12]}... is not the {str(sha256)[:12]}... the triage file pins "
-                f"(a different or damaged model); {fix}"
-            )
-        try:
-            tensors = load(data)
-            meta = json.loads(metadata(data)["triage"])
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
-            feat = Featurizer(int(meta["n_min"]), int(meta["n_max"]), int(meta["n_features"]))
             idx, wts = tensors["indices"], tensors["weights"]
             if idx.shape != wts.shape or idx.ndim != 1:
                 raise ValueError("indices and weights differ in shape")
             weights = dict(zip(idx.tolist(), wts.astype(np.float64).tolist()))
-            return cls(feat, weights, float(meta["intercept"]), {**meta, "sha256": digest})
-        except (SafetensorError, KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
+            return cls(feat, weights, float(meta["intercept"]), meta)
+        except (KeyError, ValueError, TypeError) as e:
             raise ConfigError(f"{path}: not a lora-med triage model ({e}); {fix}") from None
 
 
 def save(path: Path, indices: np.ndarray, weights: np.ndarray, meta: dict) -> str:
     """Write the model file (byte-identical for identical inputs); returns its sha256."""
-    from safetensors.numpy import save as st_save
-
-    order = np.argsort(indices, kind="stable")
-    tensors = {
-        "indices": np.ascontiguousarray(indices[order].astype(np.int32)),
-        "weights": np.ascontiguousarray(weights[order].astype(np.float32)),
-    }
-    # One metadata key holding sorted JSON: the header is the same bytes on every run.
-    data = st_save(tensors, metadata={"triage": json.dumps({"format": FORMAT, **meta}, sort_keys=True)})
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return hashlib.sha256(data).hexdigest()
+    return write_model(path, indices, weights, "triage", {"format": FORMAT, **meta})

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .learned import Featurizer, save
+from ..ngrams import Featurizer, matrix
+from .learned import save
 from .normalize import read
 
 C = 4.0  # inverse regularisation strength of the logistic regression
@@ -82,23 +83,11 @@ def _pairs(messages: list[dict]) -> list[tuple[str, str]]:
     return [(u["content"], a["content"]) for u, a in zip(turns[::2], turns[1::2])]
 
 
-def _matrix(texts: list[str], featurizer: Featurizer):
-    from scipy.sparse import csr_matrix
-
-    rows, cols, vals = [], [], []
-    for r, t in enumerate(texts):
-        for c, v in featurizer(read(t)).items():
-            rows.append(r)
-            cols.append(c)
-            vals.append(v)
-    return csr_matrix((vals, (rows, cols)), shape=(len(texts), featurizer.n_features), dtype=np.float64)
-
-
 def fit(train: list[Example], featurizer: Featurizer) -> tuple[np.ndarray, np.ndarray, float]:
     """Hashed feature indices, their weights and the intercept of a model trained on ``train``."""
     from sklearn.linear_model import LogisticRegression
 
-    x = _matrix([e.text for e in train], featurizer)
+    x = matrix([e.text for e in train], featurizer, read)
     df = np.asarray((x > 0).sum(axis=0)).ravel()
     keep = np.flatnonzero(df >= MIN_DF)
     model = LogisticRegression(C=C, solver="liblinear", class_weight="balanced", random_state=0, max_iter=1000)
